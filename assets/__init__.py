@@ -1,0 +1,5 @@
+"""Asset factories: raw, parsed, projections, redrive, and their checks, built from a pipeline spec."""
+
+from assets.factory import PipelineDefs, build_pipeline
+
+__all__ = ["PipelineDefs", "build_pipeline"]

@@ -1,0 +1,50 @@
+"""projections: folds of a day's parsed events into the projection store (DuckDB by default)."""
+
+
+import dagster as dg
+
+from assets.common import PARSED, PROJECTIONS, asset_key, owner
+from partitions import daily_partitions
+from replay_defs.lake import Lake
+from replay_defs.spec import PipelineSpec
+from resources import LakeResource, StoreResource
+
+
+def committed_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
+    """The parsed day's Parquet files (lake-relative) as committed: a snapshot, never a glob."""
+    state = lake.state(owner(spec, PARSED), day)
+    if state is None:
+        raise dg.Failure(f"parsed_events[{day}] is not materialized: materialize {spec.name}/parsed_events first")
+    return [f for f in state.files if f.startswith(spec.parsed_prefix + "/")]
+
+
+def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
+    names = ", ".join(f"`{p.name}` ({p.kind})" for p in spec.projections)
+
+    @dg.asset(
+        key=asset_key(spec, PROJECTIONS),
+        group_name=spec.name,
+        partitions_def=daily_partitions(spec),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=[asset_key(spec, PARSED)],
+        kinds={"duckdb"},
+        description=(
+            f"Projections {names} folded from the day's parsed events. increment: the day's rows are "
+            "replaced in one transaction; replace: latest row per key wins."
+        ),
+    )
+    def projections(context: dg.AssetExecutionContext, lake: LakeResource, store: StoreResource) -> dg.MaterializeResult:
+        the_lake, the_store = lake.get(), store.get()
+        for day in context.partition_keys:
+            files = [str(the_lake.path(f)) for f in committed_parquet(the_lake, spec, day)]
+            md = {}
+            for p in spec.projections:
+                rows = the_store.fold(spec.name, p, spec.schema, day, files)
+                md[f"{p.name}_rows"] = rows
+                if p.kind == "increment":
+                    md[f"{p.name}_{p.count_column}"] = the_store.increment_total(spec.name, p, day)
+            context.log.info(f"{day}: folded {md}")
+            context.add_asset_metadata(md, partition_key=day)
+        return dg.MaterializeResult(metadata={"days": len(context.partition_keys)})
+
+    return projections

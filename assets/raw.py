@@ -1,0 +1,95 @@
+"""raw_events: the day's raw files as a manifest, with line counts made independently of the parser."""
+
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime, timedelta, timezone
+
+import dagster as dg
+
+from assets.common import RAW, asset_key, manifest_name, owner
+from partitions import daily_partitions
+from replay_defs.parsing import count_lines
+from replay_defs.spec import PipelineSpec
+from resources import LakeResource
+
+
+def day_start(day: str) -> datetime:
+    d = date.fromisoformat(day)
+    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+
+
+def build_manifest(lake, spec: PipelineSpec, day: str, workers: int = 2) -> dict:
+    start = day_start(day)
+    refs = lake.list_raw(spec.source.prefix, start, start + timedelta(days=1), spec.source.suffixes)
+
+    def entry(ref):
+        lines, size, error = count_lines(str(lake.path(ref.rel_path)))
+        return {
+            "rel_path": ref.rel_path,
+            "uri": ref.uri,
+            "arrival": ref.arrival.isoformat(),
+            "bytes": ref.size,
+            "bytes_uncompressed": size,
+            "lines": lines,
+            "error": None if error is None else {"reason": error.reason, "detail": error.detail},
+        }
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        files = list(pool.map(entry, refs))
+    return {
+        "day": day,
+        "files": files,
+        "totals": {
+            "files": len(files),
+            "bytes": sum(f["bytes"] for f in files),
+            "bytes_uncompressed": sum(f["bytes_uncompressed"] for f in files),
+            "lines": sum(f["lines"] for f in files),
+            "unreadable_files": sum(1 for f in files if f["error"]),
+        },
+    }
+
+
+def build_raw_events(spec: PipelineSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=asset_key(spec, RAW),
+        group_name=spec.name,
+        partitions_def=daily_partitions(spec),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        kinds={"jsonl"},
+        description=(
+            f"Raw files that arrived on the day under `{spec.source.prefix}/year=/month=/day=/hour=/`, "
+            "as a manifest: source refs, bytes and line counts (counted independently of the parser; "
+            "unreadable files are flagged, not skipped)."
+        ),
+    )
+    def raw_events(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+        the_lake = lake.get()
+        totals = {"files": 0, "lines": 0, "bytes": 0}
+        for day in context.partition_keys:
+            t0 = time.monotonic()
+            manifest = build_manifest(the_lake, spec, day)
+            the_lake.write_json(owner(spec, RAW), manifest_name(day), manifest)
+            t = manifest["totals"]
+            for k in totals:
+                totals[k] += t[k]
+            bad = [f["rel_path"] for f in manifest["files"] if f["error"]]
+            if bad:
+                context.log.warning(f"{day}: {len(bad)} unreadable raw file(s), they will be quarantined: {bad}")
+            if not manifest["files"]:
+                context.log.warning(f"{day}: no raw files under {spec.source.prefix} for this day")
+            context.log.info(f"{day}: {t['files']} files, {t['lines']:,} lines, {t['bytes']:,} bytes")
+            context.add_asset_metadata(
+                {
+                    "files": t["files"],
+                    "lines": t["lines"],
+                    "bytes": t["bytes"],
+                    "bytes_uncompressed": t["bytes_uncompressed"],
+                    "unreadable_files": t["unreadable_files"],
+                    "duration_s": round(time.monotonic() - t0, 3),
+                },
+                partition_key=day,
+            )
+        return dg.MaterializeResult(metadata={"days": len(context.partition_keys), "files_total": totals["files"], "lines_total": totals["lines"]})
+
+    return raw_events

@@ -1,0 +1,162 @@
+"""Demo data: hourly JSONL.gz telemetry files with the faults real pipelines have.
+
+Writes `<lake>/raw/json_telemetry/year=YYYY/month=MM/day=DD/hour=HH/telemetry-....gz` and a
+ground truth `<lake>/_demo/truth/day=<D>.json` (distinct valid events per type and event day) so
+the demo can tell a right partition from a wrong one. Faults, all reproducible from the seed:
+
+- at-least-once duplicates: ~1% of events are written again, often in a later file;
+- late and early arrivals across midnight (event time vs. the hour the file arrived);
+- a few very late events beyond the lateness window (they must be quarantined, not lost);
+- per day one of each bad line: truncated JSON, wrong type, missing field, invalid UTF-8, a lone
+  surrogate, NUL bytes, a non-object, an empty line, an unknown event type, an oversize line;
+- per day one truncated gzip file (its events are never in the truth: the file is rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import msgspec
+from isal import igzip
+
+TYPES = ("lock", "bridge", "video_doorbell")
+RAW_PREFIX = "raw/json_telemetry"
+HOUR = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    start: date
+    days: int = 3
+    events_per_day: int = 100_000
+    files_per_hour: int = 1
+    devices: int = 2_000
+    seed: int = 7
+    duplicate_rate: float = 0.01
+    late_rate: float = 0.01
+    early_rate: float = 0.005
+    bad_lines: bool = True
+    # Events beyond this lateness are "very late" and must land in quarantine.
+    lateness_hours: int = 3
+    compresslevel: int = 1
+
+
+def hour_dir(lake: Path, hour: datetime) -> Path:
+    return lake / RAW_PREFIX / f"year={hour:%Y}/month={hour:%m}/day={hour:%d}/hour={hour:%H}"
+
+
+def _bad_lines(rng: random.Random, day: date) -> list[bytes]:
+    ts = f"{day.isoformat()}T12:00:00.000Z"
+    return [
+        b'{"event_id": "broken", "ts": "' + ts.encode() + b'", "type": "lock"',  # truncated JSON
+        msgspec.json.encode({"event_id": f"bad-type-{day}", "ts": ts, "type": "lock", "device_id": "d", "seq": "three", "payload": {}}),
+        msgspec.json.encode({"ts": ts, "type": "lock", "device_id": "d", "seq": 1, "payload": {}}),  # no id
+        b'{"event_id": "utf8-\xff\xfe", "ts": "' + ts.encode() + b'", "type": "lock", "device_id": "d", "seq": 1, "payload": {}}',
+        b'{"event_id": "surrogate-\\ud800", "ts": "' + ts.encode() + b'", "type": "lock", "device_id": "d", "seq": 1, "payload": {}}',
+        b'{"event_id": "nul\x00", "ts": "' + ts.encode() + b'"}',
+        b"[1,2,3]",
+        b"",
+        msgspec.json.encode({"event_id": f"unknown-{day}", "ts": ts, "type": "toaster", "device_id": "d", "seq": 1, "payload": {}}),
+        msgspec.json.encode({"event_id": f"huge-{day}", "ts": ts, "type": "lock", "device_id": "d", "seq": 1, "payload": {"blob": "x" * (3 << 20)}}),
+    ]
+
+
+def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
+    """Write the demo raw files; returns the ground truth per event day and type."""
+    lake = Path(lake)
+    rng = random.Random(cfg.seed)
+    enc = msgspec.json.Encoder()
+    buffers: dict[datetime, list[bytes]] = defaultdict(list)
+    truth: dict[str, Counter] = defaultdict(Counter)
+    first = datetime(cfg.start.year, cfg.start.month, cfg.start.day, tzinfo=timezone.utc)
+    hours = cfg.days * 24
+    per_hour = cfg.events_per_day // 24
+    seq = 0
+
+    def flush(until: datetime):
+        for hour in sorted(h for h in buffers if h < until):
+            lines = buffers.pop(hour)
+            rng.shuffle(lines)
+            _write_hour(lake, hour, lines, cfg)
+
+    for h in range(hours):
+        event_hour = first + h * HOUR
+        day = event_hour.date()
+        for _ in range(per_hour):
+            seq += 1
+            ms = rng.randrange(3_600_000)
+            ts = event_hour + timedelta(milliseconds=ms)
+            etype = rng.choice(TYPES)
+            event = {
+                "event_id": f"{rng.getrandbits(128):032x}",
+                "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z",
+                "type": etype,
+                "device_id": f"dev-{rng.randrange(cfg.devices):05d}",
+                "seq": seq,
+                "payload": {"battery": rng.randrange(100), "rssi": -rng.randrange(30, 90), "fw": "4.2.1", "state": rng.choice(("locked", "unlocked", "idle"))},
+            }
+            line = enc.encode(event)
+            r = rng.random()
+            if r < cfg.late_rate:
+                arrival = ts + timedelta(minutes=rng.randrange(1, cfg.lateness_hours * 60 - 5))
+            elif r < cfg.late_rate + cfg.early_rate:
+                arrival = ts - timedelta(minutes=rng.randrange(1, 50))
+            elif r < cfg.late_rate + cfg.early_rate + 0.0002:
+                arrival = ts + timedelta(days=2)  # very late: outside the lateness window
+            else:
+                arrival = ts
+            arrival_hour = arrival.replace(minute=0, second=0, microsecond=0)
+            buffers[arrival_hour].append(line)
+            if arrival - ts < timedelta(days=1):
+                truth[day.isoformat()][etype] += 1
+            if rng.random() < cfg.duplicate_rate:  # at-least-once: the same line again
+                buffers[arrival_hour + HOUR * rng.randrange(0, 2)].append(line)
+        if cfg.bad_lines and event_hour.hour == 12:
+            buffers[event_hour].extend(_bad_lines(rng, day))
+            _write_truncated(lake, event_hour, rng, enc, cfg)
+        flush(event_hour)
+    flush(datetime.max.replace(tzinfo=timezone.utc))
+    truth_dir = lake / "_demo" / "truth"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    for day, counts in truth.items():
+        (truth_dir / f"day={day}.json").write_text(json.dumps(dict(sorted(counts.items()))))
+    return truth
+
+
+def _write_hour(lake: Path, hour: datetime, lines: list[bytes], cfg: DemoConfig) -> None:
+    d = hour_dir(lake, hour)
+    d.mkdir(parents=True, exist_ok=True)
+    n = cfg.files_per_hour
+    size = -(-len(lines) // n) if lines else 0
+    for i in range(n):
+        chunk = lines[i * size : (i + 1) * size]
+        if not chunk:
+            continue
+        path = d / f"telemetry-firehose-{hour:%Y-%m-%d-%H}-{i:03d}.gz"
+        tmp = path.with_suffix(".gz.tmp")
+        with igzip.open(tmp, "wb", compresslevel=cfg.compresslevel) as f:
+            f.write(b"\n".join(chunk) + b"\n")
+        os.replace(tmp, path)
+
+
+def _write_truncated(lake: Path, hour: datetime, rng: random.Random, enc, cfg: DemoConfig) -> None:
+    """A file cut at 70%: readers see its first lines, then the stream ends early."""
+    lines = []
+    for i in range(2_000):
+        ts = hour + timedelta(milliseconds=rng.randrange(3_600_000))
+        lines.append(enc.encode({"event_id": f"trunc-{hour:%Y%m%d%H}-{i}", "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.000Z"), "type": "lock", "device_id": "dev-t", "seq": i, "payload": {}}))
+    d = hour_dir(lake, hour)
+    d.mkdir(parents=True, exist_ok=True)
+    data = igzip.compress(b"\n".join(lines) + b"\n", compresslevel=cfg.compresslevel)
+    (d / f"telemetry-firehose-{hour:%Y-%m-%d-%H}-truncated.gz").write_bytes(data[: int(len(data) * 0.7)])
+
+
+def read_truth(lake: str | Path, day: str) -> dict[str, int] | None:
+    path = Path(lake) / "_demo" / "truth" / f"day={day}.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,328 @@
+"""The lake: raw file listing, and atomic, versioned replacement of a partition's outputs.
+
+A partition's outputs are a set of *slots*: lake directories it owns, such as
+`telemetry_flat/type=lock/day=2025-11-24`. Publishing a new version:
+
+1. the new slots are fully written under `_replay/<owner>/staging/<partition>/<token>/`;
+2. a journal records the old and new state (write-temp-then-rename, so it is all or nothing);
+3. every old slot, and any directory matching the partition's slot patterns that is not part of
+   the new version (stale output of an older tool, a file copied in by hand), is moved to
+   `_replay/<owner>/versions/<partition>/v<N>/`; then each new slot is renamed into place;
+4. the state file `_replay/<owner>/state/<partition>.json` (version, files, stats) is replaced and
+   the journal removed. Old versions beyond `keep_versions` are pruned.
+
+Every step is a rename, and each is decidable from what is on disk, so `recover` can finish an
+interrupted publish after a crash at any point: a re-run then sees exactly a clean run's outputs.
+`rollback` publishes the newest kept version again through the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+from filelock import FileLock
+
+_PARTITION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_OWNER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/[A-Za-z][A-Za-z0-9_]*$")
+_SLOT_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]*$")
+
+
+def check_partition(partition: str) -> str:
+    """Partition keys become path components: only a real YYYY-MM-DD date is accepted."""
+    if not _PARTITION.match(partition):
+        raise ValueError(f"partition {partition!r} is not a YYYY-MM-DD day")
+    date.fromisoformat(partition)
+    return partition
+
+
+def check_slot(slot: str) -> str:
+    parts = slot.split("/")
+    if not parts or any(not _SLOT_PART.match(p) or p in (".", "..") for p in parts):
+        raise ValueError(f"slot {slot!r} is not a safe relative lake path")
+    return slot
+
+
+@dataclass(frozen=True)
+class RawRef:
+    rel_path: str  # relative to the lake root
+    uri: str
+    arrival: datetime  # start of the arrival hour, UTC
+    size: int
+
+
+@dataclass
+class PartitionState:
+    version: int
+    slots: dict[str, dict[str, int]]  # slot -> {file name: size}
+    stats: dict
+    run_id: str | None = None
+    published_at: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "slots": self.slots,
+            "stats": self.stats,
+            "run_id": self.run_id,
+            "published_at": self.published_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> PartitionState:
+        return cls(d["version"], d["slots"], d.get("stats", {}), d.get("run_id"), d.get("published_at"))
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(f"{slot}/{name}" for slot, names in self.slots.items() for name in names)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dst)
+
+
+def _scan_slot(path: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+
+
+class Lake:
+    """A lake on a local directory (the embedded default)."""
+
+    def __init__(self, root: str | os.PathLike, keep_versions: int = 2):
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1, or rollback has nothing to restore")
+        self.root = Path(root).resolve()
+        self.keep_versions = keep_versions
+
+    # ---- paths -----------------------------------------------------------------------------
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def uri(self, rel: str) -> str:
+        return (self.root / rel).as_uri()
+
+    def rel_from_uri(self, uri: str) -> str:
+        """Inverse of `uri`; refuses anything outside the lake."""
+        prefix = self.root.as_uri() + "/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri!r} is not inside the lake at {self.root}")
+        rel = uri[len(prefix) :]
+        if ".." in rel.split("/"):
+            raise ValueError(f"{uri!r} escapes the lake")
+        return rel
+
+    def _internal(self, owner: str, *parts: str) -> Path:
+        if not _OWNER.match(owner):
+            raise ValueError(f"owner {owner!r} must look like pipeline/asset")
+        return self.root.joinpath("_replay", owner, *parts)
+
+    # ---- raw files -------------------------------------------------------------------------
+    def list_raw(self, prefix: str, start: datetime, end: datetime, suffixes: tuple[str, ...]) -> list[RawRef]:
+        """Files under `<prefix>/year=/month=/day=/hour=/` whose arrival hour is in [start, end)."""
+        check_slot(prefix)
+        refs: list[RawRef] = []
+        hour = start.replace(minute=0, second=0, microsecond=0)
+        while hour < end:
+            for d in self._hour_dirs(prefix, hour):
+                for p in sorted(d.iterdir()):
+                    if p.is_file() and p.name.endswith(suffixes) and not p.name.startswith((".", "_")):
+                        rel = p.relative_to(self.root).as_posix()
+                        refs.append(RawRef(rel, p.as_uri(), hour, p.stat().st_size))
+            hour += timedelta(hours=1)
+        return refs
+
+    def _hour_dirs(self, prefix: str, hour: datetime) -> list[Path]:
+        # Accept zero-padded and plain numbers (`month=11/day=4` or `day=04`).
+        out = []
+        for m in {f"{hour.month:02d}", str(hour.month)}:
+            for d in {f"{hour.day:02d}", str(hour.day)}:
+                for h in {f"{hour.hour:02d}", str(hour.hour)}:
+                    p = self.root / prefix / f"year={hour.year}" / f"month={m}" / f"day={d}" / f"hour={h}"
+                    if p.is_dir():
+                        out.append(p)
+        return out
+
+    def write_json(self, owner: str, name: str, data: dict) -> Path:
+        path = self._internal(owner, name)
+        _write_json_atomic(path, data)
+        return path
+
+    def read_json(self, owner: str, name: str) -> dict | None:
+        path = self._internal(owner, name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    # ---- versioned partition outputs -------------------------------------------------------
+    def lock(self, owner: str, partition: str) -> FileLock:
+        path = self._internal(owner, "locks", f"{check_partition(partition)}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Singleton: re-acquiring in the same process (an asset holding the lock while it
+        # publishes) is reentrant instead of a self-deadlock.
+        return FileLock(str(path), is_singleton=True)
+
+    def new_staging(self, owner: str, partition: str) -> Path:
+        path = self._internal(owner, "staging", check_partition(partition), uuid.uuid4().hex)
+        path.mkdir(parents=True)
+        return path
+
+    def state(self, owner: str, partition: str) -> PartitionState | None:
+        path = self._internal(owner, "state", f"{check_partition(partition)}.json")
+        return PartitionState.from_json(json.loads(path.read_text())) if path.exists() else None
+
+    def kept_versions(self, owner: str, partition: str) -> list[int]:
+        d = self._internal(owner, "versions", check_partition(partition))
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in d.iterdir() if p.name.startswith("v") and (p / "state.json").exists())
+
+    def matching_slots(self, patterns: list[str]) -> list[str]:
+        """Existing lake directories matching slot patterns such as `flat/type=*/day=2025-11-24`."""
+        found = set()
+        for pattern in patterns:
+            for p in self.root.glob(pattern):
+                if p.is_dir():
+                    found.add(p.relative_to(self.root).as_posix())
+        return sorted(found)
+
+    def publish(
+        self,
+        owner: str,
+        partition: str,
+        staged: Path,
+        slot_patterns: list[str],
+        stats: dict,
+        run_id: str | None = None,
+        version: int | None = None,
+    ) -> PartitionState:
+        """Replace the partition's outputs with the slots under `staged` (see module docstring)."""
+        check_partition(partition)
+        new_slots = {}
+        for pattern in slot_patterns:
+            for p in staged.glob(pattern):
+                if p.is_dir():
+                    new_slots[check_slot(p.relative_to(staged).as_posix())] = _scan_slot(p)
+        with self.lock(owner, partition):
+            self._recover_locked(owner, partition)
+            current = self.state(owner, partition)
+            old_version = current.version if current else 0
+            if version is None:
+                version = max([old_version, *self.kept_versions(owner, partition)]) + 1
+            new = PartitionState(
+                version, new_slots, stats, run_id, datetime.now(timezone.utc).isoformat(timespec="seconds")
+            )
+            old_slots = sorted(set(current.slots if current else ()) | set(self.matching_slots(slot_patterns)))
+            journal = {
+                "old": current.to_json() if current else None,
+                "old_version": old_version,
+                "old_slots": old_slots,
+                "new": new.to_json(),
+                "staged": str(staged),
+            }
+            _write_json_atomic(self._internal(owner, "journal", f"{partition}.json"), journal)
+            self._apply(owner, partition, journal)
+            return new
+
+    def recover(self, owner: str, partition: str) -> bool:
+        """Finish a publish interrupted by a crash and drop staging of runs that died before
+        publishing. Call it holding `lock()`, before staging new outputs. True if it did work."""
+        with self.lock(owner, partition):
+            did = self._recover_locked(owner, partition)
+            staging = self._internal(owner, "staging", check_partition(partition))
+            if staging.is_dir():
+                shutil.rmtree(staging)
+                did = True
+            return did
+
+    def _recover_locked(self, owner: str, partition: str) -> bool:
+        journal_path = self._internal(owner, "journal", f"{partition}.json")
+        if journal_path.exists():
+            self._apply(owner, partition, json.loads(journal_path.read_text()))
+            return True
+        return False
+
+    def _apply(self, owner: str, partition: str, journal: dict) -> None:
+        staged = Path(journal["staged"])
+        new = PartitionState.from_json(journal["new"])
+        archive = self._internal(owner, "versions", partition, f"v{journal['old_version']}")
+        for slot in journal["old_slots"]:
+            src, dst = self.root / slot, archive / slot
+            # A slot that is also new and no longer staged has already been swapped in.
+            if src.exists() and not dst.exists() and (slot not in new.slots or (staged / slot).exists()):
+                _move(src, dst)
+        if journal["old"] is not None or journal["old_slots"]:
+            old_state = journal["old"] or PartitionState(0, {}, {"note": "outputs found without a state"}).to_json()
+            old_state["slots"] = {s: _scan_slot(archive / s) for s in journal["old_slots"] if (archive / s).is_dir()}
+            _write_json_atomic(archive / "state.json", old_state)
+        for slot in new.slots:
+            if (staged / slot).exists():
+                _move(staged / slot, self.root / slot)
+        _write_json_atomic(self._internal(owner, "state", f"{partition}.json"), new.to_json())
+        os.remove(self._internal(owner, "journal", f"{partition}.json"))
+        shutil.rmtree(staged, ignore_errors=True)
+        self._prune(owner, partition, keep_current=new.version)
+
+    def _prune(self, owner: str, partition: str, keep_current: int) -> None:
+        kept = [v for v in self.kept_versions(owner, partition) if v != keep_current]
+        for v in kept[: max(0, len(kept) - self.keep_versions)]:
+            shutil.rmtree(self._internal(owner, "versions", partition, f"v{v}"))
+        # The current version is live; an archived copy of it is redundant.
+        same = self._internal(owner, "versions", partition, f"v{keep_current}")
+        if same.exists():
+            shutil.rmtree(same)
+
+    def rollback(self, owner: str, partition: str, slot_patterns: list[str], run_id: str | None = None) -> PartitionState:
+        """Make the newest kept prior version current again; the replaced one is kept in turn."""
+        check_partition(partition)
+        with self.lock(owner, partition):
+            self.recover(owner, partition)
+            versions = self.kept_versions(owner, partition)
+            current = self.state(owner, partition)
+            candidates = [v for v in versions if current is None or v != current.version]
+            if not candidates:
+                raise LookupError(f"{owner} {partition}: no earlier version is kept to roll back to")
+            v = candidates[-1]
+            src = self._internal(owner, "versions", partition, f"v{v}")
+            prior = PartitionState.from_json(json.loads((src / "state.json").read_text()))
+            staged = self.new_staging(owner, partition)
+            os.rmdir(staged)
+            _move(src, staged)
+            return self.publish(owner, partition, staged, slot_patterns, prior.stats, run_id=run_id, version=v)
+
+    def stale_files(self, owner: str, partition: str, slot_patterns: list[str]) -> list[str]:
+        """Files in the partition's slots that the committed state does not list (or lists with
+        another size), and files the state lists that are missing."""
+        state = self.state(owner, partition)
+        expected = {}
+        if state:
+            for slot, files in state.slots.items():
+                for name, size in files.items():
+                    expected[f"{slot}/{name}"] = size
+        problems = []
+        seen = set()
+        for slot in self.matching_slots(slot_patterns):
+            for p in (self.root / slot).rglob("*"):
+                if p.is_file():
+                    rel = p.relative_to(self.root).as_posix()
+                    seen.add(rel)
+                    if rel not in expected:
+                        problems.append(f"unexpected: {rel}")
+                    elif p.stat().st_size != expected[rel]:
+                        problems.append(f"changed size: {rel}")
+        problems += [f"missing: {rel}" for rel in sorted(set(expected) - seen)]
+        return sorted(problems)

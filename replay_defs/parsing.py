@@ -1,0 +1,643 @@
+"""The parse path: raw JSONL(.gz) lines -> validated, de-duplicated events as Parquet by type.
+
+Two stages, both bounded in memory by batch size rather than partition size:
+
+1. `parse_file` (one task per raw file, run in worker processes): stream-decompress, split lines,
+   validate a batch at a time with msgspec, quarantine bad lines with a reason, and write the
+   events of the target day to staging Parquet, spread over hash buckets of the event id.
+2. `dedupe_buckets`: for each bucket, DuckDB keeps the first copy of every event id (ordered by
+   source_ref, line_no, so the winner is deterministic) and the rows are written per event type.
+
+Every raw line is accounted for exactly once per file: kept (before de-duplication), routed to a
+neighbouring day, quarantined, or (for a neighbour's file) left to its own partition.
+This module must not import dagster: worker processes import it.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from isal import igzip
+
+from replay_defs.spec import SAFE_TYPE_VALUE, EventSchema
+
+BATCH_LINES = 20_000
+READ_CHUNK = 8 << 20
+SAMPLE_BYTES = 512
+# Rows buffered per file task before staging writes; bounds worker memory.
+STAGE_FLUSH_ROWS = 100_000
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source_ref", pa.string()),
+        ("line_no", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("sample", pa.binary()),
+        # 1 for a bad line; the number of readable lines for a rejected file.
+        ("lines", pa.int64()),
+    ]
+)
+
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "json": pa.string(),
+}
+
+
+def event_arrow_schema(schema: EventSchema) -> pa.Schema:
+    cols = [(f.name, _ARROW_TYPES[f.type]) for f in schema.fields]
+    return pa.schema([*cols, ("source_ref", pa.string()), ("line_no", pa.int64())])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading raw files
+
+
+class RawFileError(Exception):
+    """A raw file that cannot be read to its end (truncated or corrupt compression)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _open_raw(path: str):
+    return igzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _read_error(exc: Exception) -> RawFileError:
+    if isinstance(exc, EOFError):
+        return RawFileError("truncated_gzip", f"compressed stream ends early: {exc}")
+    return RawFileError("corrupt_gzip", f"{type(exc).__name__}: {exc}")
+
+
+def count_lines(path: str) -> tuple[int, int, RawFileError | None]:
+    """Independent line count (newline bytes, plus a final unterminated line).
+
+    Returns (lines, uncompressed bytes, error). On a read error the counts cover what was
+    readable, which is what the parser quarantines for a rejected file.
+    """
+    lines = size = 0
+    last = b"\n"
+    try:
+        with _open_raw(path) as f:
+            # Small reads, so a truncated file reports the lines before the break.
+            while chunk := f.read(64 << 10):
+                lines += chunk.count(b"\n")
+                size += len(chunk)
+                last = chunk[-1:]
+    except (EOFError, OSError, zlib.error) as exc:
+        return lines + (last != b"\n"), size, _read_error(exc)
+    return lines + (last != b"\n"), size, None
+
+
+@dataclass
+class _Oversize:
+    line_no: int
+    sample: bytes
+
+
+def iter_line_batches(
+    path: str, max_line_bytes: int, batch_lines: int = BATCH_LINES
+) -> Iterator[tuple[int, list[bytes | _Oversize]]]:
+    """Yield (first line number, lines) with lines of at most max_line_bytes.
+
+    A longer line is never held whole: it becomes an `_Oversize` marker with a sample of its
+    start, so memory stays bounded by the batch even for a 100 MB line. Line numbers start at 1.
+    Raises RawFileError if the file cannot be read to its end.
+    """
+    line_no = 1
+    batch: list[bytes | _Oversize] = []
+    batch_start = 1
+    rest = b""
+    skipping: _Oversize | None = None  # inside an oversize line, dropping bytes to its newline
+    try:
+        with _open_raw(path) as f:
+            while chunk := f.read(READ_CHUNK):
+                if skipping is not None:
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
+                    batch.append(skipping)
+                    line_no += 1
+                    skipping = None
+                    chunk = chunk[nl + 1 :]
+                parts = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+                rest = parts.pop()
+                for i, line in enumerate(parts):
+                    if len(line) > max_line_bytes:
+                        parts[i] = _Oversize(line_no + i, line[:SAMPLE_BYTES])
+                batch.extend(parts)
+                line_no += len(parts)
+                if len(rest) > max_line_bytes:
+                    skipping = _Oversize(line_no, rest[:SAMPLE_BYTES])
+                    rest = b""
+                while len(batch) >= batch_lines:
+                    yield batch_start, batch[:batch_lines]
+                    batch = batch[batch_lines:]
+                    batch_start += batch_lines
+    except (EOFError, OSError, zlib.error) as exc:
+        raise _read_error(exc) from exc
+    if skipping is not None:
+        batch.append(skipping)
+    elif rest:
+        batch.append(rest)
+    if batch:
+        yield batch_start, batch
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and validating a batch
+
+
+_MSGSPEC_TYPES: dict[str, Any] = {
+    "string": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "timestamp": Annotated[datetime, msgspec.Meta(tz=True)],
+    "json": msgspec.Raw,
+}
+
+
+def _classify(exc: Exception) -> str:
+    if isinstance(exc, UnicodeError):
+        return "invalid_utf8"
+    if "surrogate" in str(exc):
+        return "invalid_unicode"
+    if isinstance(exc, msgspec.ValidationError):
+        msg = str(exc)
+        if "missing required field" in msg:
+            return "missing_field"
+        if msg.startswith("Expected `object`"):
+            return "not_an_object"
+        if msg.startswith("Expected `"):
+            return "wrong_type"
+        return "invalid_value"
+    return "malformed_json"
+
+
+class EventDecoder:
+    """Validates lines against an `EventSchema` and converts good ones to an Arrow table."""
+
+    def __init__(self, schema: EventSchema):
+        self.schema = schema
+        fields = []
+        for f in schema.fields:
+            typ = _MSGSPEC_TYPES[f.type]
+            if f.name == schema.id_field:
+                typ = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+            if f.required:
+                fields.append((f.name, typ))
+            else:  # Raw cannot be in a union; a missing json field still defaults to None
+                fields.append((f.name, typ if f.type == "json" else typ | None, None))
+        # Required fields must come before optional ones in a Struct.
+        fields.sort(key=lambda x: len(x) == 3)
+        event_type = msgspec.defstruct("Event", fields)
+        self.one = msgspec.json.Decoder(event_type)
+        self.many = msgspec.json.Decoder(list[event_type])
+        self.arrow_schema = event_arrow_schema(schema)
+        self._getters = [(f, operator.attrgetter(f.name)) for f in schema.fields]
+        self._id_getter = operator.attrgetter(schema.id_field)
+        self._known = pa.array(list(schema.known_types), pa.string()) if schema.known_types else None
+
+    def to_table(self, events: list, line_nos: pa.Array, source_ref: str) -> pa.Table:
+        """Raises UnicodeEncodeError (lone surrogate) or pa.ArrowInvalid on unconvertible values."""
+        cols = []
+        for f, get in self._getters:
+            vals = list(map(get, events))
+            if f.type in ("string", "json"):
+                if f.type == "json":
+                    vals = [None if v is None else bytes(v) for v in vals]
+                elif f.required:
+                    vals = [v.encode() for v in vals]
+                else:
+                    vals = [None if v is None else v.encode() for v in vals]
+                cols.append(pa.array(vals, pa.binary()).cast(pa.string()))
+            else:
+                cols.append(pa.array(vals, _ARROW_TYPES[f.type]))
+        n = len(events)
+        cols.append(pa.array([source_ref] * n, pa.string()) if n else pa.array([], pa.string()))
+        cols.append(line_nos)
+        return pa.Table.from_arrays(cols, schema=self.arrow_schema)
+
+    def decode_batch(
+        self, start: int, lines: list, source_ref: str
+    ) -> tuple[pa.Table, list[tuple[int, str, str, bytes]]]:
+        """Returns (valid events, bad lines as (line_no, reason, detail, sample))."""
+        lens = [len(x) if isinstance(x, bytes) else -1 for x in lines]
+        if min(lens) > 1:  # no empty or oversize line: try the whole batch in one call
+            try:
+                events = self.many.decode(b"[" + b",".join(lines) + b"]")
+                if len(events) == len(lines):
+                    nos = pa.array(range(start, start + len(lines)), pa.int64())
+                    return self._check_types(self.to_table(events, nos, source_ref), lines, start)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, pa.ArrowInvalid):
+                pass
+        return self._decode_each(start, lines, source_ref)
+
+    def _decode_each(self, start: int, lines: list, source_ref: str):
+        good, nos, bad = [], [], []
+        str_fields = [get for f, get in self._getters if f.type == "string"]
+        for i, line in enumerate(lines):
+            no = start + i
+            if isinstance(line, _Oversize):
+                bad.append((no, "oversize_line", f"longer than {self.schema.max_line_bytes} bytes", line.sample))
+                continue
+            if not line.strip():
+                bad.append((no, "empty_line", "blank line", line[:SAMPLE_BYTES]))
+                continue
+            try:
+                event = self.one.decode(line)
+                for get in str_fields:
+                    value = get(event)
+                    if value is not None:
+                        value.encode()
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError) as exc:
+                bad.append((no, _classify(exc), str(exc)[:300], line[:SAMPLE_BYTES]))
+                continue
+            good.append(event)
+            nos.append(no)
+        table = self.to_table(good, pa.array(nos, pa.int64()), source_ref)
+        table, more_bad = self._check_types(table, lines, start)
+        return table, sorted(bad + more_bad)
+
+    def _check_types(self, table: pa.Table, lines: list, start: int):
+        """Quarantine events whose type is unknown (or unsafe as a path component)."""
+        types = table.column(self.schema.type_field)
+        if self._known is not None:
+            ok = pc.is_in(types, value_set=self._known)
+        else:
+            ok = pc.match_substring_regex(types, SAFE_TYPE_VALUE.pattern)
+        if pc.all(ok).as_py():
+            return table, []
+        bad = []
+        for no, t in zip(
+            pc.filter(table.column("line_no"), pc.invert(ok)).to_pylist(),
+            pc.filter(types, pc.invert(ok)).to_pylist(),
+        ):
+            bad.append((no, "unknown_type", f"type {t!r} is not a known type", lines[no - start][:SAMPLE_BYTES]))
+        return table.filter(ok), bad
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: one raw file
+
+
+@dataclass(frozen=True)
+class FileTask:
+    path: str
+    source_ref: str
+    arrival: datetime  # start of the file's arrival hour (UTC)
+    home: bool  # True: the file arrived on the partition's day and it owns all its lines
+    file_index: int
+
+
+@dataclass(frozen=True)
+class ParseJob:
+    """Everything a worker needs to parse files for one event-time day."""
+
+    schema: EventSchema
+    day: date
+    early: timedelta
+    late: timedelta
+    buckets: int
+    stage_dir: str
+    simulate_parser_bug: bool = False
+
+
+@dataclass
+class FileResult:
+    source_ref: str
+    home: bool
+    lines: int = 0
+    kept: int = 0  # events of the target day, before de-duplication
+    routed_out: Counter = field(default_factory=Counter)  # day -> events owned by a neighbour
+    quarantined: Counter = field(default_factory=Counter)  # reason -> lines
+    neighbour_skipped: int = 0  # lines of a neighbour's file that belong to other days
+    staged: dict[int, tuple[str, int]] = field(default_factory=dict)  # bucket -> (file, rows)
+    quarantine_file: str | None = None
+
+
+def scan_window(day: date, early: timedelta, late: timedelta) -> tuple[datetime, datetime]:
+    """Arrival times a parsed partition scans: [day - early, day+1 + late)."""
+    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    return start - early, start + timedelta(days=1) + late
+
+
+class _QuarantineWriter:
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: list[tuple] = []
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, source_ref, line_no, reason, detail, sample, lines=1):
+        self.rows.append((source_ref, line_no, reason, detail, sample, lines))
+        if len(self.rows) >= 10_000:
+            self.flush()
+
+    def flush(self):
+        if not self.rows:
+            return
+        cols = list(zip(*self.rows))
+        table = pa.Table.from_arrays([pa.array(c, t) for c, t in zip(cols, QUARANTINE_SCHEMA.types)], schema=QUARANTINE_SCHEMA)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, QUARANTINE_SCHEMA, compression="zstd")
+        self.writer.write_table(table)
+        self.rows = []
+
+    def close(self) -> bool:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+            return True
+        return False
+
+
+class _StageWriter:
+    """Per-bucket staging Parquet files of one raw file, written to temp names until done."""
+
+    def __init__(self, stage_dir: str, file_index: int, buckets: int, schema: pa.Schema):
+        self.paths = [os.path.join(stage_dir, f"bucket{b:04d}", f"f{file_index:06d}.parquet") for b in range(buckets)]
+        self.schema = schema
+        self.buffers: list[list[pa.Table]] = [[] for _ in range(buckets)]
+        self.buffered = 0
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.rows = Counter()
+
+    def add(self, table: pa.Table, bucket_ids: pa.Array | None):
+        if bucket_ids is None:
+            self.buffers[0].append(table)
+        else:
+            for b in range(len(self.buffers)):
+                part = table.filter(pc.equal(bucket_ids, b))
+                if part.num_rows:
+                    self.buffers[b].append(part)
+        self.buffered += table.num_rows
+        if self.buffered >= STAGE_FLUSH_ROWS:
+            self.flush()
+
+    def flush(self):
+        for b, parts in enumerate(self.buffers):
+            if not parts:
+                continue
+            if b not in self.writers:
+                os.makedirs(os.path.dirname(self.paths[b]), exist_ok=True)
+                self.writers[b] = pq.ParquetWriter(self.paths[b] + ".tmp", self.schema, compression="lz4")
+            t = pa.concat_tables(parts)
+            self.writers[b].write_table(t)
+            self.rows[b] += t.num_rows
+            self.buffers[b] = []
+        self.buffered = 0
+
+    def commit(self) -> dict[int, tuple[str, int]]:
+        self.flush()
+        for b, w in self.writers.items():
+            w.close()
+            os.replace(self.paths[b] + ".tmp", self.paths[b])
+        return {b: (self.paths[b], self.rows[b]) for b in self.writers}
+
+    def abort(self):
+        for b, w in self.writers.items():
+            w.close()
+            os.remove(self.paths[b] + ".tmp")
+
+
+_decoders: dict[EventSchema, EventDecoder] = {}
+
+
+def _bucket_ids(ids: pa.Array, buckets: int) -> pa.Array:
+    # crc32 is stable across processes and runs (Python's hash() is not).
+    return pa.array([zlib.crc32(x) % buckets for x in ids.cast(pa.binary()).to_pylist()], pa.uint16())
+
+
+def parse_file(job: ParseJob, task: FileTask) -> FileResult:
+    decoder = _decoders.get(job.schema) or _decoders.setdefault(job.schema, EventDecoder(job.schema))
+    schema = job.schema
+    result = FileResult(source_ref=task.source_ref, home=task.home)
+    stage = _StageWriter(job.stage_dir, task.file_index, job.buckets, decoder.arrow_schema)
+    quarantine = None
+    if task.home:
+        qpath = os.path.join(job.stage_dir, "quarantine", f"f{task.file_index:06d}.parquet")
+        os.makedirs(os.path.dirname(qpath), exist_ok=True)
+        quarantine = _QuarantineWriter(qpath)
+    # This file is in the scan window of the event days listed here (its own day is always one).
+    owners = {
+        d
+        for d in (job.day - timedelta(days=1), job.day, job.day + timedelta(days=1))
+        if scan_window(d, job.early, job.late)[0] <= task.arrival < scan_window(d, job.early, job.late)[1]
+    }
+    target = pa.scalar(job.day, pa.date32())
+    try:
+        for start, lines in iter_line_batches(task.path, schema.max_line_bytes):
+            if start == 1 and isinstance(lines[0], bytes) and lines[0].startswith(b"\xef\xbb\xbf"):
+                lines[0] = lines[0][3:]  # a UTF-8 byte order mark is not part of the JSON
+            result.lines += len(lines)
+            table, bad = decoder.decode_batch(start, lines, task.source_ref)
+            if task.home:
+                for no, reason, detail, sample in bad:
+                    quarantine.add(task.source_ref, no, reason, detail, sample)
+                    result.quarantined[reason] += 1
+            else:
+                result.neighbour_skipped += len(bad)
+            ts = table.column(schema.time_field)
+            if job.simulate_parser_bug:  # demo only: a parser that reads UTC as US/Pacific time
+                ts = pc.add(ts, pa.scalar(timedelta(hours=8), pa.duration("us")))
+                table = table.set_column(table.schema.get_field_index(schema.time_field), schema.time_field, ts)
+            days = pc.cast(ts, pa.date32())
+            mine = pc.equal(days, target)
+            kept = table.filter(mine)
+            if kept.num_rows:
+                ids = kept.column(schema.id_field).combine_chunks()
+                stage.add(kept, _bucket_ids(ids, job.buckets) if job.buckets > 1 else None)
+                result.kept += kept.num_rows
+            other = table.num_rows - kept.num_rows
+            if not other:
+                continue
+            if not task.home:
+                result.neighbour_skipped += other
+                continue
+            others = table.filter(pc.invert(mine))
+            for (d,), n in Counter(zip(pc.cast(others.column(schema.time_field), pa.date32()).to_pylist())).items():
+                if d in owners:
+                    result.routed_out[d.isoformat()] += n
+            outside = others.filter(pc.invert(pc.is_in(pc.cast(others.column(schema.time_field), pa.date32()), value_set=pa.array(sorted(owners), pa.date32()))))
+            for no, t in zip(outside.column("line_no").to_pylist(), outside.column(schema.time_field).to_pylist()):
+                line = lines[no - start]
+                quarantine.add(task.source_ref, no, "outside_lateness_window", f"event time {t.isoformat()} is too far from arrival {task.arrival.isoformat()}", line[:SAMPLE_BYTES])
+                result.quarantined["outside_lateness_window"] += 1
+    except RawFileError as err:
+        # A file that cannot be read to its end is rejected whole: none of its events count.
+        stage.abort()
+        result.kept = 0
+        result.routed_out.clear()
+        result.staged = {}
+        lines_read, size, _ = count_lines(task.path)
+        result.lines = lines_read
+        if task.home:
+            quarantine.rows.clear()
+            result.quarantined = Counter({err.reason: lines_read})
+            quarantine.add(task.source_ref, None, err.reason, err.detail, b"", lines_read)
+        else:
+            result.quarantined.clear()
+            result.neighbour_skipped = lines_read
+        if quarantine is not None and quarantine.close():
+            result.quarantine_file = quarantine.path
+        return result
+    result.staged = stage.commit()
+    if quarantine is not None and quarantine.close():
+        result.quarantine_file = quarantine.path
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: de-duplicate each bucket and write Parquet per event type
+
+
+@dataclass
+class DedupeResult:
+    rows_in: int
+    rows_out: int
+    rows_by_type: dict[str, int]
+    files: list[str]
+
+
+def dedupe_buckets(
+    schema: EventSchema,
+    staged: dict[int, list[tuple[str, int]]],
+    out_dir: str,
+    day: date,
+    threads: int,
+    memory_limit: str = "1GB",
+) -> DedupeResult:
+    """Write `<out_dir>/type=<t>/day=<day>/part-0.parquet`, one file per event type."""
+    import duckdb  # imported here: workers of stage 1 do not need it
+
+    arrow_schema = event_arrow_schema(schema)
+    writers: dict[str, pq.ParquetWriter] = {}
+    rows_by_type: Counter = Counter()
+    rows_in = rows_out = 0
+    tmp = os.path.join(out_dir, "_duckdb_tmp")
+    con = duckdb.connect(config={"threads": max(1, threads), "memory_limit": memory_limit, "temp_directory": tmp})
+    try:
+        for bucket in sorted(staged):
+            files = [p for p, _ in staged[bucket]]
+            rows_in += sum(n for _, n in staged[bucket])
+            id_col, t_col = schema.id_field, schema.type_field
+            reader = con.sql(
+                f'SELECT DISTINCT ON ("{id_col}") * FROM read_parquet($files, hive_partitioning = false) '
+                f'ORDER BY "{id_col}", source_ref, line_no',
+                params={"files": files},
+            ).to_arrow_reader(100_000)
+            for batch in reader:
+                table = pa.Table.from_batches([batch]).cast(arrow_schema)
+                rows_out += table.num_rows
+                types = table.column(t_col)
+                for t in pc.unique(types).to_pylist():
+                    part = table.filter(pc.equal(types, t))
+                    if t not in writers:
+                        path = Path(out_dir, f"type={t}", f"day={day.isoformat()}", "part-0.parquet")
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        writers[t] = pq.ParquetWriter(str(path), arrow_schema, compression="zstd")
+                    writers[t].write_table(part)
+                    rows_by_type[t] += part.num_rows
+    finally:
+        con.close()
+        for w in writers.values():
+            w.close()
+        if os.path.isdir(tmp):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(str(Path(out_dir, f"type={t}", f"day={day.isoformat()}", "part-0.parquet")) for t in writers)
+    return DedupeResult(rows_in, rows_out, dict(rows_by_type), files)
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration for one day
+
+
+@dataclass
+class ParseResult:
+    files: list[FileResult]
+    dedupe: DedupeResult
+    quarantine_files: list[str]
+
+    @property
+    def home_lines(self) -> int:
+        return sum(f.lines for f in self.files if f.home)
+
+    @property
+    def routed_in(self) -> int:
+        return sum(f.kept for f in self.files if not f.home)
+
+    @property
+    def routed_out(self) -> Counter:
+        total = Counter()
+        for f in self.files:
+            if f.home:
+                total.update(f.routed_out)
+        return total
+
+    @property
+    def quarantined(self) -> Counter:
+        total = Counter()
+        for f in self.files:
+            total.update(f.quarantined)
+        return total
+
+    @property
+    def duplicates(self) -> int:
+        return self.dedupe.rows_in - self.dedupe.rows_out
+
+
+def parse_day(
+    job: ParseJob,
+    tasks: list[FileTask],
+    out_dir: str,
+    workers: int,
+    on_progress=None,
+) -> ParseResult:
+    """Parse all files scanned by one event day and write its outputs under out_dir."""
+    os.makedirs(job.stage_dir, exist_ok=True)
+    results: list[FileResult] = []
+    if workers > 1 and len(tasks) > 1:
+        # spawn: the caller may be a threaded Dagster process, where fork is unsafe.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            for r in pool.map(parse_file, [job] * len(tasks), tasks):
+                results.append(r)
+                if on_progress:
+                    on_progress(r)
+    else:
+        for t in tasks:
+            r = parse_file(job, t)
+            results.append(r)
+            if on_progress:
+                on_progress(r)
+    staged: dict[int, list[tuple[str, int]]] = {}
+    for r in results:
+        for b, entry in r.staged.items():
+            staged.setdefault(b, []).append(entry)
+    dedupe = dedupe_buckets(job.schema, staged, out_dir, job.day, threads=workers)
+    quarantine_files = [r.quarantine_file for r in results if r.quarantine_file]
+    return ParseResult(results, dedupe, quarantine_files)

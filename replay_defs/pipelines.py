@@ -1,0 +1,49 @@
+"""The pipelines this code location serves, each declared as a spec."""
+
+from replay_defs.spec import (
+    EventSchema,
+    Field,
+    JsonlSource,
+    PipelineSpec,
+    Projection,
+    Redrive,
+)
+
+# Seed 004: raw JSONL.gz telemetry by arrival hour -> Parquet by type -> redrive per raw file.
+TELEMETRY = PipelineSpec(
+    name="telemetry",
+    description="Telemetry parser redrive (seed 004): hourly JSONL.gz -> Parquet by type.",
+    start_date="2025-11-01",
+    source=JsonlSource(prefix="raw/json_telemetry"),
+    schema=EventSchema(
+        fields=(
+            Field("event_id", "string"),
+            Field("ts", "timestamp"),
+            Field("type", "string"),
+            Field("device_id", "string"),
+            Field("seq", "int"),
+            Field("payload", "json", required=False),
+        ),
+        known_types=("lock", "bridge", "video_doorbell"),
+    ),
+    parsed_prefix="telemetry_flat",
+    projections=(
+        Projection(
+            name="daily_counts",
+            kind="increment",
+            key=("type", "device_id"),
+            values={"events": "count(*)", "last_seq": "max(seq)"},
+            count_column="events",
+        ),
+        Projection(
+            name="device_latest",
+            kind="replace",
+            key=("device_id",),
+            values={"last_type": "type", "last_seq": "seq"},
+            order_by="ts",
+        ),
+    ),
+    redrive=Redrive(unit="raw_file"),
+)
+
+PIPELINES = (TELEMETRY,)

@@ -1,0 +1,157 @@
+"""Pipeline specs: what a pipeline is, declared as data.
+
+The asset factory (`assets/factory.py`) turns one `PipelineSpec` into that pipeline's assets,
+checks and job. Adding a pipeline means writing a spec in `replay_defs/pipelines.py`, not code.
+This module imports nothing heavy so parse workers can load it quickly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+FieldType = Literal["string", "int", "float", "bool", "timestamp", "json"]
+
+# Names that end up in SQL identifiers or lake paths must match this.
+SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+# Event type values become `type=<value>` directories, so they are restricted too.
+SAFE_TYPE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One top-level field of a JSON event. `json` keeps the value as raw JSON text."""
+
+    name: str
+    type: FieldType
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class EventSchema:
+    """How a raw line becomes a typed event, and what makes it invalid."""
+
+    fields: tuple[Field, ...]
+    id_field: str = "event_id"
+    time_field: str = "ts"
+    type_field: str = "type"
+    # Events of other types are quarantined as `unknown_type`.
+    known_types: tuple[str, ...] = ()
+    max_line_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        for name in names:
+            if not SAFE_NAME.match(name):
+                raise ValueError(f"field name {name!r} is not a safe identifier")
+        by_name = {f.name: f for f in self.fields}
+        for role, name, want in (
+            ("id_field", self.id_field, "string"),
+            ("time_field", self.time_field, "timestamp"),
+            ("type_field", self.type_field, "string"),
+        ):
+            f = by_name.get(name)
+            if f is None or f.type != want or not f.required:
+                raise ValueError(f"{role} {name!r} must be a required {want} field")
+        for value in self.known_types:
+            if not SAFE_TYPE_VALUE.match(value):
+                raise ValueError(f"known type {value!r} is not safe in a path")
+
+
+@dataclass(frozen=True)
+class JsonlSource:
+    """Gzipped (or plain) JSONL files under `<prefix>/year=YYYY/month=MM/day=DD/hour=HH/`."""
+
+    prefix: str
+    suffixes: tuple[str, ...] = (".gz", ".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class Lateness:
+    """How far an event's arrival may be from its event-time day.
+
+    Parsed partition D scans raw files that arrived in [D - early, D+1 + late). An event outside
+    that window of its own day is quarantined (`outside_lateness_window`), never dropped.
+    """
+
+    early: timedelta = timedelta(hours=1)
+    late: timedelta = timedelta(hours=3)
+
+    def __post_init__(self) -> None:
+        if not (timedelta(0) <= self.early <= timedelta(days=1)):
+            raise ValueError("early must be between 0 and 1 day")
+        if not (timedelta(0) <= self.late <= timedelta(days=1)):
+            raise ValueError("late must be between 0 and 1 day")
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A fold of parsed events into a table of the projection store.
+
+    kind="increment": rows are per (day, *key); the partition's rows are deleted before the
+    fold is inserted, in one transaction, so a re-run never double counts. `values` are SQL
+    aggregates over the partition's events; `count_column` must hold count(*) so the totals check
+    can compare it with the parsed row count.
+
+    kind="replace": one row per key, the event with the latest `order_by` wins (an upsert), so
+    re-running any partition is safe. `values` maps each output column to the event field kept.
+    """
+
+    name: str
+    kind: Literal["increment", "replace"]
+    key: tuple[str, ...]
+    values: dict[str, str] = field(default_factory=dict)
+    count_column: str | None = None
+    order_by: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (self.name, *self.key, *self.values, *filter(None, [self.order_by])):
+            if not SAFE_NAME.match(name):
+                raise ValueError(f"projection {self.name!r}: {name!r} is not a safe identifier")
+        if self.kind == "increment" and self.count_column not in self.values:
+            raise ValueError(f"increment projection {self.name!r} needs a count_column in values")
+        if self.kind == "replace" and not self.order_by:
+            raise ValueError(f"replace projection {self.name!r} needs order_by")
+
+
+@dataclass(frozen=True)
+class OutboxSink:
+    """Deliveries written as JSONL files to `<outbox root>/<pipeline>/day=<D>/`."""
+
+    kind: Literal["outbox"] = "outbox"
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """What a redrive delivers: one message per raw file (seed 004) or one per event."""
+
+    unit: Literal["raw_file", "event"] = "raw_file"
+    sink: OutboxSink = OutboxSink()
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    start_date: str
+    source: JsonlSource
+    schema: EventSchema
+    # Lake prefix of the parsed Parquet: `<parsed_prefix>/type=<t>/day=<d>/`.
+    parsed_prefix: str
+    projections: tuple[Projection, ...] = ()
+    redrive: Redrive = Redrive()
+    lateness: Lateness = Lateness()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not SAFE_NAME.match(self.name):
+            raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
+        fields = {f.name for f in self.schema.fields}
+        for p in self.projections:
+            used = set(p.key) | ({p.order_by} if p.order_by else set())
+            if p.kind == "replace":
+                used |= set(p.values.values())
+            missing = used - fields
+            if missing:
+                raise ValueError(f"projection {p.name!r} uses unknown fields {sorted(missing)}")

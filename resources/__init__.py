@@ -1,0 +1,7 @@
+"""One ConfigurableResource per external system. Settings come from env vars (see README)."""
+
+from resources.lake import LakeResource
+from resources.outbox import OutboxResource
+from resources.store import StoreResource
+
+__all__ = ["LakeResource", "OutboxResource", "StoreResource"]

@@ -1,0 +1,14 @@
+import dagster as dg
+from pydantic import Field
+
+from replay_defs.lake import Lake
+
+
+class LakeResource(dg.ConfigurableResource):
+    """The lake: a local directory on the embedded default."""
+
+    root: str = Field(description="Lake root directory (env EVENT_REPLAY_LAKE).")
+    keep_versions: int = Field(default=2, description="Prior versions kept per partition for rollback.")
+
+    def get(self) -> Lake:
+        return Lake(self.root, keep_versions=self.keep_versions)

@@ -1,0 +1,13 @@
+import dagster as dg
+from pydantic import Field
+
+from replay_defs.store import DuckDBStore
+
+
+class StoreResource(dg.ConfigurableResource):
+    """Projection store and redrive ledger: a DuckDB file on the embedded default."""
+
+    path: str = Field(description="DuckDB database file (env EVENT_REPLAY_DUCKDB).")
+
+    def get(self) -> DuckDBStore:
+        return DuckDBStore(self.path)

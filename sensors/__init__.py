@@ -1,0 +1,1 @@
+"""DLQ-growth sensors that launch backfills of the affected partitions (not built yet)."""
