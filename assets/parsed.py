@@ -4,7 +4,7 @@
 import math
 import os
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -14,7 +14,7 @@ from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_s
 from assets.raw import day_start
 from partitions import daily_partitions, event_time_mapping
 from replay_defs.lake import Lake
-from replay_defs.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day
+from replay_defs.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day, worker_pool
 from replay_defs.spec import PipelineSpec
 from resources import LakeResource
 
@@ -35,7 +35,7 @@ def file_tasks(lake: Lake, spec: PipelineSpec, day: str, manifest: dict) -> list
     """The day's own files (from its raw manifest) plus neighbours' files in the lateness window."""
     start = day_start(day)
     tasks = [
-        FileTask(str(lake.path(f["rel_path"])), f["uri"], _parse_hour(f["arrival"]), True, i)
+        FileTask(str(lake.path(f["rel_path"])), f["uri"], datetime.fromisoformat(f["arrival"]), True, i)
         for i, f in enumerate(manifest["files"])
     ]
     lat = spec.lateness
@@ -46,12 +46,6 @@ def file_tasks(lake: Lake, spec: PipelineSpec, day: str, manifest: dict) -> list
         for ref in lake.list_raw(spec.source.prefix, lo, hi, spec.source.suffixes):
             tasks.append(FileTask(str(lake.path(ref.rel_path)), ref.uri, ref.arrival, False, len(tasks)))
     return tasks
-
-
-def _parse_hour(iso: str):
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso)
 
 
 def merge_quarantine(files: list[str], dest: str) -> int:
@@ -93,7 +87,7 @@ def day_stats(spec: PipelineSpec, day: str, manifest: dict, result: ParseResult,
 
 
 def materialize_day(
-    lake: Lake, spec: PipelineSpec, day: str, config: ParseConfig, run_id: str, log
+    lake: Lake, spec: PipelineSpec, day: str, config: ParseConfig, run_id: str, log, pool=None
 ) -> dict:
     own = owner(spec, PARSED)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
@@ -127,7 +121,7 @@ def materialize_day(
             if len(done) % 10 == 0 or len(done) == len(tasks):
                 log.info(f"{day}: parsed {len(done)}/{len(tasks)} files")
 
-        result = parse_day(job, tasks, str(staged / spec.parsed_prefix), workers, on_progress=progress)
+        result = parse_day(job, tasks, str(staged / spec.parsed_prefix), workers, on_progress=progress, pool=pool)
         merge_quarantine(
             result.quarantine_files, str(staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet")
         )
@@ -155,16 +149,21 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
     def parsed_events(context: dg.AssetExecutionContext, config: ParseConfig, lake: LakeResource) -> dg.MaterializeResult:
         the_lake = lake.get()
         total_parsed = total_quarantined = 0
-        for day in context.partition_keys:
-            stats = materialize_day(the_lake, spec, day, config, context.run_id, context.log)
-            total_parsed += stats["parsed"]
-            total_quarantined += stats["quarantined"]
-            context.log.info(
-                f"{day}: {stats['parsed']:,} events, {stats['duplicates']:,} duplicates, "
-                f"{stats['quarantined']:,} quarantined {stats['quarantined_by_reason']}, "
-                f"{stats['events_per_s']:,} lines/s; now version {stats['version']}"
-            )
-            context.add_asset_metadata(_metadata(stats), partition_key=day)
+        pool = worker_pool(config.workers or os.cpu_count() or 1)
+        try:
+            for day in context.partition_keys:
+                stats = materialize_day(the_lake, spec, day, config, context.run_id, context.log, pool)
+                total_parsed += stats["parsed"]
+                total_quarantined += stats["quarantined"]
+                context.log.info(
+                    f"{day}: {stats['parsed']:,} events, {stats['duplicates']:,} duplicates, "
+                    f"{stats['quarantined']:,} quarantined {stats['quarantined_by_reason']}, "
+                    f"{stats['events_per_s']:,} lines/s; now version {stats['version']}"
+                )
+                context.add_asset_metadata(_metadata(stats), partition_key=day)
+        finally:
+            if pool:
+                pool.shutdown()
         return dg.MaterializeResult(
             metadata={"days": len(context.partition_keys), "parsed_total": total_parsed, "quarantined_total": total_quarantined}
         )

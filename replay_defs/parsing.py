@@ -116,6 +116,9 @@ class _Oversize:
     line_no: int
     sample: bytes
 
+    def __len__(self) -> int:  # lets batches test line lengths with C-level min()/max()
+        return 0
+
 
 def iter_line_batches(
     path: str, max_line_bytes: int, batch_lines: int = BATCH_LINES
@@ -144,9 +147,10 @@ def iter_line_batches(
                     chunk = chunk[nl + 1 :]
                 parts = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
                 rest = parts.pop()
-                for i, line in enumerate(parts):
-                    if len(line) > max_line_bytes:
-                        parts[i] = _Oversize(line_no + i, line[:SAMPLE_BYTES])
+                if parts and max(map(len, parts)) > max_line_bytes:
+                    for i, line in enumerate(parts):
+                        if len(line) > max_line_bytes:
+                            parts[i] = _Oversize(line_no + i, line[:SAMPLE_BYTES])
                 batch.extend(parts)
                 line_no += len(parts)
                 if len(rest) > max_line_bytes:
@@ -202,42 +206,47 @@ class EventDecoder:
 
     def __init__(self, schema: EventSchema):
         self.schema = schema
+        # Batches decode timestamps as text and let Arrow parse them (much faster than datetime
+        # objects; Arrow, like msgspec, insists on a zone offset). A batch Arrow rejects is
+        # re-checked line by line with msgspec's datetime, which names the bad line.
+        self.many = msgspec.json.Decoder(list[self._struct(schema, timestamps_as_text=True)])
+        self.one = msgspec.json.Decoder(self._struct(schema, timestamps_as_text=False))
+        self.arrow_schema = event_arrow_schema(schema)
+        self._getters = [(f, operator.attrgetter(f.name)) for f in schema.fields]
+        self._id_getter = operator.attrgetter(schema.id_field)
+        self._known = pa.array(list(schema.known_types), pa.string()) if schema.known_types else None
+
+    @staticmethod
+    def _struct(schema: EventSchema, timestamps_as_text: bool):
         fields = []
         for f in schema.fields:
-            typ = _MSGSPEC_TYPES[f.type]
+            typ = str if (f.type == "timestamp" and timestamps_as_text) else _MSGSPEC_TYPES[f.type]
             if f.name == schema.id_field:
                 typ = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+            elif f.type == "int":
+                typ = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
             if f.required:
                 fields.append((f.name, typ))
             else:  # Raw cannot be in a union; a missing json field still defaults to None
                 fields.append((f.name, typ if f.type == "json" else typ | None, None))
         # Required fields must come before optional ones in a Struct.
         fields.sort(key=lambda x: len(x) == 3)
-        event_type = msgspec.defstruct("Event", fields)
-        self.one = msgspec.json.Decoder(event_type)
-        self.many = msgspec.json.Decoder(list[event_type])
-        self.arrow_schema = event_arrow_schema(schema)
-        self._getters = [(f, operator.attrgetter(f.name)) for f in schema.fields]
-        self._id_getter = operator.attrgetter(schema.id_field)
-        self._known = pa.array(list(schema.known_types), pa.string()) if schema.known_types else None
+        return msgspec.defstruct("Event", fields)
 
     def to_table(self, events: list, line_nos: pa.Array, source_ref: str) -> pa.Table:
-        """Raises UnicodeEncodeError (lone surrogate) or pa.ArrowInvalid on unconvertible values."""
+        """Raises pa.ArrowInvalid on an unconvertible value (the batch is then checked line by line)."""
         cols = []
         for f, get in self._getters:
             vals = list(map(get, events))
-            if f.type in ("string", "json"):
-                if f.type == "json":
-                    vals = [None if v is None else bytes(v) for v in vals]
-                elif f.required:
-                    vals = [v.encode() for v in vals]
-                else:
-                    vals = [None if v is None else v.encode() for v in vals]
+            if f.type == "json":
+                vals = [None if v is None else bytes(v) for v in vals]
                 cols.append(pa.array(vals, pa.binary()).cast(pa.string()))
+            elif f.type == "timestamp":
+                cols.append(pa.array(vals).cast(_ARROW_TYPES["timestamp"]))
             else:
                 cols.append(pa.array(vals, _ARROW_TYPES[f.type]))
         n = len(events)
-        cols.append(pa.array([source_ref] * n, pa.string()) if n else pa.array([], pa.string()))
+        cols.append(pa.array([source_ref] * n, pa.string()))
         cols.append(line_nos)
         return pa.Table.from_arrays(cols, schema=self.arrow_schema)
 
@@ -245,8 +254,7 @@ class EventDecoder:
         self, start: int, lines: list, source_ref: str
     ) -> tuple[pa.Table, list[tuple[int, str, str, bytes]]]:
         """Returns (valid events, bad lines as (line_no, reason, detail, sample))."""
-        lens = [len(x) if isinstance(x, bytes) else -1 for x in lines]
-        if min(lens) > 1:  # no empty or oversize line: try the whole batch in one call
+        if min(map(len, lines)) > 1:  # no empty or oversize line: try the whole batch in one call
             try:
                 events = self.many.decode(b"[" + b",".join(lines) + b"]")
                 if len(events) == len(lines):
@@ -403,7 +411,8 @@ class _StageWriter:
                 continue
             if b not in self.writers:
                 os.makedirs(os.path.dirname(self.paths[b]), exist_ok=True)
-                self.writers[b] = pq.ParquetWriter(self.paths[b] + ".tmp", self.schema, compression="lz4")
+                # Staging is read once, right away: fast to write beats small.
+                self.writers[b] = pq.ParquetWriter(self.paths[b] + ".tmp", self.schema, compression="none", use_dictionary=False)
             t = pa.concat_tables(parts)
             self.writers[b].write_table(t)
             self.rows[b] += t.num_rows
@@ -530,47 +539,47 @@ def dedupe_buckets(
     threads: int,
     memory_limit: str = "1GB",
 ) -> DedupeResult:
-    """Write `<out_dir>/type=<t>/day=<day>/part-0.parquet`, one file per event type."""
-    import duckdb  # imported here: workers of stage 1 do not need it
+    """Write `<out_dir>/type=<t>/day=<day>/part-<bucket>.parquet`: the first copy of each id wins.
 
-    arrow_schema = event_arrow_schema(schema)
-    writers: dict[str, pq.ParquetWriter] = {}
-    rows_by_type: Counter = Counter()
+    "First" is the lowest (source_ref, line_no), so re-runs pick the same row. DuckDB handles one
+    bucket at a time, which bounds its memory by the bucket size.
+    """
+    import shutil
+
+    import duckdb  # imported here: stage-1 workers do not need it
+
+    id_col = schema.id_field.replace('"', '""')
     rows_in = rows_out = 0
-    tmp = os.path.join(out_dir, "_duckdb_tmp")
-    con = duckdb.connect(config={"threads": max(1, threads), "memory_limit": memory_limit, "temp_directory": tmp})
+    rows_by_type: Counter = Counter()
+    files: list[str] = []
+    work = Path(out_dir, "_dedupe")
+    con = duckdb.connect(config={"threads": max(1, threads), "memory_limit": memory_limit, "temp_directory": str(work / "spill")})
     try:
         for bucket in sorted(staged):
-            files = [p for p, _ in staged[bucket]]
             rows_in += sum(n for _, n in staged[bucket])
-            id_col, t_col = schema.id_field, schema.type_field
-            reader = con.sql(
-                f'SELECT DISTINCT ON ("{id_col}") * FROM read_parquet($files, hive_partitioning = false) '
-                f'ORDER BY "{id_col}", source_ref, line_no',
-                params={"files": files},
-            ).to_arrow_reader(100_000)
-            for batch in reader:
-                table = pa.Table.from_batches([batch]).cast(arrow_schema)
-                rows_out += table.num_rows
-                types = table.column(t_col)
-                for t in pc.unique(types).to_pylist():
-                    part = table.filter(pc.equal(types, t))
-                    if t not in writers:
-                        path = Path(out_dir, f"type={t}", f"day={day.isoformat()}", "part-0.parquet")
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        writers[t] = pq.ParquetWriter(str(path), arrow_schema, compression="zstd")
-                    writers[t].write_table(part)
-                    rows_by_type[t] += part.num_rows
+            tmp = work / f"bucket{bucket:04d}"
+            work.mkdir(parents=True, exist_ok=True)
+            con.execute(
+                f'COPY (SELECT * FROM read_parquet($files, hive_partitioning = false) '
+                f'QUALIFY row_number() OVER (PARTITION BY "{id_col}" ORDER BY source_ref, line_no) = 1) '
+                f"TO '{tmp}' (FORMAT parquet, PARTITION_BY (\"{schema.type_field}\"), WRITE_PARTITION_COLUMNS true, "
+                f"COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
+                {"files": [p for p, _ in staged[bucket]]},
+            )
+            for part in sorted(tmp.glob("*=*/*.parquet")):
+                t = part.parent.name.split("=", 1)[1]
+                # Types were checked against SAFE_TYPE_VALUE while parsing, so they are safe here.
+                dest = Path(out_dir, f"type={t}", f"day={day.isoformat()}", f"part-{bucket:04d}-{len(files):04d}.parquet")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, dest)
+                n = pq.ParquetFile(dest).metadata.num_rows
+                rows_by_type[t] += n
+                rows_out += n
+                files.append(str(dest))
     finally:
         con.close()
-        for w in writers.values():
-            w.close()
-        if os.path.isdir(tmp):
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    files = sorted(str(Path(out_dir, f"type={t}", f"day={day.isoformat()}", "part-0.parquet")) for t in writers)
-    return DedupeResult(rows_in, rows_out, dict(rows_by_type), files)
+        shutil.rmtree(work, ignore_errors=True)
+    return DedupeResult(rows_in, rows_out, dict(rows_by_type), sorted(files))
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,29 +620,34 @@ class ParseResult:
         return self.dedupe.rows_in - self.dedupe.rows_out
 
 
+def worker_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Processes for stage 1; spawned, because the caller may be a threaded Dagster process."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if workers > 1 else None
+
+
 def parse_day(
     job: ParseJob,
     tasks: list[FileTask],
     out_dir: str,
     workers: int,
     on_progress=None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> ParseResult:
     """Parse all files scanned by one event day and write its outputs under out_dir."""
     os.makedirs(job.stage_dir, exist_ok=True)
-    results: list[FileResult] = []
-    if workers > 1 and len(tasks) > 1:
-        # spawn: the caller may be a threaded Dagster process, where fork is unsafe.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for r in pool.map(parse_file, [job] * len(tasks), tasks):
-                results.append(r)
-                if on_progress:
-                    on_progress(r)
-    else:
-        for t in tasks:
-            r = parse_file(job, t)
+    own_pool = pool is None and workers > 1 and len(tasks) > 1
+    if own_pool:
+        pool = worker_pool(workers)
+    try:
+        mapped = pool.map(parse_file, [job] * len(tasks), tasks) if pool else (parse_file(job, t) for t in tasks)
+        results: list[FileResult] = []
+        for r in mapped:
             results.append(r)
             if on_progress:
                 on_progress(r)
+    finally:
+        if own_pool:
+            pool.shutdown()
     staged: dict[int, list[tuple[str, int]]] = {}
     for r in results:
         for b, entry in r.staged.items():

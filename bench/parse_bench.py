@@ -1,0 +1,190 @@
+"""Parse-path benchmark: our parse vs DuckDB's bare read_json -> Parquet vs a naive baseline.
+
+    ./dev bench                    # 2M-event partition (1x) and 8M (4x)
+    ./dev bench --events 500000    # a quicker run
+
+Each method runs in its own process; peak RSS is the largest sum of RSS over that process and
+its children, sampled every 20 ms. MB/s is over uncompressed JSON. The data is generated once
+into bench/out/ (clean lines with 1% duplicates, so DuckDB's bare reader does not stop on a bad
+line; the quarantine path is exercised by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+DAY = date(2025, 11, 24)
+
+
+def data_dir(events: int) -> Path:
+    return OUT / f"lake-{events}"
+
+
+def ensure_data(events: int) -> Path:
+    from replay_defs.demo import DemoConfig, generate
+
+    lake = data_dir(events)
+    done = lake / "_generated"
+    if not done.exists():
+        t0 = time.time()
+        generate(lake, DemoConfig(start=DAY, days=1, events_per_day=events, bad_lines=False, files_per_hour=1, devices=20_000))
+        done.write_text("ok")
+        print(f"generated {events:,} events in {time.time() - t0:.0f}s -> {lake}", flush=True)
+    return lake
+
+
+def home_files(lake: Path) -> list[str]:
+    d = lake / "raw/json_telemetry" / f"year={DAY:%Y}/month={DAY:%m}/day={DAY:%d}"
+    return sorted(str(p) for p in d.glob("hour=*/*.gz"))
+
+
+# ---- the methods, each run as `python parse_bench.py --run METHOD LAKE` ------------------------
+
+
+def run_ours(lake: Path, work: Path) -> dict:
+    """The parse_events asset's own path: manifest line count + parse + dedupe + Parquet by type."""
+    from assets.parsed import file_tasks
+    from assets.raw import build_manifest
+    from replay_defs.lake import Lake
+    from replay_defs.parsing import ParseJob, parse_day
+    from replay_defs.pipelines import TELEMETRY
+
+    the_lake = Lake(lake)
+    t0 = time.perf_counter()
+    manifest = build_manifest(the_lake, TELEMETRY, DAY.isoformat())
+    t_manifest = time.perf_counter() - t0
+    tasks = file_tasks(the_lake, TELEMETRY, DAY.isoformat(), manifest)
+    lat = TELEMETRY.lateness
+    est = manifest["totals"]["lines"] * (1 + (lat.early + lat.late) / timedelta(days=1))
+    job = ParseJob(TELEMETRY.schema, DAY, lat.early, lat.late, max(1, -(-int(est) // 500_000)), str(work / "_work"))
+    result = parse_day(job, tasks, str(work / "parsed"), workers=os.cpu_count() or 1)
+    total = time.perf_counter() - t0
+    return {
+        "lines": manifest["totals"]["lines"],
+        "bytes": manifest["totals"]["bytes_uncompressed"],
+        "seconds": total,
+        "manifest_seconds": t_manifest,
+        "parsed": result.dedupe.rows_out,
+        "duplicates": result.duplicates,
+        "quarantined": sum(result.quarantined.values()),
+        "routed_in": result.routed_in,
+        "routed_out": sum(result.routed_out.values()),
+    }
+
+
+def run_duckdb(lake: Path, work: Path) -> dict:
+    """DuckDB's bare rate: explicit columns, no validation, no de-duplication."""
+    import duckdb
+
+    files = home_files(lake)
+    t0 = time.perf_counter()
+    duckdb.execute(
+        "COPY (SELECT * FROM read_ndjson($files, columns = {event_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
+        "device_id: 'VARCHAR', seq: 'BIGINT', payload: 'JSON'})) TO '" + str(work / "duckdb.parquet") + "' (FORMAT parquet, COMPRESSION zstd)",
+        {"files": files},
+    )
+    seconds = time.perf_counter() - t0
+    rows = duckdb.execute(f"SELECT count(*) FROM '{work / 'duckdb.parquet'}'").fetchone()[0]
+    return {"lines": rows, "seconds": seconds}
+
+
+def run_naive(lake: Path, work: Path) -> dict:
+    """What a one-off script does: json.loads per line, pandas, drop_duplicates, to_parquet."""
+    import gzip
+
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    rows = []
+    for f in home_files(lake):
+        with gzip.open(f, "rt") as fh:
+            for line in fh:
+                rows.append(json.loads(line))
+    df = pd.DataFrame(rows).drop_duplicates(subset="event_id")
+    df["payload"] = df["payload"].map(json.dumps)
+    df.to_parquet(work / "naive.parquet")
+    return {"lines": len(rows), "seconds": time.perf_counter() - t0}
+
+
+METHODS = {"ours": run_ours, "duckdb_bare": run_duckdb, "naive": run_naive}
+
+
+def measure(method: str, lake: Path) -> dict:
+    """Run one method in a fresh process, sampling the RSS of its whole process tree."""
+    work = OUT / "work" / method
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--run", method, str(lake), str(work)], stdout=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"{method} failed with exit code {proc.returncode}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak / 1e6
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=2_000_000, help="events in the 1x partition (default 2M)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the slow naive baseline")
+    ap.add_argument("--no-4x", action="store_true", help="skip the 4x partition (memory growth)")
+    ap.add_argument("--run", nargs=3, metavar=("METHOD", "LAKE", "WORK"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        method, lake, work = args.run
+        print(json.dumps(METHODS[method](Path(lake), Path(work))))
+        return
+
+    lake1 = ensure_data(args.events)
+    rows = []
+    ours = measure("ours", lake1)
+    bytes1 = ours["bytes"]
+    rows.append(("ours (validate+dedupe+quarantine)", ours))
+    duck = measure("duckdb_bare", lake1)
+    rows.append(("duckdb bare read_json->parquet", duck))
+    naive = None
+    if not args.no_naive:
+        naive = measure("naive", lake1)
+        rows.append(("naive json.loads+pandas", naive))
+    print()
+    print(f"partition 1x: {ours['lines']:,} raw lines, {bytes1 / 1e6:,.0f} MB uncompressed JSON; "
+          f"parsed {ours['parsed']:,}, duplicates {ours['duplicates']:,}, quarantined {ours['quarantined']:,}")
+    print(f"{'method':38} {'seconds':>8} {'events/s':>10} {'MB/s':>7} {'peak RSS MB':>12}")
+    for name, r in rows:
+        eps = r["lines"] / r["seconds"]
+        print(f"{name:38} {r['seconds']:8.2f} {eps:10,.0f} {bytes1 / 1e6 / r['seconds']:7.1f} {r['peak_rss_mb']:12,.0f}")
+    ours_eps = ours["lines"] / ours["seconds"]
+    print(f"\nours / duckdb bare = {ours_eps / (duck['lines'] / duck['seconds']):.2f}   (target >= 0.50)")
+    if naive:
+        print(f"ours / naive       = {ours_eps / (naive['lines'] / naive['seconds']):.1f}x  (target >= 7x)")
+    print(f"ours: manifest (independent line count) {ours['manifest_seconds']:.2f}s of {ours['seconds']:.2f}s")
+    if not args.no_4x:
+        lake4 = ensure_data(args.events * 4)
+        ours4 = measure("ours", lake4)
+        growth = ours4["peak_rss_mb"] / ours["peak_rss_mb"] - 1
+        print(f"\npeak RSS, ours: 1x {ours['peak_rss_mb']:,.0f} MB, 4x {ours4['peak_rss_mb']:,.0f} MB "
+              f"(growth {growth:+.0%}; targets <= 1500 MB and < +20%); 4x rate {ours4['lines'] / ours4['seconds']:,.0f} events/s")
+
+
+if __name__ == "__main__":
+    main()
