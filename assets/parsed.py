@@ -152,7 +152,7 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         pool = worker_pool(config.workers or os.cpu_count() or 1)
         try:
             for day in context.partition_keys:
-                stats = materialize_day(the_lake, spec, day, config, context.run_id, context.log, pool)
+                stats = materialize_day(the_lake, spec, day, config, context.run.run_id, context.log, pool)
                 total_parsed += stats["parsed"]
                 total_quarantined += stats["quarantined"]
                 context.log.info(

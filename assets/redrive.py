@@ -59,7 +59,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
             except ValueError as exc:
                 raise dg.Failure(str(exc)) from exc
             counts = rd.redrive(
-                the_lake, sink, ledger, spec, day, refs, context.run_id,
+                the_lake, sink, ledger, spec, day, refs, context.run.run_id,
                 dry_run=config.dry_run, limit=config.limit, force=config.force, log=context.log.info,
             )
             verb = "would send" if config.dry_run else "sent"
@@ -81,7 +81,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
             if config.dry_run:
                 md["would_publish"] = counts.selected - counts.skipped_already_delivered - counts.dropped
             context.add_asset_metadata(md, partition_key=day)
-            the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run_id, "dry_run": config.dry_run, **counts.__dict__})
+            the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **counts.__dict__})
         return dg.MaterializeResult(metadata={"days": len(context.partition_keys)})
 
     return redrive

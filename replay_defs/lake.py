@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from filelock import FileLock
 
@@ -116,14 +117,15 @@ class Lake:
         return self.root / rel
 
     def uri(self, rel: str) -> str:
-        return (self.root / rel).as_uri()
+        # Like Path.as_uri, but keeps `=` of hive-style paths readable.
+        return "file://" + quote((self.root / rel).as_posix(), safe="/=-_.~")
 
     def rel_from_uri(self, uri: str) -> str:
         """Inverse of `uri`; refuses anything outside the lake."""
-        prefix = self.root.as_uri() + "/"
+        prefix = self.uri("") + "/"
         if not uri.startswith(prefix):
             raise ValueError(f"{uri!r} is not inside the lake at {self.root}")
-        rel = uri[len(prefix) :]
+        rel = unquote(uri[len(prefix) :])
         if ".." in rel.split("/"):
             raise ValueError(f"{uri!r} escapes the lake")
         return rel
@@ -144,7 +146,7 @@ class Lake:
                 for p in sorted(d.iterdir()):
                     if p.is_file() and p.name.endswith(suffixes) and not p.name.startswith((".", "_")):
                         rel = p.relative_to(self.root).as_posix()
-                        refs.append(RawRef(rel, p.as_uri(), hour, p.stat().st_size))
+                        refs.append(RawRef(rel, self.uri(rel), hour, p.stat().st_size))
             hour += timedelta(hours=1)
         return refs
 

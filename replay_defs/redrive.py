@@ -174,7 +174,7 @@ class Ledger:
                    SELECT $sink, unnest($ids), $pipeline, $partition, $status, 1, $error, $run_id
                    ON CONFLICT (sink, message_id) DO UPDATE SET status = excluded.status,
                      attempts = ledger.attempts + 1, last_error = excluded.last_error,
-                     run_id = excluded.run_id, day = excluded.day, updated_at = current_timestamp""",
+                     run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
                 {"sink": sink, "ids": ids, "pipeline": pipeline, "partition": partition, "status": status, "error": error, "run_id": run_id},
             )
 
