@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns
-from assets.raw import day_start
+from assets.raw import build_manifest, day_start
 from partitions import daily_partitions, event_time_mapping
 from replay_defs.lake import Lake
 from replay_defs.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day, worker_pool
@@ -92,10 +92,11 @@ def materialize_day(
     own = owner(spec, PARSED)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if manifest is None:
-        raise dg.Failure(
-            f"raw_events[{day}] has no manifest: materialize {spec.name}/raw_events for {day} first "
-            f"(or select both assets in the same run)."
-        )
+        # A UI backfill of raw days D..E also targets parsed D-1 and E+1 (the event-time mapping
+        # makes them downstream); build the missing manifest the way raw_events does.
+        manifest = build_manifest(lake, spec, day)
+        lake.write_json(owner(spec, RAW), manifest_name(day), manifest)
+        log.warning(f"{day}: raw_events had no manifest; listed and counted {manifest['totals']['files']} raw files here")
     workers = config.workers or os.cpu_count() or 1
     with lake.lock(own, day):
         if lake.recover(own, day):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from isal import igzip
+from isal.isal_zlib import IsalError
 
 from replay_defs.spec import SAFE_TYPE_VALUE, EventSchema
 
@@ -81,6 +83,9 @@ class RawFileError(Exception):
         self.detail = detail
 
 
+_READ_ERRORS = (EOFError, OSError, zlib.error, IsalError)
+
+
 def _open_raw(path: str):
     return igzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
@@ -106,7 +111,7 @@ def count_lines(path: str) -> tuple[int, int, RawFileError | None]:
                 lines += chunk.count(b"\n")
                 size += len(chunk)
                 last = chunk[-1:]
-    except (EOFError, OSError, zlib.error) as exc:
+    except _READ_ERRORS as exc:
         return lines + (last != b"\n"), size, _read_error(exc)
     return lines + (last != b"\n"), size, None
 
@@ -160,7 +165,7 @@ def iter_line_batches(
                     yield batch_start, batch[:batch_lines]
                     batch = batch[batch_lines:]
                     batch_start += batch_lines
-    except (EOFError, OSError, zlib.error) as exc:
+    except _READ_ERRORS as exc:
         raise _read_error(exc) from exc
     if skipping is not None:
         batch.append(skipping)
@@ -176,25 +181,36 @@ def iter_line_batches(
 
 _MSGSPEC_TYPES: dict[str, Any] = {
     "string": str,
-    "int": int,
+    "int": Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)],
     "float": float,
     "bool": bool,
-    "timestamp": Annotated[datetime, msgspec.Meta(tz=True)],
+    "timestamp": str,  # parsed by Arrow, see parse_timestamps
     "json": msgspec.Raw,
 }
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def _classify(exc: Exception) -> str:
+def parse_timestamps(values: list) -> pa.Array:
+    """RFC 3339 text -> UTC microseconds. The one timestamp parser of both decode paths, so a
+    line's verdict never depends on its neighbours. Requires a zone offset; accepts up to
+    nanosecond fractions (truncated to microseconds); years 1677-2262 (Arrow's ns range)."""
+    ns = pa.array(values, pa.string()).cast(pa.timestamp("ns", tz="UTC"))
+    return ns.cast(pa.timestamp("us", tz="UTC"), safe=False)
+
+
+def _classify(exc: Exception, line: bytes) -> str:
+    msg = str(exc)
     if isinstance(exc, UnicodeError):
         return "invalid_utf8"
-    if "surrogate" in str(exc):
+    if "surrogate" in msg or _LONE_SURROGATE.search(line):
         return "invalid_unicode"
     if isinstance(exc, msgspec.ValidationError):
-        msg = str(exc)
         if "missing required field" in msg:
             return "missing_field"
         if msg.startswith("Expected `object`"):
             return "not_an_object"
+        if re.match(r"Expected `\w+` (of length|[<>]=?)", msg):
+            return "invalid_value"  # right type, value out of range (e.g. an empty id)
         if msg.startswith("Expected `"):
             return "wrong_type"
         return "invalid_value"
@@ -206,32 +222,22 @@ class EventDecoder:
 
     def __init__(self, schema: EventSchema):
         self.schema = schema
-        # Batches decode timestamps as text and let Arrow parse them (much faster than datetime
-        # objects; Arrow, like msgspec, insists on a zone offset). A batch Arrow rejects is
-        # re-checked line by line with msgspec's datetime, which names the bad line.
-        self.many = msgspec.json.Decoder(list[self._struct(schema, timestamps_as_text=True)])
-        self.one = msgspec.json.Decoder(self._struct(schema, timestamps_as_text=False))
-        self.arrow_schema = event_arrow_schema(schema)
-        self._getters = [(f, operator.attrgetter(f.name)) for f in schema.fields]
-        self._id_getter = operator.attrgetter(schema.id_field)
-        self._known = pa.array(list(schema.known_types), pa.string()) if schema.known_types else None
-
-    @staticmethod
-    def _struct(schema: EventSchema, timestamps_as_text: bool):
         fields = []
         for f in schema.fields:
-            typ = str if (f.type == "timestamp" and timestamps_as_text) else _MSGSPEC_TYPES[f.type]
+            typ = _MSGSPEC_TYPES[f.type]
             if f.name == schema.id_field:
                 typ = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-            elif f.type == "int":
-                typ = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
             if f.required:
                 fields.append((f.name, typ))
             else:  # Raw cannot be in a union; a missing json field still defaults to None
                 fields.append((f.name, typ if f.type == "json" else typ | None, None))
         # Required fields must come before optional ones in a Struct.
         fields.sort(key=lambda x: len(x) == 3)
-        return msgspec.defstruct("Event", fields)
+        self.decoder = msgspec.json.Decoder(msgspec.defstruct("Event", fields))
+        self.arrow_schema = event_arrow_schema(schema)
+        self._getters = [(f, operator.attrgetter(f.name)) for f in schema.fields]
+        self._timestamps = [get for f, get in self._getters if f.type == "timestamp"]
+        self._known = pa.array(list(schema.known_types), pa.string()) if schema.known_types else None
 
     def to_table(self, events: list, line_nos: pa.Array, source_ref: str) -> pa.Table:
         """Raises pa.ArrowInvalid on an unconvertible value (the batch is then checked line by line)."""
@@ -242,11 +248,10 @@ class EventDecoder:
                 vals = [None if v is None else bytes(v) for v in vals]
                 cols.append(pa.array(vals, pa.binary()).cast(pa.string()))
             elif f.type == "timestamp":
-                cols.append(pa.array(vals).cast(_ARROW_TYPES["timestamp"]))
+                cols.append(parse_timestamps(vals))
             else:
                 cols.append(pa.array(vals, _ARROW_TYPES[f.type]))
-        n = len(events)
-        cols.append(pa.array([source_ref] * n, pa.string()))
+        cols.append(pa.array([source_ref] * len(events), pa.string()))
         cols.append(line_nos)
         return pa.Table.from_arrays(cols, schema=self.arrow_schema)
 
@@ -254,19 +259,21 @@ class EventDecoder:
         self, start: int, lines: list, source_ref: str
     ) -> tuple[pa.Table, list[tuple[int, str, str, bytes]]]:
         """Returns (valid events, bad lines as (line_no, reason, detail, sample))."""
-        if min(map(len, lines)) > 1:  # no empty or oversize line: try the whole batch in one call
-            try:
-                events = self.many.decode(b"[" + b",".join(lines) + b"]")
-                if len(events) == len(lines):
+        # Fast path: no empty or oversize line, valid UTF-8 throughout (msgspec does not check
+        # the bytes of fields it skips), and every line decodes. Otherwise go line by line.
+        if min(map(len, lines)) > 1:
+            joined = b"\n".join(lines)
+            if joined.isascii() or _is_utf8(joined):
+                try:
+                    events = list(map(self.decoder.decode, lines))
                     nos = pa.array(range(start, start + len(lines)), pa.int64())
                     return self._check_types(self.to_table(events, nos, source_ref), lines, start)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, pa.ArrowInvalid):
-                pass
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, pa.ArrowInvalid):
+                    pass
         return self._decode_each(start, lines, source_ref)
 
     def _decode_each(self, start: int, lines: list, source_ref: str):
         good, nos, bad = [], [], []
-        str_fields = [get for f, get in self._getters if f.type == "string"]
         for i, line in enumerate(lines):
             no = start + i
             if isinstance(line, _Oversize):
@@ -276,19 +283,30 @@ class EventDecoder:
                 bad.append((no, "empty_line", "blank line", line[:SAMPLE_BYTES]))
                 continue
             try:
-                event = self.one.decode(line)
-                for get in str_fields:
-                    value = get(event)
-                    if value is not None:
-                        value.encode()
+                line.decode("utf-8")
+                event = self.decoder.decode(line)
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError) as exc:
-                bad.append((no, _classify(exc), str(exc)[:300], line[:SAMPLE_BYTES]))
+                bad.append((no, _classify(exc, line), str(exc)[:300], line[:SAMPLE_BYTES]))
+                continue
+            problem = self._bad_timestamp(event)
+            if problem:
+                bad.append((no, "invalid_value", problem, line[:SAMPLE_BYTES]))
                 continue
             good.append(event)
             nos.append(no)
         table = self.to_table(good, pa.array(nos, pa.int64()), source_ref)
         table, more_bad = self._check_types(table, lines, start)
         return table, sorted(bad + more_bad)
+
+    def _bad_timestamp(self, event) -> str | None:
+        for get in self._timestamps:
+            value = get(event)
+            if value is not None:
+                try:
+                    parse_timestamps([value])
+                except (pa.ArrowInvalid, OverflowError):
+                    return f"timestamp {value[:80]!r} is not RFC 3339 with a zone offset (years 1677-2262)"
+        return None
 
     def _check_types(self, table: pa.Table, lines: list, start: int):
         """Quarantine events whose type is unknown (or unsafe as a path component)."""
@@ -306,6 +324,14 @@ class EventDecoder:
         ):
             bad.append((no, "unknown_type", f"type {t!r} is not a known type", lines[no - start][:SAMPLE_BYTES]))
         return table.filter(ok), bad
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +406,14 @@ class _QuarantineWriter:
             self.writer.close()
             return True
         return False
+
+    def discard(self):
+        """Forget every record so far, flushed or not (the file is being rejected whole)."""
+        self.rows = []
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            os.remove(self.path)
 
 
 class _StageWriter:
@@ -491,9 +525,10 @@ def parse_file(job: ParseJob, task: FileTask) -> FileResult:
                 if d in owners:
                     result.routed_out[d.isoformat()] += n
             outside = others.filter(pc.invert(pc.is_in(pc.cast(others.column(schema.time_field), pa.date32()), value_set=pa.array(sorted(owners), pa.date32()))))
-            for no, t in zip(outside.column("line_no").to_pylist(), outside.column(schema.time_field).to_pylist()):
+            times = outside.column(schema.time_field).cast(pa.string()).to_pylist()
+            for no, t in zip(outside.column("line_no").to_pylist(), times):
                 line = lines[no - start]
-                quarantine.add(task.source_ref, no, "outside_lateness_window", f"event time {t.isoformat()} is too far from arrival {task.arrival.isoformat()}", line[:SAMPLE_BYTES])
+                quarantine.add(task.source_ref, no, "outside_lateness_window", f"event time {t} is too far from arrival {task.arrival.isoformat()}", line[:SAMPLE_BYTES])
                 result.quarantined["outside_lateness_window"] += 1
     except RawFileError as err:
         # A file that cannot be read to its end is rejected whole: none of its events count.
@@ -504,7 +539,7 @@ def parse_file(job: ParseJob, task: FileTask) -> FileResult:
         lines_read, size, _ = count_lines(task.path)
         result.lines = lines_read
         if task.home:
-            quarantine.rows.clear()
+            quarantine.discard()
             result.quarantined = Counter({err.reason: lines_read})
             quarantine.add(task.source_ref, None, err.reason, err.detail, b"", lines_read)
         else:

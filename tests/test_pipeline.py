@@ -1,0 +1,643 @@
+"""The telemetry replay pipeline end to end: real demo lake files, a real (temporary SQLite)
+Dagster instance, the real DuckDB store and outbox. Nothing of the project is mocked."""
+
+import dataclasses
+import os
+import shutil
+
+import dagster as dg
+import duckdb
+import pytest
+from conftest import DEMO_DAYS, check_verdicts, run_day, run_range
+
+from replay_defs.demo import TYPES, read_truth
+from replay_defs.lake import Lake
+from replay_defs.pipelines import TELEMETRY
+from replay_defs.redrive import Outbox
+from replay_defs.store import DuckDBStore
+
+PARSED_OWNER = "telemetry/parsed_events"
+ASSETS = ("raw_events", "parsed_events", "projections", "redrive")
+CHECKS = {
+    "no_duplicate_event_ids": "parsed_events",
+    "raw_lines_accounted_for": "parsed_events",
+    "no_stale_files": "parsed_events",
+    "totals_match_parsed": "projections",
+    "deliveries_reconcile": "redrive",
+}
+# Every kind of bad line (and the truncated gzip) the demo generator injects into each day.
+INJECTED_REASONS = {
+    "malformed_json",  # truncated JSON and the NUL byte line
+    "wrong_type",
+    "missing_field",
+    "invalid_utf8",
+    "invalid_unicode",  # lone surrogate
+    "not_an_object",
+    "empty_line",
+    "unknown_type",
+    "oversize_line",
+    "truncated_gzip",
+}
+REDRIVE = dg.AssetKey(["telemetry", "redrive"])
+PARSED = dg.AssetKey(["telemetry", "parsed_events"])
+RAW = dg.AssetKey(["telemetry", "raw_events"])
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def materializations(result, asset: str, pipeline: str = "telemetry") -> dict[str, dict]:
+    """partition -> metadata (MetadataValue objects) of the run's materializations of one asset."""
+    out = {}
+    for ev in result.get_asset_materialization_events():
+        mat = ev.materialization
+        if mat.asset_key == dg.AssetKey([pipeline, asset]):
+            assert mat.partition not in out, f"{asset}[{mat.partition}] materialized twice in one run"
+            out[mat.partition] = dict(mat.metadata)
+    return out
+
+
+def values(md: dict) -> dict:
+    return {k: getattr(v, "value", v) for k, v in md.items()}
+
+
+def evaluations(result) -> list:
+    return list(result.get_asset_check_evaluations())
+
+
+def step_failure_messages(result) -> list[str]:
+    return [e.step_failure_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+
+
+def live_parquet(lake: Lake, day: str, prefix: str = "telemetry_flat") -> list[str]:
+    """Every Parquet file a reader globbing the day's type directories would see."""
+    return sorted(str(p) for p in lake.root.glob(f"{prefix}/type=*/day={day}/*.parquet"))
+
+
+def parquet_counts(files: list[str]) -> tuple[int, int, dict[str, int]]:
+    """(rows, distinct event ids, rows per type) over the given Parquet files."""
+    rows, distinct = duckdb.execute(
+        "SELECT count(*), count(DISTINCT event_id) FROM read_parquet($f)", {"f": files}
+    ).fetchone()
+    by_type = dict(duckdb.execute('SELECT "type", count(*) FROM read_parquet($f) GROUP BY 1', {"f": files}).fetchall())
+    return rows, distinct, by_type
+
+
+def quarantine_by_reason(lake: Lake, day: str, pipeline: str = "telemetry") -> dict[str, int]:
+    files = sorted(str(p) for p in lake.root.glob(f"quarantine/{pipeline}/day={day}/*.parquet"))
+    if not files:
+        return {}
+    return dict(duckdb.execute("SELECT reason, sum(lines)::BIGINT FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall())
+
+
+def daily_counts(env, day: str) -> tuple[int, int]:
+    """(rows, sum of events) of the increment projection telemetry.daily_counts for one day."""
+    return DuckDBStore(env["duckdb"]).query(
+        'SELECT count(*), coalesce(sum(events), 0)::BIGINT FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": day}
+    )[0]
+
+
+def outbox_messages(env, pipeline: str = "telemetry") -> list[dict]:
+    return list(Outbox(env["outbox"]).read(pipeline))
+
+
+# Single-day runs parse with one in-process worker: the same parse code without a process pool's
+# start-up cost (the ranged run and the CLI tests use the default pool).
+SERIAL = {"workers": 1}
+
+
+def day_run(defs, instance, day, parse=None, redrive=None, job="telemetry_replay"):
+    """The full replay job for one day, with parsed_events and redrive config."""
+    pipeline = job.removesuffix("_replay")
+    ops = {f"{pipeline}__parsed_events": {"config": {**SERIAL, **(parse or {})}}}
+    if redrive:
+        ops[f"{pipeline}__redrive"] = {"config": redrive}
+    return defs.resolve_job_def(job).execute_in_process(
+        instance=instance, partition_key=day, run_config={"ops": ops}, raise_on_error=False
+    )
+
+
+def redrive_config(**config) -> dict:
+    return {"ops": {"telemetry__redrive": {"config": config}}}
+
+
+def redrive_only(defs, instance, day, **config):
+    """Run only the redrive asset (and its check) for one day with the given redrive config."""
+    return run_day(defs, instance, day, run_config=redrive_config(**config), selection=[REDRIVE])
+
+
+def redrive_md(result, day) -> dict:
+    return values(materializations(result, "redrive")[day])
+
+
+def inode(path) -> int:
+    return os.stat(path).st_ino
+
+
+def manifest(lake: Lake, day: str) -> dict:
+    return lake.read_json("telemetry/raw_events", f"manifest/day={day}.json")
+
+
+def check_op_names(job, asset: str, checks: list[str]) -> list[str]:
+    names = [f"telemetry__{asset}_{c}" for c in checks]
+    nodes = {n.name for n in job.graph.nodes}
+    assert set(names) <= nodes, f"check ops {names} not among the job's nodes {sorted(nodes)}"
+    return names
+
+
+# ---- 1. ranged run ------------------------------------------------------------------------------
+
+
+def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs, instance, env):
+    result = run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1])
+    assert result.success
+    lake = Lake(env["lake"])
+
+    # One run covered all three days.
+    assert len(instance.get_runs()) == 1
+
+    # Every check: a passing evaluation per day, plus a passing summary (partition None).
+    evals = evaluations(result)
+    for check, asset in CHECKS.items():
+        mine = [e for e in evals if e.check_name == check]
+        assert {e.asset_key for e in mine} == {dg.AssetKey(["telemetry", asset])}
+        per_day = {e.partition: e.passed for e in mine if e.partition is not None}
+        assert per_day == {d: True for d in DEMO_DAYS}, (check, per_day)
+        summaries = [e for e in mine if e.partition is None]
+        assert len(summaries) == 1 and summaries[0].passed, check
+        assert summaries[0].metadata["days_checked"].value == 3
+        assert summaries[0].metadata["days_failed"].value == 0
+
+    # A materialization per partition for every asset.
+    mats = {a: materializations(result, a) for a in ASSETS}
+    for a in ASSETS:
+        assert set(mats[a]) == set(DEMO_DAYS), a
+        assert set(instance.get_materialized_partitions(dg.AssetKey(["telemetry", a]))) == set(DEMO_DAYS), a
+
+    # parsed_events: numeric per-day metadata that is the day's own number (equal to the day's lake
+    # state, not a total), and that differs between days where the data does.
+    parsed_md = mats["parsed_events"]
+    numeric_keys = ("parsed", "raw_lines", "duplicates", "quarantined", "quarantined_truncated_gzip", "duration_s", "events_per_s", "dagster/row_count")
+    for day in DEMO_DAYS:
+        md = parsed_md[day]
+        for key in numeric_keys:
+            assert key in md, (day, key)
+            assert isinstance(md[key], (dg.IntMetadataValue, dg.FloatMetadataValue)), (day, key, type(md[key]))
+        v = values(md)
+        stats = lake.state(PARSED_OWNER, day).stats
+        q = quarantine_by_reason(lake, day)
+        rows, distinct, _ = parquet_counts(live_parquet(lake, day))
+        assert v["parsed"] == v["dagster/row_count"] == stats["parsed"] == rows == distinct
+        assert v["raw_lines"] == stats["raw_lines"] == manifest(lake, day)["totals"]["lines"]
+        assert v["duplicates"] == stats["duplicates"] > 0
+        assert v["quarantined"] == stats["quarantined"] == sum(q.values())
+        assert v["quarantined_truncated_gzip"] == q["truncated_gzip"] > 0
+        assert v["duration_s"] == stats["duration_s"] > 0
+        assert v["events_per_s"] == stats["events_per_s"] > 0
+        assert v["version"] == 1
+    for key in ("parsed", "raw_lines", "duplicates", "dagster/row_count", "duration_s", "events_per_s"):
+        per_day = [parsed_md[d][key].value for d in DEMO_DAYS]
+        assert len(set(per_day)) == len(DEMO_DAYS), f"{key} is the same for different days: {per_day}"
+    quarantined = [parsed_md[d]["quarantined"].value for d in DEMO_DAYS]
+    assert len(set(quarantined)) > 1, quarantined
+
+    # raw_events: per-day numbers from the day's manifest.
+    for day in DEMO_DAYS:
+        v = values(mats["raw_events"][day])
+        totals = manifest(lake, day)["totals"]
+        assert isinstance(mats["raw_events"][day]["lines"], dg.IntMetadataValue)
+        assert (v["files"], v["lines"], v["bytes"], v["unreadable_files"]) == (totals["files"], totals["lines"], totals["bytes"], 1)
+    assert len({values(mats["raw_events"][d])["lines"] for d in DEMO_DAYS}) == 3
+
+    # Parsed rows per type equal the generator's ground truth, every day.
+    for day in DEMO_DAYS:
+        truth = read_truth(env["lake"], day)
+        _, _, by_type = parquet_counts(live_parquet(lake, day))
+        assert by_type == truth, day
+        assert lake.state(PARSED_OWNER, day).stats["rows_by_type"] == truth
+        assert {k: values(parsed_md[day])[f"rows_type_{k}"] for k in TYPES} == truth
+
+    # Quarantine holds at least every reason the generator injects (each day), and the very late
+    # events that fall outside the lateness window somewhere in the range.
+    seen = set()
+    for day in DEMO_DAYS:
+        reasons = quarantine_by_reason(lake, day)
+        assert INJECTED_REASONS <= set(reasons), (day, INJECTED_REASONS - set(reasons))
+        # The truncated file's readable lines, counted independently by raw_events, are quarantined.
+        unreadable = [f for f in manifest(lake, day)["files"] if f["error"]]
+        assert [f["error"]["reason"] for f in unreadable] == ["truncated_gzip"]
+        assert reasons["truncated_gzip"] == unreadable[0]["lines"]
+        seen |= set(reasons)
+    assert "outside_lateness_window" in seen
+
+    # Projection totals equal parsed rows, per day.
+    for day in DEMO_DAYS:
+        rows, total = daily_counts(env, day)
+        assert rows > 0
+        assert total == lake.state(PARSED_OWNER, day).stats["parsed"]
+        assert values(mats["projections"][day])["daily_counts_events"] == total
+
+
+# ---- 2. single partition ------------------------------------------------------------------------
+
+
+def test_single_partition_run_reports_checks_for_that_day(defs, instance, env):
+    day = "2025-11-25"
+    result = run_day(defs, instance, day)
+    assert result.success
+    evals = evaluations(result)
+    assert {(e.check_name, e.partition) for e in evals} == {(c, day) for c in CHECKS}
+    assert all(e.passed for e in evals)
+    for a in ASSETS:
+        assert set(materializations(result, a)) == {day}, a
+    lake = Lake(env["lake"])
+    assert [d for d in DEMO_DAYS if lake.state(PARSED_OWNER, d)] == [day]
+    _, _, by_type = parquet_counts(live_parquet(lake, day))
+    assert by_type == read_truth(env["lake"], day)
+    # Per-partition check status is visible in the instance, too.
+    graph = defs.resolve_asset_graph()
+    keys = [k for k in graph.asset_check_keys if k.asset_key.path[0] == "telemetry"]
+    assert len(keys) == len(CHECKS)
+    infos = instance.event_log_storage.get_asset_check_partition_info(keys, after_storage_id=None)
+    status = {(i.check_key.name, i.partition_key): i.latest_execution_status.value for i in infos}
+    assert status == {(c, day): "SUCCEEDED" for c in CHECKS}
+
+
+# ---- 3. re-materializing replaces ---------------------------------------------------------------
+
+
+def test_rematerializing_a_day_replaces_outputs_without_double_counting(defs, instance, env):
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+    first = day_run(defs, instance, day)
+    assert first.success
+    v1 = lake.state(PARSED_OWNER, day)
+    assert v1.version == 1
+    v1_inodes = {f: inode(lake.path(f)) for f in v1.files}
+    counts_before = daily_counts(env, day)
+    latest_before = DuckDBStore(env["duckdb"]).query('SELECT count(*) FROM "telemetry"."device_latest"')[0][0]
+    sent_first = redrive_md(first, day)["published"]
+    assert sent_first > 0
+    outbox_before = outbox_messages(env)
+    assert len(outbox_before) == sent_first
+
+    second = day_run(defs, instance, day)
+    assert second.success
+    assert check_verdicts(second) == {(c, day): True for c in CHECKS}
+    v2 = lake.state(PARSED_OWNER, day)
+    assert v2.version == 2
+    assert values(materializations(second, "parsed_events")[day])["version"] == 2
+
+    # The old files are no longer live: every live file is a new file (a new inode), and the prior
+    # version's files are kept, the same files, under the lake's versions directory.
+    archive = lake.root / "_replay" / PARSED_OWNER / "versions" / day / "v1"
+    assert lake.kept_versions(PARSED_OWNER, day) == [1]
+    for f in v2.files:
+        assert lake.path(f).exists()
+        assert inode(lake.path(f)) not in v1_inodes.values(), f"{f} is still the version-1 file"
+    for f, ino in v1_inodes.items():
+        assert (archive / f).is_file(), f
+        assert inode(archive / f) == ino
+    live = {os.path.relpath(p, lake.root) for p in live_parquet(lake, day)}
+    assert live == {f for f in v2.files if f.startswith("telemetry_flat/")}
+
+    # No duplicate rows anywhere in the day's live Parquet; still equal to truth.
+    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    assert rows == distinct == v2.stats["parsed"] == v1.stats["parsed"]
+    assert by_type == read_truth(env["lake"], day)
+
+    # Projections were replaced, not added to.
+    assert daily_counts(env, day) == counts_before
+    assert daily_counts(env, day)[1] == rows
+    assert DuckDBStore(env["duckdb"]).query('SELECT count(*) FROM "telemetry"."device_latest"')[0][0] == latest_before
+
+    # The redrive re-run sent nothing (ledger) and reconciles.
+    md = redrive_md(second, day)
+    assert md["published"] == 0
+    assert md["skipped_already_delivered"] == md["selected"] == sent_first
+    assert outbox_messages(env) == outbox_before
+
+
+# ---- 4. stale files -----------------------------------------------------------------------------
+
+
+def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs, instance, env):
+    """Runs only the parsed asset's checks against the current lake, by op-selecting the check ops
+    of the real replay job (the asset ops are not in that run, so nothing is re-written).
+    (tests/test_cli.py does the same for a ranged run through the `dagster` CLI.)"""
+    day = "2025-11-25"
+    assert day_run(defs, instance, day).success
+    lake = Lake(env["lake"])
+    state = lake.state(PARSED_OWNER, day)
+    own = next(f for f in state.files if f.startswith(f"telemetry_flat/type=lock/day={day}/"))
+    stale = lake.path(own).with_name("part-legacy-tool-00000.parquet")
+    shutil.copy(lake.path(own), stale)
+
+    job = defs.resolve_job_def("telemetry_replay")
+    check_names = ["no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for"]
+    ops = check_op_names(job, "parsed_events", check_names)
+    checks_only = job.execute_in_process(instance=instance, partition_key=day, op_selection=ops, raise_on_error=False)
+    # Only the checks ran: no asset was materialized, the lake state is untouched.
+    assert checks_only.get_asset_materialization_events() == []
+    assert lake.state(PARSED_OWNER, day).version == 1 and stale.exists()
+    assert not checks_only.success
+    assert check_verdicts(checks_only) == {
+        ("no_stale_files", day): False,
+        ("no_duplicate_event_ids", day): False,
+        # The committed files still account for every line: only the readers' view is corrupt.
+        ("raw_lines_accounted_for", day): True,
+    }
+    by_key = {e.check_name: e for e in evaluations(checks_only)}
+    assert by_key["no_stale_files"].description == f"unexpected: {os.path.relpath(stale, lake.root)}"
+    dupes = by_key["no_duplicate_event_ids"].metadata["duplicate_rows"].value
+    assert dupes == parquet_counts([str(stale)])[0] > 0
+    # Blocking: the two check steps failed, which failed the run.
+    failures = step_failure_messages(checks_only)
+    assert len(failures) == 2 and all("DagsterAssetCheckFailedError" in f for f in failures)
+
+    # Re-materializing the day sweeps the stale file out (kept with the prior version) and passes.
+    healed = day_run(defs, instance, day)
+    assert healed.success
+    assert check_verdicts(healed) == {(c, day): True for c in CHECKS}
+    assert not stale.exists()
+    assert (lake.root / "_replay" / PARSED_OWNER / "versions" / day / "v1" / os.path.relpath(stale, lake.root)).is_file()
+    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    assert rows == distinct and by_type == read_truth(env["lake"], day)
+
+    # And the checks-only run now passes.
+    again = job.execute_in_process(instance=instance, partition_key=day, op_selection=ops, raise_on_error=False)
+    assert again.success
+    assert check_verdicts(again) == {(c, day): True for c in check_names}
+
+
+# ---- 5. parser bug, then replay -----------------------------------------------------------------
+
+
+def test_parser_bug_day_is_replayed_back_to_truth(defs, instance, env):
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+    truth = read_truth(env["lake"], day)
+    assert day_run(defs, instance, day).success
+    assert lake.state(PARSED_OWNER, day).stats["rows_by_type"] == truth
+
+    bad = day_run(defs, instance, day, parse={"simulate_parser_bug": True})
+    assert materializations(bad, "parsed_events")[day]["version"].value == 2
+    _, _, bad_rows = parquet_counts(live_parquet(lake, day))
+    assert bad_rows != truth
+    assert lake.state(PARSED_OWNER, day).stats["rows_by_type"] == bad_rows
+
+    fixed = day_run(defs, instance, day)
+    assert fixed.success
+    assert check_verdicts(fixed) == {(c, day): True for c in CHECKS}
+    state = lake.state(PARSED_OWNER, day)
+    assert state.version == 3
+    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    assert by_type == truth and rows == distinct
+    assert state.stats["rows_by_type"] == truth
+    assert daily_counts(env, day)[1] == rows
+    # Both earlier versions are kept (keep_versions=2), the wrong one with its wrong stats.
+    assert lake.kept_versions(PARSED_OWNER, day) == [1, 2]
+    versions = lake.root / "_replay" / PARSED_OWNER / "versions" / day
+    kept_v2 = sorted(str(p) for p in (versions / "v2").glob("telemetry_flat/type=*/day=*/*.parquet"))
+    assert parquet_counts(kept_v2)[2] == bad_rows
+    kept_v1 = sorted(str(p) for p in (versions / "v1").glob("telemetry_flat/type=*/day=*/*.parquet"))
+    assert parquet_counts(kept_v1)[2] == truth
+
+
+# ---- 6. redrive modes ---------------------------------------------------------------------------
+
+
+def test_redrive_dry_run_limit_type_rerun_and_force(defs, instance, env):
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+
+    # dry run (in the full pipeline run): plans, sends nothing, and the check passes.
+    planned = day_run(defs, instance, day, redrive={"dry_run": True})
+    assert planned.success
+    assert check_verdicts(planned)[("deliveries_reconcile", day)] is True
+    md = redrive_md(planned, day)
+    assert md["dry_run"] is True and md["published"] == 0
+    assert md["would_publish"] == md["selected"] > 0
+    assert outbox_messages(env) == []
+    all_refs = md["selected"]
+
+    # limit N: exactly N messages.
+    limited = redrive_only(defs, instance, day, limit=3)
+    assert limited.success
+    md = redrive_md(limited, day)
+    assert (md["selected"], md["published"]) == (3, 3)
+    limited_ids = {m["id"] for m in outbox_messages(env)}
+    assert len(limited_ids) == 3
+
+    # type=lock: only refs of lock events.
+    lock_files = [str(p) for p in lake.root.glob(f"telemetry_flat/type=lock/day={day}/*.parquet")]
+    lock_refs = {r[0] for r in duckdb.execute("SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": lock_files}).fetchall()}
+    typed = redrive_only(defs, instance, day, type="lock")
+    assert typed.success
+    md = redrive_md(typed, day)
+    assert md["selected"] == len(lock_refs)
+    assert md["selected_type_lock"] == md["selected"]
+    assert not [k for k in md if k.startswith("selected_type_") and k != "selected_type_lock"]
+    assert md["published"] + md["skipped_already_delivered"] == md["selected"]
+    new = [m for m in outbox_messages(env) if m["id"] not in limited_ids]
+    assert len(new) == md["published"] > 0
+    assert {m["source_ref"] for m in new} <= lock_refs
+
+    # Whole day: what is left; then a re-run sends nothing and says why.
+    rest = redrive_only(defs, instance, day)
+    assert rest.success
+    md = redrive_md(rest, day)
+    assert md["selected"] == all_refs
+    assert len({m["id"] for m in outbox_messages(env)}) == all_refs
+    rerun = redrive_only(defs, instance, day)
+    assert rerun.success
+    assert check_verdicts(rerun) == {("deliveries_reconcile", day): True}
+    md = redrive_md(rerun, day)
+    assert md["published"] == 0 and md["skipped_already_delivered"] == all_refs
+    assert len(outbox_messages(env)) == all_refs
+
+    # force: sends them all again, and the ledger agrees.
+    forced = redrive_only(defs, instance, day, force=True)
+    assert forced.success
+    assert check_verdicts(forced) == {("deliveries_reconcile", day): True}
+    md = redrive_md(forced, day)
+    assert md["published"] == all_refs and md["skipped_already_delivered"] == 0
+    attempts = DuckDBStore(env["duckdb"]).query(
+        "SELECT min(attempts), count(*) FROM ledger WHERE pipeline = 'telemetry' AND day = $d", {"d": day}
+    )[0]
+    assert attempts == (2, all_refs)
+
+
+def test_redrive_file_prefix_and_parquet_modes(defs, instance, env):
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+    assert day_run(defs, instance, day, redrive={"dry_run": True}).success
+    files = manifest(lake, day)["files"]
+    target = files[5]
+
+    # file: exactly that one message, with seed 004's body.
+    one = redrive_only(defs, instance, day, mode="file", uri=target["uri"])
+    assert one.success
+    md = redrive_md(one, day)
+    assert (md["mode"], md["selected"], md["published"]) == ("file", 1, 1)
+    [msg] = outbox_messages(env)
+    assert msg["kind"] == "redrive_raw_file"
+    assert msg["bucket"] == lake.root.name
+    assert msg["key"] == target["rel_path"]
+    assert lake.path(msg["key"]).is_file()
+
+    # file of another day: the run fails with a clear message and sends nothing.
+    other = next(p for p in sorted(lake.root.glob("raw/json_telemetry/year=2025/month=11/day=24/hour=*/*.gz")))
+    wrong = redrive_only(defs, instance, day, mode="file", uri=lake.uri(other.relative_to(lake.root).as_posix()))
+    assert not wrong.success
+    failures = step_failure_messages(wrong)
+    assert failures and any(f"is not a raw file of partition {day}" in f for f in failures), failures
+    assert len(outbox_messages(env)) == 1
+
+    # prefix: the day's raw files under an hour prefix (hour 12 holds the truncated file too).
+    prefix = "raw/json_telemetry/year=2025/month=11/day=25/hour=12"
+    under = [f for f in files if f["rel_path"].startswith(prefix + "/")]
+    assert len(under) == 2
+    by_prefix = redrive_only(defs, instance, day, mode="prefix", prefix=prefix)
+    assert by_prefix.success
+    md = redrive_md(by_prefix, day)
+    assert (md["selected"], md["published"]) == (2, 2)
+    assert {m["key"] for m in outbox_messages(env)} == {target["rel_path"], *(f["rel_path"] for f in under)}
+
+    # parquet: the source refs of one committed Parquet file, with a dry run to count them.
+    pq_file = next(f for f in lake.state(PARSED_OWNER, day).files if f.startswith("telemetry_flat/type=video_doorbell/"))
+    refs = {r[0] for r in duckdb.execute("SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": [str(lake.path(pq_file))]}).fetchall()}
+    planned = redrive_only(defs, instance, day, mode="parquet", uri=pq_file, dry_run=True)
+    assert planned.success
+    md = redrive_md(planned, day)
+    assert md["selected"] == len(refs) > 0
+    assert md["selected_type_video_doorbell"] == len(refs)
+    assert len(outbox_messages(env)) == 3
+
+
+def test_forced_file_redrive_keeps_earlier_outbox_deliveries(defs, instance, env):
+    """A forced one-file redrive must add a message to the outbox, not delete earlier ones."""
+    day = DEMO_DAYS[0]
+    first = day_run(defs, instance, day)
+    assert first.success
+    delivered = outbox_messages(env)
+    assert len(delivered) == redrive_md(first, day)["published"] > 1
+    # The day's first raw file is also the first message of the day's batch.
+    first_ref = min(m["source_ref"] for m in delivered)
+    assert first_ref in {f["uri"] for f in manifest(Lake(env["lake"]), day)["files"]}
+
+    again = redrive_only(defs, instance, day, mode="file", uri=first_ref, force=True)
+    assert again.success
+    assert redrive_md(again, day)["published"] == 1
+    after = outbox_messages(env)
+    missing = {m["id"] for m in delivered} - {m["id"] for m in after}
+    assert not missing, f"{len(missing)} earlier deliveries vanished from the outbox; it now holds {len(after)} message(s)"
+    assert len(after) == len(delivered) + 1
+
+
+def test_forced_range_redrive_reconciles_every_day(defs, instance, env):
+    """force=true over a range re-sends every day's refs; the deliveries check must still pass."""
+    result = run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1], run_config=redrive_config(force=True))
+    mats = materializations(result, "redrive")
+    for day in DEMO_DAYS:
+        md = values(mats[day])
+        assert md["published"] == md["selected"] > 0
+    failed = {k: e.description for e in evaluations(result) if not e.passed for k in [(e.check_name, e.partition)]}
+    assert failed == {}
+    assert result.success
+
+
+# ---- 7. a second pipeline -----------------------------------------------------------------------
+
+
+EU = dataclasses.replace(TELEMETRY, name="telemetry_eu", parsed_prefix="telemetry_eu_flat")
+
+
+@pytest.fixture
+def two_defs(env):
+    from replay_defs.definitions import build_definitions
+
+    return build_definitions([TELEMETRY, EU])
+
+
+def test_second_pipeline_is_one_spec_away(two_defs, instance, env):
+    graph = two_defs.resolve_asset_graph()
+    for name in ("telemetry", "telemetry_eu"):
+        job = two_defs.resolve_job_def(f"{name}_replay")
+        assert job.name == f"{name}_replay"
+        keys = {k for k in graph.get_all_asset_keys() if graph.get(k).group_name == name}
+        assert keys == {dg.AssetKey([name, a]) for a in ASSETS}
+        checks = {(k.asset_key.path[0], k.name) for k in graph.asset_check_keys if k.asset_key.path[0] == name}
+        assert checks == {(name, c) for c in CHECKS}
+
+    day = "2025-11-25"
+    result = day_run(two_defs, instance, day, job="telemetry_eu_replay")
+    assert result.success
+    assert check_verdicts(result) == {(c, day): True for c in CHECKS}
+    assert {m.materialization.asset_key for m in result.get_asset_materialization_events()} == {
+        dg.AssetKey(["telemetry_eu", a]) for a in ASSETS
+    }
+    lake = Lake(env["lake"])
+    state = lake.state("telemetry_eu/parsed_events", day)
+    assert state.version == 1
+    assert all(f.startswith(("telemetry_eu_flat/", "quarantine/telemetry_eu/")) for f in state.files)
+    _, _, by_type = parquet_counts(live_parquet(lake, day, prefix="telemetry_eu_flat"))
+    assert by_type == read_truth(env["lake"], day)
+    # The first pipeline's outputs are untouched.
+    assert lake.state(PARSED_OWNER, day) is None
+    assert not (lake.root / "telemetry_flat").exists()
+    assert len(outbox_messages(env, "telemetry_eu")) == values(materializations(result, "redrive", "telemetry_eu")[day])["published"] > 0
+    assert DuckDBStore(env["duckdb"]).query(
+        'SELECT sum(events)::BIGINT FROM "telemetry_eu"."daily_counts" WHERE day = $d::DATE', {"d": day}
+    )[0][0] == state.stats["parsed"]
+
+
+def test_second_pipeline_redrive_is_independent_of_the_first_pipelines_ledger(two_defs, instance, env):
+    """Each pipeline delivers to its own outbox (`<outbox>/<pipeline>/`). The first pipeline having
+    delivered a raw file must neither stop the second from delivering it to its own sink, nor make
+    the second pipeline's forced redrive fail its deliveries check."""
+    day = "2025-11-25"
+    assert day_run(two_defs, instance, day).success
+    assert len(outbox_messages(env, "telemetry")) > 0
+    second = day_run(two_defs, instance, day, job="telemetry_eu_replay")
+    assert second.success
+    unforced = values(materializations(second, "redrive", "telemetry_eu")[day])
+    forced = two_defs.resolve_job_def("telemetry_eu_replay").execute_in_process(
+        instance=instance, partition_key=day, raise_on_error=False, asset_selection=[dg.AssetKey(["telemetry_eu", "redrive"])],
+        run_config={"ops": {"telemetry_eu__redrive": {"config": {"force": True}}}},
+    )
+    forced_md = values(materializations(forced, "redrive", "telemetry_eu")[day])
+    assert forced_md["published"] == forced_md["selected"] == unforced["selected"] > 0
+
+    problems = []
+    if unforced["published"] != unforced["selected"]:
+        problems.append(
+            f"telemetry_eu's first redrive sent {unforced['published']} of {unforced['selected']} "
+            f"(skipped_already_delivered={unforced['skipped_already_delivered']}): the ledger counted telemetry's deliveries"
+        )
+    failed = {(e.check_name, e.partition): e.description for e in evaluations(forced) if not e.passed}
+    if failed or not forced.success:
+        problems.append(f"forced telemetry_eu redrive failed its check: {failed}")
+    assert not problems, problems
+
+
+# ---- 8. partition mapping -----------------------------------------------------------------------
+
+
+def test_parsed_day_depends_on_raw_days_either_side(defs):
+    graph = defs.resolve_asset_graph()
+    assert RAW in graph.get(PARSED).parent_keys
+    up = graph.get_parent_partition_keys_for_child("2025-11-25", RAW, PARSED)
+    assert sorted(up.partitions_subset.get_partition_keys()) == ["2025-11-24", "2025-11-25", "2025-11-26"]
+    mapping = graph.get_partition_mapping(PARSED, RAW)
+    assert isinstance(mapping, dg.TimeWindowPartitionMapping)
+    assert (mapping.start_offset, mapping.end_offset) == (-1, 1)
+    # The first partition has no day before it: it maps to what exists, not an error.
+    first = graph.get_parent_partition_keys_for_child(TELEMETRY.start_date, RAW, PARSED)
+    assert sorted(first.partitions_subset.get_partition_keys()) == ["2025-11-01", "2025-11-02"]
+    # Downstream of parsed, days map one to one.
+    for child in (dg.AssetKey(["telemetry", "projections"]), REDRIVE):
+        up = graph.get_parent_partition_keys_for_child("2025-11-25", PARSED, child)
+        assert list(up.partitions_subset.get_partition_keys()) == ["2025-11-25"]
+    job = defs.resolve_job_def("telemetry_replay")
+    assert job.partitions_def == dg.DailyPartitionsDefinition(start_date="2025-11-01", timezone="UTC")
