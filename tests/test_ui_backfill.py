@@ -117,5 +117,7 @@ def test_ui_range_backfill_runs_and_records_a_verdict_per_day(env, tmp_path):
     for key in keys:
         for day in days:
             assert (key.name, day) in passed, f"{key.name} has no passing verdict for {day}"
-    # The day outside the backfill was not touched.
-    assert not any(i.partition_key == DEMO_DAYS[2] for i in infos)
+    # Dagster's asset backfill follows the event-time mapping downstream: raw days 24-25 feed parsed
+    # days 23-26 (early/late events), so those are rebuilt and verified too, and still pass.
+    for day in ("2025-11-23", DEMO_DAYS[2]):
+        assert ("no_duplicate_event_ids", day) in passed and ("raw_lines_accounted_for", day) in passed

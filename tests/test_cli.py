@@ -1,0 +1,328 @@
+"""The command lines, run as subprocesses from the project root against the `env` fixture's lake,
+stores and DAGSTER_HOME (the fixture exports them as env vars, which the subprocesses inherit)."""
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from datetime import date
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, run_day, run_range
+
+from replay_defs.demo import TYPES, DemoConfig, generate, read_truth
+from replay_defs.lake import Lake
+from replay_defs.store import DuckDBStore
+
+BIN = Path(sys.executable).parent
+PARSED_OWNER = "telemetry/parsed_events"
+ASSETS = ("raw_events", "parsed_events", "projections", "redrive")
+CHECKS = ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files", "totals_match_parsed", "deliveries_reconcile")
+SERIAL = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1}}}}
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=PROJECT_ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def show(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+def home_instance() -> dg.DagsterInstance:
+    """The instance the subprocesses used: the one at $DAGSTER_HOME."""
+    assert os.environ["DAGSTER_HOME"]
+    return dg.DagsterInstance.get()
+
+
+def check_keys() -> list[dg.AssetCheckKey]:
+    parsed, projections, redrive = (dg.AssetKey(["telemetry", a]) for a in ("parsed_events", "projections", "redrive"))
+    owner = {"totals_match_parsed": projections, "deliveries_reconcile": redrive}
+    return [dg.AssetCheckKey(owner.get(c, parsed), c) for c in CHECKS]
+
+
+def partition_status(instance) -> dict[tuple[str, str | None], str]:
+    infos = instance.event_log_storage.get_asset_check_partition_info(check_keys(), after_storage_id=None)
+    return {(i.check_key.name, i.partition_key): i.latest_execution_status.value for i in infos}
+
+
+def run_evaluations(instance, run_id: str) -> list:
+    return [
+        e.dagster_event.asset_check_evaluation_data
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    ]
+
+
+def live_parquet(lake: Lake, day: str) -> list[str]:
+    return sorted(str(p) for p in lake.root.glob(f"telemetry_flat/type=*/day={day}/*.parquet"))
+
+
+def parquet_counts(files: list[str]) -> tuple[int, int, dict[str, int]]:
+    rows, distinct = duckdb.execute("SELECT count(*), count(DISTINCT event_id) FROM read_parquet($f)", {"f": files}).fetchone()
+    by_type = dict(duckdb.execute('SELECT "type", count(*) FROM read_parquet($f) GROUP BY 1', {"f": files}).fetchall())
+    return rows, distinct, by_type
+
+
+def daily_counts_total(env, day: str) -> int:
+    return DuckDBStore(env["duckdb"]).query(
+        'SELECT coalesce(sum(events), 0)::BIGINT FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": day}
+    )[0][0]
+
+
+def copy_stale_parquet(lake: Lake, day: str) -> Path:
+    """What an older tool leaves behind: a copy of one of the day's files under another name."""
+    own = next(f for f in lake.state(PARSED_OWNER, day).files if f.startswith(f"telemetry_flat/type=lock/day={day}/"))
+    stale = lake.path(own).with_name("part-legacy-tool-00000.parquet")
+    shutil.copy(lake.path(own), stale)
+    return stale
+
+
+# ---- 1. validate --------------------------------------------------------------------------------
+
+
+def test_definitions_validate_from_project_root(env):
+    proc = cli("dagster", "definitions", "validate")
+    assert proc.returncode == 0, show(proc)
+    assert "Validation successful for code location event-replay" in proc.stdout + proc.stderr, show(proc)
+
+
+# ---- 2. ranged materialization through the dagster CLI -------------------------------------------
+
+
+def test_asset_materialize_partition_range_records_per_day_checks(env):
+    select = ",".join(f"telemetry/{a}" for a in ASSETS)
+    proc = cli(
+        "dagster", "asset", "materialize", "-m", "replay_defs.definitions",
+        "--select", select, "--partition-range", f"{DEMO_DAYS[0]}...{DEMO_DAYS[-1]}",
+    )
+    assert proc.returncode == 0, show(proc)
+
+    instance = home_instance()
+    try:
+        runs = instance.get_runs()
+        assert len(runs) == 1, "a partition range is one run"
+        run = runs[0]
+        assert run.tags[RANGE_TAGS[0]] == DEMO_DAYS[0] and run.tags[RANGE_TAGS[1]] == DEMO_DAYS[-1]
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+
+        # Every check evaluated once per day (plus the summary), all passing.
+        evals = run_evaluations(instance, run.run_id)
+        got = sorted((e.check_name, e.partition or "") for e in evals)
+        assert got == sorted((c, p) for c in CHECKS for p in [*DEMO_DAYS, ""])
+        assert all(e.passed for e in evals)
+        status = partition_status(instance)
+        for check in CHECKS:
+            for day in DEMO_DAYS:
+                assert status[(check, day)] == "SUCCEEDED", (check, day)
+
+        # Each asset has each day materialized, with the day's own numbers.
+        for a in ASSETS:
+            assert instance.get_materialized_partitions(dg.AssetKey(["telemetry", a])) == set(DEMO_DAYS), a
+    finally:
+        instance.dispose()
+    lake = Lake(env["lake"])
+    for day in DEMO_DAYS:
+        state = lake.state(PARSED_OWNER, day)
+        assert state.version == 1
+        assert state.stats["rows_by_type"] == read_truth(env["lake"], day)
+        assert daily_counts_total(env, day) == state.stats["parsed"]
+
+
+# ---- 3. a stale file fails a checks-only CLI run ------------------------------------------------
+
+
+def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
+    """`dagster asset materialize` always runs the selected assets, and re-materializing a day sweeps
+    the stale file away before its checks run (see test_pipeline's stale test), so that command
+    passes. The CLI way to run only the checks against the lake as it is: `dagster job execute`
+    of the project's replay job with an op selection of its check ops and the range tags."""
+    assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
+    lake = Lake(env["lake"])
+    day = "2025-11-25"
+    stale = copy_stale_parquet(lake, day)
+
+    ops = ",".join(f"telemetry__parsed_events_{c}" for c in ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for"))
+    tags = json.dumps({RANGE_TAGS[0]: DEMO_DAYS[0], RANGE_TAGS[1]: DEMO_DAYS[-1]})
+    proc = cli("dagster", "job", "execute", "-m", "replay_defs.definitions", "-j", "telemetry_replay", "-o", ops, "--tags", tags)
+    assert proc.returncode != 0, show(proc)
+    assert "blocking asset check failed" in proc.stdout + proc.stderr, show(proc)
+
+    # Nothing was re-materialized: the stale file is still there, the day still version 1.
+    assert stale.exists() and lake.state(PARSED_OWNER, day).version == 1
+    latest = instance.get_runs(limit=1)[0]
+    assert latest.status == dg.DagsterRunStatus.FAILURE
+    assert list(instance.all_logs(latest.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)) == []
+    verdicts = {(e.check_name, e.partition): e.passed for e in run_evaluations(instance, latest.run_id)}
+    assert verdicts == {
+        **{(c, d): d != day for c in ("no_stale_files", "no_duplicate_event_ids") for d in DEMO_DAYS},
+        ("no_stale_files", None): False,
+        ("no_duplicate_event_ids", None): False,
+        **{("raw_lines_accounted_for", d): True for d in [*DEMO_DAYS, None]},
+    }
+    status = partition_status(instance)
+    assert status[("no_stale_files", day)] == status[("no_duplicate_event_ids", day)] == "FAILED"
+    assert status[("no_stale_files", DEMO_DAYS[0])] == "SUCCEEDED"
+
+
+# ---- 4. event-replay status / rollback ----------------------------------------------------------
+
+
+def test_status_prints_a_row_per_day_with_counts(defs, instance, env):
+    assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
+    proc = cli("event-replay", "status", "telemetry", DEMO_DAYS[0], DEMO_DAYS[-1])
+    assert proc.returncode == 0, show(proc)
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if re.match(r"^\d{4}-\d{2}-\d{2} ", line)}
+    assert list(rows) == DEMO_DAYS, proc.stdout
+    lake = Lake(env["lake"])
+    num = lambda s: int(s.replace(",", ""))  # noqa: E731
+    for day, cols in rows.items():
+        s = lake.state(PARSED_OWNER, day).stats
+        version, raw, parsed, dupes, quarantined, routed_in, routed_out, proj, sent, skipped = map(num, cols[1:11])
+        assert (version, raw, parsed, dupes, quarantined, routed_in, routed_out) == (
+            1, s["raw_lines"], s["parsed"], s["duplicates"], s["quarantined"], s["routed_in"], s["routed_out"]
+        ), (day, cols)
+        assert proj == parsed == daily_counts_total(env, day)
+        last = lake.read_json("telemetry/redrive", f"last/day={day}.json")
+        assert (sent, skipped) == (last["published"], last["skipped_already_delivered"])
+        assert " ".join(cols[11:]) == f"{len(CHECKS)}/{len(CHECKS)} passed"
+
+
+def test_rollback_restores_the_previous_version(defs, instance, env):
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+    truth = read_truth(env["lake"], day)
+    assert run_day(defs, instance, day, run_config=SERIAL).success
+    v1 = lake.state(PARSED_OWNER, day)
+    assert v1.stats["rows_by_type"] == truth
+    # A bad deploy writes version 2.
+    bug = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1, "simulate_parser_bug": True}}}}
+    run_day(defs, instance, day, run_config=bug)
+    v2 = lake.state(PARSED_OWNER, day)
+    assert v2.version == 2 and v2.stats["rows_by_type"] != truth
+    assert daily_counts_total(env, day) == v2.stats["parsed"]
+
+    proc = cli("event-replay", "rollback", "telemetry", day)
+    assert proc.returncode == 0, show(proc)
+    assert "now version 1 (was 2)" in proc.stdout, show(proc)
+
+    state = lake.state(PARSED_OWNER, day)
+    assert state.version == 1
+    assert state.slots == v1.slots, "the restored files are not version 1's files"
+    assert state.stats == v1.stats
+    assert {os.path.relpath(p, lake.root) for p in live_parquet(lake, day)} == {f for f in v1.files if f.startswith("telemetry_flat/")}
+    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    assert by_type == truth and rows == distinct
+    # The replaced (bad) version is kept in turn, and projections were re-folded from version 1.
+    assert lake.kept_versions(PARSED_OWNER, day) == [2]
+    assert daily_counts_total(env, day) == v1.stats["parsed"]
+    # The rollback is on the asset's record in the instance.
+    event = instance.get_latest_materialization_event(dg.AssetKey(["telemetry", "parsed_events"]))
+    assert event.asset_materialization.partition == day
+    assert event.asset_materialization.metadata["version"].value == 1
+    assert event.asset_materialization.metadata["rolled_back_from"].value == 2
+
+
+def test_rollback_without_an_earlier_version_fails_clearly(defs, instance, env):
+    day = DEMO_DAYS[0]
+    assert run_day(defs, instance, day, run_config=SERIAL).success
+    lake = Lake(env["lake"])
+    before = lake.state(PARSED_OWNER, day)
+    proc = cli("event-replay", "rollback", "telemetry", day)
+    assert proc.returncode != 0, show(proc)
+    assert f"{day}: no earlier version is kept to roll back to" in proc.stderr, show(proc)
+    assert "Traceback" not in proc.stderr, show(proc)
+    after = lake.state(PARSED_OWNER, day)
+    assert after.version == before.version == 1 and after.slots == before.slots
+
+
+def test_rollback_after_a_stale_file_was_swept_does_not_bring_it_back(defs, instance, env):
+    """A stale file found in a day's directory is swept out by the next materialization and
+    archived with the version it was found next to. Rolling back to that version must restore the
+    version's own files, not publish the stale copy as part of it."""
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+    assert run_day(defs, instance, day, run_config=SERIAL).success
+    v1 = lake.state(PARSED_OWNER, day)
+    stale = copy_stale_parquet(lake, day)
+    assert run_day(defs, instance, day, run_config=SERIAL).success
+    assert not stale.exists()
+
+    proc = cli("event-replay", "rollback", "telemetry", day)
+    assert proc.returncode == 0, show(proc)
+    state = lake.state(PARSED_OWNER, day)
+    assert state.version == 1
+    rows, distinct, _ = parquet_counts(live_parquet(lake, day))
+    assert not stale.exists() and os.path.relpath(stale, lake.root) not in state.files, (
+        f"rollback published the stale copy as part of version 1: {rows - distinct} duplicate rows are live"
+    )
+    assert rows == distinct == v1.stats["parsed"]
+    assert state.slots == v1.slots
+
+
+def valid_event(ev, line: bytes) -> bool:
+    if not isinstance(ev, dict) or ev.get("type") not in TYPES or len(line) >= 1 << 20:
+        return False
+    if not all(isinstance(ev.get(k), str) for k in ("event_id", "ts", "device_id")) or type(ev.get("seq")) is not int:
+        return False
+    try:
+        ev["event_id"].encode()  # a lone surrogate is not valid Unicode
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ---- 5. generate --------------------------------------------------------------------------------
+
+
+def test_generate_writes_hourly_gzip_files_and_truth(tmp_path):
+    lake = tmp_path / "gen"
+    proc = cli("event-replay", "generate", "--lake", str(lake), "--days", "1", "--events-per-day", "5000")
+    assert proc.returncode == 0, show(proc)
+    day = "2025-11-24"
+    base = lake / "raw" / "json_telemetry" / "year=2025" / "month=11" / "day=24"
+    for h in range(24):
+        name = base / f"hour={h:02d}" / f"telemetry-firehose-{day}-{h:02d}-000.gz"
+        assert name.is_file(), name
+    truncated = base / "hour=12" / f"telemetry-firehose-{day}-12-truncated.gz"
+    assert truncated.is_file()
+
+    truth = read_truth(lake, day)
+    assert truth is not None and set(truth) == set(TYPES)
+    per_hour = 5000 // 24
+    assert 0.99 * per_hour * 24 <= sum(truth.values()) <= per_hour * 24
+    # Same seed, same data: the in-process generator agrees with the CLI's truth.
+    again = generate(tmp_path / "again", DemoConfig(start=date(2025, 11, 24), days=1, events_per_day=5000))
+    assert dict(again[day]) == truth
+
+    # Every file but the truncated one is valid gzip of JSON lines; the truncated one ends early.
+    ids_by_type: dict[str, set] = {t: set() for t in TYPES}
+    for path in sorted(lake.rglob("*.gz")):
+        if path == truncated:
+            try:
+                gzip.decompress(path.read_bytes())
+                raise AssertionError("the truncated file decompressed completely")
+            except (EOFError, OSError, zlib.error):
+                continue
+        arrival_day = re.search(r"day=(\d+)", str(path)).group(1)
+        for line in gzip.decompress(path.read_bytes()).split(b"\n"):
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            # Truth counts distinct valid events of the day that arrived by the next day.
+            if valid_event(ev, line) and ev["ts"].startswith(day) and arrival_day in ("23", "24", "25"):
+                ids_by_type[ev["type"]].add(ev["event_id"])
+    assert {t: len(ids) for t, ids in ids_by_type.items()} == truth
