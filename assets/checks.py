@@ -98,7 +98,7 @@ def deliveries(lake: Lake, store, outbox, spec: PipelineSpec, day: str) -> DayVe
     if counts.failed:
         problems.append(f"{counts.failed} deliveries failed")
     if not last["dry_run"]:
-        in_ledger = rd.Ledger(store).count(outbox.name, spec.name, day, run_id=last["run_id"])
+        in_ledger = rd.Ledger(store).count(spec.name, outbox.name, day, run_id=last["run_id"])
         md["ledger_rows_for_run"] = in_ledger
         if in_ledger != counts.published:
             problems.append(f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}")

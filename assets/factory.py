@@ -11,7 +11,6 @@ from assets.parsed import build_parsed_events
 from assets.projections import build_projections
 from assets.raw import build_raw_events
 from assets.redrive import build_redrive
-from partitions import daily_partitions
 from replay_defs.spec import PipelineSpec
 
 
@@ -33,7 +32,6 @@ def build_pipeline(spec: PipelineSpec) -> PipelineDefs:
     job = dg.define_asset_job(
         name=f"{spec.name}_replay",
         selection=dg.AssetSelection.groups(spec.name),
-        partitions_def=daily_partitions(spec),
         description=(
             f"Replay {spec.name}: list raw files, parse and swap in each day, fold projections, redrive, "
             "and verify every day with blocking checks."

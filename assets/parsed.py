@@ -149,13 +149,10 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
     )
     def parsed_events(context: dg.AssetExecutionContext, config: ParseConfig, lake: LakeResource) -> dg.MaterializeResult:
         the_lake = lake.get()
-        total_parsed = total_quarantined = 0
         pool = worker_pool(config.workers or os.cpu_count() or 1)
         try:
             for day in context.partition_keys:
                 stats = materialize_day(the_lake, spec, day, config, context.run.run_id, context.log, pool)
-                total_parsed += stats["parsed"]
-                total_quarantined += stats["quarantined"]
                 context.log.info(
                     f"{day}: {stats['parsed']:,} events, {stats['duplicates']:,} duplicates, "
                     f"{stats['quarantined']:,} quarantined {stats['quarantined_by_reason']}, "
@@ -165,9 +162,7 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         finally:
             if pool:
                 pool.shutdown()
-        return dg.MaterializeResult(
-            metadata={"days": len(context.partition_keys), "parsed_total": total_parsed, "quarantined_total": total_quarantined}
-        )
+        return dg.MaterializeResult()
 
     return parsed_events
 

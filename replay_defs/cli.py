@@ -209,7 +209,7 @@ def cmd_status(args) -> None:
 
 
 def cmd_rollback(args) -> None:
-    """Restore the previous version of a parsed day, then re-fold and re-check that day."""
+    """Restore the previous (or a given) kept version of a parsed day, then re-fold and re-check it."""
     ensure_dagster_home()
     import dagster as dg
 
@@ -223,7 +223,7 @@ def cmd_rollback(args) -> None:
     lake = Lake(_resolve(lake_res.root), keep_versions=lake_res.keep_versions)
     before = lake.state(owner(spec, PARSED), day)
     try:
-        state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day))
+        state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day), to=args.to)
     except LookupError as exc:
         raise SystemExit(str(exc)) from exc
     instance = dg.DagsterInstance.get()
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("rollback", help="restore the previous version of a parsed day and re-fold it")
     r.add_argument("pipeline")
     r.add_argument("day")
+    r.add_argument("--to", type=int, help="restore this kept version instead (also a newer one: undoes a rollback)")
     r.set_defaults(fn=cmd_rollback)
 
     args = ap.parse_args(argv)

@@ -5,15 +5,16 @@ A partition's outputs are a set of *slots*: lake directories it owns, such as
 
 1. the new slots are fully written under `_replay/<owner>/staging/<partition>/<token>/`;
 2. a journal records the old and new state (write-temp-then-rename, so it is all or nothing);
-3. every old slot, and any directory matching the partition's slot patterns that is not part of
-   the new version (stale output of an older tool, a file copied in by hand), is moved to
-   `_replay/<owner>/versions/<partition>/v<N>/`; then each new slot is renamed into place;
+3. every old slot is moved to `_replay/<owner>/versions/<partition>/v<N>/`; anything in the
+   partition's slot patterns that the old version did not commit (stale output of an older tool,
+   a file copied in by hand) is swept to `_replay/<owner>/stray/<partition>/v<N>/` instead, so a
+   rollback never brings it back; then each new slot is renamed into place;
 4. the state file `_replay/<owner>/state/<partition>.json` (version, files, stats) is replaced and
    the journal removed. Old versions beyond `keep_versions` are pruned.
 
 Every step is a rename, and each is decidable from what is on disk, so `recover` can finish an
 interrupted publish after a crash at any point: a re-run then sees exactly a clean run's outputs.
-`rollback` publishes the newest kept version again through the same path.
+`rollback` publishes an older kept version again through the same path.
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 def _move(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     os.rename(src, dst)
+
+
+def _replace_move(src: Path, dst: Path) -> None:
+    """Move, replacing whatever an earlier sweep left at dst."""
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    _move(src, dst)
 
 
 def _scan_slot(path: Path) -> dict[str, int]:
@@ -261,16 +269,27 @@ class Lake:
     def _apply(self, owner: str, partition: str, journal: dict) -> None:
         staged = Path(journal["staged"])
         new = PartitionState.from_json(journal["new"])
-        archive = self._internal(owner, "versions", partition, f"v{journal['old_version']}")
+        old_version = journal["old_version"]
+        archive = self._internal(owner, "versions", partition, f"v{old_version}")
+        # Files the old version did not commit (left by another tool, copied in by hand) are
+        # swept aside, not archived: a rollback must never bring them back.
+        stray = self._internal(owner, "stray", partition, f"v{old_version}")
+        committed = (journal["old"] or {}).get("slots", {})
         for slot in journal["old_slots"]:
             src, dst = self.root / slot, archive / slot
             # A slot that is also new and no longer staged has already been swapped in.
-            if src.exists() and not dst.exists() and (slot not in new.slots or (staged / slot).exists()):
-                _move(src, dst)
-        if journal["old"] is not None or journal["old_slots"]:
-            old_state = journal["old"] or PartitionState(0, {}, {"note": "outputs found without a state"}).to_json()
-            old_state["slots"] = {s: _scan_slot(archive / s) for s in journal["old_slots"] if (archive / s).is_dir()}
-            _write_json_atomic(archive / "state.json", old_state)
+            if not (src.exists() and not dst.exists() and (slot not in new.slots or (staged / slot).exists())):
+                continue
+            keep = committed.get(slot)
+            if keep is None:
+                _replace_move(src, stray / slot)
+                continue
+            for p in list(src.iterdir()):
+                if not p.is_file() or keep.get(p.name) != p.stat().st_size:
+                    _replace_move(p, stray / slot / p.name)
+            _move(src, dst)
+        if journal["old"] is not None:
+            _write_json_atomic(archive / "state.json", journal["old"])
         for slot in new.slots:
             if (staged / slot).exists():
                 _move(staged / slot, self.root / slot)
@@ -287,18 +306,33 @@ class Lake:
         same = self._internal(owner, "versions", partition, f"v{keep_current}")
         if same.exists():
             shutil.rmtree(same)
+        # Swept-aside strays are kept as long as the version they were found beside.
+        alive = set(self.kept_versions(owner, partition))
+        strays = self._internal(owner, "stray", partition)
+        if strays.is_dir():
+            for d in strays.iterdir():
+                if not (d.name.startswith("v") and d.name[1:].isdigit() and int(d.name[1:]) in alive):
+                    shutil.rmtree(d)
 
-    def rollback(self, owner: str, partition: str, slot_patterns: list[str], run_id: str | None = None) -> PartitionState:
-        """Make the newest kept prior version current again; the replaced one is kept in turn."""
+    def rollback(
+        self, owner: str, partition: str, slot_patterns: list[str], run_id: str | None = None, to: int | None = None
+    ) -> PartitionState:
+        """Make the newest kept version older than the current one live again (or version `to`).
+        The replaced version is kept in turn, so `to` can bring it back."""
         check_partition(partition)
         with self.lock(owner, partition):
             self.recover(owner, partition)
             versions = self.kept_versions(owner, partition)
             current = self.state(owner, partition)
-            candidates = [v for v in versions if current is None or v != current.version]
-            if not candidates:
-                raise LookupError(f"{owner} {partition}: no earlier version is kept to roll back to")
-            v = candidates[-1]
+            if to is not None:
+                if to not in versions:
+                    raise LookupError(f"{owner} {partition}: version {to} is not kept (kept: {versions or 'none'})")
+                v = to
+            else:
+                older = [v for v in versions if current is None or v < current.version]
+                if not older:
+                    raise LookupError(f"{owner} {partition}: no earlier version is kept to roll back to")
+                v = older[-1]
             src = self._internal(owner, "versions", partition, f"v{v}")
             prior = PartitionState.from_json(json.loads((src / "state.json").read_text()))
             staged = self.new_staging(owner, partition)

@@ -113,8 +113,9 @@ def select_source_refs(
 class Outbox:
     """A directory sink: `<root>/<pipeline>/day=<D>/batch-<id>.jsonl`, one JSON message a line.
 
-    Batch files are written to a temp name and renamed, and named after their first message id,
-    so a batch re-sent after a crash replaces itself instead of appearing twice.
+    Batch files are written to a temp name and renamed, and named after a hash of their message
+    ids, so a batch re-sent after a crash (same pending messages, same batches) replaces itself
+    instead of appearing twice. A forced re-send passes a `salt` (the run id): a new delivery.
     """
 
     name = "outbox"
@@ -122,10 +123,11 @@ class Outbox:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
 
-    def deliver(self, pipeline: str, partition: str, messages: list[Message]) -> Path:
+    def deliver(self, pipeline: str, partition: str, messages: list[Message], salt: str = "") -> Path:
         d = self.root / pipeline / f"day={check_partition(partition)}"
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"batch-{messages[0].id}.jsonl"
+        name = hashlib.sha256(("\n".join(m.id for m in messages) + "\n" + salt).encode()).hexdigest()[:32]
+        path = d / f"batch-{name}.jsonl"
         tmp = d / f".{path.name}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "w") as f:
             for m in messages:
@@ -143,46 +145,47 @@ class Outbox:
 
 
 class Ledger:
-    """Which message ids each sink has been given; lives in the store (DuckDB by default)."""
+    """Which message ids each pipeline's sink has been given; lives in the store (DuckDB here)."""
 
-    DDL = """CREATE TABLE IF NOT EXISTS ledger (
-        sink VARCHAR, message_id VARCHAR, pipeline VARCHAR, day VARCHAR,
+    DDL = """CREATE TABLE IF NOT EXISTS redrive_ledger (
+        pipeline VARCHAR, sink VARCHAR, message_id VARCHAR, day VARCHAR,
         status VARCHAR, attempts INTEGER, last_error VARCHAR, run_id VARCHAR,
         updated_at TIMESTAMPTZ DEFAULT current_timestamp,
-        PRIMARY KEY (sink, message_id))"""
+        PRIMARY KEY (pipeline, sink, message_id))"""
 
     def __init__(self, store: DuckDBStore):
         self.store = store
 
-    def delivered(self, sink: str, ids: Iterable[str]) -> set[str]:
+    def delivered(self, pipeline: str, sink: str, ids: Iterable[str]) -> set[str]:
         ids = list(ids)
         if not ids:
             return set()
         with self.store.connect() as con:
             con.execute(self.DDL)
             rows = con.execute(
-                "SELECT message_id FROM ledger WHERE sink = $sink AND status = 'delivered' AND list_contains($ids, message_id)",
-                {"sink": sink, "ids": ids},
+                "SELECT message_id FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink "
+                "AND status = 'delivered' AND list_contains($ids, message_id)",
+                {"pipeline": pipeline, "sink": sink, "ids": ids},
             ).fetchall()
         return {r[0] for r in rows}
 
-    def record(self, sink: str, pipeline: str, partition: str, ids: list[str], status: str, run_id: str, error: str | None = None):
+    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None):
         with self.store.connect() as con:
             con.execute(self.DDL)
             con.execute(
-                """INSERT INTO ledger (sink, message_id, pipeline, day, status, attempts, last_error, run_id)
-                   SELECT $sink, unnest($ids), $pipeline, $partition, $status, 1, $error, $run_id
-                   ON CONFLICT (sink, message_id) DO UPDATE SET status = excluded.status,
-                     attempts = ledger.attempts + 1, last_error = excluded.last_error,
+                """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
+                   SELECT $pipeline, $sink, unnest($ids), $day, $status, 1, $error, $run_id
+                   ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
+                     attempts = redrive_ledger.attempts + 1, last_error = excluded.last_error,
                      run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
-                {"sink": sink, "ids": ids, "pipeline": pipeline, "partition": partition, "status": status, "error": error, "run_id": run_id},
+                {"pipeline": pipeline, "sink": sink, "ids": ids, "day": day, "status": status, "error": error, "run_id": run_id},
             )
 
-    def count(self, sink: str, pipeline: str, partition: str, run_id: str | None = None) -> int:
+    def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
         with self.store.connect() as con:
             con.execute(self.DDL)
-            sql = "SELECT count(*) FROM ledger WHERE sink = $sink AND pipeline = $pipeline AND day = $partition AND status = 'delivered'"
-            params = {"sink": sink, "pipeline": pipeline, "partition": partition}
+            sql = "SELECT count(*) FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day AND status = 'delivered'"
+            params = {"pipeline": pipeline, "sink": sink, "day": day}
             if run_id:
                 sql += " AND run_id = $run_id"
                 params["run_id"] = run_id
@@ -202,7 +205,12 @@ def redrive(
     force: bool = False,
     batch_size: int = 500,
     log=None,
+    handled_in_run: set[str] | None = None,
 ) -> RedriveCounts:
+    """`handled_in_run`: message ids an earlier day of the same run already handled (a raw file
+    can hold events of two days); they count as already delivered, even when forced, and the ids
+    this day handles are added to it."""
+    handled_in_run = set() if handled_in_run is None else handled_in_run
     counts = RedriveCounts()
     # One message per raw file, even when the file holds events of several types.
     seen: dict[str, str | None] = {}
@@ -223,15 +231,17 @@ def redrive(
             counts.dropped_reasons["source_missing"] = counts.dropped_reasons.get("source_missing", 0) + 1
             continue
         messages.append(raw_file_message(lake, ref))
-    already = set() if force else ledger.delivered(outbox.name, (m.id for m in messages))
+    already = set() if force else ledger.delivered(spec.name, outbox.name, (m.id for m in messages))
+    already |= handled_in_run
     pending = [m for m in messages if m.id not in already]
     counts.skipped_already_delivered = len(messages) - len(pending)
     if dry_run:
         return counts
+    handled_in_run.update(m.id for m in messages)
     for i in range(0, len(pending), batch_size):
         batch = pending[i : i + batch_size]
-        outbox.deliver(spec.name, partition, batch)
-        ledger.record(outbox.name, spec.name, partition, [m.id for m in batch], "delivered", run_id)
+        outbox.deliver(spec.name, partition, batch, salt=run_id if force else "")
+        ledger.record(spec.name, outbox.name, partition, [m.id for m in batch], "delivered", run_id)
         counts.published += len(batch)
         if log:
             log(f"redrive {partition}: delivered {counts.published}/{len(pending)}")

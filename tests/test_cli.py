@@ -235,6 +235,25 @@ def test_rollback_restores_the_previous_version(defs, instance, env):
     assert event.asset_materialization.metadata["rolled_back_from"].value == 2
 
 
+def test_rolling_back_twice_goes_back_two_versions(defs, instance, env):
+    """Versions 1, 2, 3 (two prior versions kept): rollback -> 2, rollback again -> 1, never
+    forward to the version that was just rolled back from."""
+    day = "2025-11-25"
+    lake = Lake(env["lake"])
+    bug = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1, "simulate_parser_bug": True}}}}
+    for config in (SERIAL, bug, SERIAL):
+        run_day(defs, instance, day, run_config=config)
+    assert lake.state(PARSED_OWNER, day).version == 3
+    assert lake.kept_versions(PARSED_OWNER, day) == [1, 2]
+
+    first = cli("event-replay", "rollback", "telemetry", day)
+    assert first.returncode == 0, show(first)
+    assert lake.state(PARSED_OWNER, day).version == 2
+    second = cli("event-replay", "rollback", "telemetry", day)
+    assert second.returncode == 0, show(second)
+    assert lake.state(PARSED_OWNER, day).version == 1, f"the second rollback went to version {lake.state(PARSED_OWNER, day).version}: {second.stdout}"
+
+
 def test_rollback_without_an_earlier_version_fails_clearly(defs, instance, env):
     day = DEMO_DAYS[0]
     assert run_day(defs, instance, day, run_config=SERIAL).success

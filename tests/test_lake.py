@@ -86,6 +86,11 @@ def internal(lake: Lake, *parts: str) -> Path:
     return lake.root.joinpath("_replay", OWNER, *parts)
 
 
+def strays(lake: Lake) -> dict[str, bytes]:
+    """Everything swept aside under `_replay/<owner>/stray/<day>/` (relative to that dir)."""
+    return tree(internal(lake, "stray", DAY))
+
+
 def archive(lake: Lake, version: int) -> Path:
     return internal(lake, "versions", DAY, f"v{version}")
 
@@ -213,9 +218,10 @@ def test_the_current_version_is_never_pruned(tmp_path):
         assert lake.stale_files(OWNER, DAY, PATTERNS) == []
 
     assert_current_intact()
-    # Rolling back and forth with keep_versions=1 must never prune the version being made live.
-    for expected in (2, 3, 2, 3):
-        assert lake.rollback(OWNER, DAY, PATTERNS).version == expected
+    # Back and forth with keep_versions=1 must never prune the version being made live.
+    for to in (None, 3, None, 3):
+        lake.rollback(OWNER, DAY, PATTERNS, to=to)
+        assert lake.state(OWNER, DAY).version == (2 if to is None else 3)
         assert_current_intact()
     tags[4] = "DDDD"
     publish(lake, "DDDD")
@@ -238,14 +244,17 @@ def test_a_slot_missing_from_the_new_version_leaves_the_lake(lake):
     assert lake.stale_files(OWNER, DAY, PATTERNS) == []
 
 
-def test_stray_directories_and_files_are_swept_into_the_archive(lake):
+def test_stray_directories_and_files_are_swept_out_of_the_live_lake(lake):
     publish(lake, "A")
-    # Copied in by hand: a whole slot for an unknown type, and an extra file in a committed slot.
+    # Copied in by hand: a whole slot for an unknown type, an extra file in a committed slot, a
+    # committed file overwritten with other bytes, and a nested directory.
     stray_slot = f"flat/type=foo/day={DAY}/part-9999.parquet"
     stray_file = f"flat/type=lock/day={DAY}/copied-by-hand.parquet"
+    changed = f"flat/type=bridge/day={DAY}/part-0000-0000.parquet"
     nested = f"quarantine/telemetry/day={DAY}/old/leftover.parquet"
     for rel in (stray_slot, stray_file, nested):
         write(lake.root, rel, b"stray " + rel.encode())
+    write(lake.root, changed, b"overwritten by hand")
     # Other days' outputs and unrelated files are not the partition's: they must not move.
     untouched = {
         f"flat/type=lock/day={OTHER_DAY}/part-0000-0000.parquet": b"other day",
@@ -255,24 +264,32 @@ def test_stray_directories_and_files_are_swept_into_the_archive(lake):
     }
     for rel, data in untouched.items():
         write(lake.root, rel, data)
-    assert sorted(lake.stale_files(OWNER, DAY, PATTERNS)) == sorted(
-        [f"unexpected: {stray_slot}", f"unexpected: {stray_file}", f"unexpected: {nested}"]
+    assert lake.stale_files(OWNER, DAY, PATTERNS) == sorted(
+        [f"unexpected: {stray_slot}", f"unexpected: {stray_file}", f"unexpected: {nested}", f"changed size: {changed}"]
     )
 
     publish(lake, "BB")
 
     assert live(lake) == {**version_files("BB"), **untouched}
     assert lake.stale_files(OWNER, DAY, PATTERNS) == []
-    kept = archived_files(lake, 1)
-    assert kept == {
-        **version_files("A"),
-        stray_slot: b"stray " + stray_slot.encode(),
-        stray_file: b"stray " + stray_file.encode(),
-        nested: b"stray " + nested.encode(),
-    }
+    # The archive holds version 1 as committed, without anything that was not part of it ...
+    a = version_files("A")
+    assert archived_files(lake, 1) == {k: v for k, v in a.items() if k != changed}
+    # ... and everything swept out of the live lake is kept aside, not lost.
+    kept_aside = set(strays(lake).values())
+    for rel in (stray_slot, stray_file, nested):
+        assert b"stray " + rel.encode() in kept_aside, rel
+    assert b"overwritten by hand" in kept_aside
+
+    # A rollback brings back version 1 as committed, never the strays.
+    lake.rollback(OWNER, DAY, PATTERNS)
+    assert {k: v for k, v in live(lake).items() if k not in untouched} == {k: v for k, v in a.items() if k != changed}
+    assert lake.stale_files(OWNER, DAY, PATTERNS) == []
 
 
-def test_outputs_found_without_a_state_are_archived_on_first_publish(lake):
+def test_outputs_found_without_a_state_are_swept_aside_not_destroyed(lake):
+    """A first publish over outputs nobody committed (an older tool's, or copied in by hand)
+    takes them out of the live lake, but must not delete the only copy of someone's files."""
     stray = f"flat/type=lock/day={DAY}/from-an-older-tool.parquet"
     write(lake.root, stray, b"old tool output")
     assert lake.stale_files(OWNER, DAY, PATTERNS) == [f"unexpected: {stray}"]
@@ -281,10 +298,9 @@ def test_outputs_found_without_a_state_are_archived_on_first_publish(lake):
 
     assert state.version == 1
     assert live(lake) == version_files("A")
-    assert lake.kept_versions(OWNER, DAY) == [0]
-    assert archived_files(lake, 0) == {stray: b"old tool output"}
-    assert archived_state(lake, 0)["stats"] == {"note": "outputs found without a state"}
     assert lake.stale_files(OWNER, DAY, PATTERNS) == []
+    everything_kept = set(tree(lake.root / "_replay").values())
+    assert b"old tool output" in everything_kept, "the pre-existing output was deleted"
 
 
 def test_matching_slots_lists_only_directories(lake):
@@ -316,17 +332,32 @@ def test_rollback_restores_the_previous_version_exactly(lake):
     assert cur["run_id"] == "rollback-1"
     assert lake.kept_versions(OWNER, DAY) == [2]
     assert archived_files(lake, 2) == b
+    assert archived_state(lake, 2)["stats"] == state_b["stats"]
     assert lake.stale_files(OWNER, DAY, PATTERNS) == []
 
-    # Rolling back again swaps back.
-    again = lake.rollback(OWNER, DAY, PATTERNS)
+    # The replaced version is kept in turn: rolling back to it swaps back.
+    again = lake.rollback(OWNER, DAY, PATTERNS, to=2)
     assert again.version == 2
     assert live(lake) == b
     cur = comparable_state(lake.state(OWNER, DAY))
     assert cur["slots"] == state_b["slots"] and cur["stats"] == state_b["stats"]
     assert lake.kept_versions(OWNER, DAY) == [1]
     assert archived_files(lake, 1) == a
+
+    # And once more, back to 1, by plain rollback (1 is older than the current 2).
+    assert lake.rollback(OWNER, DAY, PATTERNS).version == 1
+    assert live(lake) == a
     assert files_in(internal(lake, "staging")) == []
+
+
+def test_rollback_to_a_version_that_is_not_kept_raises(lake):
+    publish(lake, "A")
+    publish(lake, "BB")
+    for to in (2, 7, 0):  # 2 is current (live, not kept); 7 never existed; 0 never archived
+        with pytest.raises(LookupError, match=f"version {to} is not kept"):
+            lake.rollback(OWNER, DAY, PATTERNS, to=to)
+    assert live(lake) == version_files("BB")
+    assert lake.kept_versions(OWNER, DAY) == [1]
 
 
 def test_rollback_without_a_prior_version_raises_lookup_error(lake):
@@ -338,6 +369,12 @@ def test_rollback_without_a_prior_version_raises_lookup_error(lake):
     # The failed rollback changed nothing.
     assert live(lake) == version_files("A")
     assert lake.state(OWNER, DAY).version == 1
+    # Nor is there anything older once the oldest kept version is live again.
+    publish(lake, "BB")
+    lake.rollback(OWNER, DAY, PATTERNS)
+    with pytest.raises(LookupError, match="no earlier version is kept to roll back to"):
+        lake.rollback(OWNER, DAY, PATTERNS)
+    assert live(lake) == version_files("A")
 
 
 def test_publish_after_rollback_gets_a_fresh_version_number(lake):
@@ -350,22 +387,6 @@ def test_publish_after_rollback_gets_a_fresh_version_number(lake):
     assert lake.kept_versions(OWNER, DAY) == [1, 2]
     assert archived_files(lake, 1) == version_files("A")
     assert archived_files(lake, 2) == version_files("BB")
-
-
-def test_rollback_undoes_the_latest_publish_even_after_an_earlier_rollback(lake):
-    """A (v1) and B (v2) are published; B is bad, so it is rolled back: A is live again. Then C
-    (v3) is published over A and turns out bad too. Rolling back must bring back what C replaced,
-    A, not B, the version that was explicitly rolled away from."""
-    publish(lake, "A")
-    publish(lake, "BB")
-    lake.rollback(OWNER, DAY, PATTERNS)
-    assert live(lake) == version_files("A")
-    publish(lake, "CCC")
-
-    lake.rollback(OWNER, DAY, PATTERNS)
-
-    assert lake.state(OWNER, DAY).stats == stats_for("A")
-    assert live(lake) == version_files("A")
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +496,7 @@ def lake_snapshot(lake: Lake) -> dict:
     """Everything a clean publish determines: the live files, the state, and the archive of the
     version just replaced (for rollback)."""
     cur = lake.state(OWNER, DAY)
-    snap = {"live": live(lake), "state": comparable_state(cur)}
+    snap = {"live": live(lake), "state": comparable_state(cur), "strays": {k: v for k, v in strays(lake).items() if not is_json_temp(k)}}
     prev = [v for v in lake.kept_versions(OWNER, DAY)]
     snap["newest_archive"] = (
         {"version": prev[-1], "files": archived_files(lake, prev[-1]), "state": comparable_state(archived_state(lake, prev[-1]))}
@@ -540,7 +561,7 @@ def test_a_crash_at_any_step_then_recover_equals_a_clean_publish(tmp_path, injec
         got = lake_snapshot(lake)
         # Before the journal is committed the publish never happened: the old outputs stay.
         want = reference if committed else before
-        for part in ("live", "state", "newest_archive"):
+        for part in ("live", "state", "newest_archive", "strays"):
             if got[part] != want[part]:
                 failures.append(f"crash before step {k} {describe(step)}: {part} differs after recover")
         if committed and lake.stale_files(OWNER, DAY, PATTERNS):
@@ -647,10 +668,14 @@ def test_crash_at_any_step_of_a_rollback_loses_no_version(tmp_path, inject, monk
     assert not failures, "\n".join(failures)
 
 
-def test_recover_on_a_clean_lake_does_nothing(lake):
+def test_recover_after_a_clean_publish_reports_no_work(lake):
+    """Nothing was interrupted, so recover has nothing to finish or clean up and says so.
+    (parsed_events logs "finished or cleaned up an interrupted earlier run" whenever it returns
+    True, so a wrong True is a false alarm on every re-run of a day.)"""
     assert lake.recover(OWNER, DAY) is False
     publish(lake, "A")
-    assert lake.recover(OWNER, DAY) is False  # only the empty per-day staging dir was there
+    assert files_in(internal(lake, "staging")) == []
+    assert lake.recover(OWNER, DAY) is False
     assert live(lake) == version_files("A")
 
 
