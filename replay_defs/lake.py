@@ -38,7 +38,7 @@ _SLOT_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]*$")
 
 def check_partition(partition: str) -> str:
     """Partition keys become path components: only a real YYYY-MM-DD date is accepted."""
-    if not _PARTITION.match(partition):
+    if not _PARTITION.fullmatch(partition):
         raise ValueError(f"partition {partition!r} is not a YYYY-MM-DD day")
     date.fromisoformat(partition)
     return partition
@@ -46,7 +46,7 @@ def check_partition(partition: str) -> str:
 
 def check_slot(slot: str) -> str:
     parts = slot.split("/")
-    if not parts or any(not _SLOT_PART.match(p) or p in (".", "..") for p in parts):
+    if not parts or any(not _SLOT_PART.fullmatch(p) or p in (".", "..") for p in parts):
         raise ValueError(f"slot {slot!r} is not a safe relative lake path")
     return slot
 
@@ -122,7 +122,11 @@ class Lake:
 
     # ---- paths -----------------------------------------------------------------------------
     def path(self, rel: str) -> Path:
-        return self.root / rel
+        """A lake-relative path as a local path; refuses anything that would leave the lake."""
+        p = (self.root / rel).resolve()
+        if p != self.root and not p.is_relative_to(self.root):
+            raise ValueError(f"{rel!r} is outside the lake at {self.root}")
+        return p
 
     def uri(self, rel: str) -> str:
         # Like Path.as_uri, but keeps `=` of hive-style paths readable.
@@ -134,12 +138,12 @@ class Lake:
         if not uri.startswith(prefix):
             raise ValueError(f"{uri!r} is not inside the lake at {self.root}")
         rel = unquote(uri[len(prefix) :])
-        if ".." in rel.split("/"):
-            raise ValueError(f"{uri!r} escapes the lake")
+        if any(part in ("", ".", "..") for part in rel.split("/")):
+            raise ValueError(f"{uri!r} escapes the lake or is not a plain path")
         return rel
 
     def _internal(self, owner: str, *parts: str) -> Path:
-        if not _OWNER.match(owner):
+        if not _OWNER.fullmatch(owner):
             raise ValueError(f"owner {owner!r} must look like pipeline/asset")
         return self.root.joinpath("_replay", owner, *parts)
 
@@ -255,8 +259,14 @@ class Lake:
             did = self._recover_locked(owner, partition)
             staging = self._internal(owner, "staging", check_partition(partition))
             if staging.is_dir():
+                did = did or any(staging.iterdir())
                 shutil.rmtree(staging)
-                did = True
+            # Temp files of JSON writes a crash interrupted (the write itself never landed).
+            for d in (self._internal(owner, "journal"), self._internal(owner, "state"), *self._internal(owner, "versions", partition).glob("v*")):
+                for tmp in d.glob(f".*.tmp") if d.is_dir() else []:
+                    if tmp.name.startswith((f".{partition}.json.", ".state.json.")):
+                        tmp.unlink()
+                        did = True
             return did
 
     def _recover_locked(self, owner: str, partition: str) -> bool:
@@ -296,6 +306,10 @@ class Lake:
         _write_json_atomic(self._internal(owner, "state", f"{partition}.json"), new.to_json())
         os.remove(self._internal(owner, "journal", f"{partition}.json"))
         shutil.rmtree(staged, ignore_errors=True)
+        try:  # the per-partition staging folder, when this was its last run
+            staged.parent.rmdir()
+        except OSError:
+            pass
         self._prune(owner, partition, keep_current=new.version)
 
     def _prune(self, owner: str, partition: str, keep_current: int) -> None:
@@ -306,13 +320,12 @@ class Lake:
         same = self._internal(owner, "versions", partition, f"v{keep_current}")
         if same.exists():
             shutil.rmtree(same)
-        # Swept-aside strays are kept as long as the version they were found beside.
-        alive = set(self.kept_versions(owner, partition))
+        # Swept-aside strays: the newest `keep_versions` sweeps are kept, like versions.
         strays = self._internal(owner, "stray", partition)
         if strays.is_dir():
-            for d in strays.iterdir():
-                if not (d.name.startswith("v") and d.name[1:].isdigit() and int(d.name[1:]) in alive):
-                    shutil.rmtree(d)
+            sweeps = sorted((d for d in strays.iterdir() if d.name[1:].isdigit()), key=lambda d: int(d.name[1:]))
+            for d in sweeps[: max(0, len(sweeps) - self.keep_versions)]:
+                shutil.rmtree(d)
 
     def rollback(
         self, owner: str, partition: str, slot_patterns: list[str], run_id: str | None = None, to: int | None = None
@@ -335,10 +348,9 @@ class Lake:
                 v = older[-1]
             src = self._internal(owner, "versions", partition, f"v{v}")
             prior = PartitionState.from_json(json.loads((src / "state.json").read_text()))
-            staged = self.new_staging(owner, partition)
-            os.rmdir(staged)
-            _move(src, staged)
-            return self.publish(owner, partition, staged, slot_patterns, prior.stats, run_id=run_id, version=v)
+            # The archived version is published in place, as its own staging: until the journal
+            # exists nothing has moved, so a crash at any point loses no version.
+            return self.publish(owner, partition, src, slot_patterns, prior.stats, run_id=run_id, version=v)
 
     def stale_files(self, owner: str, partition: str, slot_patterns: list[str]) -> list[str]:
         """Files in the partition's slots that the committed state does not list (or lists with

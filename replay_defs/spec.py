@@ -44,7 +44,7 @@ class EventSchema:
     def __post_init__(self) -> None:
         names = [f.name for f in self.fields]
         for name in names:
-            if not SAFE_NAME.match(name):
+            if not SAFE_NAME.fullmatch(name):
                 raise ValueError(f"field name {name!r} is not a safe identifier")
         by_name = {f.name: f for f in self.fields}
         for role, name, want in (
@@ -56,7 +56,7 @@ class EventSchema:
             if f is None or f.type != want or not f.required:
                 raise ValueError(f"{role} {name!r} must be a required {want} field")
         for value in self.known_types:
-            if not SAFE_TYPE_VALUE.match(value):
+            if not SAFE_TYPE_VALUE.fullmatch(value):
                 raise ValueError(f"known type {value!r} is not safe in a path")
 
 
@@ -108,7 +108,7 @@ class Projection:
 
     def __post_init__(self) -> None:
         for name in (self.name, *self.key, *self.values, *filter(None, [self.order_by])):
-            if not SAFE_NAME.match(name):
+            if not SAFE_NAME.fullmatch(name):
                 raise ValueError(f"projection {self.name!r}: {name!r} is not a safe identifier")
         if self.kind == "increment" and self.count_column not in self.values:
             raise ValueError(f"increment projection {self.name!r} needs a count_column in values")
@@ -145,7 +145,7 @@ class PipelineSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not SAFE_NAME.match(self.name):
+        if not SAFE_NAME.fullmatch(self.name):
             raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
         fields = {f.name for f in self.schema.fields}
         for p in self.projections:
