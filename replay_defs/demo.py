@@ -45,6 +45,8 @@ class DemoConfig:
     # Events beyond this lateness are "very late" and must land in quarantine.
     lateness_hours: int = 3
     compresslevel: int = 1
+    # Extra payload text per event, to match a target event size (the benchmark uses ~380 bytes).
+    payload_pad: int = 0
 
 
 def hour_dir(lake: Path, hour: datetime) -> Path:
@@ -78,6 +80,7 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
     hours = cfg.days * 24
     per_hour = cfg.events_per_day // 24
     seq = 0
+    pad = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(cfg.payload_pad))
 
     def flush(until: datetime):
         for hour in sorted(h for h in buffers if h < until):
@@ -101,6 +104,8 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
                 "seq": seq,
                 "payload": {"battery": rng.randrange(100), "rssi": -rng.randrange(30, 90), "fw": "4.2.1", "state": rng.choice(("locked", "unlocked", "idle"))},
             }
+            if cfg.payload_pad:
+                event["payload"]["note"] = pad
             line = enc.encode(event)
             r = rng.random()
             if r < cfg.late_rate:
