@@ -262,8 +262,10 @@ class Lake:
                 did = did or any(staging.iterdir())
                 shutil.rmtree(staging)
             # Temp files of JSON writes a crash interrupted (the write itself never landed).
-            for d in (self._internal(owner, "journal"), self._internal(owner, "state"), *self._internal(owner, "versions", partition).glob("v*")):
-                for tmp in d.glob(f".*.tmp") if d.is_dir() else []:
+            dirs = [self._internal(owner, "journal"), self._internal(owner, "state")]
+            dirs += self._internal(owner, "versions", partition).glob("v*")
+            for d in dirs:
+                for tmp in d.glob(".*.tmp"):
                     if tmp.name.startswith((f".{partition}.json.", ".state.json.")):
                         tmp.unlink()
                         did = True
