@@ -11,7 +11,6 @@ from assets.projections import committed_parquet
 from partitions import daily_partitions
 from replay_defs import redrive as rd
 from replay_defs.spec import PipelineSpec
-from resources import LakeResource, OutboxResource, StoreResource
 
 
 class RedriveConfig(dg.Config):
@@ -37,18 +36,19 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
         partitions_def=daily_partitions(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
-        kinds={"outbox"},
+        kinds={spec.redrive.sink.kind},
+        # The sink's resource (`outbox` or `kafka`) depends on the spec, so resources come by key.
+        required_resource_keys={"lake", "store", spec.redrive.sink.kind},
         description=(
-            f"One `redrive_raw_file` message per source file to the {spec.redrive.sink.kind} sink, recorded in an "
+            f"One `redrive_raw_file` message per source file to the {spec.redrive.sink.name} sink, recorded in an "
             "idempotency ledger so a re-run sends nothing twice unless `force`."
         ),
     )
-    def redrive(
-        context: dg.AssetExecutionContext, config: RedriveConfig, lake: LakeResource, store: StoreResource, outbox: OutboxResource
-    ) -> dg.MaterializeResult:
-        the_lake = lake.get()
-        ledger = rd.Ledger(store.get())
-        sink = outbox.get()
+    def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
+        the_lake = context.resources.lake.get()
+        ledger = rd.Ledger(context.resources.store.get())
+        target = spec.redrive.sink
+        sink = context.resources.outbox.get() if target.kind == "outbox" else context.resources.kafka.sink(target.topic)
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
         for day in context.partition_keys:
             parsed_files = committed_parquet(the_lake, spec, day) if config.mode in ("day", "parquet") else []
@@ -83,7 +83,12 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
             if config.dry_run:
                 md["would_publish"] = counts.selected - counts.skipped_already_delivered - counts.dropped
             context.add_asset_metadata(md, partition_key=day)
-            the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **counts.__dict__})
+            if counts.failures:
+                name = f"dead_letter/day={day}/{context.run.run_id}.json"
+                path = the_lake.write_json(owner(spec, REDRIVE), name, {"sink": sink.name, "failures": counts.failures})
+                context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.failures[0]['error']}); dead letters in {path}")
+            summary = {k: v for k, v in counts.__dict__.items() if k != "failures"}
+            the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **summary})
         return dg.MaterializeResult()
 
     return redrive

@@ -2,7 +2,7 @@
 
 Storage locations come from env vars, with an embedded default under ./data:
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
-EVENT_REPLAY_OUTBOX (outbox sink).
+EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks).
 """
 
 import os
@@ -11,7 +11,7 @@ import dagster as dg
 
 from assets import build_pipeline
 from replay_defs.pipelines import PIPELINES
-from resources import LakeResource, OutboxResource, StoreResource
+from resources import KafkaResource, LakeResource, OutboxResource, StoreResource
 
 
 def _setting(env: str, default: str):
@@ -26,16 +26,18 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         assets += built.assets
         checks += built.checks
         jobs.append(built.job)
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=checks,
-        jobs=jobs,
-        resources={
-            "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
-            "store": StoreResource(path=_setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")),
-            "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
-        },
-    )
+    resources = {
+        "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
+        "store": StoreResource(path=_setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")),
+        "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
+    }
+    if any(spec.redrive.sink.kind == "kafka" for spec in pipelines):
+        timeout = "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS"
+        resources["kafka"] = KafkaResource(
+            bootstrap_servers=_setting("EVENT_REPLAY_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            message_timeout_ms=dg.EnvVar.int(timeout) if timeout in os.environ else 30_000,
+        )
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
 
 
 defs = build_definitions()

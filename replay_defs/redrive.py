@@ -9,25 +9,15 @@ unless `force` is set.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import duckdb
 
 from replay_defs.lake import Lake, check_partition
+from replay_defs.sinks import Message, Outbox, Sink  # noqa: F401  (Outbox: re-exported)
 from replay_defs.spec import PipelineSpec
 from replay_defs.store import DuckDBStore
-
-
-@dataclass(frozen=True)
-class Message:
-    id: str
-    body: dict
-    type: str | None = None
 
 
 @dataclass
@@ -39,6 +29,7 @@ class RedriveCounts:
     failed: int = 0
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)  # the dead letters: id, error, message
 
     def balanced(self) -> bool:
         return self.selected == self.published + self.skipped_already_delivered + self.dropped + self.failed
@@ -110,40 +101,6 @@ def select_source_refs(
     raise ValueError(f"unknown mode {mode!r}: use day, file, prefix or parquet")
 
 
-class Outbox:
-    """A directory sink: `<root>/<pipeline>/day=<D>/batch-<id>.jsonl`, one JSON message a line.
-
-    Batch files are written to a temp name and renamed, and named after a hash of their message
-    ids, so a batch re-sent after a crash (same pending messages, same batches) replaces itself
-    instead of appearing twice. A forced re-send passes a `salt` (the run id): a new delivery.
-    """
-
-    name = "outbox"
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
-
-    def deliver(self, pipeline: str, partition: str, messages: list[Message], salt: str = "") -> Path:
-        d = self.root / pipeline / f"day={check_partition(partition)}"
-        d.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(("\n".join(m.id for m in messages) + "\n" + salt).encode()).hexdigest()[:32]
-        path = d / f"batch-{name}.jsonl"
-        tmp = d / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w") as f:
-            for m in messages:
-                f.write(json.dumps({"id": m.id, **m.body}, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
-
-    def read(self, pipeline: str) -> Iterator[dict]:
-        for path in sorted((self.root / pipeline).glob("day=*/batch-*.jsonl")):
-            with open(path) as f:
-                for line in f:
-                    yield json.loads(line)
-
-
 class Ledger:
     """Which message ids each pipeline's sink has been given; lives in the store (DuckDB here)."""
 
@@ -194,7 +151,7 @@ class Ledger:
 
 def redrive(
     lake: Lake,
-    outbox: Outbox,
+    sink: Sink,
     ledger: Ledger,
     spec: PipelineSpec,
     partition: str,
@@ -231,7 +188,7 @@ def redrive(
             counts.dropped_reasons["source_missing"] = counts.dropped_reasons.get("source_missing", 0) + 1
             continue
         messages.append(raw_file_message(lake, ref))
-    already = set() if force else ledger.delivered(spec.name, outbox.name, (m.id for m in messages))
+    already = set() if force else ledger.delivered(spec.name, sink.name, (m.id for m in messages))
     already |= handled_in_run
     pending = [m for m in messages if m.id not in already]
     counts.skipped_already_delivered = len(messages) - len(pending)
@@ -240,9 +197,18 @@ def redrive(
     handled_in_run.update(m.id for m in messages)
     for i in range(0, len(pending), batch_size):
         batch = pending[i : i + batch_size]
-        outbox.deliver(spec.name, partition, batch, salt=run_id if force else "")
-        ledger.record(spec.name, outbox.name, partition, [m.id for m in batch], "delivered", run_id)
-        counts.published += len(batch)
+        errors = sink.deliver(spec.name, partition, batch, run_id=run_id, resend=force)
+        ok = [m.id for m, e in zip(batch, errors) if e is None]
+        ledger.record(spec.name, sink.name, partition, ok, "delivered", run_id)
+        counts.published += len(ok)
+        failed: dict[str, list[Message]] = {}
+        for m, e in zip(batch, errors):
+            if e is not None:
+                failed.setdefault(e, []).append(m)
+        for error, msgs in failed.items():
+            ledger.record(spec.name, sink.name, partition, [m.id for m in msgs], "failed", run_id, error=error)
+            counts.failed += len(msgs)
+            counts.failures.extend({"id": m.id, "error": error, "message": m.body} for m in msgs)
         if log:
-            log(f"redrive {partition}: delivered {counts.published}/{len(pending)}")
+            log(f"redrive {partition}: {counts.published}/{len(pending)} delivered, {counts.failed} failed")
     return counts

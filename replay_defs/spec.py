@@ -118,17 +118,37 @@ class Projection:
 
 @dataclass(frozen=True)
 class OutboxSink:
-    """Deliveries written as JSONL files to `<outbox root>/<pipeline>/day=<D>/`."""
+    """Deliveries written as JSONL files to `<outbox root>/<pipeline>/day=<D>/` (resource `outbox`)."""
 
     kind: Literal["outbox"] = "outbox"
+
+    @property
+    def name(self) -> str:  # the ledger's name for this sink
+        return "outbox"
+
+
+@dataclass(frozen=True)
+class KafkaSink:
+    """One Kafka message per delivery on `topic` (resource `kafka`), keyed by the message id."""
+
+    topic: str
+    kind: Literal["kafka"] = "kafka"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic):
+            raise ValueError(f"{self.topic!r} is not a valid Kafka topic name")
+
+    @property
+    def name(self) -> str:
+        return f"kafka:{self.topic}"
 
 
 @dataclass(frozen=True)
 class Redrive:
-    """What a redrive delivers: one message per raw file (seed 004) or one per event."""
+    """What a redrive delivers (one message per raw file, seed 004) and where to."""
 
-    unit: Literal["raw_file", "event"] = "raw_file"
-    sink: OutboxSink = OutboxSink()
+    unit: Literal["raw_file"] = "raw_file"
+    sink: OutboxSink | KafkaSink = OutboxSink()
 
 
 @dataclass(frozen=True)

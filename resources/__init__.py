@@ -1,7 +1,8 @@
 """One ConfigurableResource per external system. Settings come from env vars (see README)."""
 
+from resources.kafka import KafkaResource
 from resources.lake import LakeResource
 from resources.outbox import OutboxResource
 from resources.store import StoreResource
 
-__all__ = ["LakeResource", "OutboxResource", "StoreResource"]
+__all__ = ["KafkaResource", "LakeResource", "OutboxResource", "StoreResource"]

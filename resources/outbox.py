@@ -1,7 +1,7 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.redrive import Outbox
+from replay_defs.sinks import Outbox
 
 
 class OutboxResource(dg.ConfigurableResource):
