@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import check_verdicts, run_day
+from conftest import check_verdicts
 from services import Tansu
 
 from replay_defs.pipelines import TELEMETRY
