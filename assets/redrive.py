@@ -29,6 +29,15 @@ class RedriveConfig(dg.Config):
     force: bool = Field(default=False, description="Send again even what the ledger says the sink already has.")
 
 
+def make_sink(resources, spec: PipelineSpec):
+    target = spec.redrive.sink
+    if target.kind == "kafka":
+        return resources.kafka.sink(target.topic)
+    if target.kind == "sqs":
+        return resources.sqs.sink(target.queue, target.max_visible)
+    return resources.outbox.get()
+
+
 def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=asset_key(spec, REDRIVE),
@@ -37,7 +46,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
         kinds={spec.redrive.sink.kind},
-        # The sink's resource (`outbox` or `kafka`) depends on the spec, so resources come by key.
+        # The sink's resource (`outbox`, `kafka` or `sqs`) depends on the spec, so resources come by key.
         required_resource_keys={"lake", "store", spec.redrive.sink.kind},
         description=(
             f"One `redrive_raw_file` message per source file to the {spec.redrive.sink.name} sink, recorded in an "
@@ -47,8 +56,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
     def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
         ledger = rd.Ledger(context.resources.store.get())
-        target = spec.redrive.sink
-        sink = context.resources.outbox.get() if target.kind == "outbox" else context.resources.kafka.sink(target.topic)
+        sink = make_sink(context.resources, spec)
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
         for day in context.partition_keys:
             parsed_files = committed_parquet(the_lake, spec, day) if config.mode in ("day", "parquet") else []
@@ -71,6 +79,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
             )
             md = {
                 "mode": config.mode,
+                "backpressure_paused_s": counts.paused_s,
                 "dry_run": config.dry_run,
                 "selected": counts.selected,
                 "published": counts.published,

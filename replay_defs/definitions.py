@@ -2,7 +2,8 @@
 
 Storage locations come from env vars, with an embedded default under ./data:
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
-EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks).
+EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
+EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks).
 """
 
 import os
@@ -11,7 +12,7 @@ import dagster as dg
 
 from assets import build_pipeline
 from replay_defs.pipelines import PIPELINES
-from resources import KafkaResource, LakeResource, OutboxResource, StoreResource
+from resources import KafkaResource, LakeResource, OutboxResource, SqsResource, StoreResource
 
 
 def _setting(env: str, default: str):
@@ -37,6 +38,8 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
             bootstrap_servers=_setting("EVENT_REPLAY_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
             message_timeout_ms=dg.EnvVar.int(timeout) if timeout in os.environ else 30_000,
         )
+    if any(spec.redrive.sink.kind == "sqs" for spec in pipelines):
+        resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
 
 

@@ -30,6 +30,7 @@ class RedriveCounts:
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)  # the dead letters: id, error, message
+    paused_s: float = 0.0  # time the sink waited for its target to drain
 
     def balanced(self) -> bool:
         return self.selected == self.published + self.skipped_already_delivered + self.dropped + self.failed
@@ -195,6 +196,7 @@ def redrive(
     if dry_run:
         return counts
     handled_in_run.update(m.id for m in messages)
+    paused_before = getattr(sink, "paused_s", 0.0)
     for i in range(0, len(pending), batch_size):
         batch = pending[i : i + batch_size]
         errors = sink.deliver(spec.name, partition, batch, run_id=run_id, resend=force)
@@ -211,4 +213,5 @@ def redrive(
             counts.failures.extend({"id": m.id, "error": error, "message": m.body} for m in msgs)
         if log:
             log(f"redrive {partition}: {counts.published}/{len(pending)} delivered, {counts.failed} failed")
+    counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts

@@ -2,6 +2,8 @@
 
 - `Outbox`: JSONL files in a directory (the embedded default).
 - `KafkaTopic`: an idempotent Kafka producer; a message counts only once the broker confirmed it.
+- `SqsQueue`: SendMessageBatch, retrying the entries a batch reports as failed; queue-depth
+  backpressure.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,3 +113,92 @@ class KafkaTopic:
             self._producer.poll(0)
         self._producer.flush(self.timeout_s)
         return errors
+
+
+class SqsQueue:
+    """SQS via boto3. Batches hold at most 10 entries and `max_batch_bytes` (256 KiB: what moto
+    enforces; AWS now takes 1 MiB). SendMessageBatch succeeds as a call even when entries fail,
+    so failed entries are retried with backoff before they count as failed."""
+
+    MAX_ENTRIES = 10
+
+    def __init__(self, client, queue: str, max_visible: int | None = None, max_batch_bytes: int = 256 * 1024,
+                 retries: int = 3, poll_s: float = 1.0):
+        self.client = client
+        self.queue = queue
+        self.name = f"sqs:{queue}"
+        self.fifo = queue.endswith(".fifo")
+        self.max_visible = max_visible
+        self.max_batch_bytes = max_batch_bytes
+        self.retries = retries
+        self.poll_s = poll_s
+        self.paused_s = 0.0  # time spent waiting for the queue to drain (backpressure)
+        self._url: str | None = None
+
+    def _queue_url(self) -> str:
+        if self._url is None:
+            self._url = self.client.get_queue_url(QueueName=self.queue)["QueueUrl"]
+        return self._url
+
+    def _wait_for_room(self) -> None:
+        if self.max_visible is None:
+            return
+        while True:
+            attrs = self.client.get_queue_attributes(QueueUrl=self._queue_url(), AttributeNames=["ApproximateNumberOfMessages"])
+            if int(attrs["Attributes"]["ApproximateNumberOfMessages"]) <= self.max_visible:
+                return
+            time.sleep(self.poll_s)
+            self.paused_s += self.poll_s
+
+    def _chunks(self, entries: list[dict]) -> Iterator[list[dict]]:
+        chunk, size = [], 0
+        for e in entries:
+            n = len(e["MessageBody"].encode())
+            if chunk and (len(chunk) == self.MAX_ENTRIES or size + n > self.max_batch_bytes):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(e)
+            size += n
+        if chunk:
+            yield chunk
+
+    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
+        errors: list[str | None] = [None] * len(messages)
+        attrs = {k: {"DataType": "String", "StringValue": v} for k, v in (("replay_run_id", run_id or "-"), ("pipeline", pipeline), ("day", day))}
+        entries = []
+        for i, m in enumerate(messages):
+            entry = {"Id": str(i), "MessageBody": json.dumps({"id": m.id, **m.body}, sort_keys=True), "MessageAttributes": attrs}
+            if self.fifo:
+                entry["MessageGroupId"] = f"{pipeline}-{day}"
+                # A forced re-send must not be swallowed by the 5-minute deduplication window.
+                entry["MessageDeduplicationId"] = hashlib.sha256(f"{m.id}{run_id if resend else ''}".encode()).hexdigest()[:64]
+            entries.append(entry)
+        for chunk in self._chunks(entries):
+            self._wait_for_room()
+            pending, attempt = chunk, 0
+            while pending:
+                failed = self._send(pending)
+                attempt += 1
+                for e, err, retryable in failed:
+                    if not retryable or attempt > self.retries:
+                        errors[int(e["Id"])] = err
+                pending = [e for e, _, retryable in failed if retryable and attempt <= self.retries]
+                if pending:
+                    time.sleep(0.2 * 2**attempt)
+        return errors
+
+    def _send(self, entries: list[dict]) -> list[tuple[dict, str, bool]]:
+        """One SendMessageBatch; returns (entry, error, retryable) for every entry that failed."""
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self.client.send_message_batch(QueueUrl=self._queue_url(), Entries=entries)
+        except ClientError as exc:
+            if len(entries) > 1:  # refused as a whole (e.g. one entry too big): isolate the culprit
+                return [f for e in entries for f in self._send([e])]
+            code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            return [(entries[0], f"{exc.response['Error'].get('Code')}: {exc.response['Error'].get('Message')}", code >= 500)]
+        except Exception as exc:  # the endpoint is down or unreachable: retry later
+            return [(e, f"{type(exc).__name__}: {exc}", True) for e in entries]
+        by_id = {e["Id"]: e for e in entries}
+        return [(by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}", not f.get("SenderFault", False)) for f in resp.get("Failed", [])]

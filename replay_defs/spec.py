@@ -144,11 +144,30 @@ class KafkaSink:
 
 
 @dataclass(frozen=True)
+class SqsSink:
+    """One SQS message per delivery on queue `queue` (resource `sqs`). A `.fifo` queue gets
+    deduplication ids. `max_visible`: pause while the queue holds more visible messages than this
+    (seed 004's `--monitor --max-queue-visible`)."""
+
+    queue: str
+    max_visible: int | None = None
+    kind: Literal["sqs"] = "sqs"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,75}(\.fifo)?", self.queue):
+            raise ValueError(f"{self.queue!r} is not a valid SQS queue name")
+
+    @property
+    def name(self) -> str:
+        return f"sqs:{self.queue}"
+
+
+@dataclass(frozen=True)
 class Redrive:
     """What a redrive delivers (one message per raw file, seed 004) and where to."""
 
     unit: Literal["raw_file"] = "raw_file"
-    sink: OutboxSink | KafkaSink = OutboxSink()
+    sink: OutboxSink | KafkaSink | SqsSink = OutboxSink()
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from resources.kafka import KafkaResource
 from resources.lake import LakeResource
 from resources.outbox import OutboxResource
+from resources.sqs import SqsResource
 from resources.store import StoreResource
 
-__all__ = ["KafkaResource", "LakeResource", "OutboxResource", "StoreResource"]
+__all__ = ["KafkaResource", "LakeResource", "OutboxResource", "SqsResource", "StoreResource"]
