@@ -35,6 +35,8 @@ def make_sink(resources, spec: PipelineSpec):
         return resources.kafka.sink(target.topic)
     if target.kind == "sqs":
         return resources.sqs.sink(target.queue, target.max_visible)
+    if target.kind == "rabbitmq":
+        return resources.rabbitmq.sink(target.exchange, target.routing_key)
     return resources.outbox.get()
 
 
@@ -46,7 +48,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
         kinds={spec.redrive.sink.kind},
-        # The sink's resource (`outbox`, `kafka` or `sqs`) depends on the spec, so resources come by key.
+        # The sink's resource (`outbox`, `kafka`, `sqs` or `rabbitmq`) depends on the spec, so resources come by key.
         required_resource_keys={"lake", "store", spec.redrive.sink.kind},
         description=(
             f"One `redrive_raw_file` message per source file to the {spec.redrive.sink.name} sink, recorded in an "

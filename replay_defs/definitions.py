@@ -3,7 +3,8 @@
 Storage locations come from env vars, with an embedded default under ./data:
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
-EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks).
+EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
+(RabbitMQ sinks).
 """
 
 import os
@@ -12,7 +13,7 @@ import dagster as dg
 
 from assets import build_pipeline
 from replay_defs.pipelines import PIPELINES
-from resources import KafkaResource, LakeResource, OutboxResource, SqsResource, StoreResource
+from resources import KafkaResource, LakeResource, OutboxResource, RabbitMQResource, SqsResource, StoreResource
 
 
 def _setting(env: str, default: str):
@@ -40,6 +41,8 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         )
     if any(spec.redrive.sink.kind == "sqs" for spec in pipelines):
         resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
+    if any(spec.redrive.sink.kind == "rabbitmq" for spec in pipelines):
+        resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
 
 

@@ -40,10 +40,11 @@ def message_id(source_ref: str) -> str:
     return hashlib.sha256(source_ref.encode()).hexdigest()[:32]
 
 
-def raw_file_message(lake: Lake, source_ref: str) -> Message:
+def raw_file_message(lake: Lake, source_ref: str, event_type: str | None = None) -> Message:
     """Seed 004's SQS payload: {"kind": "redrive_raw_file", "bucket": ..., "key": ...}."""
     rel = lake.rel_from_uri(source_ref)
-    return Message(message_id(source_ref), {"kind": "redrive_raw_file", "bucket": lake.root.name, "key": rel, "source_ref": source_ref})
+    body = {"kind": "redrive_raw_file", "bucket": lake.root.name, "key": rel, "source_ref": source_ref}
+    return Message(message_id(source_ref), body, event_type)
 
 
 def select_source_refs(
@@ -188,7 +189,7 @@ def redrive(
             counts.dropped += 1
             counts.dropped_reasons["source_missing"] = counts.dropped_reasons.get("source_missing", 0) + 1
             continue
-        messages.append(raw_file_message(lake, ref))
+        messages.append(raw_file_message(lake, ref, seen[ref]))
     already = set() if force else ledger.delivered(spec.name, sink.name, (m.id for m in messages))
     already |= handled_in_run
     pending = [m for m in messages if m.id not in already]

@@ -4,6 +4,7 @@
 - `KafkaTopic`: an idempotent Kafka producer; a message counts only once the broker confirmed it.
 - `SqsQueue`: SendMessageBatch, retrying the entries a batch reports as failed; queue-depth
   backpressure.
+- `RabbitExchange`: AMQP publishes with publisher confirms, routed by event type.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from replay_defs.lake import check_partition
+from replay_defs.redact import redact
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class KafkaTopic:
 
         def report(i: int):
             def on_delivery(err, _msg):
-                errors[i] = None if err is None else str(err)
+                errors[i] = None if err is None else redact(str(err))
 
             return on_delivery
 
@@ -197,8 +199,56 @@ class SqsQueue:
             if len(entries) > 1:  # refused as a whole (e.g. one entry too big): isolate the culprit
                 return [f for e in entries for f in self._send([e])]
             code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-            return [(entries[0], f"{exc.response['Error'].get('Code')}: {exc.response['Error'].get('Message')}", code >= 500)]
+            return [(entries[0], redact(f"{exc.response['Error'].get('Code')}: {exc.response['Error'].get('Message')}"), code >= 500)]
         except Exception as exc:  # the endpoint is down or unreachable: retry later
-            return [(e, f"{type(exc).__name__}: {exc}", True) for e in entries]
+            return [(e, redact(f"{type(exc).__name__}: {exc}"), True) for e in entries]
         by_id = {e["Id"]: e for e in entries}
         return [(by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}", not f.get("SenderFault", False)) for f in resp.get("Failed", [])]
+
+
+class RabbitExchange:
+    """pika with publisher confirms: a publish counts once the broker acked it (`mandatory`, so a
+    message no queue would take is a failure, not a silent drop). A lost connection fails the
+    rest of the batch; the next batch reconnects."""
+
+    def __init__(self, url: str, exchange: str, routing_key: str = "{type}"):
+        self.url = url
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.name = f"rabbitmq:{exchange}"
+        self._channel = None
+
+    def _open(self):
+        import pika
+
+        if self._channel is None or self._channel.is_closed:
+            params = pika.URLParameters(self.url)
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+            self._channel = pika.BlockingConnection(params).channel()
+            self._channel.confirm_delivery()
+        return self._channel
+
+    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
+        import pika
+        from pika.exceptions import AMQPError
+
+        errors: list[str | None] = []
+        props = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, headers={"replay_run_id": run_id, "pipeline": pipeline, "day": day}
+        )
+        for m in messages:
+            if errors and errors[-1] is not None and errors[-1].startswith("connection"):
+                errors.append(errors[-1])  # the connection is gone: fail the rest of the batch fast
+                continue
+            key = self.routing_key.format(type=m.type or "any", pipeline=pipeline)
+            body = json.dumps({"id": m.id, **m.body}, sort_keys=True).encode()
+            try:
+                self._open().basic_publish(self.exchange, key, body, properties=props, mandatory=True)
+                errors.append(None)
+            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+                errors.append(f"not confirmed: {type(exc).__name__}")
+            except (AMQPError, OSError) as exc:
+                self._channel = None
+                errors.append(redact(f"connection: {type(exc).__name__}: {exc}"))
+        return errors

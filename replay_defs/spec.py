@@ -163,11 +163,29 @@ class SqsSink:
 
 
 @dataclass(frozen=True)
+class RabbitSink:
+    """One AMQP message per delivery to `exchange` (resource `rabbitmq`), routed by the event type
+    (`routing_key` may use `{type}` and `{pipeline}`), with publisher confirms."""
+
+    exchange: str
+    routing_key: str = "{type}"
+    kind: Literal["rabbitmq"] = "rabbitmq"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", self.exchange):
+            raise ValueError(f"{self.exchange!r} is not a valid exchange name")
+
+    @property
+    def name(self) -> str:
+        return f"rabbitmq:{self.exchange}"
+
+
+@dataclass(frozen=True)
 class Redrive:
     """What a redrive delivers (one message per raw file, seed 004) and where to."""
 
     unit: Literal["raw_file"] = "raw_file"
-    sink: OutboxSink | KafkaSink | SqsSink = OutboxSink()
+    sink: OutboxSink | KafkaSink | SqsSink | RabbitSink = OutboxSink()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 from resources.kafka import KafkaResource
 from resources.lake import LakeResource
 from resources.outbox import OutboxResource
+from resources.rabbitmq import RabbitMQResource
 from resources.sqs import SqsResource
 from resources.store import StoreResource
 
-__all__ = ["KafkaResource", "LakeResource", "OutboxResource", "SqsResource", "StoreResource"]
+__all__ = ["KafkaResource", "LakeResource", "OutboxResource", "RabbitMQResource", "SqsResource", "StoreResource"]

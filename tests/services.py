@@ -110,3 +110,88 @@ class Moto:
                 return out
             out += batch
             sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)])
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a real server, to cut the connection without stopping a
+    server other work may share: `stop()` closes the listener and every open connection."""
+
+    def __init__(self, target_port: int, port: int | None = None):
+        self.target_port = target_port
+        self.port = port or free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> "TcpProxy":
+        import threading
+
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._listener:
+            try:  # wakes the thread blocked in accept(); close() alone leaves it listening
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self._conns = []
+
+
+def rabbitmq_port() -> int:
+    """The machine's RabbitMQ on 5672; started with the installed binary when it is not running."""
+    if _answers(5672):
+        return 5672
+    subprocess.run(["rabbitmq-server", "-detached"], check=True)  # FileNotFoundError: install rabbitmq-server
+    deadline = time.time() + 60
+    while not _answers(5672):
+        if time.time() > deadline:
+            raise RuntimeError("rabbitmq-server did not come up on 5672")
+        time.sleep(1)
+    return 5672
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False

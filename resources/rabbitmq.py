@@ -1,0 +1,16 @@
+import dagster as dg
+from pydantic import Field
+
+from replay_defs.sinks import RabbitExchange
+
+
+class RabbitMQResource(dg.ConfigurableResource):
+    """A RabbitMQ broker for redrive sinks (pika)."""
+
+    url: str = Field(
+        description="AMQP URL, e.g. amqp://user:pass@host:5672/%2F (env EVENT_REPLAY_RABBITMQ_URL).",
+        json_schema_extra={"dagster__is_secret": True},
+    )
+
+    def sink(self, exchange: str, routing_key: str) -> RabbitExchange:
+        return RabbitExchange(self.url, exchange, routing_key)
