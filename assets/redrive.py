@@ -27,6 +27,7 @@ class RedriveConfig(dg.Config):
     dry_run: bool = Field(default=False, description="Plan only: count what would be sent, send nothing.")
     limit: int | None = Field(default=None, ge=0, description="Send at most this many messages (sanity-check mode).")
     force: bool = Field(default=False, description="Send again even what the ledger says the sink already has.")
+    rate_limit: float | None = Field(default=None, gt=0, description="At most this many messages per second.")
 
 
 def make_sink(resources, spec: PipelineSpec):
@@ -72,7 +73,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
             counts = rd.redrive(
                 the_lake, sink, ledger, spec, day, refs, context.run.run_id,
                 dry_run=config.dry_run, limit=config.limit, force=config.force, log=context.log.info,
-                handled_in_run=handled,
+                handled_in_run=handled, rate_limit=config.rate_limit,
             )
             verb = "would send" if config.dry_run else "sent"
             context.log.info(

@@ -9,6 +9,7 @@ unless `force` is set.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -165,6 +166,7 @@ def redrive(
     batch_size: int = 500,
     log=None,
     handled_in_run: set[str] | None = None,
+    rate_limit: float | None = None,
 ) -> RedriveCounts:
     """`handled_in_run`: message ids an earlier day of the same run already handled (a raw file
     can hold events of two days); they count as already delivered, even when forced, and the ids
@@ -198,7 +200,14 @@ def redrive(
         return counts
     handled_in_run.update(m.id for m in messages)
     paused_before = getattr(sink, "paused_s", 0.0)
+    if rate_limit:  # pace in batches of about a tenth of a second
+        batch_size = max(1, min(batch_size, int(rate_limit / 10)))
+    started = time.monotonic()
     for i in range(0, len(pending), batch_size):
+        if rate_limit:
+            wait = i / rate_limit - (time.monotonic() - started)
+            if wait > 0:
+                time.sleep(wait)
         batch = pending[i : i + batch_size]
         errors = sink.deliver(spec.name, partition, batch, run_id=run_id, resend=force)
         ok = [m.id for m, e in zip(batch, errors) if e is None]

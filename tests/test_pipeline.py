@@ -651,3 +651,16 @@ def test_parsed_day_depends_on_raw_days_either_side(defs):
         assert list(up.partitions_subset.get_partition_keys()) == ["2025-11-25"]
     job = defs.resolve_job_def("telemetry_replay")
     assert job.partitions_def == dg.DailyPartitionsDefinition(start_date="2025-11-01", timezone="UTC")
+
+
+def test_redrive_rate_limit_paces_deliveries(defs, instance, env):
+    import time
+
+    started = time.monotonic()
+    result = run_day(defs, instance, "2025-11-25", run_config={"ops": {"telemetry__redrive": {"config": {"rate_limit": 10}}}}, selection=[dg.AssetKey(["telemetry", a]) for a in ("raw_events", "parsed_events", "redrive")])
+    elapsed = time.monotonic() - started
+    (mat,) = result.asset_materializations_for_node("telemetry__redrive")
+    sent = mat.metadata["published"].value
+    assert result.success and sent > 20
+    # n messages at 10/s cannot take less than (n - 1) / 10 seconds.
+    assert elapsed >= (sent - 1) / 10
