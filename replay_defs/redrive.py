@@ -1,4 +1,4 @@
-"""Redrive: deliver a partition's raw files (or events) to a sink, at most once per sink.
+"""Redrive: deliver a partition's raw files to a sink, at most once per sink.
 
 Selection modes follow seed 004: the whole day's source refs (`day`, optionally one event type),
 one raw file (`file`), every raw file under a prefix (`prefix`), or the source refs of one parsed
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from replay_defs.lake import Lake, check_partition
-from replay_defs.sinks import Message, Outbox, Sink  # noqa: F401  (Outbox: re-exported)
+from replay_defs.sinks import Message, Sink
 from replay_defs.spec import PipelineSpec
 from replay_defs.store import DuckDBStore
 
