@@ -62,7 +62,7 @@ def merge_quarantine(files: list[str], dest: str) -> int:
     return rows
 
 
-def day_stats(spec: PipelineSpec, day: str, manifest: dict, result: ParseResult, seconds: float) -> dict:
+def day_stats(day: str, manifest: dict, result: ParseResult, seconds: float) -> dict:
     quarantined = dict(sorted(result.quarantined.items()))
     home_bytes = manifest["totals"]["bytes_uncompressed"]
     return {
@@ -126,7 +126,7 @@ def materialize_day(
         merge_quarantine(
             result.quarantine_files, str(staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet")
         )
-        stats = day_stats(spec, day, manifest, result, time.monotonic() - t0)
+        stats = day_stats(day, manifest, result, time.monotonic() - t0)
         state = lake.publish(own, day, staged, parsed_slot_patterns(spec, day), stats, run_id=run_id)
         stats["version"] = state.version
         return stats

@@ -53,7 +53,7 @@ def hour_dir(lake: Path, hour: datetime) -> Path:
     return lake / RAW_PREFIX / f"year={hour:%Y}/month={hour:%m}/day={hour:%d}/hour={hour:%H}"
 
 
-def _bad_lines(rng: random.Random, day: date) -> list[bytes]:
+def _bad_lines(day: date) -> list[bytes]:
     ts = f"{day.isoformat()}T12:00:00.000Z"
     return [
         b'{"event_id": "broken", "ts": "' + ts.encode() + b'", "type": "lock"',  # truncated JSON
@@ -123,7 +123,7 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
             if rng.random() < cfg.duplicate_rate:  # at-least-once: the same line again
                 buffers[arrival_hour + HOUR * rng.randrange(0, 2)].append(line)
         if cfg.bad_lines and event_hour.hour == 12:
-            buffers[event_hour].extend(_bad_lines(rng, day))
+            buffers[event_hour].extend(_bad_lines(day))
             _write_truncated(lake, event_hour, rng, enc, cfg)
         flush(event_hour)
     flush(datetime.max.replace(tzinfo=timezone.utc))

@@ -195,3 +195,22 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+class MutationProxy:
+    """Stands in for a module (os, shutil) as seen by `replay_defs.lake`: the named functions
+    call `on_call(name, args)` first (which may log, raise or kill: fault injection), then run."""
+
+    def __init__(self, module, names, on_call):
+        self._module = module
+        for name in names:
+            real = getattr(module, name)
+
+            def wrapped(*a, _real=real, _name=name, **kw):
+                on_call(_name, a)
+                return _real(*a, **kw)
+
+            setattr(self, name, wrapped)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROJECT_ROOT, run_day
+from services import MutationProxy
 
 DAY = "2025-11-25"
 OWNER_DIR = Path("_replay/telemetry/parsed_events")
@@ -60,6 +61,9 @@ import os, shutil, signal, sys
 
 import replay_defs.lake as lake
 
+sys.path.insert(0, os.environ["REPLAY_TESTS_DIR"])
+from services import MutationProxy
+
 KILL_AT = int(os.environ.get("REPLAY_KILL_AT_STEP", "0"))
 LOG = os.environ["REPLAY_STEP_LOG"]
 _n = 0
@@ -75,24 +79,8 @@ def _step(name, args):
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-class _Proxy:
-    def __init__(self, module, names):
-        self._module = module
-        for name in names:
-            real = getattr(module, name)
-
-            def wrapped(*a, _real=real, _name=name, **kw):
-                _step(_name, a)
-                return _real(*a, **kw)
-
-            setattr(self, name, wrapped)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
-lake.os = _Proxy(os, ("rename", "replace", "remove", "rmdir"))
-lake.shutil = _Proxy(shutil, ("rmtree",))
+lake.os = MutationProxy(os, ("rename", "replace", "remove", "rmdir"), _step)
+lake.shutil = MutationProxy(shutil, ("rmtree",), _step)
 
 if __name__ == "__main__":  # spawned parse workers import this file as __mp_main__
     from dagster._cli import main
@@ -154,7 +142,7 @@ class Workspace:
             if self.step_log.exists():
                 self.step_log.unlink()
             cmd = [sys.executable, str(self.wrapper), *CLI_ARGS]
-            env = self.env(REPLAY_KILL_AT_STEP=str(kill_at_step), REPLAY_STEP_LOG=str(self.step_log))
+            env = self.env(REPLAY_KILL_AT_STEP=str(kill_at_step), REPLAY_STEP_LOG=str(self.step_log), REPLAY_TESTS_DIR=str(PROJECT_ROOT / "tests"))
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         proc.log_path = log.name  # type: ignore[attr-defined]
         log.close()
@@ -468,25 +456,6 @@ class SimulatedCrash(Exception):
     pass
 
 
-class _RaisingProxy:
-    """`replay_defs.lake`'s os/shutil: real calls, but the k-th mutation (counted from the first
-    journal write) raises instead of happening."""
-
-    def __init__(self, module, names, counter):
-        self._module = module
-        for name in names:
-            real = getattr(module, name)
-
-            def wrapped(*a, _real=real, _name=name, **kw):
-                counter(_name, a)
-                return _real(*a, **kw)
-
-            setattr(self, name, wrapped)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 # Publish steps of the first parsed_events run (see PUBLISH_KILLS): journal replace, 4 renames,
 # state replace, journal remove, staging rmtree.
 PUBLISH_STEPS = {
@@ -531,8 +500,8 @@ def test_raise_at_a_publish_step_in_run_day_then_rerun_equals_clean_run(ws, refe
 
     with dg.instance_for_test(temp_dir=str(ws.home)) as instance:
         with monkeypatch.context() as m:
-            m.setattr(lake_mod, "os", _RaisingProxy(os, ("rename", "replace", "remove", "rmdir"), counter))
-            m.setattr(lake_mod, "shutil", _RaisingProxy(shutil, ("rmtree",), counter))
+            m.setattr(lake_mod, "os", MutationProxy(os, ("rename", "replace", "remove", "rmdir"), counter))
+            m.setattr(lake_mod, "shutil", MutationProxy(shutil, ("rmtree",), counter))
             crashed = run_day(defs, instance, DAY, run_config=config, selection=selection)
         assert not crashed.success and len(seen) == k, (k, seen)
         expected = PUBLISH_STEPS[k].split()[0]
