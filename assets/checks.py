@@ -13,7 +13,7 @@ from partitions import daily_partitions
 from replay_defs import redrive as rd
 from replay_defs.lake import Lake
 from replay_defs.spec import PipelineSpec
-from resources import LakeResource, StoreResource
+from resources import LakeResource, LedgerResource, StoreResource
 
 
 def parquet_on_disk(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
@@ -86,7 +86,7 @@ def projection_totals(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVer
     return DayVerdict(not problems, "; ".join(problems) or "projection totals equal parsed counts", md)
 
 
-def deliveries(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
+def deliveries(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> DayVerdict:
     last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
     if last is None:
         return DayVerdict(False, "redrive has not run for this day", {})
@@ -98,7 +98,8 @@ def deliveries(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
     if counts.failed:
         problems.append(f"{counts.failed} deliveries failed")
     if not last["dry_run"]:
-        in_ledger = rd.Ledger(store).count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
+        with ledger_resource.open() as ledger:
+            in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
         md["ledger_rows_for_run"] = in_ledger
         if in_ledger != counts.published:
             problems.append(f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}")
@@ -131,7 +132,7 @@ def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
     @dg.asset_check(asset=redrive, name="deliveries_reconcile", partitions_def=parts, blocking=True,
                     description="selected = published + already delivered + dropped + failed, failed = 0, and the ledger agrees.")
-    def deliveries_reconcile(context: dg.AssetCheckExecutionContext, lake: LakeResource, store: StoreResource):
-        return check_each_day(context, redrive, "deliveries_reconcile", lambda d: deliveries(lake.get(), store.get(), spec, d))
+    def deliveries_reconcile(context: dg.AssetCheckExecutionContext, lake: LakeResource, ledger: LedgerResource):
+        return check_each_day(context, redrive, "deliveries_reconcile", lambda d: deliveries(lake.get(), ledger, spec, d))
 
     return [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, deliveries_reconcile]

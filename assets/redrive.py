@@ -1,4 +1,4 @@
-"""redrive: deliver the partition's raw files (source refs) to the pipeline's sink, once per sink."""
+"""redrive: deliver the partition's raw files (source refs) or events to the pipeline's sink, once per sink."""
 
 
 from typing import Literal
@@ -28,6 +28,8 @@ class RedriveConfig(dg.Config):
     limit: int | None = Field(default=None, ge=0, description="Send at most this many messages (sanity-check mode).")
     force: bool = Field(default=False, description="Send again even what the ledger says the sink already has.")
     rate_limit: float | None = Field(default=None, gt=0, description="At most this many messages per second.")
+    retries: int = Field(default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed.")
+    batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup and per sink delivery.")
 
 
 def make_sink(resources, spec: PipelineSpec):
@@ -38,6 +40,8 @@ def make_sink(resources, spec: PipelineSpec):
         return resources.sqs.sink(target.queue, target.max_visible)
     if target.kind == "rabbitmq":
         return resources.rabbitmq.sink(target.exchange, target.routing_key)
+    if target.kind == "redis":
+        return resources.redis.sink(target)
     return resources.outbox.get()
 
 
@@ -49,58 +53,71 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
         kinds={spec.redrive.sink.kind},
-        # The sink's resource (`outbox`, `kafka`, `sqs` or `rabbitmq`) depends on the spec, so resources come by key.
-        required_resource_keys={"lake", "store", spec.redrive.sink.kind},
+        # The sink's resource (`outbox`, `kafka`, `sqs`, `rabbitmq` or `redis`) depends on the spec, so resources come by key.
+        required_resource_keys={"lake", "ledger", spec.redrive.sink.kind},
         description=(
-            f"One `redrive_raw_file` message per source file to the {spec.redrive.sink.name} sink, recorded in an "
-            "idempotency ledger so a re-run sends nothing twice unless `force`."
+            f"One message per {'parsed event' if spec.redrive.unit == 'event' else 'source file (`redrive_raw_file`)'} "
+            f"to the {spec.redrive.sink.name} sink, recorded in an idempotency ledger so a re-run sends nothing twice unless `force`."
         ),
     )
     def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        ledger = rd.Ledger(context.resources.store.get())
         sink = make_sink(context.resources, spec)
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
-        for day in context.partition_keys:
-            parsed_files = committed_parquet(the_lake, spec, day) if config.mode in ("day", "parquet") else []
-            manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))
-            try:
-                refs = rd.select_source_refs(
-                    the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type
-                )
-            except ValueError as exc:
-                raise dg.Failure(str(exc)) from exc
-            counts = rd.redrive(
-                the_lake, sink, ledger, spec, day, refs, context.run.run_id,
-                dry_run=config.dry_run, limit=config.limit, force=config.force, log=context.log.info,
-                handled_in_run=handled, rate_limit=config.rate_limit,
-            )
-            verb = "would send" if config.dry_run else "sent"
-            context.log.info(
-                f"{day}: selected {counts.selected}, {verb} {counts.published if not config.dry_run else counts.selected - counts.skipped_already_delivered - counts.dropped}, "
-                f"already delivered {counts.skipped_already_delivered}, dropped {counts.dropped} {counts.dropped_reasons}"
-            )
-            md = {
-                "mode": config.mode,
-                "backpressure_paused_s": counts.paused_s,
-                "dry_run": config.dry_run,
-                "selected": counts.selected,
-                "published": counts.published,
-                "skipped_already_delivered": counts.skipped_already_delivered,
-                "dropped": counts.dropped,
-                "failed": counts.failed,
-                **{f"selected_type_{t}": n for t, n in counts.by_type.items()},
-                **{f"dropped_{r}": n for r, n in counts.dropped_reasons.items()},
-            }
-            if config.dry_run:
-                md["would_publish"] = counts.selected - counts.skipped_already_delivered - counts.dropped
-            context.add_asset_metadata(md, partition_key=day)
-            if counts.failures:
-                name = f"dead_letter/day={day}/{context.run.run_id}.json"
-                path = the_lake.write_json(owner(spec, REDRIVE), name, {"sink": sink.name, "failures": counts.failures})
-                context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.failures[0]['error']}); dead letters in {path}")
-            summary = {k: v for k, v in counts.__dict__.items() if k != "failures"}
-            the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **summary})
+        try:
+            for day in context.partition_keys:
+                with context.resources.ledger.open() as ledger:
+                    redrive_day(context, config, spec, the_lake, sink, ledger, day, handled)
+        finally:
+            sink.close()
         return dg.MaterializeResult()
 
     return redrive
+
+
+def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]) -> None:
+    parsed_files = committed_parquet(the_lake, spec, day)
+    try:
+        if spec.redrive.unit == "event":
+            batches = rd.event_batches(the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size)
+        else:
+            manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))
+            refs = rd.select_source_refs(the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type)
+            batches = [rd.raw_file_batch(the_lake, refs)]
+        counts = rd.redrive(
+            sink, ledger, spec.name, day, batches, context.run.run_id,
+            dry_run=config.dry_run, limit=config.limit, force=config.force, batch_size=config.batch_size,
+            retries=config.retries, rate_limit=config.rate_limit, log=context.log.info,
+            handled_in_run=handled if spec.redrive.unit == "raw_file" else None,
+        )
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    would_publish = counts.selected - counts.skipped_already_delivered - counts.dropped
+    context.log.info(
+        f"{day}: selected {counts.selected}, {'would send' if config.dry_run else 'sent'} "
+        f"{would_publish if config.dry_run else counts.published}, already delivered {counts.skipped_already_delivered}, "
+        f"dropped {counts.dropped} {counts.dropped_reasons or ''}, failed {counts.failed}"
+    )
+    md = {
+        "mode": config.mode,
+        "unit": spec.redrive.unit,
+        "sink": sink.name,
+        "backpressure_paused_s": counts.paused_s,
+        "dry_run": config.dry_run,
+        "selected": counts.selected,
+        "published": counts.published,
+        "skipped_already_delivered": counts.skipped_already_delivered,
+        "dropped": counts.dropped,
+        "failed": counts.failed,
+        **{f"selected_type_{t}": n for t, n in counts.by_type.items()},
+        **{f"dropped_{r}": n for r, n in counts.dropped_reasons.items()},
+    }
+    if config.dry_run:
+        md["would_publish"] = would_publish
+    context.add_asset_metadata(md, partition_key=day)
+    if counts.failures:
+        name = f"dead_letter/day={day}/{context.run.run_id}.json"
+        path = the_lake.write_json(owner(spec, REDRIVE), name, {"sink": sink.name, "failures": counts.failures})
+        context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.failures[0]['error']}); dead letters in {path}")
+    summary = {k: v for k, v in counts.__dict__.items() if k != "failures"}
+    the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **summary})

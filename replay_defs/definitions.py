@@ -4,7 +4,8 @@ Storage locations come from env vars, with an embedded default under ./data:
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
-(RabbitMQ sinks).
+(RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks), EVENT_REPLAY_LEDGER_URL (a Postgres
+redrive ledger instead of the DuckDB one).
 """
 
 import os
@@ -13,7 +14,16 @@ import dagster as dg
 
 from assets import build_pipeline
 from replay_defs.pipelines import PIPELINES
-from resources import KafkaResource, LakeResource, OutboxResource, RabbitMQResource, SqsResource, StoreResource
+from resources import (
+    KafkaResource,
+    LakeResource,
+    LedgerResource,
+    OutboxResource,
+    RabbitMQResource,
+    RedisResource,
+    SqsResource,
+    StoreResource,
+)
 
 
 def _setting(env: str, default: str):
@@ -28,9 +38,11 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         assets += built.assets
         checks += built.checks
         jobs.append(built.job)
+    duckdb_path = _setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
     resources = {
         "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
-        "store": StoreResource(path=_setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")),
+        "store": StoreResource(path=duckdb_path),
+        "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
     }
     if any(spec.redrive.sink.kind == "kafka" for spec in pipelines):
@@ -43,6 +55,8 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
     if any(spec.redrive.sink.kind == "rabbitmq" for spec in pipelines):
         resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    if any(spec.redrive.sink.kind == "redis" for spec in pipelines):
+        resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
 
 

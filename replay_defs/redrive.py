@@ -1,24 +1,26 @@
-"""Redrive: deliver a partition's raw files to a sink, at most once per sink.
+"""Redrive: deliver a partition's raw files or events to a sink, at most once per sink.
 
-Selection modes follow seed 004: the whole day's source refs (`day`, optionally one event type),
-one raw file (`file`), every raw file under a prefix (`prefix`), or the source refs of one parsed
-Parquet file (`parquet`). An idempotency ledger makes a re-run skip what a sink already has,
-unless `force` is set.
+Selection modes follow seed 004: the whole day (`day`, optionally one event type), one raw file
+(`file`), every raw file under a prefix (`prefix`), or one parsed Parquet file (`parquet`).
+Messages flow as `Batch`es; the idempotency ledger (`replay_defs.ledger`) makes a re-run skip what
+a sink already has, unless `force` is set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import duckdb
 
 from replay_defs.lake import Lake, check_partition
-from replay_defs.sinks import Message, Sink
+from replay_defs.ledger import Ledger
+from replay_defs.sinks import Batch, Sink
 from replay_defs.spec import PipelineSpec
-from replay_defs.store import DuckDBStore
+from replay_defs.store import ident
 
 
 @dataclass
@@ -41,11 +43,31 @@ def message_id(source_ref: str) -> str:
     return hashlib.sha256(source_ref.encode()).hexdigest()[:32]
 
 
-def raw_file_message(lake: Lake, source_ref: str, event_type: str | None = None) -> Message:
+def raw_file_message(lake: Lake, source_ref: str) -> tuple[str, dict, None]:
     """Seed 004's SQS payload: {"kind": "redrive_raw_file", "bucket": ..., "key": ...}."""
     rel = lake.rel_from_uri(source_ref)
     body = {"kind": "redrive_raw_file", "bucket": lake.root.name, "key": rel, "source_ref": source_ref}
-    return Message(message_id(source_ref), body, event_type)
+    return message_id(source_ref), body, None
+
+
+def _parquet_selection(lake: Lake, spec: PipelineSpec, parsed_files: list[str], mode: str, uri: str | None, event_type: str | None) -> list[str]:
+    """The committed Parquet files a selection reads: all of the day's, or the one named (mode
+    parquet), narrowed to one event type when given."""
+    files = parsed_files
+    if mode == "parquet":
+        if not uri:
+            raise ValueError("mode 'parquet' needs `uri`: a parsed Parquet file of this partition")
+        rel = lake.rel_from_uri(uri) if "://" in uri else uri
+        if rel not in parsed_files:
+            raise ValueError(f"{uri!r} is not a committed Parquet file of this partition")
+        files = [rel]
+    elif mode not in ("day", "file", "prefix"):
+        raise ValueError(f"unknown mode {mode!r}: use day, file, prefix or parquet")
+    if event_type is not None:
+        if event_type not in spec.schema.known_types:
+            raise ValueError(f"unknown type {event_type!r}; known: {', '.join(spec.schema.known_types)}")
+        files = [f for f in files if f"/type={event_type}/" in f]
+    return files
 
 
 def select_source_refs(
@@ -62,18 +84,7 @@ def select_source_refs(
     """The partition's source refs to redrive, grouped by event type (None when unknown)."""
     check_partition(partition)
     if mode in ("day", "parquet"):
-        files = parsed_files
-        if mode == "parquet":
-            if not uri:
-                raise ValueError("mode 'parquet' needs `uri`: a parsed Parquet file of this partition")
-            rel = lake.rel_from_uri(uri) if "://" in uri else uri
-            if rel not in parsed_files:
-                raise ValueError(f"{uri!r} is not a committed Parquet file of partition {partition}")
-            files = [rel]
-        if event_type is not None:
-            if event_type not in spec.schema.known_types:
-                raise ValueError(f"unknown type {event_type!r}; known: {', '.join(spec.schema.known_types)}")
-            files = [f for f in files if f"/type={event_type}/" in f]
+        files = _parquet_selection(lake, spec, parsed_files, mode, uri, event_type)
         if not files:
             return {}
         rows = duckdb.execute(
@@ -104,124 +115,154 @@ def select_source_refs(
     raise ValueError(f"unknown mode {mode!r}: use day, file, prefix or parquet")
 
 
-class Ledger:
-    """Which message ids each pipeline's sink has been given; lives in the store (DuckDB here)."""
-
-    DDL = """CREATE TABLE IF NOT EXISTS redrive_ledger (
-        pipeline VARCHAR, sink VARCHAR, message_id VARCHAR, day VARCHAR,
-        status VARCHAR, attempts INTEGER, last_error VARCHAR, run_id VARCHAR,
-        updated_at TIMESTAMPTZ DEFAULT current_timestamp,
-        PRIMARY KEY (pipeline, sink, message_id))"""
-
-    def __init__(self, store: DuckDBStore):
-        self.store = store
-
-    def delivered(self, pipeline: str, sink: str, ids: Iterable[str]) -> set[str]:
-        ids = list(ids)
-        if not ids:
-            return set()
-        with self.store.connect() as con:
-            con.execute(self.DDL)
-            rows = con.execute(
-                "SELECT message_id FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink "
-                "AND status = 'delivered' AND list_contains($ids, message_id)",
-                {"pipeline": pipeline, "sink": sink, "ids": ids},
-            ).fetchall()
-        return {r[0] for r in rows}
-
-    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None):
-        with self.store.connect() as con:
-            con.execute(self.DDL)
-            con.execute(
-                """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
-                   SELECT $pipeline, $sink, unnest($ids), $day, $status, 1, $error, $run_id
-                   ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
-                     attempts = redrive_ledger.attempts + 1, last_error = excluded.last_error,
-                     run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
-                {"pipeline": pipeline, "sink": sink, "ids": ids, "day": day, "status": status, "error": error, "run_id": run_id},
-            )
-
-    def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
-        with self.store.connect() as con:
-            con.execute(self.DDL)
-            sql = "SELECT count(*) FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day AND status = 'delivered'"
-            params = {"pipeline": pipeline, "sink": sink, "day": day}
-            if run_id:
-                sql += " AND run_id = $run_id"
-                params["run_id"] = run_id
-            return con.execute(sql, params).fetchone()[0]
-
-
-def redrive(
-    lake: Lake,
-    sink: Sink,
-    ledger: Ledger,
-    spec: PipelineSpec,
-    partition: str,
-    refs_by_type: dict[str | None, list[str]],
-    run_id: str,
-    dry_run: bool = False,
-    limit: int | None = None,
-    force: bool = False,
-    batch_size: int = 500,
-    log=None,
-    handled_in_run: set[str] | None = None,
-    rate_limit: float | None = None,
-) -> RedriveCounts:
-    """`handled_in_run`: message ids an earlier day of the same run already handled (a raw file
-    can hold events of two days); they count as already delivered, even when forced, and the ids
-    this day handles are added to it."""
-    handled_in_run = set() if handled_in_run is None else handled_in_run
-    counts = RedriveCounts()
-    # One message per raw file, even when the file holds events of several types.
+def raw_file_batch(lake: Lake, refs_by_type: dict[str | None, list[str]]) -> Batch:
+    """One seed-004 message per raw file, even when the file holds events of several types;
+    a file that is no longer in the lake is marked to be dropped (`source_missing`)."""
     seen: dict[str, str | None] = {}
     for t, refs in refs_by_type.items():
         for ref in refs:
             seen.setdefault(ref, t)
     refs = sorted(seen)
-    if limit is not None:
-        refs = refs[:limit]
-    counts.selected = len(refs)
-    for ref in refs:
-        t = seen[ref] or "any"
-        counts.by_type[t] = counts.by_type.get(t, 0) + 1
-    messages = []
-    for ref in refs:
-        if not lake.path(lake.rel_from_uri(ref)).exists():
-            counts.dropped += 1
-            counts.dropped_reasons["source_missing"] = counts.dropped_reasons.get("source_missing", 0) + 1
-            continue
-        messages.append(raw_file_message(lake, ref, seen[ref]))
-    already = set() if force else ledger.delivered(spec.name, sink.name, (m.id for m in messages))
-    already |= handled_in_run
-    pending = [m for m in messages if m.id not in already]
-    counts.skipped_already_delivered = len(messages) - len(pending)
-    if dry_run:
-        return counts
-    handled_in_run.update(m.id for m in messages)
+    batch = Batch.of([raw_file_message(lake, ref) for ref in refs])
+    batch.types = [seen[r] for r in refs]
+    batch.drop = [None if lake.path(lake.rel_from_uri(r)).exists() else "source_missing" for r in refs]
+    return batch
+
+
+def event_batches(
+    lake: Lake, spec: PipelineSpec, parsed_files: list[str], mode: str, uri: str | None = None,
+    prefix: str | None = None, event_type: str | None = None, batch_rows: int = 10_000,
+) -> Iterator[Batch]:
+    """unit="event": the partition's parsed events, in event-time order, `batch_rows` at a time
+    (memory is bounded by the batch). Each body is the event's schema fields as JSON; the key is
+    the spec's `key_field`. Modes as for raw files: the day (optionally one type), one parsed
+    Parquet file, the events of one raw file, or of raw files under a prefix."""
+    files = _parquet_selection(lake, spec, parsed_files, mode, uri, event_type)
+    if not files:
+        return
+    schema = spec.schema
+    where, params = "TRUE", {"files": [str(lake.path(f)) for f in files]}
+    if mode == "file":
+        if not uri:
+            raise ValueError("mode 'file' needs `uri`: a raw file whose events to send")
+        where, params["ref"] = "source_ref = $ref", uri
+    elif mode == "prefix":
+        if not prefix:
+            raise ValueError("mode 'prefix' needs `prefix` (lake-relative or a URI)")
+        where, params["ref"] = "starts_with(source_ref, $ref)", prefix if "://" in prefix else lake.uri(prefix.strip("/"))
+    fields = []
+    for f in schema.fields:
+        col = ident(f.name)
+        if f.type == "timestamp":
+            col = f"strftime({col}, '%Y-%m-%dT%H:%M:%S.%fZ')"
+        elif f.type == "json":
+            col = f"{col}::JSON"
+        fields.append(f"{ident(f.name)} := {col}")
+    key = ident(spec.redrive.key_field or schema.id_field)
+    sql = (
+        f"SELECT {ident(schema.id_field)} AS id, {ident(schema.type_field)} AS type, "
+        f"encode(coalesce(CAST({key} AS VARCHAR), '')) AS key, encode(to_json(struct_pack({', '.join(fields)}))) AS body "
+        f"FROM read_parquet($files) WHERE {where} ORDER BY {ident(schema.time_field)}, id"
+    )
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        for rb in con.execute(sql, params).fetch_record_batch(batch_rows):
+            yield Batch(rb.column("id").to_pylist(), rb.column("body").to_pylist(), rb.column("type").to_pylist(), rb.column("key").to_pylist())
+    finally:
+        con.close()
+
+
+def redrive(
+    sink: Sink,
+    ledger: Ledger,
+    pipeline: str,
+    partition: str,
+    batches: Iterable[Batch],
+    run_id: str,
+    dry_run: bool = False,
+    limit: int | None = None,
+    force: bool = False,
+    batch_size: int = 10_000,
+    retries: int = 2,
+    retry_backoff_s: float = 1.0,
+    rate_limit: float | None = None,
+    handled_in_run: set[str] | None = None,
+    log=None,
+) -> RedriveCounts:
+    """Deliver the selected messages that the sink does not have yet, recording each outcome.
+
+    Failed messages are retried `retries` times with exponential backoff before they count as
+    failed (and are returned as dead letters). A message is recorded as delivered only after the
+    sink confirmed it, so a crash re-sends at most the unrecorded tail; the sinks make such a
+    re-send harmless where the target allows it (Kafka keys, BullMQ job ids, SQS FIFO ids).
+
+    `handled_in_run`: message ids an earlier day of the same run already handled (a raw file can
+    hold events of two days); they count as already delivered, even when forced, and the ids this
+    day handles are added to it.
+    """
+    counts = RedriveCounts()
     paused_before = getattr(sink, "paused_s", 0.0)
-    if rate_limit:  # pace in batches of about a tenth of a second
+    if rate_limit:  # pace in chunks of about a tenth of a second
         batch_size = max(1, min(batch_size, int(rate_limit / 10)))
-    started = time.monotonic()
-    for i in range(0, len(pending), batch_size):
-        if rate_limit:
-            wait = i / rate_limit - (time.monotonic() - started)
-            if wait > 0:
-                time.sleep(wait)
-        batch = pending[i : i + batch_size]
-        errors = sink.deliver(spec.name, partition, batch, run_id=run_id, resend=force)
-        ok = [m.id for m, e in zip(batch, errors) if e is None]
-        ledger.record(spec.name, sink.name, partition, ok, "delivered", run_id)
-        counts.published += len(ok)
-        failed: dict[str, list[Message]] = {}
-        for m, e in zip(batch, errors):
-            if e is not None:
-                failed.setdefault(e, []).append(m)
-        for error, msgs in failed.items():
-            ledger.record(spec.name, sink.name, partition, [m.id for m in msgs], "failed", run_id, error=error)
-            counts.failed += len(msgs)
-            counts.failures.extend({"id": m.id, "error": error, "message": m.body} for m in msgs)
-        if log:
-            log(f"redrive {partition}: {counts.published}/{len(pending)} delivered, {counts.failed} failed")
+    started = last_log = time.monotonic()
+    sent = 0  # messages handed to the sink, for the rate limit
+    for batch in batches:
+        if limit is not None:
+            if counts.selected >= limit:
+                break
+            batch = batch.slice(0, limit - counts.selected)
+        counts.selected += len(batch)
+        for t, n in Counter(batch.types).items():
+            counts.by_type[t or "any"] = counts.by_type.get(t or "any", 0) + n
+        if batch.drop is not None:
+            for reason in filter(None, batch.drop):
+                counts.dropped += 1
+                counts.dropped_reasons[reason] = counts.dropped_reasons.get(reason, 0) + 1
+            batch = batch.take([i for i, r in enumerate(batch.drop) if r is None])
+        already = set() if force else ledger.delivered(pipeline, sink.name, batch.ids)
+        if handled_in_run is not None:
+            already |= handled_in_run.intersection(batch.ids)
+            handled_in_run.update(batch.ids)
+        pending = batch.take([i for i, m in enumerate(batch.ids) if m not in already]) if already else batch
+        counts.skipped_already_delivered += len(batch) - len(pending)
+        if dry_run:
+            continue
+        for start in range(0, len(pending), batch_size):
+            chunk = pending.slice(start, start + batch_size)
+            if rate_limit:
+                wait = sent / rate_limit - (time.monotonic() - started)
+                if wait > 0:
+                    time.sleep(wait)
+            sent += len(chunk)
+            _deliver_with_retries(sink, ledger, pipeline, partition, chunk, run_id, force, retries, retry_backoff_s, counts, log)
+            if log and time.monotonic() - last_log >= 5:
+                last_log = time.monotonic()
+                rate = counts.published / (last_log - started)
+                log(f"redrive {partition}: {counts.published} delivered ({rate:,.0f}/s), {counts.failed} failed so far")
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
+
+
+def _deliver_with_retries(sink, ledger, pipeline, partition, chunk: Batch, run_id, force, retries, backoff_s, counts, log) -> None:
+    for attempt in range(retries + 1):
+        errors = sink.deliver(pipeline, partition, chunk, run_id=run_id, resend=force)
+        ok = [m for m, e in zip(chunk.ids, errors) if e is None]
+        ledger.record(pipeline, sink.name, partition, ok, "delivered", run_id)
+        counts.published += len(ok)
+        failed = [i for i, e in enumerate(errors) if e is not None]
+        if not failed:
+            return
+        last_errors = [errors[i] for i in failed]
+        chunk = chunk.take(failed)
+        if attempt < retries:
+            if log:
+                log(f"redrive {partition}: {len(failed)} deliveries failed ({last_errors[0]}); retry {attempt + 1}/{retries}")
+            time.sleep(backoff_s * 2**attempt)
+    by_error: dict[str, list[int]] = {}
+    for i, e in enumerate(last_errors):
+        by_error.setdefault(e, []).append(i)
+    for error, index in by_error.items():
+        ledger.record(pipeline, sink.name, partition, [chunk.ids[i] for i in index], "failed", run_id, error=error)
+        counts.failures.extend({"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index)
+    counts.failed += len(chunk)

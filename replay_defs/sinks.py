@@ -5,6 +5,9 @@
 - `SqsQueue`: SendMessageBatch, retrying the entries a batch reports as failed; queue-depth
   backpressure.
 - `RabbitExchange`: AMQP publishes with publisher confirms, routed by event type.
+- `RedisTarget`: BullMQ jobs, list or stream entries, one atomic step per batch.
+
+Every sink takes a `Batch` and answers per message: None when confirmed, else the error.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import time
 import uuid
+from functools import partial
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +27,53 @@ from replay_defs.lake import check_partition
 from replay_defs.redact import redact
 
 
-@dataclass(frozen=True)
-class Message:
-    id: str
-    body: dict
-    type: str | None = None
+@dataclass
+class Batch:
+    """Messages to deliver, column by column: a million events stay a few lists, not objects.
+
+    `bodies` are the JSON messages as sent (the message id is inside); `keys` are partition keys
+    (Kafka message keys), the ids when absent.
+    """
+
+    ids: list[str]
+    bodies: list[bytes]
+    types: list[str | None]
+    keys: list[bytes] | None = None
+    drop: list[str | None] | None = None  # per message, why it cannot be sent (counted as dropped)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key_list(self) -> list[bytes]:
+        return self.keys if self.keys is not None else [i.encode() for i in self.ids]
+
+    def take(self, index: list[int]) -> "Batch":
+        def pick(col):
+            return None if col is None else [col[i] for i in index]
+
+        return Batch(pick(self.ids), pick(self.bodies), pick(self.types), pick(self.keys), pick(self.drop))
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        def cut(col):
+            return None if col is None else col[start:stop]
+
+        return Batch(cut(self.ids), cut(self.bodies), cut(self.types), cut(self.keys), cut(self.drop))
+
+    @staticmethod
+    def of(messages: list[tuple[str, dict, str | None]]) -> "Batch":
+        """From (id, body, type) triples; the id is added to each JSON body."""
+        return Batch([m[0] for m in messages], [json.dumps({"id": m[0], **m[1]}, sort_keys=True).encode() for m in messages],
+                     [m[2] for m in messages])
 
 
 class Sink(Protocol):
     name: str
 
-    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
         """Deliver a batch; per message None when confirmed, else the error text."""
+
+    def close(self) -> None:
+        """Release connections."""
 
 
 class Outbox:
@@ -51,20 +90,23 @@ class Outbox:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
 
-    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
         d = self.root / pipeline / f"day={check_partition(day)}"
         d.mkdir(parents=True, exist_ok=True)
         salt = run_id if resend else ""
-        name = hashlib.sha256(("\n".join(m.id for m in messages) + "\n" + salt).encode()).hexdigest()[:32]
+        name = hashlib.sha256(("\n".join(batch.ids) + "\n" + salt).encode()).hexdigest()[:32]
         path = d / f"batch-{name}.jsonl"
         tmp = d / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w") as f:
-            for m in messages:
-                f.write(json.dumps({"id": m.id, **m.body}, sort_keys=True) + "\n")
+        with open(tmp, "wb") as f:
+            for body in batch.bodies:
+                f.write(body + b"\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return [None] * len(messages)
+        return [None] * len(batch)
+
+    def close(self) -> None:
+        pass
 
     def read(self, pipeline: str) -> Iterator[dict]:
         for path in sorted((self.root / pipeline).glob("day=*/batch-*.jsonl")):
@@ -94,27 +136,28 @@ class KafkaTopic:
             }
         )
 
-    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
-        errors: list[str | None] = ["no delivery report before the flush timeout"] * len(messages)
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+        errors: list[str | None] = ["no delivery report before the flush timeout"] * len(batch)
 
-        def report(i: int):
-            def on_delivery(err, _msg):
-                errors[i] = None if err is None else redact(str(err))
-
-            return on_delivery
+        def on_delivery(i: int, err, _msg) -> None:
+            errors[i] = None if err is None else redact(str(err))
 
         headers = [("replay_run_id", run_id.encode()), ("pipeline", pipeline.encode()), ("day", day.encode())]
-        for i, m in enumerate(messages):
-            value = json.dumps({"id": m.id, **m.body}, sort_keys=True).encode()
+        produce, poll = self._producer.produce, self._producer.poll
+        for i, (key, value) in enumerate(zip(batch.key_list(), batch.bodies)):
             while True:
                 try:
-                    self._producer.produce(self.topic, key=m.id.encode(), value=value, headers=headers, on_delivery=report(i))
+                    produce(self.topic, value, key, headers=headers, on_delivery=partial(on_delivery, i))
                     break
                 except BufferError:  # local queue full: let deliveries drain
-                    self._producer.poll(0.1)
-            self._producer.poll(0)
+                    poll(0.1)
+            if i % 1000 == 0:
+                poll(0)
         self._producer.flush(self.timeout_s)
         return errors
+
+    def close(self) -> None:
+        self._producer.flush(self.timeout_s)
 
 
 class SqsQueue:
@@ -164,16 +207,16 @@ class SqsQueue:
         if chunk:
             yield chunk
 
-    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
-        errors: list[str | None] = [None] * len(messages)
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+        errors: list[str | None] = [None] * len(batch)
         attrs = {k: {"DataType": "String", "StringValue": v} for k, v in (("replay_run_id", run_id or "-"), ("pipeline", pipeline), ("day", day))}
         entries = []
-        for i, m in enumerate(messages):
-            entry = {"Id": str(i), "MessageBody": json.dumps({"id": m.id, **m.body}, sort_keys=True), "MessageAttributes": attrs}
+        for i, (mid, body) in enumerate(zip(batch.ids, batch.bodies)):
+            entry = {"Id": str(i), "MessageBody": body.decode(), "MessageAttributes": attrs}
             if self.fifo:
                 entry["MessageGroupId"] = f"{pipeline}-{day}"
                 # A forced re-send must not be swallowed by the 5-minute deduplication window.
-                entry["MessageDeduplicationId"] = hashlib.sha256(f"{m.id}{run_id if resend else ''}".encode()).hexdigest()[:64]
+                entry["MessageDeduplicationId"] = hashlib.sha256(f"{mid}{run_id if resend else ''}".encode()).hexdigest()[:64]
             entries.append(entry)
         for chunk in self._chunks(entries):
             self._wait_for_room()
@@ -188,6 +231,9 @@ class SqsQueue:
                 if pending:
                     time.sleep(0.2 * 2**attempt)
         return errors
+
+    def close(self) -> None:
+        pass
 
     def _send(self, entries: list[dict]) -> list[tuple[dict, str, bool]]:
         """One SendMessageBatch; returns (entry, error, retryable) for every entry that failed."""
@@ -229,7 +275,7 @@ class RabbitExchange:
             self._channel.confirm_delivery()
         return self._channel
 
-    def deliver(self, pipeline: str, day: str, messages: list[Message], run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
         import pika
         from pika.exceptions import AMQPError
 
@@ -237,12 +283,11 @@ class RabbitExchange:
         props = pika.BasicProperties(
             content_type="application/json", delivery_mode=2, headers={"replay_run_id": run_id, "pipeline": pipeline, "day": day}
         )
-        for m in messages:
+        for body, event_type in zip(batch.bodies, batch.types):
             if errors and errors[-1] is not None and errors[-1].startswith("connection"):
                 errors.append(errors[-1])  # the connection is gone: fail the rest of the batch fast
                 continue
-            key = self.routing_key.format(type=m.type or "any", pipeline=pipeline)
-            body = json.dumps({"id": m.id, **m.body}, sort_keys=True).encode()
+            key = self.routing_key.format(type=event_type or "any", pipeline=pipeline)
             try:
                 self._open().basic_publish(self.exchange, key, body, properties=props, mandatory=True)
                 errors.append(None)
@@ -252,3 +297,102 @@ class RabbitExchange:
                 self._channel = None
                 errors.append(redact(f"connection: {type(exc).__name__}: {exc}"))
         return errors
+
+    def close(self) -> None:
+        if self._channel is not None and self._channel.is_open:
+            self._channel.connection.close()
+        self._channel = None
+
+
+class RedisTarget:
+    """Redis as a sink, in one of three modes (see `spec.RedisSink`). Every batch is one atomic
+    server-side step: BullMQ's own add-job scripts in one MULTI (`Queue.addBulk`), or our script
+    for lists and streams, which appends only ids it has not appended before. So a batch whose
+    reply was lost can be sent again safely, and the consumer sees each message once."""
+
+    # KEYS[1] target list/stream, KEYS[2] set of ids already appended for this pipeline and day.
+    # ARGV: mode, seen ttl, force (1: append even seen ids), then id, type, body triples.
+    APPEND = """
+    local fresh = {}
+    for i = 4, #ARGV, 3 do
+      if redis.call('SADD', KEYS[2], ARGV[i]) == 1 or ARGV[3] == '1' then
+        if ARGV[1] == 'stream' then
+          redis.call('XADD', KEYS[1], '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'body', ARGV[i + 2])
+        else
+          fresh[#fresh + 1] = ARGV[i + 2]
+        end
+      end
+    end
+    for i = 1, #fresh, 1000 do
+      redis.call('RPUSH', KEYS[1], unpack(fresh, i, math.min(i + 999, #fresh)))
+    end
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+    return #fresh
+    """
+    SCRIPT_CHUNK = 2000  # messages per script call; several calls ride one pipeline
+
+    def __init__(self, url: str, key: str, mode: str = "bullmq", prefix: str = "bull", seen_ttl_s: int = 7 * 24 * 3600):
+        import redis
+
+        self.url, self.key, self.mode, self.prefix, self.seen_ttl_s = url, key, mode, prefix, seen_ttl_s
+        self.name = f"redis:{mode}:{key}"
+        # A few quick retries; the redrive loop retries whole batches with longer backoff.
+        retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
+        self._redis = redis.Redis.from_url(url, retry=retry, socket_timeout=30, socket_connect_timeout=5)
+        self._append = self._redis.register_script(self.APPEND)
+        self._loop = None
+        self._queue = None
+
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+        try:
+            if self.mode == "bullmq":
+                self._add_jobs(pipeline, day, batch, run_id)
+            else:
+                self._append_all(pipeline, day, batch, resend)
+        except Exception as exc:  # the server is down, or refused the batch as a whole
+            self._queue = None  # reconnect on the next batch
+            return [redact(f"{type(exc).__name__}: {exc}")] * len(batch)
+        return [None] * len(batch)
+
+    def _append_all(self, pipeline: str, day: str, batch: Batch, resend: bool) -> None:
+        seen = f"{self.key}:replay-seen:{pipeline}:{day}"
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(batch), self.SCRIPT_CHUNK):
+            args: list = [self.mode, self.seen_ttl_s, "1" if resend else "0"]
+            for i in range(start, min(start + self.SCRIPT_CHUNK, len(batch))):
+                args += (batch.ids[i], batch.types[i] or "", batch.bodies[i])
+            self._append(keys=[self.key, seen], args=args, client=pipe)
+        pipe.execute()
+
+    def _add_jobs(self, pipeline: str, day: str, batch: Batch, run_id: str) -> None:
+        import asyncio
+
+        import msgspec
+        from bullmq import Queue
+
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        if self._queue is None:
+            self._queue = Queue(self.key, {"connection": self._async_client(), "prefix": self.prefix})
+        decode = msgspec.json.decode
+        jobs = [
+            {"name": t or "redrive", "data": decode(body), "opts": {"jobId": mid}}
+            for mid, body, t in zip(batch.ids, batch.bodies, batch.types)
+        ]
+        # BullMQ's addStandardJob returns the existing job for an id it already holds.
+        self._loop.run_until_complete(self._queue.addBulk(jobs))
+
+    def _async_client(self):
+        import redis.asyncio
+
+        retry = redis.asyncio.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
+        return redis.asyncio.Redis.from_url(self.url, decode_responses=True, retry=retry, socket_timeout=30, socket_connect_timeout=5)
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._loop.run_until_complete(self._queue.close())
+            self._queue = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        self._redis.close()

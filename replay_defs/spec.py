@@ -181,11 +181,53 @@ class RabbitSink:
 
 
 @dataclass(frozen=True)
-class Redrive:
-    """What a redrive delivers (one message per raw file, seed 004) and where to."""
+class RedisSink:
+    """Deliveries into Redis (resource `redis`) at `key`:
 
-    unit: Literal["raw_file"] = "raw_file"
-    sink: OutboxSink | KafkaSink | SqsSink | RabbitSink = OutboxSink()
+    - `bullmq`: one job per delivery in BullMQ queue `key` (keys `<prefix>:<key>:*`), job name the
+      event type, job id the message id, so BullMQ itself refuses a second copy of a job it holds;
+    - `list`: RPUSH of the JSON message onto list `key`;
+    - `stream`: XADD to stream `key` with fields id, type, body.
+
+    List and stream writes go through a script that remembers the ids it appended (a set per
+    pipeline and day, kept `seen_ttl_s`), so a batch re-sent after a lost reply is not appended twice.
+    """
+
+    key: str
+    mode: Literal["bullmq", "list", "stream"] = "bullmq"
+    prefix: str = "bull"
+    seen_ttl_s: int = 7 * 24 * 3600
+    kind: Literal["redis"] = "redis"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,200}", self.key):
+            raise ValueError(f"{self.key!r} is not a valid Redis key for a sink")
+        if self.mode not in ("bullmq", "list", "stream"):
+            raise ValueError(f"unknown Redis sink mode {self.mode!r}: use bullmq, list or stream")
+
+    @property
+    def name(self) -> str:
+        return f"redis:{self.mode}:{self.key}"
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """What a redrive delivers and where to.
+
+    unit="raw_file": one `redrive_raw_file` message per source file (seed 004), for consumers that
+    re-ingest files. unit="event": one message per parsed event (its schema fields as JSON), keyed
+    by `key_field` (the Kafka partition key; default the event id).
+    """
+
+    unit: Literal["raw_file", "event"] = "raw_file"
+    sink: OutboxSink | KafkaSink | SqsSink | RabbitSink | RedisSink = OutboxSink()
+    key_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("raw_file", "event"):
+            raise ValueError(f"unknown redrive unit {self.unit!r}: use raw_file or event")
+        if self.key_field is not None and self.unit != "event":
+            raise ValueError("key_field applies to unit='event' only")
 
 
 @dataclass(frozen=True)
@@ -212,3 +254,5 @@ class PipelineSpec:
             missing = used - fields
             if missing:
                 raise ValueError(f"projection {p.name!r} uses unknown fields {sorted(missing)}")
+        if self.redrive.key_field is not None and self.redrive.key_field not in fields:
+            raise ValueError(f"redrive key_field {self.redrive.key_field!r} is not a field of the schema")

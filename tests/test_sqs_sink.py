@@ -9,7 +9,7 @@ import pytest
 from services import Moto
 
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks import Message, SqsQueue
+from replay_defs.sinks import Batch, SqsQueue
 from replay_defs.spec import Redrive, SqsSink
 
 DAY = "2025-11-25"
@@ -75,7 +75,7 @@ def test_failed_entries_are_retried_then_counted(moto):
     sqs = moto.client("sqs")
     sqs.create_queue(QueueName="small", Attributes={"MaximumMessageSize": "1024"})
     sink = SqsQueue(sqs, "small", retries=1)
-    msgs = [Message("ok", {"x": "a"}), Message("big", {"x": "b" * 4000}), Message("ok2", {"x": "c"})]
+    msgs = Batch.of([("ok", {"x": "a"}, None), ("big", {"x": "b" * 4000}, None), ("ok2", {"x": "c"}, None)])
     errors = sink.deliver("p", DAY, msgs, run_id="r")
     assert errors[0] is None and errors[2] is None and errors[1] is not None
     assert sorted(json.loads(m["Body"])["id"] for m in moto.drain("small")) == ["ok", "ok2"]
@@ -95,7 +95,7 @@ def test_backpressure_pauses_until_a_consumer_drains_the_queue(moto):
 
     t = threading.Thread(target=consumer, daemon=True)
     t.start()
-    msgs = [Message(f"m{i}", {"i": i}) for i in range(60)]
+    msgs = Batch.of([(f"m{i}", {"i": i}, None) for i in range(60)])
     errors = sink.deliver("p", DAY, msgs, run_id="r")
     time.sleep(1.5)
     stop.set()

@@ -1,0 +1,164 @@
+"""The redrive idempotency ledger: which messages each pipeline's sink already has.
+
+One row per (pipeline, sink, message id) with the partition (day), status (delivered or
+failed), attempts, last error and the replay run id. A redrive skips ids recorded as delivered
+unless forced. Two backends with the same table and behaviour:
+
+- `DuckDBLedger`: the embedded default, in the store's DuckDB file;
+- `PostgresLedger`: for real backends (`EVENT_REPLAY_LEDGER_URL=postgresql://...`), so several
+  run workers on several machines share it.
+
+Ids travel as one Arrow column or array parameter per batch, never one statement per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import pyarrow as pa
+
+from replay_defs.redact import redact
+from replay_defs.store import DuckDBStore
+
+COLUMNS = "pipeline, sink, message_id, day, status, attempts, last_error, run_id, updated_at"
+
+
+class Ledger(Protocol):
+    def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
+        """The subset of `ids` the sink already has."""
+
+    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
+        """Record an attempt for each id: status 'delivered' or 'failed' (with the error)."""
+
+    def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
+        """Ids of the day recorded as delivered (by one run, when given)."""
+
+    def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
+        """Every ledger row of the day, for inspection and tests."""
+
+
+class DuckDBLedger:
+    DDL = """CREATE TABLE IF NOT EXISTS redrive_ledger (
+        pipeline VARCHAR, sink VARCHAR, message_id VARCHAR, day VARCHAR,
+        status VARCHAR, attempts INTEGER, last_error VARCHAR, run_id VARCHAR,
+        updated_at TIMESTAMPTZ DEFAULT current_timestamp,
+        PRIMARY KEY (pipeline, sink, message_id))"""
+
+    def __init__(self, con):
+        self.con = con
+        con.execute(self.DDL)
+
+    def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
+        rows = self.con.execute(
+            "SELECT message_id FROM redrive_ledger JOIN ledger_ids USING (message_id) "
+            "WHERE pipeline = $pipeline AND sink = $sink AND status = 'delivered'",
+            {"pipeline": pipeline, "sink": sink},
+        ).fetchall()
+        self.con.unregister("ledger_ids")
+        return {r[0] for r in rows}
+
+    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
+        if not ids:
+            return
+        self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
+        self.con.execute(
+            """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
+               SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id FROM ledger_ids
+               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
+                 attempts = redrive_ledger.attempts + 1, last_error = excluded.last_error,
+                 run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
+            {"pipeline": pipeline, "sink": sink, "day": day, "status": status, "error": error, "run_id": run_id},
+        )
+        self.con.unregister("ledger_ids")
+
+    def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
+        return self.con.execute(
+            "SELECT count(*) FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day "
+            "AND status = 'delivered' AND ($run_id IS NULL OR run_id = $run_id)",
+            {"pipeline": pipeline, "sink": sink, "day": day, "run_id": run_id},
+        ).fetchone()[0]
+
+    def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
+        cur = self.con.execute(
+            f"SELECT {COLUMNS} FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day ORDER BY message_id",
+            {"pipeline": pipeline, "sink": sink, "day": day},
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+class PostgresLedger:
+    DDL = """CREATE TABLE IF NOT EXISTS redrive_ledger (
+        pipeline TEXT NOT NULL, sink TEXT NOT NULL, message_id TEXT NOT NULL, day TEXT NOT NULL,
+        status TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT, run_id TEXT,
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (pipeline, sink, message_id))"""
+
+    def __init__(self, con):
+        self.con = con
+        with con.transaction():
+            # Two runs creating the table at once would race on the catalog; the lock serializes them.
+            con.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay.redrive_ledger'))")
+            con.execute(self.DDL)
+
+    def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self.con.execute(
+            "SELECT message_id FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND status = 'delivered' "
+            "AND message_id = ANY(%s)",
+            (pipeline, sink, ids),
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
+        if not ids:
+            return
+        self.con.execute(
+            """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
+               SELECT %s, %s, unnest(%s::text[]), %s, %s, 1, %s, %s
+               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
+                 attempts = redrive_ledger.attempts + 1, last_error = excluded.last_error,
+                 run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
+            (pipeline, sink, ids, day, status, error, run_id),
+        )
+
+    def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
+        return self.con.execute(
+            "SELECT count(*) FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND day = %s "
+            "AND status = 'delivered' AND (%s::text IS NULL OR run_id = %s)",
+            (pipeline, sink, day, run_id, run_id),
+        ).fetchone()[0]
+
+    def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
+        cur = self.con.execute(
+            f"SELECT {COLUMNS} FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND day = %s ORDER BY message_id",
+            (pipeline, sink, day),
+        )
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+@contextmanager
+def open_ledger(postgres_url: str | None, store: DuckDBStore) -> Iterator[Ledger]:
+    """The Postgres ledger when a URL is given, else the DuckDB one in the store. One connection
+    for the whole unit of work (the DuckDB store's file lock is held meanwhile)."""
+    if postgres_url:
+        import psycopg
+
+        try:
+            con = psycopg.connect(postgres_url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:  # the message may quote the URL: keep the password out
+            raise RuntimeError(redact(f"cannot connect to the Postgres ledger: {exc}")) from None
+        try:
+            yield PostgresLedger(con)
+        finally:
+            con.close()
+    else:
+        with store.connect() as con:
+            yield DuckDBLedger(con)

@@ -1,0 +1,25 @@
+from contextlib import contextmanager
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from replay_defs.ledger import open_ledger
+from replay_defs.store import DuckDBStore
+
+
+class LedgerResource(dg.ConfigurableResource):
+    """The redrive idempotency ledger: Postgres when `postgres_url` is set (env
+    EVENT_REPLAY_LEDGER_URL), else the embedded DuckDB store (env EVENT_REPLAY_DUCKDB)."""
+
+    duckdb_path: str = Field(description="DuckDB database file used when no Postgres URL is set.")
+    postgres_url: Optional[str] = Field(
+        default=None,
+        description="postgresql://user:password@host:5432/db (env EVENT_REPLAY_LEDGER_URL).",
+        json_schema_extra={"dagster__is_secret": True},
+    )
+
+    @contextmanager
+    def open(self):
+        with open_ledger(self.postgres_url, DuckDBStore(self.duckdb_path)) as ledger:
+            yield ledger

@@ -1,0 +1,17 @@
+import dagster as dg
+from pydantic import Field
+
+from replay_defs.sinks import RedisTarget
+from replay_defs.spec import RedisSink
+
+
+class RedisResource(dg.ConfigurableResource):
+    """A Redis server for redrive sinks (redis-py; BullMQ jobs via the `bullmq` package)."""
+
+    url: str = Field(
+        description="redis://[:password@]host:6379/0 (env EVENT_REPLAY_REDIS_URL).",
+        json_schema_extra={"dagster__is_secret": True},
+    )
+
+    def sink(self, target: RedisSink) -> RedisTarget:
+        return RedisTarget(self.url, target.key, target.mode, target.prefix, target.seen_ttl_s)
