@@ -167,7 +167,7 @@ def event_batches(
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
-        for rb in con.execute(sql, params).fetch_record_batch(batch_rows):
+        for rb in con.execute(sql, params).to_arrow_reader(batch_rows):
             yield Batch(rb.column("id").to_pylist(), rb.column("body").to_pylist(), rb.column("type").to_pylist(), rb.column("key").to_pylist())
     finally:
         con.close()

@@ -346,7 +346,7 @@ class RedisTarget:
     def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
         try:
             if self.mode == "bullmq":
-                self._add_jobs(pipeline, day, batch, run_id)
+                self._add_jobs(batch, run_id if resend else None)
             else:
                 self._append_all(pipeline, day, batch, resend)
         except Exception as exc:  # the server is down, or refused the batch as a whole
@@ -364,7 +364,7 @@ class RedisTarget:
             self._append(keys=[self.key, seen], args=args, client=pipe)
         pipe.execute()
 
-    def _add_jobs(self, pipeline: str, day: str, batch: Batch, run_id: str) -> None:
+    def _add_jobs(self, batch: Batch, resend_run_id: str | None) -> None:
         import asyncio
 
         import msgspec
@@ -375,11 +375,13 @@ class RedisTarget:
         if self._queue is None:
             self._queue = Queue(self.key, {"connection": self._async_client(), "prefix": self.prefix})
         decode = msgspec.json.decode
+        # BullMQ's addStandardJob returns the existing job for an id it already holds, so a batch
+        # sent twice adds each job once. A forced re-send is a new job: the run id salts the id.
+        salt = f"-{resend_run_id}" if resend_run_id else ""
         jobs = [
-            {"name": t or "redrive", "data": decode(body), "opts": {"jobId": mid}}
+            {"name": t or "redrive", "data": decode(body), "opts": {"jobId": mid + salt}}
             for mid, body, t in zip(batch.ids, batch.bodies, batch.types)
         ]
-        # BullMQ's addStandardJob returns the existing job for an id it already holds.
         self._loop.run_until_complete(self._queue.addBulk(jobs))
 
     def _async_client(self):

@@ -207,13 +207,15 @@ def _answers(port: int) -> bool:
 
 
 class RedisServer:
-    """A private `redis-server` (no persistence) on a loopback port: `start()` again after
-    `stop()` is an outage that loses what was stored. `password` adds `--requirepass` (and puts
-    it in `url`), for tests that check secrets are masked."""
+    """A private `redis-server` on a loopback port: `start()` again after `stop()` is an outage.
+    Not `durable`, the outage loses what was stored; `durable`, every write is in an append-only
+    file (fsync always) that the restarted server reloads, like a production Redis. `password`
+    adds `--requirepass` (and puts it in `url`), for tests that check secrets are masked."""
 
-    def __init__(self, port: int | None = None, password: str | None = None):
+    def __init__(self, port: int | None = None, password: str | None = None, durable: bool = False):
         self.port = port or free_port()
         self.password = password
+        self.durable = durable
         auth = f":{quote(password, safe='')}@" if password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -222,8 +224,10 @@ class RedisServer:
     def start(self) -> "RedisServer":
         import redis
 
-        self.dir = tempfile.mkdtemp(prefix="event-replay-redis-")
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"]
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="event-replay-redis-")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence, "--dir", self.dir, "--daemonize", "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -242,11 +246,12 @@ class RedisServer:
         finally:
             client.close()
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool | None = None) -> None:
+        """Stop the server; its files stay for the next `start()` when durable (or `keep_data`)."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-        if self.dir:
+        if self.dir and not (self.durable if keep_data is None else keep_data):
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
@@ -391,3 +396,30 @@ class MutationProxy:
 
     def __getattr__(self, name):
         return getattr(self._module, name)
+
+
+def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bull") -> list[tuple[str, str, dict]]:
+    """Run a real BullMQ `Worker` on the queue until it has been idle `idle_s`; returns the
+    (job id, job name, job data) of every job it processed (and completed)."""
+    import asyncio
+
+    from bullmq import Worker
+
+    async def run() -> list:
+        seen: list = []
+
+        async def process(job, _token):
+            seen.append((job.id, job.name, job.data))
+            return "ok"
+
+        worker = Worker(queue, process, {"connection": url, "prefix": prefix, "drainDelay": 1, "concurrency": 50})
+        try:
+            count = -1
+            while count != len(seen):
+                count = len(seen)
+                await asyncio.sleep(idle_s)
+        finally:
+            await worker.close()
+        return seen
+
+    return asyncio.run(run())

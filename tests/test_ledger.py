@@ -1,0 +1,69 @@
+"""The redrive ledger on Postgres (real backends) and DuckDB (embedded default)."""
+
+import dataclasses
+
+import psycopg
+import pytest
+from conftest import check_verdicts, run_day
+
+from replay_defs.ledger import DuckDBLedger, PostgresLedger, open_ledger
+from replay_defs.pipelines import TELEMETRY
+from replay_defs.spec import OutboxSink, Redrive
+from replay_defs.store import DuckDBStore
+
+DAY = "2025-11-25"
+EVENTS = dataclasses.replace(TELEMETRY, redrive=Redrive(unit="event", sink=OutboxSink()))
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def ledger(request, tmp_path, postgres_dsn):
+    url = postgres_dsn if request.param == "postgres" else None
+    with open_ledger(url, DuckDBStore(tmp_path / "l.duckdb")) as led:
+        assert isinstance(led, PostgresLedger if url else DuckDBLedger)
+        if url:
+            led.con.execute("DELETE FROM redrive_ledger")
+        yield led
+
+
+def test_ledger_records_attempts_status_errors_and_runs(ledger):
+    ids = [f"e{i}" for i in range(25_000)]
+    ledger.record("p", "kafka:t", DAY, ids[:20_000], "delivered", "run-1")
+    ledger.record("p", "kafka:t", DAY, ids[20_000:], "failed", "run-1", error="broker down")
+    assert ledger.delivered("p", "kafka:t", ids) == set(ids[:20_000])
+    assert ledger.delivered("p", "sqs:q", ids) == set(), "each sink has its own ledger"
+    ledger.record("p", "kafka:t", DAY, ids[20_000:], "delivered", "run-2")
+    assert ledger.count("p", "kafka:t", DAY) == 25_000
+    assert ledger.count("p", "kafka:t", DAY, run_id="run-2") == 5_000
+    rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
+    assert rows["e0"]["attempts"] == 1 and rows["e0"]["run_id"] == "run-1" and rows["e0"]["status"] == "delivered"
+    retried = rows["e24999"]
+    assert retried["attempts"] == 2 and retried["run_id"] == "run-2" and retried["last_error"] is None
+
+
+def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgres_dsn, monkeypatch):
+    monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", postgres_dsn)
+    from replay_defs.definitions import build_definitions
+
+    defs = build_definitions([EVENTS])
+    first = run_day(defs, instance, DAY)
+    assert first.success and check_verdicts(first)[("deliveries_reconcile", DAY)] is True
+    with psycopg.connect(postgres_dsn) as con:
+        n, runs = con.execute(
+            "SELECT count(*), array_agg(DISTINCT run_id) FROM redrive_ledger WHERE pipeline = 'telemetry' AND day = %s AND status = 'delivered'",
+            (DAY,),
+        ).fetchone()
+    (mat,) = first.asset_materializations_for_node("telemetry__redrive")
+    assert n == mat.metadata["published"].value > 1000 and runs == [first.run_id]
+    again = run_day(defs, instance, DAY)
+    (mat2,) = again.asset_materializations_for_node("telemetry__redrive")
+    assert again.success and mat2.metadata["published"].value == 0 and mat2.metadata["skipped_already_delivered"].value == n
+
+
+def test_unreachable_postgres_ledger_fails_with_the_password_masked(env, instance, monkeypatch):
+    monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", "postgresql://replay:hunter2@127.0.0.1:1/ledger")
+    from replay_defs.definitions import build_definitions
+
+    result = run_day(build_definitions([EVENTS]), instance, DAY)
+    assert not result.success
+    logs = "\n".join(str(e) for e in instance.all_logs(result.run_id))
+    assert "cannot connect to the Postgres ledger" in logs and "hunter2" not in logs
