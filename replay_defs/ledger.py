@@ -49,6 +49,9 @@ class DuckDBLedger:
     def __init__(self, con):
         self.con = con
         con.execute(self.DDL)
+        # `record` may run on a writer thread while `delivered` runs on the caller's: a DuckDB
+        # connection is not shared between threads, so writes get a cursor (a connection) of their own.
+        self._write = con.cursor()
 
     def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
         if not ids:
@@ -65,8 +68,8 @@ class DuckDBLedger:
     def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
         if not ids:
             return
-        self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
-        self.con.execute(
+        self._write.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
+        self._write.execute(
             """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
                SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id FROM ledger_ids
                ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
@@ -74,7 +77,7 @@ class DuckDBLedger:
                  run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
             {"pipeline": pipeline, "sink": sink, "day": day, "status": status, "error": error, "run_id": run_id},
         )
-        self.con.unregister("ledger_ids")
+        self._write.unregister("ledger_ids")
 
     def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
         return self.con.execute(
@@ -93,6 +96,8 @@ class DuckDBLedger:
 
 
 class PostgresLedger:
+    """psycopg serializes the use of one connection across threads, so one connection serves both."""
+
     DDL = """CREATE TABLE IF NOT EXISTS redrive_ledger (
         pipeline TEXT NOT NULL, sink TEXT NOT NULL, message_id TEXT NOT NULL, day TEXT NOT NULL,
         status TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT, run_id TEXT,
@@ -109,10 +114,14 @@ class PostgresLedger:
     def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
         if not ids:
             return set()
+        # One primary-key probe per id, whatever the table's statistics say: a LATERAL ... LIMIT 1
+        # cannot be turned into a hash join over every row of the sink (what a fresh, unanalyzed
+        # ledger otherwise gets, making each batch slower than the last).
         rows = self.con.execute(
-            "SELECT message_id FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND status = 'delivered' "
-            "AND message_id = ANY(%s)",
-            (pipeline, sink, ids),
+            "SELECT l.message_id FROM unnest(%s::text[]) AS i(message_id), LATERAL ("
+            "  SELECT message_id FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND message_id = i.message_id"
+            "  AND status = 'delivered' LIMIT 1) AS l",
+            (ids, pipeline, sink),
         ).fetchall()
         return {r[0] for r in rows}
 

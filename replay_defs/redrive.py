@@ -12,6 +12,7 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import duckdb
@@ -167,7 +168,7 @@ def event_batches(
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
-        for rb in con.execute(sql, params).to_arrow_reader(batch_rows):
+        for rb in con.sql(sql, params=params).to_arrow_reader(batch_rows):
             yield Batch(rb.column("id").to_pylist(), rb.column("body").to_pylist(), rb.column("type").to_pylist(), rb.column("key").to_pylist())
     finally:
         con.close()
@@ -207,48 +208,104 @@ def redrive(
         batch_size = max(1, min(batch_size, int(rate_limit / 10)))
     started = last_log = time.monotonic()
     sent = 0  # messages handed to the sink, for the rate limit
-    for batch in batches:
-        if limit is not None:
-            if counts.selected >= limit:
-                break
-            batch = batch.slice(0, limit - counts.selected)
-        counts.selected += len(batch)
-        for t, n in Counter(batch.types).items():
-            counts.by_type[t or "any"] = counts.by_type.get(t or "any", 0) + n
-        if batch.drop is not None:
-            for reason in filter(None, batch.drop):
+    with LedgerWriter(ledger, pipeline, sink.name, partition, run_id) as writer:
+        def prepare(batch: Batch) -> tuple[Batch, Batch, set[str]]:
+            """The batch, the part that can be sent, and the ids of it the sink already has."""
+            sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
+            return batch, sendable, set() if force else ledger.delivered(pipeline, sink.name, sendable.ids)
+
+        # The next batch is read and looked up on a thread while this one is sent.
+        for batch, sendable, already in read_ahead(map(prepare, _first(batches, limit))):
+            counts.selected += len(batch)
+            for t, n in Counter(batch.types).items():
+                counts.by_type[t or "any"] = counts.by_type.get(t or "any", 0) + n
+            for reason in filter(None, batch.drop or ()):
                 counts.dropped += 1
                 counts.dropped_reasons[reason] = counts.dropped_reasons.get(reason, 0) + 1
-            batch = batch.take([i for i, r in enumerate(batch.drop) if r is None])
-        already = set() if force else ledger.delivered(pipeline, sink.name, batch.ids)
-        if handled_in_run is not None:
-            already |= handled_in_run.intersection(batch.ids)
-            handled_in_run.update(batch.ids)
-        pending = batch.take([i for i, m in enumerate(batch.ids) if m not in already]) if already else batch
-        counts.skipped_already_delivered += len(batch) - len(pending)
-        if dry_run:
-            continue
-        for start in range(0, len(pending), batch_size):
-            chunk = pending.slice(start, start + batch_size)
-            if rate_limit:
-                wait = sent / rate_limit - (time.monotonic() - started)
-                if wait > 0:
-                    time.sleep(wait)
-            sent += len(chunk)
-            _deliver_with_retries(sink, ledger, pipeline, partition, chunk, run_id, force, retries, retry_backoff_s, counts, log)
-            if log and time.monotonic() - last_log >= 5:
-                last_log = time.monotonic()
-                rate = counts.published / (last_log - started)
-                log(f"redrive {partition}: {counts.published} delivered ({rate:,.0f}/s), {counts.failed} failed so far")
+            if handled_in_run is not None:
+                already |= handled_in_run.intersection(sendable.ids)
+                handled_in_run.update(sendable.ids)
+            pending = sendable.take([i for i, m in enumerate(sendable.ids) if m not in already]) if already else sendable
+            counts.skipped_already_delivered += len(sendable) - len(pending)
+            if dry_run:
+                continue
+            for start in range(0, len(pending), batch_size):
+                chunk = pending.slice(start, start + batch_size)
+                if rate_limit:
+                    wait = sent / rate_limit - (time.monotonic() - started)
+                    if wait > 0:
+                        time.sleep(wait)
+                sent += len(chunk)
+                _deliver_with_retries(sink, writer, pipeline, partition, chunk, run_id, force, retries, retry_backoff_s, counts, log)
+                if log and time.monotonic() - last_log >= 5:
+                    last_log = time.monotonic()
+                    rate = counts.published / (last_log - started)
+                    log(f"redrive {partition}: {counts.published} delivered ({rate:,.0f}/s), {counts.failed} failed so far")
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
 
 
-def _deliver_with_retries(sink, ledger, pipeline, partition, chunk: Batch, run_id, force, retries, backoff_s, counts, log) -> None:
+def _first(batches: Iterable[Batch], limit: int | None) -> Iterator[Batch]:
+    """The batches, cut after `limit` messages in all."""
+    left = limit
+    for batch in batches:
+        if left is not None:
+            if left <= 0:
+                return
+            batch = batch.slice(0, left)
+            left -= len(batch)
+        yield batch
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator):
+    """Yields `items`, computing the next one on a thread while the caller works on this one
+    (reading Parquet and looking up the ledger mostly run outside the GIL)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        upcoming = pool.submit(next, items, _END)
+        while (item := upcoming.result()) is not _END:
+            upcoming = pool.submit(next, items, _END)
+            yield item
+
+
+class LedgerWriter:
+    """Records outcomes in the ledger on a background thread, so the next batch is being sent
+    while the last one is written (the ledger is as costly as the send). Records are written in
+    order, at most `max_pending` behind; leaving the block waits for all of them and re-raises a
+    failed write. A crash loses at most the unwritten records: those messages are sent again by
+    the next run, never lost."""
+
+    def __init__(self, ledger: Ledger, pipeline: str, sink: str, day: str, run_id: str, max_pending: int = 2):
+        self.ledger, self.pipeline, self.sink, self.day, self.run_id = ledger, pipeline, sink, day, run_id
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self._pending: list[Future] = []
+
+    def record(self, ids: list[str], status: str, error: str | None = None) -> None:
+        if not ids:
+            return
+        while len(self._pending) >= self.max_pending:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self.ledger.record, self.pipeline, self.sink, self.day, ids, status, self.run_id, error))
+
+    def __enter__(self) -> "LedgerWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _deliver_with_retries(sink, writer: LedgerWriter, pipeline, partition, chunk: Batch, run_id, force, retries, backoff_s, counts, log) -> None:
     for attempt in range(retries + 1):
         errors = sink.deliver(pipeline, partition, chunk, run_id=run_id, resend=force)
         ok = [m for m, e in zip(chunk.ids, errors) if e is None]
-        ledger.record(pipeline, sink.name, partition, ok, "delivered", run_id)
+        writer.record(ok, "delivered")
         counts.published += len(ok)
         failed = [i for i, e in enumerate(errors) if e is not None]
         if not failed:
@@ -263,6 +320,6 @@ def _deliver_with_retries(sink, ledger, pipeline, partition, chunk: Batch, run_i
     for i, e in enumerate(last_errors):
         by_error.setdefault(e, []).append(i)
     for error, index in by_error.items():
-        ledger.record(pipeline, sink.name, partition, [chunk.ids[i] for i in index], "failed", run_id, error=error)
+        writer.record([chunk.ids[i] for i in index], "failed", error)
         counts.failures.extend({"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index)
     counts.failed += len(chunk)
