@@ -9,6 +9,7 @@ a sink already has, unless `force` is set.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -130,6 +131,9 @@ def raw_file_batch(lake: Lake, refs_by_type: dict[str | None, list[str]]) -> Bat
     return batch
 
 
+SORT_MEMORY = "256MB"
+
+
 def event_batches(
     lake: Lake, spec: PipelineSpec, parsed_files: list[str], mode: str, uri: str | None = None,
     prefix: str | None = None, event_type: str | None = None, batch_rows: int = 10_000,
@@ -168,6 +172,10 @@ def event_batches(
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
+        # The event-time ORDER BY holds the whole day unless DuckDB may spill it: cap its memory
+        # so a redrive's memory stays bounded by the batch, not the partition.
+        con.execute(f"SET memory_limit = '{SORT_MEMORY}'")
+        con.execute("SET temp_directory = $dir", {"dir": tempfile.gettempdir() + "/event-replay-duckdb-spill"})
         for rb in con.sql(sql, params=params).to_arrow_reader(batch_rows):
             yield Batch(rb.column("id").to_pylist(), rb.column("body").to_pylist(), rb.column("type").to_pylist(), rb.column("key").to_pylist())
     finally:

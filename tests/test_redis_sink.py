@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 
+import dagster as dg
 import duckdb
 import pytest
 import redis
@@ -172,3 +173,40 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
         assert sorted(j[0] for j in jobs) == sorted(events)
     finally:
         server.stop(keep_data=False)
+
+
+def test_cli_redrive_to_bullmq_with_dry_run_then_for_real(env, redis_url, queue, monkeypatch, tmp_path):
+    """A code location whose spec names a Redis sink, materialized with `dagster asset materialize`
+    and run config, as CI would: the dry run sends nothing, the real run reaches the worker."""
+    from test_cli import cli, home_instance, show
+
+    location = tmp_path / "redis_location.py"
+    location.write_text(
+        "import dataclasses\n"
+        "from replay_defs.definitions import build_definitions\n"
+        "from replay_defs.pipelines import TELEMETRY\n"
+        "from replay_defs.spec import RedisSink, Redrive\n"
+        f"SPEC = dataclasses.replace(TELEMETRY, name='telemetry_redis', parsed_prefix='telemetry_redis_flat', "
+        f"redrive=Redrive(unit='event', sink=RedisSink({queue!r})))\n"
+        "defs = build_definitions([SPEC])\n"
+    )
+    monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
+    assets = ",".join(f"telemetry_redis/{a}" for a in ("raw_events", "parsed_events", "projections", "redrive"))
+
+    def materialize(config: dict):
+        run_config = json.dumps({"ops": {"telemetry_redis__redrive": {"config": config}}})
+        return cli("dagster", "asset", "materialize", "-f", str(location), "--select", assets, "--partition", DAY, "--config-json", run_config)
+
+    dry = materialize({"dry_run": True})
+    assert dry.returncode == 0, show(dry)
+    r = redis.Redis.from_url(redis_url)
+    assert r.exists(f"bull:{queue}:id") == 0 and r.llen(f"bull:{queue}:wait") == 0, "a dry run must send nothing"
+    real = materialize({"rate_limit": 50_000})
+    assert real.returncode == 0, show(real)
+    instance = home_instance()
+    (record,) = instance.fetch_materializations(dg.AssetKey(["telemetry_redis", "redrive"]), limit=1).records
+    md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    assert md["published"] == md["selected"] > 1000 and md["dry_run"] is False
+    jobs = bullmq_consume(redis_url, queue)
+    assert len(jobs) == md["published"] == len({j[0] for j in jobs})
+    r.close()
