@@ -280,10 +280,11 @@ class RabbitExchange:
         from pika.exceptions import AMQPError
 
         errors: list[str | None] = []
-        props = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, headers={"replay_run_id": run_id, "pipeline": pipeline, "day": day}
-        )
-        for body, event_type in zip(batch.bodies, batch.types):
+        headers = {"replay_run_id": run_id, "pipeline": pipeline, "day": day}
+        for message_id, body, event_type in zip(batch.ids, batch.bodies, batch.types):
+            # message_id lets a consumer drop the one copy a cut connection can leave ambiguous
+            # (published, confirm lost, sent again by the retry).
+            props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers)
             if errors and errors[-1] is not None and errors[-1].startswith("connection"):
                 errors.append(errors[-1])  # the connection is gone: fail the rest of the batch fast
                 continue
