@@ -4,8 +4,9 @@ Storage locations come from env vars, with an embedded default under ./data:
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
-(RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks), EVENT_REPLAY_LEDGER_URL (a Postgres
-redrive ledger instead of the DuckDB one).
+(RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
+EVENT_REPLAY_LEDGER_URL (a Postgres redrive ledger instead of the DuckDB one),
+EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows).
 """
 
 import os
@@ -13,12 +14,15 @@ import os
 import dagster as dg
 
 from assets import build_pipeline
+from sensors import build_dead_letter_sensor
+from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
 from replay_defs.pipelines import PIPELINES
 from resources import (
     KafkaResource,
     LakeResource,
     LedgerResource,
     OutboxResource,
+    PostgresResource,
     RabbitMQResource,
     RedisResource,
     SqsResource,
@@ -32,12 +36,15 @@ def _setting(env: str, default: str):
 
 
 def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
-    assets, checks, jobs = [], [], []
+    assets, checks, jobs, sensors = [], [], [], []
     for spec in pipelines:
         built = build_pipeline(spec)
         assets += built.assets
         checks += built.checks
         jobs.append(built.job)
+        sensors += [build_dead_letter_sensor(spec, source) for source in spec.dead_letters]
+    # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
+    needed = {spec.redrive.sink.kind for spec in pipelines} | {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
     duckdb_path = _setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
     resources = {
         "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
@@ -45,19 +52,21 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
     }
-    if any(spec.redrive.sink.kind == "kafka" for spec in pipelines):
+    if "kafka" in needed:
         timeout = "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS"
         resources["kafka"] = KafkaResource(
             bootstrap_servers=_setting("EVENT_REPLAY_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
             message_timeout_ms=dg.EnvVar.int(timeout) if timeout in os.environ else 30_000,
         )
-    if any(spec.redrive.sink.kind == "sqs" for spec in pipelines):
+    if "sqs" in needed:
         resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
-    if any(spec.redrive.sink.kind == "rabbitmq" for spec in pipelines):
+    if "rabbitmq" in needed:
         resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
-    if any(spec.redrive.sink.kind == "redis" for spec in pipelines):
+    if "redis" in needed:
         resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
+    if "postgres" in needed:
+        resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, sensors=sensors, resources=resources)
 
 
 defs = build_definitions()

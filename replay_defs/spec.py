@@ -231,6 +231,46 @@ class Redrive:
 
 
 @dataclass(frozen=True)
+class DeadLetters:
+    """A dead-letter source a sensor watches (`sensors/`). When its depth grows by more than
+    `growth` within `window_s`, the sensor peeks at up to `peek` dead letters (without consuming
+    them), finds their days and launches one backfill of the pipeline for those days.
+
+    kind / name: `sqs` queue (ApproximateNumberOfMessages), `bullmq` queue (its failed jobs),
+    `kafka` topic (end offsets), `rabbitmq` queue (message count), `postgres` table (rows whose
+    `status_column` is `error_value`). A dead letter's day comes from the event-time field
+    `time_field` of its JSON body (default: the schema's time field), or for raw-file messages from
+    the `day=` of their key; for `postgres` from the column `time_field`.
+    """
+
+    kind: Literal["sqs", "bullmq", "kafka", "rabbitmq", "postgres"]
+    name: str
+    growth: int = 100
+    window_s: int = 600
+    peek: int = 200
+    time_field: str | None = None
+    status_column: str = "status"
+    error_value: str = "error"
+    prefix: str = "bull"  # bullmq key prefix
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sqs", "bullmq", "kafka", "rabbitmq", "postgres"):
+            raise ValueError(f"unknown dead-letter kind {self.kind!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", self.name):
+            raise ValueError(f"{self.name!r} is not a valid dead-letter source name")
+        if self.kind == "postgres":
+            for ident_ in (self.name, self.status_column, self.time_field or "x"):
+                if not SAFE_NAME.fullmatch(ident_):
+                    raise ValueError(f"{ident_!r} is not a safe SQL identifier")
+        if self.growth < 0 or self.window_s <= 0 or self.peek <= 0:
+            raise ValueError("growth must be >= 0, window_s and peek > 0")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     name: str
     start_date: str
@@ -241,6 +281,7 @@ class PipelineSpec:
     projections: tuple[Projection, ...] = ()
     redrive: Redrive = Redrive()
     lateness: Lateness = Lateness()
+    dead_letters: tuple[DeadLetters, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -4,11 +4,12 @@ from resources.kafka import KafkaResource
 from resources.lake import LakeResource
 from resources.ledger import LedgerResource
 from resources.outbox import OutboxResource
+from resources.postgres import PostgresResource
 from resources.rabbitmq import RabbitMQResource
 from resources.redis import RedisResource
 from resources.sqs import SqsResource
 from resources.store import StoreResource
 
 __all__ = [
-    "KafkaResource", "LakeResource", "LedgerResource", "OutboxResource", "RabbitMQResource", "RedisResource", "SqsResource", "StoreResource",
+    "KafkaResource", "LakeResource", "LedgerResource", "OutboxResource", "PostgresResource", "RabbitMQResource", "RedisResource", "SqsResource", "StoreResource",
 ]
