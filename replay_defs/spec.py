@@ -252,6 +252,8 @@ class DeadLetters:
     status_column: str = "status"
     error_value: str = "error"
     prefix: str = "bull"  # bullmq key prefix
+    interval_s: int = 30  # how often the daemon evaluates the sensor
+    running: bool = False  # on from the start (else turned on in the UI)
 
     def __post_init__(self) -> None:
         if self.kind not in ("sqs", "bullmq", "kafka", "rabbitmq", "postgres"):

@@ -163,7 +163,8 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
     @dg.sensor(
         name=f"{spec.name}__dlq_{source.kind}_{re.sub(r'[^A-Za-z0-9_]', '_', source.name)}",
         asset_selection=selection,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=source.interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING if source.running else dg.DefaultSensorStatus.STOPPED,
         required_resource_keys={resource_key},
         description=(
             f"Launches a backfill of {spec.name} for the days of the dead letters in {source.label} when its depth "
