@@ -137,6 +137,7 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         key=asset_key(spec, PARSED),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
+        pool=f"event_replay.pipeline.{spec.name}",
         backfill_policy=dg.BackfillPolicy.single_run(),
         ins={"raw": dg.AssetIn(asset_key(spec, RAW), partition_mapping=event_time_mapping(spec), dagster_type=dg.Nothing)},
         kinds={"parquet"},

@@ -1,6 +1,7 @@
 """redrive: deliver the partition's raw files (source refs) or events to the pipeline's sink, once per sink."""
 
 
+import re
 from typing import Literal
 
 import dagster as dg
@@ -50,6 +51,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
         key=asset_key(spec, REDRIVE),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
+        pool="event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name),
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
         kinds={spec.redrive.sink.kind},
