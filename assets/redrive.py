@@ -79,6 +79,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
 
 def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]) -> None:
     parsed_files = committed_parquet(the_lake, spec, day)
+    dead_letters = f"dead_letter/day={day}/{context.run.run_id}.jsonl"
     try:
         if spec.redrive.unit == "event":
             batches = rd.event_batches(the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size)
@@ -91,6 +92,7 @@ def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, si
             dry_run=config.dry_run, limit=config.limit, force=config.force, batch_size=config.batch_size,
             retries=config.retries, rate_limit=config.rate_limit, log=context.log.info,
             handled_in_run=handled if spec.redrive.unit == "raw_file" else None,
+            on_failed=lambda rows: the_lake.append_jsonl(owner(spec, REDRIVE), dead_letters, [{"sink": sink.name, **r} for r in rows]),
         )
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
@@ -117,9 +119,8 @@ def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, si
     if config.dry_run:
         md["would_publish"] = would_publish
     context.add_asset_metadata(md, partition_key=day)
-    if counts.failures:
-        name = f"dead_letter/day={day}/{context.run.run_id}.json"
-        path = the_lake.write_json(owner(spec, REDRIVE), name, {"sink": sink.name, "failures": counts.failures})
-        context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.failures[0]['error']}); dead letters in {path}")
-    summary = {k: v for k, v in counts.__dict__.items() if k != "failures"}
+    if counts.failed:
+        path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
+        context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}")
+    summary = dict(counts.__dict__)
     the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **summary})

@@ -178,6 +178,14 @@ class Lake:
         _write_json_atomic(path, data)
         return path
 
+    def append_jsonl(self, owner: str, name: str, rows: list[dict]) -> Path:
+        """Append rows to a JSON-lines file (e.g. dead letters, written batch by batch)."""
+        path = self._internal(owner, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        return path
+
     def read_json(self, owner: str, name: str) -> dict | None:
         path = self._internal(owner, name)
         return json.loads(path.read_text()) if path.exists() else None

@@ -34,7 +34,7 @@ class RedriveCounts:
     failed: int = 0
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
-    failures: list[dict] = field(default_factory=list)  # the dead letters: id, error, message
+    first_error: str | None = None  # every failure goes to `on_failed` (the dead-letter file)
     paused_s: float = 0.0  # time the sink waited for its target to drain
 
     def balanced(self) -> bool:
@@ -198,11 +198,12 @@ def redrive(
     rate_limit: float | None = None,
     handled_in_run: set[str] | None = None,
     log=None,
+    on_failed=None,
 ) -> RedriveCounts:
     """Deliver the selected messages that the sink does not have yet, recording each outcome.
 
     Failed messages are retried `retries` times with exponential backoff before they count as
-    failed (and are returned as dead letters). A message is recorded as delivered only after the
+    failed; `on_failed` then gets them batch by batch as dead letters (id, error, message). A message is recorded as delivered only after the
     sink confirmed it, so a crash re-sends at most the unrecorded tail; the sinks make such a
     re-send harmless where the target allows it (Kafka keys, BullMQ job ids, SQS FIFO ids).
 
@@ -244,7 +245,7 @@ def redrive(
                     if wait > 0:
                         time.sleep(wait)
                 sent += len(chunk)
-                _deliver_with_retries(sink, writer, pipeline, partition, chunk, run_id, force, retries, retry_backoff_s, counts, log)
+                _deliver_with_retries(sink, writer, pipeline, partition, chunk, run_id, force, retries, retry_backoff_s, counts, log, on_failed)
                 if log and time.monotonic() - last_log >= 5:
                     last_log = time.monotonic()
                     rate = counts.published / (last_log - started)
@@ -309,7 +310,7 @@ class LedgerWriter:
             self._pool.shutdown(wait=True)
 
 
-def _deliver_with_retries(sink, writer: LedgerWriter, pipeline, partition, chunk: Batch, run_id, force, retries, backoff_s, counts, log) -> None:
+def _deliver_with_retries(sink, writer: LedgerWriter, pipeline, partition, chunk: Batch, run_id, force, retries, backoff_s, counts, log, on_failed) -> None:
     for attempt in range(retries + 1):
         errors = sink.deliver(pipeline, partition, chunk, run_id=run_id, resend=force)
         ok = [m for m, e in zip(chunk.ids, errors) if e is None]
@@ -329,5 +330,7 @@ def _deliver_with_retries(sink, writer: LedgerWriter, pipeline, partition, chunk
         by_error.setdefault(e, []).append(i)
     for error, index in by_error.items():
         writer.record([chunk.ids[i] for i in index], "failed", error)
-        counts.failures.extend({"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index)
+        counts.first_error = counts.first_error or error
+        if on_failed:
+            on_failed([{"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index])
     counts.failed += len(chunk)

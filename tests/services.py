@@ -425,3 +425,54 @@ def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bul
         return seen
 
     return asyncio.run(run())
+
+
+@contextmanager
+def dagster_dev(log_path, *args: str) -> Iterator[str]:
+    """`dagster dev` (webserver + daemon) from the project root on a free port, with this process's
+    environment (DAGSTER_HOME and the EVENT_REPLAY_* settings). Yields the base URL once the
+    webserver answers; stops the whole process group after."""
+    import signal
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(root / ".venv/bin/dagster"), "dev", *args, "-h", "127.0.0.1", "-p", str(port)], cwd=root,
+                                env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{base}/server_info", timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError("dagster dev did not come up: " + Path(log_path).read_text()[-3000:]) from None
+                    time.sleep(1)
+            yield base
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    """A GraphQL request to a Dagster webserver, as the UI sends it; fails on any error."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{base}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # GraphQL errors come back as a 4xx/5xx with a JSON body
+        raise AssertionError(f"{exc}: {exc.read().decode()[:3000]}") from None
+    assert "errors" not in body, body
+    return body["data"]

@@ -2,15 +2,9 @@
 asset graph and a partitioned asset's checks after a day was materialized. Screenshots are kept in
 test-artifacts/browser/."""
 
-import os
-import signal
-import subprocess
-import time
-import urllib.request
-
 from conftest import PROJECT_ROOT, run_day
 from playwright.sync_api import expect, sync_playwright
-from services import free_port
+from services import dagster_dev
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts/browser"
 DAY = "2025-11-25"
@@ -22,50 +16,29 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path):
     assert run_day(defs, instance, DAY).success  # recorded in the instance at $DAGSTER_HOME
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(tmp_path / "dagster-dev.log", "w")
-    proc = subprocess.Popen([str(PROJECT_ROOT / ".venv/bin/dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)], cwd=PROJECT_ROOT,
-                            env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/server_info", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-                time.sleep(1)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{base}/asset-groups", wait_until="networkidle", timeout=90_000)
-            skip = page.get_by_role("button", name="Skip")  # the UI's first-visit newsletter prompt
-            if skip.count():
-                skip.first.click()
-            for name in ("raw_events", "parsed_events", "projections", "redrive"):
-                expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "asset-graph.png"), full_page=True)
+    with dagster_dev(tmp_path / "dagster-dev.log") as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{base}/asset-groups", wait_until="networkidle", timeout=90_000)
+        skip = page.get_by_role("button", name="Skip")  # the UI's first-visit newsletter prompt
+        if skip.count():
+            skip.first.click()
+        for name in ("raw_events", "parsed_events", "projections", "redrive"):
+            expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "asset-graph.png"), full_page=True)
 
-            page.goto(f"{base}/assets/telemetry/parsed_events?view=checks", wait_until="networkidle", timeout=90_000)
-            for check in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files"):
-                expect(page.get_by_text(check).first).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("Succeeded").first).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "parsed-events-checks.png"), full_page=True)
+        page.goto(f"{base}/assets/telemetry/parsed_events?view=checks", wait_until="networkidle", timeout=90_000)
+        for check in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files"):
+            expect(page.get_by_text(check).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Succeeded").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "parsed-events-checks.png"), full_page=True)
 
-            page.goto(f"{base}/assets/telemetry/parsed_events?view=partitions", wait_until="networkidle", timeout=90_000)
-            expect(page.get_by_text("Materialized (1)")).to_be_visible(timeout=60_000)
-            page.get_by_placeholder("Filter by name").fill(DAY)
-            page.get_by_text(DAY, exact=True).first.click()
-            expect(page.get_by_text("No partition selected")).to_have_count(0, timeout=30_000)
-            expect(page.get_by_text("raw_lines", exact=True)).to_be_visible()  # the day's own metadata
-            page.screenshot(path=str(ARTIFACTS / "parsed-events-partitions.png"), full_page=True)
-            browser.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        page.goto(f"{base}/assets/telemetry/parsed_events?view=partitions", wait_until="networkidle", timeout=90_000)
+        expect(page.get_by_text("Materialized (1)")).to_be_visible(timeout=60_000)
+        page.get_by_placeholder("Filter by name").fill(DAY)
+        page.get_by_text(DAY, exact=True).first.click()
+        expect(page.get_by_text("No partition selected")).to_have_count(0, timeout=30_000)
+        expect(page.get_by_text("raw_lines", exact=True)).to_be_visible()  # the day's own metadata
+        page.screenshot(path=str(ARTIFACTS / "parsed-events-partitions.png"), full_page=True)
+        browser.close()
     assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("asset-graph.png", "parsed-events-checks.png", "parsed-events-partitions.png"))

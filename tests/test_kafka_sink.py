@@ -72,8 +72,10 @@ def test_broker_outage_fails_the_run_then_a_rerun_delivers_exactly_once(kafka_de
     assert md["failed"] == md["selected"] > 0 and md["published"] == 0
     assert not down.success, "failed deliveries must fail the blocking deliveries check"
     assert check_verdicts(down)[("deliveries_reconcile", DAY)] is False
-    dead = list((env["lake"] / "_replay/telemetry_kafka/redrive/dead_letter" / f"day={DAY}").glob("*.json"))
-    assert len(dead) == 1 and len(json.loads(dead[0].read_text())["failures"]) == md["failed"]
+    dead = list((env["lake"] / "_replay/telemetry_kafka/redrive/dead_letter" / f"day={DAY}").glob("*.jsonl"))
+    letters = [json.loads(line) for line in dead[0].read_text().splitlines()]
+    assert len(dead) == 1 and len(letters) == md["failed"] and len({d["id"] for d in letters}) == md["failed"]
+    assert all(d["sink"] == "kafka:telemetry-redrive" and d["error"] and json.loads(d["message"])["kind"] == "redrive_raw_file" for d in letters)
 
     broker.start()
     broker.create_topic(TOPIC)

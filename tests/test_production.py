@@ -3,18 +3,16 @@
 partition-range backfill is launched through the webserver's GraphQL API, as the UI does; the
 daemon runs it; the per-day check results are read back through the API."""
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-import urllib.error
 import urllib.request
 
 import psycopg
 from conftest import PROJECT_ROOT
-from services import free_port
+from services import free_port, graphql
 
 BIN = PROJECT_ROOT / ".venv/bin"
 LAUNCH = """
@@ -28,18 +26,6 @@ query($key: AssetKeyInput!, $name: String!, $partition: String) {
 }"""
 DAYS = ["2025-11-24", "2025-11-25"]
 ASSETS = ["raw_events", "parsed_events", "projections", "redrive"]
-
-
-def graphql(port: int, query: str, variables: dict) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query, "variables": variables}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:  # GraphQL errors come back as a 4xx/5xx with a JSON body
-        raise AssertionError(f"{exc}: {exc.read().decode()[:3000]}") from None
-    assert "errors" not in body, body
-    return body["data"]
 
 
 def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn, monkeypatch):
@@ -66,14 +52,15 @@ def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn,
             if name == "code-server":  # the others load the location from it
                 wait_for(lambda: _answers(code_port), procs, tmp_path, "code server")
         wait_for(lambda: _web_up(web_port), procs, tmp_path, "webserver")
+        web = f"http://127.0.0.1:{web_port}"
 
-        launched = graphql(web_port, LAUNCH, {"params": {"partitionNames": DAYS, "assetSelection": [{"path": ["telemetry", a]} for a in ASSETS],
+        launched = graphql(web, LAUNCH, {"params": {"partitionNames": DAYS, "assetSelection": [{"path": ["telemetry", a]} for a in ASSETS],
                                                           "title": "production e2e"}})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         status = {}
 
         def finished():
-            status["s"] = graphql(web_port, STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
+            status["s"] = graphql(web, STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
             return status["s"] not in ("REQUESTED",)
 
         wait_for(finished, procs, tmp_path, "backfill", timeout=400)
@@ -84,7 +71,7 @@ def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn,
         for asset, names in checks.items():
             for name in names:
                 for day in DAYS:
-                    got = graphql(web_port, CHECKS, {"key": {"path": ["telemetry", asset]}, "name": name, "partition": day})["assetCheckExecutions"]
+                    got = graphql(web, CHECKS, {"key": {"path": ["telemetry", asset]}, "name": name, "partition": day})["assetCheckExecutions"]
                     assert got and got[0]["status"] == "SUCCEEDED" and got[0]["partition"] == day, (asset, name, day, got)
     finally:
         for proc in procs.values():

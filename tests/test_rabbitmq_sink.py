@@ -76,7 +76,7 @@ def test_connection_cut_fails_the_run_then_a_rerun_delivers_exactly_once(env, in
     rabbit["proxy"].stop()
     down, md = _run(rabbit["exchange"], instance)
     assert md["failed"] == md["selected"] > 0 and not down.success, {k: md[k] for k in ("published", "failed", "skipped_already_delivered", "dropped")}
-    dead = next((env["lake"] / "_replay/telemetry_amqp/redrive/dead_letter" / f"day={DAY}").glob("*.json")).read_text()
+    dead = next((env["lake"] / "_replay/telemetry_amqp/redrive/dead_letter" / f"day={DAY}").glob("*.jsonl")).read_text()
     assert "guest:guest@" not in dead, "the broker URL's password leaked into the dead letters"
     rabbit["proxy"].start()
     up, md_up = _run(rabbit["exchange"], instance)

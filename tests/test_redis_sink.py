@@ -164,7 +164,7 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
         assert md["published"] + md["failed"] == md["selected"] == len(events)
         logs = "\n".join(str(e) for e in instance.all_logs(down.run_id))
         assert "ConnectionError" in logs and "s3cret-pw" not in logs, "the error is shown, the password never"
-        dead = (env["lake"] / "_replay/telemetry_redis/redrive/dead_letter" / f"day={DAY}" / f"{down.run_id}.json").read_text()
+        dead = (env["lake"] / "_replay/telemetry_redis/redrive/dead_letter" / f"day={DAY}" / f"{down.run_id}.jsonl").read_text()
         assert "s3cret-pw" not in dead
 
         up = _run(spec, instance)

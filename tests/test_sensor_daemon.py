@@ -1,18 +1,12 @@
 """A dead-letter queue filling up launches the right backfill with no human action: the sensor
 runs in a real Dagster daemon (`dagster dev`), its backfill runs, and the checks pass."""
 
-import json
-import os
-import signal
-import subprocess
 import time
-import urllib.request
 import uuid
 
 import dagster as dg
 import redis
-from conftest import PROJECT_ROOT
-from services import free_port
+from services import dagster_dev, graphql
 from test_dead_letter_sensors import fail_jobs, letters
 
 TICKS = """
@@ -21,16 +15,8 @@ query {
 }"""
 
 
-def _graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        body = json.loads(resp.read())
-    assert "errors" not in body, body
-    return body["data"]
-
-
-def _ticks(port: int) -> list[dict]:
-    nodes = _graphql(port, TICKS)["repositoriesOrError"]["nodes"]
+def _ticks(base: str) -> list[dict]:
+    nodes = graphql(base, TICKS)["repositoriesOrError"]["nodes"]
     return [t for n in nodes for s in n["sensors"] for t in s["sensorState"]["ticks"]]
 
 
@@ -45,47 +31,31 @@ def test_dlq_growth_launches_a_backfill_that_the_daemon_completes(env, tmp_path,
         "from replay_defs.spec import DeadLetters\n"
         f"defs = build_definitions([dataclasses.replace(TELEMETRY, dead_letters=(DeadLetters('bullmq', {queue!r}, growth=10, interval_s=5, running=True),))])\n"
     )
-    port = free_port()
-    log = open(tmp_path / "dagster-dev.log", "w")
-    proc = subprocess.Popen(
-        [str(PROJECT_ROOT / ".venv/bin/dagster"), "dev", "-f", str(location), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=PROJECT_ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     r = redis.Redis.from_url(redis_url)
     try:
-        deadline = time.time() + 120
-        while True:  # up, and the sensor has taken its baseline reading
-            try:
-                if any(t["status"] == "SKIPPED" for t in _ticks(port)):
-                    break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-            assert time.time() < deadline, "the sensor never ticked: " + (tmp_path / "dagster-dev.log").read_text()[-3000:]
-            time.sleep(1)
+        with dagster_dev(tmp_path / "dagster-dev.log", "-f", str(location)) as base:
+            deadline = time.time() + 120
+            while not any(t["status"] == "SKIPPED" for t in _ticks(base)):  # the sensor's baseline reading
+                assert time.time() < deadline, "the sensor never ticked: " + (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                time.sleep(1)
 
-        fail_jobs(redis_url, queue, letters(30))  # the DLQ fills up: 30 failed jobs of 2025-11-25/26
+            fail_jobs(redis_url, queue, letters(30))  # the DLQ fills up: 30 failed jobs of 2025-11-25/26
 
-        instance = dg.DagsterInstance.get()
-        deadline = time.time() + 300
-        backfill = None
-        while time.time() < deadline:
-            backfills = instance.get_backfills()
-            if backfills:
-                (backfill,) = backfills
-                if backfill.status.value not in ("REQUESTED",):
-                    break
-            time.sleep(2)
-        assert backfill is not None, f"no backfill launched; ticks: {_ticks(port)}"
+            instance = dg.DagsterInstance.get()
+            deadline = time.time() + 300
+            backfill = None
+            while time.time() < deadline:
+                backfills = instance.get_backfills()
+                if backfills:
+                    (backfill,) = backfills
+                    if backfill.status.value != "REQUESTED":
+                        break
+                time.sleep(2)
+            assert backfill is not None, f"no backfill launched; ticks: {_ticks(base)}"
         assert backfill.status.value in ("COMPLETED", "COMPLETED_SUCCESS"), f"backfill ended as {backfill.status}"
         assert backfill.tags["event_replay/trigger"] == f"bullmq:{queue}"
         assert r.zcard(f"bull:{queue}:failed") == 30, "the sensor must not consume the dead letters"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
         r.delete(*r.keys(f"bull:{queue}:*") or ["-"])
         r.close()
 

@@ -2,17 +2,11 @@
 GraphQL mutation against a real `dagster dev` (webserver + daemon), then per-day verdicts read
 back from the instance."""
 
-import json
-import os
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
 
 import dagster as dg
-
-from conftest import DEMO_DAYS, PROJECT_ROOT
+from conftest import DEMO_DAYS
+from services import dagster_dev, graphql
 
 LAUNCH = """
 mutation($params: LaunchBackfillParams!) {
@@ -29,24 +23,6 @@ query($id: String!) {
 ASSETS = ["raw_events", "parsed_events", "projections", "redrive"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphql(port: int, query: str, variables: dict) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        body = json.loads(resp.read())
-    assert "errors" not in body, body
-    return body["data"]
-
-
 def _failures() -> list[str]:
     """The error messages of failed runs, so a failing backfill explains itself."""
     instance = dg.DagsterInstance.get()
@@ -59,55 +35,19 @@ def _failures() -> list[str]:
 
 
 def test_ui_range_backfill_runs_and_records_a_verdict_per_day(env, tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "dagster-dev.log", "w")
-    proc = subprocess.Popen(
-        [str(PROJECT_ROOT / ".venv/bin/dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=PROJECT_ROOT,
-        env=os.environ.copy(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
-                assert time.time() < deadline, "dagster dev did not come up"
-                time.sleep(1)
+    with dagster_dev(tmp_path / "dagster-dev.log") as base:
         days = DEMO_DAYS[:2]
-        launched = _graphql(
-            port,
-            LAUNCH,
-            {
-                "params": {
-                    "partitionNames": days,
-                    "assetSelection": [{"path": ["telemetry", a]} for a in ASSETS],
-                    "title": "test UI backfill",
-                }
-            },
-        )["launchPartitionBackfill"]
+        params = {"partitionNames": days, "assetSelection": [{"path": ["telemetry", a]} for a in ASSETS], "title": "test UI backfill"}
+        launched = graphql(base, LAUNCH, {"params": params})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
-        backfill_id = launched["backfillId"]
         deadline = time.time() + 240
         status = None
         while time.time() < deadline:
-            status = _graphql(port, STATUS, {"id": backfill_id})["partitionBackfillOrError"]["status"]
+            status = graphql(base, STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
             if status in ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"):
                 break
             time.sleep(2)
         assert status in ("COMPLETED", "COMPLETED_SUCCESS"), f"backfill ended as {status}: {_failures()}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
     instance = dg.DagsterInstance.get()
     keys = [dg.AssetCheckKey(dg.AssetKey(["telemetry", "parsed_events"]), name) for name in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files")]
