@@ -193,8 +193,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000, help="events in the partition (default 1M)")
     ap.add_argument("--rabbitmq-events", type=int, default=50_000, help="events sent to RabbitMQ (per-message confirms are slow; default 50k)")
-    ap.add_argument("--sinks", default="kafka,redis-list,redis-stream,redis-bullmq,rabbitmq")
-    ap.add_argument("--ledgers", default="duckdb,postgres", help="ledgers to run 'ours' with")
+    ap.add_argument("--sinks", default="kafka,redis-list,redis-stream,redis-bullmq,rabbitmq", help="comma-separated rows to run (default: all)")
+    ap.add_argument("--ledgers", default="duckdb,postgres", help="ledgers to run ours with: duckdb,postgres (default both)")
     ap.add_argument("--batch-size", type=int, default=10_000, help="the redrive asset's batch_size (default 10,000)")
     args = ap.parse_args()
     global BATCH
