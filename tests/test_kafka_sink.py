@@ -32,9 +32,10 @@ def kafka_defs(env, broker):
     return build_definitions([KAFKA])
 
 
-def _run(defs, instance):
+def _run(defs, instance, config=None):
     job = defs.resolve_job_def("telemetry_kafka_replay")
-    return job.execute_in_process(instance=instance, partition_key=DAY, raise_on_error=False)
+    run_config = {"ops": {"telemetry_kafka__redrive": {"config": config}}} if config else {}
+    return job.execute_in_process(instance=instance, partition_key=DAY, run_config=run_config, raise_on_error=False)
 
 
 def _redrive_md(result):
@@ -67,7 +68,7 @@ def test_each_raw_file_reaches_kafka_once_with_the_run_id(kafka_defs, instance, 
 
 def test_broker_outage_fails_the_run_then_a_rerun_delivers_exactly_once(kafka_defs, instance, broker, env):
     broker.stop()
-    down = _run(kafka_defs, instance)
+    down = _run(kafka_defs, instance, {"retries": 0})  # no backoff: the broker is down
     md = _redrive_md(down)
     assert md["failed"] == md["selected"] > 0 and md["published"] == 0
     assert not down.success, "failed deliveries must fail the blocking deliveries check"

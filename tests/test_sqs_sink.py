@@ -118,7 +118,7 @@ def test_endpoint_outage_fails_the_run_then_a_rerun_delivers_exactly_once(env, i
     moto.client("sqs").create_queue(QueueName="redrive")
     spec = spec_for("redrive")
     moto.stop()
-    down = _run(spec, instance)
+    down = _run(spec, instance, {"ops": {"telemetry_sqs__redrive": {"config": {"retries": 0}}}})  # no backoff: it is down
     md = _md(down)
     assert md["failed"] == md["selected"] > 0 and not down.success
     moto.start()
