@@ -193,7 +193,9 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
         partitions = set(daily_partitions(spec).get_partition_keys())
         outside = sorted(days - partitions)
         days &= partitions
-        busy = days_being_backfilled(context.instance, context.repository_def.asset_graph, _keys(context, selection)) & days
+        asset_graph = context.repository_def.asset_graph
+        keys = set(selection.resolve(asset_graph))
+        busy = days_being_backfilled(context.instance, asset_graph, keys) & days
         days -= busy
         notes = []
         if unknown:
@@ -207,12 +209,8 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
         message = f"{source.label}: depth {depth} grew {rise} within {source.window_s}s; backfilling {', '.join(sorted(days))}"
         context.log.info(message + (f" ({'; '.join(notes)})" if notes else ""))
         tags = {"event_replay/trigger": source.label, "event_replay/dead_letter_depth": str(depth)}
-        request = backfill_request(context.repository_def.asset_graph, _keys(context, selection), sorted(days), tags)
+        request = backfill_request(asset_graph, keys, sorted(days), tags)
         # The rise has been acted on: measure the next one from here.
         return dg.SensorResult(run_requests=[request], cursor=json.dumps({"samples": [[now, depth]]}))
 
     return dlq_sensor
-
-
-def _keys(context: dg.SensorEvaluationContext, selection: dg.AssetSelection) -> set[dg.AssetKey]:
-    return set(selection.resolve(context.repository_def.asset_graph))
