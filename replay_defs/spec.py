@@ -191,12 +191,14 @@ class RedisSink:
 
     List and stream writes go through a script that remembers the ids it appended (a set per
     pipeline and day, kept `seen_ttl_s`), so a batch re-sent after a lost reply is not appended twice.
+    `job_name`: the BullMQ job name when the consumer expects a fixed one (else the event type).
     """
 
     key: str
     mode: Literal["bullmq", "list", "stream"] = "bullmq"
     prefix: str = "bull"
     seen_ttl_s: int = 7 * 24 * 3600
+    job_name: str | None = None
     kind: Literal["redis"] = "redis"
 
     def __post_init__(self) -> None:
