@@ -275,6 +275,29 @@ class DeadLetters:
 
 
 @dataclass(frozen=True)
+class RefillSpec:
+    """A refill from S3 access logs (seed 000): the keys of one-object-per-event uploads
+    (`projectId/type/eventBodyId/eventId.json`) written on a day are re-enqueued as ingestion
+    jobs (`replay_defs/access_logs.py`). Assets: `<name>/event_keys` (validated, de-duplicated
+    keys as Parquet) and `<name>/redrive` (one job per key into `redrive.sink`)."""
+
+    name: str
+    start_date: str
+    known_types: tuple[str, ...]
+    redrive: Redrive
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not SAFE_NAME.fullmatch(self.name):
+            raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
+        for value in self.known_types:
+            if not SAFE_TYPE_VALUE.fullmatch(value):
+                raise ValueError(f"known type {value!r} is not a safe value")
+        if self.redrive.unit != "event":
+            raise ValueError("a refill delivers one message per key: use Redrive(unit='event')")
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     name: str
     start_date: str
