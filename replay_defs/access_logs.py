@@ -295,22 +295,23 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
             stats.malformed_rows = result.malformed
             for reason, n in con.execute("SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL").fetchall():
                 stats.quarantined_by_reason[reason] = stats.quarantined_by_reason.get(reason, 0) + n
+        # Grouped, sorted and written in one statement; the counts are then read back from the file.
+        keys_file = keys_dir(day) / "keys.parquet"
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
         con.execute(
-            """CREATE OR REPLACE TEMP TABLE day_keys AS
-            SELECT key, split_part(key, '/', 1) AS project_id, split_part(key, '/', 2) AS type,
-                   split_part(key, '/', 3) AS event_body_id, regexp_replace(split_part(key, '/', 4), '\\.json$', '') AS event_id,
-                   min(request_time) AS first_put, count(*) AS puts
-            FROM classified WHERE is_put AND day = ? AND reason IS NULL GROUP BY key""",
-            [day],
+            """COPY (SELECT key, min(request_time) AS first_put, count(*) AS puts
+                     FROM classified WHERE is_put AND day = $day AND reason IS NULL GROUP BY key ORDER BY key)
+            TO $path (FORMAT parquet)""",
+            {"day": day, "path": str(keys_file)},
         )
-        stats.keys, puts = con.execute("SELECT count(*), coalesce(sum(puts), 0) FROM day_keys").fetchone()
+        stats.keys, puts = con.execute("SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}).fetchone()
         stats.duplicates = int(puts) - stats.keys
         stats.by_project_type = {f"{p}/{t}": n for p, t, n in con.execute(
-            "SELECT project_id, type, count(*) FROM day_keys GROUP BY ALL ORDER BY ALL").fetchall()}
-        if stats.keys:
-            keys_dir(day).mkdir(parents=True, exist_ok=True)
-            con.execute("COPY (SELECT * FROM day_keys ORDER BY key) TO $path (FORMAT parquet)",
-                        {"path": str(keys_dir(day) / "keys.parquet")})
+            "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
+            {"f": str(keys_file)}).fetchall()}
+        if not stats.keys:
+            keys_file.unlink()
+            keys_file.parent.rmdir()  # nothing to publish for the day
         if stats.quarantined:
             quarantine_dir(day).mkdir(parents=True, exist_ok=True)
             con.execute(
@@ -336,11 +337,15 @@ def job_batches(keys_parquet: list[str], batch_size: int, now: Callable[[], date
 
     encode = msgspec.json.encode
     for path in keys_parquet:
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["key", "project_id", "type", "event_body_id", "event_id"]):
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["key"]):
             stamp = now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            cols = rb.to_pydict()
-            bodies = [
-                encode({
+            keys = rb.column(0).to_pylist()
+            types, bodies = [], []
+            for key in keys:
+                project, type_, body_id, file_name = key.split("/")  # validated: four parts, ending in .json
+                event_id = file_name.removesuffix(".json")
+                types.append(type_)
+                bodies.append(encode({
                     "id": event_id,
                     "timestamp": stamp,
                     "name": "ingestion-job",
@@ -348,7 +353,5 @@ def job_batches(keys_parquet: list[str], batch_size: int, now: Callable[[], date
                         "data": {"type": f"{type_}-create", "eventBodyId": body_id, "fileKey": event_id},
                         "authCheck": {"validKey": True, "scope": {"projectId": project, "accessLevel": "project"}},
                     },
-                })
-                for project, type_, body_id, event_id in zip(cols["project_id"], cols["type"], cols["event_body_id"], cols["event_id"])
-            ]
-            yield Batch(cols["key"], bodies, cols["type"])
+                }))
+            yield Batch(keys, bodies, types)
