@@ -421,8 +421,8 @@ def replay(
                 forced_here = 0
                 try:
                     for pk, event_type, event_id, idem, payload, status in rows:
-                        handled += 1
                         if status not in replayable:
+                            handled += 1
                             if status == "processed":
                                 report.skipped_processed += 1
                             elif status == "pending":
@@ -431,6 +431,7 @@ def replay(
                                 report.skipped_processing += 1
                             continue
                         if not publish:
+                            handled += 1
                             done.append(pk)
                             continue
                         if interval:  # pacing: a cancel lands here, between two publishes
@@ -444,6 +445,7 @@ def replay(
                         body = json.dumps(payload, separators=(",", ":")).encode()
                         with deferred_interrupts():
                             err = exchange.publish(event_type, body, message_id=event_id, headers=headers)
+                            handled += 1
                             if err is None:
                                 done.append(pk)
                                 forced_here += forced_row
