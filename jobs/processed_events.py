@@ -174,7 +174,9 @@ def undo_replay(context: dg.OpExecutionContext, config: UndoConfig, postgres: Po
 
 
 def _job(name: str, op, description: str) -> dg.JobDefinition:
-    @dg.job(name=name, description=description, tags={"event_replay/kind": "processed_events"})
+    # One op: the in-process executor saves the step subprocess (seconds at launch) and takes
+    # the run's termination signal directly in the op.
+    @dg.job(name=name, description=description, tags={"event_replay/kind": "processed_events"}, executor_def=dg.in_process_executor)
     def _the_job():
         op()
 

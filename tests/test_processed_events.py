@@ -4,20 +4,15 @@ and marks events processed as the seed's worker does. The emergency stop is a re
 run terminated through the webserver's GraphQL API, as the UI's "Terminate" button does."""
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import dagster as dg
 import pika
 import psycopg
 import pytest
-from conftest import PROJECT_ROOT
 from psycopg import sql
 from services import dagster_dev, graphql, rabbitmq_port
 
@@ -41,35 +36,41 @@ def table(postgres_dsn):
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
+@pytest.fixture(scope="module")
+def rabbit_url() -> str:
+    return f"amqp://guest:guest@127.0.0.1:{rabbitmq_port()}/%2F"
+
+
 @pytest.fixture
-def rabbit():
+def rabbit(rabbit_url):
     """A fresh topic exchange and a queue bound to every routing key."""
-    url = f"amqp://guest:guest@127.0.0.1:{rabbitmq_port()}/%2F"
     exchange, queue = f"pe-test-{uuid.uuid4().hex[:8]}", f"pe-test-{uuid.uuid4().hex[:8]}"
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(pika.URLParameters(rabbit_url))
     ch = conn.channel()
     ch.exchange_declare(exchange, "topic")
     ch.queue_declare(queue)
     ch.queue_bind(queue, exchange, "#")
-    yield {"url": url, "exchange": exchange, "queue": queue, "channel": ch}
+    yield {"url": rabbit_url, "exchange": exchange, "queue": queue, "channel": ch}
     ch.queue_delete(queue)
     ch.exchange_delete(exchange)
     conn.close()
 
 
-@pytest.fixture
-def location(tmp_path, postgres_dsn, rabbit, monkeypatch):
-    """The code location's Definitions and a Dagster instance, with the env vars pointing at them."""
-    monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
-    monkeypatch.setenv("EVENT_REPLAY_RABBITMQ_URL", rabbit["url"])
-    home = tmp_path / "dagster_home"
-    home.mkdir()
+@pytest.fixture(scope="module")
+def location(tmp_path_factory, postgres_dsn, rabbit_url):
+    """The code location's Definitions and a Dagster instance, with the env vars pointing at the
+    servers (built once: the resources read the env vars at launch, and each test has its own
+    table and exchange)."""
+    home = tmp_path_factory.mktemp("pe_dagster_home")
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    from replay_defs.definitions import build_definitions
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
+        mp.setenv("EVENT_REPLAY_RABBITMQ_URL", rabbit_url)
+        mp.setenv("DAGSTER_HOME", str(home))
+        from replay_defs.definitions import build_definitions
 
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
-        yield build_definitions(), instance
+        with dg.instance_for_test(temp_dir=str(home)) as instance:
+            yield build_definitions(), instance
 
 
 class Worker:
@@ -343,7 +344,8 @@ def test_emergency_stop_by_terminating_the_run_in_dagster_dev(tmp_path, table, r
     insert(postgres_dsn, table, failed_events(200))
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # dagster dev's queued runs, dequeued every second (default 5) to keep the test short.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nrun_queue:\n  dequeue_interval_seconds: 1\n")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
     monkeypatch.setenv("EVENT_REPLAY_RABBITMQ_URL", rabbit["url"])
@@ -368,7 +370,7 @@ def test_emergency_stop_by_terminating_the_run_in_dagster_dev(tmp_path, table, r
         assert graphql(base, RUN, {"id": run_id})["runOrError"]["status"] == "CANCELED"
         assert time.time() - stopped_at < 10
         depth = queue_depth(rabbit)
-        time.sleep(1.0)
+        time.sleep(0.5)  # 10 publishes at 20/s
         assert queue_depth(rabbit) == depth, "publishing went on after the stop"
     audit = pe.audit_row(postgres_dsn, run_id)
     assert audit["status"] == "stopped" and audit["requested_by"] == "oncall"
@@ -382,17 +384,27 @@ def test_emergency_stop_by_terminating_the_run_in_dagster_dev(tmp_path, table, r
     assert published == {k for k, s in st.items() if s == "pending"}
 
 
-def test_cli_replays_one_event(tmp_path, table, rabbit, postgres_dsn):
+def test_cli_replays_one_event(tmp_path, table, rabbit, postgres_dsn, monkeypatch, capsys):
+    """`event-replay processed-events ...` (its `main`, in this process: the entry point's import
+    time is not worth a subprocess here), on the instance in $DAGSTER_HOME."""
+    from replay_defs.cli import main
+
     insert(postgres_dsn, table, failed_events(2))
-    home = tmp_path / "home"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "EVENT_REPLAY_POSTGRES_URL": postgres_dsn, "EVENT_REPLAY_RABBITMQ_URL": rabbit["url"]}
-    cli = [str(Path(sys.executable).parent / "event-replay"), "processed-events"]
-    done = subprocess.run([*cli, "replay-one", "evt-1", "--table", table, "--exchange", rabbit["exchange"], "--reason", "INC-7",
-                           "--requested-by", "bob"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "published=1" in done.stdout and "run_id" in done.stdout
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
+    monkeypatch.setenv("EVENT_REPLAY_RABBITMQ_URL", rabbit["url"])
+    cli = ["processed-events", "replay-one", "evt-1", "--table", table, "--exchange", rabbit["exchange"]]
+    with pytest.raises(SystemExit) as refused:  # no reason given
+        main(cli)
+    assert refused.value.code == 1 and "needs a reason" in capsys.readouterr().err
+    assert queue_depth(rabbit) == 0 and statuses(postgres_dsn, table) == {"evt-0": "error", "evt-1": "error"}
+    main([*cli, "--reason", "INC-7", "--requested-by", "bob"])
+    out = capsys.readouterr().out
+    assert "SUCCESS" in out and "published=1 " in out and "undo: event-replay processed-events undo" in out
     assert statuses(postgres_dsn, table) == {"evt-0": "error", "evt-1": "pending"} and queue_depth(rabbit) == 1
-    run_id = done.stdout.split("run_id ")[1].split(":")[0]
+    run_id = out.split("run_id ")[1].split(":")[0]
     assert pe.audit_row(postgres_dsn, run_id)["requested_by"] == "bob"
-    helped = subprocess.run([*cli, "replay-failed", "--help"], capture_output=True, text=True, timeout=60)
-    assert helped.returncode == 0 and "--since" in helped.stdout and "--rate-limit" in helped.stdout
+    assert dg.DagsterInstance.get().get_run_by_id(run_id).job_name == "processed_events_replay_one"
+    with pytest.raises(SystemExit) as helped:
+        main(["processed-events", "replay-failed", "--help"])
+    assert helped.value.code == 0 and "--since" in capsys.readouterr().out
