@@ -95,7 +95,14 @@ def create_processed_events_table(conn, table: str = "processed_events") -> None
 
 
 def ensure_replay_tables(conn) -> None:
-    """The audit and snapshot tables, next to the events (created on first use)."""
+    """The audit and snapshot tables, next to the events (created on first use; an advisory lock
+    keeps two first replays from racing on CREATE TABLE IF NOT EXISTS)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay_tables'))")
+        _create_replay_tables(conn)
+
+
+def _create_replay_tables(conn) -> None:
     conn.execute(
         f"""
         CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
@@ -378,7 +385,7 @@ def replay(
     t0 = time.monotonic()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
-        replayable = {"error", "processing"} if selection.kind == "stuck" else {"error"}
+        replayable = {"processing"} if selection.kind == "stuck" else {"error"}
         if force:
             replayable |= {"processed", "pending"}
         if dry_run:
@@ -412,7 +419,8 @@ def replay(
         try:
             last_id = 0
             while True:
-                rows = conn.execute(select, [*params, last_id, batch_size]).fetchall()
+                with deferred_interrupts():  # a cancel never lands inside a query
+                    rows = conn.execute(select, [*params, last_id, batch_size]).fetchall()
                 if not rows:
                     conn.commit()
                     break
@@ -516,6 +524,8 @@ def undo(
         found = conn.execute(f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)).fetchone()
         if found is None:
             raise LookupError(f"no replay {undo_run_id!r} in {AUDIT_TABLE}")
+        if found[1]:
+            raise ValueError(f"replay {undo_run_id} was already undone by run {found[1]} (undo that run to redo it)")
         report.selected = conn.execute(
             f"SELECT count(*) FROM {SNAPSHOT_TABLE} WHERE run_id = %s AND table_name = %s", (undo_run_id, table)
         ).fetchone()[0]

@@ -246,6 +246,8 @@ def test_undo_restores_the_snapshot(location, table, rabbit, postgres_dsn):
     assert undone.success and umd["changed"] == 6
     assert rows(postgres_dsn, table) == before
     assert pe.audit_row(postgres_dsn, replay.run_id)["undone_by"] == undone.run_id
+    twice, _ = launch(defs, instance, "processed_events_undo", {"replay_run_id": replay.run_id, "table": table, "reason": "again"})
+    assert not twice.success and rows(postgres_dsn, table) == before
     again, _ = launch(defs, instance, "processed_events_undo", {"replay_run_id": undone.run_id, "table": table, "reason": "undo the undo"})
     assert again.success and set(statuses(postgres_dsn, table).values()) == {"processed"}
 
