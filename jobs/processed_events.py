@@ -107,6 +107,10 @@ def _run(context: dg.OpExecutionContext, config: _Common, postgres: PostgresReso
         raise
     summary = ", ".join(f"{k}={v}" for k, v in report.counts().items())
     context.log.info(f"{report.action} {report.status}: {summary}")
+    skipped = report.skipped_processed + report.skipped_pending
+    if skipped and not report.changed and report.action != "undo":
+        context.log.warning(f"nothing replayed: {report.skipped_processed} already processed, {report.skipped_pending} pending "
+                            "(force=true replays them; side effects may repeat)")
     if report.status == "failed":
         raise dg.Failure(f"{report.failed} not confirmed by the broker (rows left unchanged): {report.errors[:3]}", metadata=_metadata(report))
     return dg.Output(json.dumps(report.counts()), metadata=_metadata(report))

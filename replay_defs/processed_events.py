@@ -385,6 +385,8 @@ def replay(
     t0 = time.monotonic()
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
+        if selection.kind == "one" and not report.selected:
+            raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
         replayable = {"processing"} if selection.kind == "stuck" else {"error"}
         if force:
             replayable |= {"processed", "pending"}
@@ -407,9 +409,11 @@ def replay(
             " SELECT %s, %s, id, event_id, status, retry_count, error_message, processed_at FROM {t} WHERE id = ANY(%s)"
             " ON CONFLICT DO NOTHING"
         ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t)
-        update = sql.SQL(
-            "UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)"
-        ).format(t=t)
+        if new_status == "pending":  # back to the worker, as the seed's replay SQL does
+            update = sql.SQL("UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)")
+        else:  # marked failed now, so a later replay-failed window finds it
+            update = sql.SQL("UPDATE {t} SET status = %s, error_message = %s, processed_at = now() WHERE id = ANY(%s)")
+        update = update.format(t=t)
         interval = 1.0 / rate_limit if rate_limit else 0.0
         next_at = time.monotonic()
         last_progress = time.monotonic()

@@ -175,6 +175,9 @@ def test_replay_one_event_routes_by_type_and_the_worker_processes_it(location, t
     after = statuses(postgres_dsn, table)
     assert after == {"evt-0": "error", "evt-1": "error", "evt-2": "error", "pay-1": "processed"}
     audit = pe.audit_row(postgres_dsn, result.run_id)
+    missing, _ = launch(defs, instance, "processed_events_replay_one",
+                        {"event_id": "nope", "table": table, "exchange": rabbit["exchange"], "reason": "r"})
+    assert not missing.success and pe.audit_row(postgres_dsn, missing.run_id) is None
     assert (audit["requested_by"], audit["reason"], audit["status"], audit["published"]) == ("alice@habitat.eth", "INC-1 payment handler fixed", "succeeded", 1)
     assert audit["selection"] == {"kind": "one", "event_id": "pay-1"} and audit["snapshot"] == md["snapshot"]
     with psycopg.connect(postgres_dsn) as conn:
@@ -271,7 +274,10 @@ def test_stuck_processing_is_reset(location, table, rabbit, postgres_dsn):
                           {"older_than_minutes": 5, "to_status": "error", "table": table, "exchange": rabbit["exchange"], "reason": "r"})
     assert to_error.success and (md["changed"], md["published"]) == (1, 0) and queue_depth(rabbit) == 0
     row = rows(postgres_dsn, table)["stuck-3"]
-    assert row[3] == "error" and to_error.run_id in row[5]
+    assert row[3] == "error" and to_error.run_id in row[5] and abs((row[6] - datetime.now(timezone.utc)).total_seconds()) < 60
+    # processed_at is when it was marked failed: a replay-failed window finds it.
+    again, md = launch(defs, instance, "processed_events_replay_failed", {"hours": 1, "dry_run": True, "table": table, "exchange": rabbit["exchange"]})
+    assert again.success and md["selected_by_status"] == {"error": 2}  # with "err"
 
 
 def test_dry_run_changes_nothing(location, table, rabbit, postgres_dsn):
@@ -380,6 +386,9 @@ def test_emergency_stop_by_terminating_the_run_in_dagster_dev(tmp_path, table, r
     st = statuses(postgres_dsn, table)
     assert sum(s == "pending" for s in st.values()) == depth and sum(s == "error" for s in st.values()) == 200 - depth
     assert audit["not_reached"] == 200 - depth
+    with psycopg.connect(postgres_dsn) as conn:  # the snapshot holds exactly the changed rows: undo puts back just those
+        snapped = {r[0] for r in conn.execute("SELECT event_id FROM event_replay_snapshot WHERE run_id = %s", (run_id,))}
+    assert snapped == {k for k, s in st.items() if s == "pending"}
     published = set()
     while (m := rabbit["channel"].basic_get(rabbit["queue"], auto_ack=True))[0] is not None:
         published.add(m[1].message_id)
