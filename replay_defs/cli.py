@@ -309,8 +309,9 @@ def cmd_processed_events(args) -> None:
             print(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} not_reached={row['not_reached']}"
                   f" error={row['error']}")
         for event in result.all_events:
-            if event.is_failure:
-                print(f"  {event.message}", file=sys.stderr)
+            if event.is_step_failure:  # the error, without Dagster's stack trace (that is in the run's log)
+                error = event.step_failure_data.error
+                print(f"  {error.message.strip() if error else event.message}", file=sys.stderr)
     if not result.success:
         sys.exit(1)
 
