@@ -315,7 +315,7 @@ def test_concurrent_replays_serve_each_event_once(table, rabbit, postgres_dsn):
         ex = RabbitExchange(rabbit["url"], rabbit["exchange"])
         try:
             reports[name] = pe.replay(postgres_dsn, pe.Selection.failed(), f"{name}-{uuid.uuid4().hex}", table=table, exchange=ex,
-                                      exchange_name=rabbit["exchange"], batch_size=5, rate_limit=100, reason="race")
+                                      exchange_name=rabbit["exchange"], batch_size=5, rate_limit=60, reason="race")
         finally:
             ex.close()
 
@@ -358,7 +358,7 @@ def test_emergency_stop_by_terminating_the_run_in_dagster_dev(tmp_path, table, r
     monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
     monkeypatch.setenv("EVENT_REPLAY_RABBITMQ_URL", rabbit["url"])
     log = tmp_path / "dagster-dev.log"
-    with dagster_dev(log) as base:
+    with dagster_dev(log, graceful=False) as base:  # everything is read from the webserver before it goes
         config = {"table": table, "exchange": rabbit["exchange"], "rate_limit": 20, "batch_size": 50, "reason": "stop drill"}
         params = {"selector": {"repositoryLocationName": "event-replay", "repositoryName": "__repository__", "jobName": "processed_events_replay_failed"},
                   "runConfigData": {"ops": {"replay_failed_events": {"config": config}}},
