@@ -92,7 +92,7 @@ def _metadata(report: pe.Report) -> dict:
     return md
 
 
-def _run(context: dg.OpExecutionContext, config: _Common, postgres: PostgresResource, work) -> dg.Output:
+def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg.Output:
     """Run `work()` (returns a Report); log and report its outcome, including an emergency stop."""
     try:
         report = work()
@@ -140,7 +140,7 @@ def _replay(context: dg.OpExecutionContext, config: _Publishing, postgres: Postg
             if exchange is not None:
                 exchange.close()
 
-    return _run(context, config, postgres, work)
+    return _run(context, postgres, work)
 
 
 @dg.op(description="Replay one event (by event_id) to the exchange.")
@@ -173,8 +173,8 @@ def reset_stuck_events(context: dg.OpExecutionContext, config: ResetStuckConfig,
 def undo_replay(context: dg.OpExecutionContext, config: UndoConfig, postgres: PostgresResource):
     who, why = _who_why(context, config)
     context.log.info(f"undo of {config.replay_run_id} in {config.table} (requested by {who}: {why!r})")
-    return _run(context, config, postgres, lambda: pe.undo(postgres.url, config.replay_run_id, context.run_id, table=config.table,
-                                                           dry_run=config.dry_run, requested_by=who, reason=why))
+    return _run(context, postgres, lambda: pe.undo(postgres.url, config.replay_run_id, context.run_id, table=config.table,
+                                                   dry_run=config.dry_run, requested_by=who, reason=why))
 
 
 def _job(name: str, op, description: str) -> dg.JobDefinition:
