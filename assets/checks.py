@@ -108,7 +108,7 @@ def deliveries(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> Day
 
 def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     parts = daily_partitions(spec)
-    parsed, projections, redrive = (asset_key(spec, n) for n in (PARSED, PROJECTIONS, REDRIVE))
+    parsed, projections = asset_key(spec, PARSED), asset_key(spec, PROJECTIONS)
 
     @dg.asset_check(asset=parsed, name="no_duplicate_event_ids", partitions_def=parts, blocking=True,
                     description=f"No `{spec.schema.id_field}` appears twice in the day's Parquet (all files present, committed or not).")
@@ -130,9 +130,16 @@ def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     def totals_match_parsed(context: dg.AssetCheckExecutionContext, lake: LakeResource, store: StoreResource):
         return check_each_day(context, projections, "totals_match_parsed", lambda d: projection_totals(lake.get(), store.get(), spec, d))
 
-    @dg.asset_check(asset=redrive, name="deliveries_reconcile", partitions_def=parts, blocking=True,
+    return [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, build_deliveries_check(spec)]
+
+
+def build_deliveries_check(spec) -> dg.AssetChecksDefinition:
+    """The redrive's check, for pipelines and refills alike."""
+    redrive = asset_key(spec, REDRIVE)
+
+    @dg.asset_check(asset=redrive, name="deliveries_reconcile", partitions_def=daily_partitions(spec), blocking=True,
                     description="selected = published + already delivered + dropped + failed, failed = 0, and the ledger agrees.")
     def deliveries_reconcile(context: dg.AssetCheckExecutionContext, lake: LakeResource, ledger: LedgerResource):
         return check_each_day(context, redrive, "deliveries_reconcile", lambda d: deliveries(lake.get(), ledger, spec, d))
 
-    return [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, deliveries_reconcile]
+    return deliveries_reconcile

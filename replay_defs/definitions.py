@@ -7,18 +7,21 @@ EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLA
 (RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
 EVENT_REPLAY_LEDGER_URL (a Postgres redrive ledger instead of the DuckDB one),
 EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows and the processed_events table the
-processed-events jobs in `jobs/` replay to EVENT_REPLAY_RABBITMQ_URL).
+processed-events jobs in `jobs/` replay to EVENT_REPLAY_RABBITMQ_URL), EVENT_REPLAY_S3_ENDPOINT
+with AWS_REGION and the usual AWS credentials (refill sources in S3).
 """
 
 import os
 
 import dagster as dg
 
-from assets import build_pipeline
+from dagster_aws.s3 import S3Resource
+
+from assets import build_pipeline, build_refill
 from jobs import JOBS as OPERATION_JOBS
 from sensors import build_dead_letter_sensor
 from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
-from replay_defs.pipelines import PIPELINES
+from replay_defs.pipelines import PIPELINES, REFILLS
 from resources import (
     KafkaResource,
     LakeResource,
@@ -37,22 +40,24 @@ def _setting(env: str, default: str):
     return dg.EnvVar(env) if env in os.environ else default
 
 
-def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
+def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
     assets, checks, jobs, sensors = [], [], [], []
-    for spec in pipelines:
-        built = build_pipeline(spec)
+    for built in [*map(build_pipeline, pipelines), *map(build_refill, refills)]:
         assets += built.assets
         checks += built.checks
         jobs.append(built.job)
-        sensors += [build_dead_letter_sensor(spec, source) for source in spec.dead_letters]
+    sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
     # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
-    needed = {spec.redrive.sink.kind for spec in pipelines} | {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
+    needed = {spec.redrive.sink.kind for spec in (*pipelines, *refills)}
+    needed |= {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
     duckdb_path = _setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
     resources = {
         "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
         "store": StoreResource(path=duckdb_path),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
+        # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
+        "s3": S3Resource(endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")),
     }
     if "kafka" in needed:
         timeout = "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS"

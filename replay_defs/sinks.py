@@ -337,10 +337,12 @@ class RedisTarget:
     """
     SCRIPT_CHUNK = 2000  # messages per script call; several calls ride one pipeline
 
-    def __init__(self, url: str, key: str, mode: str = "bullmq", prefix: str = "bull", seen_ttl_s: int = 7 * 24 * 3600):
+    def __init__(self, url: str, key: str, mode: str = "bullmq", prefix: str = "bull", seen_ttl_s: int = 7 * 24 * 3600,
+                 job_name: str | None = None):
         import redis
 
         self.url, self.key, self.mode, self.prefix, self.seen_ttl_s = url, key, mode, prefix, seen_ttl_s
+        self.job_name = job_name
         self.name = f"redis:{mode}:{key}"
         # A few quick retries; the redrive loop retries whole batches with longer backoff.
         retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
@@ -385,7 +387,7 @@ class RedisTarget:
         # sent twice adds each job once. A forced re-send is a new job: the run id salts the id.
         salt = f"-{resend_run_id}" if resend_run_id else ""
         jobs = [
-            {"name": t or "redrive", "data": decode(body), "opts": {"jobId": mid + salt}}
+            {"name": self.job_name or t or "redrive", "data": decode(body), "opts": {"jobId": mid + salt}}
             for mid, body, t in zip(batch.ids, batch.bodies, batch.types)
         ]
         self._loop.run_until_complete(self._queue.addBulk(jobs))
