@@ -1,4 +1,5 @@
-"""`event-replay`: demo data, the demo backfill, per-partition status, rollback, and refills.
+"""`event-replay`: demo data, the demo backfill, per-partition status, rollback, refills, and the
+processed-events replays (`event-replay processed-events --help`).
 
 Everything here goes through the same Dagster definitions the UI and `dagster asset materialize`
 use, against the instance in $DAGSTER_HOME (default: ./.dagster_home, SQLite).
@@ -7,6 +8,7 @@ use, against the instance in $DAGSTER_HOME (default: ./.dagster_home, SQLite).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -285,6 +287,128 @@ def cmd_refill(args) -> None:
         sys.exit(1)
 
 
+# ---- processed-events replays (seed 003) -------------------------------------------------------
+
+PROCESSED_EVENTS_JOBS = {
+    "replay-one": ("processed_events_replay_one", "replay_one_event"),
+    "replay-failed": ("processed_events_replay_failed", "replay_failed_events"),
+    "replay-range": ("processed_events_replay_range", "replay_event_range"),
+    "reset-stuck": ("processed_events_reset_stuck", "reset_stuck_events"),
+    "undo": ("processed_events_undo", "undo_replay"),
+}
+
+
+def processed_events_config(args) -> dict:
+    """The op config of a `processed-events` subcommand, from its arguments."""
+    config = {"table": args.table, "dry_run": args.dry_run, "reason": args.reason, "requested_by": args.requested_by}
+    if args.pe_cmd != "undo":
+        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size)
+    if args.pe_cmd == "replay-one":
+        config["event_id"] = args.event_id
+    elif args.pe_cmd == "replay-failed":
+        config.update(hours=args.hours, since=args.since, until=args.until)
+    elif args.pe_cmd == "replay-range":
+        config.update(event_type=args.event_type, start=args.start, end=args.end)
+    elif args.pe_cmd == "reset-stuck":
+        config.update(older_than_minutes=args.older_than_minutes, to_status=args.to_status)
+    else:
+        config["replay_run_id"] = args.replay_run_id
+    return config
+
+
+def cmd_processed_events(args) -> None:
+    """Launch the job on the instance in $DAGSTER_HOME (it shows in the UI's runs) and print its
+    counts. Ctrl-C is the emergency stop, as terminating the run in the UI is."""
+    ensure_dagster_home()
+    import dagster as dg
+
+    from replay_defs import processed_events as pe
+    from replay_defs.definitions import defs
+
+    job_name, op_name = PROCESSED_EVENTS_JOBS[args.pe_cmd]
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, "ops": {op_name: {"config": processed_events_config(args)}}}
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=dg.DagsterInstance.get(), run_config=run_config, raise_on_error=False, tags={"event_replay/source": "cli"}
+    )
+    outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    print(f"run_id {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
+    if outputs:
+        md = {k: v.value for k, v in outputs[0].step_output_data.metadata.items()}
+        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed", "not_reached")
+        print("  " + " ".join(f"{k}={md[k]}" for k in counts if k in md))
+        print(f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}")
+        if md.get("snapshot"):
+            print(f"  snapshot: {md['snapshot']}\n  undo: event-replay processed-events undo {result.run_id} --table {args.table} --reason ...")
+    else:
+        try:
+            row = pe.audit_row(_resolve(defs.resources["postgres"].url), result.run_id)
+        except Exception:  # noqa: BLE001 - the database is what failed
+            row = None
+        if row:
+            print(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} not_reached={row['not_reached']}"
+                  f" error={row['error']}")
+        for event in result.all_events:
+            if event.is_step_failure:  # the error, without Dagster's stack trace (that is in the run's log)
+                error = event.step_failure_data.error
+                print(f"  {error.message.strip() if error else event.message}", file=sys.stderr)
+    if not result.success:
+        sys.exit(1)
+
+
+def add_processed_events_parser(sub) -> None:
+    pe = sub.add_parser(
+        "processed-events",
+        help="replay, reset and undo rows of a Postgres processed_events table through RabbitMQ (seed 003)",
+        description="Replays of a Postgres `processed_events` table (EVENT_REPLAY_POSTGRES_URL) to a RabbitMQ exchange "
+        "(EVENT_REPLAY_RABBITMQ_URL), routed by event type, with publisher confirms. Each command launches the matching "
+        "Dagster job (processed_events_*) on the instance in $DAGSTER_HOME, so it shows in the UI like a launchpad run. "
+        "Every run snapshots the rows it changes (undo with `undo RUN_ID`) and writes an audit row "
+        "(event_replay_audit). Events already processed are skipped unless --force. Ctrl-C stops publishing at once; "
+        "the rows published so far are committed and counted.",
+    )
+    pe_sub = pe.add_subparsers(dest="pe_cmd", required=True)
+
+    def common(p, publishing: bool = True):
+        p.add_argument("--table", default="processed_events", help="events table, optionally schema.table (default processed_events)")
+        p.add_argument("--dry-run", action="store_true", help="only report what would be replayed (counts per status and type); change nothing")
+        p.add_argument("--reason", default="", help="why (kept in the audit; required unless --dry-run)")
+        p.add_argument("--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)")
+        if publishing:
+            p.add_argument("--exchange", default="habitat-events", help="RabbitMQ exchange; the routing key is the event type (default habitat-events)")
+            p.add_argument("--force", action="store_true", help="also replay events already processed or pending (flagged in the audit: side effects may repeat)")
+            p.add_argument("--rate-limit", type=float, default=50.0, help="messages per second, 0 for unlimited (default 50)")
+            p.add_argument("--batch-size", type=int, default=100, help="rows locked, published and committed together (default 100)")
+        p.set_defaults(fn=cmd_processed_events)
+
+    p = pe_sub.add_parser("replay-one", help="replay one event by its event_id", description="Replay one event, by event_id.")
+    p.add_argument("event_id")
+    common(p)
+    p = pe_sub.add_parser("replay-failed", help="replay failed (status error) events of a time window",
+                          description="Replay the events in status 'error' whose processed_at is in a window (default: the last 24 hours).")
+    p.add_argument("--hours", type=float, default=24.0, help="window: the last N hours (default 24), unless --since is given")
+    p.add_argument("--since", help="window start, ISO date or timestamp (UTC unless an offset is given)")
+    p.add_argument("--until", help="window end, exclusive (a date: the end of that day; default now)")
+    common(p)
+    p = pe_sub.add_parser("replay-range", help="replay the events of one type in a date range",
+                          description="Replay the events of a type whose processed_at is in START..END (END day inclusive). "
+                          "Processed ones only with --force.")
+    p.add_argument("event_type", help="e.g. contribution.submitted")
+    p.add_argument("start", help="first day (YYYY-MM-DD) or timestamp")
+    p.add_argument("end", help="last day, inclusive (or an exclusive timestamp)")
+    common(p)
+    p = pe_sub.add_parser("reset-stuck", help="reset events stuck in 'processing' for more than N minutes",
+                          description="Events in status 'processing' for longer than --older-than-minutes (a crashed worker): "
+                          "back to pending and re-published (default), or to error for a later replay-failed.")
+    p.add_argument("--older-than-minutes", type=float, default=5.0, help="default 5")
+    p.add_argument("--to-status", choices=("pending", "error"), default="pending", help="pending (re-published, default) or error")
+    common(p)
+    p = pe_sub.add_parser("undo", help="undo a replay: restore the statuses its snapshot holds",
+                          description="Restore status, retry_count, error_message and processed_at of the rows a replay run changed, "
+                          "from its snapshot (messages already consumed cannot be recalled). The undo is itself snapshotted.")
+    p.add_argument("replay_run_id", help="the run id of the replay (printed by the replay, in its audit row and in the UI)")
+    common(p, publishing=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     import warnings
 
@@ -341,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--rate-limit", type=float, help="at most N jobs per second")
     f.add_argument("--batch-size", type=int, help="jobs per ledger lookup and Redis round trip (default 10000)")
     f.set_defaults(fn=cmd_refill)
+
+    add_processed_events_parser(sub)
 
     args = ap.parse_args(argv)
     args.fn(args)

@@ -6,8 +6,9 @@ EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
 (RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
 EVENT_REPLAY_LEDGER_URL (a Postgres redrive ledger instead of the DuckDB one),
-EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows), EVENT_REPLAY_S3_ENDPOINT with AWS_REGION and
-the usual AWS credentials (refill sources in S3).
+EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows and the processed_events table the
+processed-events jobs in `jobs/` replay to EVENT_REPLAY_RABBITMQ_URL), EVENT_REPLAY_S3_ENDPOINT
+with AWS_REGION and the usual AWS credentials (refill sources in S3).
 """
 
 import os
@@ -17,6 +18,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from assets import build_pipeline, build_refill
+from jobs import JOBS as OPERATION_JOBS
 from sensors import build_dead_letter_sensor
 from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
 from replay_defs.pipelines import PIPELINES, REFILLS
@@ -65,13 +67,13 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         )
     if "sqs" in needed:
         resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
-    if "rabbitmq" in needed:
-        resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    # The processed-events jobs (jobs/) need Postgres and RabbitMQ, so both are always there;
+    # nothing connects before a run uses them.
+    resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     if "redis" in needed:
         resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    if "postgres" in needed:
-        resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, sensors=sensors, resources=resources)
+    resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs + OPERATION_JOBS, sensors=sensors, resources=resources)
 
 
 defs = build_definitions()
