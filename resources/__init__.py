@@ -1,5 +1,6 @@
 """One ConfigurableResource per external system. Settings come from env vars (see README)."""
 
+from resources.clickhouse import ClickHouseResource
 from resources.kafka import KafkaResource
 from resources.lake import LakeResource
 from resources.ledger import LedgerResource
@@ -11,5 +12,5 @@ from resources.sqs import SqsResource
 from resources.store import StoreResource
 
 __all__ = [
-    "KafkaResource", "LakeResource", "LedgerResource", "OutboxResource", "PostgresResource", "RabbitMQResource", "RedisResource", "SqsResource", "StoreResource",
+    "ClickHouseResource", "KafkaResource", "LakeResource", "LedgerResource", "OutboxResource", "PostgresResource", "RabbitMQResource", "RedisResource", "SqsResource", "StoreResource",
 ]
