@@ -246,6 +246,59 @@ def cmd_rollback(args) -> None:
         sys.exit(1)
 
 
+def _moment(value: str, end: bool = False):
+    """RFC 3339 (a zone is required), or a bare date: its start, or for an end the next midnight."""
+    from datetime import datetime, timezone
+
+    if len(value) == 10:
+        d = date.fromisoformat(value) + timedelta(days=1 if end else 0)
+        return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+    dt = datetime.fromisoformat(value)
+    if dt.tzinfo is None:
+        raise SystemExit(f"{value!r}: give a time zone, e.g. {value}Z")
+    return dt.astimezone(timezone.utc)
+
+
+def reprocess_plan(spec, start: str, end: str | None, filters: dict, batch_size: int, dry_run: bool, force: bool) -> tuple[list[str], dict]:
+    """Seed 002's reprocess request as a partition range and the job's run config: the filters and
+    the window go to raw_events (its manifest is the selection), the batch size to the keyset read
+    and the redrive, dry_run / force to the redrive."""
+    from datetime import datetime, timezone
+
+    lo = _moment(start)
+    hi = _moment(end, end=True) if end else datetime.now(timezone.utc)
+    if hi <= lo:
+        raise SystemExit(f"end {hi.isoformat()} is not after start {lo.isoformat()}")
+    days = _days(lo.date().isoformat(), (hi - timedelta(microseconds=1)).date().isoformat())
+    op = spec.name + "__"
+    selection = {**{k: v for k, v in filters.items() if v}, "start": lo.isoformat(), "end": hi.isoformat()}
+    config = {"ops": {
+        op + "raw_events": {"config": selection},
+        op + "parsed_events": {"config": {"batch_size": batch_size}},
+        op + "redrive": {"config": {"dry_run": dry_run, "force": force, "batch_size": batch_size}},
+    }}
+    return days, config
+
+
+def cmd_billing_reprocess(args) -> None:
+    """POST /events/raw/reprocess of seed 002, as a run of the billing_reprocessing job."""
+    import json
+
+    ensure_dagster_home()
+    spec = _spec("billing_reprocessing")
+    filters = {"tenant": args.tenant, "environment": args.environment, "customer": args.customer, "event_name": args.event_name}
+    days, config = reprocess_plan(spec, args.start, args.end, filters, args.batch_size, args.dry_run, args.force)
+    result = run_job(spec.name, days[0], days[-1], config)
+    totals = dict.fromkeys(("found", "published", "skipped_already_delivered", "dropped", "transformation_errors", "publish_failures"), 0)
+    for mat in result.asset_materializations_for_node(f"{spec.name}__redrive"):
+        for k in totals:
+            totals[k] += mat.metadata[k].value if k in mat.metadata else 0
+    print(json.dumps({"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", "job": f"{spec.name}_replay",
+                      "partitions": [days[0], days[-1]], "dry_run": args.dry_run, **totals}))
+    if not result.success:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     import warnings
 
@@ -282,6 +335,19 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("day")
     r.add_argument("--to", type=int, help="restore this kept version instead (also a newer one: undoes a rollback)")
     r.set_defaults(fn=cmd_rollback)
+
+    b = sub.add_parser("billing", help="billing reprocessing (seed 002)").add_subparsers(dest="billing_cmd", required=True)
+    rp = b.add_parser("reprocess", help="reprocess raw_events from ClickHouse to Kafka (POST /events/raw/reprocess); prints the run id and totals as JSON")
+    rp.add_argument("--start", required=True, help="RFC 3339 (2024-01-01T00:00:00Z) or a date")
+    rp.add_argument("--end", help="RFC 3339, exclusive, or a date (inclusive); default now")
+    rp.add_argument("--tenant", required=True)
+    rp.add_argument("--environment", required=True)
+    rp.add_argument("--customer", help="external customer id")
+    rp.add_argument("--event-name")
+    rp.add_argument("--batch-size", type=int, default=1000, help="rows per keyset query and per delivery (default 1000)")
+    rp.add_argument("--dry-run", action="store_true", help="read, transform and count; publish nothing")
+    rp.add_argument("--force", action="store_true", help="publish again what the ledger says Kafka already has")
+    rp.set_defaults(fn=cmd_billing_reprocess)
 
     args = ap.parse_args(argv)
     args.fn(args)

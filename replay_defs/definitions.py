@@ -6,7 +6,9 @@ EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
 (RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
 EVENT_REPLAY_LEDGER_URL (a Postgres redrive ledger instead of the DuckDB one),
-EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows).
+EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows), CLICKHOUSE_URL (a ClickHouse server for
+table sources; unset: chDB in-process with its data in EVENT_REPLAY_CHDB, default data/chdb),
+CLICKHOUSE_DATABASE (default `default`).
 """
 
 import os
@@ -18,6 +20,7 @@ from sensors import build_dead_letter_sensor
 from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
 from replay_defs.pipelines import PIPELINES
 from resources import (
+    ClickHouseResource,
     KafkaResource,
     LakeResource,
     LedgerResource,
@@ -52,6 +55,12 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
     }
+    if any(spec.from_table for spec in pipelines):
+        resources["clickhouse"] = ClickHouseResource(
+            url=_setting("CLICKHOUSE_URL", ""),
+            data_path=_setting("EVENT_REPLAY_CHDB", "data/chdb"),
+            database=_setting("CLICKHOUSE_DATABASE", "default"),
+        )
     if "kafka" in needed:
         timeout = "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS"
         resources["kafka"] = KafkaResource(
