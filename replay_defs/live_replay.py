@@ -1,0 +1,342 @@
+"""Live traffic during a projection replay (seed 001's protocol), in Redis.
+
+Both sides of the protocol live here: `Coordinator` is what a replay calls, `LiveProjector` is the
+small library a live consumer calls for every event it would fold into a projection.
+
+The replay (per projection P, tenant T and day window [lo, hi), under a replay id R):
+
+1. **Mark** — per-aggregate markers `marker(P, T, A) = R` for every aggregate it will fold (projections
+   whose key is the aggregate), or a window marker `(R, lo, hi)` for projections whose key holds
+   the event's day (increment stores: every event of the window feeds the rows it rewrites, also
+   the events of aggregates that appear while it runs).
+2. **Drain** — wait until every live handler that was applying an event when the markers went up
+   has finished (handlers register atomically with their marker check, so none is missed).
+3. **Cutoff** — the tenant's latest event id, recorded under R. The replay folds events <= cutoff.
+4. **Unmark** — remove the markers; the aggregates whose events were deferred go to a ready set.
+
+The live consumer, per event and projection (one Lua script, atomic with the markers):
+
+- covered by a marker and event id <= cutoff: **skip** (the replay folds it);
+- covered and id > cutoff, or the cutoff is not known yet: **defer** (appended to the aggregate's
+  deferred list, in order);
+- not covered, but the aggregate still has deferred events: **defer** behind them (keeps order);
+- otherwise **apply**, registered as in flight until the store write returned.
+
+`LiveProjector.resume_ready()` applies the deferred events of unmarked aggregates in order, again
+skipping those <= the cutoff of the replay that deferred them. Call `handle` and `resume_ready`
+from the thread that owns the aggregate (one consumer per aggregate partition, as a Kafka or
+BullMQ group consumer does), so an aggregate's events are applied in order.
+
+Event ids are compared as strings: they must be fixed width and increase with insertion into
+`event_log` (KSUID/ULID style, or zero-padded sequences), as the seed's EventId cutoff assumes.
+
+After a crash, markers stay up (live events keep being deferred, never lost) until the replay is
+run again (it resumes) or `Coordinator.cleanup()` removes them and releases the deferred events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "er:proj"
+SCOPES = ("aggregate", "day")
+
+# KEYS: 1 aggregate marker, 2 window hash, 3 in-flight hash, 4 deferred list, 5 ready set
+# ARGV: 1 scope, 2 event time (ms), 3 event id, 4 token, 5 event JSON, 6 replay-hash prefix,
+#       7 deferred-set prefix, 8 ready member
+_DECIDE = """
+local rid = false
+if ARGV[1] == 'aggregate' then
+  rid = redis.call('GET', KEYS[1])
+else
+  local wins = redis.call('HGETALL', KEYS[2])
+  local t = tonumber(ARGV[2])
+  for i = 1, #wins, 2 do
+    local w = cjson.decode(wins[i + 1])
+    if t >= w[1] and t < w[2] then rid = wins[i]; break end
+  end
+end
+if rid then
+  local cutoff = redis.call('HGET', ARGV[6] .. rid, 'cutoff')
+  if cutoff and ARGV[3] <= cutoff then return 'skip' end
+  redis.call('RPUSH', KEYS[4], cjson.encode({rid, ARGV[5]}))
+  redis.call('SADD', ARGV[7] .. rid, ARGV[8])
+  return 'defer'
+end
+if redis.call('LLEN', KEYS[4]) > 0 then
+  redis.call('RPUSH', KEYS[4], cjson.encode({'', ARGV[5]}))
+  redis.call('SADD', KEYS[5], ARGV[8])
+  return 'defer'
+end
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+return 'apply'
+"""
+
+
+def _redis(url: str):
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, decode_responses=True)
+
+
+@dataclass
+class Keys:
+    """Every Redis key of one projection's coordination, in one place."""
+
+    prefix: str
+    projection: str
+
+    def _p(self) -> str:
+        return f"{self.prefix}:{self.projection}"
+
+    def marker(self, tenant: str, aggregate: str) -> str:
+        return f"{self._p()}:m:{tenant}\x00{aggregate}"
+
+    def windows(self, tenant: str) -> str:
+        return f"{self._p()}:w:{tenant}"
+
+    def inflight(self, tenant: str) -> str:
+        return f"{self._p()}:inflight:{tenant}"
+
+    def deferred(self, tenant: str, aggregate: str) -> str:
+        return f"{self._p()}:d:{tenant}\x00{aggregate}"
+
+    def replay_prefix(self) -> str:
+        return f"{self._p()}:r:"
+
+    def replay(self, rid: str) -> str:
+        return self.replay_prefix() + rid
+
+    def marked_prefix(self) -> str:
+        return f"{self._p()}:marked:"
+
+    def marked(self, rid: str) -> str:
+        """Sorted set (all scores 0, so ordered by aggregate id) of the aggregates R marked."""
+        return self.marked_prefix() + rid
+
+    def deferred_set_prefix(self) -> str:
+        return f"{self._p()}:ds:"
+
+    def ready(self) -> str:
+        return f"{self._p()}:ready"
+
+    def replays(self) -> str:
+        """Set of the replay ids with markers up (what cleanup looks at)."""
+        return f"{self._p()}:active"
+
+
+def member(tenant: str, aggregate: str) -> str:
+    return f"{tenant}\x00{aggregate}"
+
+
+class Coordinator:
+    """The replay's side: mark, drain, cutoff, unmark, and cleanup after a crash."""
+
+    def __init__(self, redis_url: str, projection: str, prefix: str = DEFAULT_PREFIX, keep_s: int = 7 * 86400):
+        self.r = _redis(redis_url)
+        self.k = Keys(prefix, projection)
+        self.keep_s = keep_s  # replay records outlive the replay: deferred events still need the cutoff
+
+    def close(self) -> None:
+        self.r.close()
+
+    def register(self, rid: str, tenant: str, day: str, lo_ms: int, hi_ms: int, scope: str) -> None:
+        self.r.hset(self.k.replay(rid), mapping={"tenant": tenant, "day": day, "lo": lo_ms, "hi": hi_ms, "scope": scope, "started": time.time()})
+        self.r.sadd(self.k.replays(), rid)
+
+    def mark_window(self, rid: str, tenant: str, lo_ms: int, hi_ms: int) -> None:
+        self.r.hset(self.k.windows(tenant), rid, json.dumps([lo_ms, hi_ms]))
+
+    def mark_aggregates(self, rid: str, tenant: str, aggregates: Iterable[str]) -> int:
+        pipe = self.r.pipeline(transaction=False)
+        n = 0
+        for a in aggregates:
+            pipe.set(self.k.marker(tenant, a), rid)
+            pipe.zadd(self.k.marked(rid), {a: 0})
+            n += 1
+        pipe.execute()
+        return n
+
+    def marked_after(self, rid: str, after: str, limit: int) -> list[str]:
+        """The next `limit` aggregates R marked, in id order, after `after` (keyset)."""
+        lo = "(" + after if after else "-"
+        return self.r.zrangebylex(self.k.marked(rid), lo, "+", start=0, num=limit)
+
+    def drain(self, tenant: str, timeout_s: float = 120.0, poll_s: float = 0.01) -> tuple[int, float]:
+        """Wait for the live handlers in flight now (they began before the markers) to finish.
+        Returns (handlers waited for, seconds)."""
+        t0 = time.monotonic()
+        waiting = set(self.r.hkeys(self.k.inflight(tenant)))
+        n = len(waiting)
+        while waiting:
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(
+                    f"{len(waiting)} live handler(s) still in flight after {timeout_s:.0f}s (a crashed consumer? "
+                    "its entries are in " + self.k.inflight(tenant) + ")"
+                )
+            time.sleep(poll_s)
+            waiting &= set(self.r.hkeys(self.k.inflight(tenant)))
+        return n, time.monotonic() - t0
+
+    def set_cutoff(self, rid: str, cutoff: str) -> None:
+        self.r.hset(self.k.replay(rid), "cutoff", cutoff)
+
+    def cutoff(self, rid: str) -> str | None:
+        return self.r.hget(self.k.replay(rid), "cutoff")
+
+    def unmark(self, rid: str) -> dict:
+        """Remove R's markers; aggregates with deferred events become ready to resume."""
+        info = self.r.hgetall(self.k.replay(rid))
+        tenant = info.get("tenant")
+        removed, after = 0, ""
+        while True:
+            batch = self.marked_after(rid, after, 5000)
+            if not batch:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for a in batch:
+                # Only our own marker: a newer replay of the aggregate keeps its own.
+                pipe.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                          1, self.k.marker(tenant, a), rid)
+            removed += sum(int(x or 0) for x in pipe.execute())
+            after = batch[-1]
+        ready = self._release(rid, tenant)
+        self.r.expire(self.k.replay(rid), self.keep_s)
+        return {"markers_removed": removed, "aggregates_ready": ready}
+
+    def _release(self, rid: str, tenant: str | None) -> int:
+        pipe = self.r.pipeline(transaction=True)
+        if tenant is not None:
+            pipe.hdel(self.k.windows(tenant), rid)
+        pipe.delete(self.k.marked(rid))
+        ds = self.k.deferred_set_prefix() + rid
+        pipe.scard(ds)
+        pipe.sunionstore(self.k.ready(), [self.k.ready(), ds])
+        pipe.delete(ds)
+        pipe.srem(self.k.replays(), rid)
+        res = pipe.execute()
+        return int(res[-4])
+
+    def active(self, tenant: str | None = None) -> list[dict]:
+        out = []
+        for rid in sorted(self.r.smembers(self.k.replays())):
+            info = self.r.hgetall(self.k.replay(rid))
+            if tenant is None or info.get("tenant") == tenant:
+                out.append({"replay_id": rid, **info, "markers": self.r.zcard(self.k.marked(rid))})
+        return out
+
+    def cleanup(self, tenant: str | None = None, older_than_s: float = 0.0) -> list[dict]:
+        """Remove the markers of replays that are not running any more (crashed), started more than
+        `older_than_s` ago: their deferred events are released to the live consumers. Returns
+        what was cleaned, per replay."""
+        cleaned = []
+        for rep in self.active(tenant):
+            if time.time() - float(rep.get("started") or 0) < older_than_s:
+                continue
+            res = self.unmark(rep["replay_id"])
+            if rep.get("tenant") is None:  # a marker set without its record: drop the id
+                self.r.srem(self.k.replays(), rep["replay_id"])
+            cleaned.append({**rep, **res})
+        return cleaned
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    tenant: str
+    aggregate_id: str
+    event_id: str
+    time_ms: int
+    type: str
+    payload: str
+
+    def to_json(self) -> str:
+        return json.dumps([self.tenant, self.aggregate_id, self.event_id, self.time_ms, self.type, self.payload])
+
+    @staticmethod
+    def from_json(s: str) -> "LiveEvent":
+        return LiveEvent(*json.loads(s))
+
+
+class LiveProjector:
+    """The live consumer's side. `apply(projection_name, event)` writes one event to the
+    projection's store (e.g. `ProjectionStore.apply_live`); `projections` maps name -> scope
+    ("aggregate" or "day")."""
+
+    def __init__(self, redis_url: str, projections: dict[str, str], apply: Callable[[str, LiveEvent], None], prefix: str = DEFAULT_PREFIX):
+        self.r = _redis(redis_url)
+        self.projections = projections
+        self.keys = {p: Keys(prefix, p) for p in projections}
+        self.apply = apply
+        self._decide = self.r.register_script(_DECIDE)
+        self.counts = {"applied": 0, "skipped": 0, "deferred": 0, "resumed": 0, "resume_skipped": 0}
+
+    def close(self) -> None:
+        self.r.close()
+
+    def handle(self, event: LiveEvent) -> dict[str, str]:
+        """Decide and, where it is ours to do, apply the event for every projection."""
+        out = {}
+        for name, scope in self.projections.items():
+            k = self.keys[name]
+            token = uuid.uuid4().hex
+            decision = self._decide(
+                keys=[k.marker(event.tenant, event.aggregate_id), k.windows(event.tenant), k.inflight(event.tenant),
+                      k.deferred(event.tenant, event.aggregate_id), k.ready()],
+                args=[scope, event.time_ms, event.event_id, token, event.to_json(), k.replay_prefix(), k.deferred_set_prefix(),
+                      member(event.tenant, event.aggregate_id)],
+            )
+            if decision == "apply":
+                try:
+                    self.apply(name, event)
+                finally:
+                    self.r.hdel(k.inflight(event.tenant), token)
+                self.counts["applied"] += 1
+            else:
+                self.counts["skipped" if decision == "skip" else "deferred"] += 1
+            out[name] = decision
+        return out
+
+    def resume_ready(self, limit: int = 1000) -> int:
+        """Apply (in order) the deferred events of aggregates whose replay has unmarked them;
+        events <= that replay's cutoff are skipped. Returns the number of events applied."""
+        applied = 0
+        for name, scope in self.projections.items():
+            k = self.keys[name]
+            for m in self.r.spop(k.ready(), limit) or []:
+                tenant, _, aggregate = m.partition("\x00")
+                applied += self._resume(name, scope, k, tenant, aggregate)
+        return applied
+
+    def _resume(self, name: str, scope: str, k: Keys, tenant: str, aggregate: str) -> int:
+        applied = 0
+        cutoffs: dict[str, str | None] = {}
+        while True:
+            if scope == "aggregate" and self.r.exists(k.marker(tenant, aggregate)):
+                return applied  # marked again by a newer replay: its unmark makes it ready again
+            raw = self.r.lindex(k.deferred(tenant, aggregate), 0)
+            if raw is None:
+                return applied
+            rid, ev_json = json.loads(raw)
+            event = LiveEvent.from_json(ev_json)
+            if rid and rid not in cutoffs:
+                cutoffs[rid] = self.r.hget(k.replay(rid), "cutoff")
+            cutoff = cutoffs.get(rid) if rid else None
+            if cutoff is not None and event.event_id <= cutoff:
+                self.counts["resume_skipped"] += 1
+            else:
+                self.apply(name, event)
+                applied += 1
+                self.counts["resumed"] += 1
+            self.r.lpop(k.deferred(tenant, aggregate))  # popped after the write: a crash re-applies, never loses
+
+    def pending(self) -> int:
+        """Deferred events not applied yet (all projections, all tenants)."""
+        n = 0
+        for k in self.keys.values():
+            for key in self.r.scan_iter(match=k.deferred("*", "*").replace("\x00", "?"), count=1000):
+                n += self.r.llen(key)
+        return n
