@@ -299,6 +299,156 @@ def cmd_billing_reprocess(args) -> None:
         sys.exit(1)
 
 
+# ---- projection replay (seed 001) ---------------------------------------------------------------
+
+
+def _projection_env(args) -> None:
+    """Connection flags win over the environment (as in the seed's CLI); set before defs load."""
+    for flag, env in (("clickhouse_url", "CLICKHOUSE_URL"), ("redis_url", "EVENT_REPLAY_REDIS_URL"), ("postgres_url", "EVENT_REPLAY_POSTGRES_URL")):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+
+
+def cmd_projections_list(args) -> None:
+    import json
+
+    from replay_defs.projection_replay import PROJECTIONS
+
+    if args.json:
+        print(json.dumps([p.summary() for p in PROJECTIONS.values()], indent=2))
+        return
+    print(f"{'projection':28} {'store':11} {'kind':10} {'scope':10} key")
+    for p in PROJECTIONS.values():
+        print(f"{p.name:28} {p.store:11} {p.kind:10} {p.scope:10} {', '.join(c for c, _ in p.key_columns)}")
+        print(f"{'':28} {p.description}")
+
+
+def cmd_projections_replay(args) -> None:
+    """Replay a projection for a tenant since a day: a run of the projection_replay job over the
+    partition range [since, until] on the local instance."""
+    import json
+    from datetime import datetime, timezone
+
+    _projection_env(args)
+    ensure_dagster_home()
+    import dagster as dg
+
+    from assets.projection_replay import projection_key
+    from replay_defs.definitions import build_definitions
+    from replay_defs.projection_replay import get_projection
+
+    defs = build_definitions()  # built now: the connection flags above are in the environment
+
+    try:
+        p = get_projection(args.projection)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    until = args.until or datetime.now(timezone.utc).date().isoformat()
+    days = _days(args.since, until)
+    config = {"tenant": args.tenant_id, "dry_run": args.dry_run, "batch_size": args.batch_size,
+              "aggregate_batch": args.aggregate_batch, "concurrency": args.concurrency}
+    job = defs.resolve_job_def("projection_replay")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        tags={RANGE_START: days[0], RANGE_END: days[-1], "event_replay/tenant": args.tenant_id},
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                    "ops": {f"projection_replay__{p.name}": {"config": config}}},
+        asset_selection=[projection_key(p)],
+        raise_on_error=False,
+    )
+    mats = result.asset_materializations_for_node(f"projection_replay__{p.name}")
+    per_day = {m.partition: {k: v.value for k, v in m.metadata.items()} for m in mats if m.partition}
+    checks = [e for e in result.get_asset_check_evaluations()]
+    out = {"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", "projection": p.name, "tenant": args.tenant_id,
+           "since": days[0], "until": days[-1], "dry_run": args.dry_run,
+           "check_passed": all(e.passed for e in checks) if checks else None}
+    for k in ("aggregates", "events", "keys_written", "skipped_aggregates"):
+        out[k] = sum(int(d.get(k, 0) or 0) for d in per_day.values())
+    if not args.quiet:
+        for day in sorted(per_day):
+            d = per_day[day]
+            extra = (f"would fold {d.get('dry_run_events_to_fold', 0):,} events of {d.get('dry_run_aggregates', 0):,} aggregates"
+                     if args.dry_run else f"{d.get('aggregates', 0):,} aggregates, {d.get('events', 0):,} events, "
+                     f"{d.get('keys_written', 0):,} keys, cutoff {d.get('cutoff') or '-'}, "
+                     f"{'verified' if d.get('verified') else 'MISMATCH'}{', resumed' if d.get('resumed') else ''}")
+            print(f"{day}  {extra}", file=sys.stderr)
+    print(json.dumps(out))
+    if not result.success:
+        sys.exit(1)
+
+
+def cmd_projections_cleanup(args) -> None:
+    """Remove markers of crashed replays (a run of projection_replay_cleanup_markers)."""
+    import json
+
+    _projection_env(args)
+    ensure_dagster_home()
+    import dagster as dg
+
+    from replay_defs.definitions import build_definitions
+    from replay_defs.projection_replay import get_projection
+
+    defs = build_definitions()
+    try:
+        get_projection(args.projection)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    job = defs.resolve_job_def("projection_replay_cleanup_markers")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                    "ops": {"cleanup_projection_markers": {"config": {"projection": args.projection, "tenant": args.tenant_id or "",
+                                                                        "older_than_minutes": args.older_than_minutes}}}},
+        raise_on_error=False,
+    )
+    out = result.output_for_node("cleanup_projection_markers") if result.success else {}
+    print(json.dumps({"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", **out}))
+    if not result.success:
+        sys.exit(1)
+
+
+def _add_projection_commands(sub) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--clickhouse-url", help="ClickHouse server (falls back to CLICKHOUSE_URL; unset: chDB in EVENT_REPLAY_CHDB)")
+    conn.add_argument("--redis-url", help="Redis for the markers (falls back to EVENT_REPLAY_REDIS_URL)")
+    conn.add_argument("--postgres-url", help="PostgreSQL of the increment stores (falls back to EVENT_REPLAY_POSTGRES_URL)")
+    pr = sub.add_parser(
+        "projections", help="projection replay (seed 001): list, replay, cleanup-markers",
+        description="Replay fold projections from ClickHouse event_log for a tenant since a day, coordinated with live "
+        "consumers through Redis markers (see README, 'Projection replay').",
+    ).add_subparsers(dest="projections_cmd", required=True)
+    ls = pr.add_parser("list", help="the registered projections, their stores and keys")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    ls.set_defaults(fn=cmd_projections_list)
+    rp = pr.add_parser(
+        "replay", parents=[conn], help="replay a projection for a tenant since a day (a run over the day partitions)",
+        description="Runs the projection_replay job on the local Dagster instance ($DAGSTER_HOME) over the days "
+        "[--since, --until]: per day mark, drain, cutoff, fold in batches, verify, unmark. An interrupted replay "
+        "resumes when run again. Prints one line per day on stderr and a JSON summary on stdout; exits 1 if a day "
+        "does not match the from-scratch fold.",
+    )
+    rp.add_argument("--projection", required=True, help="projection name (see `projections list`)")
+    rp.add_argument("--tenant-id", "--tenant", dest="tenant_id", required=True, help="tenant whose events are replayed")
+    rp.add_argument("--since", required=True, help="first day, YYYY-MM-DD (UTC day of event time)")
+    rp.add_argument("--until", help="last day, YYYY-MM-DD (default: today, UTC)")
+    rp.add_argument("--batch-size", type=int, default=5000, help="events per ClickHouse page (default 5000)")
+    rp.add_argument("--aggregate-batch", type=int, default=1000, help="aggregates per batch; each key written once per batch (default 1000)")
+    rp.add_argument("--concurrency", type=int, default=4, help="aggregate streams folded in parallel (default 4)")
+    rp.add_argument("--dry-run", action="store_true", help="count aggregates and events per day; write nothing, set no marker")
+    rp.add_argument("--quiet", action="store_true", help="only the JSON summary")
+    rp.set_defaults(fn=cmd_projections_replay)
+    cl = pr.add_parser(
+        "cleanup-markers", parents=[conn], help="remove markers left by a crashed replay; release deferred live events",
+        description="For replays that crashed and will not be resumed: removes their Redis markers (live consumers "
+        "then resume the deferred events) and marks their progress abandoned, so the next replay of those days starts "
+        "afresh. To resume instead, just run the same replay again.",
+    )
+    cl.add_argument("--projection", required=True)
+    cl.add_argument("--tenant-id", "--tenant", dest="tenant_id", help="only this tenant's replays")
+    cl.add_argument("--older-than-minutes", type=float, default=0.0, help="only replays started longer ago (default 0: all)")
+    cl.set_defaults(fn=cmd_projections_cleanup)
+
+
 def main(argv: list[str] | None = None) -> None:
     import warnings
 
@@ -348,6 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--dry-run", action="store_true", help="read, transform and count; publish nothing")
     rp.add_argument("--force", action="store_true", help="publish again what the ledger says Kafka already has")
     rp.set_defaults(fn=cmd_billing_reprocess)
+
+    _add_projection_commands(sub)
 
     args = ap.parse_args(argv)
     args.fn(args)

@@ -45,10 +45,14 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "er:proj"
 SCOPES = ("aggregate", "day")
 
-# KEYS: 1 aggregate marker, 2 window hash, 3 in-flight hash, 4 deferred list, 5 ready set
+# KEYS: 1 aggregate marker, 2 window hash, 3 in-flight hash, 4 deferred list, 5 ready set, 6 through hash
 # ARGV: 1 scope, 2 event time (ms), 3 event id, 4 token, 5 event JSON, 6 replay-hash prefix,
-#       7 deferred-set prefix, 8 ready member
+#       7 deferred-set prefix, 8 ready member, 9 mode: 'handle' (a new event) or 'resume' (the head
+#       of the aggregate's deferred list: never appended again, 'hold' keeps it at the head),
+#       10 through field (the aggregate, or the event's day number)
 _DECIDE = """
+local through = redis.call('HGET', KEYS[6], ARGV[10])
+if through and ARGV[3] <= through then return 'skip' end
 local rid = false
 if ARGV[1] == 'aggregate' then
   rid = redis.call('GET', KEYS[1])
@@ -63,11 +67,12 @@ end
 if rid then
   local cutoff = redis.call('HGET', ARGV[6] .. rid, 'cutoff')
   if cutoff and ARGV[3] <= cutoff then return 'skip' end
-  redis.call('RPUSH', KEYS[4], cjson.encode({rid, ARGV[5]}))
   redis.call('SADD', ARGV[7] .. rid, ARGV[8])
+  if ARGV[9] == 'resume' then return 'hold' end
+  redis.call('RPUSH', KEYS[4], cjson.encode({rid, ARGV[5]}))
   return 'defer'
 end
-if redis.call('LLEN', KEYS[4]) > 0 then
+if ARGV[9] == 'handle' and redis.call('LLEN', KEYS[4]) > 0 then
   redis.call('RPUSH', KEYS[4], cjson.encode({'', ARGV[5]}))
   redis.call('SADD', KEYS[5], ARGV[8])
   return 'defer'
@@ -75,6 +80,9 @@ end
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
 return 'apply'
 """
+
+
+_MAX = "local c = redis.call('HGET', KEYS[1], ARGV[1]) if not c or c < ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1"
 
 
 def _redis(url: str):
@@ -95,6 +103,10 @@ class Keys:
 
     def marker(self, tenant: str, aggregate: str) -> str:
         return f"{self._p()}:m:{tenant}\x00{aggregate}"
+
+    def through(self, tenant: str) -> str:
+        """Hash: aggregate (or day number) -> the cutoff a completed replay folded it through."""
+        return f"{self._p()}:thr:{tenant}"
 
     def windows(self, tenant: str) -> str:
         return f"{self._p()}:w:{tenant}"
@@ -188,10 +200,16 @@ class Coordinator:
     def cutoff(self, rid: str) -> str | None:
         return self.r.hget(self.k.replay(rid), "cutoff")
 
-    def unmark(self, rid: str) -> dict:
-        """Remove R's markers; aggregates with deferred events become ready to resume."""
+    def unmark(self, rid: str, completed: bool = True) -> dict:
+        """Remove R's markers; aggregates with deferred events become ready to resume. A completed
+        replay first records what it folded through (aggregate or day -> cutoff): live events
+        <= that are skipped from then on, also when a lagging consumer sees them after the unmark."""
         info = self.r.hgetall(self.k.replay(rid))
         tenant = info.get("tenant")
+        cutoff = info.get("cutoff")
+        record = completed and tenant is not None and bool(cutoff)
+        if record and info.get("scope") == "day":
+            self.r.eval(_MAX, 1, self.k.through(tenant), str(int(info["lo"]) // 86_400_000), cutoff)
         removed, after = 0, ""
         while True:
             batch = self.marked_after(rid, after, 5000)
@@ -199,6 +217,8 @@ class Coordinator:
                 break
             pipe = self.r.pipeline(transaction=False)
             for a in batch:
+                if record:
+                    pipe.eval(_MAX, 1, self.k.through(tenant), a, cutoff)
                 # Only our own marker: a newer replay of the aggregate keeps its own.
                 pipe.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
                           1, self.k.marker(tenant, a), rid)
@@ -206,7 +226,9 @@ class Coordinator:
             after = batch[-1]
         ready = self._release(rid, tenant)
         self.r.expire(self.k.replay(rid), self.keep_s)
-        return {"markers_removed": removed, "aggregates_ready": ready}
+        if record:
+            self.r.expire(self.k.through(tenant), self.keep_s)
+        return {"markers_removed": removed, "aggregates_ready": ready, "through_recorded": record}
 
     def _release(self, rid: str, tenant: str | None) -> int:
         pipe = self.r.pipeline(transaction=True)
@@ -237,7 +259,7 @@ class Coordinator:
         for rep in self.active(tenant):
             if time.time() - float(rep.get("started") or 0) < older_than_s:
                 continue
-            res = self.unmark(rep["replay_id"])
+            res = self.unmark(rep["replay_id"], completed=False)
             if rep.get("tenant") is None:  # a marker set without its record: drop the id
                 self.r.srem(self.k.replays(), rep["replay_id"])
             cleaned.append({**rep, **res})
@@ -277,23 +299,30 @@ class LiveProjector:
     def close(self) -> None:
         self.r.close()
 
+    def _run(self, name: str, scope: str, event: LiveEvent, token: str, mode: str) -> str:
+        k = self.keys[name]
+        return self._decide(
+            keys=[k.marker(event.tenant, event.aggregate_id), k.windows(event.tenant), k.inflight(event.tenant),
+                  k.deferred(event.tenant, event.aggregate_id), k.ready(), k.through(event.tenant)],
+            args=[scope, event.time_ms, event.event_id, token, event.to_json(), k.replay_prefix(), k.deferred_set_prefix(),
+                  member(event.tenant, event.aggregate_id), mode,
+                  event.aggregate_id if scope == "aggregate" else str(event.time_ms // 86_400_000)],
+        )
+
+    def _apply(self, name: str, event: LiveEvent, token: str) -> None:
+        try:
+            self.apply(name, event)
+        finally:
+            self.r.hdel(self.keys[name].inflight(event.tenant), token)
+
     def handle(self, event: LiveEvent) -> dict[str, str]:
         """Decide and, where it is ours to do, apply the event for every projection."""
         out = {}
         for name, scope in self.projections.items():
-            k = self.keys[name]
             token = uuid.uuid4().hex
-            decision = self._decide(
-                keys=[k.marker(event.tenant, event.aggregate_id), k.windows(event.tenant), k.inflight(event.tenant),
-                      k.deferred(event.tenant, event.aggregate_id), k.ready()],
-                args=[scope, event.time_ms, event.event_id, token, event.to_json(), k.replay_prefix(), k.deferred_set_prefix(),
-                      member(event.tenant, event.aggregate_id)],
-            )
+            decision = self._run(name, scope, event, token, "handle")
             if decision == "apply":
-                try:
-                    self.apply(name, event)
-                finally:
-                    self.r.hdel(k.inflight(event.tenant), token)
+                self._apply(name, event, token)
                 self.counts["applied"] += 1
             else:
                 self.counts["skipped" if decision == "skip" else "deferred"] += 1
@@ -302,7 +331,9 @@ class LiveProjector:
 
     def resume_ready(self, limit: int = 1000) -> int:
         """Apply (in order) the deferred events of aggregates whose replay has unmarked them;
-        events <= that replay's cutoff are skipped. Returns the number of events applied."""
+        events <= the cutoff of the replay that deferred them (or of one covering them now) are
+        skipped. An aggregate held by a newer replay waits for that one's unmark. Returns the
+        number of events applied."""
         applied = 0
         for name, scope in self.projections.items():
             k = self.keys[name]
@@ -313,22 +344,19 @@ class LiveProjector:
 
     def _resume(self, name: str, scope: str, k: Keys, tenant: str, aggregate: str) -> int:
         applied = 0
-        cutoffs: dict[str, str | None] = {}
         while True:
-            if scope == "aggregate" and self.r.exists(k.marker(tenant, aggregate)):
-                return applied  # marked again by a newer replay: its unmark makes it ready again
             raw = self.r.lindex(k.deferred(tenant, aggregate), 0)
             if raw is None:
                 return applied
-            rid, ev_json = json.loads(raw)
-            event = LiveEvent.from_json(ev_json)
-            if rid and rid not in cutoffs:
-                cutoffs[rid] = self.r.hget(k.replay(rid), "cutoff")
-            cutoff = cutoffs.get(rid) if rid else None
-            if cutoff is not None and event.event_id <= cutoff:
+            event = LiveEvent.from_json(json.loads(raw)[1])
+            token = uuid.uuid4().hex
+            decision = self._run(name, scope, event, token, "resume")
+            if decision == "hold":
+                return applied  # a replay covers it now: its unmark makes the aggregate ready again
+            if decision == "skip":  # the replay that deferred it (or a later one) folded it
                 self.counts["resume_skipped"] += 1
             else:
-                self.apply(name, event)
+                self._apply(name, event, token)
                 applied += 1
                 self.counts["resumed"] += 1
             self.r.lpop(k.deferred(tenant, aggregate))  # popped after the write: a crash re-applies, never loses

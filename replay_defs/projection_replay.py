@@ -212,7 +212,7 @@ class EventLog:
 
     def _rows(self, sql: str, params: dict) -> list[tuple]:
         self.queries += 1
-        return self.ch.rows(sql.replace("{table}", self.table, 1), {"tenant": self.tenant, **params})
+        return self.ch.rows(sql.replace("{table}", self.table), {"tenant": self.tenant, **params})
 
     def cutoff(self) -> str:
         """The tenant's latest event id ('' when it has none)."""

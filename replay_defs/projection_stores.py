@@ -63,8 +63,11 @@ def _fold_params(tenant: str, day: str, state: ReplayState) -> dict:
 
 
 class ClickHouseLatestStore:
+    PROGRESS_EVERY_S = 2.0
+
     def __init__(self, ch):
         self.ch = ch  # a replay_defs.clickhouse.ClickHouse (the same database as event_log)
+        self._saved_at = time.monotonic()
 
     def close(self) -> None:
         self.ch.close()
@@ -74,15 +77,15 @@ class ClickHouseLatestStore:
         keys = ", ".join(["tenant", *(n for n, _ in projection.key_columns)])
         self.ch.command(f"CREATE TABLE IF NOT EXISTS {projection.table} ({cols}) ENGINE = ReplacingMergeTree(version) ORDER BY ({keys})")
         self.ch.command(
-            f"CREATE TABLE IF NOT EXISTS {PROGRESS} (projection String, tenant String, day Date, replay_id String, status String, "
+            f"CREATE TABLE IF NOT EXISTS {PROGRESS} (projection_name String, tenant String, day Date, replay_id String, status String, "
             "cutoff String, discovery_cutoff String, last_aggregate String, aggregates UInt64, events UInt64, version UInt64) "
-            "ENGINE = ReplacingMergeTree(version) ORDER BY (projection, tenant, day)"
+            "ENGINE = ReplacingMergeTree(version) ORDER BY (projection_name, tenant, day)"
         )
 
     # progress
     def progress(self, projection: Projection, tenant: str, day: str) -> ReplayState | None:
         rows = self.ch.rows(
-            f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} FINAL WHERE projection = {{p:String}} AND tenant = {{t:String}} AND day = {{d:Date}}",
+            f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} FINAL WHERE projection_name = {{p:String}} AND tenant = {{t:String}} AND day = {{d:Date}}",
             {"p": projection.name, "t": tenant, "d": date.fromisoformat(day)},
         )
         if not rows:
@@ -91,7 +94,7 @@ class ClickHouseLatestStore:
 
     def _save(self, s: ReplayState) -> None:
         self.ch.insert(PROGRESS, pa.table({
-            "projection": [s.projection], "tenant": [s.tenant], "day": pa.array([date.fromisoformat(s.day)], pa.date32()),
+            "projection_name": [s.projection], "tenant": [s.tenant], "day": pa.array([date.fromisoformat(s.day)], pa.date32()),
             **{f: pa.array([getattr(s, f)], pa.uint64() if f in ("aggregates", "events") else pa.string()) for f in _PROGRESS_FIELDS},
             "version": pa.array([time.time_ns()], pa.uint64()),
         }))
@@ -104,7 +107,7 @@ class ClickHouseLatestStore:
 
     def abandon(self, projection: Projection, tenant: str | None = None) -> int:
         rows = self.ch.rows(
-            f"SELECT tenant, day, {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} FINAL WHERE projection = {{p:String}} AND status = 'running'"
+            f"SELECT tenant, day, {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} FINAL WHERE projection_name = {{p:String}} AND status = 'running'"
             + (" AND tenant = {t:String}" if tenant is not None else ""),
             {"p": projection.name, **({"t": tenant} if tenant is not None else {})},
         )
@@ -129,7 +132,11 @@ class ClickHouseLatestStore:
     def write_batch(self, projection: Projection, state: ReplayState, rows: dict) -> None:
         if rows:
             self.ch.insert(projection.table, self._table(projection, state.tenant, rows, time.time_ns()))
-        self._save(state)
+        # Progress at most every PROGRESS_EVERY_S: a ClickHouse insert costs tens of ms, and losing
+        # the last seconds of progress only means rewriting those rows again (same values).
+        if time.monotonic() - self._saved_at >= self.PROGRESS_EVERY_S:
+            self._save(state)
+            self._saved_at = time.monotonic()
 
     def apply_live(self, projection: Projection, tenant: str, event: Event) -> None:
         """A live consumer's write of one event: read the row, fold the event in, write it back."""
@@ -195,22 +202,22 @@ class PostgresIncrementStore:
                 sql.SQL(", ").join(sql.SQL("{} " + t).format(sql.Identifier(n)) for n, t in cols),
                 sql.SQL(", ").join(map(sql.Identifier, keys))))
             self.con.execute(
-                f"CREATE TABLE IF NOT EXISTS {PROGRESS} (projection text, tenant text, day date, replay_id text, status text, "
+                f"CREATE TABLE IF NOT EXISTS {PROGRESS} (projection_name text, tenant text, day date, replay_id text, status text, "
                 "cutoff text, discovery_cutoff text, last_aggregate text, aggregates bigint, events bigint, "
-                "updated timestamptz DEFAULT now(), PRIMARY KEY (projection, tenant, day))"
+                "updated timestamptz DEFAULT now(), PRIMARY KEY (projection_name, tenant, day))"
             )
 
     def progress(self, projection: Projection, tenant: str, day: str) -> ReplayState | None:
         with self._lock:
             row = self.con.execute(
-                f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} WHERE projection = %s AND tenant = %s AND day = %s",
+                f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} WHERE projection_name = %s AND tenant = %s AND day = %s",
                 (projection.name, tenant, date.fromisoformat(day))).fetchone()
         return ReplayState(projection.name, tenant, day, **dict(zip(_PROGRESS_FIELDS, row))) if row else None
 
     def _save(self, s: ReplayState) -> None:
         self.con.execute(
-            f"INSERT INTO {PROGRESS} (projection, tenant, day, {', '.join(_PROGRESS_FIELDS)}, updated) VALUES (%s, %s, %s, "
-            + ", ".join(["%s"] * len(_PROGRESS_FIELDS)) + ", now()) ON CONFLICT (projection, tenant, day) DO UPDATE SET "
+            f"INSERT INTO {PROGRESS} (projection_name, tenant, day, {', '.join(_PROGRESS_FIELDS)}, updated) VALUES (%s, %s, %s, "
+            + ", ".join(["%s"] * len(_PROGRESS_FIELDS)) + ", now()) ON CONFLICT (projection_name, tenant, day) DO UPDATE SET "
             + ", ".join(f"{f} = EXCLUDED.{f}" for f in _PROGRESS_FIELDS) + ", updated = now()",
             (s.projection, s.tenant, date.fromisoformat(s.day), *(getattr(s, f) for f in _PROGRESS_FIELDS)))
 
@@ -230,7 +237,7 @@ class PostgresIncrementStore:
     def abandon(self, projection: Projection, tenant: str | None = None) -> int:
         with self._lock:
             cur = self.con.execute(
-                f"UPDATE {PROGRESS} SET status = 'abandoned', updated = now() WHERE projection = %s AND status = 'running'"
+                f"UPDATE {PROGRESS} SET status = 'abandoned', updated = now() WHERE projection_name = %s AND status = 'running'"
                 + (" AND tenant = %s" if tenant is not None else ""),
                 (projection.name, *((tenant,) if tenant is not None else ())))
             return cur.rowcount
