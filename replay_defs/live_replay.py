@@ -85,6 +85,29 @@ return 'apply'
 _MAX = "local c = redis.call('HGET', KEYS[1], ARGV[1]) if not c or c < ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1"
 
 
+# KEYS: 1 marked zset; ARGV: 1 replay id, 2 marker key prefix, 3.. aggregates
+_MARK = """
+for i = 3, #ARGV do
+  redis.call('SET', ARGV[2] .. ARGV[i], ARGV[1])
+  redis.call('ZADD', KEYS[1], 0, ARGV[i])
+end
+return #ARGV - 2
+"""
+# KEYS: 1 through hash; ARGV: 1 replay id, 2 marker key prefix, 3 cutoff ('' = record nothing), 4.. aggregates
+_UNMARK = """
+local n = 0
+for i = 4, #ARGV do
+  if ARGV[3] ~= '' then
+    local c = redis.call('HGET', KEYS[1], ARGV[i])
+    if not c or c < ARGV[3] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[3]) end
+  end
+  local k = ARGV[2] .. ARGV[i]
+  if redis.call('GET', k) == ARGV[1] then redis.call('DEL', k); n = n + 1 end
+end
+return n
+"""
+
+
 def _redis(url: str):
     import redis
 
@@ -164,14 +187,12 @@ class Coordinator:
         self.r.hset(self.k.windows(tenant), rid, json.dumps([lo_ms, hi_ms]))
 
     def mark_aggregates(self, rid: str, tenant: str, aggregates: Iterable[str]) -> int:
-        pipe = self.r.pipeline(transaction=False)
-        n = 0
-        for a in aggregates:
-            pipe.set(self.k.marker(tenant, a), rid)
-            pipe.zadd(self.k.marked(rid), {a: 0})
-            n += 1
-        pipe.execute()
-        return n
+        """Set the markers of `aggregates` (one script call per 2,000)."""
+        ids = list(aggregates)
+        for i in range(0, len(ids), 2000):
+            chunk = ids[i:i + 2000]
+            self.r.eval(_MARK, 1, self.k.marked(rid), rid, self.k.marker(tenant, ""), *chunk)
+        return len(ids)
 
     def marked_after(self, rid: str, after: str, limit: int) -> list[str]:
         """The next `limit` aggregates R marked, in id order, after `after` (keyset)."""
@@ -212,17 +233,11 @@ class Coordinator:
             self.r.eval(_MAX, 1, self.k.through(tenant), str(int(info["lo"]) // 86_400_000), cutoff)
         removed, after = 0, ""
         while True:
-            batch = self.marked_after(rid, after, 5000)
+            batch = self.marked_after(rid, after, 2000)
             if not batch:
                 break
-            pipe = self.r.pipeline(transaction=False)
-            for a in batch:
-                if record:
-                    pipe.eval(_MAX, 1, self.k.through(tenant), a, cutoff)
-                # Only our own marker: a newer replay of the aggregate keeps its own.
-                pipe.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-                          1, self.k.marker(tenant, a), rid)
-            removed += sum(int(x or 0) for x in pipe.execute())
+            # Through-marks first, then only our own markers go (a newer replay keeps its own).
+            removed += int(self.r.eval(_UNMARK, 1, self.k.through(tenant), rid, self.k.marker(tenant, ""), cutoff if record else "", *batch))
             after = batch[-1]
         ready = self._release(rid, tenant)
         self.r.expire(self.k.replay(rid), self.keep_s)
