@@ -113,6 +113,7 @@ def cleanup_markers(projection_replay: ProjectionReplayResource, clickhouse: Cli
     coord = projection_replay.coordinator(name)
     try:
         cleaned = coord.cleanup(tenant, older_than_s)
+        stale = coord.clear_stale_inflight()
     finally:
         coord.close()
     abandoned = 0
@@ -124,7 +125,7 @@ def cleanup_markers(projection_replay: ProjectionReplayResource, clickhouse: Cli
         finally:
             store.close()
     return {"projection": name, "replays_cleaned": len(cleaned), "progress_abandoned": abandoned,
-            "markers_removed": sum(c["markers_removed"] for c in cleaned), "aggregates_released": sum(c["aggregates_ready"] for c in cleaned),
+            "markers_removed": sum(c["markers_removed"] for c in cleaned), "aggregates_released": sum(c["aggregates_ready"] for c in cleaned), "stale_inflight_removed": stale,
             "replays": [{k: c.get(k) for k in ("replay_id", "tenant", "day", "cutoff")} for c in cleaned]}
 
 

@@ -49,7 +49,7 @@ SCOPES = ("aggregate", "day")
 # ARGV: 1 scope, 2 event time (ms), 3 event id, 4 token, 5 event JSON, 6 replay-hash prefix,
 #       7 deferred-set prefix, 8 ready member, 9 mode: 'handle' (a new event) or 'resume' (the head
 #       of the aggregate's deferred list: never appended again, 'hold' keeps it at the head),
-#       10 through field (the aggregate, or the event's day number)
+#       10 through field (the aggregate, or the event's day number), 11 now (ms, for stale in-flight entries)
 _DECIDE = """
 local through = redis.call('HGET', KEYS[6], ARGV[10])
 if through and ARGV[3] <= through then return 'skip' end
@@ -77,7 +77,7 @@ if ARGV[9] == 'handle' and redis.call('LLEN', KEYS[4]) > 0 then
   redis.call('SADD', KEYS[5], ARGV[8])
   return 'defer'
 end
-redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[11])
 return 'apply'
 """
 
@@ -208,8 +208,8 @@ class Coordinator:
         while waiting:
             if time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(
-                    f"{len(waiting)} live handler(s) still in flight after {timeout_s:.0f}s (a crashed consumer? "
-                    "its entries are in " + self.k.inflight(tenant) + ")"
+                    f"{len(waiting)} live handler(s) still in flight after {timeout_s:.0f}s: a crashed consumer? "
+                    "`event-replay projections cleanup-markers` removes in-flight entries older than 5 minutes"
                 )
             time.sleep(poll_s)
             waiting &= set(self.r.hkeys(self.k.inflight(tenant)))
@@ -266,6 +266,16 @@ class Coordinator:
                 out.append({"replay_id": rid, **info, "markers": self.r.zcard(self.k.marked(rid))})
         return out
 
+    def clear_stale_inflight(self, older_than_s: float = 300.0) -> int:
+        """In-flight entries of live handlers that never finished (their consumer died)."""
+        limit = (time.time() - older_than_s) * 1000
+        n = 0
+        for key in self.r.scan_iter(match=self.k.inflight("*"), count=1000):
+            stale = [tok for tok, started in self.r.hgetall(key).items() if float(started) < limit]
+            if stale:
+                n += self.r.hdel(key, *stale)
+        return n
+
     def cleanup(self, tenant: str | None = None, older_than_s: float = 0.0) -> list[dict]:
         """Remove the markers of replays that are not running any more (crashed), started more than
         `older_than_s` ago: their deferred events are released to the live consumers. Returns
@@ -321,7 +331,7 @@ class LiveProjector:
                   k.deferred(event.tenant, event.aggregate_id), k.ready(), k.through(event.tenant)],
             args=[scope, event.time_ms, event.event_id, token, event.to_json(), k.replay_prefix(), k.deferred_set_prefix(),
                   member(event.tenant, event.aggregate_id), mode,
-                  event.aggregate_id if scope == "aggregate" else str(event.time_ms // 86_400_000)],
+                  event.aggregate_id if scope == "aggregate" else str(event.time_ms // 86_400_000), int(time.time() * 1000)],
         )
 
     def _apply(self, name: str, event: LiveEvent, token: str) -> None:

@@ -285,3 +285,42 @@ def test_replay_over_clickhouse_http(proj, clickhouse_http, monkeypatch, capsys)
     assert len(pages) > 3 and all(r["params"]["tenant"] == t for r in pages), "keyset pages, the tenant as a parameter"
     assert t not in " ".join(r["sql"] for r in sent), "no value is formatted into SQL"
     assert any(r["sql"].lstrip().upper().startswith("INSERT INTO") and "projection_aggregate_state" in r["sql"] for r in sent)
+
+
+def test_live_protocol_decisions(redis_url):
+    """The live side step by step (Redis only): in-flight handlers hold up the drain; covered events
+    <= cutoff are skipped, > cutoff deferred and resumed in order after the unmark; a lagging
+    consumer's event <= the recorded through-cutoff is skipped; stale in-flight entries are cleared."""
+    prefix = f"er:test:protocol:{time.time_ns()}"
+    applied: list[str] = []
+    coord = Coordinator(redis_url, "p", prefix=prefix)
+    day_ms = int(datetime(2025, 6, 2, tzinfo=timezone.utc).timestamp() * 1000)
+    ev = lambda i, agg="a1", t=day_ms + 1000: LiveEvent("t1", agg, f"ev{i:04d}", t, "x", "{}")  # noqa: E731
+
+    def slow_apply(name, e):
+        applied.append(e.event_id)
+        time.sleep(0.3 if e.event_id == "ev0001" else 0)
+
+    live = LiveProjector(redis_url, {"p": "day"}, slow_apply, prefix=prefix)
+    th = threading.Thread(target=live.handle, args=(ev(1),))
+    th.start()
+    time.sleep(0.1)  # ev0001 is being applied when the replay marks its window
+    coord.register("r1", "t1", "2025-06-02", day_ms, day_ms + 86_400_000, "day")
+    coord.mark_window("r1", "t1", day_ms, day_ms + 86_400_000)
+    waited, secs = coord.drain("t1")
+    th.join()
+    assert waited == 1 and secs >= 0.1 and applied == ["ev0001"], "the drain waited for the in-flight handler"
+    assert live.handle(ev(2)) == {"p": "defer"}, "cutoff not known yet: deferred"
+    coord.set_cutoff("r1", "ev0003")
+    assert live.handle(ev(3)) == {"p": "skip"} and live.handle(ev(4)) == {"p": "defer"}
+    assert live.handle(ev(5, agg="a3", t=day_ms - 1)) == {"p": "apply"}, "outside the window: not this replay's rows"
+    assert live.resume_ready() == 0, "nothing resumes while the marker is up"
+    assert coord.unmark("r1")["aggregates_ready"] == 1
+    assert live.handle(ev(6)) == {"p": "defer"}, "queued behind the deferred events (order)"
+    assert live.resume_ready() == 2 and applied == ["ev0001", "ev0005", "ev0004", "ev0006"], "ev0002 <= cutoff skipped"
+    assert live.handle(ev(3, agg="a2")) == {"p": "skip"}, "a lagging event <= the through-cutoff is already folded"
+    assert live.handle(ev(7)) == {"p": "apply"} and live.pending() == 0
+    coord.r.hset(coord.k.inflight("t1"), "dead-consumer", int(time.time() * 1000) - 600_000)
+    assert coord.clear_stale_inflight() == 1 and coord.drain("t1", timeout_s=1)[0] == 0
+    live.close()
+    coord.close()
