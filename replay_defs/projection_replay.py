@@ -279,7 +279,7 @@ def fold_pages(projection: Projection, pages, rows: dict | None = None) -> tuple
     n = 0
     for page in pages:
         cols = [page.column(c).to_pylist() for c in ("aggregate_id", "event_id", "time_ms", "type", "payload")]
-        for ev in map(Event._make, zip(*cols)):
+        for ev in map(Event, *cols):
             k = key(ev)
             s = rows.get(k)
             if s is None:

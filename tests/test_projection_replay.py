@@ -285,6 +285,9 @@ def test_replay_over_clickhouse_http(proj, clickhouse_http, monkeypatch, capsys)
     assert len(pages) > 3 and all(r["params"]["tenant"] == t for r in pages), "keyset pages, the tenant as a parameter"
     assert t not in " ".join(r["sql"] for r in sent), "no value is formatted into SQL"
     assert any(r["sql"].lstrip().upper().startswith("INSERT INTO") and "projection_aggregate_state" in r["sql"] for r in sent)
+    main(["projections", "list", "--json"])
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert listed.keys() == PROJECTIONS.keys() and listed[DAILY.name]["kind"] == "increment" and listed[AGG.name]["kind"] == "latest"
 
 
 def test_live_protocol_decisions(redis_url):
