@@ -82,6 +82,7 @@ return 'apply'
 """
 
 
+_REFRESH = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1 end return 0"
 _MAX = "local c = redis.call('HGET', KEYS[1], ARGV[1]) if not c or c < ARGV[2] then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1"
 
 
@@ -159,6 +160,9 @@ class Keys:
     def ready(self) -> str:
         return f"{self._p()}:ready"
 
+    def lock(self, tenant: str, day: str) -> str:
+        return f"{self._p()}:lock:{tenant}\x00{day}"
+
     def replays(self) -> str:
         """Set of the replay ids with markers up (what cleanup looks at)."""
         return f"{self._p()}:active"
@@ -182,6 +186,21 @@ class Coordinator:
     def register(self, rid: str, tenant: str, day: str, lo_ms: int, hi_ms: int, scope: str) -> None:
         self.r.hset(self.k.replay(rid), mapping={"tenant": tenant, "day": day, "lo": lo_ms, "hi": hi_ms, "scope": scope, "started": time.time()})
         self.r.sadd(self.k.replays(), rid)
+
+    def acquire(self, tenant: str, day: str, token: str, ttl_s: int = 300) -> str | None:
+        """One replay per (projection, tenant, day) at a time: None when acquired, else the holder's
+        token. A replay refreshes it as it goes; one killed hard holds the day for `ttl_s` at most."""
+        if self.r.set(self.k.lock(tenant, day), token, nx=True, ex=ttl_s):
+            return None
+        return self.r.get(self.k.lock(tenant, day)) or "?"
+
+    def refresh(self, tenant: str, day: str, token: str, ttl_s: int = 300) -> None:
+        if self.r.eval(_REFRESH, 1, self.k.lock(tenant, day), token, ttl_s) != 1:
+            raise RuntimeError(f"lost the replay lock of {tenant} {day} (expired and taken by another replay?)")
+
+    def release(self, tenant: str, day: str, token: str) -> None:
+        self.r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                    1, self.k.lock(tenant, day), token)
 
     def mark_window(self, rid: str, tenant: str, lo_ms: int, hi_ms: int) -> None:
         self.r.hset(self.k.windows(tenant), rid, json.dumps([lo_ms, hi_ms]))
@@ -285,6 +304,8 @@ class Coordinator:
             if time.time() - float(rep.get("started") or 0) < older_than_s:
                 continue
             res = self.unmark(rep["replay_id"], completed=False)
+            if rep.get("tenant") is not None and rep.get("day"):
+                self.r.delete(self.k.lock(rep["tenant"], rep["day"]))
             if rep.get("tenant") is None:  # a marker set without its record: drop the id
                 self.r.srem(self.k.replays(), rep["replay_id"])
             cleaned.append({**rep, **res})

@@ -370,6 +370,10 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
+class ReplayBusy(RuntimeError):
+    """Another replay of the same projection, tenant and day holds it."""
+
+
 @dataclass
 class DayResult:
     day: str
@@ -418,85 +422,100 @@ def replay_day(projection: Projection, tenant: str, day: str, ch_factory: Callab
             log.write("dry_run", projection=projection.name, day=day, **res.counts)
             res.seconds = time.monotonic() - t0
             return res
-        prev = store.progress(projection, tenant, day)
-        if prev is not None and prev.status == "running":
-            state, res.resumed = prev, True
-            res.skipped_aggregates = prev.aggregates
-            log.write("resume", projection=projection.name, day=day, replay_id=prev.replay_id, cutoff=prev.cutoff,
-                      after_aggregate=prev.last_aggregate, aggregates_done=prev.aggregates, events_done=prev.events)
-        else:
-            state = ReplayState(projection.name, tenant, day, replay_id=uuid.uuid4().hex)
-            log.write("start", projection=projection.name, day=day, replay_id=state.replay_id)
-        rid = res.replay_id = state.replay_id
-        coordinator.register(rid, tenant, day, to_ms(lo), to_ms(hi), projection.scope)
-        # 1. mark
-        if projection.scope == "day":
-            coordinator.mark_window(rid, tenant, to_ms(lo), to_ms(hi))
-            res.markers = 1
-        else:
-            if not state.discovery_cutoff:
-                state.discovery_cutoff = elog.cutoff()
-            after = ""
-            while True:
-                ids = elog.aggregates(lo, hi, state.discovery_cutoff, after, 10_000)
-                if not ids:
-                    break
-                res.markers += coordinator.mark_aggregates(rid, tenant, ids)
-                after = ids[-1]
-        log.write("marked", day=day, markers=res.markers, scope=projection.scope)
-        # 2. drain, 3. cutoff (a resumed replay keeps its cutoff: what it already wrote was folded to it)
-        res.drained_handlers, waited = coordinator.drain(tenant, options.drain_timeout_s)
-        log.write("drained", day=day, handlers=res.drained_handlers, seconds=round(waited, 3))
-        if not res.resumed:
-            state.cutoff = elog.cutoff()
-            coordinator.set_cutoff(rid, state.cutoff)
-            store.begin(projection, state, day)  # increment store: the day's rows removed (with the progress row)
-        else:
-            coordinator.set_cutoff(rid, state.cutoff)
-        res.cutoff = state.cutoff
-        log.write("cutoff", day=day, cutoff=state.cutoff)
-        # 4. batches of aggregates, folded in `concurrency` streams, each key written once per batch
-        with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
-            clients = [ch] + [ch_factory() for _ in range(options.concurrency - 1)]
-            try:
-                while True:
-                    if projection.scope == "aggregate":
-                        batch = coordinator.marked_after(rid, state.last_aggregate, options.aggregate_batch)
-                    else:
-                        batch = elog.aggregates(lo, hi, state.cutoff, state.last_aggregate, options.aggregate_batch)
-                    if not batch or not state.cutoff:
-                        break
-                    rows, n = _fold_batch(projection, tenant, batch, state.cutoff, (lo, hi), clients, pool, options)
-                    state.last_aggregate = batch[-1]
-                    state.aggregates += len(batch)
-                    state.events += n
-                    store.write_batch(projection, state, rows)
-                    res.batches += 1
-                    res.aggregates += len(batch)
-                    res.events += n
-                    res.keys_written += len(rows)
-                    log.write("batch", day=day, batch=res.batches, aggregates=len(batch), events=n, keys_written=len(rows),
-                              last_aggregate=state.last_aggregate, aggregates_done=state.aggregates, events_done=state.events)
-                    if options.stop_after_batches is not None and res.batches >= options.stop_after_batches:
-                        raise SimulatedCrash(f"stopped after {res.batches} batch(es), as asked")
-            finally:
-                for c in clients[1:]:
-                    c.close()
-        # 5. verify before unmarking: no live write can touch these rows yet
-        res.verification = store.verify(projection, ch, tenant, day, state)
-        res.verified = bool(res.verification["passed"])
-        log.write("verified", day=day, **res.verification)
-        state.status = "done"
-        store.finish(projection, state)
-        # 6. unmark: deferred live events resume
-        res.unmark = coordinator.unmark(rid)
-        log.write("unmarked", day=day, **res.unmark)
-        res.seconds = time.monotonic() - t0
-        log.write("done", day=day, aggregates=res.aggregates, events=res.events, keys_written=res.keys_written,
-                  seconds=round(res.seconds, 3), verified=res.verified)
-        return res
+        token = uuid.uuid4().hex
+        holder = coordinator.acquire(tenant, day, token)
+        if holder is not None:
+            raise ReplayBusy(f"another replay of {projection.name} for this tenant and {day} is running (lock {holder}); "
+                             "wait for it, or after a crash run `event-replay projections cleanup-markers`")
+        try:
+            return _replay_locked(projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token)
+        finally:
+            coordinator.release(tenant, day, token)
     finally:
         ch.close()
+
+
+def _replay_locked(projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token) -> DayResult:
+    lo, hi = day_window(day)
+    elog = EventLog(ch, tenant)
+    prev = store.progress(projection, tenant, day)
+    if prev is not None and prev.status == "running":
+        state, res.resumed = prev, True
+        res.skipped_aggregates = prev.aggregates
+        log.write("resume", projection=projection.name, day=day, replay_id=prev.replay_id, cutoff=prev.cutoff,
+                  after_aggregate=prev.last_aggregate, aggregates_done=prev.aggregates, events_done=prev.events)
+    else:
+        state = ReplayState(projection.name, tenant, day, replay_id=uuid.uuid4().hex)
+        log.write("start", projection=projection.name, day=day, replay_id=state.replay_id)
+    rid = res.replay_id = state.replay_id
+    coordinator.register(rid, tenant, day, to_ms(lo), to_ms(hi), projection.scope)
+    # 1. mark
+    if projection.scope == "day":
+        coordinator.mark_window(rid, tenant, to_ms(lo), to_ms(hi))
+        res.markers = 1
+    else:
+        if not state.discovery_cutoff:
+            state.discovery_cutoff = elog.cutoff()
+        after = ""
+        while True:
+            ids = elog.aggregates(lo, hi, state.discovery_cutoff, after, 10_000)
+            if not ids:
+                break
+            res.markers += coordinator.mark_aggregates(rid, tenant, ids)
+            after = ids[-1]
+    log.write("marked", day=day, markers=res.markers, scope=projection.scope)
+    # 2. drain, 3. cutoff (a resumed replay keeps its cutoff: what it already wrote was folded to it)
+    res.drained_handlers, waited = coordinator.drain(tenant, options.drain_timeout_s)
+    log.write("drained", day=day, handlers=res.drained_handlers, seconds=round(waited, 3))
+    if not res.resumed:
+        state.cutoff = elog.cutoff()
+        coordinator.set_cutoff(rid, state.cutoff)
+        store.begin(projection, state, day)  # increment store: the day's rows removed (with the progress row)
+    else:
+        coordinator.set_cutoff(rid, state.cutoff)
+    res.cutoff = state.cutoff
+    log.write("cutoff", day=day, cutoff=state.cutoff)
+    # 4. batches of aggregates, folded in `concurrency` streams, each key written once per batch
+    with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
+        clients = [ch] + [ch_factory() for _ in range(options.concurrency - 1)]
+        try:
+            while True:
+                if projection.scope == "aggregate":
+                    batch = coordinator.marked_after(rid, state.last_aggregate, options.aggregate_batch)
+                else:
+                    batch = elog.aggregates(lo, hi, state.cutoff, state.last_aggregate, options.aggregate_batch)
+                if not batch or not state.cutoff:
+                    break
+                rows, n = _fold_batch(projection, tenant, batch, state.cutoff, (lo, hi), clients, pool, options)
+                state.last_aggregate = batch[-1]
+                state.aggregates += len(batch)
+                state.events += n
+                store.write_batch(projection, state, rows)
+                coordinator.refresh(tenant, day, token)
+                res.batches += 1
+                res.aggregates += len(batch)
+                res.events += n
+                res.keys_written += len(rows)
+                log.write("batch", day=day, batch=res.batches, aggregates=len(batch), events=n, keys_written=len(rows),
+                          last_aggregate=state.last_aggregate, aggregates_done=state.aggregates, events_done=state.events)
+                if options.stop_after_batches is not None and res.batches >= options.stop_after_batches:
+                    raise SimulatedCrash(f"stopped after {res.batches} batch(es), as asked")
+        finally:
+            for c in clients[1:]:
+                c.close()
+    # 5. verify before unmarking: no live write can touch these rows yet
+    res.verification = store.verify(projection, ch, tenant, day, state)
+    res.verified = bool(res.verification["passed"])
+    log.write("verified", day=day, **res.verification)
+    state.status = "done"
+    store.finish(projection, state)
+    # 6. unmark: deferred live events resume
+    res.unmark = coordinator.unmark(rid)
+    log.write("unmarked", day=day, **res.unmark)
+    res.seconds = time.monotonic() - t0
+    log.write("done", day=day, aggregates=res.aggregates, events=res.events, keys_written=res.keys_written,
+              seconds=round(res.seconds, 3), verified=res.verified)
+    return res
 
 
 def _fold_batch(projection: Projection, tenant: str, batch: list[str], cutoff: str, window, clients, pool, options: ReplayOptions):

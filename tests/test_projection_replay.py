@@ -325,5 +325,12 @@ def test_live_protocol_decisions(redis_url):
     assert live.handle(ev(7)) == {"p": "apply"} and live.pending() == 0
     coord.r.hset(coord.k.inflight("t1"), "dead-consumer", int(time.time() * 1000) - 600_000)
     assert coord.clear_stale_inflight() == 1 and coord.drain("t1", timeout_s=1)[0] == 0
+    # one replay per (projection, tenant, day): a second one is refused until the first releases
+    assert coord.acquire("t1", "2025-06-02", "run-a") is None and coord.acquire("t1", "2025-06-02", "run-b") == "run-a"
+    coord.release("t1", "2025-06-02", "run-b")  # not the holder: no effect
+    assert coord.acquire("t1", "2025-06-02", "run-c") == "run-a"
+    coord.release("t1", "2025-06-02", "run-a")
+    assert coord.acquire("t1", "2025-06-02", "run-c") is None
+    coord.release("t1", "2025-06-02", "run-c")
     live.close()
     coord.close()
