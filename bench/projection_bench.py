@@ -36,13 +36,12 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 from replay_defs.clickhouse import ClickHouse  # noqa: E402
 from replay_defs.live_replay import Coordinator  # noqa: E402
 from replay_defs.projection_replay import (  # noqa: E402
-    EVENT_LOG,
-    EVENT_LOG_DDL,
     PROJECTIONS,
     EventLog,
     ReplayLog,
     ReplayOptions,
     fold_pages,
+    generate_event_log,
     replay_day,
 )
 from replay_defs.projection_stores import ClickHouseLatestStore, PostgresIncrementStore  # noqa: E402
@@ -79,21 +78,7 @@ def measure(label: str, rows: int, results: list):
 
 
 def generate(ch: ClickHouse, rows: int, per_aggregate: int, days: int) -> None:
-    """`rows` events of one tenant (plus 5% of another), `per_aggregate` consecutive events per
-    aggregate, spread evenly over `days` days, with a small JSON payload."""
-    ch.command(EVENT_LOG_DDL.replace("{table}", EVENT_LOG))
-    span_ms = days * 86_400_000
-    ch.command(
-        f"""INSERT INTO {EVENT_LOG}
-        SELECT if(number % 20 = 0, 'other-tenant', {{tenant:String}}) AS tenant,
-               concat('agg-', leftPad(toString(intDiv(number, {{per:UInt64}})), 9, '0')) AS aggregate_id,
-               concat('ev', leftPad(toString(number), 12, '0')) AS event_id,
-               toDateTime64({{start:String}}, 3, 'UTC') + toIntervalMillisecond(intDiv(number * {{span:UInt64}}, {{rows:UInt64}})) AS time,
-               ['run.started', 'run.step', 'run.step', 'run.finished'][number % 4 + 1] AS type,
-               concat('{{"units":', toString(number % 7), ',"model":"gpt-x","note":"', repeat('x', 40), '"}}') AS payload
-        FROM numbers({{rows:UInt64}})""",
-        {"tenant": TENANT, "per": per_aggregate, "start": START + " 00:00:00", "span": span_ms, "rows": rows},
-    )
+    generate_event_log(ch, TENANT, rows, per_aggregate, START, days)
 
 
 def main() -> None:

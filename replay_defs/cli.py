@@ -407,13 +407,33 @@ def cmd_projections_cleanup(args) -> None:
         sys.exit(1)
 
 
+def cmd_projections_generate(args) -> None:
+    """Demo data: an event_log in the configured ClickHouse (chDB by default)."""
+    _projection_env(args)
+    from replay_defs.definitions import build_definitions
+    from replay_defs.projection_replay import generate_event_log
+
+    res = build_definitions().resources["clickhouse"]
+    t0 = time.time()
+    with _resolved_clickhouse(res) as ch:
+        generate_event_log(ch, args.tenant_id, args.events, args.per_aggregate, args.start, args.days)
+    print(f"wrote {args.events:,} events ({args.tenant_id}, {args.days} days from {args.start}) to event_log at {ch.where} "
+          f"in {time.time() - t0:.1f}s")
+
+
+def _resolved_clickhouse(res):
+    from replay_defs.clickhouse import connect
+
+    return connect(_resolve(res.url), _resolve(res.data_path), _resolve(res.database))
+
+
 def _add_projection_commands(sub) -> None:
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument("--clickhouse-url", help="ClickHouse server (falls back to CLICKHOUSE_URL; unset: chDB in EVENT_REPLAY_CHDB)")
     conn.add_argument("--redis-url", help="Redis for the markers (falls back to EVENT_REPLAY_REDIS_URL)")
     conn.add_argument("--postgres-url", help="PostgreSQL of the increment stores (falls back to EVENT_REPLAY_POSTGRES_URL)")
     pr = sub.add_parser(
-        "projections", help="projection replay (seed 001): list, replay, cleanup-markers",
+        "projections", help="projection replay (seed 001): list, replay, cleanup-markers, generate",
         description="Replay fold projections from ClickHouse event_log for a tenant since a day, coordinated with live "
         "consumers through Redis markers (see README, 'Projection replay').",
     ).add_subparsers(dest="projections_cmd", required=True)
@@ -447,6 +467,13 @@ def _add_projection_commands(sub) -> None:
     cl.add_argument("--tenant-id", "--tenant", dest="tenant_id", help="only this tenant's replays")
     cl.add_argument("--older-than-minutes", type=float, default=0.0, help="only replays started longer ago (default 0: all)")
     cl.set_defaults(fn=cmd_projections_cleanup)
+    gn = pr.add_parser("generate", parents=[conn], help="write demo events into event_log (to try a replay)")
+    gn.add_argument("--tenant-id", "--tenant", dest="tenant_id", default="project_demo")
+    gn.add_argument("--events", type=int, default=100_000)
+    gn.add_argument("--per-aggregate", type=int, default=25, help="events per aggregate (default 25)")
+    gn.add_argument("--start", default="2025-06-01", help="first day (default 2025-06-01)")
+    gn.add_argument("--days", type=int, default=3)
+    gn.set_defaults(fn=cmd_projections_generate)
 
 
 def main(argv: list[str] | None = None) -> None:

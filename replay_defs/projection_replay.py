@@ -302,6 +302,26 @@ def merge_rows(projection: Projection, into: dict, other: dict) -> dict:
     return into
 
 
+def generate_event_log(ch, tenant: str, rows: int, per_aggregate: int = 25, start: str = "2025-06-01", days: int = 5,
+                       other_tenant_every: int = 20) -> None:
+    """Demo / benchmark data, written by ClickHouse itself: `rows` events of `tenant` (every
+    `other_tenant_every`-th of another tenant), `per_aggregate` consecutive events per aggregate,
+    spread evenly over `days` days from `start`, with a small JSON payload holding `units`."""
+    ch.command(EVENT_LOG_DDL.replace("{table}", EVENT_LOG))
+    ch.command(
+        f"""INSERT INTO {EVENT_LOG}
+        SELECT if(number % {{every:UInt64}} = 0, concat({{tenant:String}}, '-other'), {{tenant:String}}) AS tenant,
+               concat('agg-', leftPad(toString(intDiv(number, {{per:UInt64}})), 9, '0')) AS aggregate_id,
+               concat('ev', leftPad(toString(number), 12, '0')) AS event_id,
+               toDateTime64({{start:String}}, 3, 'UTC') + toIntervalMillisecond(intDiv(number * {{span:UInt64}}, {{rows:UInt64}})) AS time,
+               ['run.started', 'run.step', 'run.step', 'run.finished'][number % 4 + 1] AS type,
+               concat('{{"units":', toString(number % 7), ',"model":"gpt-x","note":"', repeat('x', 40), '"}}') AS payload
+        FROM numbers({{rows:UInt64}})""",
+        {"tenant": tenant, "per": per_aggregate, "start": start + " 00:00:00", "span": days * DAY_MS, "rows": rows,
+         "every": other_tenant_every},
+    )
+
+
 # ---- the replay log ---------------------------------------------------------------------------
 
 

@@ -244,7 +244,7 @@ def test_live_consumer_during_replay_ends_equal_to_a_fold_of_all_events(proj):
 
     th = threading.Thread(target=consumer, daemon=True)
     th.start()
-    while handled[0] < 20:
+    while handled[0] < 20 and not errors and th.is_alive():
         time.sleep(0.01)
     result = replay(p, [AGG.name, DAILY.name], DAYS[0], DAYS[-1], aggregate_batch=12, batch_size=25, concurrency=2)
     during = dict(live.counts)
