@@ -257,6 +257,8 @@ def test_live_consumer_during_replay_ends_equal_to_a_fold_of_all_events(proj):
         if live.pending() == 0:
             break
     assert result.success and all(e.passed for e in result.get_asset_check_evaluations())
+    per_day = {(e.asset_key.path[-1], e.partition) for e in result.get_asset_check_evaluations() if e.partition}
+    assert per_day == {(n, d) for n in (AGG.name, DAILY.name) for d in DAYS}, "a verdict per day and projection"
     assert during["deferred"] + during["skipped"] > 0, f"the protocol was exercised: {during}"
     assert live.counts["applied"] > 20 and live.pending() == 0
     assert p["stores"][DAILY.name].rows(DAILY, t) == in_days(log.daily(t)), "increments: no double count, nothing lost"
