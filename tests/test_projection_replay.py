@@ -336,3 +336,21 @@ def test_live_protocol_decisions(redis_url):
     coord.release("t1", "2025-06-02", "run-c")
     live.close()
     coord.close()
+
+
+def test_blocking_check_fails_the_run_when_rows_differ_from_the_fold(proj):
+    """An event written to event_log late with an old id (breaking the cutoff's assumption) while a
+    replay is interrupted: the resumed replay cannot have folded it, and the check catches it."""
+    p, log, t = proj, proj["log"], proj["tenant"]
+    log.history(t, aggregates=12, per_aggregate=6)
+    assert not replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=4, stop_after_batches=1).success
+    done = p["stores"][DAILY.name].progress(DAILY, t, DAYS[0]).last_aggregate
+    late = LiveEvent(t, done, "ev0000000000", int(datetime(2025, 6, 1, 8, tzinfo=timezone.utc).timestamp() * 1000), "run.step", "{}")
+    log.insert([late])
+    result = replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=4)
+    assert not result.success, "the blocking check fails the run"
+    [ev] = result.get_asset_check_evaluations()
+    assert ev.check_name == "matches_from_scratch_fold" and not ev.passed
+    m = day_meta(result, DAILY.name)[DAYS[0]]
+    assert m["verified"] is False and m["verify_mismatched_rows"] == 1 and m["resumed"]
+    assert Coordinator(p["redis"], DAILY.name, prefix=p["prefix"]).active(t) == [], "markers come down even so"
