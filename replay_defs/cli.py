@@ -364,6 +364,10 @@ def cmd_projections_replay(args) -> None:
            "check_passed": all(e.passed for e in checks) if checks else None}
     for k in ("aggregates", "events", "keys_written", "skipped_aggregates"):
         out[k] = sum(int(d.get(k, 0) or 0) for d in per_day.values())
+    errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure and e.step_failure_data.error]
+    if errors:  # the last line of the cause: e.g. ReplayBusy, a ClickHouse error (passwords masked)
+        err = errors[0].cause or errors[0]
+        out["error"] = err.message.strip().splitlines()[-1][:500]
     if not args.quiet:
         for day in sorted(per_day):
             d = per_day[day]
