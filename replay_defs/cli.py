@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--environment", required=True)
     rp.add_argument("--customer", help="external customer id")
     rp.add_argument("--event-name")
-    rp.add_argument("--batch-size", type=int, default=1000, help="rows per keyset query and per delivery (default 1000)")
+    rp.add_argument("--batch-size", type=int, default=10_000, help="rows per keyset page and per delivery (default 10,000)")
     rp.add_argument("--dry-run", action="store_true", help="read, transform and count; publish nothing")
     rp.add_argument("--force", action="store_true", help="publish again what the ledger says Kafka already has")
     rp.set_defaults(fn=cmd_billing_reprocess)
