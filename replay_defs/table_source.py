@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from replay_defs.clickhouse import ClickHouse, quote_ident
 from replay_defs.parsing import QUARANTINE_SCHEMA, event_arrow_schema
+from replay_defs.redrive import read_ahead
 from replay_defs.spec import SAFE_TYPE_VALUE, ClickHouseSource, PipelineSpec
 
 # Reasons a row could not be transformed (the mapping's rules name the drops).
@@ -406,7 +407,8 @@ def parse_table_day(ch: ClickHouse, spec: PipelineSpec, day: str, selection: Sel
     type_field = spec.schema.type_field
     last_log = t0
     try:
-        for batch in reader.batches():
+        # The next page is read on a thread (the engine works outside the GIL) while this one is transformed.
+        for batch in read_ahead(reader.batches()):
             events, quarantine, d, e = transformer.run(batch, found + 1)
             found += batch.num_rows
             dropped += d
