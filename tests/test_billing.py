@@ -168,6 +168,18 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         assert len(broker.read_all(topic, idle_s=1.0)) == len(messages)
 
 
+def test_selection_rejects_unknown_filters_naive_times_and_empty_windows():
+    with pytest.raises(ValueError, match="unknown filters"):
+        Selection.of(BILLING.source, {"tenant_id": "acme"})
+    with pytest.raises(ValueError, match="time zone"):
+        Selection.of(BILLING.source, {}, start="2024-03-04T10:00:00")
+    with pytest.raises(ValueError, match="not after"):
+        Selection.of(BILLING.source, {}, start="2024-03-05T00:00:00Z", end="2024-03-04T00:00:00Z")
+    sel = Selection.of(BILLING.source, {"tenant": "acme", "customer": ""}, start="2024-03-04T10:00:00+02:00")
+    assert sel.filters == {"tenant": "acme"} and sel.window(DAY1)[0] == ts(DAY1, 8) and sel.window(DAY2)[0] == ts(DAY2, 0)
+    assert Selection.from_json(sel.to_json()) == sel
+
+
 @pytest.mark.parametrize("batch_size", [1, 4, 100])
 def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path, clickhouse_http, batch_size):
     src = BILLING.source
@@ -210,20 +222,21 @@ def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, b
     before = len(clickhouse_http.requests)
 
     def reprocess(*extra):
-        cli.main(["billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", DAY2, "--tenant", "acme", "--environment", "prod",
+        cli.main(["billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", f"{DAY2}T01:00:00Z", "--tenant", "acme", "--environment", "prod",
                   "--customer", "cust-a", "--event-name", "llm_call", "--batch-size", "2", *extra])
         out = capsys.readouterr()
         assert "ch-secret-pw" not in out.out + out.err
         return json.loads(out.out.strip().splitlines()[-1])
 
     dry = reprocess("--dry-run")
-    assert dry["status"] == "SUCCESS" and dry["found"] == 4 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
+    assert dry["status"] == "SUCCESS" and dry["found"] == 3 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
     assert broker.read_all("prod_events_v4", idle_s=1.0) == []
     out = reprocess()
-    assert out["status"] == "SUCCESS" and out["published"] == 4 and out["found"] == 4 and out["run_id"] != dry["run_id"]
-    # cust-a's llm_call events from 10:00 on DAY1 to the end of DAY2: e01, e03, e05 (tied at 10:00) and e20.
+    assert out["status"] == "SUCCESS" and out["published"] == 3 and out["found"] == 3 and out["run_id"] != dry["run_id"]
+    # cust-a's llm_call events in [DAY1 10:00, DAY2 01:00): e01, e03, e05 (tied at 10:00, the start, included);
+    # e20 at DAY2 01:00 (the end, excluded) is not.
     ids = sorted(json.loads(m.value())["event_id"] for m in broker.read_all("prod_events_v4", idle_s=1.0))
-    assert ids == ["e01", "e03", "e05", "e20"]
+    assert ids == ["e01", "e03", "e05"]
     sent = clickhouse_http.requests[before:]
     assert any(r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in sent)
     assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), "raw_events counted over HTTP"
