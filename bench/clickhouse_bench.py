@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
 from replay_defs.clickhouse import ClickHouse  # noqa: E402
-from replay_defs.pipelines import BILLING, BILLING_RAW_EVENTS_DDL  # noqa: E402
+from replay_defs.demo import generate_billing  # noqa: E402
+from replay_defs.pipelines import BILLING  # noqa: E402
 from replay_defs.table_source import KeysetReader, Selection, Transformer, parse_table_day  # noqa: E402
 
 DAY = "2024-03-04"
@@ -56,23 +57,7 @@ def peak_rss_mb() -> float:
 def fill(ch: ClickHouse, rows: int) -> float:
     """One day of rows, then a second version of 2% of them, in chDB itself (INSERT ... SELECT)."""
     t0 = time.monotonic()
-    ch.command(BILLING_RAW_EVENTS_DDL)
-    select = """
-        SELECT concat('evt-', leftPad(toString(number), 10, '0')) AS id, 'acme' AS tenant_id, 'prod' AS environment_id,
-               concat('cust-', toString(number % 1000)) AS external_customer_id,
-               ['api_request', 'llm_call'][number % 2 + 1] AS event_name,
-               multiIf(number % 1000 = 7, '{"id": "req-broken", "orgId": ',
-                       concat('{"id": "req-', toString(number), '"',
-                              if(number % 100 = 3, '', ', "orgId": "org-' || toString(number % 1000) || '"'),
-                              ', "methodName": "chat.completions", "providerName": "openai", "createdAt": "2024-03-04T10:00:00Z",',
-                              ' "data": {"modelName": "gpt-4o", "usage": {"inputTokens": ', toString(number % 5000),
-                              ', "outputTokens": ', toString(number % 700), '}}, "meta": {"region": "eu-west-1", "sdk": "python/1.42.0"}}')) AS payload,
-               toDateTime64({day:String}, 3, 'UTC') + toIntervalMillisecond(intDiv(number * 86400000, {n:UInt64})) AS timestamp,
-               {version:UInt64} AS version
-        FROM numbers({n:UInt64}) WHERE {where:String} = '' OR number % 50 = 0"""
-    cols = "id, tenant_id, environment_id, external_customer_id, event_name, payload, timestamp, version"
-    ch.command(f"INSERT INTO raw_events ({cols}) {select}", {"day": DAY, "n": rows, "version": 1, "where": ""})
-    ch.command(f"INSERT INTO raw_events ({cols}) {select}", {"day": DAY, "n": rows, "version": 2, "where": "2%"})
+    generate_billing(ch, DAY, rows)
     return time.monotonic() - t0
 
 
