@@ -299,6 +299,19 @@ def cmd_billing_reprocess(args) -> None:
         sys.exit(1)
 
 
+def cmd_billing_generate(args) -> None:
+    """Demo rows in the configured ClickHouse (chDB at EVENT_REPLAY_CHDB by default)."""
+    from replay_defs.clickhouse import ClickHouse
+    from replay_defs.definitions import defs
+    from replay_defs.demo import generate_billing
+
+    res = defs.resources["clickhouse"]
+    with ClickHouse(_resolve(res.url), _resolve(res.data_path), _resolve(res.database)) as ch:
+        for day in _days(args.start, (date.fromisoformat(args.start) + timedelta(days=args.days - 1)).isoformat()):
+            stored = generate_billing(ch, day, args.rows_per_day)
+            print(f"{day}: {stored:,} rows into raw_events ({ch.where}, database {ch.database})")
+
+
 # ---- projection replay (seed 001) ---------------------------------------------------------------
 
 
@@ -525,10 +538,15 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--environment", required=True)
     rp.add_argument("--customer", help="external customer id")
     rp.add_argument("--event-name")
-    rp.add_argument("--batch-size", type=int, default=1000, help="rows per keyset query and per delivery (default 1000)")
+    rp.add_argument("--batch-size", type=int, default=10_000, help="rows per keyset page and per delivery (default 10,000)")
     rp.add_argument("--dry-run", action="store_true", help="read, transform and count; publish nothing")
     rp.add_argument("--force", action="store_true", help="publish again what the ledger says Kafka already has")
     rp.set_defaults(fn=cmd_billing_reprocess)
+    bg = b.add_parser("generate", help="create raw_events and fill it with demo rows (tenant acme, environment prod)")
+    bg.add_argument("--start", default="2024-03-04", help="first day, YYYY-MM-DD")
+    bg.add_argument("--days", type=int, default=1)
+    bg.add_argument("--rows-per-day", type=int, default=100_000)
+    bg.set_defaults(fn=cmd_billing_generate)
 
     _add_projection_commands(sub)
 

@@ -8,8 +8,6 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -136,9 +134,9 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         assert md[DAY1]["transformation_error_malformed_json"] == 1 and md[DAY1]["transformation_error_not_an_object"] == 1
         assert md[DAY1]["success_rate_percent"] == round(100 * 8 / 15, 2) and md[DAY2]["success_rate_percent"] == 100.0
         parsed = _metadata(result, "parsed_events")
-        assert parsed[DAY1]["batches"] == 4, "15 rows in keyset pages of 4"
+        assert parsed[DAY1]["batches"] == 4, "16 stored rows (15 after FINAL) in keyset pages of at most 4"
 
-        messages = broker.read_all(topic)
+        messages = broker.read_all(topic, idle_s=1.0)
         bodies = [json.loads(m.value()) for m in messages]
         ids = [b["event_id"] for b in bodies]
         assert sorted(ids) == sorted(PUBLISHED[DAY1] | PUBLISHED[DAY2]), "exactly the valid rows, each once"
@@ -170,7 +168,19 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         assert len(broker.read_all(topic, idle_s=1.0)) == len(messages)
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 6, 100])
+def test_selection_rejects_unknown_filters_naive_times_and_empty_windows():
+    with pytest.raises(ValueError, match="unknown filters"):
+        Selection.of(BILLING.source, {"tenant_id": "acme"})
+    with pytest.raises(ValueError, match="time zone"):
+        Selection.of(BILLING.source, {}, start="2024-03-04T10:00:00")
+    with pytest.raises(ValueError, match="not after"):
+        Selection.of(BILLING.source, {}, start="2024-03-05T00:00:00Z", end="2024-03-04T00:00:00Z")
+    sel = Selection.of(BILLING.source, {"tenant": "acme", "customer": ""}, start="2024-03-04T10:00:00+02:00")
+    assert sel.filters == {"tenant": "acme"} and sel.window(DAY1)[0] == ts(DAY1, 8) and sel.window(DAY2)[0] == ts(DAY2, 0)
+    assert Selection.from_json(sel.to_json()) == sel
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 100])
 def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path, clickhouse_http, batch_size):
     src = BILLING.source
     keys = ", ".join(src.order_by)
@@ -185,43 +195,50 @@ def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path
             pages = list(reader.batches())
             got = pa.concat_tables(pages)
             assert got.equals(reference), "no row skipped or repeated across equal timestamps"
-            assert all(p.num_rows <= batch_size for p in pages) and reader.queries == reference.num_rows // batch_size + 1
+            assert all(p.num_rows <= batch_size for p in pages) and reader.pages == len(pages) >= -(-17 // batch_size)
             assert reader.count() == reference.num_rows == 17
             assert got.column("id").to_pylist().count("e07") == 1
             seen[label] = got
             if label == "http":
-                sql = [r["sql"] for r in clickhouse_http.requests[before:] if "FROM `raw_events` FINAL" in r["sql"] and "LIMIT" in r["sql"]]
-                assert len(sql) == reader.queries and not any("OFFSET" in s.upper() for s in sql)
-                assert all(f") > ({{k0:String}}" in s for s in sql[1:])
+                sql = [r["sql"] for r in clickhouse_http.requests[before:] if "FROM `raw_events`" in r["sql"] and "ORDER BY" in r["sql"]]
+                assert len(sql) == reader.queries == 2 * reader.pages + 1 and not any("OFFSET" in s.upper() for s in sql)
+                assert all("(`tenant_id` > {k0:String} OR (`tenant_id` = {k0:String} AND" in s for s in sql[2:])
+                assert all("FINAL" in s and "<= {u5:String}" in s for s in sql[1::2]), "pages read with FINAL, bounded above"
     assert seen["chdb"].equals(seen["http"])
 
 
-def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, broker, clickhouse_http):
-    """The seed's POST /events/raw/reprocess as the CLI: a subprocess that reaches ClickHouse only
-    through clickhouse-connect over HTTP (the fixture, with a password), and the real broker, on
-    the pipeline as declared (topic prod_events_v4)."""
+def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, broker, clickhouse_http, monkeypatch, capsys):
+    """The seed's POST /events/raw/reprocess as `event-replay billing reprocess`, on the code
+    location as declared (topic prod_events_v4), reaching ClickHouse only through clickhouse-connect
+    over HTTP (the fixture, with a password) and Kafka on the real broker."""
+    import importlib
+
+    import replay_defs.definitions
+    from replay_defs import cli
+
     broker.create_topic("prod_events_v4")
-    env = {**os.environ, "CLICKHOUSE_URL": clickhouse_http.url()}
-    bin_dir = os.path.dirname(sys.executable)
+    monkeypatch.setenv("CLICKHOUSE_URL", clickhouse_http.url())
+    importlib.reload(replay_defs.definitions)  # the module-level defs, built from this test's env
+    before = len(clickhouse_http.requests)
 
     def reprocess(*extra):
-        proc = subprocess.run(
-            [os.path.join(bin_dir, "event-replay"), "billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", DAY2,
-             "--tenant", "acme", "--environment", "prod", "--customer", "cust-a", "--event-name", "llm_call", "--batch-size", "2", *extra],
-            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "ch-secret-pw" not in proc.stdout + proc.stderr
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        cli.main(["billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", f"{DAY2}T01:00:00Z", "--tenant", "acme", "--environment", "prod",
+                  "--customer", "cust-a", "--event-name", "llm_call", "--batch-size", "2", *extra])
+        out = capsys.readouterr()
+        assert "ch-secret-pw" not in out.out + out.err
+        return json.loads(out.out.strip().splitlines()[-1])
 
     dry = reprocess("--dry-run")
-    assert dry["status"] == "SUCCESS" and dry["found"] == 4 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
+    assert dry["status"] == "SUCCESS" and dry["found"] == 3 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
     assert broker.read_all("prod_events_v4", idle_s=1.0) == []
     out = reprocess()
-    assert out["status"] == "SUCCESS" and out["published"] == 4 and out["found"] == 4 and out["run_id"] != dry["run_id"]
-    # cust-a's llm_call events from 10:00 on DAY1 to the end of DAY2: e01, e03, e05 (tied at 10:00) and e20.
-    ids = sorted(json.loads(m.value())["event_id"] for m in broker.read_all("prod_events_v4"))
-    assert ids == ["e01", "e03", "e05", "e20"]
-    assert any(r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in clickhouse_http.requests)
+    assert out["status"] == "SUCCESS" and out["published"] == 3 and out["found"] == 3 and out["run_id"] != dry["run_id"]
+    # cust-a's llm_call events in [DAY1 10:00, DAY2 01:00): e01, e03, e05 (tied at 10:00, the start, included);
+    # e20 at DAY2 01:00 (the end, excluded) is not.
+    ids = sorted(json.loads(m.value())["event_id"] for m in broker.read_all("prod_events_v4", idle_s=1.0))
+    assert ids == ["e01", "e03", "e05"]
+    sent = clickhouse_http.requests[before:]
+    assert any(r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in sent)
+    assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), "raw_events counted over HTTP"
     run = dg.DagsterInstance.get().get_run_by_id(out["run_id"])
     assert run is not None and run.is_success and run.tags[RANGE_TAGS[0]] == DAY1 and run.tags[RANGE_TAGS[1]] == DAY2
