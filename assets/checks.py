@@ -106,6 +106,33 @@ def deliveries(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> Day
     return DayVerdict(not problems, "; ".join(problems) or ("dry run: nothing sent" if last["dry_run"] else "deliveries reconcile"), md)
 
 
+def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Table sources (seed 002): found = published + already delivered + dropped + transformation
+    errors + publish failures, with no publish failure."""
+    last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
+    state = lake.state(owner(spec, PARSED), day)
+    if last is None or state is None:
+        return DayVerdict(False, "parsed_events or redrive has not run for this day", {})
+    s = state.stats
+    md = {"found": s["found"], "published": last["published"], "skipped_already_delivered": last["skipped_already_delivered"],
+          "dropped": s["dropped"] + last["dropped"], "transformation_errors": s["transformation_errors"], "publish_failures": last["failed"]}
+    if last["dry_run"]:
+        return DayVerdict(True, "dry run: nothing sent", md)
+    if not last.get("whole_day", True):
+        return DayVerdict(True, "the last redrive sent part of the day (mode, type or limit): not applicable", md)
+    right = last["published"] + last["skipped_already_delivered"] + md["dropped"] + s["transformation_errors"] + last["failed"]
+    problems = []
+    if s["found"] != right:
+        problems.append(f"found {s['found']} but published {last['published']} + already delivered {last['skipped_already_delivered']} + "
+                        f"dropped {md['dropped']} + transformation errors {s['transformation_errors']} + publish failures {last['failed']} = {right}")
+    if last["selected"] != s["parsed"]:
+        problems.append(f"redrive selected {last['selected']} events, parsed_events holds {s['parsed']}")
+    if last["failed"]:
+        problems.append(f"{last['failed']} publish failures")
+    md["difference"] = s["found"] - right
+    return DayVerdict(not problems, "; ".join(problems) or f"{s['found']} rows found, all accounted for", md)
+
+
 def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     parts = daily_partitions(spec)
     parsed, projections = asset_key(spec, PARSED), asset_key(spec, PROJECTIONS)
@@ -130,7 +157,17 @@ def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     def totals_match_parsed(context: dg.AssetCheckExecutionContext, lake: LakeResource, store: StoreResource):
         return check_each_day(context, projections, "totals_match_parsed", lambda d: projection_totals(lake.get(), store.get(), spec, d))
 
-    return [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, build_deliveries_check(spec)]
+    checks = [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, build_deliveries_check(spec)]
+    if spec.from_table:
+        redrive = asset_key(spec, REDRIVE)
+
+        @dg.asset_check(asset=redrive, name="found_accounted_for", partitions_def=parts, blocking=True,
+                        description="found = published + already delivered + dropped (by rule) + transformation errors + publish failures, no publish failure.")
+        def found_accounted_for_check(context: dg.AssetCheckExecutionContext, lake: LakeResource):
+            return check_each_day(context, redrive, "found_accounted_for", lambda d: found_accounted_for(lake.get(), spec, d))
+
+        checks.append(found_accounted_for_check)
+    return checks
 
 
 def build_deliveries_check(spec) -> dg.AssetChecksDefinition:

@@ -33,8 +33,10 @@ def build_pipeline(spec: PipelineSpec) -> PipelineDefs:
         name=f"{spec.name}_replay",
         selection=dg.AssetSelection.groups(spec.name),
         description=(
-            f"Replay {spec.name}: list raw files, parse and swap in each day, fold projections, redrive, "
-            "and verify every day with blocking checks."
+            f"Replay {spec.name}: "
+            + ("select the day's table rows, read them by keyset and map them, swap in each day, redrive, "
+               if spec.from_table else "list raw files, parse and swap in each day, fold projections, redrive, ")
+            + "and verify every day with blocking checks."
         ),
     )
     return PipelineDefs(assets, checks, job)

@@ -130,9 +130,29 @@ def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, d
     }
     if config.dry_run:
         md["would_publish"] = would_publish
+    whole_day = config.mode == "day" and config.type is None and config.limit is None
+    if spec.from_table:
+        md.update(source_summary(the_lake, spec, day, counts))
     context.add_asset_metadata(md, partition_key=day)
     if counts.failed:
         path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
         context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}")
     summary = dict(counts.__dict__)
-    the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, **summary})
+    the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, "whole_day": whole_day, **summary})
+
+
+def source_summary(the_lake, spec: PipelineSpec, day: str, counts: rd.RedriveCounts) -> dict:
+    """Seed 002's figures for a table source's day: rows found, published, dropped by validation
+    rule, transformation errors, publish failures, and the share of found rows the sink has."""
+    stats = the_lake.state(owner(spec, PARSED), day).stats
+    found = stats["found"]
+    delivered = counts.published + counts.skipped_already_delivered
+    return {
+        "found": found,
+        "dropped": stats["dropped"] + counts.dropped,
+        **{f"dropped_{r}": n for r, n in stats["dropped_by_reason"].items()},
+        "transformation_errors": stats["transformation_errors"],
+        **{f"transformation_error_{r}": n for r, n in stats["transformation_errors_by_reason"].items()},
+        "publish_failures": counts.failed,
+        "success_rate_percent": round(100 * delivered / found, 2) if found else 100.0,
+    }

@@ -287,6 +287,59 @@ def cmd_refill(args) -> None:
         sys.exit(1)
 
 
+def _moment(value: str, end: bool = False):
+    """RFC 3339 (a zone is required), or a bare date: its start, or for an end the next midnight."""
+    from datetime import datetime, timezone
+
+    if len(value) == 10:
+        d = date.fromisoformat(value) + timedelta(days=1 if end else 0)
+        return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+    dt = datetime.fromisoformat(value)
+    if dt.tzinfo is None:
+        raise SystemExit(f"{value!r}: give a time zone, e.g. {value}Z")
+    return dt.astimezone(timezone.utc)
+
+
+def reprocess_plan(spec, start: str, end: str | None, filters: dict, batch_size: int, dry_run: bool, force: bool) -> tuple[list[str], dict]:
+    """Seed 002's reprocess request as a partition range and the job's run config: the filters and
+    the window go to raw_events (its manifest is the selection), the batch size to the keyset read
+    and the redrive, dry_run / force to the redrive."""
+    from datetime import datetime, timezone
+
+    lo = _moment(start)
+    hi = _moment(end, end=True) if end else datetime.now(timezone.utc)
+    if hi <= lo:
+        raise SystemExit(f"end {hi.isoformat()} is not after start {lo.isoformat()}")
+    days = _days(lo.date().isoformat(), (hi - timedelta(microseconds=1)).date().isoformat())
+    op = spec.name + "__"
+    selection = {**{k: v for k, v in filters.items() if v}, "start": lo.isoformat(), "end": hi.isoformat()}
+    config = {"ops": {
+        op + "raw_events": {"config": selection},
+        op + "parsed_events": {"config": {"batch_size": batch_size}},
+        op + "redrive": {"config": {"dry_run": dry_run, "force": force, "batch_size": batch_size}},
+    }}
+    return days, config
+
+
+def cmd_billing_reprocess(args) -> None:
+    """POST /events/raw/reprocess of seed 002, as a run of the billing_reprocessing job."""
+    import json
+
+    ensure_dagster_home()
+    spec = _spec("billing_reprocessing")
+    filters = {"tenant": args.tenant, "environment": args.environment, "customer": args.customer, "event_name": args.event_name}
+    days, config = reprocess_plan(spec, args.start, args.end, filters, args.batch_size, args.dry_run, args.force)
+    result = run_job(spec.name, days[0], days[-1], config)
+    totals = dict.fromkeys(("found", "published", "skipped_already_delivered", "dropped", "transformation_errors", "publish_failures"), 0)
+    for mat in result.asset_materializations_for_node(f"{spec.name}__redrive"):
+        for k in totals:
+            totals[k] += mat.metadata[k].value if k in mat.metadata else 0
+    print(json.dumps({"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", "job": f"{spec.name}_replay",
+                      "partitions": [days[0], days[-1]], "dry_run": args.dry_run, **totals}))
+    if not result.success:
+        sys.exit(1)
+
+
 # ---- processed-events replays (seed 003) -------------------------------------------------------
 
 PROCESSED_EVENTS_JOBS = {
@@ -355,6 +408,101 @@ def cmd_processed_events(args) -> None:
         sys.exit(1)
 
 
+def cmd_billing_generate(args) -> None:
+    """Demo rows in the configured ClickHouse (chDB at EVENT_REPLAY_CHDB by default)."""
+    from replay_defs.clickhouse import ClickHouse
+    from replay_defs.definitions import defs
+    from replay_defs.demo import generate_billing
+
+    res = defs.resources["clickhouse"]
+    with ClickHouse(_resolve(res.url), _resolve(res.data_path), _resolve(res.database)) as ch:
+        for day in _days(args.start, (date.fromisoformat(args.start) + timedelta(days=args.days - 1)).isoformat()):
+            stored = generate_billing(ch, day, args.rows_per_day)
+            print(f"{day}: {stored:,} rows into raw_events ({ch.where}, database {ch.database})")
+
+
+# ---- projection replay (seed 001) ---------------------------------------------------------------
+
+
+def _projection_env(args) -> None:
+    """Connection flags win over the environment (as in the seed's CLI); set before defs load."""
+    for flag, env in (("clickhouse_url", "CLICKHOUSE_URL"), ("redis_url", "EVENT_REPLAY_REDIS_URL"), ("postgres_url", "EVENT_REPLAY_POSTGRES_URL")):
+        if getattr(args, flag, None):
+            os.environ[env] = getattr(args, flag)
+
+
+def cmd_projections_list(args) -> None:
+    import json
+
+    from replay_defs.projection_replay import PROJECTIONS
+
+    if args.json:
+        print(json.dumps([p.summary() for p in PROJECTIONS.values()], indent=2))
+        return
+    print(f"{'projection':28} {'store':11} {'kind':10} {'scope':10} key")
+    for p in PROJECTIONS.values():
+        print(f"{p.name:28} {p.store:11} {p.kind:10} {p.scope:10} {', '.join(c for c, _ in p.key_columns)}")
+        print(f"{'':28} {p.description}")
+
+
+def cmd_projections_replay(args) -> None:
+    """Replay a projection for a tenant since a day: a run of the projection_replay job over the
+    partition range [since, until] on the local instance."""
+    import json
+    from datetime import datetime, timezone
+
+    _projection_env(args)
+    ensure_dagster_home()
+    import dagster as dg
+
+    from assets.projection_replay import projection_key
+    from replay_defs.definitions import build_definitions
+    from replay_defs.projection_replay import get_projection
+
+    defs = build_definitions()  # built now: the connection flags above are in the environment
+
+    try:
+        p = get_projection(args.projection)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    until = args.until or datetime.now(timezone.utc).date().isoformat()
+    days = _days(args.since, until)
+    config = {"tenant": args.tenant_id, "dry_run": args.dry_run, "batch_size": args.batch_size,
+              "aggregate_batch": args.aggregate_batch, "concurrency": args.concurrency}
+    job = defs.resolve_job_def("projection_replay")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        tags={RANGE_START: days[0], RANGE_END: days[-1], "event_replay/tenant": args.tenant_id},
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                    "ops": {f"projection_replay__{p.name}": {"config": config}}},
+        asset_selection=[projection_key(p)],
+        raise_on_error=False,
+    )
+    mats = result.asset_materializations_for_node(f"projection_replay__{p.name}")
+    per_day = {m.partition: {k: v.value for k, v in m.metadata.items()} for m in mats if m.partition}
+    checks = [e for e in result.get_asset_check_evaluations()]
+    out = {"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", "projection": p.name, "tenant": args.tenant_id,
+           "since": days[0], "until": days[-1], "dry_run": args.dry_run,
+           "check_passed": all(e.passed for e in checks) if checks else None}
+    for k in ("aggregates", "events", "keys_written", "skipped_aggregates"):
+        out[k] = sum(int(d.get(k, 0) or 0) for d in per_day.values())
+    errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure and e.step_failure_data.error]
+    if errors:  # the last line of the cause: e.g. ReplayBusy, a ClickHouse error (passwords masked)
+        err = errors[0].cause or errors[0]
+        out["error"] = err.message.strip().splitlines()[-1][:500]
+    if not args.quiet:
+        for day in sorted(per_day):
+            d = per_day[day]
+            extra = (f"would fold {d.get('dry_run_events_to_fold', 0):,} events of {d.get('dry_run_aggregates', 0):,} aggregates"
+                     if args.dry_run else f"{d.get('aggregates', 0):,} aggregates, {d.get('events', 0):,} events, "
+                     f"{d.get('keys_written', 0):,} keys, cutoff {d.get('cutoff') or '-'}, "
+                     f"{'verified' if d.get('verified') else 'MISMATCH'}{', resumed' if d.get('resumed') else ''}")
+            print(f"{day}  {extra}", file=sys.stderr)
+    print(json.dumps(out))
+    if not result.success:
+        sys.exit(1)
+
+
 def add_processed_events_parser(sub) -> None:
     pe = sub.add_parser(
         "processed-events",
@@ -407,6 +555,105 @@ def add_processed_events_parser(sub) -> None:
                           "from its snapshot (messages already consumed cannot be recalled). The undo is itself snapshotted.")
     p.add_argument("replay_run_id", help="the run id of the replay (printed by the replay, in its audit row and in the UI)")
     common(p, publishing=False)
+
+
+def cmd_projections_cleanup(args) -> None:
+    """Remove markers of crashed replays (a run of projection_replay_cleanup_markers)."""
+    import json
+
+    _projection_env(args)
+    ensure_dagster_home()
+    import dagster as dg
+
+    from replay_defs.definitions import build_definitions
+    from replay_defs.projection_replay import get_projection
+
+    defs = build_definitions()
+    try:
+        get_projection(args.projection)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    job = defs.resolve_job_def("projection_replay_cleanup_markers")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                    "ops": {"cleanup_projection_markers": {"config": {"projection": args.projection, "tenant": args.tenant_id or "",
+                                                                        "older_than_minutes": args.older_than_minutes}}}},
+        raise_on_error=False,
+    )
+    out = result.output_for_node("cleanup_projection_markers") if result.success else {}
+    print(json.dumps({"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", **out}))
+    if not result.success:
+        sys.exit(1)
+
+
+def cmd_projections_generate(args) -> None:
+    """Demo data: an event_log in the configured ClickHouse (chDB by default)."""
+    _projection_env(args)
+    from replay_defs.definitions import build_definitions
+    from replay_defs.projection_replay import generate_event_log
+
+    res = build_definitions().resources["clickhouse"]
+    t0 = time.time()
+    with _resolved_clickhouse(res) as ch:
+        generate_event_log(ch, args.tenant_id, args.events, args.per_aggregate, args.start, args.days)
+    print(f"wrote {args.events:,} events ({args.tenant_id}, {args.days} days from {args.start}) to event_log at {ch.where} "
+          f"in {time.time() - t0:.1f}s")
+
+
+def _resolved_clickhouse(res):
+    from replay_defs.clickhouse import connect
+
+    return connect(_resolve(res.url), _resolve(res.data_path), _resolve(res.database))
+
+
+def _add_projection_commands(sub) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--clickhouse-url", help="ClickHouse server (falls back to CLICKHOUSE_URL; unset: chDB in EVENT_REPLAY_CHDB)")
+    conn.add_argument("--redis-url", help="Redis for the markers (falls back to EVENT_REPLAY_REDIS_URL)")
+    conn.add_argument("--postgres-url", help="PostgreSQL of the increment stores (falls back to EVENT_REPLAY_POSTGRES_URL)")
+    pr = sub.add_parser(
+        "projections", help="projection replay (seed 001): list, replay, cleanup-markers, generate",
+        description="Replay fold projections from ClickHouse event_log for a tenant since a day, coordinated with live "
+        "consumers through Redis markers (see README, 'Projection replay').",
+    ).add_subparsers(dest="projections_cmd", required=True)
+    ls = pr.add_parser("list", help="the registered projections, their stores and keys")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    ls.set_defaults(fn=cmd_projections_list)
+    rp = pr.add_parser(
+        "replay", parents=[conn], help="replay a projection for a tenant since a day (a run over the day partitions)",
+        description="Runs the projection_replay job on the local Dagster instance ($DAGSTER_HOME) over the days "
+        "[--since, --until]: per day mark, drain, cutoff, fold in batches, verify, unmark. An interrupted replay "
+        "resumes when run again. Prints one line per day on stderr and a JSON summary on stdout; exits 1 if a day "
+        "does not match the from-scratch fold.",
+    )
+    rp.add_argument("--projection", required=True, help="projection name (see `projections list`)")
+    rp.add_argument("--tenant-id", "--tenant", dest="tenant_id", required=True, help="tenant whose events are replayed")
+    rp.add_argument("--since", required=True, help="first day, YYYY-MM-DD (UTC day of event time)")
+    rp.add_argument("--until", help="last day, YYYY-MM-DD (default: today, UTC)")
+    rp.add_argument("--batch-size", type=int, default=5000, help="events per ClickHouse page (default 5000)")
+    rp.add_argument("--aggregate-batch", type=int, default=1000, help="aggregates per batch; each key written once per batch (default 1000)")
+    rp.add_argument("--concurrency", type=int, default=4, help="aggregate streams folded in parallel (default 4)")
+    rp.add_argument("--dry-run", action="store_true", help="count aggregates and events per day; write nothing, set no marker")
+    rp.add_argument("--quiet", action="store_true", help="only the JSON summary")
+    rp.set_defaults(fn=cmd_projections_replay)
+    cl = pr.add_parser(
+        "cleanup-markers", parents=[conn], help="remove markers left by a crashed replay; release deferred live events",
+        description="For replays that crashed and will not be resumed: removes their Redis markers (live consumers "
+        "then resume the deferred events) and marks their progress abandoned, so the next replay of those days starts "
+        "afresh. To resume instead, just run the same replay again.",
+    )
+    cl.add_argument("--projection", required=True)
+    cl.add_argument("--tenant-id", "--tenant", dest="tenant_id", help="only this tenant's replays")
+    cl.add_argument("--older-than-minutes", type=float, default=0.0, help="only replays started longer ago (default 0: all)")
+    cl.set_defaults(fn=cmd_projections_cleanup)
+    gn = pr.add_parser("generate", parents=[conn], help="write demo events into event_log (to try a replay)")
+    gn.add_argument("--tenant-id", "--tenant", dest="tenant_id", default="project_demo")
+    gn.add_argument("--events", type=int, default=100_000)
+    gn.add_argument("--per-aggregate", type=int, default=25, help="events per aggregate (default 25)")
+    gn.add_argument("--start", default="2025-06-01", help="first day (default 2025-06-01)")
+    gn.add_argument("--days", type=int, default=3)
+    gn.set_defaults(fn=cmd_projections_generate)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -467,6 +714,25 @@ def main(argv: list[str] | None = None) -> None:
     f.set_defaults(fn=cmd_refill)
 
     add_processed_events_parser(sub)
+    b = sub.add_parser("billing", help="billing reprocessing (seed 002)").add_subparsers(dest="billing_cmd", required=True)
+    rp = b.add_parser("reprocess", help="reprocess raw_events from ClickHouse to Kafka (POST /events/raw/reprocess); prints the run id and totals as JSON")
+    rp.add_argument("--start", required=True, help="RFC 3339 (2024-01-01T00:00:00Z) or a date")
+    rp.add_argument("--end", help="RFC 3339, exclusive, or a date (inclusive); default now")
+    rp.add_argument("--tenant", required=True)
+    rp.add_argument("--environment", required=True)
+    rp.add_argument("--customer", help="external customer id")
+    rp.add_argument("--event-name")
+    rp.add_argument("--batch-size", type=int, default=10_000, help="rows per keyset page and per delivery (default 10,000)")
+    rp.add_argument("--dry-run", action="store_true", help="read, transform and count; publish nothing")
+    rp.add_argument("--force", action="store_true", help="publish again what the ledger says Kafka already has")
+    rp.set_defaults(fn=cmd_billing_reprocess)
+    bg = b.add_parser("generate", help="create raw_events and fill it with demo rows (tenant acme, environment prod)")
+    bg.add_argument("--start", default="2024-03-04", help="first day, YYYY-MM-DD")
+    bg.add_argument("--days", type=int, default=1)
+    bg.add_argument("--rows-per-day", type=int, default=100_000)
+    bg.set_defaults(fn=cmd_billing_generate)
+
+    _add_projection_commands(sub)
 
     args = ap.parse_args(argv)
     args.fn(args)

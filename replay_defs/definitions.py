@@ -8,7 +8,12 @@ EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLA
 EVENT_REPLAY_LEDGER_URL (a Postgres redrive ledger instead of the DuckDB one),
 EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows and the processed_events table the
 processed-events jobs in `jobs/` replay to EVENT_REPLAY_RABBITMQ_URL), EVENT_REPLAY_S3_ENDPOINT
-with AWS_REGION and the usual AWS credentials (refill sources in S3).
+with AWS_REGION and the usual AWS credentials (refill sources in S3), CLICKHOUSE_URL (a ClickHouse
+server for table sources; unset: chDB in-process with its data in EVENT_REPLAY_CHDB, default
+data/chdb), CLICKHOUSE_DATABASE (default `default`); projection replays also read
+EVENT_REPLAY_REDIS_URL (markers), EVENT_REPLAY_POSTGRES_URL (increment stores),
+EVENT_REPLAY_PROJECTION_PREFIX, EVENT_REPLAY_PROJECTION_LOG_DIR and EVENT_REPLAY_PROJECTION_START
+(first partition).
 """
 
 import os
@@ -18,16 +23,19 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from assets import build_pipeline, build_refill
+from assets.projection_replay import build_projection_replay
 from jobs import JOBS as OPERATION_JOBS
 from sensors import build_dead_letter_sensor
 from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
 from replay_defs.pipelines import PIPELINES, REFILLS
 from resources import (
+    ClickHouseResource,
     KafkaResource,
     LakeResource,
     LedgerResource,
     OutboxResource,
     PostgresResource,
+    ProjectionReplayResource,
     RabbitMQResource,
     RedisResource,
     SqsResource,
@@ -59,6 +67,21 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
         "s3": S3Resource(endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")),
     }
+    # Projection replays (assets/projection_replay.py) read ClickHouse event_log, so it is always there.
+    projection_assets, projection_jobs = build_projection_replay()
+    assets += projection_assets
+    jobs += projection_jobs
+    resources["projection_replay"] = ProjectionReplayResource(
+        redis_url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        postgres_url=_setting("EVENT_REPLAY_POSTGRES_URL", ""),
+        redis_prefix=_setting("EVENT_REPLAY_PROJECTION_PREFIX", "er:proj"),
+        log_dir=_setting("EVENT_REPLAY_PROJECTION_LOG_DIR", "data/projection_replay"),
+    )
+    resources["clickhouse"] = ClickHouseResource(
+        url=_setting("CLICKHOUSE_URL", ""),
+        data_path=_setting("EVENT_REPLAY_CHDB", "data/chdb"),
+        database=_setting("CLICKHOUSE_DATABASE", "default"),
+    )
     if "kafka" in needed:
         timeout = "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS"
         resources["kafka"] = KafkaResource(

@@ -1,14 +1,18 @@
 """The pipelines this code location serves, each declared as a spec."""
 
 from replay_defs.spec import (
+    ClickHouseSource,
     EventSchema,
     Field,
     JsonlSource,
+    KafkaSink,
+    Mapping,
     PipelineSpec,
     Projection,
     RedisSink,
     Redrive,
     RefillSpec,
+    Rule,
 )
 
 # Seed 004: raw JSONL.gz telemetry by arrival hour -> Parquet by type -> redrive per raw file.
@@ -48,7 +52,90 @@ TELEMETRY = PipelineSpec(
     redrive=Redrive(unit="raw_file"),
 )
 
-PIPELINES = (TELEMETRY,)
+# Seed 002: ClickHouse raw_events (ReplacingMergeTree) -> the Bento mapping with its named
+# validation rules -> Kafka, filtered by tenant / environment / customer / event name / time.
+BILLING = PipelineSpec(
+    name="billing_reprocessing",
+    description="Billing raw events reprocessing (seed 002): ClickHouse raw_events -> mapping + validation rules -> Kafka.",
+    start_date="2024-01-01",
+    source=ClickHouseSource(
+        table="raw_events",
+        order_by=("tenant_id", "environment_id", "external_customer_id", "timestamp", "event_name", "id"),
+        time_column="timestamp",
+        id_column="id",
+        payload_column="payload",
+        filters={"tenant": "tenant_id", "environment": "environment_id", "customer": "external_customer_id", "event_name": "event_name"},
+    ),
+    schema=EventSchema(
+        fields=(
+            Field("event_id", "string"),
+            Field("event_name", "string"),
+            Field("tenant_id", "string"),
+            Field("environment_id", "string"),
+            Field("external_customer_id", "string"),
+            Field("timestamp", "timestamp"),
+            Field("source", "string"),
+            Field("properties", "json"),
+        ),
+        id_field="event_id",
+        time_field="timestamp",
+        type_field="event_name",
+    ),
+    mapping=Mapping(
+        rules=(
+            Rule("missing_orgId", ("payload.orgId",)),
+            Rule("missing_methodName", ("payload.methodName",)),
+            Rule("missing_providerName_or_serviceName", ("payload.providerName", "payload.serviceName"), need="any"),
+            Rule("missing_data_modelName", ("payload.data.modelName",)),
+            Rule("missing_id_or_createdAt", ("payload.id", "payload.createdAt")),
+        ),
+        fields={
+            "event_id": ("id",),
+            "event_name": ("event_name",),
+            "tenant_id": ("tenant_id",),
+            "environment_id": ("environment_id",),
+            "external_customer_id": ("external_customer_id",),
+            "timestamp": ("timestamp",),
+        },
+        objects={
+            "properties": {
+                "request_id": ("payload.id",),
+                "org_id": ("payload.orgId",),
+                "method": ("payload.methodName",),
+                "provider": ("payload.providerName", "payload.serviceName"),
+                "model": ("payload.data.modelName",),
+                "input_tokens": ("payload.data.usage.inputTokens",),
+                "output_tokens": ("payload.data.usage.outputTokens",),
+                "created_at": ("payload.createdAt",),
+            }
+        },
+        constants={"source": "raw_events_reprocessing"},
+    ),
+    parsed_prefix="billing_events",
+    # One message per event on prod_events_v4, keyed by customer: a customer's events stay in order.
+    redrive=Redrive(unit="event", sink=KafkaSink("prod_events_v4"), key_field="external_customer_id"),
+)
+
+# The source table as the seed declares it (tests and the benchmark create it in chDB).
+BILLING_RAW_EVENTS_DDL = """
+CREATE TABLE IF NOT EXISTS raw_events (
+    id String,
+    tenant_id String,
+    environment_id String,
+    external_customer_id String,
+    event_name String,
+    source String DEFAULT '',
+    payload String,
+    timestamp DateTime64(3, 'UTC'),
+    ingested_at DateTime64(3, 'UTC') DEFAULT now64(3),
+    version UInt64
+) ENGINE = ReplacingMergeTree(version)
+PARTITION BY toDate(timestamp)
+PRIMARY KEY (tenant_id, environment_id, external_customer_id, timestamp)
+ORDER BY (tenant_id, environment_id, external_customer_id, timestamp, event_name, id)
+"""
+
+PIPELINES = (TELEMETRY, BILLING)
 
 # Seed 000: keys of one-object-per-event uploads, from S3 access logs -> BullMQ ingestion jobs,
 # in the queue and job shape Langfuse's ingestion workers consume.

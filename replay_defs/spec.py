@@ -69,6 +69,81 @@ class JsonlSource:
 
 
 @dataclass(frozen=True)
+class ClickHouseSource:
+    """Rows of a ClickHouse table (resource `clickhouse`), one partition per UTC day of
+    `time_column`. A day is read by keyset pagination on `order_by` (the table's ORDER BY tuple:
+    `WHERE (k1, ..., kn) > (last row's keys) ORDER BY k1, ..., kn LIMIT batch`, never OFFSET), with
+    FINAL so a ReplacingMergeTree yields the latest version of each row only.
+
+    `filters`: the run-config filter names a replay may set, each an equality on a column
+    (e.g. {"tenant": "tenant_id"}); a time window narrows the day further.
+    """
+
+    table: str
+    order_by: tuple[str, ...]
+    time_column: str
+    id_column: str
+    payload_column: str
+    filters: dict[str, str] = field(default_factory=dict)
+    final: bool = True
+    kind: Literal["clickhouse"] = "clickhouse"
+
+    def __post_init__(self) -> None:
+        for name in (self.table, *self.order_by, self.time_column, self.id_column, self.payload_column, *self.filters, *self.filters.values()):
+            if not SAFE_NAME.fullmatch(name):
+                raise ValueError(f"ClickHouse source: {name!r} is not a safe identifier")
+        for role, name in (("time_column", self.time_column), ("id_column", self.id_column)):
+            if name not in self.order_by:
+                raise ValueError(f"{role} {name!r} must be part of order_by")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """What a read selects: the key columns, then the payload."""
+        return (*self.order_by, *((self.payload_column,) if self.payload_column not in self.order_by else ()))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named validation rule of a `Mapping`: a row is dropped with reason `name` unless its
+    `paths` hold a value (`need="all"`: every one of them; `"any"`: at least one)."""
+
+    name: str
+    paths: tuple[str, ...]
+    need: Literal["all", "any"] = "all"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,62}", self.name):
+            raise ValueError(f"rule name {self.name!r} must be an identifier (it names a drop reason)")
+        if self.need not in ("all", "any") or not self.paths:
+            raise ValueError(f"rule {self.name!r}: need 'all' or 'any' of at least one path")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A declarative transform of a source row into an event of the pipeline's schema.
+
+    A path is a source column (`event_name`) or a place inside the JSON payload column
+    (`payload.data.modelName`). `fields`: schema field -> paths, the first that holds a value
+    wins; `objects`: a `json` schema field built as an object of key -> paths (keys without a value
+    are left out); `constants`: schema field -> fixed value. `rules` run first, in order: the first
+    that fails drops the row with its name as the reason.
+    """
+
+    fields: dict[str, tuple[str, ...]]
+    rules: tuple[Rule, ...] = ()
+    objects: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    constants: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+        for target in (*self.fields, *self.objects, *self.constants):
+            if not SAFE_NAME.fullmatch(target):
+                raise ValueError(f"mapping target {target!r} is not a safe identifier")
+
+
+@dataclass(frozen=True)
 class Lateness:
     """How far an event's arrival may be from its event-time day.
 
@@ -301,7 +376,7 @@ class RefillSpec:
 class PipelineSpec:
     name: str
     start_date: str
-    source: JsonlSource
+    source: JsonlSource | ClickHouseSource
     schema: EventSchema
     # Lake prefix of the parsed Parquet: `<parsed_prefix>/type=<t>/day=<d>/`.
     parsed_prefix: str
@@ -309,7 +384,13 @@ class PipelineSpec:
     redrive: Redrive = Redrive()
     lateness: Lateness = Lateness()
     dead_letters: tuple[DeadLetters, ...] = ()
+    # How a table source's rows become events (ClickHouse sources only).
+    mapping: Mapping | None = None
     description: str = ""
+
+    @property
+    def from_table(self) -> bool:
+        return isinstance(self.source, ClickHouseSource)
 
     def __post_init__(self) -> None:
         if not SAFE_NAME.fullmatch(self.name):
@@ -324,3 +405,14 @@ class PipelineSpec:
                 raise ValueError(f"projection {p.name!r} uses unknown fields {sorted(missing)}")
         if self.redrive.key_field is not None and self.redrive.key_field not in fields:
             raise ValueError(f"redrive key_field {self.redrive.key_field!r} is not a field of the schema")
+        if self.from_table:
+            if self.mapping is None:
+                raise ValueError("a ClickHouse source needs a mapping")
+            targets = set(self.mapping.fields) | set(self.mapping.objects) | set(self.mapping.constants)
+            if targets - fields:
+                raise ValueError(f"mapping targets unknown fields {sorted(targets - fields)}")
+            unmapped = {f.name for f in self.schema.fields if f.required} - targets
+            if unmapped:
+                raise ValueError(f"mapping leaves required fields {sorted(unmapped)} without a source")
+            if self.projections:
+                raise ValueError("projections of table sources are not supported yet")

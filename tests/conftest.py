@@ -72,6 +72,38 @@ def postgres_dsn():
         yield dsn
 
 
+@pytest.fixture(scope="session")
+def chdb_path(tmp_path_factory) -> str:
+    """chDB admits one data directory per process: every test of the session shares this one,
+    each in a database of its own."""
+    return str(tmp_path_factory.mktemp("chdb") / "data")
+
+
+@pytest.fixture(scope="session")
+def clickhouse_http(chdb_path):
+    """ClickHouse's HTTP interface served from the session's chDB (tests/clickhouse_http.py),
+    with a password, for the clickhouse-connect path."""
+    from clickhouse_http import ChdbHttpServer
+
+    server = ChdbHttpServer(chdb_path, user="replay", password="ch-secret-pw").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ch_database(request, chdb_path) -> str:
+    """A fresh database for one test, named after it."""
+    import re
+
+    from replay_defs.clickhouse import ClickHouse, quote_ident
+
+    name = "t_" + re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:50]
+    with ClickHouse(data_path=chdb_path) as ch:
+        ch.command(f"DROP DATABASE IF EXISTS {quote_ident(name)}")
+        ch.command(f"CREATE DATABASE {quote_ident(name)}")
+    return name
+
+
 def run_range(defs, instance, start, end, run_config=None, selection=None):
     """Materialize the telemetry replay job for a day range in one run (as the CLI range does)."""
     job = defs.resolve_job_def("telemetry_replay")

@@ -1,0 +1,456 @@
+"""Table sources (seed 002): a day of a ClickHouse table, read by keyset pagination, turned into
+events by the spec's declarative `Mapping`.
+
+- `Selection`: which rows of a day (equality filters named by the source, a time window).
+- `KeysetReader`: `count()` the selected rows, and `batches()` of at most `batch_size` rows in
+  ORDER BY order: `WHERE (k1, ..., kn) > (last keys) ORDER BY k1, ..., kn LIMIT n` with FINAL
+  (the tuple comparison spelled out so the primary key prunes what earlier pages read), so
+  memory is bounded by the batch, each query starts where the last ended (never OFFSET), rows with
+  equal timestamps are told apart by the rest of the key, and a ReplacingMergeTree yields only the
+  latest version of a row.
+- `Transformer`: a batch of rows -> events of the schema, rows dropped by a named rule, and rows
+  that could not be transformed (malformed payload, wrong types), each with its reason.
+- `parse_table_day`: the whole day, written as the parsed Parquet by type plus a quarantine file.
+
+Every value reaches SQL as a `{name:Type}` parameter; identifiers come from the validated spec.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from replay_defs.clickhouse import ClickHouse, quote_ident
+from replay_defs.parsing import QUARANTINE_SCHEMA, event_arrow_schema
+from replay_defs.redrive import read_ahead
+from replay_defs.spec import SAFE_TYPE_VALUE, ClickHouseSource, PipelineSpec
+
+# Reasons a row could not be transformed (the mapping's rules name the drops).
+ERROR_REASONS = ("malformed_json", "not_an_object", "wrong_type", "missing_field", "unsafe_type")
+
+
+def _utc(value: str | datetime | None) -> datetime | None:
+    if value is None or value == "":
+        return None
+    dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    if dt.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone: give one (e.g. 2024-01-01T00:00:00Z)")
+    return dt.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows of a day are read: `filters` (filter name -> value, only those set) and the
+    window [start, end) within the day."""
+
+    filters: dict[str, str] = field(default_factory=dict)
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @staticmethod
+    def of(source: ClickHouseSource, filters: dict[str, str | None], start=None, end=None) -> "Selection":
+        unknown = set(filters) - set(source.filters)
+        if unknown:
+            raise ValueError(f"unknown filters {sorted(unknown)}; this source has {sorted(source.filters)}")
+        sel = Selection({k: v for k, v in filters.items() if v is not None and v != ""}, _utc(start), _utc(end))
+        if sel.start and sel.end and sel.end <= sel.start:
+            raise ValueError(f"end {sel.end.isoformat()} is not after start {sel.start.isoformat()}")
+        return sel
+
+    def window(self, day: str) -> tuple[datetime, datetime]:
+        d = date.fromisoformat(day)
+        lo = datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+        hi = lo + timedelta(days=1)
+        return max(lo, self.start or lo), min(hi, self.end or hi)
+
+    def to_json(self) -> dict:
+        return {"filters": dict(sorted(self.filters.items())), "start": self.start.isoformat() if self.start else None,
+                "end": self.end.isoformat() if self.end else None}
+
+    @staticmethod
+    def from_json(d: dict) -> "Selection":
+        return Selection(dict(d["filters"]), _utc(d["start"]), _utc(d["end"]))
+
+
+class KeysetReader:
+    def __init__(self, ch: ClickHouse, source: ClickHouseSource, day: str, selection: Selection, batch_size: int = 10_000):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.ch, self.source, self.day, self.selection, self.batch_size = ch, source, day, selection, batch_size
+        rows = ch.rows(
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = {table:String}",
+            {"table": source.table},
+        )
+        self.types = dict(rows)
+        missing = [c for c in source.columns if c not in self.types]
+        if missing:
+            raise ValueError(f"table {source.table!r} ({ch.where}, database {ch.database}) lacks columns {missing}")
+        self.queries = self.pages = 0
+
+    def _where(self) -> tuple[list[str], dict]:
+        s, sel = self.source, self.selection
+        lo, hi = sel.window(self.day)
+        t = self.types[s.time_column]
+        conds = [f"{quote_ident(s.time_column)} >= {{lo:{t}}}", f"{quote_ident(s.time_column)} < {{hi:{t}}}"]
+        params: dict = {"lo": lo, "hi": hi}
+        for name, value in sorted(sel.filters.items()):
+            col = s.filters[name]
+            conds.append(f"{quote_ident(col)} = {{f_{name}:{self.types[col]}}}")
+            params[f"f_{name}"] = value
+        return conds, params
+
+    def _beyond(self, i: int, prefix: str, op: str) -> str:
+        """`(k_i, ..., k_n) op (prefix_i, ..., prefix_n)` for op `>` or `<=`, spelled out as
+        `k_i > x OR (k_i = x AND ...)`: the same lexicographic order, in a form ClickHouse's
+        primary-key analysis uses to skip granules outside the page (with the tuple form every
+        page scans the whole day)."""
+        k, value = quote_ident(self.source.order_by[i]), f"{{{prefix}{i}:{self.types[self.source.order_by[i]]}}}"
+        if i == len(self.source.order_by) - 1:
+            return f"{k} {op} {value}"
+        strict = ">" if op == ">" else "<"
+        return f"({k} {strict} {value} OR ({k} = {value} AND {self._beyond(i + 1, prefix, op)}))"
+
+    def _from(self) -> str:
+        return quote_ident(self.source.table) + (" FINAL" if self.source.final else "")
+
+    def count(self) -> int:
+        """The selected rows, counted by the engine (independently of the reader)."""
+        lo, hi = self.selection.window(self.day)
+        if hi <= lo:
+            return 0
+        conds, params = self._where()
+        return int(self.ch.rows(f"SELECT count() FROM {self._from()} WHERE {' AND '.join(conds)}", params)[0][0])
+
+    def batches(self) -> Iterator[pa.Table]:
+        """Pages of at most `batch_size` rows, in key order.
+
+        With FINAL, each page is two queries: the page's last key U, from the next `batch_size`
+        stored rows after the previous page (without FINAL: a cheap key-only read in order), then
+        the rows with last < key <= U with FINAL, so the engine merges the versions of that range
+        only. Versions of one key collapse, so a page holds at most `batch_size` rows; the next
+        page starts after U. Without FINAL, a page is `key > last ORDER BY key LIMIT batch_size`."""
+        lo, hi = self.selection.window(self.day)
+        if hi <= lo:
+            return
+        keys = self.source.order_by
+        conds, params = self._where()
+        key_list = ", ".join(quote_ident(k) for k in keys)
+        select = ", ".join(quote_ident(c) for c in self.source.columns)
+        table = quote_ident(self.source.table)
+        params["limit"] = self.batch_size
+        last = None
+        while True:
+            where = " AND ".join(conds + ([self._beyond(0, "k", ">")] if last is not None else []))
+            bound = {f"k{i}": v for i, v in enumerate(last or ())}
+            if self.source.final:
+                upper = self.ch.query(
+                    f"SELECT {key_list} FROM (SELECT {key_list} FROM {table} WHERE {where} ORDER BY {key_list} LIMIT {{limit:UInt64}}) "
+                    f"ORDER BY {', '.join(quote_ident(k) + ' DESC' for k in keys)} LIMIT 1",
+                    {**params, **bound},
+                )
+                self.queries += 1
+                if upper.num_rows == 0:
+                    return
+                top = [upper.column(k)[0].as_py() for k in keys]
+                page = self.ch.query(
+                    f"SELECT {select} FROM {table} FINAL WHERE {where} AND {self._beyond(0, 'u', '<=')} ORDER BY {key_list}",
+                    {**params, **bound, **{f"u{i}": v for i, v in enumerate(top)}},
+                )
+                self.queries += 1
+                if page.num_rows:
+                    self.pages += 1
+                    yield page
+                last = top
+            else:
+                page = self.ch.query(f"SELECT {select} FROM {table} WHERE {where} ORDER BY {key_list} LIMIT {{limit:UInt64}}", {**params, **bound})
+                self.queries += 1
+                if page.num_rows:
+                    self.pages += 1
+                    yield page
+                if page.num_rows < self.batch_size:
+                    return
+                end = page.slice(page.num_rows - 1, 1)
+                last = [end.column(k)[0].as_py() for k in keys]
+
+
+# ---- the mapping ------------------------------------------------------------------------------
+
+
+def _has(v) -> bool:
+    return v is not None and v != ""
+
+
+def _dig(doc, parts: tuple[str, ...]):
+    for p in parts:
+        if type(doc) is not dict:
+            return None
+        doc = doc.get(p)
+    return doc
+
+
+def _dig_all(docs: list, parts: tuple[str, ...]) -> list:
+    """`_dig` over a column of documents (None for rows whose payload did not decode); the
+    common depths are comprehensions, without a call per row."""
+    if len(parts) == 1:
+        (a,) = parts
+        return [d.get(a) if d is not None else None for d in docs]
+    if len(parts) == 2:
+        a, b = parts
+        return [x.get(b) if d is not None and type(x := d.get(a)) is dict else None for d in docs]
+    if len(parts) == 3:
+        a, b, c = parts
+        return [y.get(c) if d is not None and type(x := d.get(a)) is dict and type(y := x.get(b)) is dict else None for d in docs]
+    return [_dig(d, parts) for d in docs]
+
+
+class Transformer:
+    """Applies a spec's `Mapping` to batches of source rows, column by column: each path is
+    resolved once per batch into a list, so per-row work is a few list lookups."""
+
+    def __init__(self, spec: PipelineSpec):
+        self.spec, self.source, self.mapping, self.schema = spec, spec.source, spec.mapping, spec.schema
+        self.arrow_schema = event_arrow_schema(spec.schema)
+        self._decode = msgspec.json.Decoder().decode
+        self._encode = msgspec.json.Encoder().encode
+        self.types = {f.name: f.type for f in spec.schema.fields}
+        self.required = {f.name for f in spec.schema.fields if f.required}
+        for paths in (*(r.paths for r in self.mapping.rules), *self.mapping.fields.values(),
+                      *(p for obj in self.mapping.objects.values() for p in obj.values())):
+            for path in paths:
+                self._path(path)
+
+    def compile(self) -> "Transformer":
+        return self
+
+    def _path(self, path: str) -> tuple[str, str | tuple[str, ...]]:
+        head, _, rest = path.partition(".")
+        if head == self.source.payload_column and rest:
+            return "payload", tuple(rest.split("."))
+        if path not in self.source.columns:
+            raise ValueError(f"mapping path {path!r} is neither a column of {self.source.table} nor inside {self.source.payload_column}")
+        return "column", path
+
+    def _coerce(self, name: str, v):
+        t = self.types[name]
+        if t == "string":
+            if isinstance(v, str):
+                return v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return str(v)
+        elif t == "int":
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v.lstrip("-").isdigit():
+                return int(v)
+        elif t == "float":
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        elif t == "bool":
+            if isinstance(v, bool):
+                return v
+        elif t == "timestamp":
+            if isinstance(v, datetime):
+                return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+            if isinstance(v, str):
+                try:
+                    dt = datetime.fromisoformat(v)
+                except ValueError:
+                    dt = None
+                if dt is not None and dt.tzinfo is not None:
+                    return dt.astimezone(timezone.utc)
+        elif t == "json":
+            return self._encode(v).decode()
+        raise TypeError(f"{name}: {type(v).__name__} {str(v)[:80]!r} is not a valid {t}")
+
+    def run(self, rows: pa.Table, first_no: int) -> tuple[pa.Table, list[tuple], Counter, Counter]:
+        """(events, quarantine rows, dropped by rule, errors by reason) for one batch; quarantine
+        rows follow QUARANTINE_SCHEMA, `line_no` being the row's position in the day's read order.
+
+        The cyclic garbage collector is paused meanwhile: decoding a batch creates hundreds of
+        thousands of dicts (no cycles), and each collection they trigger re-scans all of them
+        (measured: 1.3-1.5x the batch's time)."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(rows, first_no)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _run(self, rows: pa.Table, first_no: int) -> tuple[pa.Table, list[tuple], Counter, Counter]:
+        s, n = self.source, rows.num_rows
+        reasons: list[str | None] = [None] * n
+        details: list[str | None] = [None] * n
+        docs: list = [None] * n
+        decode = self._decode
+        for i, raw in enumerate(rows.column(s.payload_column).to_pylist()):
+            try:
+                doc = decode(raw) if raw is not None else None
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                reasons[i], details[i] = "malformed_json", f"{s.payload_column}: {exc}"
+                continue
+            if type(doc) is not dict:
+                reasons[i], details[i] = "not_an_object", f"{s.payload_column} is not a JSON object"
+                continue
+            docs[i] = doc
+        cache: dict[str, list] = {}
+
+        def values(path: str) -> list:
+            if path not in cache:
+                kind, ref = self._path(path)
+                cache[path] = rows.column(ref).to_pylist() if kind == "column" else _dig_all(docs, ref)
+            return cache[path]
+
+        def first(paths: tuple[str, ...]) -> list:
+            cols = [values(p) for p in paths]
+            if len(cols) == 1:
+                return [v if v != "" else None for v in cols[0]]
+            return [next((v for v in vs if _has(v)), None) for vs in zip(*cols)]
+
+        dropped, errors = Counter(), Counter()
+        for rule in self.mapping.rules:
+            cols = [values(p) for p in rule.paths]
+            if len(cols) == 1:
+                failed = [i for i, v in enumerate(cols[0]) if (v is None or v == "") and reasons[i] is None]
+            else:
+                test = any if rule.need == "any" else all
+                failed = [i for i, vs in enumerate(zip(*cols)) if reasons[i] is None and not test(_has(v) for v in vs)]
+            for i in failed:
+                reasons[i], details[i] = rule.name, f"validation rule {rule.name} failed"
+            if failed:
+                dropped[rule.name] += len(failed)
+        out: dict[str, list] = {}
+        direct: dict[str, pa.Array] = {}  # fields copied from a column as they are, never made Python objects
+        for name, paths in self.mapping.fields.items():
+            kind, ref = self._path(paths[0])
+            want = self.arrow_schema.field(name).type
+            if len(paths) == 1 and kind == "column" and self.types[name] in ("string", "timestamp"):
+                col = rows.column(ref).combine_chunks()
+                if col.type == want or (pa.types.is_timestamp(col.type) and pa.types.is_timestamp(want) and col.type.tz == want.tz):
+                    missing = pc.is_null(col) if self.types[name] == "timestamp" else pc.or_kleene(pc.is_null(col), pc.equal(col, ""))
+                    if name in self.required and pc.any(missing).as_py():
+                        for i in pc.indices_nonzero(missing).to_pylist():
+                            if reasons[i] is None:
+                                reasons[i], details[i] = "missing_field", f"no value for required field {name}"
+                    direct[name] = col.cast(want)
+                    continue
+            vals, t = first(paths), self.types[name]
+            required = name in self.required
+            for i, v in enumerate(vals):
+                if reasons[i] is not None:
+                    continue
+                if v is None:
+                    if required:
+                        reasons[i], details[i] = "missing_field", f"no value for required field {name}"
+                elif not (t == "string" and type(v) is str) and not (t == "timestamp" and type(v) is datetime and v.tzinfo):
+                    try:
+                        vals[i] = self._coerce(name, v)
+                    except TypeError as exc:
+                        reasons[i], details[i] = "wrong_type", str(exc)
+            out[name] = vals
+        encode = self._encode
+        for name, members in self.mapping.objects.items():
+            keys = list(members)
+            cols = [first(paths) for paths in members.values()]
+            out[name] = [None if reasons[i] is not None else encode({k: v for k, v in zip(keys, vs) if v is not None}).decode()
+                         for i, vs in enumerate(zip(*cols))]
+        for name, value in self.mapping.constants.items():
+            out[name] = [value] * n
+        type_field = self.schema.type_field
+        types = direct[type_field].to_pylist() if type_field in direct else out[type_field]
+        for i, t in enumerate(types):
+            if reasons[i] is None and not SAFE_TYPE_VALUE.fullmatch(str(t)):
+                reasons[i], details[i] = "unsafe_type", f"{self.schema.type_field} {str(t)[:80]!r} cannot name a directory"
+        for i, r in enumerate(reasons):
+            if r is not None and r not in dropped:
+                errors[r] += 1
+        keep = [i for i, r in enumerate(reasons) if r is None]
+        ref_prefix = f"clickhouse:{s.table}?{s.id_column}="
+        quarantine = []
+        if len(keep) < n:
+            bad = [i for i, r in enumerate(reasons) if r is not None]
+            for i, raw in zip(bad, rows.take(bad).to_pylist()):
+                sample = encode({c: (v.isoformat() if isinstance(v, datetime) else v) for c, v in raw.items()})
+                quarantine.append((ref_prefix + str(raw[s.id_column]), first_no + i, reasons[i], details[i], sample, 1))
+        take = pa.array(keep, pa.int64())
+        arrays = [direct[f.name].take(take) if f.name in direct else pa.array([out[f.name][i] for i in keep], self.arrow_schema.field(f.name).type)
+                  for f in self.schema.fields]
+        ids = rows.column(s.id_column).take(take).cast(pa.string())
+        arrays += [pc.binary_join_element_wise(pa.scalar(ref_prefix), ids, ""), pa.array([first_no + i for i in keep], pa.int64())]
+        return pa.Table.from_arrays(arrays, schema=self.arrow_schema), quarantine, dropped, errors
+
+
+# ---- a day -------------------------------------------------------------------------------------
+
+
+def parse_table_day(ch: ClickHouse, spec: PipelineSpec, day: str, selection: Selection, batch_size: int, out_root: str,
+                    quarantine_path: str, log=None) -> dict:
+    """Read the day by keyset, transform it batch by batch, and write `<out_root>/<parsed_prefix>/type=<t>/day=<day>/
+    part.parquet` per event type and the quarantine file. Returns the day's counts."""
+    t0 = time.monotonic()
+    reader = KeysetReader(ch, spec.source, day, selection, batch_size)
+    transformer = Transformer(spec).compile()
+    writers: dict[str, pq.ParquetWriter] = {}
+    qwriter = None
+    found = parsed = 0
+    dropped, errors, by_type = Counter(), Counter(), Counter()
+    type_field = spec.schema.type_field
+    last_log = t0
+    try:
+        # The next page is read on a thread (the engine works outside the GIL) while this one is transformed.
+        for batch in read_ahead(reader.batches()):
+            events, quarantine, d, e = transformer.run(batch, found + 1)
+            found += batch.num_rows
+            dropped += d
+            errors += e
+            if events.num_rows:
+                types = events.column(type_field)
+                for t in pc.unique(types).to_pylist():
+                    part = events.filter(pc.equal(types, t))
+                    if t not in writers:
+                        path = os.path.join(out_root, spec.parsed_prefix, f"type={t}", f"day={day}", "part.parquet")
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        writers[t] = pq.ParquetWriter(path, transformer.arrow_schema, compression="zstd")
+                    writers[t].write_table(part)
+                    by_type[t] += part.num_rows
+                parsed += events.num_rows
+            if quarantine:
+                if qwriter is None:
+                    os.makedirs(os.path.dirname(quarantine_path), exist_ok=True)
+                    qwriter = pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd")
+                qwriter.write_table(pa.Table.from_arrays([pa.array(c, t) for c, t in zip(zip(*quarantine), QUARANTINE_SCHEMA.types)], schema=QUARANTINE_SCHEMA))
+            if log and time.monotonic() - last_log >= 5:
+                last_log = time.monotonic()
+                log(f"{day}: read {found:,} rows in {reader.queries} keyset queries, {parsed:,} events")
+    finally:
+        for w in writers.values():
+            w.close()
+        if qwriter is not None:
+            qwriter.close()
+    seconds = time.monotonic() - t0
+    return {
+        "found": found,
+        "parsed": parsed,
+        "dropped": sum(dropped.values()),
+        "dropped_by_reason": dict(sorted(dropped.items())),
+        "transformation_errors": sum(errors.values()),
+        "transformation_errors_by_reason": dict(sorted(errors.items())),
+        "quarantined": sum(dropped.values()) + sum(errors.values()),
+        "quarantined_by_reason": dict(sorted((dropped + errors).items())),
+        "rows_by_type": dict(sorted(by_type.items())),
+        "batches": reader.pages,
+        "queries": reader.queries,
+        "batch_size": batch_size,
+        "duration_s": round(seconds, 3),
+        "events_per_s": round(found / seconds) if seconds else 0,
+    }
