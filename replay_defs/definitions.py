@@ -96,7 +96,11 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
     if "redis" in needed:
         resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
     resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs + OPERATION_JOBS, sensors=sensors, resources=resources)
+    # Steps of a run execute in its process: a day's steps run in sequence anyway (raw -> parsed ->
+    # projections -> redrive), the parse has its own process pool, and a process per step costs
+    # ~3 s of imports each (~20 s a run). Scale-out is one run per partition chunk (deploy/README.md).
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs + OPERATION_JOBS, sensors=sensors, resources=resources,
+                          executor=dg.in_process_executor)
 
 
 defs = build_definitions()

@@ -18,9 +18,8 @@ Kill points:
 In-process, a raise from the lake's `os.rename` (and the other mutations) at every publish step
 inside a real `run_day` materialization is followed by a re-run.
 
-All runs use the in-process executor (`--config-json` execution config) so each takes a few
-seconds instead of ~20 (the default multiprocess executor starts a Python process per step); the
-asset code and the parse worker pool are the same.
+Runs use the code location's in-process executor, so each takes a few seconds; the parse worker
+pool is a process pool of its own.
 
 Reference and trials use the same directory, so `source_ref` (a URI under the lake) is
 identical and rows compare exactly.
@@ -28,7 +27,6 @@ identical and rows compare exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -48,9 +46,8 @@ from services import MutationProxy
 DAY = "2025-11-25"
 OWNER_DIR = Path("_replay/telemetry/parsed_events")
 SELECT = "telemetry/raw_events,telemetry/parsed_events,telemetry/projections"
-IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})
 DAGSTER = Path(sys.executable).parent / "dagster"
-CLI_ARGS = ["asset", "materialize", "-m", "replay_defs.definitions", "--select", SELECT, "--partition", DAY, "--config-json", IN_PROCESS]
+CLI_ARGS = ["asset", "materialize", "-m", "replay_defs.definitions", "--select", SELECT, "--partition", DAY]
 RUN_TIMEOUT = 120
 CHECKS = ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for", "totals_match_parsed")
 
