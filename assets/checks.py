@@ -135,7 +135,7 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
 
 def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     parts = daily_partitions(spec)
-    parsed, projections, redrive = (asset_key(spec, n) for n in (PARSED, PROJECTIONS, REDRIVE))
+    parsed, projections = asset_key(spec, PARSED), asset_key(spec, PROJECTIONS)
 
     @dg.asset_check(asset=parsed, name="no_duplicate_event_ids", partitions_def=parts, blocking=True,
                     description=f"No `{spec.schema.id_field}` appears twice in the day's Parquet (all files present, committed or not).")
@@ -157,13 +157,9 @@ def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
     def totals_match_parsed(context: dg.AssetCheckExecutionContext, lake: LakeResource, store: StoreResource):
         return check_each_day(context, projections, "totals_match_parsed", lambda d: projection_totals(lake.get(), store.get(), spec, d))
 
-    @dg.asset_check(asset=redrive, name="deliveries_reconcile", partitions_def=parts, blocking=True,
-                    description="selected = published + already delivered + dropped + failed, failed = 0, and the ledger agrees.")
-    def deliveries_reconcile(context: dg.AssetCheckExecutionContext, lake: LakeResource, ledger: LedgerResource):
-        return check_each_day(context, redrive, "deliveries_reconcile", lambda d: deliveries(lake.get(), ledger, spec, d))
-
-    checks = [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, deliveries_reconcile]
+    checks = [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, build_deliveries_check(spec)]
     if spec.from_table:
+        redrive = asset_key(spec, REDRIVE)
 
         @dg.asset_check(asset=redrive, name="found_accounted_for", partitions_def=parts, blocking=True,
                         description="found = published + already delivered + dropped (by rule) + transformation errors + publish failures, no publish failure.")
@@ -172,3 +168,15 @@ def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
         checks.append(found_accounted_for_check)
     return checks
+
+
+def build_deliveries_check(spec) -> dg.AssetChecksDefinition:
+    """The redrive's check, for pipelines and refills alike."""
+    redrive = asset_key(spec, REDRIVE)
+
+    @dg.asset_check(asset=redrive, name="deliveries_reconcile", partitions_def=daily_partitions(spec), blocking=True,
+                    description="selected = published + already delivered + dropped + failed, failed = 0, and the ledger agrees.")
+    def deliveries_reconcile(context: dg.AssetCheckExecutionContext, lake: LakeResource, ledger: LedgerResource):
+        return check_each_day(context, redrive, "deliveries_reconcile", lambda d: deliveries(lake.get(), ledger, spec, d))
+
+    return deliveries_reconcile

@@ -57,7 +57,7 @@ def merge_quarantine(files: list[str], dest: str) -> int:
     rows = 0
     with pq.ParquetWriter(dest, QUARANTINE_SCHEMA, compression="zstd") as w:
         for f in files:
-            for batch in pq.ParquetFile(f).iter_batches(10_000):
+            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(10_000):  # no cache of every row group
                 w.write_batch(batch)
                 rows += batch.num_rows
     return rows

@@ -14,7 +14,18 @@ from replay_defs import redrive as rd
 from replay_defs.spec import PipelineSpec
 
 
-class RedriveConfig(dg.Config):
+class DeliveryConfig(dg.Config):
+    """How a redrive delivers, for every pipeline."""
+
+    dry_run: bool = Field(default=False, description="Plan only: count what would be sent, send nothing.")
+    limit: int | None = Field(default=None, ge=0, description="Send at most this many messages (sanity-check mode).")
+    force: bool = Field(default=False, description="Send again even what the ledger says the sink already has.")
+    rate_limit: float | None = Field(default=None, gt=0, description="At most this many messages per second.")
+    retries: int = Field(default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed.")
+    batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup and per sink delivery.")
+
+
+class RedriveConfig(DeliveryConfig):
     mode: Literal["day", "file", "prefix", "parquet"] = Field(
         default="day",
         description=(
@@ -25,12 +36,6 @@ class RedriveConfig(dg.Config):
     uri: str | None = Field(default=None, description="Raw file URI (mode file) or parsed Parquet path/URI (mode parquet).")
     prefix: str | None = Field(default=None, description="Lake-relative prefix or URI (mode prefix).")
     type: str | None = Field(default=None, description="Only source refs of events of this type (modes day, parquet).")
-    dry_run: bool = Field(default=False, description="Plan only: count what would be sent, send nothing.")
-    limit: int | None = Field(default=None, ge=0, description="Send at most this many messages (sanity-check mode).")
-    force: bool = Field(default=False, description="Send again even what the ledger says the sink already has.")
-    rate_limit: float | None = Field(default=None, gt=0, description="At most this many messages per second.")
-    retries: int = Field(default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed.")
-    batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup and per sink delivery.")
 
 
 def make_sink(resources, spec: PipelineSpec):
@@ -78,20 +83,32 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
 
 
 def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]) -> None:
-    parsed_files = committed_parquet(the_lake, spec, day)
+    def batches():
+        parsed_files = committed_parquet(the_lake, spec, day)
+        if spec.redrive.unit == "event":
+            return rd.event_batches(the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size)
+        manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))
+        refs = rd.select_source_refs(the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type)
+        return [rd.raw_file_batch(the_lake, refs)]
+
+    deliver_day(context, config, spec, the_lake, sink, ledger, day, batches, handled if spec.redrive.unit == "raw_file" else None,
+                {"mode": config.mode, "unit": spec.redrive.unit},
+                whole_day=config.mode == "day" and config.type is None and config.limit is None,
+                more_metadata=(lambda counts: source_summary(the_lake, spec, day, counts)) if spec.from_table else None)
+
+
+def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, day: str, batches, handled: set[str] | None,
+                metadata: dict, whole_day: bool = True, more_metadata=None) -> None:
+    """Deliver one day's messages (`batches()` makes them) and record the outcome: metadata, the
+    run log, dead letters, and `last/day=D.json` for the `deliveries_reconcile` check.
+    `whole_day`: the selection was the whole day (not a mode, type or limit); `more_metadata`:
+    counts -> further metadata (a table source's seed-002 figures)."""
     dead_letters = f"dead_letter/day={day}/{context.run.run_id}.jsonl"
     try:
-        if spec.redrive.unit == "event":
-            batches = rd.event_batches(the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size)
-        else:
-            manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))
-            refs = rd.select_source_refs(the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type)
-            batches = [rd.raw_file_batch(the_lake, refs)]
         counts = rd.redrive(
-            sink, ledger, spec.name, day, batches, context.run.run_id,
+            sink, ledger, spec.name, day, batches(), context.run.run_id,
             dry_run=config.dry_run, limit=config.limit, force=config.force, batch_size=config.batch_size,
-            retries=config.retries, rate_limit=config.rate_limit, log=context.log.info,
-            handled_in_run=handled if spec.redrive.unit == "raw_file" else None,
+            retries=config.retries, rate_limit=config.rate_limit, log=context.log.info, handled_in_run=handled,
             on_failed=lambda rows: the_lake.append_jsonl(owner(spec, REDRIVE), dead_letters, [{"sink": sink.name, **r} for r in rows]),
         )
     except ValueError as exc:
@@ -103,8 +120,7 @@ def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, si
         f"dropped {counts.dropped} {counts.dropped_reasons or ''}, failed {counts.failed}"
     )
     md = {
-        "mode": config.mode,
-        "unit": spec.redrive.unit,
+        **metadata,
         "sink": sink.name,
         "backpressure_paused_s": counts.paused_s,
         "dry_run": config.dry_run,
@@ -118,9 +134,8 @@ def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, si
     }
     if config.dry_run:
         md["would_publish"] = would_publish
-    whole_day = config.mode == "day" and config.type is None and config.limit is None
-    if spec.from_table:
-        md.update(source_summary(the_lake, spec, day, counts))
+    if more_metadata is not None:
+        md.update(more_metadata(counts))
     context.add_asset_metadata(md, partition_key=day)
     if counts.failed:
         path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters

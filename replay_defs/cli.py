@@ -1,4 +1,5 @@
-"""`event-replay`: demo data, the demo backfill, per-partition status, and rollback.
+"""`event-replay`: demo data, the demo backfill, per-partition status, rollback, refills, and the
+processed-events replays (`event-replay processed-events --help`).
 
 Everything here goes through the same Dagster definitions the UI and `dagster asset materialize`
 use, against the instance in $DAGSTER_HOME (default: ./.dagster_home, SQLite).
@@ -7,6 +8,7 @@ use, against the instance in $DAGSTER_HOME (default: ./.dagster_home, SQLite).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -299,6 +301,45 @@ def cmd_billing_reprocess(args) -> None:
         sys.exit(1)
 
 
+def cmd_refill(args) -> None:
+    """Collect the keys of the days from the access logs and enqueue one ingestion job per key."""
+    ensure_dagster_home()
+    from assets.refill import EVENT_KEYS
+    from replay_defs.pipelines import REFILLS
+
+    spec = next((r for r in REFILLS if r.name == args.refill), None)
+    if spec is None:
+        raise SystemExit(f"no refill {args.refill!r}; known: {', '.join(r.name for r in REFILLS)}")
+    days = _days(args.start, args.end or args.start)
+    delivery = {k: v for k, v in {"dry_run": args.dry_run, "limit": args.limit, "force": args.force,
+                                  "rate_limit": args.rate_limit, "batch_size": args.batch_size}.items() if v not in (None, False)}
+    location = args.location if args.location.startswith("s3://") else str(Path(args.location).resolve())
+    run_config = {"ops": {f"{spec.name}__{EVENT_KEYS}": {"config": {"source": args.source, "location": location}},
+                          f"{spec.name}__redrive": {"config": delivery}}}
+    t0 = time.time()
+    result = run_job(spec.name, days[0], days[-1], run_config)
+    print(f"run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {time.time() - t0:.1f}s")
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        if failure is not None:
+            print(f"  {failure.step_key}: {failure.event_specific_data.error.message.strip()}", file=sys.stderr)
+    mats = {(m.asset_key.path[-1], m.partition): {k: v.value for k, v in m.metadata.items()}
+            for node in (f"{spec.name}__{EVENT_KEYS}", f"{spec.name}__redrive") for m in result.asset_materializations_for_node(node)}
+    checks = {(e.check_name, e.partition): e.passed for e in result.get_asset_check_evaluations()}
+    verb = "would send" if args.dry_run else "sent"
+    print(f"{'day':10} {'PUT rows':>9} {'keys':>8} {'repeats':>7} {'quar.':>6} {verb:>10} {'skip':>8}  checks")
+    for day in days:
+        k, r = mats.get((EVENT_KEYS, day), {}), mats.get(("redrive", day), {})
+        sent = r.get("would_publish") if args.dry_run else r.get("published")
+        verdicts = [v for (name, d), v in checks.items() if d == day]
+        fmt = lambda v, w: f"{v:>{w},}" if isinstance(v, int) else f"{'-':>{w}}"  # noqa: E731
+        print(f"{day:10} {fmt(k.get('put_rows'), 9)} {fmt(k.get('keys'), 8)} {fmt(k.get('duplicates'), 7)} "
+              f"{fmt(k.get('quarantined'), 6)} {fmt(sent, 10)} {fmt(r.get('skipped_already_delivered'), 8)}  "
+              f"{sum(verdicts)}/{len(verdicts)} passed")
+    if not result.success:
+        sys.exit(1)
+
+
 def cmd_billing_generate(args) -> None:
     """Demo rows in the configured ClickHouse (chDB at EVENT_REPLAY_CHDB by default)."""
     from replay_defs.clickhouse import ClickHouse
@@ -310,6 +351,128 @@ def cmd_billing_generate(args) -> None:
         for day in _days(args.start, (date.fromisoformat(args.start) + timedelta(days=args.days - 1)).isoformat()):
             stored = generate_billing(ch, day, args.rows_per_day)
             print(f"{day}: {stored:,} rows into raw_events ({ch.where}, database {ch.database})")
+
+
+# ---- processed-events replays (seed 003) -------------------------------------------------------
+
+PROCESSED_EVENTS_JOBS = {
+    "replay-one": ("processed_events_replay_one", "replay_one_event"),
+    "replay-failed": ("processed_events_replay_failed", "replay_failed_events"),
+    "replay-range": ("processed_events_replay_range", "replay_event_range"),
+    "reset-stuck": ("processed_events_reset_stuck", "reset_stuck_events"),
+    "undo": ("processed_events_undo", "undo_replay"),
+}
+
+
+def processed_events_config(args) -> dict:
+    """The op config of a `processed-events` subcommand, from its arguments."""
+    config = {"table": args.table, "dry_run": args.dry_run, "reason": args.reason, "requested_by": args.requested_by}
+    if args.pe_cmd != "undo":
+        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size)
+    if args.pe_cmd == "replay-one":
+        config["event_id"] = args.event_id
+    elif args.pe_cmd == "replay-failed":
+        config.update(hours=args.hours, since=args.since, until=args.until)
+    elif args.pe_cmd == "replay-range":
+        config.update(event_type=args.event_type, start=args.start, end=args.end)
+    elif args.pe_cmd == "reset-stuck":
+        config.update(older_than_minutes=args.older_than_minutes, to_status=args.to_status)
+    else:
+        config["replay_run_id"] = args.replay_run_id
+    return config
+
+
+def cmd_processed_events(args) -> None:
+    """Launch the job on the instance in $DAGSTER_HOME (it shows in the UI's runs) and print its
+    counts. Ctrl-C is the emergency stop, as terminating the run in the UI is."""
+    ensure_dagster_home()
+    import dagster as dg
+
+    from replay_defs import processed_events as pe
+    from replay_defs.definitions import defs
+
+    job_name, op_name = PROCESSED_EVENTS_JOBS[args.pe_cmd]
+    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, "ops": {op_name: {"config": processed_events_config(args)}}}
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=dg.DagsterInstance.get(), run_config=run_config, raise_on_error=False, tags={"event_replay/source": "cli"}
+    )
+    outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    print(f"run_id {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
+    if outputs:
+        md = {k: v.value for k, v in outputs[0].step_output_data.metadata.items()}
+        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed", "not_reached")
+        print("  " + " ".join(f"{k}={md[k]}" for k in counts if k in md))
+        print(f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}")
+        if md.get("snapshot"):
+            print(f"  snapshot: {md['snapshot']}\n  undo: event-replay processed-events undo {result.run_id} --table {args.table} --reason ...")
+    else:
+        try:
+            row = pe.audit_row(_resolve(defs.resources["postgres"].url), result.run_id)
+        except Exception:  # noqa: BLE001 - the database is what failed
+            row = None
+        if row:
+            print(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} not_reached={row['not_reached']}"
+                  f" error={row['error']}")
+        for event in result.all_events:
+            if event.is_step_failure:  # the error, without Dagster's stack trace (that is in the run's log)
+                error = event.step_failure_data.error
+                print(f"  {error.message.strip() if error else event.message}", file=sys.stderr)
+    if not result.success:
+        sys.exit(1)
+
+
+def add_processed_events_parser(sub) -> None:
+    pe = sub.add_parser(
+        "processed-events",
+        help="replay, reset and undo rows of a Postgres processed_events table through RabbitMQ (seed 003)",
+        description="Replays of a Postgres `processed_events` table (EVENT_REPLAY_POSTGRES_URL) to a RabbitMQ exchange "
+        "(EVENT_REPLAY_RABBITMQ_URL), routed by event type, with publisher confirms. Each command launches the matching "
+        "Dagster job (processed_events_*) on the instance in $DAGSTER_HOME, so it shows in the UI like a launchpad run. "
+        "Every run snapshots the rows it changes (undo with `undo RUN_ID`) and writes an audit row "
+        "(event_replay_audit). Events already processed are skipped unless --force. Ctrl-C stops publishing at once; "
+        "the rows published so far are committed and counted.",
+    )
+    pe_sub = pe.add_subparsers(dest="pe_cmd", required=True)
+
+    def common(p, publishing: bool = True):
+        p.add_argument("--table", default="processed_events", help="events table, optionally schema.table (default processed_events)")
+        p.add_argument("--dry-run", action="store_true", help="only report what would be replayed (counts per status and type); change nothing")
+        p.add_argument("--reason", default="", help="why (kept in the audit; required unless --dry-run)")
+        p.add_argument("--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)")
+        if publishing:
+            p.add_argument("--exchange", default="habitat-events", help="RabbitMQ exchange; the routing key is the event type (default habitat-events)")
+            p.add_argument("--force", action="store_true", help="also replay events already processed or pending (flagged in the audit: side effects may repeat)")
+            p.add_argument("--rate-limit", type=float, default=50.0, help="messages per second, 0 for unlimited (default 50)")
+            p.add_argument("--batch-size", type=int, default=100, help="rows locked, published and committed together (default 100)")
+        p.set_defaults(fn=cmd_processed_events)
+
+    p = pe_sub.add_parser("replay-one", help="replay one event by its event_id", description="Replay one event, by event_id.")
+    p.add_argument("event_id")
+    common(p)
+    p = pe_sub.add_parser("replay-failed", help="replay failed (status error) events of a time window",
+                          description="Replay the events in status 'error' whose processed_at is in a window (default: the last 24 hours).")
+    p.add_argument("--hours", type=float, default=24.0, help="window: the last N hours (default 24), unless --since is given")
+    p.add_argument("--since", help="window start, ISO date or timestamp (UTC unless an offset is given)")
+    p.add_argument("--until", help="window end, exclusive (a date: the end of that day; default now)")
+    common(p)
+    p = pe_sub.add_parser("replay-range", help="replay the events of one type in a date range",
+                          description="Replay the events of a type whose processed_at is in START..END (END day inclusive). "
+                          "Processed ones only with --force.")
+    p.add_argument("event_type", help="e.g. contribution.submitted")
+    p.add_argument("start", help="first day (YYYY-MM-DD) or timestamp")
+    p.add_argument("end", help="last day, inclusive (or an exclusive timestamp)")
+    common(p)
+    p = pe_sub.add_parser("reset-stuck", help="reset events stuck in 'processing' for more than N minutes",
+                          description="Events in status 'processing' for longer than --older-than-minutes (a crashed worker): "
+                          "back to pending and re-published (default), or to error for a later replay-failed.")
+    p.add_argument("--older-than-minutes", type=float, default=5.0, help="default 5")
+    p.add_argument("--to-status", choices=("pending", "error"), default="pending", help="pending (re-published, default) or error")
+    common(p)
+    p = pe_sub.add_parser("undo", help="undo a replay: restore the statuses its snapshot holds",
+                          description="Restore status, retry_count, error_message and processed_at of the rows a replay run changed, "
+                          "from its snapshot (messages already consumed cannot be recalled). The undo is itself snapshotted.")
+    p.add_argument("replay_run_id", help="the run id of the replay (printed by the replay, in its audit row and in the UI)")
+    common(p, publishing=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,6 +529,28 @@ def main(argv: list[str] | None = None) -> None:
     bg.add_argument("--days", type=int, default=1)
     bg.add_argument("--rows-per-day", type=int, default=100_000)
     bg.set_defaults(fn=cmd_billing_generate)
+
+    f = sub.add_parser(
+        "refill", help="re-enqueue ingestion jobs for the event objects PUT on some days (seed 000)",
+        description="Collect the keys of the objects PUT on the days (from an access-log CSV, S3 access log files or a "
+                    "listing), validate and de-duplicate them, and enqueue one BullMQ job per key into the refill's queue "
+                    "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force.",
+    )
+    f.add_argument("--refill", default="ingestion_refill", help="the RefillSpec's name (default ingestion_refill)")
+    f.add_argument("--source", choices=["csv", "access_logs", "listing"], default="csv",
+                   help='csv: export with header "operation","key" (optional "requestdatetime"); access_logs: S3 server '
+                        "access log files; listing: objects last modified on the day (default csv)")
+    f.add_argument("--location", required=True, help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to list")
+    f.add_argument("--start", required=True, help="first day (YYYY-MM-DD) of the access-log records")
+    f.add_argument("--end", help="last day (default: start); several days need a requestdatetime column")
+    f.add_argument("--dry-run", action="store_true", help="collect and count, enqueue nothing")
+    f.add_argument("--limit", type=int, help="enqueue at most N jobs")
+    f.add_argument("--force", action="store_true", help="enqueue again keys an earlier refill enqueued (new job ids)")
+    f.add_argument("--rate-limit", type=float, help="at most N jobs per second")
+    f.add_argument("--batch-size", type=int, help="jobs per ledger lookup and Redis round trip (default 10000)")
+    f.set_defaults(fn=cmd_refill)
+
+    add_processed_events_parser(sub)
 
     args = ap.parse_args(argv)
     args.fn(args)

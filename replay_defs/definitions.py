@@ -6,19 +6,24 @@ EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
 (RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
 EVENT_REPLAY_LEDGER_URL (a Postgres redrive ledger instead of the DuckDB one),
-EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows), CLICKHOUSE_URL (a ClickHouse server for
-table sources; unset: chDB in-process with its data in EVENT_REPLAY_CHDB, default data/chdb),
-CLICKHOUSE_DATABASE (default `default`).
+EVENT_REPLAY_POSTGRES_URL (Postgres dead-letter rows and the processed_events table the
+processed-events jobs in `jobs/` replay to EVENT_REPLAY_RABBITMQ_URL), EVENT_REPLAY_S3_ENDPOINT
+with AWS_REGION and the usual AWS credentials (refill sources in S3), CLICKHOUSE_URL (a ClickHouse
+server for table sources; unset: chDB in-process with its data in EVENT_REPLAY_CHDB, default
+data/chdb), CLICKHOUSE_DATABASE (default `default`).
 """
 
 import os
 
 import dagster as dg
 
-from assets import build_pipeline
+from dagster_aws.s3 import S3Resource
+
+from assets import build_pipeline, build_refill
+from jobs import JOBS as OPERATION_JOBS
 from sensors import build_dead_letter_sensor
 from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
-from replay_defs.pipelines import PIPELINES
+from replay_defs.pipelines import PIPELINES, REFILLS
 from resources import (
     ClickHouseResource,
     KafkaResource,
@@ -38,22 +43,24 @@ def _setting(env: str, default: str):
     return dg.EnvVar(env) if env in os.environ else default
 
 
-def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
+def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
     assets, checks, jobs, sensors = [], [], [], []
-    for spec in pipelines:
-        built = build_pipeline(spec)
+    for built in [*map(build_pipeline, pipelines), *map(build_refill, refills)]:
         assets += built.assets
         checks += built.checks
         jobs.append(built.job)
-        sensors += [build_dead_letter_sensor(spec, source) for source in spec.dead_letters]
+    sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
     # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
-    needed = {spec.redrive.sink.kind for spec in pipelines} | {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
+    needed = {spec.redrive.sink.kind for spec in (*pipelines, *refills)}
+    needed |= {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
     duckdb_path = _setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
     resources = {
         "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
         "store": StoreResource(path=duckdb_path),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
+        # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
+        "s3": S3Resource(endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")),
     }
     if any(spec.from_table for spec in pipelines):
         resources["clickhouse"] = ClickHouseResource(
@@ -69,13 +76,13 @@ def build_definitions(pipelines=PIPELINES) -> dg.Definitions:
         )
     if "sqs" in needed:
         resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
-    if "rabbitmq" in needed:
-        resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    # The processed-events jobs (jobs/) need Postgres and RabbitMQ, so both are always there;
+    # nothing connects before a run uses them.
+    resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     if "redis" in needed:
         resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    if "postgres" in needed:
-        resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs, sensors=sensors, resources=resources)
+    resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs + OPERATION_JOBS, sensors=sensors, resources=resources)
 
 
 defs = build_definitions()

@@ -9,7 +9,9 @@ from replay_defs.spec import (
     Mapping,
     PipelineSpec,
     Projection,
+    RedisSink,
     Redrive,
+    RefillSpec,
     Rule,
 )
 
@@ -134,3 +136,15 @@ ORDER BY (tenant_id, environment_id, external_customer_id, timestamp, event_name
 """
 
 PIPELINES = (TELEMETRY, BILLING)
+
+# Seed 000: keys of one-object-per-event uploads, from S3 access logs -> BullMQ ingestion jobs,
+# in the queue and job shape Langfuse's ingestion workers consume.
+INGESTION_REFILL = RefillSpec(
+    name="ingestion_refill",
+    description="Ingestion refill (seed 000): keys from S3 access logs -> one BullMQ job per event object.",
+    start_date="2025-01-01",
+    known_types=("trace", "observation", "score"),
+    redrive=Redrive(unit="event", sink=RedisSink(key="ingestion-queue", mode="bullmq", job_name="ingestion-job")),
+)
+
+REFILLS = (INGESTION_REFILL,)

@@ -275,28 +275,33 @@ class RabbitExchange:
             self._channel.confirm_delivery()
         return self._channel
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def publish(self, routing_key: str, body: bytes, message_id: str, headers: dict | None = None) -> str | None:
+        """One persistent, `mandatory` message to the exchange, waiting for the broker's confirm:
+        None when confirmed, else the error ("connection: ..." when the connection is gone)."""
         import pika
         from pika.exceptions import AMQPError
 
+        # message_id lets a consumer drop the one copy a cut connection can leave ambiguous
+        # (published, confirm lost, sent again by the retry).
+        props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers)
+        try:
+            self._open().basic_publish(self.exchange, routing_key, body, properties=props, mandatory=True)
+            return None
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            return f"not confirmed: {type(exc).__name__}"
+        except (AMQPError, OSError) as exc:
+            self._channel = None
+            return redact(f"connection: {type(exc).__name__}: {exc}")
+
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
         errors: list[str | None] = []
         headers = {"replay_run_id": run_id, "pipeline": pipeline, "day": day}
         for message_id, body, event_type in zip(batch.ids, batch.bodies, batch.types):
-            # message_id lets a consumer drop the one copy a cut connection can leave ambiguous
-            # (published, confirm lost, sent again by the retry).
-            props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers)
             if errors and errors[-1] is not None and errors[-1].startswith("connection"):
                 errors.append(errors[-1])  # the connection is gone: fail the rest of the batch fast
                 continue
             key = self.routing_key.format(type=event_type or "any", pipeline=pipeline)
-            try:
-                self._open().basic_publish(self.exchange, key, body, properties=props, mandatory=True)
-                errors.append(None)
-            except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-                errors.append(f"not confirmed: {type(exc).__name__}")
-            except (AMQPError, OSError) as exc:
-                self._channel = None
-                errors.append(redact(f"connection: {type(exc).__name__}: {exc}"))
+            errors.append(self.publish(key, body, message_id, headers))
         return errors
 
     def close(self) -> None:
@@ -332,10 +337,12 @@ class RedisTarget:
     """
     SCRIPT_CHUNK = 2000  # messages per script call; several calls ride one pipeline
 
-    def __init__(self, url: str, key: str, mode: str = "bullmq", prefix: str = "bull", seen_ttl_s: int = 7 * 24 * 3600):
+    def __init__(self, url: str, key: str, mode: str = "bullmq", prefix: str = "bull", seen_ttl_s: int = 7 * 24 * 3600,
+                 job_name: str | None = None):
         import redis
 
         self.url, self.key, self.mode, self.prefix, self.seen_ttl_s = url, key, mode, prefix, seen_ttl_s
+        self.job_name = job_name
         self.name = f"redis:{mode}:{key}"
         # A few quick retries; the redrive loop retries whole batches with longer backoff.
         retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
@@ -380,7 +387,7 @@ class RedisTarget:
         # sent twice adds each job once. A forced re-send is a new job: the run id salts the id.
         salt = f"-{resend_run_id}" if resend_run_id else ""
         jobs = [
-            {"name": t or "redrive", "data": decode(body), "opts": {"jobId": mid + salt}}
+            {"name": self.job_name or t or "redrive", "data": decode(body), "opts": {"jobId": mid + salt}}
             for mid, body, t in zip(batch.ids, batch.bodies, batch.types)
         ]
         self._loop.run_until_complete(self._queue.addBulk(jobs))

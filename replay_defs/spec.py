@@ -266,12 +266,14 @@ class RedisSink:
 
     List and stream writes go through a script that remembers the ids it appended (a set per
     pipeline and day, kept `seen_ttl_s`), so a batch re-sent after a lost reply is not appended twice.
+    `job_name`: the BullMQ job name when the consumer expects a fixed one (else the event type).
     """
 
     key: str
     mode: Literal["bullmq", "list", "stream"] = "bullmq"
     prefix: str = "bull"
     seen_ttl_s: int = 7 * 24 * 3600
+    job_name: str | None = None
     kind: Literal["redis"] = "redis"
 
     def __post_init__(self) -> None:
@@ -345,6 +347,29 @@ class DeadLetters:
     @property
     def label(self) -> str:
         return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
+class RefillSpec:
+    """A refill from S3 access logs (seed 000): the keys of one-object-per-event uploads
+    (`projectId/type/eventBodyId/eventId.json`) written on a day are re-enqueued as ingestion
+    jobs (`replay_defs/access_logs.py`). Assets: `<name>/event_keys` (validated, de-duplicated
+    keys as Parquet) and `<name>/redrive` (one job per key into `redrive.sink`)."""
+
+    name: str
+    start_date: str
+    known_types: tuple[str, ...]
+    redrive: Redrive
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not SAFE_NAME.fullmatch(self.name):
+            raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
+        for value in self.known_types:
+            if not SAFE_TYPE_VALUE.fullmatch(value):
+                raise ValueError(f"known type {value!r} is not a safe value")
+        if self.redrive.unit != "event":
+            raise ValueError("a refill delivers one message per key: use Redrive(unit='event')")
 
 
 @dataclass(frozen=True)

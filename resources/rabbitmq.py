@@ -5,7 +5,7 @@ from replay_defs.sinks import RabbitExchange
 
 
 class RabbitMQResource(dg.ConfigurableResource):
-    """A RabbitMQ broker for redrive sinks (pika)."""
+    """A RabbitMQ broker (pika): redrive sinks, and the exchange processed-events replays publish to."""
 
     url: str = Field(
         description="AMQP URL, e.g. amqp://user:pass@host:5672/%2F (env EVENT_REPLAY_RABBITMQ_URL).",

@@ -14,4 +14,4 @@ class RedisResource(dg.ConfigurableResource):
     )
 
     def sink(self, target: RedisSink) -> RedisTarget:
-        return RedisTarget(self.url, target.key, target.mode, target.prefix, target.seen_ttl_s)
+        return RedisTarget(self.url, target.key, target.mode, target.prefix, target.seen_ttl_s, target.job_name)

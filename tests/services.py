@@ -428,10 +428,11 @@ def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bul
 
 
 @contextmanager
-def dagster_dev(log_path, *args: str) -> Iterator[str]:
+def dagster_dev(log_path, *args: str, graceful: bool = True) -> Iterator[str]:
     """`dagster dev` (webserver + daemon) from the project root on a free port, with this process's
     environment (DAGSTER_HOME and the EVENT_REPLAY_* settings). Yields the base URL once the
-    webserver answers; stops the whole process group after."""
+    webserver answers; stops the whole process group after (not `graceful`: SIGKILL at once, for
+    tests that have read everything they need and whose instance is thrown away)."""
     import signal
     import urllib.request
     from pathlib import Path
@@ -454,7 +455,7 @@ def dagster_dev(log_path, *args: str) -> Iterator[str]:
                     time.sleep(1)
             yield base
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

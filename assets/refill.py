@@ -1,0 +1,209 @@
+"""Refill assets (seed 000): event keys from S3 access logs, and the ingestion jobs they become.
+
+`<name>/event_keys[D]`: the keys of the objects PUT on day D, validated and de-duplicated, as
+Parquet (`refill/<name>/day=D/keys.parquet`); bad rows in `quarantine/<name>/day=D/`. Staged and
+swapped in like parsed events, so a re-run replaces the day whole.
+`<name>/redrive[D]`: one job per key into the refill's sink, through the idempotency ledger.
+"""
+
+import re
+import time
+from typing import Literal
+
+import dagster as dg
+import duckdb
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from assets.checks import build_deliveries_check
+from assets.factory import PipelineDefs
+from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner
+from assets.redrive import DeliveryConfig, deliver_day, make_sink
+from partitions import daily_partitions
+from replay_defs.access_logs import collect_keys, job_batches
+from replay_defs.lake import Lake
+from replay_defs.spec import RefillSpec
+from resources import LakeResource
+
+EVENT_KEYS = "event_keys"
+
+
+def keys_slot(spec: RefillSpec, day: str) -> str:
+    return f"refill/{spec.name}/day={day}"
+
+
+def quarantine_slot(spec: RefillSpec, day: str) -> str:
+    return f"quarantine/{spec.name}/day={day}"
+
+
+def committed_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:
+    state = lake.state(owner(spec, EVENT_KEYS), day)
+    if state is None:
+        return []
+    return [str(lake.path(f)) for f in state.files if f.startswith(keys_slot(spec, day) + "/")]
+
+
+class KeySourceConfig(dg.Config):
+    source: Literal["csv", "access_logs", "listing"] = Field(
+        default="csv",
+        description=(
+            'csv: an access-log export with header "operation","key" (optional "requestdatetime"); '
+            "access_logs: S3 server access log files (a directory or s3://bucket/prefix); "
+            "listing: objects of s3://bucket/prefix last modified on the day."
+        ),
+    )
+    location: str = Field(description="Local path or s3:// URI of the CSV, the log files, or the bucket/prefix to list.")
+
+
+def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=asset_key(spec, EVENT_KEYS),
+        group_name=spec.name,
+        partitions_def=daily_partitions(spec),
+        pool=f"event_replay.pipeline.{spec.name}",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        kinds={"s3", "parquet"},
+        description=(
+            "Keys of the objects PUT on the day (`projectId/type/eventBodyId/eventId.json`), from an access-log CSV, "
+            "raw S3 access logs or a listing; validated (shape, no path traversal, known type "
+            f"{', '.join(spec.known_types)}), de-duplicated, as Parquet under `{keys_slot(spec, '<d>')}/`. "
+            f"Bad rows go to `{quarantine_slot(spec, '<d>')}/` with a reason."
+        ),
+    )
+    def event_keys(context: dg.AssetExecutionContext, config: KeySourceConfig, lake: LakeResource, s3: S3Resource) -> dg.MaterializeResult:
+        the_lake = lake.get()
+        own = owner(spec, EVENT_KEYS)
+        days = context.partition_keys
+        staged = {}
+        for day in days:
+            if the_lake.recover(own, day):
+                context.log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
+            staged[day] = the_lake.new_staging(own, day)
+        t0 = time.monotonic()
+        needs_s3 = config.location.startswith("s3://") or config.source == "listing"
+        try:
+            found = collect_keys(
+                config.source, config.location, days, spec.known_types,
+                keys_dir=lambda d: staged[d] / keys_slot(spec, d),
+                quarantine_dir=lambda d: staged[d] / quarantine_slot(spec, d),
+                work_dir=staged[days[0]] / "_work",
+                s3=s3.get_client() if needs_s3 else None,
+                log=context.log.info,
+            )
+        except ValueError as exc:
+            raise dg.Failure(str(exc)) from exc
+        seconds = round(time.monotonic() - t0, 2)
+        context.log.info(
+            f"read {found.rows:,} rows in {seconds} s: {found.other_operations:,} not {'REST.PUT.OBJECT'}, "
+            f"{found.other_days:,} PUTs on days outside this run, {found.malformed:,} malformed"
+        )
+        for day, keys in found.days.items():
+            stats = {**keys.__dict__, "quarantined": keys.quarantined, "source": config.source, "read_s": seconds}
+            state = the_lake.publish(own, day, staged[day], [keys_slot(spec, day), quarantine_slot(spec, day)], stats, run_id=context.run.run_id)
+            context.add_asset_metadata(
+                {
+                    "dagster/row_count": keys.keys,
+                    "put_rows": keys.put_rows,
+                    "keys": keys.keys,
+                    "duplicates": keys.duplicates,
+                    "quarantined": keys.quarantined,
+                    "malformed_rows": keys.malformed_rows,
+                    "version": state.version,
+                    **{f"quarantined_{r}": n for r, n in keys.quarantined_by_reason.items()},
+                    "keys_by_project_and_type": dg.MetadataValue.md(
+                        "| project | type | keys |\n|---|---|---|\n"
+                        + "".join(f"| {pt.split('/')[0]} | {pt.split('/')[1]} | {n} |\n" for pt, n in keys.by_project_type.items())
+                    ),
+                },
+                partition_key=day,
+            )
+        return dg.MaterializeResult()
+
+    return event_keys
+
+
+def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=asset_key(spec, REDRIVE),
+        group_name=spec.name,
+        partitions_def=daily_partitions(spec),
+        pool="event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=[asset_key(spec, EVENT_KEYS)],
+        kinds={spec.redrive.sink.kind},
+        required_resource_keys={"lake", "ledger", spec.redrive.sink.kind},
+        description=(
+            f"One ingestion job per key into {spec.redrive.sink.name}, grouped by project and type; the job id is the "
+            "key, and the ledger makes a re-run send nothing twice unless `force`."
+        ),
+    )
+    def redrive(context: dg.AssetExecutionContext, config: DeliveryConfig) -> dg.MaterializeResult:
+        the_lake = context.resources.lake.get()
+        sink = make_sink(context.resources, spec)
+        try:
+            for day in context.partition_keys:
+                files = committed_keys(the_lake, spec, day)
+                with context.resources.ledger.open() as ledger:
+                    deliver_day(context, config, spec, the_lake, sink, ledger, day, lambda: job_batches(files, config.batch_size),
+                                None, {"key_files": len(files)})
+        finally:
+            sink.close()
+        return dg.MaterializeResult()
+
+    return redrive
+
+
+def no_duplicate_keys(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
+    # Every Parquet file in the day's slot, committed or not: what a reader would see.
+    files = [str(p) for p in lake.path(keys_slot(spec, day)).glob("*.parquet")]
+    if not files:
+        return DayVerdict(True, "no keys for this day", {"keys": 0})
+    rows, distinct = duckdb.execute("SELECT count(*), count(DISTINCT key) FROM read_parquet($f)", {"f": files}).fetchone()
+    return DayVerdict(rows == distinct, f"{rows - distinct} keys listed twice", {"keys": rows, "duplicate_keys": rows - distinct})
+
+
+def keys_accounted_for(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
+    """PUT rows + malformed rows read = keys + their repeats + quarantined rows, counted on disk."""
+    state = lake.state(owner(spec, EVENT_KEYS), day)
+    if state is None:
+        return DayVerdict(False, "event_keys not materialized for this day", {})
+    s = state.stats
+    keys = committed_keys(lake, spec, day)
+    quarantine = [str(lake.path(f)) for f in state.files if f.startswith(quarantine_slot(spec, day) + "/")]
+    n_keys, puts = duckdb.execute("SELECT count(*), coalesce(sum(puts), 0)::BIGINT FROM read_parquet($f)", {"f": keys}).fetchone() if keys else (0, 0)
+    quarantined = duckdb.execute("SELECT count(*) FROM read_parquet($f)", {"f": quarantine}).fetchone()[0] if quarantine else 0
+    read = s["put_rows"] + s["malformed_rows"]
+    ok = read == puts + quarantined and n_keys == s["keys"]
+    return DayVerdict(
+        ok,
+        f"{read} rows read = {n_keys} keys + {puts - n_keys} repeats + {quarantined} quarantined" if ok
+        else f"{read} rows read but {n_keys} keys + {puts - n_keys} repeats + {quarantined} quarantined on disk (run reported {s['keys']} keys)",
+        {"rows_read": read, "keys": n_keys, "repeats": puts - n_keys, "quarantined": quarantined, "difference": read - puts - quarantined},
+    )
+
+
+def build_refill_checks(spec: RefillSpec) -> list[dg.AssetChecksDefinition]:
+    parts = daily_partitions(spec)
+    keys = asset_key(spec, EVENT_KEYS)
+
+    @dg.asset_check(asset=keys, name="no_duplicate_keys", partitions_def=parts, blocking=True,
+                    description="No key appears twice in the day's key files (all files present, committed or not).")
+    def no_duplicate_keys_check(context: dg.AssetCheckExecutionContext, lake: LakeResource):
+        return check_each_day(context, keys, "no_duplicate_keys", lambda d: no_duplicate_keys(lake.get(), spec, d))
+
+    @dg.asset_check(asset=keys, name="rows_accounted_for", partitions_def=parts, blocking=True,
+                    description="PUT rows + malformed rows read = distinct keys + repeated keys + quarantined rows on disk.")
+    def rows_accounted_for(context: dg.AssetCheckExecutionContext, lake: LakeResource):
+        return check_each_day(context, keys, "rows_accounted_for", lambda d: keys_accounted_for(lake.get(), spec, d))
+
+    return [no_duplicate_keys_check, rows_accounted_for, build_deliveries_check(spec)]
+
+
+def build_refill(spec: RefillSpec):
+    """The refill's assets, checks and job (`<name>_replay`)."""
+    job = dg.define_asset_job(
+        name=f"{spec.name}_replay",
+        selection=dg.AssetSelection.groups(spec.name),
+        description=f"Refill {spec.name}: collect the day's event keys from the access logs, enqueue one job per key, verify.",
+    )
+    return PipelineDefs([build_event_keys(spec), build_refill_redrive(spec)], build_refill_checks(spec), job)

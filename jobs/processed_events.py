@@ -1,0 +1,196 @@
+"""Processed-events replay jobs (seed 003): one op each, configured in the launchpad (or by
+`event-replay processed-events ...`). The work is `replay_defs.processed_events`; this module maps
+config and run tags onto it and reports counts as metadata and progress in the run log.
+
+Cancelling ("Terminate") a run is the emergency stop: publishing stops between two messages,
+the batch in progress commits exactly what the broker confirmed, and the audit row and the run log
+say how many were published."""
+
+import json
+from typing import Literal, Optional
+
+import dagster as dg
+from pydantic import Field
+
+from replay_defs import processed_events as pe
+from resources import PostgresResource, RabbitMQResource
+
+REQUESTED_BY_TAG = "event_replay/requested_by"
+REASON_TAG = "event_replay/reason"
+
+
+class _Common(dg.Config):
+    table: str = Field(default="processed_events", description="The events table (optionally schema.table).")
+    dry_run: bool = Field(default=False, description="Report what would be replayed (counts per status and type); change and publish nothing.")
+    reason: str = Field(default="", description=f"Why (kept in the audit; required unless dry_run). Falls back to the run tag {REASON_TAG}.")
+    requested_by: str = Field(default="", description=f"Who (kept in the audit). Falls back to the run tags {REQUESTED_BY_TAG}, dagster/user.")
+
+
+class _Publishing(_Common):
+    exchange: str = Field(default="habitat-events", description="RabbitMQ exchange; the routing key is the event type.")
+    force: bool = Field(default=False, description="Also replay events already processed (or pending). Flagged in the audit: side effects may repeat.")
+    rate_limit: float = Field(default=50.0, description="At most this many messages per second (0: unlimited).")
+    batch_size: int = Field(default=100, description="Rows locked (FOR UPDATE SKIP LOCKED), published and committed together.")
+
+
+class ReplayOneConfig(_Publishing):
+    event_id: str = Field(description="The event_id of the event to replay.")
+
+
+class ReplayFailedConfig(_Publishing):
+    hours: float = Field(default=24.0, description="Failed (status 'error') events processed in the last N hours, unless since/until are set.")
+    since: Optional[str] = Field(default=None, description="Window start on processed_at: ISO date or timestamp (UTC if no offset).")
+    until: Optional[str] = Field(default=None, description="Window end (exclusive; a date means the end of that day). Default: now.")
+
+
+class ReplayRangeConfig(_Publishing):
+    event_type: str = Field(description="e.g. contribution.submitted")
+    start: str = Field(description="First day (or timestamp) of processed_at.")
+    end: str = Field(description="Last day, inclusive (or an exclusive timestamp).")
+
+
+class ResetStuckConfig(_Publishing):
+    older_than_minutes: float = Field(default=5.0, description="Events in 'processing' for longer than this (processed_at, else created_at).")
+    to_status: Literal["pending", "error"] = Field(
+        default="pending",
+        description="pending: back to the worker (re-published, as its message died with the crashed worker); "
+        "error: marked failed, for a later replay-failed.",
+    )
+
+
+class UndoConfig(_Common):
+    replay_run_id: str = Field(description="The run id of the replay to undo (its audit row and snapshot).")
+
+
+def _who_why(context: dg.OpExecutionContext, config: _Common) -> tuple[str, str]:
+    tags = context.run.tags
+    who = config.requested_by or tags.get(REQUESTED_BY_TAG) or tags.get("dagster/user") or "unknown"
+    why = config.reason or tags.get(REASON_TAG) or ""
+    if not why and not config.dry_run:
+        raise dg.Failure(f"a replay needs a reason: set config `reason` or the run tag {REASON_TAG}")
+    return who, why
+
+
+def _metadata(report: pe.Report) -> dict:
+    md = {k: dg.MetadataValue.int(v) for k, v in report.counts().items()}
+    md.update(
+        {
+            "status": report.status,
+            "forced": dg.MetadataValue.bool(report.forced),
+            "selection": dg.MetadataValue.json(report.selection),
+            "selected_by_status": dg.MetadataValue.json(report.by_status),
+            "selected_by_type": dg.MetadataValue.json(report.by_type),
+            "table": report.table,
+            "duration_s": dg.MetadataValue.float(round(report.seconds, 3)),
+        }
+    )
+    if report.snapshot:
+        md["snapshot"] = report.snapshot
+        md["audit"] = f"{pe.AUDIT_TABLE} WHERE run_id = '{report.run_id}'"
+    if report.errors:
+        md["errors"] = dg.MetadataValue.json(report.errors[:20])
+    return md
+
+
+def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg.Output:
+    """Run `work()` (returns a Report); log and report its outcome, including an emergency stop."""
+    try:
+        report = work()
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # the run was cancelled: say what the audit recorded
+            row = pe.audit_row(postgres.url, context.run_id)
+            if row:
+                context.log.warning(
+                    f"STOPPED: {row['published']} published (and moved to pending) before the stop; "
+                    f"{row['not_reached']} not reached and left as they were. Audit: {pe.AUDIT_TABLE} run_id={context.run_id}"
+                )
+        raise
+    summary = ", ".join(f"{k}={v}" for k, v in report.counts().items())
+    context.log.info(f"{report.action} {report.status}: {summary}")
+    skipped = report.skipped_processed + report.skipped_pending
+    if skipped and not report.changed and report.action != "undo":
+        context.log.warning(f"nothing replayed: {report.skipped_processed} already processed, {report.skipped_pending} pending "
+                            "(force=true replays them; side effects may repeat)")
+    if report.status == "failed":
+        raise dg.Failure(f"{report.failed} not confirmed by the broker (rows left unchanged): {report.errors[:3]}", metadata=_metadata(report))
+    return dg.Output(json.dumps(report.counts()), metadata=_metadata(report))
+
+
+def _replay(context: dg.OpExecutionContext, config: _Publishing, postgres: PostgresResource, rabbitmq: RabbitMQResource,
+            selection: pe.Selection, action: str, **kw) -> dg.Output:
+    who, why = _who_why(context, config)
+    pe.check_exchange(config.exchange)
+    context.log.info(f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})")
+
+    def progress(r: pe.Report) -> None:
+        context.log.info(f"progress: {r.published}/{r.selected} published, {r.failed} failed, "
+                         f"{r.skipped_processed + r.skipped_pending + r.skipped_processing} skipped")
+
+    publish = kw.pop("publish", True)
+
+    def work() -> pe.Report:
+        exchange = rabbitmq.sink(config.exchange, "{type}") if publish and not config.dry_run else None
+        try:
+            return pe.replay(
+                postgres.url, selection, context.run_id, table=config.table, exchange=exchange, exchange_name=config.exchange,
+                action=action, force=config.force, dry_run=config.dry_run, rate_limit=config.rate_limit, batch_size=config.batch_size,
+                requested_by=who, reason=why, publish=publish, progress=progress, **kw,
+            )
+        finally:
+            if exchange is not None:
+                exchange.close()
+
+    return _run(context, postgres, work)
+
+
+@dg.op(description="Replay one event (by event_id) to the exchange.")
+def replay_one_event(context: dg.OpExecutionContext, config: ReplayOneConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+    return _replay(context, config, postgres, rabbitmq, pe.Selection.one(config.event_id), "replay_one")
+
+
+@dg.op(description="Replay the failed (status 'error') events of a processed_at window.")
+def replay_failed_events(context: dg.OpExecutionContext, config: ReplayFailedConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+    selection = pe.Selection.failed(config.since, config.until, config.hours)
+    return _replay(context, config, postgres, rabbitmq, selection, "replay_failed")
+
+
+@dg.op(description="Replay the events of one type in a processed_at date range.")
+def replay_event_range(context: dg.OpExecutionContext, config: ReplayRangeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+    selection = pe.Selection.range(config.event_type, config.start, config.end)
+    return _replay(context, config, postgres, rabbitmq, selection, "replay_range")
+
+
+@dg.op(description="Reset events stuck in 'processing' (a crashed worker) to pending (re-published) or error.")
+def reset_stuck_events(context: dg.OpExecutionContext, config: ResetStuckConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+    selection = pe.Selection.stuck(config.older_than_minutes)
+    if config.to_status == "pending":
+        return _replay(context, config, postgres, rabbitmq, selection, "reset_stuck")
+    note = f"reset from processing (stuck > {config.older_than_minutes:g} min) by run {context.run_id}"
+    return _replay(context, config, postgres, rabbitmq, selection, "reset_stuck", publish=False, new_status="error", new_error=note)
+
+
+@dg.op(description="Undo a replay: restore the statuses its snapshot holds.")
+def undo_replay(context: dg.OpExecutionContext, config: UndoConfig, postgres: PostgresResource):
+    who, why = _who_why(context, config)
+    context.log.info(f"undo of {config.replay_run_id} in {config.table} (requested by {who}: {why!r})")
+    return _run(context, postgres, lambda: pe.undo(postgres.url, config.replay_run_id, context.run_id, table=config.table,
+                                                   dry_run=config.dry_run, requested_by=who, reason=why))
+
+
+def _job(name: str, op, description: str) -> dg.JobDefinition:
+    # One op: the in-process executor saves the step subprocess (seconds at launch) and takes
+    # the run's termination signal directly in the op.
+    @dg.job(name=name, description=description, tags={"event_replay/kind": "processed_events"}, executor_def=dg.in_process_executor)
+    def _the_job():
+        op()
+
+    return _the_job
+
+
+JOBS = [
+    _job("processed_events_replay_one", replay_one_event, "Replay one processed_events row (by event_id) to RabbitMQ."),
+    _job("processed_events_replay_failed", replay_failed_events, "Replay failed processed_events in a time window to RabbitMQ."),
+    _job("processed_events_replay_range", replay_event_range, "Replay processed_events of a type in a date range to RabbitMQ."),
+    _job("processed_events_reset_stuck", reset_stuck_events, "Reset processed_events stuck in 'processing' for more than N minutes."),
+    _job("processed_events_undo", undo_replay, "Undo a processed-events replay from its snapshot."),
+]

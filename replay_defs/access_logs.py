@@ -1,0 +1,360 @@
+"""Event keys from S3 access logs, and the ingestion jobs they become (seed 000, the Langfuse refill).
+
+Ingestion writes one S3 object per event, `projectId/type/eventBodyId/eventId.json`. When the
+processing behind it failed, the keys of the objects written in a window are re-enqueued as
+ingestion jobs. The keys come from one of three sources:
+
+- `csv`: an export of the access logs (Athena: `select operation, key ... where operation =
+  'REST.PUT.OBJECT'`), header `"operation","key"` (`keys` is accepted too), optionally with a
+  `requestdatetime` column (`dd/MMM/yyyy:HH:mm:ss Z`) to split the rows by day. DuckDB streams
+  the file, so its size does not matter; malformed rows are quarantined with DuckDB's reason.
+- `access_logs`: S3 server access log files in AWS's own format (a local directory, or an
+  `s3://bucket/prefix` whose objects are named `<prefix>YYYY-MM-DD-HH-MM-SS-<id>`).
+- `listing`: the objects of a bucket (under a prefix) last modified on the day.
+
+Only `REST.PUT.OBJECT` rows count. Each key is validated (shape, no path traversal, known type);
+a bad one is quarantined with its reason. Keys are de-duplicated per day and written as Parquet
+sorted by key, which groups them by project and then type (a project's keys share the prefix
+`projectId/`), so jobs go out grouped the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote
+
+import msgspec
+
+from replay_defs.sinks import Batch
+
+PUT = "REST.PUT.OBJECT"
+Source = Literal["csv", "access_logs", "listing"]
+# Athena's `requestdatetime` and the access log's own time field: 06/Feb/2019:00:00:38 +0000
+LOG_TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
+# bucket_owner bucket [time] remote_ip requester request_id operation key ... (the rest is not needed)
+LOG_LINE = re.compile(r'^\S+ \S+ \[([^\]]+)\] \S+ \S+ \S+ (\S+) (\S+) ')
+ROWS_PER_INSERT = 50_000
+# DuckDB's memory cap for key collection; past it, tables, grouping and sorting spill to disk.
+MEMORY_LIMIT = "512MB"
+
+# A key part: no slash, no control character, no backslash.
+PART = r"[^/\x00-\x1f\x7f\\]+"
+# Why a key is refused, first match wins (NULL: accepted). `$types` is the list of known types.
+# The first branch accepts the common, clean key with the cheapest tests; the rest say why not.
+CLASSIFY = rf"""
+CASE
+  WHEN regexp_full_match(key, '{PART}/{PART}/{PART}/{PART}\.json') AND length(key) <= 1024
+       AND NOT contains(key, '%') AND NOT contains('/' || key, '/.')
+       AND list_contains($types, split_part(key, '/', 2)) AND (time_text IS NULL OR request_time IS NOT NULL) THEN NULL
+  WHEN key IS NULL OR key = '' OR key = '-' THEN 'missing_key'
+  WHEN key LIKE '/%' OR regexp_matches(key, '(^|/)\.\.?(/|$)') OR regexp_matches(key, '[\x00-\x1f\x7f\\]')
+       OR regexp_matches(lower(key), '%2e|%2f|%5c') THEN 'path_traversal'
+  WHEN NOT regexp_full_match(key, '{PART}/{PART}/{PART}/{PART}\.json') OR length(key) > 1024 THEN 'bad_key_shape'
+  WHEN NOT list_contains($types, split_part(key, '/', 2)) THEN 'unknown_type'
+  WHEN time_text IS NOT NULL AND request_time IS NULL THEN 'bad_request_time'
+END
+"""
+
+
+@dataclass
+class DayKeys:
+    """What one day's rows became: counts, and the Parquet files written (if any)."""
+
+    day: str
+    put_rows: int = 0
+    malformed_rows: int = 0  # unreadable rows of the input, counted on the first day
+    keys: int = 0
+    duplicates: int = 0
+    quarantined_by_reason: dict[str, int] = field(default_factory=dict)
+    by_project_type: dict[str, int] = field(default_factory=dict)  # "project/type" -> keys
+
+    @property
+    def quarantined(self) -> int:
+        return sum(self.quarantined_by_reason.values())
+
+
+@dataclass
+class KeyCollection:
+    rows: int = 0  # every row read, of any operation
+    other_operations: int = 0
+    other_days: int = 0  # PUT rows whose time falls outside the days collected
+    malformed: int = 0  # rows the reader could not split into fields (quarantined on the first day)
+    days: dict[str, DayKeys] = field(default_factory=dict)
+
+
+def collect_keys(
+    source: Source,
+    location: str,
+    days: list[str],
+    known_types: tuple[str, ...],
+    keys_dir: Callable[[str], Path],
+    quarantine_dir: Callable[[str], Path],
+    work_dir: Path,
+    s3=None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> KeyCollection:
+    """Read `location`, classify its rows and, per day, write `keys_dir(day)/keys.parquet` and
+    `quarantine_dir(day)/quarantine.parquet` (each only when there is something to write).
+
+    Memory is bounded by DuckDB's limit (it spills to `work_dir`), not by the size of the input.
+    """
+    import duckdb
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # In memory, spilling to work_dir past the limit: a disk database would write every row twice.
+    con = duckdb.connect()
+    try:
+        con.execute("SET memory_limit = ?", [MEMORY_LIMIT])
+        con.execute("SET temp_directory = ?", [str(work_dir / "spill")])
+        con.execute("SET preserve_insertion_order = false")
+        con.execute("CREATE TABLE malformed (reason VARCHAR, raw VARCHAR)")
+        if source == "csv":
+            rows_sql = _csv_rows(con, _local_file(location, work_dir, s3))
+        elif source in ("access_logs", "listing"):
+            con.execute("CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR)")
+            rows = _access_log_rows(_log_files(location, days, work_dir, s3), con) if source == "access_logs" else _listing_rows(location, days, s3)
+            _load_rows(con, rows, log)
+            rows_sql = "SELECT * FROM rows"
+        else:
+            raise ValueError(f"unknown key source {source!r}: use csv, access_logs or listing")
+        _classify(con, rows_sql, days, known_types)
+        if source == "csv":
+            _quarantine_rejected_csv_lines(con)
+        return _write_days(con, days, keys_dir, quarantine_dir, log)
+    finally:
+        con.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _local_file(location: str, work_dir: Path, s3) -> Path:
+    if location.startswith("s3://"):
+        bucket, key = _split_s3(location)
+        local = work_dir / "download" / Path(key).name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(local))  # streamed to disk in parts
+        return local
+    path = Path(location)
+    if not path.is_file():
+        raise ValueError(f"access-log CSV {location!r} does not exist")
+    return path
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def _csv_rows(con, path: Path) -> str:
+    """The SQL that reads the CSV's rows as (operation, key, request_time, time_text)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader([f.readline()]), [])
+    names = [h.strip().lower() for h in header]
+    key_col = "key" if "key" in names else "keys" if "keys" in names else None
+    if "operation" not in names or key_col is None or len(set(names)) != len(names):
+        raise ValueError(f'{path.name}: expected a header "operation","key" (optionally "requestdatetime"), found {header[:10]}')
+    # Every column as text, named by position: the header's own spelling never reaches the SQL.
+    con.execute("SET VARIABLE csv_path = ?", [str(path)])
+    con.execute("SET VARIABLE csv_columns = ?", [{f"c{i}": "VARCHAR" for i in range(len(names))}])
+    col = {n: f"c{i}" for i, n in enumerate(names)}
+    time_sql = col.get("requestdatetime", "NULL")
+    return f"""SELECT {col['operation']} AS operation, {col[key_col]} AS key,
+                      try_strptime({time_sql}, '{LOG_TIME_FORMAT}') AS request_time, {time_sql} AS time_text
+        FROM read_csv(getvariable('csv_path'), header = true, auto_detect = false, delim = ',', quote = '"', escape = '"',
+                      columns = getvariable('csv_columns'), ignore_errors = true, store_rejects = true, strict_mode = true,
+                      max_line_size = 1048576)"""
+
+
+def _quarantine_rejected_csv_lines(con) -> None:
+    # One quarantine row per rejected line (DuckDB may report several errors for one line).
+    con.execute(
+        """INSERT INTO malformed
+        SELECT 'malformed_csv_row: ' || lower(string_agg(DISTINCT error_type, ', ')), any_value(csv_line)
+        FROM reject_errors GROUP BY scan_id, line"""
+    )
+
+
+def _load_rows(con, rows: Iterator[tuple[str, str, datetime | None, str | None]], log) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema([("operation", pa.string()), ("key", pa.string()), ("request_time", pa.timestamp("us", tz="UTC")), ("time_text", pa.string())])
+    chunk: list[tuple] = []
+    total = 0
+
+    def flush() -> None:
+        con.register("chunk", pa.Table.from_pylist([dict(zip(schema.names, r)) for r in chunk], schema=schema))
+        con.execute("INSERT INTO rows SELECT * FROM chunk")
+        con.unregister("chunk")
+        chunk.clear()
+
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= ROWS_PER_INSERT:
+            total += len(chunk)
+            flush()
+            log(f"read {total:,} rows so far")
+    total += len(chunk)
+    if chunk:
+        flush()
+    log(f"read {total:,} rows")
+
+
+def _log_files(location: str, days: list[str], work_dir: Path, s3) -> Iterator[Path]:
+    """The access log files that can hold records of `days`: a log file is named by when it was
+    delivered, up to a few hours after its records, so the day after the last is listed too."""
+    wanted = [*days, (date.fromisoformat(days[-1]) + timedelta(days=1)).isoformat()]
+    if location.startswith("s3://"):
+        bucket, prefix = _split_s3(location)
+        paginator = s3.get_paginator("list_objects_v2")
+        target = work_dir / "logs"
+        target.mkdir(parents=True, exist_ok=True)
+        for day in wanted:
+            for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}{day}-"):
+                for obj in page.get("Contents", []):
+                    local = target / "current.log"
+                    s3.download_file(bucket, obj["Key"], str(local))
+                    yield local
+        return
+    root = Path(location)
+    if not root.is_dir():
+        raise ValueError(f"access-log directory {location!r} does not exist")
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and any(path.name.startswith(d) or d in path.as_posix() for d in wanted):
+            yield path
+
+
+def _access_log_rows(files: Iterator[Path], con) -> Iterator[tuple]:
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                m = LOG_LINE.match(line)
+                when = None
+                if m:
+                    try:
+                        when = datetime.strptime(m.group(1), LOG_TIME_FORMAT)
+                    except ValueError:
+                        pass
+                if when is None:
+                    con.execute("INSERT INTO malformed VALUES ('malformed_log_line', ?)", [line[:2000]])
+                    continue
+                key = m.group(3)
+                # The log writes keys URL-encoded; decode once, then the same checks as for the CSV apply.
+                yield m.group(2), None if key == "-" else unquote(key), when, m.group(1)
+
+
+def _listing_rows(location: str, days: list[str], s3) -> Iterator[tuple]:
+    if not location.startswith("s3://"):
+        raise ValueError(f"listing needs an s3://bucket/prefix location, got {location!r}")
+    bucket, prefix = _split_s3(location)
+    start = datetime.fromisoformat(days[0]).replace(tzinfo=timezone.utc)
+    end = datetime.fromisoformat(days[-1]).replace(tzinfo=timezone.utc) + timedelta(days=1)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if start <= obj["LastModified"] < end:
+                yield PUT, obj["Key"], obj["LastModified"], obj["LastModified"].isoformat()
+
+
+def _classify(con, rows_sql: str, days: list[str], known_types: tuple[str, ...]) -> None:
+    """One pass over the input: every row once, with its day and, for a PUT, why it is refused."""
+    con.execute(
+        f"""CREATE TABLE classified AS
+        SELECT operation IS NOT DISTINCT FROM '{PUT}' AS is_put,
+               CASE WHEN is_put THEN key END AS key, request_time, time_text IS NOT NULL AS timed,
+               coalesce(strftime(timezone('UTC', request_time), '%Y-%m-%d'), $first_day) AS day,
+               CASE WHEN is_put THEN {CLASSIFY} END AS reason
+        FROM ({rows_sql})""",
+        {"types": list(known_types), "first_day": days[0]},
+    )
+
+
+def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyCollection:
+    result = KeyCollection()
+    result.rows, puts, timed, result.other_days = con.execute(
+        "SELECT count(*), count(*) FILTER (is_put), count(*) FILTER (is_put AND timed), "
+        "count(*) FILTER (is_put AND NOT list_contains($days, day)) FROM classified", {"days": days}).fetchone()
+    result.other_operations = result.rows - puts
+    result.malformed = con.execute("SELECT count(*) FROM malformed").fetchone()[0]
+    log(f"read {result.rows:,} rows, {puts:,} of them PUTs")
+    if len(days) > 1 and timed < puts:
+        raise ValueError("some rows have no request time, so their day is unknown: run one day at a time, "
+                         "or export `requestdatetime` with the keys")
+    for day in days:
+        stats = DayKeys(day)
+        stats.put_rows = con.execute("SELECT count(*) FROM classified WHERE is_put AND day = ?", [day]).fetchone()[0]
+        stats.quarantined_by_reason = dict(con.execute(
+            "SELECT reason, count(*) FROM classified WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason", [day]).fetchall())
+        if day == days[0] and result.malformed:
+            stats.malformed_rows = result.malformed
+            for reason, n in con.execute("SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL").fetchall():
+                stats.quarantined_by_reason[reason] = stats.quarantined_by_reason.get(reason, 0) + n
+        # Grouped, sorted and written in one statement; the counts are then read back from the file.
+        keys_file = keys_dir(day) / "keys.parquet"
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(
+            """COPY (SELECT key, min(request_time) AS first_put, count(*) AS puts
+                     FROM classified WHERE is_put AND day = $day AND reason IS NULL GROUP BY key ORDER BY key)
+            TO $path (FORMAT parquet)""",
+            {"day": day, "path": str(keys_file)},
+        )
+        stats.keys, puts = con.execute("SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}).fetchone()
+        stats.duplicates = int(puts) - stats.keys
+        stats.by_project_type = {f"{p}/{t}": n for p, t, n in con.execute(
+            "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
+            {"f": str(keys_file)}).fetchall()}
+        if not stats.keys:
+            keys_file.unlink()
+            keys_file.parent.rmdir()  # nothing to publish for the day
+        if stats.quarantined:
+            quarantine_dir(day).mkdir(parents=True, exist_ok=True)
+            con.execute(
+                """COPY (
+                  SELECT reason, key AS raw, request_time FROM classified WHERE day = $day AND reason IS NOT NULL
+                  UNION ALL
+                  SELECT reason, raw, NULL FROM malformed WHERE $first
+                ) TO $path (FORMAT parquet)""",
+                {"day": day, "first": day == days[0], "path": str(quarantine_dir(day) / "quarantine.parquet")},
+            )
+        log(f"{day}: {stats.put_rows:,} PUT rows -> {stats.keys:,} keys, {stats.duplicates:,} duplicates, "
+            f"{stats.quarantined:,} quarantined {stats.quarantined_by_reason or ''}")
+        result.days[day] = stats
+    return result
+
+
+def job_batches(keys_parquet: list[str], batch_size: int, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> Iterator[Batch]:
+    """Langfuse ingestion jobs for the keys, in the shape its refill script enqueues them:
+    `{id, timestamp, name: "ingestion-job", payload: {data: {type: "<type>-create", eventBodyId,
+    fileKey}, authCheck: {validKey, scope: {projectId, accessLevel}}}}`. The message id (the BullMQ
+    job id and ledger id) is the object key itself, so a key listed twice is one job."""
+    import pyarrow.parquet as pq
+
+    encode = msgspec.json.encode
+    for path in keys_parquet:
+        # pre_buffer=False: with it, pyarrow keeps every row group it read cached (1 GB for 18M keys).
+        for rb in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=["key"]):
+            stamp = now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            keys = rb.column(0).to_pylist()
+            types, bodies = [], []
+            for key in keys:
+                project, type_, body_id, file_name = key.split("/")  # validated: four parts, ending in .json
+                event_id = file_name.removesuffix(".json")
+                types.append(type_)
+                bodies.append(encode({
+                    "id": event_id,
+                    "timestamp": stamp,
+                    "name": "ingestion-job",
+                    "payload": {
+                        "data": {"type": f"{type_}-create", "eventBodyId": body_id, "fileKey": event_id},
+                        "authCheck": {"validKey": True, "scope": {"projectId": project, "accessLevel": "project"}},
+                    },
+                }))
+            yield Batch(keys, bodies, types)

@@ -1,0 +1,590 @@
+"""Processed-events replay (seed 003): re-publish rows of a Postgres `processed_events` table to
+a RabbitMQ exchange, with a snapshot to undo, an audit row per replay, and an emergency stop.
+
+The table is the seed's (see `create_processed_events_table`): an event per row with its status
+`pending` -> `processing` -> `processed` | `error`. A worker consumes the exchange and marks each
+event `processed` (or `error`). A replay
+
+1. selects rows (`Selection`): one event by `event_id`; the failed (`error`) ones in a window of
+   `processed_at`; a type in a date range of `processed_at`; or those stuck in `processing` for
+   longer than N minutes;
+2. walks them in `batch_size` batches of `SELECT ... FOR UPDATE SKIP LOCKED` (a row another replay
+   or worker holds is left to it), publishes each replayable row to the exchange (routing key = the
+   event type, `message_id` = the event id, publisher confirms, paced by `rate_limit`), and in the
+   same transaction snapshots the published rows into `event_replay_snapshot` and moves them to
+   `pending` (retry_count 0, error_message and processed_at cleared, as the seed's SQL does);
+3. records it in `event_replay_audit` (one row per run: who, why, selection, counts, forced flag,
+   snapshot location, status).
+
+Idempotency: `error` rows are always replayed; `processed` and `pending` ones (already done, or
+already waiting for the worker) only with `force`, and a forced replay is flagged in the audit;
+`processing` rows never (that is `reset_stuck`'s job).
+
+Emergency stop: a publish and its bookkeeping are one unit that SIGINT/SIGTERM (how Dagster
+cancels a run) cannot split; the stop lands between two publishes. The batch in progress then
+commits exactly the rows the broker confirmed, the rest stay as they were, and the audit row
+says `stopped` with the count published.
+
+Undo: `undo(run_id)` puts the snapshot's status, retry_count, error_message and processed_at back
+(messages already consumed cannot be recalled; the undo itself is snapshotted and audited).
+
+Every value goes to Postgres as a parameter; table names only as `psycopg.sql.Identifier`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+from replay_defs.redact import redact
+
+STATUSES = ("pending", "processing", "processed", "error")
+AUDIT_TABLE = "event_replay_audit"
+SNAPSHOT_TABLE = "event_replay_snapshot"
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+_EXCHANGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
+
+
+def table_identifier(name: str):
+    """`processed_events` or `schema.processed_events` as a quoted identifier (never formatted)."""
+    from psycopg import sql
+
+    if not _TABLE_NAME.fullmatch(name or ""):
+        raise ValueError(f"{name!r} is not a table name (letters, digits, _; optionally schema.table)")
+    return sql.Identifier(*name.split("."))
+
+
+def check_exchange(name: str) -> str:
+    if not _EXCHANGE_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid exchange name")
+    return name
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+
+def create_processed_events_table(conn, table: str = "processed_events") -> None:
+    """The seed's table (for demos and tests; production already has it)."""
+    from psycopg import sql
+
+    conn.execute(
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS {t} (
+              id bigserial PRIMARY KEY,
+              event_type text NOT NULL,
+              event_id text NOT NULL UNIQUE,
+              idempotency_key text NOT NULL UNIQUE,
+              payload jsonb NOT NULL DEFAULT '{{}}'::jsonb,
+              status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'processing', 'processed', 'error')),
+              retry_count integer NOT NULL DEFAULT 0,
+              error_message text,
+              processed_at timestamptz,
+              created_at timestamptz NOT NULL DEFAULT now()
+            )"""
+        ).format(t=table_identifier(table))
+    )
+
+
+def ensure_replay_tables(conn) -> None:
+    """The audit and snapshot tables, next to the events (created on first use; an advisory lock
+    keeps two first replays from racing on CREATE TABLE IF NOT EXISTS)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay_tables'))")
+        _create_replay_tables(conn)
+
+
+def _create_replay_tables(conn) -> None:
+    conn.execute(
+        f"""
+        CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
+          run_id text PRIMARY KEY,
+          action text NOT NULL,
+          table_name text NOT NULL,
+          selection jsonb NOT NULL,
+          requested_by text NOT NULL,
+          reason text NOT NULL,
+          exchange text,
+          force boolean NOT NULL DEFAULT false,
+          forced boolean NOT NULL DEFAULT false,
+          forced_count integer NOT NULL DEFAULT 0,
+          selected integer NOT NULL DEFAULT 0,
+          published integer NOT NULL DEFAULT 0,
+          changed integer NOT NULL DEFAULT 0,
+          skipped_processed integer NOT NULL DEFAULT 0,
+          skipped_pending integer NOT NULL DEFAULT 0,
+          skipped_processing integer NOT NULL DEFAULT 0,
+          failed integer NOT NULL DEFAULT 0,
+          not_reached integer NOT NULL DEFAULT 0,
+          snapshot text,
+          status text NOT NULL,
+          error text,
+          undone_by text,
+          started_at timestamptz NOT NULL DEFAULT now(),
+          finished_at timestamptz
+        )"""
+    )
+    conn.execute(
+        f"""
+        CREATE TABLE IF NOT EXISTS {SNAPSHOT_TABLE} (
+          run_id text NOT NULL,
+          table_name text NOT NULL,
+          event_pk bigint NOT NULL,
+          event_id text NOT NULL,
+          status text NOT NULL,
+          retry_count integer NOT NULL,
+          error_message text,
+          processed_at timestamptz,
+          snapshotted_at timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (run_id, table_name, event_pk)
+        )"""
+    )
+
+
+# ---- selections -------------------------------------------------------------------------------
+
+
+def _parse_time(value: str, end: bool = False) -> datetime:
+    """ISO date or timestamp; a date alone as an end means the whole of that day (exclusive next
+    midnight, unlike the seed's BETWEEN, which dropped the last day). Naive times are UTC."""
+    value = value.strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        d = datetime.combine(date.fromisoformat(value), datetime.min.time(), tzinfo=timezone.utc)
+        return d + timedelta(days=1) if end else d
+    t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows a replay covers. Build with the class methods."""
+
+    kind: str  # one | failed | range | stuck
+    event_id: str | None = None
+    event_type: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    older_than_minutes: float | None = None
+
+    @classmethod
+    def one(cls, event_id: str) -> "Selection":
+        if not event_id:
+            raise ValueError("event_id is required")
+        return cls("one", event_id=event_id)
+
+    @classmethod
+    def failed(cls, since: str | None = None, until: str | None = None, hours: float = 24.0, now: datetime | None = None) -> "Selection":
+        """Rows in `error` whose processed_at is in [since, until) (default: the last `hours`)."""
+        now = now or datetime.now(timezone.utc)
+        start = _parse_time(since) if since else now - timedelta(hours=hours)
+        end = _parse_time(until, end=True) if until else now
+        if end <= start:
+            raise ValueError(f"empty window: {start.isoformat()} .. {end.isoformat()}")
+        return cls("failed", start=start, end=end)
+
+    @classmethod
+    def range(cls, event_type: str, start: str, end: str) -> "Selection":
+        """Rows of `event_type` whose processed_at is in [start, end] (a date end: the whole day)."""
+        if not event_type:
+            raise ValueError("event_type is required")
+        s, e = _parse_time(start), _parse_time(end, end=True)
+        if e <= s:
+            raise ValueError(f"end {end} is not after start {start}")
+        return cls("range", event_type=event_type, start=s, end=e)
+
+    @classmethod
+    def stuck(cls, older_than_minutes: float = 5) -> "Selection":
+        """Rows in `processing` since more than N minutes (processed_at, else created_at)."""
+        if older_than_minutes < 0:
+            raise ValueError("older_than_minutes must be >= 0")
+        return cls("stuck", older_than_minutes=older_than_minutes)
+
+    def where(self):
+        """(SQL condition, parameters)."""
+        from psycopg import sql
+
+        if self.kind == "one":
+            return sql.SQL("event_id = %s"), [self.event_id]
+        if self.kind == "failed":
+            return sql.SQL("status = 'error' AND processed_at >= %s AND processed_at < %s"), [self.start, self.end]
+        if self.kind == "range":
+            return sql.SQL("event_type = %s AND processed_at >= %s AND processed_at < %s"), [self.event_type, self.start, self.end]
+        if self.kind == "stuck":
+            return (
+                sql.SQL("status = 'processing' AND coalesce(processed_at, created_at) < now() - make_interval(secs => %s)"),
+                [self.older_than_minutes * 60],
+            )
+        raise ValueError(f"unknown selection {self.kind!r}")
+
+    def describe(self) -> dict:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items() if v is not None}
+
+
+# ---- interrupts -------------------------------------------------------------------------------
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM (Dagster cancels a run with them) until the block is done, then act on
+    them as if they arrived right after it: a publish and its bookkeeping are never split."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    originals = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, lambda signo, _frame: received.append(signo))
+    try:
+        yield
+    finally:
+        for s, handler in originals.items():
+            signal.signal(s, handler)
+        if received:
+            handler = originals[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL and received[0] == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
+
+
+# ---- replay -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    run_id: str
+    action: str
+    table: str
+    selection: dict
+    dry_run: bool = False
+    force: bool = False
+    selected: int = 0  # rows matching the selection when the replay started
+    published: int = 0  # confirmed by the broker (and moved to the new status)
+    changed: int = 0  # rows whose status this run changed (= published when publishing)
+    forced_count: int = 0  # processed/pending rows replayed because of force
+    skipped_processed: int = 0
+    skipped_pending: int = 0
+    skipped_processing: int = 0
+    failed: int = 0  # not confirmed (unroutable, nacked, connection lost): row left unchanged
+    not_reached: int = 0  # locked by another replay/worker, or left when stopped
+    status: str = "running"  # running | succeeded | failed | stopped | dry_run
+    by_status: dict = field(default_factory=dict)  # selection per current status (the plan)
+    by_type: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+    snapshot: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def forced(self) -> bool:
+        return self.forced_count > 0
+
+    def counts(self) -> dict:
+        keys = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed", "not_reached")
+        return {k: getattr(self, k) for k in keys}
+
+
+def snapshot_location(run_id: str) -> str:
+    return f"{SNAPSHOT_TABLE} WHERE run_id = '{run_id}'"
+
+
+def _plan(conn, table: str, selection: Selection) -> tuple[int, dict, dict]:
+    from psycopg import sql
+
+    cond, params = selection.where()
+    rows = conn.execute(
+        sql.SQL("SELECT status, event_type, count(*) FROM {t} WHERE {c} GROUP BY 1, 2").format(t=table_identifier(table), c=cond), params
+    ).fetchall()
+    by_status: dict[str, int] = {}
+    by_type: dict[str, int] = {}
+    for status, event_type, n in rows:
+        by_status[status] = by_status.get(status, 0) + n
+        by_type[event_type] = by_type.get(event_type, 0) + n
+    return sum(by_status.values()), by_status, by_type
+
+
+def _audit_start(conn, report: Report, requested_by: str, reason: str, exchange: str | None) -> None:
+    conn.execute(
+        f"INSERT INTO {AUDIT_TABLE} (run_id, action, table_name, selection, requested_by, reason, exchange, force, selected, snapshot, status)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'running')",
+        (report.run_id, report.action, report.table, json.dumps(report.selection), requested_by, reason, exchange, report.force,
+         report.selected, report.snapshot),
+    )
+
+
+def _audit_finish(conn, report: Report, error: str | None = None) -> None:
+    c = report.counts()
+    conn.execute(
+        f"UPDATE {AUDIT_TABLE} SET published = %s, changed = %s, forced = %s, forced_count = %s, skipped_processed = %s,"
+        " skipped_pending = %s, skipped_processing = %s, failed = %s, not_reached = %s, status = %s, error = %s, finished_at = now()"
+        " WHERE run_id = %s",
+        (c["published"], c["changed"], report.forced, c["forced_count"], c["skipped_processed"], c["skipped_pending"],
+         c["skipped_processing"], c["failed"], c["not_reached"], report.status, error, report.run_id),
+    )
+
+
+def _finish_status(report: Report, exc: BaseException | None) -> str | None:
+    """Sets report.status from how the run ended; returns the error text for the audit."""
+    if exc is None:
+        report.status = "failed" if report.failed else "succeeded"
+        return "; ".join(report.errors[:5]) or None
+    if isinstance(exc, Exception):
+        report.status = "failed"
+        return redact(f"{type(exc).__name__}: {exc}")[:2000]
+    report.status = "stopped"  # KeyboardInterrupt, DagsterExecutionInterruptedError: run cancelled
+    return f"stopped ({type(exc).__name__}) after {report.published} published"
+
+
+def replay(
+    url: str,
+    selection: Selection,
+    run_id: str,
+    *,
+    table: str = "processed_events",
+    exchange=None,
+    exchange_name: str = "",
+    action: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    rate_limit: float = 0.0,
+    batch_size: int = 100,
+    requested_by: str = "unknown",
+    reason: str = "",
+    publish: bool = True,
+    new_status: str = "pending",
+    new_error: str | None = None,
+    progress: Callable[[Report], None] | None = None,
+    progress_every_s: float = 5.0,
+) -> Report:
+    """Replay the selected rows (see the module docstring). `exchange`: an object with
+    `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.RabbitExchange`);
+    `publish=False` only changes statuses (the stuck reset to `error`)."""
+    import psycopg
+    from psycopg import sql
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if rate_limit < 0:
+        raise ValueError("rate_limit must be >= 0 (0: unlimited)")
+    if new_status not in STATUSES:
+        raise ValueError(f"unknown status {new_status!r}")
+    if publish and exchange is None and not dry_run:
+        raise ValueError("publishing needs an exchange")
+    t = table_identifier(table)
+    report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
+    t0 = time.monotonic()
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
+        if selection.kind == "one" and not report.selected:
+            raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
+        replayable = {"processing"} if selection.kind == "stuck" else {"error"}
+        if force:
+            replayable |= {"processed", "pending"}
+        if dry_run:
+            report.status = "dry_run"
+            report.changed = sum(n for s, n in report.by_status.items() if s in replayable)
+            report.seconds = time.monotonic() - t0
+            return report
+        ensure_replay_tables(conn)
+        report.snapshot = snapshot_location(run_id)
+        _audit_start(conn, report, requested_by, reason, exchange_name if publish else None)
+        conn.autocommit = False
+        cond, params = selection.where()
+        select = sql.SQL(
+            "SELECT id, event_type, event_id, idempotency_key, payload, status FROM {t} WHERE ({c}) AND id > %s"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+        ).format(t=t, c=cond)
+        snap = sql.SQL(
+            "INSERT INTO {s} (run_id, table_name, event_pk, event_id, status, retry_count, error_message, processed_at)"
+            " SELECT %s, %s, id, event_id, status, retry_count, error_message, processed_at FROM {t} WHERE id = ANY(%s)"
+            " ON CONFLICT DO NOTHING"
+        ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t)
+        if new_status == "pending":  # back to the worker, as the seed's replay SQL does
+            update = sql.SQL("UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)")
+        else:  # marked failed now, so a later replay-failed window finds it
+            update = sql.SQL("UPDATE {t} SET status = %s, error_message = %s, processed_at = now() WHERE id = ANY(%s)")
+        update = update.format(t=t)
+        interval = 1.0 / rate_limit if rate_limit else 0.0
+        next_at = time.monotonic()
+        last_progress = time.monotonic()
+        handled = 0
+        exc_seen: BaseException | None = None
+        broken: str | None = None
+        try:
+            last_id = 0
+            while True:
+                with deferred_interrupts():  # a cancel never lands inside a query
+                    rows = conn.execute(select, [*params, last_id, batch_size]).fetchall()
+                if not rows:
+                    conn.commit()
+                    break
+                last_id = rows[-1][0]
+                done: list[int] = []
+                forced_here = 0
+                try:
+                    for pk, event_type, event_id, idem, payload, status in rows:
+                        if status not in replayable:
+                            handled += 1
+                            if status == "processed":
+                                report.skipped_processed += 1
+                            elif status == "pending":
+                                report.skipped_pending += 1
+                            else:
+                                report.skipped_processing += 1
+                            continue
+                        if not publish:
+                            handled += 1
+                            done.append(pk)
+                            continue
+                        if interval:  # pacing: a cancel lands here, between two publishes
+                            wait = next_at - time.monotonic()
+                            if wait > 0:
+                                time.sleep(wait)
+                            next_at = max(next_at + interval, time.monotonic() - interval)
+                        forced_row = status in ("processed", "pending") and selection.kind != "stuck"
+                        headers = {"event_id": event_id, "idempotency_key": idem, "event_type": event_type,
+                                   "replay_run_id": run_id, "replay_forced": forced_row}
+                        body = json.dumps(payload, separators=(",", ":")).encode()
+                        with deferred_interrupts():
+                            err = exchange.publish(event_type, body, message_id=event_id, headers=headers)
+                            handled += 1
+                            if err is None:
+                                done.append(pk)
+                                forced_here += forced_row
+                        if err is not None:
+                            report.failed += 1
+                            if len(report.errors) < 20:
+                                report.errors.append(f"{event_id}: {err}")
+                            if err.startswith("connection"):
+                                broken = err
+                                break
+                        if progress and time.monotonic() - last_progress >= progress_every_s:
+                            last_progress = time.monotonic()
+                            progress(report)
+                finally:
+                    # Whatever happened (stop included), commit exactly the rows the broker confirmed.
+                    with deferred_interrupts():
+                        if done:
+                            conn.execute(snap, [run_id, table, done])
+                            conn.execute(update, [new_status, new_error, done])
+                        conn.commit()
+                        report.changed += len(done)
+                        report.published += len(done) if publish else 0
+                        report.forced_count += forced_here
+                if broken:  # the broker is gone: what was confirmed is committed, the rest stays as it was
+                    raise ConnectionError(f"RabbitMQ connection lost after {report.published} published: {broken}")
+                if progress and time.monotonic() - last_progress >= progress_every_s:
+                    last_progress = time.monotonic()
+                    progress(report)
+        except BaseException as exc:  # noqa: BLE001 - a cancelled run lands here too; re-raised
+            exc_seen = exc
+            raise
+        finally:
+            report.not_reached = max(0, report.selected - handled)
+            report.seconds = time.monotonic() - t0
+            error = _finish_status(report, exc_seen)
+            with deferred_interrupts():
+                try:
+                    conn.rollback()
+                    conn.autocommit = True
+                    _audit_finish(conn, report, error)
+                except Exception:  # the database went away: the run's error says why
+                    if exc_seen is None:
+                        raise
+    return report
+
+
+def undo(
+    url: str,
+    undo_run_id: str,
+    run_id: str,
+    *,
+    table: str = "processed_events",
+    dry_run: bool = False,
+    requested_by: str = "unknown",
+    reason: str = "",
+) -> Report:
+    """Restore status, retry_count, error_message and processed_at of the rows replay `undo_run_id`
+    changed, as snapshotted. The current values are snapshotted under `run_id` first, so an undo
+    can itself be undone."""
+    import psycopg
+    from psycopg import sql
+
+    t = table_identifier(table)
+    report = Report(run_id, "undo", table, {"undo_of": undo_run_id}, dry_run=dry_run)
+    t0 = time.monotonic()
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        ensure_replay_tables(conn)
+        found = conn.execute(f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)).fetchone()
+        if found is None:
+            raise LookupError(f"no replay {undo_run_id!r} in {AUDIT_TABLE}")
+        if found[1]:
+            raise ValueError(f"replay {undo_run_id} was already undone by run {found[1]} (undo that run to redo it)")
+        report.selected = conn.execute(
+            f"SELECT count(*) FROM {SNAPSHOT_TABLE} WHERE run_id = %s AND table_name = %s", (undo_run_id, table)
+        ).fetchone()[0]
+        if dry_run:
+            report.status = "dry_run"
+            report.changed = report.selected
+            return report
+        report.snapshot = snapshot_location(run_id)
+        _audit_start(conn, report, requested_by, reason, None)
+        exc_seen: BaseException | None = None
+        try:
+            with deferred_interrupts(), conn.transaction():
+                conn.execute(
+                    sql.SQL(
+                        "SELECT p.id FROM {t} p JOIN {s} s ON s.event_pk = p.id WHERE s.run_id = %s AND s.table_name = %s FOR UPDATE OF p"
+                    ).format(t=t, s=sql.Identifier(SNAPSHOT_TABLE)),
+                    (undo_run_id, table),
+                )
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {s} (run_id, table_name, event_pk, event_id, status, retry_count, error_message, processed_at)"
+                        " SELECT %s, %s, p.id, p.event_id, p.status, p.retry_count, p.error_message, p.processed_at"
+                        " FROM {t} p JOIN {s} old ON old.event_pk = p.id WHERE old.run_id = %s AND old.table_name = %s"
+                    ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t),
+                    (run_id, table, undo_run_id, table),
+                )
+                cur = conn.execute(
+                    sql.SQL(
+                        "UPDATE {t} p SET status = s.status, retry_count = s.retry_count, error_message = s.error_message,"
+                        " processed_at = s.processed_at FROM {s} s WHERE s.event_pk = p.id AND s.run_id = %s AND s.table_name = %s"
+                    ).format(t=t, s=sql.Identifier(SNAPSHOT_TABLE)),
+                    (undo_run_id, table),
+                )
+                report.changed = cur.rowcount
+                conn.execute(f"UPDATE {AUDIT_TABLE} SET undone_by = %s WHERE run_id = %s", (run_id, undo_run_id))
+        except BaseException as exc:
+            exc_seen = exc
+            raise
+        finally:
+            report.not_reached = report.selected - report.changed
+            report.seconds = time.monotonic() - t0
+            error = _finish_status(report, exc_seen)
+            try:
+                _audit_finish(conn, report, error)
+            except Exception:
+                if exc_seen is None:
+                    raise
+    return report
+
+
+def audit_row(url: str, run_id: str) -> dict[str, Any] | None:
+    """The audit record of a replay, as a dict (None if there is none)."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, connect_timeout=10, row_factory=dict_row) as conn:
+        ensure_replay_tables(conn)
+        return conn.execute(f"SELECT * FROM {AUDIT_TABLE} WHERE run_id = %s", (run_id,)).fetchone()
