@@ -92,13 +92,17 @@ def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, si
         return [rd.raw_file_batch(the_lake, refs)]
 
     deliver_day(context, config, spec, the_lake, sink, ledger, day, batches, handled if spec.redrive.unit == "raw_file" else None,
-                {"mode": config.mode, "unit": spec.redrive.unit})
+                {"mode": config.mode, "unit": spec.redrive.unit},
+                whole_day=config.mode == "day" and config.type is None and config.limit is None,
+                more_metadata=(lambda counts: source_summary(the_lake, spec, day, counts)) if spec.from_table else None)
 
 
 def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, day: str, batches, handled: set[str] | None,
-                metadata: dict) -> None:
+                metadata: dict, whole_day: bool = True, more_metadata=None) -> None:
     """Deliver one day's messages (`batches()` makes them) and record the outcome: metadata, the
-    run log, dead letters, and `last/day=D.json` for the `deliveries_reconcile` check."""
+    run log, dead letters, and `last/day=D.json` for the `deliveries_reconcile` check.
+    `whole_day`: the selection was the whole day (not a mode, type or limit); `more_metadata`:
+    counts -> further metadata (a table source's seed-002 figures)."""
     dead_letters = f"dead_letter/day={day}/{context.run.run_id}.jsonl"
     try:
         counts = rd.redrive(
@@ -130,9 +134,8 @@ def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, d
     }
     if config.dry_run:
         md["would_publish"] = would_publish
-    whole_day = config.mode == "day" and config.type is None and config.limit is None
-    if spec.from_table:
-        md.update(source_summary(the_lake, spec, day, counts))
+    if more_metadata is not None:
+        md.update(more_metadata(counts))
     context.add_asset_metadata(md, partition_key=day)
     if counts.failed:
         path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
