@@ -3,6 +3,7 @@ Redis and PostgreSQL (the machine's, or private ones started for the session).""
 
 import os
 import shutil
+import sys
 import warnings
 from datetime import date
 from pathlib import Path
@@ -102,6 +103,19 @@ def ch_database(request, chdb_path) -> str:
         ch.command(f"DROP DATABASE IF EXISTS {quote_ident(name)}")
         ch.command(f"CREATE DATABASE {quote_ident(name)}")
     return name
+
+
+@pytest.fixture
+def fresh_definitions(monkeypatch):
+    """For tests that call the CLI's `main` in process after setting env vars: the CLI uses the
+    module-level `defs`, built from the env when first imported, so import it afresh for this test,
+    and give later tests back the module they had (or none)."""
+    import replay_defs
+
+    monkeypatch.delitem(sys.modules, "replay_defs.definitions", raising=False)
+    monkeypatch.delattr(replay_defs, "definitions", raising=False)
+    yield
+    sys.modules.pop("replay_defs.definitions", None)  # monkeypatch then restores what was there before
 
 
 def run_range(defs, instance, start, end, run_config=None, selection=None):

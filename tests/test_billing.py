@@ -208,42 +208,34 @@ def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path
     assert seen["chdb"].equals(seen["http"])
 
 
-def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, broker, clickhouse_http, monkeypatch, capsys):
+def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, broker, clickhouse_http, monkeypatch, capsys, fresh_definitions):
     """The seed's POST /events/raw/reprocess as `event-replay billing reprocess`, on the code
     location as declared (topic prod_events_v4), reaching ClickHouse only through clickhouse-connect
     over HTTP (the fixture, with a password) and Kafka on the real broker."""
-    import replay_defs
     from replay_defs import cli
 
     broker.create_topic("prod_events_v4")
     monkeypatch.setenv("CLICKHOUSE_URL", clickhouse_http.url())
-    # The CLI uses the module-level defs, built from the env at import: import it afresh for this
-    # test's env, and give later tests back the module they had (or none).
-    monkeypatch.delitem(sys.modules, "replay_defs.definitions", raising=False)
-    monkeypatch.delattr(replay_defs, "definitions", raising=False)
-    try:
-        before = len(clickhouse_http.requests)
+    before = len(clickhouse_http.requests)
 
-        def reprocess(*extra):
-            cli.main(["billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", f"{DAY2}T01:00:00Z", "--tenant", "acme", "--environment", "prod",
-                      "--customer", "cust-a", "--event-name", "llm_call", "--batch-size", "2", *extra])
-            out = capsys.readouterr()
-            assert "ch-secret-pw" not in out.out + out.err
-            return json.loads(out.out.strip().splitlines()[-1])
+    def reprocess(*extra):
+        cli.main(["billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", f"{DAY2}T01:00:00Z", "--tenant", "acme", "--environment", "prod",
+                  "--customer", "cust-a", "--event-name", "llm_call", "--batch-size", "2", *extra])
+        out = capsys.readouterr()
+        assert "ch-secret-pw" not in out.out + out.err
+        return json.loads(out.out.strip().splitlines()[-1])
 
-        dry = reprocess("--dry-run")
-        assert dry["status"] == "SUCCESS" and dry["found"] == 3 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
-        assert broker.read_all("prod_events_v4", idle_s=1.0) == []
-        out = reprocess()
-        assert out["status"] == "SUCCESS" and out["published"] == 3 and out["found"] == 3 and out["run_id"] != dry["run_id"]
-        # cust-a's llm_call events in [DAY1 10:00, DAY2 01:00): e01, e03, e05 (tied at 10:00, the start, included);
-        # e20 at DAY2 01:00 (the end, excluded) is not.
-        ids = sorted(json.loads(m.value())["event_id"] for m in broker.read_all("prod_events_v4", idle_s=1.0))
-        assert ids == ["e01", "e03", "e05"]
-        sent = clickhouse_http.requests[before:]
-        assert any(r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in sent)
-        assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), "raw_events counted over HTTP"
-        run = dg.DagsterInstance.get().get_run_by_id(out["run_id"])
-        assert run is not None and run.is_success and run.tags[RANGE_TAGS[0]] == DAY1 and run.tags[RANGE_TAGS[1]] == DAY2
-    finally:  # not for later tests: monkeypatch puts back what was there before, this drops what was not
-        sys.modules.pop("replay_defs.definitions", None)
+    dry = reprocess("--dry-run")
+    assert dry["status"] == "SUCCESS" and dry["found"] == 3 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
+    assert broker.read_all("prod_events_v4", idle_s=1.0) == []
+    out = reprocess()
+    assert out["status"] == "SUCCESS" and out["published"] == 3 and out["found"] == 3 and out["run_id"] != dry["run_id"]
+    # cust-a's llm_call events in [DAY1 10:00, DAY2 01:00): e01, e03, e05 (tied at 10:00, the start, included);
+    # e20 at DAY2 01:00 (the end, excluded) is not.
+    ids = sorted(json.loads(m.value())["event_id"] for m in broker.read_all("prod_events_v4", idle_s=1.0))
+    assert ids == ["e01", "e03", "e05"]
+    sent = clickhouse_http.requests[before:]
+    assert any(r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in sent)
+    assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), "raw_events counted over HTTP"
+    run = dg.DagsterInstance.get().get_run_by_id(out["run_id"])
+    assert run is not None and run.is_success and run.tags[RANGE_TAGS[0]] == DAY1 and run.tags[RANGE_TAGS[1]] == DAY2

@@ -18,7 +18,11 @@ from services import dagster_dev, graphql, rabbitmq_port
 
 from replay_defs import processed_events as pe
 
-NOW = datetime.now(timezone.utc)
+
+
+def now() -> datetime:
+    # Per call, not per import: a module-level time goes stale while earlier tests of the suite run.
+    return datetime.now(timezone.utc)
 DAY = datetime(2025, 11, 24, tzinfo=timezone.utc)
 COLUMNS = "id, event_type, event_id, status, retry_count, error_message, processed_at"
 
@@ -123,7 +127,7 @@ def insert(dsn: str, table: str, rows: list[dict]) -> None:
                 sql.SQL("INSERT INTO {} (event_type, event_id, idempotency_key, payload, status, retry_count, error_message, processed_at, created_at)"
                         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)").format(sql.Identifier(table)),
                 (r["type"], r["id"], f"idem-{r['id']}", json.dumps(r.get("payload", {"event": r["id"]})), r["status"],
-                 r.get("retries", 0), r.get("error"), r.get("at"), r.get("created", r.get("at") or NOW)),
+                 r.get("retries", 0), r.get("error"), r.get("at"), r.get("created", r.get("at") or now())),
             )
 
 
@@ -153,7 +157,7 @@ def launch(defs, instance, job: str, config: dict, tags: dict | None = None):
 
 def failed_events(n: int, hours_ago: float = 1, prefix: str = "evt", event_type: str = "contribution.submitted") -> list[dict]:
     return [{"type": event_type, "id": f"{prefix}-{i}", "status": "error", "retries": 3, "error": "handler bug",
-             "at": NOW - timedelta(hours=hours_ago)} for i in range(n)]
+             "at": now() - timedelta(hours=hours_ago)} for i in range(n)]
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ def failed_events(n: int, hours_ago: float = 1, prefix: str = "evt", event_type:
 def test_replay_one_event_routes_by_type_and_the_worker_processes_it(location, table, rabbit, postgres_dsn):
     defs, instance = location
     insert(postgres_dsn, table, failed_events(3) + [{"type": "payment.completed", "id": "pay-1", "status": "error", "error": "timeout",
-                                                     "at": NOW - timedelta(hours=2), "payload": {"payment_id": "p1", "amount": 100}}])
+                                                     "at": now() - timedelta(hours=2), "payload": {"payment_id": "p1", "amount": 100}}])
     before = rows(postgres_dsn, table)
     with Worker(rabbit["url"], postgres_dsn, table, rabbit["queue"]) as worker:
         result, md = launch(defs, instance, "processed_events_replay_one",
@@ -190,7 +194,7 @@ def test_replay_one_event_routes_by_type_and_the_worker_processes_it(location, t
 def test_failed_events_in_a_window_are_replayed_and_nothing_else(location, table, rabbit, postgres_dsn):
     defs, instance = location
     insert(postgres_dsn, table, failed_events(25) + failed_events(4, hours_ago=72, prefix="old")
-           + [{"type": "period.closed", "id": "ok-1", "status": "processed", "at": NOW - timedelta(hours=1)},
+           + [{"type": "period.closed", "id": "ok-1", "status": "processed", "at": now() - timedelta(hours=1)},
               {"type": "period.closed", "id": "wait-1", "status": "pending", "at": None}])
     with Worker(rabbit["url"], postgres_dsn, table, rabbit["queue"]) as worker:
         result, md = launch(defs, instance, "processed_events_replay_failed",
@@ -237,7 +241,7 @@ def drain(rabbit) -> list[tuple[str, bool]]:
 
 def test_undo_restores_the_snapshot(location, table, rabbit, postgres_dsn):
     defs, instance = location
-    insert(postgres_dsn, table, failed_events(6) + [{"type": "period.opened", "id": "ok", "status": "processed", "at": NOW - timedelta(hours=1)}])
+    insert(postgres_dsn, table, failed_events(6) + [{"type": "period.opened", "id": "ok", "status": "processed", "at": now() - timedelta(hours=1)}])
     before = rows(postgres_dsn, table)
     with Worker(rabbit["url"], postgres_dsn, table, rabbit["queue"]) as worker:
         replay, md = launch(defs, instance, "processed_events_replay_failed",
@@ -258,10 +262,10 @@ def test_undo_restores_the_snapshot(location, table, rabbit, postgres_dsn):
 def test_stuck_processing_is_reset(location, table, rabbit, postgres_dsn):
     defs, instance = location
     insert(postgres_dsn, table, [
-        {"type": "contribution.approved", "id": "stuck-1", "status": "processing", "at": NOW - timedelta(minutes=30)},
-        {"type": "contribution.approved", "id": "stuck-2", "status": "processing", "at": NOW - timedelta(minutes=6)},
-        {"type": "contribution.approved", "id": "busy", "status": "processing", "at": NOW - timedelta(minutes=1)},
-        {"type": "contribution.approved", "id": "err", "status": "error", "at": NOW - timedelta(minutes=30)},
+        {"type": "contribution.approved", "id": "stuck-1", "status": "processing", "at": now() - timedelta(minutes=30)},
+        {"type": "contribution.approved", "id": "stuck-2", "status": "processing", "at": now() - timedelta(minutes=6)},
+        {"type": "contribution.approved", "id": "busy", "status": "processing", "at": now() - timedelta(minutes=1)},
+        {"type": "contribution.approved", "id": "err", "status": "error", "at": now() - timedelta(minutes=30)},
     ])
     with Worker(rabbit["url"], postgres_dsn, table, rabbit["queue"]) as worker:
         result, md = launch(defs, instance, "processed_events_reset_stuck",
@@ -269,7 +273,7 @@ def test_stuck_processing_is_reset(location, table, rabbit, postgres_dsn):
         assert result.success and md["published"] == 2
         assert sorted(m for _, m, _, _ in worker.wait_for(2)) == ["stuck-1", "stuck-2"]
     assert statuses(postgres_dsn, table) == {"stuck-1": "processed", "stuck-2": "processed", "busy": "processing", "err": "error"}
-    insert(postgres_dsn, table, [{"type": "contribution.approved", "id": "stuck-3", "status": "processing", "at": NOW - timedelta(minutes=30)}])
+    insert(postgres_dsn, table, [{"type": "contribution.approved", "id": "stuck-3", "status": "processing", "at": now() - timedelta(minutes=30)}])
     to_error, md = launch(defs, instance, "processed_events_reset_stuck",
                           {"older_than_minutes": 5, "to_status": "error", "table": table, "exchange": rabbit["exchange"], "reason": "r"})
     assert to_error.success and (md["changed"], md["published"]) == (1, 0) and queue_depth(rabbit) == 0
@@ -282,10 +286,10 @@ def test_stuck_processing_is_reset(location, table, rabbit, postgres_dsn):
 
 def test_dry_run_changes_nothing(location, table, rabbit, postgres_dsn):
     defs, instance = location
-    insert(postgres_dsn, table, failed_events(5) + [{"type": "payment.initiated", "id": "done", "status": "processed", "at": NOW - timedelta(hours=1)}])
+    insert(postgres_dsn, table, failed_events(5) + [{"type": "payment.initiated", "id": "done", "status": "processed", "at": now() - timedelta(hours=1)}])
     before = rows(postgres_dsn, table)
     for job, config in [("processed_events_replay_failed", {}), ("processed_events_replay_range", {"event_type": "contribution.submitted",
-                        "start": (NOW - timedelta(days=1)).date().isoformat(), "end": NOW.date().isoformat(), "force": True})]:
+                        "start": (now() - timedelta(days=1)).date().isoformat(), "end": now().date().isoformat(), "force": True})]:
         result, md = launch(defs, instance, job, {**config, "dry_run": True, "table": table, "exchange": rabbit["exchange"]})
         assert result.success and md["status"] == "dry_run" and md["published"] == 0 and md["changed"] == 5
         assert md["selected_by_status"] == {"error": 5}
@@ -395,7 +399,7 @@ def test_emergency_stop_by_terminating_the_run_in_dagster_dev(tmp_path, table, r
     assert published == {k for k, s in st.items() if s == "pending"}
 
 
-def test_cli_replays_one_event(tmp_path, table, rabbit, postgres_dsn, monkeypatch, capsys):
+def test_cli_replays_one_event(tmp_path, table, rabbit, postgres_dsn, monkeypatch, capsys, fresh_definitions):
     """`event-replay processed-events ...` (its `main`, in this process: the entry point's import
     time is not worth a subprocess here), on the instance in $DAGSTER_HOME."""
     from replay_defs.cli import main
