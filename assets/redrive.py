@@ -51,12 +51,17 @@ def make_sink(resources, spec: PipelineSpec):
     return resources.outbox.get()
 
 
+def sink_pool(spec) -> str:
+    """The concurrency pool of everything that delivers to the spec's sink."""
+    return "event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name)
+
+
 def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=asset_key(spec, REDRIVE),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
-        pool="event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name),
+        pool=sink_pool(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
         kinds={spec.redrive.sink.kind},

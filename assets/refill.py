@@ -6,7 +6,6 @@ swapped in like parsed events, so a re-run replaces the day whole.
 `<name>/redrive[D]`: one job per key into the refill's sink, through the idempotency ledger.
 """
 
-import re
 import time
 from typing import Literal
 
@@ -18,7 +17,7 @@ from pydantic import Field
 from assets.checks import build_deliveries_check
 from assets.factory import PipelineDefs
 from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner
-from assets.redrive import DeliveryConfig, deliver_day, make_sink
+from assets.redrive import DeliveryConfig, deliver_day, make_sink, sink_pool
 from partitions import daily_partitions
 from replay_defs.access_logs import collect_keys, job_batches
 from replay_defs.lake import Lake
@@ -127,7 +126,7 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
         key=asset_key(spec, REDRIVE),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
-        pool="event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name),
+        pool=sink_pool(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, EVENT_KEYS)],
         kinds={spec.redrive.sink.kind},
