@@ -19,13 +19,20 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
     with dagster_dev(tmp_path / "dagster-dev.log") as base, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(f"{base}/asset-groups", wait_until="networkidle", timeout=90_000)
+        # The telemetry group's lineage (the global one shows every group collapsed).
+        page.goto(f"{base}/locations/event-replay/asset-groups/telemetry", wait_until="networkidle", timeout=90_000)
         skip = page.get_by_role("button", name="Skip")  # the UI's first-visit newsletter prompt
         if skip.count():
             skip.first.click()
         for name in ("raw_events", "parsed_events", "projections", "redrive"):
             expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "asset-graph.png"), full_page=True)
+        # Every other system's assets render in their groups too.
+        for group, asset in (("ingestion_refill", "event_keys"), ("billing_reprocessing", "parsed_events"),
+                             ("projection_replay", "aggregate_state")):
+            page.goto(f"{base}/locations/event-replay/asset-groups/{group}", wait_until="networkidle", timeout=90_000)
+            expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / f"group-{group}.png"), full_page=True)
 
         page.goto(f"{base}/assets/telemetry/parsed_events?view=checks", wait_until="networkidle", timeout=90_000)
         for check in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files"):
@@ -41,4 +48,5 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
         expect(page.get_by_text("raw_lines", exact=True)).to_be_visible()  # the day's own metadata
         page.screenshot(path=str(ARTIFACTS / "parsed-events-partitions.png"), full_page=True)
         browser.close()
-    assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("asset-graph.png", "parsed-events-checks.png", "parsed-events-partitions.png"))
+    shots = ("asset-graph.png", "parsed-events-checks.png", "parsed-events-partitions.png", "group-ingestion_refill.png")
+    assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in shots)
