@@ -1,5 +1,6 @@
-"""`event-replay`: demo data, the demo backfill, per-partition status, rollback, refills, and the
-processed-events replays (`event-replay processed-events --help`).
+"""`event-replay`: demo data, the demo backfill, per-partition status and rollback, and the seed
+systems: ingestion refill (`refill`), processed-events replays (`processed-events`), billing
+reprocessing (`billing`) and projection replay (`projections`); `<command> --help` for each.
 
 Everything here goes through the same Dagster definitions the UI and `dagster asset materialize`
 use, against the instance in $DAGSTER_HOME (default: ./.dagster_home, SQLite).
