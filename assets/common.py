@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,16 @@ def asset_key(spec: PipelineSpec, name: str) -> dg.AssetKey:
 def owner(spec: PipelineSpec, name: str) -> str:
     """The lake's bookkeeping namespace for one asset of a pipeline."""
     return f"{spec.name}/{name}"
+
+
+def pipeline_pool(spec) -> str:
+    """The concurrency pool of a pipeline's rebuilds: one rebuild of its days at a time."""
+    return f"event_replay.pipeline.{spec.name}"
+
+
+def sink_pool(spec) -> str:
+    """The concurrency pool of everything that delivers to the spec's sink."""
+    return "event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name)
 
 
 def parsed_slot_patterns(spec: PipelineSpec, day: str) -> list[str]:

@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns
+from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns, pipeline_pool
 from assets.raw import build_manifest, day_start
 from partitions import daily_partitions, event_time_mapping
 from replay_defs.lake import Lake
@@ -141,7 +141,7 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         key=asset_key(spec, PARSED),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
-        pool=f"event_replay.pipeline.{spec.name}",
+        pool=pipeline_pool(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
         ins={"raw": dg.AssetIn(asset_key(spec, RAW), partition_mapping=event_time_mapping(spec), dagster_type=dg.Nothing)},
         kinds={"parquet"},
@@ -223,7 +223,7 @@ def build_table_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         key=asset_key(spec, PARSED),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
-        pool=f"event_replay.pipeline.{spec.name}",
+        pool=pipeline_pool(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW)],
         kinds={"parquet"},

@@ -1,13 +1,12 @@
 """redrive: deliver the partition's raw files (source refs) or events to the pipeline's sink, once per sink."""
 
 
-import re
 from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
-from assets.common import PARSED, RAW, REDRIVE, asset_key, manifest_name, owner
+from assets.common import PARSED, RAW, REDRIVE, asset_key, manifest_name, owner, sink_pool
 from assets.projections import committed_parquet
 from partitions import daily_partitions
 from replay_defs import redrive as rd
@@ -49,11 +48,6 @@ def make_sink(resources, spec: PipelineSpec):
     if target.kind == "redis":
         return resources.redis.sink(target)
     return resources.outbox.get()
-
-
-def sink_pool(spec) -> str:
-    """The concurrency pool of everything that delivers to the spec's sink."""
-    return "event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name)
 
 
 def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:

@@ -16,8 +16,8 @@ from pydantic import Field
 
 from assets.checks import build_deliveries_check
 from assets.factory import PipelineDefs
-from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner
-from assets.redrive import DeliveryConfig, deliver_day, make_sink, sink_pool
+from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner, pipeline_pool, sink_pool
+from assets.redrive import DeliveryConfig, deliver_day, make_sink
 from partitions import daily_partitions
 from replay_defs.access_logs import collect_keys, job_batches
 from replay_defs.lake import Lake
@@ -59,7 +59,7 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         key=asset_key(spec, EVENT_KEYS),
         group_name=spec.name,
         partitions_def=daily_partitions(spec),
-        pool=f"event_replay.pipeline.{spec.name}",
+        pool=pipeline_pool(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"s3", "parquet"},
         description=(
