@@ -1,19 +1,31 @@
-"""Asset checks: each re-reads what is on disk and in the stores, never the asset's own claims alone.
+"""Asset checks of a pipeline's days.
 
-All are blocking, so a failing day fails the run (and a CI job) instead of passing silently.
+A check is only as good as the independence of what it compares, so each compares two figures
+produced separately, and its description names them. Every check is a `DayCheck`: the asset it
+guards, which specs it applies to, the resources it reads and a per-day verdict. `build_checks`
+turns the ones that apply to a spec into partitioned Dagster asset checks; all but the
+late-window warning are blocking, so a failing day fails the run (and a CI job).
 """
 
 
-import duckdb
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, timedelta
+
 import dagster as dg
+import duckdb
 
 from assets.common import PARSED, PROJECTIONS, RAW, REDRIVE, DayVerdict, asset_key, check_each_day, manifest_name, owner, parsed_slot_patterns
+from assets.parsed import lateness_windows
 from assets.projections import committed_parquet
+from assets.raw import day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions
 from replay_defs import redrive as rd
 from replay_defs.lake import Lake
 from replay_defs.spec import PipelineSpec
-from resources import LakeResource, LedgerResource, StoreResource
+
+LATE = "outside_lateness_window"
+SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 
 
 def parquet_on_disk(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
@@ -21,6 +33,17 @@ def parquet_on_disk(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
     return sorted(
         str(p) for slot in lake.matching_slots([f"{spec.parsed_prefix}/type=*/day={day}"]) for p in lake.path(slot).glob("*.parquet")
     )
+
+
+def _count(files: list[str], sql: str = "SELECT count(*) FROM read_parquet($f)") -> int:
+    return duckdb.execute(sql, {"f": files}).fetchone()[0] if files else 0
+
+
+def _not_built(what: str) -> DayVerdict:
+    return DayVerdict(False, f"{what} not materialized for this day", {})
+
+
+# ---- parsed_events ---------------------------------------------------------------------------
 
 
 def duplicate_ids(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
@@ -44,12 +67,11 @@ def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     state = lake.state(owner(spec, PARSED), day)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if state is None or manifest is None:
-        return DayVerdict(False, "parsed_events or raw_events not materialized for this day", {})
+        return _not_built("parsed_events or raw_events")
     s = state.stats
-    parquet = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
-    parsed = duckdb.execute("SELECT count(*) FROM read_parquet($f)", {"f": parquet}).fetchone()[0] if parquet else 0
+    parsed = _count([str(lake.path(f)) for f in committed_parquet(lake, spec, day)])
     qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
-    quarantined = duckdb.execute("SELECT coalesce(sum(lines), 0)::BIGINT FROM read_parquet($f)", {"f": qfiles}).fetchone()[0] if qfiles else 0
+    quarantined = _count(qfiles, "SELECT coalesce(sum(lines), 0)::BIGINT FROM read_parquet($f)")
     raw_lines = manifest["totals"]["lines"]
     left = raw_lines + s["routed_in"]
     right = parsed + s["duplicates"] + quarantined + s["routed_out"]
@@ -69,41 +91,197 @@ def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
 
 def stale_files(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     problems = lake.stale_files(owner(spec, PARSED), day, parsed_slot_patterns(spec, day))
-    return DayVerdict(not problems, "; ".join(problems[:10]) or "only the committed files are present", {"problems": len(problems)})
+    return DayVerdict(not problems, "; ".join(problems[:10]) or "only the committed files are present, with their committed content", {"problems": len(problems)})
+
+
+def raw_files_current(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+    """The raw files the committed version read (recorded at build time) against the listing of
+    the day and its lateness window now: a late arrival or a rewrite makes the day out of date."""
+    state = lake.state(owner(spec, PARSED), day)
+    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
+    if state is None or manifest is None:
+        return _not_built("parsed_events or raw_events")
+    start = day_start(day)
+    home_now = raw_listing(lake, spec, start, start + timedelta(days=1))
+    changes = [f"raw_events: {c}" for c in listing_changes(manifest_listing(manifest), home_now)]
+    built = state.stats.get("sources")
+    if built is None:  # a version built before sources were recorded: the home files are all we know
+        built = manifest_listing(manifest)
+    now = dict(home_now)
+    for lo, hi in lateness_windows(spec, day):
+        now.update(raw_listing(lake, spec, lo, hi))
+    changes += [f"parsed_events: {c}" for c in listing_changes(built, now)]
+    return DayVerdict(
+        not changes,
+        f"out of date, re-materialize the day: {'; '.join(changes[:10])}" if changes else f"the {len(now)} raw files of the day and its lateness window are the ones the build read",
+        {"raw_files_now": len(now), "raw_files_built_from": len(built), "changes": len(changes)},
+    )
+
+
+def table_rows_current(lake: Lake, spec: PipelineSpec, day: str, ch) -> DayVerdict:
+    """A table source's selected rows counted by the engine now, against raw_events' count."""
+    from replay_defs.table_source import KeysetReader, Selection
+
+    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
+    if manifest is None:
+        return _not_built("raw_events")
+    then = manifest["totals"]["lines"]
+    now = KeysetReader(ch, spec.source, day, Selection.from_json(manifest["selection"])).count()
+    return DayVerdict(
+        now == then,
+        f"out of date, re-materialize the day: the selection holds {now} rows now, {then} when raw_events counted it" if now != then
+        else f"the selection still holds the {now} rows raw_events counted",
+        {"rows_now": now, "rows_built_from": then, "difference": now - then},
+    )
+
+
+def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Events per type in the committed Parquet, against the replaced version's recorded counts."""
+    state = lake.state(owner(spec, PARSED), day)
+    if state is None:
+        return _not_built("parsed_events")
+    previous, allowed = state.stats.get("previous"), state.stats.get("allow_shrink", False)
+    if not previous:
+        return DayVerdict(True, "the first version of the day: nothing to compare with", {"replaced_version": 0})
+    files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
+    tcol = f'"{spec.schema.type_field}"'
+    now = dict(duckdb.execute(f"SELECT {tcol}, count(*) FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall()) if files else {}
+    lost = []
+    for t, before in sorted(previous["rows_by_type"].items()):
+        after = now.get(t, 0)
+        if after < before * (1 - spec.shrink_tolerance):
+            lost.append(f"{t}: {before} -> {after}")
+    md = {"replaced_version": previous["version"], "events_before": sum(previous["rows_by_type"].values()),
+          "events_now": sum(now.values()), "types_shrunk": len(lost), "allow_shrink": allowed}
+    if not lost:
+        return DayVerdict(True, f"no type lost events against version {previous['version']} (tolerance {spec.shrink_tolerance:.1%})", md)
+    if allowed:
+        return DayVerdict(True, f"shrink allowed by the run (allow_shrink): {'; '.join(lost)}", md)
+    return DayVerdict(
+        False,
+        f"version {state.version} holds fewer events than version {previous['version']} it replaced ({'; '.join(lost)}); "
+        "if that is intended, re-run with allow_shrink: true, else roll back",
+        md,
+    )
+
+
+def late_quarantine(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Lines quarantined as outside the lateness window, counted in the quarantine files."""
+    state = lake.state(owner(spec, PARSED), day)
+    if state is None:
+        return _not_built("parsed_events")
+    qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
+    late = _count(qfiles, f"SELECT coalesce(sum(lines) FILTER (WHERE reason = '{LATE}'), 0)::BIGINT FROM read_parquet($f)")
+    lat = spec.lateness
+    return DayVerdict(
+        late == 0,
+        f"{late} events arrived outside the lateness window ({lat.early} early, {lat.late} late) and were quarantined as "
+        f"{LATE}: widen `lateness=Lateness(early=..., late=...)` in the {spec.name} PipelineSpec and re-run the days" if late
+        else "no event arrived outside the lateness window",
+        {LATE: late, "lateness_early_s": int(lat.early.total_seconds()), "lateness_late_s": int(lat.late.total_seconds())},
+        severity=dg.AssetCheckSeverity.WARN,
+    )
+
+
+# ---- projections -------------------------------------------------------------------------------
 
 
 def projection_totals(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
-    parquet = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
-    parsed = duckdb.execute("SELECT count(*) FROM read_parquet($f)", {"f": parquet}).fetchone()[0] if parquet else 0
-    md, problems = {"parsed": parsed}, []
+    """Each increment projection's count for the day, against the parsed count parsed_events recorded."""
+    state = lake.state(owner(spec, PARSED), day)
+    if state is None:
+        return _not_built("parsed_events")
+    parsed = state.stats["parsed"]
+    md, problems = {"parsed_recorded": parsed}, []
     for p in spec.projections:
-        if p.kind != "increment":
-            continue
-        total = store.increment_total(spec.name, p, day)
-        md[f"{p.name}_{p.count_column}"] = total
-        if total != parsed:
-            problems.append(f"{p.name}.{p.count_column} sums to {total}, parsed has {parsed}")
-    return DayVerdict(not problems, "; ".join(problems) or "projection totals equal parsed counts", md)
+        if p.kind == "increment":
+            total = store.increment_total(spec.name, p, day)
+            md[f"{p.name}_{p.count_column}"] = total
+            if total != parsed:
+                problems.append(f"{p.name}.{p.count_column} sums to {total}, parsed_events recorded {parsed}")
+    return DayVerdict(not problems, "; ".join(problems) or f"projection totals equal the {parsed} events parsed_events recorded", md)
 
 
-def deliveries(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> DayVerdict:
+def committed_days(lake: Lake, spec: PipelineSpec) -> list[str]:
+    states = lake.path(f"_replay/{owner(spec, PARSED)}/state")
+    return sorted(p.stem for p in states.glob("*.json")) if states.is_dir() else []
+
+
+def replace_projections(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Each replace projection's rows for the keys the day touches, against a from-scratch fold of
+    every committed day's Parquet."""
+    if lake.state(owner(spec, PARSED), day) is None:
+        return _not_built("parsed_events")
+    day_files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
+    all_files = [str(lake.path(f)) for d in committed_days(lake, spec) for f in committed_parquet(lake, spec, d)]
+    md, problems = {"committed_days": len(committed_days(lake, spec))}, []
+    for p in spec.projections:
+        if p.kind == "replace":
+            compared, differing, sample = store.replace_mismatches(spec.name, p, spec.schema, day, day_files, all_files)
+            md[f"{p.name}_keys_compared"], md[f"{p.name}_keys_differing"] = compared, differing
+            if differing:
+                problems.append(f"{p.name}: {differing} of {compared} keys differ from a fold of the committed days, e.g. {sample}")
+    return DayVerdict(not problems, "; ".join(problems) or "replace projections equal a from-scratch fold of the committed days", md)
+
+
+# ---- redrive -----------------------------------------------------------------------------------
+
+
+def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_ids=None) -> DayVerdict:
+    """The last redrive's own balance, then the day's whole expected message set against the
+    ledger (every run) and, where the sink can be read without consuming, the sink.
+
+    `expected(lake, day)`: (ids a whole-day redrive must deliver, ids it drops); `sink_ids(ids)`:
+    the subset of ids the sink holds, or None when the sink cannot be read."""
     last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
     if last is None:
         return DayVerdict(False, "redrive has not run for this day", {})
+    if last["dry_run"]:
+        return DayVerdict(True, "dry run: nothing sent", {"selected": last["selected"]})
     counts = rd.RedriveCounts(**{k: v for k, v in last.items() if k in rd.RedriveCounts.__dataclass_fields__})
     md = {k: last[k] for k in ("selected", "published", "skipped_already_delivered", "dropped", "failed")}
     problems = []
-    if not counts.balanced() and not last["dry_run"]:
+    if not counts.balanced():
         problems.append("selected != published + already delivered + dropped + failed")
     if counts.failed:
         problems.append(f"{counts.failed} deliveries failed")
-    if not last["dry_run"]:
-        with ledger_resource.open() as ledger:
-            in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
+    with ledger_resource.open() as ledger:
+        in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
         md["ledger_rows_for_run"] = in_ledger
         if in_ledger != counts.published:
             problems.append(f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}")
-    return DayVerdict(not problems, "; ".join(problems) or ("dry run: nothing sent" if last["dry_run"] else "deliveries reconcile"), md)
+        whole = last.get("whole_day", True) and expected is not None
+        if whole:
+            ids, dropped = expected(lake, day)
+            delivered = ledger.delivered(spec.name, spec.redrive.sink.name, ids)
+            md.update(expected_messages=len(ids), dropped_messages=len(dropped), in_ledger=len(delivered))
+            if len(delivered) != len(ids):
+                missing = sorted(set(ids) - delivered)
+                problems.append(f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger, e.g. {missing[:3]}")
+            if sink_ids is not None:
+                held = sink_ids(day, ids)
+                if held is not None:
+                    md["in_sink"] = len(held)
+                    if len(held) != len(ids):
+                        missing = sorted(set(ids) - held)
+                        problems.append(f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}")
+    scope = "the whole day" if whole else "the last run only (it sent part of the day: mode, type or limit)"
+    return DayVerdict(not problems, "; ".join(problems) or f"deliveries reconcile, for {scope}", md)
+
+
+def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], list[str]]:
+    """A pipeline's whole-day message set from the committed Parquet (see `rd.expected_messages`)."""
+    return rd.expected_messages(lake, spec, day, committed_parquet(lake, spec, day))
+
+
+def outbox_ids(outbox, spec: PipelineSpec):
+    """What the outbox holds of some ids, read from its files (a raw file's message can sit under a
+    neighbouring day's directory: a file holds events of up to three days)."""
+    def held(day: str, ids: list[str]) -> set[str]:
+        d = date.fromisoformat(day)
+        days = [(d + timedelta(days=k)).isoformat() for k in range(-2, 3)]
+        return set(ids) & {rd.message_id_of(spec, body) for body in outbox.read(spec.name, days)}
+    return held
 
 
 def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
@@ -112,7 +290,7 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
     state = lake.state(owner(spec, PARSED), day)
     if last is None or state is None:
-        return DayVerdict(False, "parsed_events or redrive has not run for this day", {})
+        return _not_built("parsed_events or redrive")
     s = state.stats
     md = {"found": s["found"], "published": last["published"], "skipped_already_delivered": last["skipped_already_delivered"],
           "dropped": s["dropped"] + last["dropped"], "transformation_errors": s["transformation_errors"], "publish_failures": last["failed"]}
@@ -133,50 +311,96 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     return DayVerdict(not problems, "; ".join(problems) or f"{s['found']} rows found, all accounted for", md)
 
 
+# ---- the registry ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DayCheck:
+    name: str
+    asset: str
+    description: str
+    verify: Callable  # (resources, spec, day) -> DayVerdict
+    applies: Callable[[PipelineSpec], bool] = lambda spec: True
+    resources: frozenset[str] = frozenset({"lake"})
+    blocking: bool = True
+
+
+def _from_files(spec: PipelineSpec) -> bool:
+    return not spec.from_table
+
+
+def _has(kind: str) -> Callable[[PipelineSpec], bool]:
+    return lambda spec: any(p.kind == kind for p in spec.projections)
+
+
+def _deliveries(r, spec, day):
+    sink_ids = outbox_ids(r.outbox.get(), spec) if spec.redrive.sink.kind == "outbox" else None
+    return deliveries(r.lake.get(), r.ledger, spec, day, lambda lake, d: day_messages(lake, spec, d), sink_ids)
+
+
+def _table_rows_current(r, spec, day):
+    with r.clickhouse.open() as ch:
+        return table_rows_current(r.lake.get(), spec, day, ch)
+
+
+CHECKS = (
+    DayCheck("no_duplicate_event_ids", PARSED, "Rows against distinct event ids over every Parquet file of the day on disk (committed or not).",
+             lambda r, spec, d: duplicate_ids(r.lake.get(), spec, d)),
+    DayCheck("raw_lines_accounted_for", PARSED, "raw lines (counted by raw_events, independently of the parser) + routed in = "
+             "parsed rows (counted in the committed Parquet) + duplicates + quarantined lines (counted in the quarantine files) + routed out.",
+             lambda r, spec, d: accounting(r.lake.get(), spec, d)),
+    DayCheck("no_stale_files", PARSED, "The files in the day's directories against the committed version's list, sizes and SHA-256 "
+             "hashes (recorded from the staged files before publishing).",
+             lambda r, spec, d: stale_files(r.lake.get(), spec, d)),
+    DayCheck("raw_files_current", PARSED, "The raw files the committed version read (names, sizes, mtimes recorded at build time) "
+             "against the listing of the day and its lateness window now: a late or rewritten raw file makes the day out of date.",
+             lambda r, spec, d: raw_files_current(r.lake.get(), spec, d), applies=_from_files),
+    DayCheck("raw_rows_current", PARSED, "The rows of the day's selection counted by the engine now, against the count raw_events recorded.",
+             _table_rows_current, applies=lambda spec: spec.from_table, resources=frozenset({"lake", "clickhouse"})),
+    DayCheck("no_unconsented_shrink", PARSED, "Events per type in the committed Parquet against the replaced version's recorded counts: "
+             "fewer (beyond the spec's shrink_tolerance) fails unless the run set allow_shrink. The first version is exempt.",
+             lambda r, spec, d: shrink(r.lake.get(), spec, d)),
+    DayCheck("late_events_within_window", PARSED, "WARN when the quarantine files hold events outside the lateness window: "
+             "the count, and the spec setting to widen.", lambda r, spec, d: late_quarantine(r.lake.get(), spec, d),
+             applies=_from_files, blocking=False),
+    DayCheck("totals_match_parsed", PROJECTIONS, "Each increment projection's count for the day (summed in the store) against the "
+             "parsed count parsed_events recorded in the day's state.",
+             lambda r, spec, d: projection_totals(r.lake.get(), r.store.get(), spec, d), applies=_has("increment"),
+             resources=frozenset({"lake", "store"})),
+    DayCheck("replace_projections_match_fold", PROJECTIONS, "Each replace projection's rows for the keys the day touches against a "
+             "from-scratch fold (latest row per key) of every committed day's Parquet.",
+             lambda r, spec, d: replace_projections(r.lake.get(), r.store.get(), spec, d), applies=_has("replace"),
+             resources=frozenset({"lake", "store"})),
+    DayCheck("deliveries_reconcile", REDRIVE, "The last run: selected = published + already delivered + dropped + failed, failed = 0, "
+             "and the ledger's rows for the run = published. The whole day: the message set of the committed version against the "
+             "ledger (all runs) and, for the outbox, against the messages in the outbox files.",
+             _deliveries, resources=frozenset({"lake", "ledger", SINK})),
+    DayCheck("found_accounted_for", REDRIVE, "Rows found (counted by the engine) = published + already delivered + dropped (by rule) + "
+             "transformation errors + publish failures, with no publish failure.",
+             lambda r, spec, d: found_accounted_for(r.lake.get(), spec, d), applies=lambda spec: spec.from_table),
+)
+
+
+def build_day_check(spec, check: DayCheck) -> dg.AssetChecksDefinition:
+    key = asset_key(spec, check.asset)
+
+    resources = {spec.redrive.sink.kind if r == SINK else r for r in check.resources}
+
+    @dg.asset_check(asset=key, name=check.name, partitions_def=daily_partitions(spec), blocking=check.blocking,
+                    description=check.description, required_resource_keys=resources)
+    def _check(context: dg.AssetCheckExecutionContext):
+        return check_each_day(context, key, check.name, lambda d: check.verify(context.resources, spec, d))
+
+    return _check
+
+
 def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
-    parts = daily_partitions(spec)
-    parsed, projections = asset_key(spec, PARSED), asset_key(spec, PROJECTIONS)
-
-    @dg.asset_check(asset=parsed, name="no_duplicate_event_ids", partitions_def=parts, blocking=True,
-                    description=f"No `{spec.schema.id_field}` appears twice in the day's Parquet (all files present, committed or not).")
-    def no_duplicate_event_ids(context: dg.AssetCheckExecutionContext, lake: LakeResource):
-        return check_each_day(context, parsed, "no_duplicate_event_ids", lambda d: duplicate_ids(lake.get(), spec, d))
-
-    @dg.asset_check(asset=parsed, name="raw_lines_accounted_for", partitions_def=parts, blocking=True,
-                    description="raw lines (independent count) + routed in = parsed + duplicates + quarantined + routed out.")
-    def raw_lines_accounted_for(context: dg.AssetCheckExecutionContext, lake: LakeResource):
-        return check_each_day(context, parsed, "raw_lines_accounted_for", lambda d: accounting(lake.get(), spec, d))
-
-    @dg.asset_check(asset=parsed, name="no_stale_files", partitions_def=parts, blocking=True,
-                    description="The day's directories hold exactly the files of the committed version.")
-    def no_stale_files(context: dg.AssetCheckExecutionContext, lake: LakeResource):
-        return check_each_day(context, parsed, "no_stale_files", lambda d: stale_files(lake.get(), spec, d))
-
-    @dg.asset_check(asset=projections, name="totals_match_parsed", partitions_def=parts, blocking=True,
-                    description="Each increment projection's count for the day equals the day's parsed rows.")
-    def totals_match_parsed(context: dg.AssetCheckExecutionContext, lake: LakeResource, store: StoreResource):
-        return check_each_day(context, projections, "totals_match_parsed", lambda d: projection_totals(lake.get(), store.get(), spec, d))
-
-    checks = [no_duplicate_event_ids, raw_lines_accounted_for, no_stale_files, totals_match_parsed, build_deliveries_check(spec)]
-    if spec.from_table:
-        redrive = asset_key(spec, REDRIVE)
-
-        @dg.asset_check(asset=redrive, name="found_accounted_for", partitions_def=parts, blocking=True,
-                        description="found = published + already delivered + dropped (by rule) + transformation errors + publish failures, no publish failure.")
-        def found_accounted_for_check(context: dg.AssetCheckExecutionContext, lake: LakeResource):
-            return check_each_day(context, redrive, "found_accounted_for", lambda d: found_accounted_for(lake.get(), spec, d))
-
-        checks.append(found_accounted_for_check)
-    return checks
+    return [build_day_check(spec, c) for c in CHECKS if c.applies(spec)]
 
 
-def build_deliveries_check(spec) -> dg.AssetChecksDefinition:
-    """The redrive's check, for pipelines and refills alike."""
-    redrive = asset_key(spec, REDRIVE)
-
-    @dg.asset_check(asset=redrive, name="deliveries_reconcile", partitions_def=daily_partitions(spec), blocking=True,
-                    description="selected = published + already delivered + dropped + failed, failed = 0, and the ledger agrees.")
-    def deliveries_reconcile(context: dg.AssetCheckExecutionContext, lake: LakeResource, ledger: LedgerResource):
-        return check_each_day(context, redrive, "deliveries_reconcile", lambda d: deliveries(lake.get(), ledger, spec, d))
-
-    return deliveries_reconcile
+def build_deliveries_check(spec, expected=None) -> dg.AssetChecksDefinition:
+    """The redrive's check for specs that are not pipelines (refills): `expected(lake, day)` gives
+    the day's whole message set."""
+    check = next(c for c in CHECKS if c.name == "deliveries_reconcile")
+    return build_day_check(spec, DayCheck(check.name, REDRIVE, check.description,
+                                          lambda r, s, d: deliveries(r.lake.get(), r.ledger, s, d, expected), resources=frozenset({"lake", "ledger"})))

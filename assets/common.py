@@ -46,6 +46,7 @@ class DayVerdict:
     passed: bool
     description: str
     metadata: dict
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR  # WARN: reported, never blocks
 
 
 def check_each_day(
@@ -57,16 +58,24 @@ def check_each_day(
     """Run `verify` for every day of the run and keep each day's verdict visible per day.
 
     A single-partition run reports the day's result. A ranged run (CLI `--partition-range`, or a
-    single-run UI backfill) gets one evaluation per day logged with its partition, plus the
-    returned summary, which fails (and so blocks) if any day failed.
+    single-run UI backfill) logs one evaluation per day with its partition, plus the returned
+    summary, which fails (and so blocks) if any day failed. Dagster shows a day's verdict in the
+    check's Partitions tab only when the evaluation names the materialization it checked (as it
+    does itself for a returned result), so each logged evaluation carries the day's latest one.
+    A day whose check raises does not stop the other days; the check then raises at the end.
     """
     if not context.has_partition_key_range:
         v = verify(context.partition_key)
-        return dg.AssetCheckResult(passed=v.passed, description=v.description, metadata=v.metadata)
+        return dg.AssetCheckResult(passed=v.passed, description=v.description, metadata=v.metadata, severity=v.severity)
     days = context.partition_keys
-    failed = []
+    failed, errored, severity = [], [], dg.AssetCheckSeverity.WARN
     for day in days:
-        v = verify(day)
+        try:
+            v = verify(day)
+        except Exception as exc:  # noqa: BLE001 - reported per day, re-raised below
+            context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
+            errored.append(f"{day} ({type(exc).__name__}: {exc})")
+            continue
         context.op_execution_context.log_event(
             dg.AssetCheckEvaluation(
                 asset_key=asset,
@@ -75,13 +84,32 @@ def check_each_day(
                 partition=day,
                 description=v.description,
                 metadata=v.metadata,
+                severity=v.severity,
+                target_materialization_data=_latest_materialization(context, asset, day),
             )
         )
         if not v.passed:
             failed.append(day)
+            if v.severity == dg.AssetCheckSeverity.ERROR:
+                severity = v.severity
+    if errored:
+        raise RuntimeError(f"{check_name} raised on {len(errored)} day(s): {'; '.join(errored[:5])}")
     return dg.AssetCheckResult(
         passed=not failed,
+        severity=severity,
         description=f"{len(days) - len(failed)}/{len(days)} days passed"
         + (f"; failed: {', '.join(failed)}" if failed else ""),
         metadata={"days_checked": len(days), "days_failed": len(failed), "failed_days": ", ".join(failed) or "none"},
     )
+
+
+def _latest_materialization(context, asset: dg.AssetKey, day: str):
+    """The day's latest materialization, as the target of a logged check evaluation. Dagster
+    1.13 has no public name for this type; `AssetCheckResult` fills it in itself."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
+
+    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[day]), limit=1).records
+    if not records:
+        return None
+    r = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp)

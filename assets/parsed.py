@@ -11,13 +11,20 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns, pipeline_pool
-from assets.raw import build_manifest, day_start
+from assets.raw import build_manifest, day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions, event_time_mapping
 from replay_defs.lake import Lake
 from replay_defs.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day, worker_pool
 from replay_defs.spec import PipelineSpec
 from replay_defs.table_source import Selection, parse_table_day
 from resources import ClickHouseResource, LakeResource
+
+
+ALLOW_SHRINK = Field(
+    default=False,
+    description="Consent to a new version holding fewer events of a type than the one it replaces (beyond the "
+    "spec's shrink_tolerance); otherwise the blocking no_unconsented_shrink check fails. Recorded in the day's state.",
+)
 
 
 class ParseConfig(dg.Config):
@@ -30,23 +37,53 @@ class ParseConfig(dg.Config):
         default=False,
         description="Demo only: parse timestamps as if UTC were US/Pacific (+8h), producing a wrong partition.",
     )
+    allow_shrink: bool = ALLOW_SHRINK
 
 
-def file_tasks(lake: Lake, spec: PipelineSpec, day: str, manifest: dict) -> list[FileTask]:
-    """The day's own files (from its raw manifest) plus neighbours' files in the lateness window."""
+def file_tasks(lake: Lake, spec: PipelineSpec, day: str, manifest: dict) -> tuple[list[FileTask], dict[str, list[int]]]:
+    """The day's own files (from its raw manifest) plus neighbours' files in the lateness window,
+    and the listing of all of them ({lake path: [bytes, mtime_ns]}, recorded as the build's sources)."""
     start = day_start(day)
     tasks = [
         FileTask(str(lake.path(f["rel_path"])), f["uri"], datetime.fromisoformat(f["arrival"]), True, i)
         for i, f in enumerate(manifest["files"])
     ]
-    lat = spec.lateness
-    windows = [(start - lat.early, start), (start + timedelta(days=1), start + timedelta(days=1) + lat.late)]
-    for lo, hi in windows:
-        if hi <= lo:
-            continue
+    sources = manifest_listing(manifest)
+    for lo, hi in lateness_windows(spec, day):
         for ref in lake.list_raw(spec.source.prefix, lo, hi, spec.source.suffixes):
             tasks.append(FileTask(str(lake.path(ref.rel_path)), ref.uri, ref.arrival, False, len(tasks)))
-    return tasks
+            sources[ref.rel_path] = [ref.size, ref.mtime_ns]
+    return tasks, sources
+
+
+def lateness_windows(spec: PipelineSpec, day: str) -> list[tuple[datetime, datetime]]:
+    """Arrival windows of the neighbours' files whose events may belong to `day`."""
+    start, lat = day_start(day), spec.lateness
+    windows = [(start - lat.early, start), (start + timedelta(days=1), start + timedelta(days=1) + lat.late)]
+    return [(lo, hi) for lo, hi in windows if hi > lo]
+
+
+def current_manifest(lake: Lake, spec: PipelineSpec, day: str, log) -> dict:
+    """raw_events' manifest of the day, listed and counted again when it is missing or the raw
+    listing changed since (a late file, a rewrite): a rebuild never parses a stale listing."""
+    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
+    start = day_start(day)
+    if manifest is not None:
+        changes = listing_changes(manifest_listing(manifest), raw_listing(lake, spec, start, start + timedelta(days=1)))
+        if not changes:
+            return manifest
+        log.warning(f"{day}: the raw files changed since raw_events listed them ({len(changes)}: {'; '.join(changes[:5])}); listing and counting them again")
+    manifest = build_manifest(lake, spec, day)
+    lake.write_json(owner(spec, RAW), manifest_name(day), manifest)
+    log.info(f"{day}: listed and counted {manifest['totals']['files']} raw files for raw_events")
+    return manifest
+
+
+def previous_version(state) -> dict | None:
+    """What the shrink check compares a new version with: the replaced version's counts."""
+    if state is None:
+        return None
+    return {"version": state.version, "rows_by_type": state.stats.get("rows_by_type", {}), "parsed": state.stats.get("parsed", 0)}
 
 
 def merge_quarantine(files: list[str], dest: str) -> int:
@@ -91,19 +128,16 @@ def materialize_day(
     lake: Lake, spec: PipelineSpec, day: str, config: ParseConfig, run_id: str, log, pool=None
 ) -> dict:
     own = owner(spec, PARSED)
-    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
-    if manifest is None:
-        # A UI backfill of raw days D..E also targets parsed D-1 and E+1 (the event-time mapping
-        # makes them downstream); build the missing manifest the way raw_events does.
-        manifest = build_manifest(lake, spec, day)
-        lake.write_json(owner(spec, RAW), manifest_name(day), manifest)
-        log.warning(f"{day}: raw_events had no manifest; listed and counted {manifest['totals']['files']} raw files here")
+    # Missing when a UI backfill of raw days D..E also targets parsed D-1 and E+1 (the event-time
+    # mapping makes them downstream); stale when raw files arrived or changed since.
+    manifest = current_manifest(lake, spec, day, log)
     workers = config.workers or os.cpu_count() or 1
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
+        previous = previous_version(lake.state(own, day))
         t0 = time.monotonic()
-        tasks = file_tasks(lake, spec, day, manifest)
+        tasks, sources = file_tasks(lake, spec, day, manifest)
         lat = spec.lateness
         est_events = manifest["totals"]["lines"] * (1 + (lat.early + lat.late) / timedelta(days=1))
         staged = lake.new_staging(own, day)
@@ -128,6 +162,7 @@ def materialize_day(
             result.quarantine_files, str(staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet")
         )
         stats = day_stats(day, manifest, result, time.monotonic() - t0)
+        stats.update(sources=sources, previous=previous, allow_shrink=config.allow_shrink)
         state = lake.publish(own, day, staged, parsed_slot_patterns(spec, day), stats, run_id=run_id)
         stats["version"] = state.version
         return stats
@@ -172,12 +207,20 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
     return parsed_events
 
 
+def shrink_metadata(stats: dict) -> dict:
+    """The replaced version and whether the run consented to a shrink, next to the counts."""
+    prev = stats["previous"]
+    return {"allow_shrink": stats["allow_shrink"], "replaced_version": prev["version"] if prev else 0,
+            "replaced_version_parsed": prev["parsed"] if prev else 0}
+
+
 def _metadata(stats: dict) -> dict:
     """Numbers only (plus the reason table), so the UI can plot them per partition."""
     md = {
         "dagster/row_count": stats["parsed"],
         **{k: stats[k] for k in ("raw_files", "raw_lines", "parsed", "duplicates", "quarantined", "routed_in", "routed_out", "bytes_uncompressed", "duration_s", "events_per_s", "mb_per_s", "version")},
     }
+    md.update(shrink_metadata(stats))
     for reason, n in stats["quarantined_by_reason"].items():
         md[f"quarantined_{reason}"] = n
     for t, n in stats["rows_by_type"].items():
@@ -191,9 +234,10 @@ class TableParseConfig(dg.Config):
         description="Rows per keyset page: memory is bounded by this, not by the day's size (each page costs a fixed "
                     "~20-80 ms of query overhead, so pages much smaller than 10k slow a big day down).",
     )
+    allow_shrink: bool = ALLOW_SHRINK
 
 
-def materialize_table_day(lake: Lake, spec: PipelineSpec, day: str, ch, batch_size: int, run_id: str, log) -> dict:
+def materialize_table_day(lake: Lake, spec: PipelineSpec, day: str, ch, config: "TableParseConfig", run_id: str, log) -> dict:
     """Read the day's selected rows (the raw_events manifest's selection) by keyset, transform them,
     and swap the day's Parquet and quarantine in whole."""
     own = owner(spec, PARSED)
@@ -204,12 +248,14 @@ def materialize_table_day(lake: Lake, spec: PipelineSpec, day: str, ch, batch_si
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
+        previous = previous_version(lake.state(own, day))
         staged = lake.new_staging(own, day)
         quarantine = staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet"
-        stats = parse_table_day(ch, spec, day, selection, batch_size, str(staged), str(quarantine), log.info)
+        stats = parse_table_day(ch, spec, day, selection, config.batch_size, str(staged), str(quarantine), log.info)
         stats.update(
             day=day, selection=manifest["selection"], raw_files=0, raw_lines=manifest["totals"]["lines"],
             parser_lines=stats["found"], routed_in=0, routed_out=0, duplicates=0, bytes_uncompressed=0, mb_per_s=0,
+            previous=previous, allow_shrink=config.allow_shrink,
         )
         state = lake.publish(own, day, staged, parsed_slot_patterns(spec, day), stats, run_id=run_id)
         stats["version"] = state.version
@@ -239,7 +285,7 @@ def build_table_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         the_lake = lake.get()
         with clickhouse.open() as ch:
             for day in context.partition_keys:
-                stats = materialize_table_day(the_lake, spec, day, ch, config.batch_size, context.run.run_id, context.log)
+                stats = materialize_table_day(the_lake, spec, day, ch, config, context.run.run_id, context.log)
                 context.log.info(
                     f"{day}: found {stats['found']:,}, {stats['parsed']:,} events, dropped {stats['dropped']:,} "
                     f"{stats['dropped_by_reason']}, transformation errors {stats['transformation_errors']:,} "
@@ -251,6 +297,7 @@ def build_table_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
                     **{f"dropped_{r}": n for r, n in stats["dropped_by_reason"].items()},
                     **{f"transformation_error_{r}": n for r, n in stats["transformation_errors_by_reason"].items()},
                     **{f"rows_type_{t}": n for t, n in stats["rows_by_type"].items()},
+                    **shrink_metadata(stats),
                 }
                 context.add_asset_metadata(md, partition_key=day)
         return dg.MaterializeResult()

@@ -29,14 +29,23 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
         deps=[asset_key(spec, PARSED)],
         kinds={"duckdb"},
         description=(
-            f"Projections {names} folded from the day's parsed events. increment: the day's rows are "
-            "replaced in one transaction; replace: latest row per key wins."
+            f"Projections {names} folded from the day's committed parsed events (refused if their bytes changed). "
+            "increment: the day's rows are replaced in one transaction; replace: the day's latest row per key is "
+            "replaced and every key it touched is recomputed from all days, so a replay or rollback leaves no trace of "
+            "the version it replaced."
         ),
     )
     def projections(context: dg.AssetExecutionContext, lake: LakeResource, store: StoreResource) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
-            files = [str(the_lake.path(f)) for f in committed_parquet(the_lake, spec, day)]
+            committed = committed_parquet(the_lake, spec, day)
+            damaged = the_lake.damaged_files(owner(spec, PARSED), day, committed)
+            if damaged:
+                raise dg.Failure(
+                    f"parsed_events[{day}]: {len(damaged)} committed file(s) no longer hold the committed bytes, refusing to fold "
+                    f"them ({'; '.join(damaged[:5])}). Re-materialize {spec.name}/parsed_events for the day, or roll it back."
+                )
+            files = [str(the_lake.path(f)) for f in committed]
             md = {}
             for p in spec.projections:
                 rows = the_store.fold(spec.name, p, spec.schema, day, files)

@@ -24,6 +24,24 @@ def day_start(day: str) -> datetime:
     return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
 
 
+def raw_listing(lake, spec: PipelineSpec, start: datetime, end: datetime) -> dict[str, list[int]]:
+    """The raw files that arrived in [start, end) as {lake path: [bytes, mtime_ns]}: what a build
+    read, recorded so a later arrival or rewrite shows the build is out of date."""
+    return {r.rel_path: [r.size, r.mtime_ns] for r in lake.list_raw(spec.source.prefix, start, end, spec.source.suffixes)}
+
+
+def listing_changes(built: dict[str, list[int]], now: dict[str, list[int]]) -> list[str]:
+    """How the raw listing `now` differs from the one a build read, file by file."""
+    changes = [f"arrived after the build: {f}" for f in sorted(set(now) - set(built))]
+    changes += [f"gone since the build: {f}" for f in sorted(set(built) - set(now))]
+    changes += [f"rewritten since the build: {f}" for f in sorted(set(now) & set(built)) if list(now[f]) != list(built[f])]
+    return changes
+
+
+def manifest_listing(manifest: dict) -> dict[str, list[int]]:
+    return {f["rel_path"]: [f["bytes"], f.get("mtime_ns")] for f in manifest["files"]}
+
+
 def build_manifest(lake, spec: PipelineSpec, day: str, workers: int = 2) -> dict:
     start = day_start(day)
     refs = lake.list_raw(spec.source.prefix, start, start + timedelta(days=1), spec.source.suffixes)
@@ -35,6 +53,7 @@ def build_manifest(lake, spec: PipelineSpec, day: str, workers: int = 2) -> dict
             "uri": ref.uri,
             "arrival": ref.arrival.isoformat(),
             "bytes": ref.size,
+            "mtime_ns": ref.mtime_ns,
             "bytes_uncompressed": size,
             "lines": lines,
             "error": None if error is None else {"reason": error.reason, "detail": error.detail},

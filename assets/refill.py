@@ -195,7 +195,13 @@ def build_refill_checks(spec: RefillSpec) -> list[dg.AssetChecksDefinition]:
     def rows_accounted_for(context: dg.AssetCheckExecutionContext, lake: LakeResource):
         return check_each_day(context, keys, "rows_accounted_for", lambda d: keys_accounted_for(lake.get(), spec, d))
 
-    return [no_duplicate_keys_check, rows_accounted_for, build_deliveries_check(spec)]
+    return [no_duplicate_keys_check, rows_accounted_for, build_deliveries_check(spec, expected=lambda lake, day: (day_keys(lake, spec, day), []))]
+
+
+def day_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:
+    """The day's whole message set: one job per committed key (the key is the job id)."""
+    files = committed_keys(lake, spec, day)
+    return [r[0] for r in duckdb.execute("SELECT key FROM read_parquet($f)", {"f": files}).fetchall()] if files else []
 
 
 def build_refill(spec: RefillSpec):

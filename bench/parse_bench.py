@@ -72,7 +72,7 @@ def run_ours(lake: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     manifest = build_manifest(the_lake, TELEMETRY, DAY.isoformat())
     t_manifest = time.perf_counter() - t0
-    tasks = file_tasks(the_lake, TELEMETRY, DAY.isoformat(), manifest)
+    tasks, _ = file_tasks(the_lake, TELEMETRY, DAY.isoformat(), manifest)
     lat = TELEMETRY.lateness
     est = manifest["totals"]["lines"] * (1 + (lat.early + lat.late) / timedelta(days=1))
     job = ParseJob(TELEMETRY.schema, DAY, lat.early, lat.late, max(1, -(-int(est) // 500_000)), str(work / "_work"))

@@ -37,6 +37,18 @@ def _days(start: str, end: str) -> list[str]:
     return [(a + timedelta(days=i)).isoformat() for i in range((b - a).days + 1)]
 
 
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _spec_or_refill(name: str):
+    from replay_defs.pipelines import PIPELINES, REFILLS
+
+    for spec in (*PIPELINES, *REFILLS):
+        if spec.name == name:
+            return spec
+    raise SystemExit(f"no pipeline {name!r}; known: {', '.join(p.name for p in (*PIPELINES, *REFILLS))}")
+
+
 def _spec(name: str):
     from replay_defs.pipelines import PIPELINES
 
@@ -108,26 +120,59 @@ def _resolve(value) -> str:
     return value
 
 
-def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], bool | None]:
-    """Latest verdict per (check, day) from the Dagster instance."""
+PASSED, FAILED, ERRORED, RUNNING, NOT_RUN = "passed", "failed", "errored", "running", "not run"
+
+
+def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], str]:
+    """Latest verdict per (check, day) from the Dagster instance: passed, failed, errored (the
+    check was planned but its run ended without a verdict: it raised) or running."""
     import dagster as dg
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as S
 
     from replay_defs.definitions import defs
 
     instance = dg.DagsterInstance.get()
-    out: dict[tuple[str, str], bool | None] = {}
+    out: dict[tuple[str, str], str] = {}
     graph = defs.resolve_asset_graph()
     keys = [k for k in graph.asset_check_keys if k.asset_key.path[0] == spec_name]
     infos = instance.event_log_storage.get_asset_check_partition_info(keys, after_storage_id=None)
-    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as S
+    failed_steps: dict[str, set[str]] = {}  # run id -> its failed step keys
+
+    def unresolved(info) -> str:
+        """A planned check without a verdict: still running, raised (its step failed), or never
+        executed (an upstream step or blocking check failed first)."""
+        run_id = info.latest_planned_run_id
+        run = instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished:
+            return RUNNING
+        if run_id not in failed_steps:
+            failed_steps[run_id] = {e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)}
+        step = "__".join(info.check_key.asset_key.path) + "_" + info.check_key.name
+        return ERRORED if step in failed_steps[run_id] else NOT_RUN
 
     for info in infos:
         if info.partition_key in days:
             status = info.latest_execution_status
-            out[(info.check_key.name, info.partition_key)] = (
-                True if status == S.SUCCEEDED else False if status == S.FAILED else None
-            )
+            verdict = unresolved(info) if status == S.PLANNED else PASSED if status == S.SUCCEEDED else FAILED
+            out[(info.check_key.name, info.partition_key)] = verdict
     return out
+
+
+def verdict_summary(spec_name: str, verdicts: list[tuple[str, str]]) -> str:
+    """`9/10 passed, FAILED: a, WARN: b, ERRORED: c` for one day's (check, verdict) pairs; a
+    failed non-blocking check is a warning."""
+    from assets.checks import CHECKS
+
+    warn_only = {c.name for c in CHECKS if not c.blocking}
+    ok = sum(v == PASSED for _, v in verdicts)
+    parts = [f"{ok}/{len(verdicts)} passed"]
+    for label, pick in (("FAILED", lambda c, v: v == FAILED and c not in warn_only), ("WARN", lambda c, v: v == FAILED and c in warn_only),
+                        ("ERRORED", lambda c, v: v == ERRORED), ("running", lambda c, v: v == RUNNING),
+                        ("not run", lambda c, v: v == NOT_RUN)):
+        names = [c for c, v in verdicts if pick(c, v)]
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    return ", ".join(parts)
 
 
 def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) -> None:
@@ -140,10 +185,7 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
     print(head)
     print("-" * len(head))
     for r in rows:
-        verdicts = [checks.get((c, r["day"])) for c in names]
-        ok = sum(v is True for v in verdicts)
-        failed = [c for c, v in zip(names, verdicts) if v is False]
-        status = f"{ok}/{len(names)} passed" + (f", FAILED: {', '.join(failed)}" if failed else "")
+        status = verdict_summary(spec_name, [(c, checks.get((c, r["day"]))) for c in names])
         fmt = lambda v, w: f"{v:>{w},}" if isinstance(v, int) else f"{'-':>{w}}"  # noqa: E731
         line = (
             f"{r['day']:10} {fmt(r['version'], 3)} {fmt(r['raw_lines'], 10)} {fmt(r['parsed'], 9)} {fmt(r['duplicates'], 6)} "
@@ -212,13 +254,14 @@ def cmd_status(args) -> None:
 
 
 def cmd_rollback(args) -> None:
-    """Restore the previous (or a given) kept version of a parsed day, then re-fold and re-check it."""
+    """Restore the previous (or a given) kept version of a parsed day after verifying its files,
+    re-fold the projections from it, then run every check of the day."""
     ensure_dagster_home()
     import dagster as dg
 
-    from assets.common import PARSED, asset_key, owner, parsed_slot_patterns
+    from assets.common import PARSED, PROJECTIONS, asset_key, owner, parsed_slot_patterns
     from replay_defs.definitions import defs
-    from replay_defs.lake import Lake, check_partition
+    from replay_defs.lake import DamagedVersion, Lake, check_partition
 
     spec = _spec(args.pipeline)
     day = check_partition(args.day)
@@ -227,8 +270,8 @@ def cmd_rollback(args) -> None:
     before = lake.state(owner(spec, PARSED), day)
     try:
         state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day), to=args.to)
-    except LookupError as exc:
-        raise SystemExit(str(exc)) from exc
+    except (LookupError, DamagedVersion) as exc:
+        raise SystemExit(f"rollback refused: {exc}") from exc
     instance = dg.DagsterInstance.get()
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
@@ -239,13 +282,69 @@ def cmd_rollback(args) -> None:
         )
     )
     print(f"{spec.name} {day}: parsed_events now version {state.version} (was {before.version if before else '-'}); re-folding projections ...")
-    job = defs.resolve_job_def(f"{spec.name}_replay")
-    selection = dg.AssetSelection.assets(asset_key(spec, "projections")) if spec.projections else None
-    result = job.execute_in_process(
-        instance=instance, partition_key=day, asset_selection=list(selection.resolve(defs.resolve_asset_graph())) if selection else None, raise_on_error=False
-    )
+    ok = True
+    if spec.projections:
+        job = defs.resolve_job_def(f"{spec.name}_replay")
+        ok = job.execute_in_process(instance=instance, partition_key=day, asset_selection=[asset_key(spec, PROJECTIONS)],
+                                    run_config=QUIET, raise_on_error=False).success
+    print("running every check of the day ...")
+    verdicts = run_checks(spec.name, [day])
+    print_verdicts(verdicts)
     print_table(spec.name, [day])
-    if not result.success:
+    if not ok or failing(verdicts):
+        sys.exit(1)
+
+
+def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """Run `<pipeline>_verify` (every check, nothing rebuilt) over the days, in this process:
+    (check, day) -> (verdict, description). A check that raised is `errored` for its days."""
+    import dagster as dg
+
+    from assets.checks import CHECKS
+    from replay_defs.definitions import defs
+
+    warn_only = {c.name for c in CHECKS if not c.blocking}
+    job = defs.resolve_job_def(f"{spec_name}_verify")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(), tags={RANGE_START: days[0], RANGE_END: days[-1]}, run_config=QUIET, raise_on_error=False
+    )
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    # A ranged run records one evaluation per day plus a summary without a partition: keep the days'.
+    for e in sorted(result.get_asset_check_evaluations(), key=lambda e: e.partition is not None):
+        for day in [e.partition] if e.partition else days:
+            verdict = PASSED if e.passed else ("warn" if e.check_name in warn_only else FAILED)
+            out[(e.check_name, day)] = (verdict, e.description or "")
+    for event in result.all_events:
+        if event.is_step_failure:
+            name = next((c.name for c in CHECKS if event.step_key.endswith("_" + c.name)), event.step_key)
+            error = event.event_specific_data.error
+            while error.cause is not None:  # the check's own exception, not Dagster's wrapper
+                error = error.cause
+            for day in days:
+                if (name, day) not in out:
+                    out[(name, day)] = (ERRORED, error.message.strip().splitlines()[0])
+    return out
+
+
+def failing(verdicts: dict) -> list[tuple[str, str]]:
+    return [k for k, (v, _) in verdicts.items() if v in (FAILED, ERRORED)]
+
+
+def print_verdicts(verdicts: dict) -> None:
+    for (check, day), (verdict, description) in sorted(verdicts.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{day}  {verdict.upper():7}  {check:32}  {description}")
+
+
+def cmd_verify(args) -> None:
+    """Every check of the days, nothing rebuilt; exit 1 if any failed or errored."""
+    ensure_dagster_home()
+    _spec_or_refill(args.pipeline)
+    days = _days(args.start, args.end or args.start)
+    verdicts = run_checks(args.pipeline, days)
+    print_verdicts(verdicts)
+    bad = failing(verdicts)
+    print(f"{len(verdicts) - len(bad)}/{len(verdicts)} checks passed over {len(days)} day(s)" + (f"; {len(bad)} failed or errored" if bad else ""))
+    if bad:
         sys.exit(1)
 
 
@@ -688,7 +787,18 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("end", nargs="?", help="last day (default: start)")
     s.set_defaults(fn=cmd_status)
 
-    r = sub.add_parser("rollback", help="restore the previous version of a parsed day and re-fold it")
+    v = sub.add_parser(
+        "verify", help="run every check of some days without rebuilding anything; exit 1 if one fails",
+        description="Runs the pipeline's <name>_verify job (every asset check, no asset rebuilt) over the days and prints a "
+        "verdict per day and check: passed, failed, warn (a non-blocking check) or errored (the check raised). "
+        "Exits 1 if any check failed or errored.",
+    )
+    v.add_argument("pipeline")
+    v.add_argument("start", help="first day, YYYY-MM-DD")
+    v.add_argument("end", nargs="?", help="last day (default: start)")
+    v.set_defaults(fn=cmd_verify)
+
+    r = sub.add_parser("rollback", help="restore the previous version of a parsed day (verified first), re-fold it, run its checks")
     r.add_argument("pipeline")
     r.add_argument("day")
     r.add_argument("--to", type=int, help="restore this kept version instead (also a newer one: undoes a rollback)")

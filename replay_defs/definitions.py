@@ -53,7 +53,7 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
     for built in [*map(build_pipeline, pipelines), *map(build_refill, refills)]:
         assets += built.assets
         checks += built.checks
-        jobs.append(built.job)
+        jobs += [built.job, built.verify_job]
     sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
     # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
     needed = {spec.redrive.sink.kind for spec in (*pipelines, *refills)}

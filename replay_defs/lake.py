@@ -9,8 +9,13 @@ A partition's outputs are a set of *slots*: lake directories it owns, such as
    partition's slot patterns that the old version did not commit (stale output of an older tool,
    a file copied in by hand) is swept to `_replay/<owner>/stray/<partition>/v<N>/` instead, so a
    rollback never brings it back; then each new slot is renamed into place;
-4. the state file `_replay/<owner>/state/<partition>.json` (version, files, stats) is replaced and
-   the journal removed. Old versions beyond `keep_versions` are pruned.
+4. the state file `_replay/<owner>/state/<partition>.json` (version, files with their size and
+   SHA-256, stats) is replaced and the journal removed. Old versions beyond `keep_versions` are
+   pruned.
+
+Integrity is by content: a file's hash is taken from the staged file, before it is published,
+and every later reader that must trust the files (the stale-files check, the projection fold, the
+archiving of an old version, a rollback) compares hashes, not sizes.
 
 Every step is a rename, and each is decidable from what is on disk, so `recover` can finish an
 interrupted publish after a crash at any point: a re-run then sees exactly a clean run's outputs.
@@ -19,6 +24,7 @@ interrupted publish after a crash at any point: a re-run then sees exactly a cle
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -57,12 +63,41 @@ class RawRef:
     uri: str
     arrival: datetime  # start of the arrival hour, UTC
     size: int
+    mtime_ns: int  # with the size, what tells a rewritten raw file from the one a build read
+
+
+class DamagedVersion(Exception):
+    """A kept version whose files no longer match its recorded list and hashes."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _size_and_hash(entry) -> tuple[int, str | None]:
+    """A state's file entry: {"size", "sha256"}, or a bare size (states written before hashes)."""
+    if isinstance(entry, dict):
+        return entry["size"], entry.get("sha256")
+    return entry, None
+
+
+def file_problem(path: Path, entry) -> str | None:
+    """Why the file at `path` is not the one a state recorded (None when it is)."""
+    if not path.is_file():
+        return "missing"
+    size, digest = _size_and_hash(entry)
+    if path.stat().st_size != size:
+        return "changed size"
+    if digest is not None and file_sha256(path) != digest:
+        return "changed content"
+    return None
 
 
 @dataclass
 class PartitionState:
     version: int
-    slots: dict[str, dict[str, int]]  # slot -> {file name: size}
+    slots: dict[str, dict[str, dict]]  # slot -> {file name: {"size": bytes, "sha256": hex digest}}
     stats: dict
     run_id: str | None = None
     published_at: str | None = None
@@ -83,6 +118,20 @@ class PartitionState:
     @property
     def files(self) -> list[str]:
         return sorted(f"{slot}/{name}" for slot, names in self.slots.items() for name in names)
+
+    def problems(self, root: Path, only: list[str] | None = None) -> list[str]:
+        """Files of this state under `root` that are missing or differ from their recorded size
+        and hash (`only`: just these lake-relative files), as "<problem>: <file>"."""
+        wanted = None if only is None else set(only)
+        out = []
+        for slot, names in self.slots.items():
+            for name, entry in names.items():
+                rel = f"{slot}/{name}"
+                if wanted is None or rel in wanted:
+                    problem = file_problem(root / rel, entry)
+                    if problem:
+                        out.append(f"{problem}: {rel}")
+        return sorted(out)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -107,8 +156,8 @@ def _replace_move(src: Path, dst: Path) -> None:
     _move(src, dst)
 
 
-def _scan_slot(path: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+def _scan_slot(path: Path) -> dict[str, dict]:
+    return {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(path.iterdir()) if p.is_file()}
 
 
 class Lake:
@@ -158,7 +207,8 @@ class Lake:
                 for p in sorted(d.iterdir()):
                     if p.is_file() and p.name.endswith(suffixes) and not p.name.startswith((".", "_")):
                         rel = p.relative_to(self.root).as_posix()
-                        refs.append(RawRef(rel, self.uri(rel), hour, p.stat().st_size))
+                        st = p.stat()
+                        refs.append(RawRef(rel, self.uri(rel), hour, st.st_size, st.st_mtime_ns))
             hour += timedelta(hours=1)
         return refs
 
@@ -304,8 +354,10 @@ class Lake:
             if keep is None:
                 _replace_move(src, stray / slot)
                 continue
+            # Only files still holding the committed bytes are archived: a damaged one is swept
+            # aside, and the archived state keeps listing it, so a rollback to it is refused.
             for p in list(src.iterdir()):
-                if not p.is_file() or keep.get(p.name) != p.stat().st_size:
+                if p.name not in keep or file_problem(p, keep[p.name]):
                     _replace_move(p, stray / slot / p.name)
             _move(src, dst)
         if journal["old"] is not None:
@@ -358,29 +410,38 @@ class Lake:
                 v = older[-1]
             src = self._internal(owner, "versions", partition, f"v{v}")
             prior = PartitionState.from_json(json.loads((src / "state.json").read_text()))
+            damage = prior.problems(src) + self._unlisted(src, prior)
+            if damage:
+                raise DamagedVersion(
+                    f"{owner} {partition}: kept version {v} is damaged, refusing to publish it "
+                    f"({len(damage)} problem(s): {'; '.join(damage[:5])})"
+                )
             # The archived version is published in place, as its own staging: until the journal
             # exists nothing has moved, so a crash at any point loses no version.
             return self.publish(owner, partition, src, slot_patterns, prior.stats, run_id=run_id, version=v)
 
-    def stale_files(self, owner: str, partition: str, slot_patterns: list[str]) -> list[str]:
-        """Files in the partition's slots that the committed state does not list (or lists with
-        another size), and files the state lists that are missing."""
+    @staticmethod
+    def _unlisted(root: Path, state: PartitionState) -> list[str]:
+        """Files in the state's slots under `root` that the state does not list."""
+        out = []
+        for slot, names in state.slots.items():
+            if (root / slot).is_dir():
+                out += [f"unexpected: {slot}/{p.name}" for p in (root / slot).iterdir() if p.name not in names]
+        return out
+
+    def damaged_files(self, owner: str, partition: str, files: list[str]) -> list[str]:
+        """Of the committed `files`, those whose bytes are no longer the committed ones."""
         state = self.state(owner, partition)
-        expected = {}
-        if state:
-            for slot, files in state.slots.items():
-                for name, size in files.items():
-                    expected[f"{slot}/{name}"] = size
-        problems = []
-        seen = set()
+        return state.problems(self.root, only=files) if state else [f"missing: {f}" for f in files]
+
+    def stale_files(self, owner: str, partition: str, slot_patterns: list[str]) -> list[str]:
+        """Files in the partition's slots that the committed state does not list, files it lists
+        that are missing, and files whose size or content hash differs from the recorded one."""
+        state = self.state(owner, partition)
+        listed = set(state.files) if state else set()
+        problems = state.problems(self.root) if state else []
         for slot in self.matching_slots(slot_patterns):
             for p in (self.root / slot).rglob("*"):
-                if p.is_file():
-                    rel = p.relative_to(self.root).as_posix()
-                    seen.add(rel)
-                    if rel not in expected:
-                        problems.append(f"unexpected: {rel}")
-                    elif p.stat().st_size != expected[rel]:
-                        problems.append(f"changed size: {rel}")
-        problems += [f"missing: {rel}" for rel in sorted(set(expected) - seen)]
+                if p.is_file() and p.relative_to(self.root).as_posix() not in listed:
+                    problems.append(f"unexpected: {p.relative_to(self.root).as_posix()}")
         return sorted(problems)

@@ -84,7 +84,7 @@ class DuckDBLedger:
             "SELECT count(*) FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day "
             "AND status = 'delivered' AND ($run_id IS NULL OR run_id = $run_id)",
             {"pipeline": pipeline, "sink": sink, "day": day, "run_id": run_id},
-        ).fetchone()[0]
+        ).fetchall()[0][0]  # fetchall: DuckDB refuses the next statement while a result is unfinished
 
     def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
         cur = self.con.execute(

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from isal import igzip
+from isal import igzip, isal_zlib
 from isal.isal_zlib import IsalError
 
 from replay_defs.spec import SAFE_TYPE_VALUE, EventSchema
@@ -101,21 +101,42 @@ def _read_error(exc: Exception) -> RawFileError:
 def count_lines(path: str) -> tuple[int, int, RawFileError | None]:
     """Independent line count (newline bytes, plus a final unterminated line).
 
-    Returns (lines, uncompressed bytes, error). On a read error the counts cover what was
-    readable, which is what the parser quarantines for a rejected file.
+    Returns (lines, uncompressed bytes, error). On a read error the counts cover everything that
+    was readable before the break, which is what the parser quarantines for a rejected file.
     """
     lines = size = 0
     last = b"\n"
     try:
-        with _open_raw(path) as f:
-            # Small reads, so a truncated file reports the lines before the break.
-            while chunk := f.read(64 << 10):
-                lines += chunk.count(b"\n")
-                size += len(chunk)
-                last = chunk[-1:]
+        for chunk in _readable_chunks(path):
+            lines += chunk.count(b"\n")
+            size += len(chunk)
+            last = chunk[-1:]
     except _READ_ERRORS as exc:
         return lines + (last != b"\n"), size, _read_error(exc)
     return lines + (last != b"\n"), size, None
+
+
+def _readable_chunks(path: str, read_size: int = 1 << 20) -> Iterator[bytes]:
+    """The file's bytes, decompressed when gzipped, yielding all that decompresses before a
+    truncation or corruption is raised (a file reader drops the chunk it was filling)."""
+    with open(path, "rb") as f:
+        if not path.endswith(".gz"):
+            while chunk := f.read(read_size):
+                yield chunk
+            return
+        d, in_member = isal_zlib.decompressobj(wbits=31), False
+        while data := f.read(read_size):
+            while data:
+                in_member = True
+                if out := d.decompress(data):
+                    yield out
+                if not d.eof:
+                    break
+                data, d, in_member = d.unused_data, isal_zlib.decompressobj(wbits=31), False  # next gzip member
+        if in_member:
+            if out := d.flush():
+                yield out
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 
 @dataclass

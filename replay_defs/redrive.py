@@ -45,6 +45,28 @@ def message_id(source_ref: str) -> str:
     return hashlib.sha256(source_ref.encode()).hexdigest()[:32]
 
 
+def message_id_of(spec: PipelineSpec, body: dict) -> str:
+    """The message id a delivered body was sent under (the inverse of how batches name them)."""
+    if spec.redrive.unit == "event":
+        return body[spec.schema.id_field]
+    return message_id(body["source_ref"])
+
+
+def expected_messages(lake: Lake, spec: PipelineSpec, day: str, parsed_files: list[str]) -> tuple[list[str], list[str]]:
+    """The message set a whole-day redrive of the committed version sends: (ids to deliver, ids
+    dropped because their source file is gone)."""
+    if not parsed_files:
+        return [], []
+    if spec.redrive.unit == "event":
+        rows = duckdb.execute(
+            f"SELECT DISTINCT {ident(spec.schema.id_field)} FROM read_parquet($files)", {"files": [str(lake.path(f)) for f in parsed_files]}
+        ).fetchall()
+        return [r[0] for r in rows], []
+    batch = raw_file_batch(lake, select_source_refs(lake, spec, day, parsed_files, None, "day"))
+    ids = [m for m, why in zip(batch.ids, batch.drop) if why is None]
+    return ids, [m for m, why in zip(batch.ids, batch.drop) if why is not None]
+
+
 def raw_file_message(lake: Lake, source_ref: str) -> tuple[str, dict, None]:
     """Seed 004's SQS payload: {"kind": "redrive_raw_file", "bucket": ..., "key": ...}."""
     rel = lake.rel_from_uri(source_ref)

@@ -108,8 +108,10 @@ class Outbox:
     def close(self) -> None:
         pass
 
-    def read(self, pipeline: str) -> Iterator[dict]:
-        for path in sorted((self.root / pipeline).glob("day=*/batch-*.jsonl")):
+    def read(self, pipeline: str, days: list[str] | None = None) -> Iterator[dict]:
+        """The messages delivered for the pipeline (those of `days` only, when given)."""
+        dirs = [f"day={check_partition(d)}" for d in days] if days is not None else ["day=*"]
+        for path in sorted(p for d in dirs for p in (self.root / pipeline).glob(f"{d}/batch-*.jsonl")):
             with open(path) as f:
                 for line in f:
                     yield json.loads(line)

@@ -387,6 +387,10 @@ class PipelineSpec:
     # How a table source's rows become events (ClickHouse sources only).
     mapping: Mapping | None = None
     description: str = ""
+    # A new version of a day may hold at most this fraction fewer events of a type than the
+    # version it replaces before the `no_unconsented_shrink` check fails (run config
+    # `allow_shrink: true` consents to any shrink). 0: any loss needs consent.
+    shrink_tolerance: float = 0.0
 
     @property
     def from_table(self) -> bool:
@@ -395,6 +399,8 @@ class PipelineSpec:
     def __post_init__(self) -> None:
         if not SAFE_NAME.fullmatch(self.name):
             raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
+        if not 0.0 <= self.shrink_tolerance < 1.0:
+            raise ValueError(f"shrink_tolerance {self.shrink_tolerance!r} must be a fraction in [0, 1)")
         fields = {f.name for f in self.schema.fields}
         for p in self.projections:
             used = set(p.key) | ({p.order_by} if p.order_by else set())

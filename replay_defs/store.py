@@ -40,14 +40,14 @@ class DuckDBStore:
         """Fold one day's parsed events into projection `p`; returns the rows written.
 
         increment: delete the day's rows and insert the new fold in one transaction.
-        replace: upsert the day's latest event per key; an existing newer row wins.
+        replace: replace the day's latest event per key, then recompute the keys it touched.
         """
         table = ident(pipeline, p.name)
         with self.connect() as con:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(pipeline)}")
             if p.kind == "increment":
                 return self._fold_increment(con, table, p, day, files)
-            return self._fold_replace(con, table, p, schema, day, files)
+            return self._fold_replace(con, pipeline, p, schema, day, files)
 
     def _fold_increment(self, con, table: str, p: Projection, day: str, files: list[str]) -> int:
         keys = ", ".join(ident(k) for k in p.key)
@@ -70,36 +70,91 @@ class DuckDBStore:
             con.execute("ROLLBACK")
             raise
 
-    def _fold_replace(self, con, table: str, p: Projection, schema: EventSchema, day: str, files: list[str]) -> int:
-        if not files:
-            return 0
-        order, eid = ident(p.order_by), ident(schema.id_field)
+    def _fold_replace(self, con, pipeline: str, p: Projection, schema: EventSchema, day: str, files: list[str]) -> int:
+        """Exact under replays and rollbacks: `<name>__by_day` holds each day's latest row per key;
+        the day's rows there are replaced, then every key the old or the new version of the day
+        touched is recomputed from all days' rows (never merged), so what a replaced version
+        contributed cannot survive it."""
+        table, by_day = ident(pipeline, p.name), ident(pipeline, f"{p.name}__by_day")
         keys = [ident(k) for k in p.key]
-        cols = ", ".join(f"{ident(src)} AS {ident(col)}" for col, src in p.values.items())
-        latest = (
-            f"SELECT DISTINCT ON ({', '.join(keys)}) {', '.join(keys)}, {cols}, {order} AS _order, "
-            f"{eid} AS _event_id, $day::DATE AS _day FROM read_parquet($files) "
-            f"ORDER BY {', '.join(keys)}, {order} DESC, {eid} DESC"
-        )
         params = {"day": day, "files": files}
-        con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS {latest} LIMIT 0", params)
-        on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        all_cols = [*keys, *(ident(c) for c in p.values), "_order", "_event_id", "_day"]
-        sets = ", ".join(f"{c} = s.{c}" for c in all_cols if c not in keys)
+        by_day_existed = self._exists(con, by_day)
+        if not files and not by_day_existed:
+            return 0
+        if files:
+            latest = self._latest_per_key(p, schema, "read_parquet($files)", extra=", $day::DATE AS _day")
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS {latest} LIMIT 0", params)
+            con.execute(f"CREATE TABLE IF NOT EXISTS {by_day} AS SELECT * FROM {table} LIMIT 0")
+        same_key = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in keys)
         con.execute("BEGIN")
         try:
-            n = con.execute(
-                f"MERGE INTO {table} AS t USING ({latest}) AS s ON ({on}) "
-                f"WHEN MATCHED AND (s._order > t._order OR (s._order = t._order AND s._event_id >= t._event_id)) "
-                f"THEN UPDATE SET {sets} "
-                f"WHEN NOT MATCHED THEN INSERT ({', '.join(all_cols)}) VALUES ({', '.join('s.' + c for c in all_cols)})",
-                params,
-            ).fetchone()[0]
+            if not by_day_existed:  # a store folded before per-day rows existed: start from its rows
+                con.execute(f"INSERT INTO {by_day} SELECT * FROM {table}")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _touched AS SELECT DISTINCT {', '.join(keys)} FROM {by_day} WHERE _day = $day::DATE", {"day": day})
+            con.execute(f"DELETE FROM {by_day} WHERE _day = $day::DATE", {"day": day})
+            n = 0
+            if files:
+                n = con.execute(f"INSERT INTO {by_day} {latest}", params).fetchone()[0]
+                con.execute(f"INSERT INTO _touched SELECT {', '.join(keys)} FROM {by_day} WHERE _day = $day::DATE", {"day": day})
+            con.execute(f"DELETE FROM {table} AS t WHERE EXISTS (SELECT 1 FROM _touched AS s WHERE {same_key})")
+            con.execute(
+                f"INSERT INTO {table} SELECT DISTINCT ON ({', '.join(keys)}) * FROM {by_day} AS t "
+                f"WHERE EXISTS (SELECT 1 FROM _touched AS s WHERE {same_key}) "
+                f"ORDER BY {', '.join(keys)}, _order DESC, _event_id DESC"
+            )
+            con.execute("DROP TABLE _touched")
             con.execute("COMMIT")
             return n
         except Exception:
             con.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _latest_per_key(p: Projection, schema: EventSchema, source: str, extra: str = "") -> str:
+        """The latest event per key of `source` (latest `order_by`, then highest event id), as the
+        projection's columns plus `_order` and `_event_id`."""
+        keys = [ident(k) for k in p.key]
+        cols = ", ".join(f"{ident(src)} AS {ident(col)}" for col, src in p.values.items())
+        order, eid = ident(p.order_by), ident(schema.id_field)
+        return (
+            f"SELECT DISTINCT ON ({', '.join(keys)}) {', '.join(keys)}, {cols}, {order} AS _order, {eid} AS _event_id{extra} "
+            f"FROM {source} ORDER BY {', '.join(keys)}, {order} DESC, {eid} DESC"
+        )
+
+    def replace_mismatches(
+        self, pipeline: str, p: Projection, schema: EventSchema, day: str, day_files: list[str], all_files: list[str]
+    ) -> tuple[int, int, list[str]]:
+        """Compare replace projection `p` with a from-scratch fold of `all_files` (every committed
+        day), for the keys the day touches: those in its Parquet and those whose row came from it.
+        Returns (keys compared, keys that differ, a sample of differing keys)."""
+        table = ident(pipeline, p.name)
+        keys = [ident(k) for k in p.key]
+        cols = [ident(c) for c in p.values] + ["_order", "_event_id"]
+        with self.connect() as con:
+            if not self._exists(con, table):
+                return 0, 0, []
+            touched = f"SELECT {', '.join(keys)} FROM {table} WHERE _day = $day::DATE"
+            params: dict = {"day": day}
+            if day_files:
+                touched += f" UNION SELECT {', '.join(keys)} FROM read_parquet($day_files)"
+                params["day_files"] = day_files
+            same_key = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in keys)
+            truth = f"SELECT * FROM {table} WHERE FALSE"
+            if all_files:
+                params["all_files"] = all_files
+                scan = f"(SELECT * FROM read_parquet($all_files) AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key}))"
+                truth = self._latest_per_key(p, schema, scan)
+            differs = " OR ".join(f"f.{c} IS DISTINCT FROM c.{c}" for c in cols)
+            on = " AND ".join(f"f.{k} IS NOT DISTINCT FROM c.{k}" for k in keys)
+            key_text = " || '/' || ".join(f"coalesce(CAST(coalesce(f.{k}, c.{k}) AS VARCHAR), 'NULL')" for k in keys)
+            sql = (
+                f"WITH touched AS ({touched}), truth AS ({truth}), "
+                f"cur AS (SELECT * FROM {table} AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key})) "
+                f"SELECT (SELECT count(*) FROM touched), count(*), list({key_text} ORDER BY {key_text})[1:5] "
+                f"FROM truth AS f FULL OUTER JOIN cur AS c ON {on} WHERE {differs}"
+            )
+            compared, differing, sample = con.execute(sql, params).fetchone()
+            return compared, differing, sample or []
 
     @staticmethod
     def _exists(con, table: str) -> bool:

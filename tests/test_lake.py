@@ -10,6 +10,7 @@ step is on disk, nothing after it is, which is what a power cut at that point le
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -120,11 +121,11 @@ def comparable_state(state) -> dict | None:
     return d
 
 
-def slots_of(files: dict[str, bytes]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
+def slots_of(files: dict[str, bytes]) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
     for rel, data in files.items():
         slot, name = rel.rsplit("/", 1)
-        out.setdefault(slot, {})[name] = len(data)
+        out.setdefault(slot, {})[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return out
 
 
@@ -281,10 +282,11 @@ def test_stray_directories_and_files_are_swept_out_of_the_live_lake(lake):
         assert b"stray " + rel.encode() in kept_aside, rel
     assert b"overwritten by hand" in kept_aside
 
-    # A rollback brings back version 1 as committed, never the strays.
-    lake.rollback(OWNER, DAY, PATTERNS)
-    assert {k: v for k, v in live(lake).items() if k not in untouched} == {k: v for k, v in a.items() if k != changed}
-    assert lake.stale_files(OWNER, DAY, PATTERNS) == []
+    # Version 1 lost a file to the hand edit, so a rollback to it would publish an incomplete
+    # day: it is refused, and version 2 stays live.
+    with pytest.raises(lake_mod.DamagedVersion, match=f"missing: {changed}"):
+        lake.rollback(OWNER, DAY, PATTERNS)
+    assert live(lake) == {**version_files("BB"), **untouched}
 
 
 def test_outputs_found_without_a_state_are_swept_aside_not_destroyed(lake):
@@ -414,6 +416,50 @@ def test_stale_files_reports_unexpected_changed_and_missing_files(lake):
             f"missing: quarantine/telemetry/day={DAY}/quarantine.parquet",
         ]
     )
+
+
+def test_stale_files_catches_a_change_of_content_at_the_same_size(lake):
+    publish(lake, "A")
+    part = lake.path(f"flat/type=lock/day={DAY}") / "part-0000-0000.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    part.write_bytes(bytes(data))
+    assert lake.stale_files(OWNER, DAY, PATTERNS) == [f"changed content: flat/type=lock/day={DAY}/part-0000-0000.parquet"]
+    assert lake.damaged_files(OWNER, DAY, [f"flat/type=lock/day={DAY}/part-0000-0000.parquet"]) == [
+        f"changed content: flat/type=lock/day={DAY}/part-0000-0000.parquet"
+    ]
+
+
+def test_a_file_damaged_before_archiving_is_swept_aside_and_rollback_to_it_is_refused(lake):
+    publish(lake, "A")
+    rel = f"flat/type=lock/day={DAY}/part-0000-0000.parquet"
+    part = lake.path(rel)
+    part.write_bytes(bytes(b ^ 0x01 for b in part.read_bytes()))  # same size, other bytes
+    publish(lake, "BB")
+    # The damaged file is not archived as if good: it went to the strays...
+    assert rel not in archived_files(lake, 1)
+    assert any(p.endswith("part-0000-0000.parquet") for p in strays(lake))
+    # ...and the archived state still lists it, so the archive is known to be incomplete.
+    with pytest.raises(lake_mod.DamagedVersion, match=rf"kept version 1 is damaged.*missing: {rel}"):
+        lake.rollback(OWNER, DAY, PATTERNS)
+    assert live(lake) == version_files("BB")
+    assert lake.state(OWNER, DAY).version == 2
+
+
+def test_rollback_verifies_the_archive_it_publishes(lake):
+    publish(lake, "A")
+    publish(lake, "BB")
+    rel = f"flat/type=lock/day={DAY}/part-0001-0001.parquet"
+    archived = archive(lake, 1) / rel
+    archived.write_bytes(b"x" * archived.stat().st_size)  # tampered inside the archive, same size
+    with pytest.raises(lake_mod.DamagedVersion, match=f"changed content: {rel}"):
+        lake.rollback(OWNER, DAY, PATTERNS)
+    archived.unlink()
+    with pytest.raises(lake_mod.DamagedVersion, match=f"missing: {rel}"):
+        lake.rollback(OWNER, DAY, PATTERNS)
+    # Nothing moved: version 2 is still live and clean.
+    assert live(lake) == version_files("BB")
+    assert lake.stale_files(OWNER, DAY, PATTERNS) == []
 
 
 def test_stale_files_without_a_state(lake):
