@@ -144,7 +144,7 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
                 files = committed_keys(the_lake, spec, day)
                 with context.resources.ledger.open() as ledger:
                     deliver_day(context, config, spec, the_lake, sink, ledger, day, lambda: job_batches(files, config.batch_size),
-                                None, {"key_files": len(files)})
+                                None, {"key_files": len(files)}, whole_day=config.limit is None)
         finally:
             sink.close()
         return dg.MaterializeResult()
