@@ -41,6 +41,9 @@ def manifest_name(day: str) -> str:
     return f"manifest/day={day}.json"
 
 
+ERRORED_PREFIX = "the check raised "  # how a day's verdict says its check could not conclude
+
+
 @dataclass
 class DayVerdict:
     passed: bool
@@ -62,20 +65,20 @@ def check_each_day(
     summary, which fails (and so blocks) if any day failed. Dagster shows a day's verdict in the
     check's Partitions tab only when the evaluation names the materialization it checked (as it
     does itself for a returned result), so each logged evaluation carries the day's latest one.
-    A day whose check raises does not stop the other days; the check then raises at the end.
+    A day whose check raises does not stop the other days: it gets a failed evaluation marked
+    `errored` with the exception (a logged event of a step that raises would be lost).
     """
     if not context.has_partition_key_range:
         v = verify(context.partition_key)
         return dg.AssetCheckResult(passed=v.passed, description=v.description, metadata=v.metadata, severity=v.severity)
     days = context.partition_keys
-    failed, errored, warnings_only = [], [], True
+    failed, warnings_only = [], True
     for day in days:
         try:
             v = verify(day)
-        except Exception as exc:  # noqa: BLE001 - reported per day, re-raised below
+        except Exception as exc:  # noqa: BLE001 - the day's verdict says so; the other days go on
             context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
-            errored.append(f"{day} ({type(exc).__name__}: {exc})")
-            continue
+            v = DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
         context.op_execution_context.log_event(
             dg.AssetCheckEvaluation(
                 asset_key=asset,
@@ -91,8 +94,6 @@ def check_each_day(
         if not v.passed:
             failed.append(day)
             warnings_only = warnings_only and v.severity == dg.AssetCheckSeverity.WARN
-    if errored:
-        raise RuntimeError(f"{check_name} raised on {len(errored)} day(s): {'; '.join(errored[:5])}")
     return dg.AssetCheckResult(
         passed=not failed,
         # A day's ERROR failure blocks; days that only warn leave the run going.

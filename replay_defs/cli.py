@@ -120,58 +120,61 @@ def _resolve(value) -> str:
     return value
 
 
-PASSED, FAILED, ERRORED, RUNNING, NOT_RUN = "passed", "failed", "errored", "running", "not run"
+PASSED, FAILED, WARN, ERRORED, RUNNING, NOT_RUN = "passed", "failed", "warn", "errored", "running", "not run"
+
+
+def evaluation_verdict(evaluation) -> str:
+    """passed, failed, warn (a failure of WARN severity) or errored (the check raised for the day)."""
+    import dagster as dg
+
+    if evaluation.passed:
+        return PASSED
+    if "errored" in evaluation.metadata:
+        return ERRORED
+    return WARN if evaluation.severity == dg.AssetCheckSeverity.WARN else FAILED
 
 
 def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], str]:
-    """Latest verdict per (check, day) from the Dagster instance: passed, failed, errored (the
-    check was planned but its run ended without a verdict: it raised) or running."""
+    """Latest verdict per (check, day) from the Dagster instance: see `evaluation_verdict`, or for
+    a check planned without a verdict: running, errored (its step failed: it raised) or not run
+    (an upstream step or blocking check failed first)."""
     import dagster as dg
+    from dagster._core.event_api import PartitionKeyFilter
     from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as S
 
     from replay_defs.definitions import defs
 
     instance = dg.DagsterInstance.get()
-    out: dict[tuple[str, str], str] = {}
-    graph = defs.resolve_asset_graph()
-    keys = [k for k in graph.asset_check_keys if k.asset_key.path[0] == spec_name]
-    infos = instance.event_log_storage.get_asset_check_partition_info(keys, after_storage_id=None)
+    keys = [k for k in defs.resolve_asset_graph().asset_check_keys if k.asset_key.path[0] == spec_name]
     failed_steps: dict[str, set[str]] = {}  # run id -> its failed step keys
 
-    def unresolved(info) -> str:
-        """A planned check without a verdict: still running, raised (its step failed), or never
-        executed (an upstream step or blocking check failed first)."""
-        run_id = info.latest_planned_run_id
+    def unresolved(check_key, run_id: str) -> str:
         run = instance.get_run_by_id(run_id)
         if run is not None and not run.is_finished:
             return RUNNING
         if run_id not in failed_steps:
             failed_steps[run_id] = {e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)}
-        step = "__".join(info.check_key.asset_key.path) + "_" + info.check_key.name
-        return ERRORED if step in failed_steps[run_id] else NOT_RUN
+        return ERRORED if "__".join(check_key.asset_key.path) + "_" + check_key.name in failed_steps[run_id] else NOT_RUN
 
-    for info in infos:
-        if info.partition_key in days:
-            status = info.latest_execution_status
-            verdict = unresolved(info) if status == S.PLANNED else PASSED if status == S.SUCCEEDED else FAILED
-            out[(info.check_key.name, info.partition_key)] = verdict
+    out: dict[tuple[str, str], str] = {}
+    for day in days:
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys, partition_filter=PartitionKeyFilter(key=day))
+        for key, record in latest.items():
+            if record.status == S.PLANNED or record.event is None:
+                out[(key.name, day)] = unresolved(key, record.run_id)
+            else:
+                out[(key.name, day)] = evaluation_verdict(record.event.dagster_event.event_specific_data)
     return out
 
 
-def verdict_summary(spec_name: str, verdicts: list[tuple[str, str]]) -> str:
-    """`9/10 passed, FAILED: a, WARN: b, ERRORED: c` for one day's (check, verdict) pairs; a
-    failed non-blocking check is a warning."""
-    from assets.checks import CHECKS
-
-    warn_only = {c.name for c in CHECKS if not c.blocking}
+def verdict_summary(verdicts: list[tuple[str, str]]) -> str:
+    """`9/10 passed, FAILED: a, WARN: b, ERRORED: c` for one day's (check, verdict) pairs."""
     ok = sum(v == PASSED for _, v in verdicts)
     parts = [f"{ok}/{len(verdicts)} passed"]
-    for label, pick in (("FAILED", lambda c, v: v == FAILED and c not in warn_only), ("WARN", lambda c, v: v == FAILED and c in warn_only),
-                        ("ERRORED", lambda c, v: v == ERRORED), ("running", lambda c, v: v == RUNNING),
-                        ("not run", lambda c, v: v == NOT_RUN)):
-        names = [c for c, v in verdicts if pick(c, v)]
+    for verdict in (FAILED, WARN, ERRORED, RUNNING, NOT_RUN):
+        names = [c for c, v in verdicts if v == verdict]
         if names:
-            parts.append(f"{label}: {', '.join(names)}")
+            parts.append(f"{verdict.upper() if verdict in (FAILED, WARN, ERRORED) else verdict}: {', '.join(names)}")
     return ", ".join(parts)
 
 
@@ -185,7 +188,7 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
     print(head)
     print("-" * len(head))
     for r in rows:
-        status = verdict_summary(spec_name, [(c, checks.get((c, r["day"]))) for c in names])
+        status = verdict_summary([(c, checks.get((c, r["day"]))) for c in names])
         fmt = lambda v, w: f"{v:>{w},}" if isinstance(v, int) else f"{'-':>{w}}"  # noqa: E731
         line = (
             f"{r['day']:10} {fmt(r['version'], 3)} {fmt(r['raw_lines'], 10)} {fmt(r['parsed'], 9)} {fmt(r['duplicates'], 6)} "
@@ -303,7 +306,6 @@ def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[s
     from assets.checks import CHECKS
     from replay_defs.definitions import defs
 
-    warn_only = {c.name for c in CHECKS if not c.blocking}
     job = defs.resolve_job_def(f"{spec_name}_verify")
     result = job.execute_in_process(
         instance=dg.DagsterInstance.get(), tags={RANGE_START: days[0], RANGE_END: days[-1]}, run_config=QUIET, raise_on_error=False
@@ -312,8 +314,7 @@ def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[s
     # A ranged run records one evaluation per day plus a summary without a partition: keep the days'.
     for e in sorted(result.get_asset_check_evaluations(), key=lambda e: e.partition is not None):
         for day in [e.partition] if e.partition else days:
-            verdict = PASSED if e.passed else ("warn" if e.check_name in warn_only else FAILED)
-            out[(e.check_name, day)] = (verdict, e.description or "")
+            out[(e.check_name, day)] = (evaluation_verdict(e), e.description or "")
     for event in result.all_events:
         if event.is_step_failure:
             name = next((c.name for c in CHECKS if event.step_key.endswith("_" + c.name)), event.step_key)

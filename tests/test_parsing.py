@@ -7,6 +7,7 @@ through `parse_file` / `parse_day` and checks the Parquet they write, not intern
 from __future__ import annotations
 
 import gzip
+import zlib
 import itertools
 import os
 import random
@@ -308,6 +309,23 @@ def test_truncated_gzip_is_rejected_whole(tmp_path):
     assert_accounted(result, str(path))
     # nothing staged is left behind
     assert not [p for p in Path(tmp_path).rglob("bucket*/*") if p.is_file()]
+
+
+def test_a_small_truncated_gzip_reports_the_lines_before_the_break(tmp_path):
+    """A file smaller than one read: a file reader raises before returning what it decompressed.
+    The count must still be every line readable before the break, as Python's own zlib sees it."""
+    gz, lines = _valid_gz(tmp_path, n=300)
+    cut = gz[: int(len(gz) * 0.6)]
+    path = tmp_path / "small-cut.jsonl.gz"
+    path.write_bytes(cut)
+    readable = zlib.decompressobj(wbits=31).decompress(cut)  # independent of the project's reader
+    n, size, err = count_lines(str(path))
+    assert err is not None and err.reason == "truncated_gzip"
+    assert size == len(readable) > 0
+    assert n == readable.count(b"\n") + (not readable.endswith(b"\n")) > 0
+    result = parse(tmp_path, str(path))
+    assert result.quarantined == Counter({"truncated_gzip": n})
+    assert_accounted(result, str(path))
 
 
 def test_truncated_gzip_of_a_neighbour_is_skipped_not_quarantined(tmp_path):

@@ -26,6 +26,12 @@ CHECKS = """
 query($key: AssetKeyInput!, $name: String!, $partition: String) {
   assetCheckExecutions(assetKey: $key, checkName: $name, partition: $partition, limit: 5) { status partition }
 }"""
+# What the UI's check "Partitions" tab asks for (AssetCheckPartitionHealthQuery in Dagster's UI).
+PARTITION_STATUSES = """
+query($key: AssetKeyInput!, $name: String!) {
+  assetNodeOrError(assetKey: $key) { ... on AssetNode { assetCheckOrError(checkName: $name) { ... on AssetCheck {
+    partitionStatuses { ... on AssetCheckTimePartitionStatuses { ranges { startKey endKey status } } } } } } }
+}"""
 DAYS = ["2025-11-24", "2025-11-25"]
 ASSETS = ["raw_events", "parsed_events", "projections", "redrive"]
 
@@ -75,6 +81,12 @@ def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn,
                 for day in DAYS:
                     got = graphql(web, CHECKS, {"key": {"path": ["telemetry", asset]}, "name": name, "partition": day})["assetCheckExecutions"]
                     assert got and got[0]["status"] == "SUCCEEDED" and got[0]["partition"] == day, (asset, name, day, got)
+                # The check's Partitions tab in the UI: the backfilled days count as passed.
+                got = graphql(web, PARTITION_STATUSES, {"key": {"path": ["telemetry", asset]}, "name": name})
+                ranges = got["assetNodeOrError"]["assetCheckOrError"]["partitionStatuses"]["ranges"]
+                assert {(r["startKey"], r["endKey"], r["status"]) for r in ranges if r["status"] != "SUCCEEDED"} == set(), (asset, name, ranges)
+                covered = {r["startKey"] for r in ranges} | {r["endKey"] for r in ranges}
+                assert DAYS[0] >= min(covered) and DAYS[-1] <= max(covered), (asset, name, ranges)
         # Dagster's asset backfill follows the event-time mapping downstream: raw days 24-25 feed
         # parsed days 23-26 (early and late events), so those are rebuilt and verified too.
         for day in ("2025-11-23", "2025-11-26"):
