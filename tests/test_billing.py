@@ -239,3 +239,66 @@ def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, b
     assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), "raw_events counted over HTTP"
     run = dg.DagsterInstance.get().get_run_by_id(out["run_id"])
     assert run is not None and run.is_success and run.tags[RANGE_TAGS[0]] == DAY1 and run.tags[RANGE_TAGS[1]] == DAY2
+
+
+def _verify(spec, instance, day) -> dict[str, tuple[bool, str]]:
+    """The pipeline's checks-only job over one day: check -> (passed, description)."""
+    from replay_defs.definitions import build_definitions
+
+    result = build_definitions([spec]).resolve_job_def(f"{NAME}_verify").execute_in_process(
+        instance=instance, tags={RANGE_TAGS[0]: day, RANGE_TAGS[1]: day}, raise_on_error=False)
+    return {e.check_name: (e.passed, e.description) for e in result.get_asset_check_evaluations() if e.partition == day}
+
+
+def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_lost_ledger_row(billing):
+    """The faults that apply to a table source, each injected into a clean materialized day."""
+    from replay_defs.lake import Lake
+    from replay_defs.store import DuckDBStore
+
+    spec, lake = billing["spec"], Lake(billing["lake"])
+    raw = {"tenant": "acme", "environment": "prod"}
+    with dg.instance_for_test(temp_dir=str(billing["home"])) as instance:
+        assert _run(spec, instance, DAY1, DAY1, raw=raw).success
+        clean = _verify(spec, instance, DAY1)
+        assert set(clean) == {"no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files", "raw_rows_current",
+                              "no_unconsented_shrink", "deliveries_reconcile", "found_accounted_for"}
+        assert all(passed for passed, _ in clean.values()), clean
+
+        # 1. Rows inserted into the table after the day was built: the day is out of date.
+        with ClickHouse(data_path=os.environ["EVENT_REPLAY_CHDB"], database=billing["database"]) as ch:
+            ch.insert("raw_events", arrow([row("e40", "cust-d", ts(DAY1, 15)), row("e41", "cust-d", ts(DAY1, 15, 1))]))
+        passed, description = _verify(spec, instance, DAY1)["raw_rows_current"]
+        assert not passed and "holds 17 rows now, 15 when raw_events counted it" in description
+
+        # 2. A committed Parquet file changed at the same size.
+        rel = next(f for f in lake.state(f"{NAME}/parsed_events", DAY1).files if f.endswith(".parquet") and "type=" in f)
+        path = lake.path(rel)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x5A
+        path.write_bytes(bytes(data))
+        passed, description = _verify(spec, instance, DAY1)["no_stale_files"]
+        assert not passed and f"changed content: {rel}" in description
+
+        # 3. Rows removed from the table, then the day rebuilt: fewer events needs consent.
+        with ClickHouse(data_path=os.environ["EVENT_REPLAY_CHDB"], database=billing["database"]) as ch:
+            ch.command("ALTER TABLE raw_events DELETE WHERE id IN ('e01', 'e02', 'e03') SETTINGS mutations_sync = 2")
+        shrunk = _run(spec, instance, DAY1, DAY1, raw=raw)
+        assert not shrunk.success
+        assert check_verdicts(shrunk)[("no_unconsented_shrink", DAY1)] is False
+        consented = build_and_run_with_consent(spec, instance, raw)
+        assert consented.success and check_verdicts(consented)[("no_unconsented_shrink", DAY1)] is True
+
+        # 4. A ledger row of a delivered message lost after a re-run that sent nothing.
+        assert _verify(spec, instance, DAY1)["deliveries_reconcile"][0]
+        DuckDBStore(billing["lake"].parent / "state.duckdb").query(
+            "DELETE FROM redrive_ledger WHERE message_id = 'e04' AND pipeline = $p", {"p": NAME})
+        passed, description = _verify(spec, instance, DAY1)["deliveries_reconcile"]
+        assert not passed and "not delivered according to the ledger" in description and "e04" in description
+
+
+def build_and_run_with_consent(spec, instance, raw):
+    from replay_defs.definitions import build_definitions
+
+    job = build_definitions([spec]).resolve_job_def(f"{NAME}_replay")
+    config = {"ops": {f"{NAME}__raw_events": {"config": raw}, f"{NAME}__parsed_events": {"config": {"batch_size": 4, "allow_shrink": True}}}}
+    return job.execute_in_process(instance=instance, tags={RANGE_TAGS[0]: DAY1, RANGE_TAGS[1]: DAY1}, run_config=config, raise_on_error=False)
