@@ -344,7 +344,9 @@ def cmd_verify(args) -> None:
     verdicts = run_checks(args.pipeline, days)
     print_verdicts(verdicts)
     bad = failing(verdicts)
-    print(f"{len(verdicts) - len(bad)}/{len(verdicts)} checks passed over {len(days)} day(s)" + (f"; {len(bad)} failed or errored" if bad else ""))
+    counts = {v: sum(verdict == v for verdict, _ in verdicts.values()) for v in (PASSED, WARN, FAILED, ERRORED)}
+    print(f"{counts[PASSED]}/{len(verdicts)} checks passed over {len(days)} day(s): "
+          f"{counts[WARN]} warning(s), {counts[FAILED]} failed, {counts[ERRORED]} errored")
     if bad:
         sys.exit(1)
 

@@ -28,7 +28,7 @@ def build(source: DeadLetters):
 
     spec = dataclasses.replace(TELEMETRY, dead_letters=(source,))
     defs = build_definitions([spec])
-    (sensor,) = defs.sensors
+    (sensor,) = [s for s in defs.sensors if "__dlq_" in s.name]
     return defs, sensor
 
 

@@ -272,6 +272,33 @@ def test_a_raw_file_arriving_after_the_build_makes_the_day_out_of_date(ws):
     assert code == 0, verdicts
 
 
+def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
+    """The UI shows the day out of date without anyone running `verify`: the sensor launches the
+    day's checks once per change, and the failed check lands on that day's partition."""
+    sensor = ws.defs.get_sensor_def("telemetry__raw_files_changed")
+
+    def tick(cursor=None):
+        ctx = dg.build_sensor_context(instance=ws.instance, cursor=cursor, definitions=ws.defs, resources={"lake": ws.defs.resources["lake"]})
+        return sensor(ctx)
+
+    quiet = tick()
+    assert not quiet.run_requests and quiet.skip_reason.skip_message == "every built day is current"
+    ws.lake.path("raw/json_telemetry/year=2025/month=11/day=25/hour=09/arrived-later.gz").write_bytes(
+        gz_events(event("late-9", "2025-11-25T09:00:00Z")))
+    fired = tick(quiet.cursor)
+    (request,) = fired.run_requests
+    assert request.tags == {RANGE_TAGS[0]: DAY, RANGE_TAGS[1]: DAY} and request.job_name in (None, "telemetry_verify")
+    again = tick(fired.cursor)
+    assert not again.run_requests and "already reported" in again.skip_reason.skip_message
+
+    # What the daemon would launch: the checks-only job with the request's tags.
+    run = ws.defs.resolve_job_def("telemetry_verify").execute_in_process(instance=ws.instance, tags=request.tags, raise_on_error=False)
+    assert not run.success
+    key = dg.AssetCheckKey(PARSED, "raw_files_current")
+    (info,) = ws.instance.event_log_storage.get_asset_check_partition_info([key], partition_keys=[DAY])
+    assert info.latest_execution_status.value == "FAILED" and info.is_current  # what the check's Partitions tab shows
+
+
 def test_a_raw_file_arriving_in_the_lateness_window_makes_the_day_out_of_date(ws):
     # Arrived on the 26th at 01:xx (in the 25th's late window) with an event of the 25th.
     neighbour = ws.lake.path("raw/json_telemetry/year=2025/month=11/day=26/hour=01/straggler.gz")
