@@ -18,6 +18,19 @@ def committed_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
     return [f for f in state.files if f.startswith(spec.parsed_prefix + "/")]
 
 
+def verified_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
+    """`committed_parquet`, after checking each file still holds the committed bytes (its hash):
+    what a step that builds on the day (projections, redrive) may read."""
+    committed = committed_parquet(lake, spec, day)
+    damaged = lake.damaged_files(owner(spec, PARSED), day, committed)
+    if damaged:
+        raise dg.Failure(
+            f"parsed_events[{day}]: {len(damaged)} committed file(s) no longer hold the committed bytes, refusing to read "
+            f"them ({'; '.join(damaged[:5])}). Re-materialize {spec.name}/parsed_events for the day, or roll it back."
+        )
+    return committed
+
+
 def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     names = ", ".join(f"`{p.name}` ({p.kind})" for p in spec.projections)
 
@@ -38,14 +51,7 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     def projections(context: dg.AssetExecutionContext, lake: LakeResource, store: StoreResource) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
-            committed = committed_parquet(the_lake, spec, day)
-            damaged = the_lake.damaged_files(owner(spec, PARSED), day, committed)
-            if damaged:
-                raise dg.Failure(
-                    f"parsed_events[{day}]: {len(damaged)} committed file(s) no longer hold the committed bytes, refusing to fold "
-                    f"them ({'; '.join(damaged[:5])}). Re-materialize {spec.name}/parsed_events for the day, or roll it back."
-                )
-            files = [str(the_lake.path(f)) for f in committed]
+            files = [str(the_lake.path(f)) for f in verified_parquet(the_lake, spec, day)]
             md = {}
             for p in spec.projections:
                 rows = the_store.fold(spec.name, p, spec.schema, day, files)

@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common import PARSED, RAW, REDRIVE, asset_key, manifest_name, owner, sink_pool
-from assets.projections import committed_parquet
+from assets.projections import verified_parquet
 from partitions import daily_partitions
 from replay_defs import redrive as rd
 from replay_defs.spec import PipelineSpec
@@ -83,7 +83,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
 
 def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]) -> None:
     def batches():
-        parsed_files = committed_parquet(the_lake, spec, day)
+        parsed_files = verified_parquet(the_lake, spec, day)
         if spec.redrive.unit == "event":
             return rd.event_batches(the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size)
         manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))

@@ -201,8 +201,11 @@ def test_doubled_rows_are_refused_by_the_projection_step_and_fail_the_checks(ws)
     refold = ws.run(DAY, selection=[PROJECTIONS])
     assert not refold.success
     failure = next(e for e in refold.all_events if e.is_step_failure)
-    assert "refusing to fold" in failure.event_specific_data.error.to_string()
+    assert "refusing to read" in failure.event_specific_data.error.to_string()
     assert ws.store.query('SELECT sum(events) FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": DAY}) == totals_before
+    sent_before = sorted((ws.root / "outbox").rglob("*.jsonl"))
+    redrive = ws.run(DAY, selection=[REDRIVE])  # the redrive reads the same files: it refuses too
+    assert not redrive.success and sorted((ws.root / "outbox").rglob("*.jsonl")) == sent_before
 
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1
@@ -275,7 +278,7 @@ def test_a_raw_file_arriving_after_the_build_makes_the_day_out_of_date(ws):
 def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
     """The UI shows the day out of date without anyone running `verify`: the sensor launches the
     day's checks once per change, and the failed check lands on that day's partition."""
-    sensor = ws.defs.get_sensor_def("telemetry__raw_files_changed")
+    sensor = ws.defs.resolve_sensor_def("telemetry__raw_files_changed")
 
     def tick(cursor=None):
         ctx = dg.build_sensor_context(instance=ws.instance, cursor=cursor, definitions=ws.defs, resources={"lake": ws.defs.resources["lake"]})
