@@ -31,7 +31,12 @@ def ensure_dagster_home() -> Path:
 
 
 def _days(start: str, end: str) -> list[str]:
-    a, b = date.fromisoformat(start), date.fromisoformat(end)
+    from replay_defs.lake import check_partition
+
+    try:
+        a, b = date.fromisoformat(check_partition(start)), date.fromisoformat(check_partition(end))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if b < a:
         raise SystemExit(f"end {end} is before start {start}")
     return [(a + timedelta(days=i)).isoformat() for i in range((b - a).days + 1)]
@@ -339,8 +344,13 @@ def print_verdicts(verdicts: dict) -> None:
 def cmd_verify(args) -> None:
     """Every check of the days, nothing rebuilt; exit 1 if any failed or errored."""
     ensure_dagster_home()
-    _spec_or_refill(args.pipeline)
+    from partitions import daily_partitions
+
+    spec = _spec_or_refill(args.pipeline)
     days = _days(args.start, args.end or args.start)
+    known = daily_partitions(spec).get_partition_keys()
+    if days[0] < known[0] or days[-1] > known[-1]:
+        raise SystemExit(f"{spec.name}'s days are {known[0]}..{known[-1]}; {days[0]}..{days[-1]} is not within them")
     verdicts = run_checks(args.pipeline, days)
     print_verdicts(verdicts)
     bad = failing(verdicts)
