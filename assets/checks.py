@@ -15,13 +15,16 @@ from datetime import date, timedelta
 import dagster as dg
 import duckdb
 
-from assets.common import PARSED, PROJECTIONS, RAW, REDRIVE, DayVerdict, asset_key, check_each_day, manifest_name, owner, parsed_slot_patterns
+from assets.common import (
+    PARSED, PROJECTIONS, RAW, REDRIVE, DayVerdict, asset_key, check_each_day, manifest_name, owner, parsed_slot_patterns, shrunk_types,
+    whole_day_marker,
+)
 from assets.parsed import lateness_windows
 from assets.projections import committed_parquet
 from assets.raw import day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions
 from replay_defs import redrive as rd
-from replay_defs.lake import Lake
+from replay_defs.lake import Lake, file_sha256
 from replay_defs.spec import PipelineSpec
 
 LATE = "outside_lateness_window"
@@ -94,9 +97,11 @@ def stale_files(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     return DayVerdict(not problems, "; ".join(problems[:10]) or "only the committed files are present, with their committed content", {"problems": len(problems)})
 
 
-def raw_files_current(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = True) -> DayVerdict:
     """The raw files the committed version read (recorded at build time) against the listing of
-    the day and its lateness window now: a late arrival or a rewrite makes the day out of date."""
+    the day and its lateness window now: a late arrival or a rewrite makes the day out of date.
+    `content`: also compare the day's own files with the SHA-256 raw_events recorded (a rewrite
+    that kept size and mtime); a full read of the day's raw bytes."""
     state = lake.state(owner(spec, PARSED), day)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if state is None or manifest is None:
@@ -111,6 +116,9 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     for lo, hi in lateness_windows(spec, day):
         now.update(raw_listing(lake, spec, lo, hi))
     changes += [f"parsed_events: {c}" for c in listing_changes(built, now)]
+    if content and not changes:
+        changes += [f"raw_events: rewritten since the build (same size and mtime, other bytes): {f['rel_path']}" for f in manifest["files"]
+                    if f.get("sha256") and file_sha256(lake.path(f["rel_path"])) != f["sha256"]]
     return DayVerdict(
         not changes,
         f"out of date, re-materialize the day: {'; '.join(changes[:10])}" if changes else f"the {len(now)} raw files of the day and its lateness window are the ones the build read",
@@ -142,16 +150,12 @@ def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
         return _not_built("parsed_events")
     previous, allowed = state.stats.get("previous"), state.stats.get("allow_shrink", False)
     if not previous:
-        return DayVerdict(True, "the first version of the day: nothing to compare with", {"replaced_version": 0})
+        return DayVerdict(True, "the first version of the day: nothing to compare with", {"baseline_version": 0})
     files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
     tcol = f'"{spec.schema.type_field}"'
     now = dict(duckdb.execute(f"SELECT {tcol}, count(*) FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall()) if files else {}
-    lost = []
-    for t, before in sorted(previous["rows_by_type"].items()):
-        after = now.get(t, 0)
-        if after < before * (1 - spec.shrink_tolerance):
-            lost.append(f"{t}: {before} -> {after}")
-    md = {"replaced_version": previous["version"], "events_before": sum(previous["rows_by_type"].values()),
+    lost = shrunk_types(previous["rows_by_type"], now, spec.shrink_tolerance)
+    md = {"baseline_version": previous["version"], "events_before": sum(previous["rows_by_type"].values()),
           "events_now": sum(now.values()), "types_shrunk": len(lost), "allow_shrink": allowed}
     if not lost:
         return DayVerdict(True, f"no type lost events against version {previous['version']} (tolerance {spec.shrink_tolerance:.1%})", md)
@@ -159,7 +163,7 @@ def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
         return DayVerdict(True, f"shrink allowed by the run (allow_shrink): {'; '.join(lost)}", md)
     return DayVerdict(
         False,
-        f"version {state.version} holds fewer events than version {previous['version']} it replaced ({'; '.join(lost)}); "
+        f"version {state.version} holds fewer events than version {previous['version']} ({'; '.join(lost)}); "
         "if that is intended, re-run with allow_shrink: true, else roll back",
         md,
     )
@@ -207,50 +211,50 @@ def committed_days(lake: Lake, spec: PipelineSpec) -> list[str]:
     return sorted(p.stem for p in states.glob("*.json")) if states.is_dir() else []
 
 
-def replace_projections(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
-    """Each replace projection's rows for the keys the day touches, against a from-scratch fold of
-    every committed day's Parquet."""
+def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Each projection against a from-scratch fold of the committed Parquet (`fold_mismatches`)."""
     if lake.state(owner(spec, PARSED), day) is None:
         return _not_built("parsed_events")
+    days = committed_days(lake, spec)
     day_files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
-    all_files = [str(lake.path(f)) for d in committed_days(lake, spec) for f in committed_parquet(lake, spec, d)]
-    md, problems = {"committed_days": len(committed_days(lake, spec))}, []
+    needs_all = any(p.kind == "replace" for p in spec.projections)
+    all_files = [str(lake.path(f)) for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
+    md, problems = {"committed_days": len(days)}, []
     for p in spec.projections:
-        if p.kind == "replace":
-            compared, differing, sample = store.replace_mismatches(spec.name, p, spec.schema, day, day_files, all_files)
-            md[f"{p.name}_keys_compared"], md[f"{p.name}_keys_differing"] = compared, differing
-            if differing:
-                problems.append(f"{p.name}: {differing} of {compared} keys differ from a fold of the committed days, e.g. {sample}")
-    return DayVerdict(not problems, "; ".join(problems) or "replace projections equal a from-scratch fold of the committed days", md)
+        found, wrong = store.fold_mismatches(spec.name, p, spec.schema, day, day_files, days, all_files)
+        md.update(found)
+        problems += wrong
+    return DayVerdict(not problems, "; ".join(problems) or "every projection equals a from-scratch fold of the committed Parquet", md)
 
 
 # ---- redrive -----------------------------------------------------------------------------------
 
 
 def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_ids=None) -> DayVerdict:
-    """The last redrive's own balance, then the day's whole expected message set against the
-    ledger (every run) and, where the sink can be read without consuming, the sink.
+    """The last redrive's own balance, then — once the day has been delivered whole, whatever dry
+    or partial runs came after — the day's whole expected message set against the ledger (every
+    run) and, where the sink can be read without consuming, the sink.
 
-    `expected(lake, day)`: (ids a whole-day redrive must deliver, ids it drops); `sink_ids(ids)`:
+    `expected(lake, day)`: (ids a whole-day redrive must deliver, ids it drops); `sink_ids(day, ids)`:
     the subset of ids the sink holds, or None when the sink cannot be read."""
     last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
     if last is None:
         return DayVerdict(False, "redrive has not run for this day", {})
-    if last["dry_run"]:
-        return DayVerdict(True, "dry run: nothing sent", {"selected": last["selected"]})
     counts = rd.RedriveCounts(**{k: v for k, v in last.items() if k in rd.RedriveCounts.__dataclass_fields__})
     md = {k: last[k] for k in ("selected", "published", "skipped_already_delivered", "dropped", "failed")}
+    whole = expected is not None and (lake.read_json(owner(spec, REDRIVE), whole_day_marker(day)) is not None
+                                      or (last.get("whole_day", True) and not last["dry_run"]))
     problems = []
-    if not counts.balanced():
-        problems.append("selected != published + already delivered + dropped + failed")
-    if counts.failed:
-        problems.append(f"{counts.failed} deliveries failed")
     with ledger_resource.open() as ledger:
-        in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
-        md["ledger_rows_for_run"] = in_ledger
-        if in_ledger != counts.published:
-            problems.append(f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}")
-        whole = last.get("whole_day", True) and expected is not None
+        if not last["dry_run"]:
+            if not counts.balanced():
+                problems.append("selected != published + already delivered + dropped + failed")
+            if counts.failed:
+                problems.append(f"{counts.failed} deliveries failed")
+            in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
+            md["ledger_rows_for_run"] = in_ledger
+            if in_ledger != counts.published:
+                problems.append(f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}")
         if whole:
             ids, dropped = expected(lake, day)
             delivered = ledger.delivered(spec.name, spec.redrive.sink.name, ids)
@@ -258,15 +262,18 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
             if len(delivered) != len(ids):
                 missing = sorted(set(ids) - delivered)
                 problems.append(f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger, e.g. {missing[:3]}")
-            if sink_ids is not None:
-                held = sink_ids(day, ids)
-                if held is not None:
-                    md["in_sink"] = len(held)
-                    if len(held) != len(ids):
-                        missing = sorted(set(ids) - held)
-                        problems.append(f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}")
-    scope = "the whole day" if whole else "the last run only (it sent part of the day: mode, type or limit)"
-    return DayVerdict(not problems, "; ".join(problems) or f"deliveries reconcile, for {scope}", md)
+            held = sink_ids(day, ids) if sink_ids is not None else None
+            if held is not None:
+                md["in_sink"] = len(held)
+                if len(held) != len(ids):
+                    missing = sorted(set(ids) - held)
+                    problems.append(f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}")
+    if problems:
+        return DayVerdict(False, "; ".join(problems), md)
+    if whole:
+        return DayVerdict(True, "deliveries reconcile, for the whole day", md)
+    return DayVerdict(True, "dry run: nothing sent, and the day was never delivered whole" if last["dry_run"]
+                      else "deliveries reconcile, for the last run only (it sent part of the day: mode, type or limit)", md)
 
 
 def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], list[str]]:
@@ -353,7 +360,8 @@ CHECKS = (
              "hashes (recorded from the staged files before publishing).",
              lambda r, spec, d: stale_files(r.lake.get(), spec, d)),
     DayCheck("raw_files_current", PARSED, "The raw files the committed version read (names, sizes, mtimes recorded at build time) "
-             "against the listing of the day and its lateness window now: a late or rewritten raw file makes the day out of date.",
+             "against the listing of the day and its lateness window now, and the day's own files against the SHA-256 raw_events "
+             "recorded: a late or rewritten raw file makes the day out of date.",
              lambda r, spec, d: raw_files_current(r.lake.get(), spec, d), applies=_from_files),
     DayCheck("raw_rows_current", PARSED, "The rows of the day's selection counted by the engine now, against the count raw_events recorded.",
              _table_rows_current, applies=lambda spec: spec.from_table, resources=frozenset({"lake", "clickhouse"})),
@@ -367,9 +375,10 @@ CHECKS = (
              "parsed count parsed_events recorded in the day's state.",
              lambda r, spec, d: projection_totals(r.lake.get(), r.store.get(), spec, d), applies=_has("increment"),
              resources=frozenset({"lake", "store"})),
-    DayCheck("replace_projections_match_fold", PROJECTIONS, "Each replace projection's rows for the keys the day touches against a "
-             "from-scratch fold (latest row per key) of every committed day's Parquet.",
-             lambda r, spec, d: replace_projections(r.lake.get(), r.store.get(), spec, d), applies=_has("replace"),
+    DayCheck("projections_match_fold", PROJECTIONS, "Each projection against a from-scratch fold of the committed Parquet: an "
+             "increment projection's rows of the day against a fold of the day's files; a replace projection's rows for the keys the "
+             "day touches against a fold (latest row per key) of every committed day, with no row from a day that is not committed.",
+             lambda r, spec, d: projections_fold(r.lake.get(), r.store.get(), spec, d), applies=lambda spec: bool(spec.projections),
              resources=frozenset({"lake", "store"})),
     DayCheck("deliveries_reconcile", REDRIVE, "The last run: selected = published + already delivered + dropped + failed, failed = 0, "
              "and the ledger's rows for the run = published. The whole day: the message set of the committed version against the "

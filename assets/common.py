@@ -41,6 +41,23 @@ def manifest_name(day: str) -> str:
     return f"manifest/day={day}.json"
 
 
+def whole_day_marker(day: str) -> str:
+    """Written by a redrive that delivered the whole day without failure: from then on its check
+    reconciles the whole day, so a later dry or partial run cannot hide a loss."""
+    return f"whole/day={day}.json"
+
+
+def shrunk_types(before: dict[str, int], after: dict[str, int], tolerance: float) -> list[str]:
+    """`type: before -> after` for each type with fewer events after than before (beyond tolerance)."""
+    return [f"{t}: {n} -> {after.get(t, 0)}" for t, n in sorted(before.items()) if after.get(t, 0) < n * (1 - tolerance)]
+
+
+def unconsented_shrink(stats: dict, tolerance: float) -> bool:
+    """Whether a version shrank against its baseline without the run's consent (its shrink check failed)."""
+    previous = stats.get("previous")
+    return bool(previous) and not stats.get("allow_shrink") and bool(shrunk_types(previous["rows_by_type"], stats.get("rows_by_type", {}), tolerance))
+
+
 ERRORED_PREFIX = "the check raised "  # how a day's verdict says its check could not conclude
 
 

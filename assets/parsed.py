@@ -10,7 +10,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns, pipeline_pool
+from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns, pipeline_pool, unconsented_shrink
 from assets.raw import build_manifest, day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions, event_time_mapping
 from replay_defs.lake import Lake
@@ -28,9 +28,9 @@ ALLOW_SHRINK = Field(
 
 
 class ParseConfig(dg.Config):
-    workers: int = Field(default=0, description="Parse processes; 0 means one per CPU core.")
+    workers: int = Field(default=0, ge=0, le=256, description="Parse processes; 0 means one per CPU core.")
     bucket_rows: int = Field(
-        default=500_000,
+        default=500_000, ge=1_000, le=100_000_000,
         description="Events per de-duplication bucket: memory is bounded by this, not by the day's size.",
     )
     simulate_parser_bug: bool = Field(
@@ -79,10 +79,14 @@ def current_manifest(lake: Lake, spec: PipelineSpec, day: str, log) -> dict:
     return manifest
 
 
-def previous_version(state) -> dict | None:
-    """What the shrink check compares a new version with: the replaced version's counts."""
+def shrink_baseline(spec: PipelineSpec, state) -> dict | None:
+    """What the shrink check compares a new version with: the replaced version's counts, or, when
+    that version was itself an unconsented shrink (its check failed), the baseline it failed
+    against, so retrying a rejected build cannot make it the new normal."""
     if state is None:
         return None
+    if unconsented_shrink(state.stats, spec.shrink_tolerance):
+        return state.stats["previous"]
     return {"version": state.version, "rows_by_type": state.stats.get("rows_by_type", {}), "parsed": state.stats.get("parsed", 0)}
 
 
@@ -135,7 +139,7 @@ def materialize_day(
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
-        previous = previous_version(lake.state(own, day))
+        previous = shrink_baseline(spec, lake.state(own, day))
         t0 = time.monotonic()
         tasks, sources = file_tasks(lake, spec, day, manifest)
         lat = spec.lateness
@@ -208,10 +212,11 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
 
 
 def shrink_metadata(stats: dict) -> dict:
-    """The replaced version and whether the run consented to a shrink, next to the counts."""
+    """The version the shrink check compares with (see `shrink_baseline`) and whether the run
+    consented to a shrink, next to the counts."""
     prev = stats["previous"]
-    return {"allow_shrink": stats["allow_shrink"], "replaced_version": prev["version"] if prev else 0,
-            "replaced_version_parsed": prev["parsed"] if prev else 0}
+    return {"allow_shrink": stats["allow_shrink"], "shrink_baseline_version": prev["version"] if prev else 0,
+            "shrink_baseline_parsed": prev["parsed"] if prev else 0}
 
 
 def _metadata(stats: dict) -> dict:
@@ -248,7 +253,7 @@ def materialize_table_day(lake: Lake, spec: PipelineSpec, day: str, ch, config: 
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
-        previous = previous_version(lake.state(own, day))
+        previous = shrink_baseline(spec, lake.state(own, day))
         staged = lake.new_staging(own, day)
         quarantine = staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet"
         stats = parse_table_day(ch, spec, day, selection, config.batch_size, str(staged), str(quarantine), log.info)

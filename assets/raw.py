@@ -13,6 +13,7 @@ from pydantic import Field
 
 from assets.common import RAW, asset_key, manifest_name, owner
 from partitions import daily_partitions
+from replay_defs.lake import file_sha256
 from replay_defs.parsing import count_lines
 from replay_defs.spec import PipelineSpec
 from replay_defs.table_source import KeysetReader, Selection
@@ -54,6 +55,7 @@ def build_manifest(lake, spec: PipelineSpec, day: str, workers: int = 2) -> dict
             "arrival": ref.arrival.isoformat(),
             "bytes": ref.size,
             "mtime_ns": ref.mtime_ns,
+            "sha256": file_sha256(lake.path(ref.rel_path)),
             "bytes_uncompressed": size,
             "lines": lines,
             "error": None if error is None else {"reason": error.reason, "detail": error.detail},

@@ -6,7 +6,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from assets.common import PARSED, RAW, REDRIVE, asset_key, manifest_name, owner, sink_pool
+from assets.common import PARSED, RAW, REDRIVE, asset_key, manifest_name, owner, sink_pool, whole_day_marker
 from assets.projections import verified_parquet
 from partitions import daily_partitions
 from replay_defs import redrive as rd
@@ -141,6 +141,8 @@ def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, d
         context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}")
     summary = dict(counts.__dict__)
     the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, "whole_day": whole_day, **summary})
+    if whole_day and not config.dry_run and not counts.failed:
+        the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": context.run.run_id})
 
 
 def source_summary(the_lake, spec: PipelineSpec, day: str, counts: rd.RedriveCounts) -> dict:

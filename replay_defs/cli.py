@@ -63,7 +63,7 @@ def _spec(name: str):
     raise SystemExit(f"no pipeline {name!r}; known: {', '.join(p.name for p in PIPELINES)}")
 
 
-def run_job(spec_name: str, start: str, end: str, run_config: dict | None = None, tags: dict | None = None):
+def run_job(spec_name: str, start: str, end: str, run_config: dict | None = None, tags: dict | None = None, log_level: str = "WARNING"):
     """Materialize the pipeline's replay job for a day range, in this process, on the instance."""
     import dagster as dg
 
@@ -71,7 +71,7 @@ def run_job(spec_name: str, start: str, end: str, run_config: dict | None = None
 
     job = defs.resolve_job_def(f"{spec_name}_replay")
     # The console shows warnings only; the full run log is in the instance (and the UI).
-    config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, **(run_config or {})}
+    config = {"loggers": {"console": {"config": {"log_level": log_level}}}, **(run_config or {})}
     return job.execute_in_process(
         instance=dg.DagsterInstance.get(),
         tags={RANGE_START: start, RANGE_END: end, **(tags or {})},
@@ -125,7 +125,7 @@ def _resolve(value) -> str:
     return value
 
 
-PASSED, FAILED, WARN, ERRORED, RUNNING, NOT_RUN = "passed", "failed", "warn", "errored", "running", "not run"
+PASSED, FAILED, WARN, ERRORED, RUNNING, NOT_RUN, STALE, NONE = "passed", "failed", "warn", "errored", "running", "not run", "stale", "no verdict"
 
 
 def evaluation_verdict(evaluation) -> str:
@@ -161,22 +161,35 @@ def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], str]
             failed_steps[run_id] = {e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)}
         return ERRORED if "__".join(check_key.asset_key.path) + "_" + check_key.name in failed_steps[run_id] else NOT_RUN
 
+    def built_at(day: str) -> float:
+        """When the day's parsed events were last built (or rolled back): older verdicts are stale."""
+        parsed = dg.AssetKey([spec_name, "parsed_events"])
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=parsed, asset_partitions=[day]), limit=1).records
+        return records[0].timestamp if records else 0.0
+
     out: dict[tuple[str, str], str] = {}
     for day in days:
         latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys, partition_filter=PartitionKeyFilter(key=day))
+        since = built_at(day)
         for key, record in latest.items():
             if record.status == S.PLANNED or record.event is None:
                 out[(key.name, day)] = unresolved(key, record.run_id)
+            elif record.event.timestamp < since:
+                out[(key.name, day)] = STALE
             else:
                 out[(key.name, day)] = evaluation_verdict(record.event.dagster_event.event_specific_data)
+        for key in keys:
+            out.setdefault((key.name, day), NONE)
     return out
 
 
 def verdict_summary(verdicts: list[tuple[str, str]]) -> str:
     """`9/10 passed, FAILED: a, WARN: b, ERRORED: c` for one day's (check, verdict) pairs."""
+    if all(v == NONE for _, v in verdicts):
+        return "no check has run"
     ok = sum(v == PASSED for _, v in verdicts)
     parts = [f"{ok}/{len(verdicts)} passed"]
-    for verdict in (FAILED, WARN, ERRORED, RUNNING, NOT_RUN):
+    for verdict in (FAILED, WARN, ERRORED, RUNNING, NOT_RUN, STALE, NONE):
         names = [c for c, v in verdicts if v == verdict]
         if names:
             parts.append(f"{verdict.upper() if verdict in (FAILED, WARN, ERRORED) else verdict}: {', '.join(names)}")
@@ -188,7 +201,7 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
 
     rows = partition_rows(spec_name, days)
     checks = check_results(spec_name, days)
-    names = sorted({c for c, _ in checks})
+    names = sorted({c for c, _ in checks})  # every check of the pipeline (`check_results` lists each per day)
     head = f"{'day':10} {'ver':>3} {'raw lines':>10} {'parsed':>9} {'dupes':>6} {'quar.':>5} {'in':>5} {'out':>5} {'proj.':>9} {'sent':>5} {'skip':>5}  checks"
     print(head)
     print("-" * len(head))
@@ -242,8 +255,10 @@ def cmd_demo(args) -> None:
     if args.days >= 2 and not args.no_bug_story:
         bad = days[1]
         print(f"\n3. a bad parser deploy rewrites {bad} (timestamps read as US/Pacific) ...")
-        run_job("telemetry", bad, bad, {"ops": {"telemetry__parsed_events": {"config": {"simulate_parser_bug": True}}}})
+        caught = run_job("telemetry", bad, bad, {"ops": {"telemetry__parsed_events": {"config": {"simulate_parser_bug": True}}}}, log_level="CRITICAL")
         print_table("telemetry", [bad], truth_lake=lake_root)
+        if not caught.success:
+            print("   the run failed, as it should: the new version lost events, so its blocking check stopped it before the projections and the sink")
         print(f"\n4. replaying {bad} with the fixed parser: the wrong version is swapped out (and kept for rollback) ...")
         run_job("telemetry", bad, bad)
         print_table("telemetry", [bad], truth_lake=lake_root)
@@ -272,12 +287,16 @@ def cmd_rollback(args) -> None:
     from replay_defs.lake import DamagedVersion, Lake, check_partition
 
     spec = _spec(args.pipeline)
-    day = check_partition(args.day)
+    try:
+        day = check_partition(args.day)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     lake_res = defs.resources["lake"]
     lake = Lake(_resolve(lake_res.root), keep_versions=lake_res.keep_versions)
     before = lake.state(owner(spec, PARSED), day)
+    to = args.to if args.to is not None else rollback_target(lake, spec, day, before)
     try:
-        state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day), to=args.to)
+        state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day), to=to)
     except (LookupError, DamagedVersion) as exc:
         raise SystemExit(f"rollback refused: {exc}") from exc
     instance = dg.DagsterInstance.get()
@@ -303,12 +322,24 @@ def cmd_rollback(args) -> None:
         sys.exit(1)
 
 
+def rollback_target(lake, spec, day: str, current) -> int:
+    """The newest kept version older than the live one that did not fail its shrink check when it
+    was built (a known-bad version is restored only when named with --to)."""
+    from assets.common import PARSED, owner, unconsented_shrink
+
+    older = [v for v in lake.kept_versions(owner(spec, PARSED), day) if current is None or v < current.version]
+    for v in reversed(older):
+        if not unconsented_shrink(lake.kept_state(owner(spec, PARSED), day, v).stats, spec.shrink_tolerance):
+            return v
+        print(f"skipping version {v}: it lost events without consent when it was built (its shrink check failed); --to {v} restores it anyway")
+    raise SystemExit(f"rollback refused: {spec.name} {day}: no earlier version is kept to roll back to" + (" that passed its shrink check" if older else ""))
+
+
 def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
     """Run `<pipeline>_verify` (every check, nothing rebuilt) over the days, in this process:
     (check, day) -> (verdict, description). A check that raised is `errored` for its days."""
     import dagster as dg
 
-    from assets.checks import CHECKS
     from replay_defs.definitions import defs
 
     job = defs.resolve_job_def(f"{spec_name}_verify")
@@ -320,9 +351,10 @@ def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[s
     for e in sorted(result.get_asset_check_evaluations(), key=lambda e: e.partition is not None):
         for day in [e.partition] if e.partition else days:
             out[(e.check_name, day)] = (evaluation_verdict(e), e.description or "")
+    check_of_step = {"__".join(k.asset_key.path) + "_" + k.name: k.name for k in defs.resolve_asset_graph().asset_check_keys}
     for event in result.all_events:
         if event.is_step_failure:
-            name = next((c.name for c in CHECKS if event.step_key.endswith("_" + c.name)), event.step_key)
+            name = check_of_step.get(event.step_key, event.step_key)
             error = event.event_specific_data.error
             while error.cause is not None:  # the check's own exception, not Dagster's wrapper
                 error = error.cause

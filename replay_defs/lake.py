@@ -338,6 +338,9 @@ class Lake:
 
     def _apply(self, owner: str, partition: str, journal: dict) -> None:
         staged = Path(journal["staged"])
+        # A journal only ever names staging or a kept version of this owner: never act elsewhere.
+        if not staged.resolve().is_relative_to(self._internal(owner).resolve()):
+            raise ValueError(f"{owner} {partition}: the journal names {staged}, outside {self._internal(owner)}; refusing to apply it")
         new = PartitionState.from_json(journal["new"])
         old_version = journal["old_version"]
         archive = self._internal(owner, "versions", partition, f"v{old_version}")
@@ -400,6 +403,8 @@ class Lake:
             versions = self.kept_versions(owner, partition)
             current = self.state(owner, partition)
             if to is not None:
+                if current is not None and to == current.version:
+                    raise LookupError(f"{owner} {partition}: version {to} is already the live version")
                 if to not in versions:
                     raise LookupError(f"{owner} {partition}: version {to} is not kept (kept: {versions or 'none'})")
                 v = to
@@ -422,12 +427,15 @@ class Lake:
 
     @staticmethod
     def _unlisted(root: Path, state: PartitionState) -> list[str]:
-        """Files in the state's slots under `root` that the state does not list."""
-        out = []
-        for slot, names in state.slots.items():
-            if (root / slot).is_dir():
-                out += [f"unexpected: {slot}/{p.name}" for p in (root / slot).iterdir() if p.name not in names]
-        return out
+        """Files under a kept version's `root` that its state does not list (anywhere, not only in
+        its slots: a version is published whole, so nothing may ride along)."""
+        listed = set(state.files) | {"state.json"}
+        return sorted(f"unexpected: {rel}" for p in root.rglob("*") if p.is_file() for rel in [p.relative_to(root).as_posix()] if rel not in listed)
+
+    def kept_state(self, owner: str, partition: str, version: int) -> PartitionState:
+        """The recorded state of a kept (archived) version."""
+        path = self._internal(owner, "versions", check_partition(partition), f"v{version}", "state.json")
+        return PartitionState.from_json(json.loads(path.read_text()))
 
     def damaged_files(self, owner: str, partition: str, files: list[str]) -> list[str]:
         """Of the committed `files`, those whose bytes are no longer the committed ones."""

@@ -49,10 +49,15 @@ class DuckDBStore:
                 return self._fold_increment(con, table, p, day, files)
             return self._fold_replace(con, pipeline, p, schema, day, files)
 
-    def _fold_increment(self, con, table: str, p: Projection, day: str, files: list[str]) -> int:
+    @staticmethod
+    def _increment_fold(p: Projection) -> str:
+        """The day's rows of increment projection `p`, folded from `$files`."""
         keys = ", ".join(ident(k) for k in p.key)
         aggs = ", ".join(f"{expr} AS {ident(col)}" for col, expr in p.values.items())
-        select = f"SELECT $day::DATE AS day, {keys}, {aggs} FROM read_parquet($files) GROUP BY ALL"
+        return f"SELECT $day::DATE AS day, {keys}, {aggs} FROM read_parquet($files) GROUP BY ALL"
+
+    def _fold_increment(self, con, table: str, p: Projection, day: str, files: list[str]) -> int:
+        select = self._increment_fold(p)
         con.execute("BEGIN")
         try:
             if files:
@@ -121,40 +126,85 @@ class DuckDBStore:
             f"FROM {source} ORDER BY {', '.join(keys)}, {order} DESC, {eid} DESC"
         )
 
-    def replace_mismatches(
-        self, pipeline: str, p: Projection, schema: EventSchema, day: str, day_files: list[str], all_files: list[str]
-    ) -> tuple[int, int, list[str]]:
-        """Compare replace projection `p` with a from-scratch fold of `all_files` (every committed
-        day), for the keys the day touches: those in its Parquet and those whose row came from it.
-        Returns (keys compared, keys that differ, a sample of differing keys)."""
+    def fold_mismatches(self, pipeline: str, p: Projection, schema: EventSchema, day: str, day_files: list[str],
+                        all_days: list[str], all_files: list[str]) -> tuple[dict, list[str]]:
+        """Compare projection `p` with a from-scratch fold of the committed Parquet: an increment
+        projection's rows of the day with a fold of `day_files`; a replace projection's rows for
+        the keys the day touches with a fold of `all_files` (every committed day), plus its rows of
+        no committed day and its per-day rows of the day. Returns (metadata, problems)."""
         table = ident(pipeline, p.name)
-        keys = [ident(k) for k in p.key]
-        cols = [ident(c) for c in p.values] + ["_order", "_event_id"]
         with self.connect() as con:
             if not self._exists(con, table):
-                return 0, 0, []
-            touched = f"SELECT {', '.join(keys)} FROM {table} WHERE _day = $day::DATE"
-            params: dict = {"day": day}
-            if day_files:
-                touched += f" UNION SELECT {', '.join(keys)} FROM read_parquet($day_files)"
-                params["day_files"] = day_files
-            same_key = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in keys)
-            truth = f"SELECT * FROM {table} WHERE FALSE"
-            if all_files:
-                params["all_files"] = all_files
-                scan = f"(SELECT * FROM read_parquet($all_files) AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key}))"
-                truth = self._latest_per_key(p, schema, scan)
-            differs = " OR ".join(f"f.{c} IS DISTINCT FROM c.{c}" for c in cols)
-            on = " AND ".join(f"f.{k} IS NOT DISTINCT FROM c.{k}" for k in keys)
-            key_text = " || '/' || ".join(f"coalesce(CAST(coalesce(f.{k}, c.{k}) AS VARCHAR), 'NULL')" for k in keys)
-            sql = (
-                f"WITH touched AS ({touched}), truth AS ({truth}), "
-                f"cur AS (SELECT * FROM {table} AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key})) "
-                f"SELECT (SELECT count(*) FROM touched), count(*), list({key_text} ORDER BY {key_text})[1:5] "
-                f"FROM truth AS f FULL OUTER JOIN cur AS c ON {on} WHERE {differs}"
-            )
-            compared, differing, sample = con.execute(sql, params).fetchone()
-            return compared, differing, sample or []
+                return {f"{p.name}_rows_differing": len(day_files)}, [f"{p.name}: the table does not exist"] if day_files else []
+            if p.kind == "increment":
+                fold = self._increment_fold(p) if day_files else f"SELECT * FROM {table} WHERE FALSE"
+                cur = f"SELECT * FROM {table} WHERE day = $day::DATE"
+                compared, differing, sample = self._compare(con, fold, cur, ["day", *p.key], list(p.values),
+                                                            {"day": day, "files": day_files} if day_files else {"day": day}, table)
+                problems = [f"{p.name}: {differing} of {compared} rows of the day differ from a fold of its committed Parquet, e.g. {sample}"] if differing else []
+                return {f"{p.name}_rows_compared": compared, f"{p.name}_rows_differing": differing}, problems
+            return self._replace_mismatches(con, table, p, schema, day, day_files, all_days, all_files)
+
+    def _replace_mismatches(self, con, table, p: Projection, schema: EventSchema, day, day_files, all_days, all_files):
+        keys = [ident(k) for k in p.key]
+        same_key = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in keys)
+        touched = f"SELECT {', '.join(keys)} FROM {table} WHERE _day = $day::DATE"
+        params: dict = {"day": day}
+        if day_files:
+            touched += f" UNION SELECT {', '.join(keys)} FROM read_parquet($day_files)"
+            params["day_files"] = day_files
+        truth = f"SELECT * FROM {table} WHERE FALSE"
+        if all_files:
+            params["all_files"] = all_files
+            scan = f"(SELECT * FROM read_parquet($all_files) AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key}))"
+            truth = self._latest_per_key(p, schema, scan)
+        cur = f"SELECT * FROM {table} AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key})"
+        compared, differing, sample = self._compare(con, truth, cur, list(p.key), [*p.values, "_order", "_event_id"], params, table,
+                                                    prelude=f"touched AS ({touched})")
+        problems = [f"{p.name}: {differing} of {compared} keys the day touches differ from a fold of the committed days, e.g. {sample}"] if differing else []
+        orphans = con.execute(f"SELECT count(*) FROM {table} WHERE _day IS NULL OR NOT list_contains($days, _day::VARCHAR)",
+                              {"days": all_days}).fetchall()[0][0]
+        if orphans:
+            problems.append(f"{p.name}: {orphans} rows come from no committed day")
+        by_day = ident(table.split(".")[0].strip('"'), f"{p.name}__by_day")
+        day_rows = differing_by_day = 0
+        if self._exists(con, by_day):
+            latest = self._latest_per_key(p, schema, "read_parquet($files)", extra=", $day::DATE AS _day") if day_files else f"SELECT * FROM {by_day} WHERE FALSE"
+            day_rows, differing_by_day, _ = self._compare(con, latest, f"SELECT * FROM {by_day} WHERE _day = $day::DATE", list(p.key),
+                                                          [*p.values, "_order", "_event_id"], {"day": day, "files": day_files} if day_files else {"day": day},
+                                                          by_day)
+            if differing_by_day:
+                problems.append(f"{p.name}__by_day: {differing_by_day} of the day's {day_rows} rows differ from its committed Parquet")
+        md = {f"{p.name}_keys_compared": compared, f"{p.name}_keys_differing": differing, f"{p.name}_orphan_rows": orphans,
+              f"{p.name}_by_day_rows_differing": differing_by_day}
+        return md, problems
+
+    @staticmethod
+    def _compare(con, expected: str, actual: str, keys: list[str], values: list[str], params: dict, table: str,
+                 prelude: str = "") -> tuple[int, int, list[str]]:
+        """Rows of two queries matched on `keys`: (rows compared, rows that differ or have no
+        match, a sample of their keys). `table`'s floating columns may differ by rounding (1e-9
+        relative): a fold's float sums depend on the order DuckDB's threads add them in."""
+        k = [ident(c) for c in keys]
+        on = " AND ".join(f"e.{c} IS NOT DISTINCT FROM a.{c}" for c in k)
+        floats = {name for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall() if kind in ("FLOAT", "DOUBLE", "REAL")}
+
+        def differs(c: str) -> str:
+            e, a = f"e.{ident(c)}", f"a.{ident(c)}"
+            if c in floats:
+                return f"({e} IS DISTINCT FROM {a} AND NOT coalesce(abs({e} - {a}) <= 1e-9 * greatest(abs({e}), abs({a}), 1), false))"
+            return f"{e} IS DISTINCT FROM {a}"
+
+        bad = " OR ".join(["e._present IS NULL", "a._present IS NULL", *(differs(c) for c in values)])
+        key_text = " || '/' || ".join(f"coalesce(CAST(coalesce(e.{c}, a.{c}) AS VARCHAR), 'NULL')" for c in k)
+        sql = (
+            f"WITH {prelude + ', ' if prelude else ''}e AS (SELECT *, TRUE AS _present FROM ({expected})), "
+            f"a AS (SELECT *, TRUE AS _present FROM ({actual})) "
+            f"SELECT count(*), count(*) FILTER (WHERE {bad}), (list({key_text} ORDER BY {key_text}) FILTER (WHERE {bad}))[1:5] "
+            f"FROM e FULL OUTER JOIN a ON {on}"
+        )
+        compared, differing, sample = con.execute(sql, params).fetchall()[0]
+        return compared, differing, sample or []
 
     @staticmethod
     def _exists(con, table: str) -> bool:

@@ -35,7 +35,7 @@ def build_raw_files_sensor(spec: PipelineSpec, interval_s: int = 300, lookback_d
         reported: dict[str, str] = json.loads(context.cursor or "{}")  # day -> digest of the change last reported
         requests, current = [], {}
         for day in committed_days(the_lake, spec)[-lookback_days:]:
-            verdict = raw_files_current(the_lake, spec, day)
+            verdict = raw_files_current(the_lake, spec, day, content=False)  # a listing per tick, not a read of every byte
             if verdict.passed:
                 continue
             digest = hashlib.sha256(verdict.description.encode()).hexdigest()[:16]

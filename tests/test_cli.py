@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 PARSED_OWNER = "telemetry/parsed_events"
 ASSETS = ("raw_events", "parsed_events", "projections", "redrive")
 CHECKS = ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files", "raw_files_current", "no_unconsented_shrink",
-          "late_events_within_window", "totals_match_parsed", "replace_projections_match_fold", "deliveries_reconcile")
+          "late_events_within_window", "totals_match_parsed", "projections_match_fold", "deliveries_reconcile")
 # The demo data holds a few events beyond the lateness window on its last day: a warning there.
 LATE_WARNING = ("late_events_within_window", "2025-11-26")
 # A bad deploy that is let through (the shrink it causes is consented to), to have something to roll back.
@@ -55,7 +55,7 @@ def home_instance() -> dg.DagsterInstance:
 
 def check_keys() -> list[dg.AssetCheckKey]:
     parsed, projections, redrive = (dg.AssetKey(["telemetry", a]) for a in ("parsed_events", "projections", "redrive"))
-    owner = {"totals_match_parsed": projections, "replace_projections_match_fold": projections, "deliveries_reconcile": redrive}
+    owner = {"totals_match_parsed": projections, "projections_match_fold": projections, "deliveries_reconcile": redrive}
     return [dg.AssetCheckKey(owner.get(c, parsed), c) for c in CHECKS]
 
 

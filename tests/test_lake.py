@@ -355,7 +355,7 @@ def test_rollback_restores_the_previous_version_exactly(lake):
 def test_rollback_to_a_version_that_is_not_kept_raises(lake):
     publish(lake, "A")
     publish(lake, "BB")
-    for to in (2, 7, 0):  # 2 is current (live, not kept); 7 never existed; 0 never archived
+    for to in (7, 0):  # 7 never existed; 0 never archived
         with pytest.raises(LookupError, match=f"version {to} is not kept"):
             lake.rollback(OWNER, DAY, PATTERNS, to=to)
     assert live(lake) == version_files("BB")
@@ -460,6 +460,36 @@ def test_rollback_verifies_the_archive_it_publishes(lake):
     # Nothing moved: version 2 is still live and clean.
     assert live(lake) == version_files("BB")
     assert lake.stale_files(OWNER, DAY, PATTERNS) == []
+
+
+def test_rollback_refuses_a_kept_version_holding_a_file_it_never_recorded(lake):
+    publish(lake, "A")
+    publish(lake, "BB")
+    ghost = archive(lake, 1) / f"flat/type=ghost/day={DAY}/part-0000-0001.parquet"  # a slot version 1 never had
+    ghost.parent.mkdir(parents=True)
+    ghost.write_bytes(b"")
+    with pytest.raises(lake_mod.DamagedVersion, match=f"unexpected: flat/type=ghost/day={DAY}/part-0000-0001.parquet"):
+        lake.rollback(OWNER, DAY, PATTERNS)
+    assert live(lake) == version_files("BB")
+
+
+def test_a_journal_naming_a_directory_outside_the_owner_is_refused(lake, tmp_path):
+    publish(lake, "A")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not the lake's")
+    journal = {"old": None, "old_version": 1, "old_slots": [], "new": lake.state(OWNER, DAY).to_json(), "staged": str(victim)}
+    lake_mod._write_json_atomic(internal(lake, "journal", f"{DAY}.json"), journal)
+    with pytest.raises(ValueError, match="outside"):
+        lake.recover(OWNER, DAY)
+    assert (victim / "keep.txt").read_text() == "not the lake's"
+
+
+def test_rollback_to_the_live_version_says_so(lake):
+    publish(lake, "A")
+    publish(lake, "BB")
+    with pytest.raises(LookupError, match="version 2 is already the live version"):
+        lake.rollback(OWNER, DAY, PATTERNS, to=2)
 
 
 def test_stale_files_without_a_state(lake):

