@@ -188,16 +188,20 @@ class TcpProxy:
 
 
 def rabbitmq_port() -> int:
-    """The machine's RabbitMQ on 5672; started with the installed binary when it is not running."""
-    if _answers(5672):
+    """The machine's RabbitMQ on 5672; started with the installed binary when it is not running
+    (under a lock: the suite's worker processes may ask at the same time)."""
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), "event-replay-rabbitmq-start.lock")):
+        if _answers(5672):
+            return 5672
+        subprocess.run(["rabbitmq-server", "-detached"], check=True)  # FileNotFoundError: install rabbitmq-server
+        deadline = time.time() + 60
+        while not _answers(5672):
+            if time.time() > deadline:
+                raise RuntimeError("rabbitmq-server did not come up on 5672")
+            time.sleep(1)
         return 5672
-    subprocess.run(["rabbitmq-server", "-detached"], check=True)  # FileNotFoundError: install rabbitmq-server
-    deadline = time.time() + 60
-    while not _answers(5672):
-        if time.time() > deadline:
-            raise RuntimeError("rabbitmq-server did not come up on 5672")
-        time.sleep(1)
-    return 5672
 
 
 def _answers(port: int) -> bool:
