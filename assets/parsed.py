@@ -43,7 +43,6 @@ class ParseConfig(dg.Config):
 def file_tasks(lake: Lake, spec: PipelineSpec, day: str, manifest: dict) -> tuple[list[FileTask], dict[str, list[int]]]:
     """The day's own files (from its raw manifest) plus neighbours' files in the lateness window,
     and the listing of all of them ({lake path: [bytes, mtime_ns]}, recorded as the build's sources)."""
-    start = day_start(day)
     tasks = [
         FileTask(str(lake.path(f["rel_path"])), f["uri"], datetime.fromisoformat(f["arrival"]), True, i)
         for i, f in enumerate(manifest["files"])
