@@ -223,6 +223,8 @@ def parse_timestamps(values: list) -> pa.Array:
 
 def _classify(exc: Exception, line: bytes) -> str:
     msg = str(exc)
+    if isinstance(exc, RecursionError):
+        return "nesting_too_deep"
     if isinstance(exc, UnicodeError):
         return "invalid_utf8"
     if "surrogate" in msg or _LONE_SURROGATE.search(line):
@@ -315,7 +317,7 @@ class EventDecoder:
                         other = len(lines) - len(events)
                     table, bad = self._check_types(self.to_table(events, nos, source_ref), lines, start)
                     return table, bad, other
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, pa.ArrowInvalid):
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, pa.ArrowInvalid, RecursionError):
                     pass
         table, bad = self._decode_each(start, lines, source_ref)
         return table, bad, 0
@@ -333,7 +335,8 @@ class EventDecoder:
             try:
                 line.decode("utf-8")
                 event = self.decoder.decode(line)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError) as exc:
+                # RecursionError: JSON nested deeper than the decoder's stack allows (a few hundred levels).
                 bad.append((no, _classify(exc, line), str(exc)[:300], line[:SAMPLE_BYTES]))
                 continue
             problem = self._bad_timestamp(event)

@@ -299,6 +299,9 @@ class Transformer:
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 reasons[i], details[i] = "malformed_json", f"{s.payload_column}: {exc}"
                 continue
+            except RecursionError as exc:  # nested deeper than the decoder's stack allows
+                reasons[i], details[i] = "nesting_too_deep", f"{s.payload_column}: {exc}"
+                continue
             if type(doc) is not dict:
                 reasons[i], details[i] = "not_an_object", f"{s.payload_column} is not a JSON object"
                 continue

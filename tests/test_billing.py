@@ -302,3 +302,12 @@ def build_and_run_with_consent(spec, instance, raw):
     job = build_definitions([spec]).resolve_job_def(f"{NAME}_replay")
     config = {"ops": {f"{NAME}__raw_events": {"config": raw}, f"{NAME}__parsed_events": {"config": {"batch_size": 4, "allow_shrink": True}}}}
     return job.execute_in_process(instance=instance, tags={RANGE_TAGS[0]: DAY1, RANGE_TAGS[1]: DAY1}, run_config=config, raise_on_error=False)
+
+
+def test_a_payload_nested_too_deep_is_a_transformation_error_not_a_crash():
+    from replay_defs.table_source import Transformer
+
+    deep = '{"id": "req-9", "orgId": "o", "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    events, quarantined, dropped, errors = Transformer(BILLING).run(arrow([row("e01", "cust-a", SAME), row("e09", "cust-a", SAME, body=deep)]), 1)
+    assert events.num_rows == 1 and errors == {"nesting_too_deep": 1} and not dropped
+    assert [q for q in quarantined if "nesting_too_deep" in q]

@@ -292,6 +292,20 @@ def _valid_gz(tmp_path, n=5000) -> tuple[bytes, list[bytes]]:
     return gzip.compress(b"\n".join(lines) + b"\n"), lines
 
 
+def test_a_line_nested_too_deep_is_quarantined_and_the_rest_of_the_file_kept(tmp_path):
+    """JSON nested deeper than the decoder's stack allows raises RecursionError in msgspec; it must
+    cost that line alone (reason nesting_too_deep), never the run."""
+    deep = line(1, payload=None)[:-1] + b',"payload":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    deep = deep.replace(b',"payload":null', b"")
+    path = write_file(tmp_path / "deep.jsonl", [line(0), deep, line(2)])
+    result = parse(tmp_path, path)
+    assert result.kept == 2
+    assert result.quarantined == Counter({"nesting_too_deep": 1})
+    (row,) = quarantine_rows(result)
+    assert row["line_no"] == 2 and row["reason"] == "nesting_too_deep"
+    assert_accounted(result, path)
+
+
 def test_truncated_gzip_is_rejected_whole(tmp_path):
     gz, lines = _valid_gz(tmp_path)
     path = tmp_path / "cut.jsonl.gz"
