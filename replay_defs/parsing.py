@@ -658,9 +658,9 @@ def dedupe_buckets(
                 f'    (PARTITION BY "{id_col}" ORDER BY source_ref, line_no) AS copy_no'
                 f"    FROM read_parquet($files, hive_partitioning = false)) WHERE copy_no > 1"
                 f") losers USING (source_ref, line_no)) "
-                f"TO '{tmp}' (FORMAT parquet, PARTITION_BY (\"{schema.type_field}\"), WRITE_PARTITION_COLUMNS true, "
+                f"TO $dest (FORMAT parquet, PARTITION_BY (\"{schema.type_field}\"), WRITE_PARTITION_COLUMNS true, "
                 f"COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
-                {"files": [p for p, _ in staged[bucket]]},
+                {"files": [p for p, _ in staged[bucket]], "dest": str(tmp)},  # paths are parameters, never SQL text
             )
             for part in sorted(tmp.glob("*=*/*.parquet")):
                 t = part.parent.name.split("=", 1)[1]

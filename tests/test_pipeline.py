@@ -678,3 +678,18 @@ def test_redrive_rate_limit_paces_deliveries(defs, instance, env):
     assert result.success and sent > 20
     # n messages at 10/s cannot take less than (n - 1) / 10 seconds.
     assert elapsed >= (sent - 1) / 10
+
+
+def test_a_lake_path_holding_quotes_is_data_not_sql(defs, instance, env, monkeypatch):
+    """Paths reach SQL only as parameters: a lake under a directory whose name would close a SQL
+    string (and open a CSV COPY elsewhere) is just a directory."""
+    hostile = env["lake"].parent / "it's' (FORMAT csv) --lake"
+    shutil.copytree(env["lake"], hostile)
+    monkeypatch.setenv("EVENT_REPLAY_LAKE", str(hostile))
+    day = "2025-11-25"
+    result = day_run(defs, instance, day)
+    assert result.success
+    lake = Lake(hostile)
+    _, _, by_type = parquet_counts(live_parquet(lake, day))
+    assert by_type == read_truth(hostile, day)
+    assert not list(env["lake"].parent.glob("*.csv")) and not list(hostile.rglob("*.csv"))
