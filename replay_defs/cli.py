@@ -20,13 +20,33 @@ DEFAULT_HOME = ".dagster_home"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
+INITIALIZED = ".event-replay-initialized"
+
+
 def ensure_dagster_home() -> Path:
-    """A project-local SQLite instance unless DAGSTER_HOME says otherwise."""
+    """A project-local SQLite instance unless DAGSTER_HOME says otherwise, its storage created
+    once, under a lock: two first commands at once on a fresh home would otherwise both create
+    the SQLite schemas and leave the schedule storage with two migration heads."""
+    from filelock import FileLock
+
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(DEFAULT_HOME).resolve())))
     home.mkdir(parents=True, exist_ok=True)
-    cfg = home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
+    if (home / INITIALIZED).exists():
+        return home
+    with FileLock(str(home / ".init.lock")):
+        if not (home / INITIALIZED).exists():
+            cfg = home / "dagster.yaml"
+            if not cfg.exists():
+                cfg.write_text("telemetry:\n  enabled: false\n")
+            import dagster as dg
+
+            instance = dg.DagsterInstance.get()  # creates the run, event log and schedule storage
+            try:
+                instance.get_runs(limit=1)
+                instance.all_instigator_state()
+            finally:
+                instance.dispose()
+            (home / INITIALIZED).touch()
     return home
 
 

@@ -352,3 +352,20 @@ def test_generate_writes_hourly_gzip_files_and_truth(tmp_path):
             if valid_event(ev, line) and ev["ts"].startswith(day) and arrival_day in ("23", "24", "25"):
                 ids_by_type[ev["type"]].add(ev["event_id"])
     assert {t: len(ids) for t, ids in ids_by_type.items()} == truth
+
+
+def test_first_commands_at_once_on_a_fresh_home_leave_it_usable(tmp_path):
+    """Four commands start together on a DAGSTER_HOME that does not exist yet: the instance's
+    SQLite storage is created once (under a lock), so every command and every later one works."""
+    import sqlite3
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "EVENT_REPLAY_LAKE": str(tmp_path / "lake"),
+           "EVENT_REPLAY_DUCKDB": str(tmp_path / "state.duckdb")}
+    command = [str(BIN / "event-replay"), "status", "telemetry", DEMO_DAYS[0]]
+    procs = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outcomes = [(p.wait(180), p.stderr.read()[-2000:]) for p in procs]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    with sqlite3.connect(tmp_path / "home" / "schedules" / "schedules.db") as db:
+        assert len(db.execute("SELECT * FROM alembic_version").fetchall()) == 1
+    later = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert later.returncode == 0 and "no check has run" in later.stdout, later.stderr[-2000:]
