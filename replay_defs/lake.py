@@ -171,11 +171,19 @@ class Lake:
 
     # ---- paths -----------------------------------------------------------------------------
     def path(self, rel: str) -> Path:
-        """A lake-relative path as a local path; refuses anything that would leave the lake."""
-        p = (self.root / rel).resolve()
+        """A lake-relative path as a local path, for reading; refuses `..`, absolute paths and
+        anything else that leaves the lake by its name. Symlinks inside the lake are followed (a
+        raw folder on another volume can be linked in); writing through one never is (`_writable`)."""
+        p = Path(os.path.normpath(self.root / rel))
         if p != self.root and not p.is_relative_to(self.root):
             raise ValueError(f"{rel!r} is outside the lake at {self.root}")
         return p
+
+    def _writable(self, path: Path) -> Path:
+        """`path`, if writing there stays inside the lake once symlinks are followed."""
+        if not path.resolve().is_relative_to(self.root):
+            raise ValueError(f"{path} leads outside the lake at {self.root} (through a symlink): refusing to write there")
+        return path
 
     def uri(self, rel: str) -> str:
         # Like Path.as_uri, but keeps `=` of hive-style paths readable.
@@ -194,7 +202,7 @@ class Lake:
     def _internal(self, owner: str, *parts: str) -> Path:
         if not _OWNER.fullmatch(owner):
             raise ValueError(f"owner {owner!r} must look like pipeline/asset")
-        return self.root.joinpath("_replay", owner, *parts)
+        return self._writable(self.root.joinpath("_replay", owner, *parts))
 
     # ---- raw files -------------------------------------------------------------------------
     def list_raw(self, prefix: str, start: datetime, end: datetime, suffixes: tuple[str, ...]) -> list[RawRef]:
@@ -349,7 +357,7 @@ class Lake:
         stray = self._internal(owner, "stray", partition, f"v{old_version}")
         committed = (journal["old"] or {}).get("slots", {})
         for slot in journal["old_slots"]:
-            src, dst = self.root / slot, archive / slot
+            src, dst = self._writable(self.root / slot), archive / slot
             # A slot that is also new and no longer staged has already been swapped in.
             if not (src.exists() and not dst.exists() and (slot not in new.slots or (staged / slot).exists())):
                 continue
@@ -367,7 +375,7 @@ class Lake:
             _write_json_atomic(archive / "state.json", journal["old"])
         for slot in new.slots:
             if (staged / slot).exists():
-                _move(staged / slot, self.root / slot)
+                _move(staged / slot, self._writable(self.root / slot))
         _write_json_atomic(self._internal(owner, "state", f"{partition}.json"), new.to_json())
         os.remove(self._internal(owner, "journal", f"{partition}.json"))
         shutil.rmtree(staged, ignore_errors=True)

@@ -693,3 +693,28 @@ def test_a_lake_path_holding_quotes_is_data_not_sql(defs, instance, env, monkeyp
     _, _, by_type = parquet_counts(live_parquet(lake, day))
     assert by_type == read_truth(hostile, day)
     assert not list(env["lake"].parent.glob("*.csv")) and not list(hostile.rglob("*.csv"))
+
+
+def test_a_raw_folder_linked_in_from_another_volume_is_read_and_outputs_never_escape_the_lake(defs, instance, env, tmp_path):
+    """Symlinks inside the lake are followed for reading (raw data kept elsewhere is linked in),
+    never for writing: a parsed prefix that links outside the lake is refused, and nothing is
+    written there."""
+    day = "2025-11-25"
+    raw_day = env["lake"] / "raw/json_telemetry/year=2025/month=11/day=25"
+    elsewhere = tmp_path / "other-volume" / "day=25"
+    elsewhere.parent.mkdir()
+    shutil.move(str(raw_day), elsewhere)
+    raw_day.symlink_to(elsewhere, target_is_directory=True)
+    result = day_run(defs, instance, day)
+    assert result.success
+    lake = Lake(env["lake"])
+    assert parquet_counts(live_parquet(lake, day))[2] == read_truth(env["lake"], day)
+
+    outside = tmp_path / "outside-parsed"
+    outside.mkdir()
+    shutil.rmtree(env["lake"] / "telemetry_flat")
+    (env["lake"] / "telemetry_flat").symlink_to(outside, target_is_directory=True)
+    again = day_run(defs, instance, day)
+    assert not again.success
+    assert any("leads outside the lake" in m and "refusing to write there" in m for m in step_failure_messages(again))
+    assert list(outside.rglob("*")) == []
