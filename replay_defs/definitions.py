@@ -41,11 +41,11 @@ from resources import (
     SqsResource,
     StoreResource,
 )
+from resources.deployment import DUCKDB, LAKE, OUTBOX, deployed
 
 
 def _setting(env: str, default: str):
-    # EnvVar when set, so the value resolves at launch and stays out of the UI's config.
-    return dg.EnvVar(env) if env in os.environ else default
+    return deployed((env, default))
 
 
 def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
@@ -59,12 +59,12 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
     # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
     needed = {spec.redrive.sink.kind for spec in (*pipelines, *refills)}
     needed |= {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
-    duckdb_path = _setting("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
+    duckdb_path = deployed(DUCKDB)
     resources = {
-        "lake": LakeResource(root=_setting("EVENT_REPLAY_LAKE", "data/lake")),
+        "lake": LakeResource(root=deployed(LAKE)),
         "store": StoreResource(path=duckdb_path),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
-        "outbox": OutboxResource(root=_setting("EVENT_REPLAY_OUTBOX", "data/outbox")),
+        "outbox": OutboxResource(root=deployed(OUTBOX)),
         # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
         "s3": S3Resource(endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")),
     }

@@ -2,6 +2,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.lake import Lake
+from resources.deployment import LAKE, deployed_path
 
 
 class LakeResource(dg.ConfigurableResource):
@@ -11,4 +12,4 @@ class LakeResource(dg.ConfigurableResource):
     keep_versions: int = Field(default=2, description="Prior versions kept per partition for rollback.")
 
     def get(self) -> Lake:
-        return Lake(self.root, keep_versions=self.keep_versions)
+        return Lake(deployed_path(self.root, LAKE), keep_versions=self.keep_versions)

@@ -2,6 +2,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.sinks import Outbox
+from resources.deployment import OUTBOX, deployed_path
 
 
 class OutboxResource(dg.ConfigurableResource):
@@ -10,4 +11,4 @@ class OutboxResource(dg.ConfigurableResource):
     root: str = Field(description="Outbox directory (env EVENT_REPLAY_OUTBOX).")
 
     def get(self) -> Outbox:
-        return Outbox(self.root)
+        return Outbox(deployed_path(self.root, OUTBOX))

@@ -2,6 +2,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.store import DuckDBStore
+from resources.deployment import DUCKDB, deployed_path
 
 
 class StoreResource(dg.ConfigurableResource):
@@ -10,4 +11,4 @@ class StoreResource(dg.ConfigurableResource):
     path: str = Field(description="DuckDB database file (env EVENT_REPLAY_DUCKDB).")
 
     def get(self) -> DuckDBStore:
-        return DuckDBStore(self.path)
+        return DuckDBStore(deployed_path(self.path, DUCKDB))

@@ -718,3 +718,15 @@ def test_a_raw_folder_linked_in_from_another_volume_is_read_and_outputs_never_es
     assert not again.success
     assert any("leads outside the lake" in m and "refusing to write there" in m for m in step_failure_messages(again))
     assert list(outside.rglob("*")) == []
+
+
+def test_a_run_config_cannot_move_where_data_is_written(defs, instance, env, tmp_path):
+    """Anyone who can launch a run could otherwise point the lake at any directory."""
+    elsewhere = tmp_path / "elsewhere"
+    result = defs.resolve_job_def("telemetry_replay").execute_in_process(
+        instance=instance, partition_key="2025-11-25", raise_on_error=False,
+        run_config={"resources": {"lake": {"config": {"root": str(elsewhere)}}}},
+    )
+    assert not result.success
+    assert any("EVENT_REPLAY_LAKE" in m and "not a run's" in m for m in step_failure_messages(result))
+    assert not elsewhere.exists()

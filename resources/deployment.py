@@ -1,0 +1,33 @@
+"""Where a deployment keeps its data: the settings that decide where runs write, each an
+environment variable with its default. A run's config may not move them — anyone who can launch a
+run could otherwise point the lake or a store at any directory — so a resource checks the value it
+was given against the deployment's own before it writes anywhere."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+LAKE = ("EVENT_REPLAY_LAKE", "data/lake")
+DUCKDB = ("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
+OUTBOX = ("EVENT_REPLAY_OUTBOX", "data/outbox")
+
+
+def deployed(setting: tuple[str, str]):
+    """The setting for a resource: an `EnvVar` when set (resolved at launch, kept out of the UI's
+    config), else its default."""
+    env, default = setting
+    return dg.EnvVar(env) if env in os.environ else default
+
+
+def deployed_path(value: str, setting: tuple[str, str]) -> str:
+    """`value`, if it is where the deployment says this data lives; a run config that points it
+    elsewhere is refused."""
+    env, default = setting
+    expected = os.environ.get(env, default)
+    if Path(value).resolve() != Path(expected).resolve():
+        raise dg.Failure(
+            f"{env} is {expected!r} for this deployment, but the run's config points it at {value!r}: where data is "
+            "written is the deployment's setting (set the environment variable), not a run's"
+        )
+    return value
