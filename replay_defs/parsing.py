@@ -149,14 +149,16 @@ class _Oversize:
 
 
 def iter_line_batches(
-    path: str, max_line_bytes: int, batch_lines: int = BATCH_LINES
+    path: str, max_line_bytes: int, batch_lines: int = BATCH_LINES, max_bytes: int | None = None, max_lines: int | None = None
 ) -> Iterator[tuple[int, list[bytes | _Oversize]]]:
     """Yield (first line number, lines) with lines of at most max_line_bytes.
 
     A longer line is never held whole: it becomes an `_Oversize` marker with a sample of its
     start, so memory stays bounded by the batch even for a 100 MB line. Line numbers start at 1.
-    Raises RawFileError if the file cannot be read to its end.
+    Raises RawFileError if the file cannot be read to its end, or (`file_too_large`) once it holds
+    more than `max_bytes` uncompressed bytes or `max_lines` lines.
     """
+    size = 0
     line_no = 1
     batch: list[bytes | _Oversize] = []
     batch_start = 1
@@ -165,6 +167,9 @@ def iter_line_batches(
     try:
         with _open_raw(path) as f:
             while chunk := f.read(READ_CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise RawFileError("file_too_large", f"more than {max_bytes} uncompressed bytes (EventSchema.max_file_bytes)")
                 if skipping is not None:
                     nl = chunk.find(b"\n")
                     if nl < 0:
@@ -181,6 +186,8 @@ def iter_line_batches(
                             parts[i] = _Oversize(line_no + i, line[:SAMPLE_BYTES])
                 batch.extend(parts)
                 line_no += len(parts)
+                if max_lines is not None and line_no - 1 > max_lines:
+                    raise RawFileError("file_too_large", f"more than {max_lines} lines (EventSchema.max_file_lines)")
                 if len(rest) > max_line_bytes:
                     skipping = _Oversize(line_no, rest[:SAMPLE_BYTES])
                     rest = b""
@@ -431,12 +438,23 @@ def scan_window(day: date, early: timedelta, late: timedelta) -> tuple[datetime,
 
 
 class _QuarantineWriter:
-    def __init__(self, path: str):
+    """One file's quarantine records. Past `per_reason` records of one reason, further lines of it
+    are only counted, and `close` writes one record with their count (so a file of millions of
+    blank lines costs a count, not millions of records)."""
+
+    def __init__(self, path: str, per_reason: int):
         self.path = path
+        self.per_reason = per_reason
         self.rows: list[tuple] = []
         self.writer: pq.ParquetWriter | None = None
+        self.recorded: Counter = Counter()
+        self.overflow: dict[str, list] = {}  # reason -> [source_ref, lines]
 
     def add(self, source_ref, line_no, reason, detail, sample, lines=1):
+        if self.recorded[reason] >= self.per_reason:
+            self.overflow.setdefault(reason, [source_ref, 0])[1] += lines
+            return
+        self.recorded[reason] += 1
         self.rows.append((source_ref, line_no, reason, detail, sample, lines))
         if len(self.rows) >= 10_000:
             self.flush()
@@ -452,6 +470,11 @@ class _QuarantineWriter:
         self.rows = []
 
     def close(self) -> bool:
+        for reason, (source_ref, lines) in sorted(self.overflow.items()):
+            detail = (f"{lines} more lines quarantined as {reason}: only the first {self.per_reason} are recorded one by one "
+                      "(EventSchema.max_quarantine_rows_per_reason)")
+            self.rows.append((source_ref, None, reason, detail, b"", lines))
+        self.overflow = {}
         self.flush()
         if self.writer is not None:
             self.writer.close()
@@ -460,7 +483,7 @@ class _QuarantineWriter:
 
     def discard(self):
         """Forget every record so far, flushed or not (the file is being rejected whole)."""
-        self.rows = []
+        self.rows, self.recorded, self.overflow = [], Counter(), {}
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -542,7 +565,7 @@ def parse_file(job: ParseJob, task: FileTask) -> FileResult:
     if task.home:
         qpath = os.path.join(job.stage_dir, "quarantine", f"f{task.file_index:06d}.parquet")
         os.makedirs(os.path.dirname(qpath), exist_ok=True)
-        quarantine = _QuarantineWriter(qpath)
+        quarantine = _QuarantineWriter(qpath, schema.max_quarantine_rows_per_reason)
     # This file is in the scan window of the event days listed here (its own day is always one).
     owners = {
         d
@@ -551,7 +574,7 @@ def parse_file(job: ParseJob, task: FileTask) -> FileResult:
     }
     target = pa.scalar(job.day, pa.date32())
     try:
-        for start, lines in iter_line_batches(task.path, schema.max_line_bytes):
+        for start, lines in iter_line_batches(task.path, schema.max_line_bytes, max_bytes=schema.max_file_bytes, max_lines=schema.max_file_lines):
             if start == 1 and isinstance(lines[0], bytes) and lines[0].startswith(b"\xef\xbb\xbf"):
                 lines[0] = lines[0][3:]  # a UTF-8 byte order mark is not part of the JSON
             result.lines += len(lines)

@@ -40,8 +40,17 @@ class EventSchema:
     # Events of other types are quarantined as `unknown_type`.
     known_types: tuple[str, ...] = ()
     max_line_bytes: int = 1 << 20
+    # Per raw file, so no single file can take hours: past either size the file is rejected whole
+    # (quarantined as `file_too_large` with its line count), and past this many quarantined lines
+    # of one reason the rest are counted in one record instead of one record each.
+    max_file_bytes: int = 16 << 30  # uncompressed
+    max_file_lines: int = 50_000_000
+    max_quarantine_rows_per_reason: int = 1_000
 
     def __post_init__(self) -> None:
+        for limit in ("max_line_bytes", "max_file_bytes", "max_file_lines", "max_quarantine_rows_per_reason"):
+            if getattr(self, limit) < 1:
+                raise ValueError(f"{limit} must be at least 1")
         names = [f.name for f in self.fields]
         for name in names:
             if not SAFE_NAME.fullmatch(name):

@@ -6,6 +6,7 @@ through `parse_file` / `parse_day` and checks the Parquet they write, not intern
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import zlib
 import itertools
@@ -303,6 +304,38 @@ def test_a_line_nested_too_deep_is_quarantined_and_the_rest_of_the_file_kept(tmp
     assert result.quarantined == Counter({"nesting_too_deep": 1})
     (row,) = quarantine_rows(result)
     assert row["line_no"] == 2 and row["reason"] == "nesting_too_deep"
+    assert_accounted(result, path)
+
+
+def _parse_with(tmp_path, path: str, **limits) -> FileResult:
+    job = dataclasses.replace(make_job(tmp_path), schema=dataclasses.replace(SCHEMA, **limits))
+    return parse_file(job, make_task(path))
+
+
+def test_past_the_per_reason_limit_quarantined_lines_are_counted_in_one_record(tmp_path):
+    """A tiny gzip of 5,000 blank lines: 100 records one by one, then one record holding the count
+    of the rest, so such a file costs a count, not a record per line."""
+    path = tmp_path / "blank.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n" * 5000 + line(1) + b"\n"))
+    result = _parse_with(tmp_path, str(path), max_quarantine_rows_per_reason=100)
+    assert result.kept == 1 and result.quarantined == Counter({"empty_line": 5000})
+    rows = quarantine_rows(result)
+    assert len(rows) == 101
+    (summary,) = [r for r in rows if r["line_no"] is None]
+    assert summary["reason"] == "empty_line" and summary["lines"] == 4900
+    assert "max_quarantine_rows_per_reason" in summary["detail"]
+    assert sum(r["lines"] for r in rows) == 5000
+    assert_accounted(result, str(path))
+
+
+@pytest.mark.parametrize("limit", [{"max_file_lines": 1000}, {"max_file_bytes": 50_000}])
+def test_a_file_past_its_size_limit_is_rejected_whole_with_its_line_count(tmp_path, limit):
+    path = write_file(tmp_path / "big.jsonl", [line(i) for i in range(3000)])
+    result = _parse_with(tmp_path, path, **limit)
+    assert result.kept == 0 and result.staged == {}
+    assert result.quarantined == Counter({"file_too_large": 3000})
+    (row,) = quarantine_rows(result)
+    assert row["reason"] == "file_too_large" and row["lines"] == 3000 and next(iter(limit)) in row["detail"]
     assert_accounted(result, path)
 
 
