@@ -9,7 +9,6 @@ import gzip
 import random
 import tracemalloc
 
-import pytest
 from test_parsing import SCHEMA, assert_accounted, line, make_task, parse_file, make_job
 
 SEED = 20261202
