@@ -5,7 +5,7 @@ registered for masking (`redact.register_url`) first, and a failed connect leave
 
 from __future__ import annotations
 
-from replay_defs.redact import register_url, secrets_masked
+from replay_defs.redact import mask_logs, register_url, secrets_masked
 
 
 def postgres(url: str, **kwargs):
@@ -21,6 +21,7 @@ def rabbitmq(url: str, **params):
     (connection_attempts, socket_timeout, ...)."""
     import pika
 
+    mask_logs("pika")  # it logs a failed connect (with the broker's "vhost guest:PW@... not found") before raising it
     with secrets_masked(url):
         p = pika.URLParameters(url)
         for k, v in params.items():

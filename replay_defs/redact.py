@@ -20,6 +20,7 @@ secrets that were never registered (a URL in a message from some other process).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -153,6 +154,33 @@ def scrub(exc: BaseException) -> BaseException:
 
     visit(exc, 0)
     return exc
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in a log record before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[1] is not None:
+            scrub(record.exc_info[1])
+            record.exc_text = None
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def mask_logs(prefix: str) -> None:
+    """Mask secrets in what the loggers named `prefix` or `prefix.*` log (a driver that logs the
+    error it is about to raise, as pika does). Filters act per logger, so each one gets it."""
+    names = [n for n in list(logging.root.manager.loggerDict) if n == prefix or n.startswith(prefix + ".")]
+    for name in [prefix, *names]:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
 
 
 @contextmanager
