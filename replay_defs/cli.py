@@ -16,6 +16,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from replay_defs.redact import redact, secrets_masked
+
 DEFAULT_HOME = ".dagster_home"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
@@ -434,7 +436,7 @@ def cmd_refill(args) -> None:
     if not result.success:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
         if failure is not None:
-            print(f"  {failure.step_key}: {failure.event_specific_data.error.message.strip()}", file=sys.stderr)
+            print(redact(f"  {failure.step_key}: {failure.event_specific_data.error.message.strip()}"), file=sys.stderr)
     mats = {(m.asset_key.path[-1], m.partition): {k: v.value for k, v in m.metadata.items()}
             for node in (f"{spec.name}__{EVENT_KEYS}", f"{spec.name}__redrive") for m in result.asset_materializations_for_node(node)}
     checks = {(e.check_name, e.partition): e.passed for e in result.get_asset_check_evaluations()}
@@ -563,12 +565,12 @@ def cmd_processed_events(args) -> None:
         except Exception:  # noqa: BLE001 - the database is what failed
             row = None
         if row:
-            print(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} not_reached={row['not_reached']}"
-                  f" error={row['error']}")
+            print(redact(f"  audit: status={row['status']} published={row['published']} failed={row['failed']}"
+                         f" not_reached={row['not_reached']} error={row['error']}"))
         for event in result.all_events:
             if event.is_step_failure:  # the error, without Dagster's stack trace (that is in the run's log)
                 error = event.step_failure_data.error
-                print(f"  {error.message.strip() if error else event.message}", file=sys.stderr)
+                print(redact(f"  {error.message.strip() if error else event.message}"), file=sys.stderr)
     if not result.success:
         sys.exit(1)
 
@@ -589,11 +591,49 @@ def cmd_billing_generate(args) -> None:
 # ---- projection replay (seed 001) ---------------------------------------------------------------
 
 
+# The connections of the projection commands: (flag stem, environment variable, what it is for).
+PROJECTION_CONNECTIONS = (
+    ("clickhouse", "CLICKHOUSE_URL", "ClickHouse server (unset: chDB in EVENT_REPLAY_CHDB)"),
+    ("redis", "EVENT_REPLAY_REDIS_URL", "Redis for the markers"),
+    ("postgres", "EVENT_REPLAY_POSTGRES_URL", "PostgreSQL of the increment stores"),
+)
+
+
+class _RefusedSecretFlag(argparse.Action):
+    """A flag that used to take a URL with its password: `ps` shows every process's arguments to
+    every user of the machine, so it is refused (without echoing the value) in favour of the
+    environment variable or a `--...-url-file`."""
+
+    def __init__(self, option_strings, dest, env: str = "", **kwargs):
+        self.env = env
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        stem = option_string.removeprefix("--")
+        parser.error(f"{option_string} is no longer accepted: a URL on the command line (with its password) is visible to "
+                     f"every user through `ps`. Set {self.env} in the environment, or pass --{stem}-file PATH "
+                     f"(a file holding the URL, readable only by you).")
+
+
+def _read_url_file(flag: str, path: str) -> str:
+    try:
+        url = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SystemExit(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+    if not url or "\n" in url:
+        raise SystemExit(f"{flag}: {path} must hold exactly one URL on one line")
+    return url
+
+
 def _projection_env(args) -> None:
-    """Connection flags win over the environment (as in the seed's CLI); set before defs load."""
-    for flag, env in (("clickhouse_url", "CLICKHOUSE_URL"), ("redis_url", "EVENT_REPLAY_REDIS_URL"), ("postgres_url", "EVENT_REPLAY_POSTGRES_URL")):
-        if getattr(args, flag, None):
-            os.environ[env] = getattr(args, flag)
+    """A `--...-url-file` wins over the environment; set before defs load. Its secrets are
+    registered for masking at once."""
+    from replay_defs.redact import register_url
+
+    for stem, env, _ in PROJECTION_CONNECTIONS:
+        path = getattr(args, f"{stem}_url_file", None)
+        if path:
+            os.environ[env] = register_url(_read_url_file(f"--{stem}-url-file", path))
 
 
 def cmd_projections_list(args) -> None:
@@ -654,7 +694,7 @@ def cmd_projections_replay(args) -> None:
     errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure and e.step_failure_data.error]
     if errors:  # the last line of the cause: e.g. ReplayBusy, a ClickHouse error (passwords masked)
         err = errors[0].cause or errors[0]
-        out["error"] = err.message.strip().splitlines()[-1][:500]
+        out["error"] = redact(err.message.strip().splitlines()[-1])[:500]
     if not args.quiet:
         for day in sorted(per_day):
             d = per_day[day]
@@ -774,13 +814,16 @@ def _resolved_clickhouse(res):
 
 def _add_projection_commands(sub) -> None:
     conn = argparse.ArgumentParser(add_help=False)
-    conn.add_argument("--clickhouse-url", help="ClickHouse server (falls back to CLICKHOUSE_URL; unset: chDB in EVENT_REPLAY_CHDB)")
-    conn.add_argument("--redis-url", help="Redis for the markers (falls back to EVENT_REPLAY_REDIS_URL)")
-    conn.add_argument("--postgres-url", help="PostgreSQL of the increment stores (falls back to EVENT_REPLAY_POSTGRES_URL)")
+    for stem, env, what in PROJECTION_CONNECTIONS:
+        conn.add_argument(f"--{stem}-url-file", metavar="PATH",
+                          help=f"{what}: read its URL from this file instead of {env} (never put a URL with a password on the command line)")
+        conn.add_argument(f"--{stem}-url", action=_RefusedSecretFlag, env=env, help=argparse.SUPPRESS)
     pr = sub.add_parser(
         "projections", help="projection replay (seed 001): list, replay, cleanup-markers, generate",
         description="Replay fold projections from ClickHouse event_log for a tenant since a day, coordinated with live "
-        "consumers through Redis markers (see README, 'Projection replay').",
+        "consumers through Redis markers (see README, 'Projection replay'). Connections come from CLICKHOUSE_URL, "
+        "EVENT_REPLAY_REDIS_URL and EVENT_REPLAY_POSTGRES_URL, or from files (--clickhouse-url-file, --redis-url-file, "
+        "--postgres-url-file); URLs are not accepted as arguments, where `ps` would show their passwords.",
     ).add_subparsers(dest="projections_cmd", required=True)
     ls = pr.add_parser("list", help="the registered projections, their stores and keys")
     ls.add_argument("--json", action="store_true", help="as JSON")
@@ -911,7 +954,8 @@ def main(argv: list[str] | None = None) -> None:
     _add_projection_commands(sub)
 
     args = ap.parse_args(argv)
-    args.fn(args)
+    with secrets_masked():  # an error that escapes prints without the passwords it may quote
+        args.fn(args)
 
 
 if __name__ == "__main__":

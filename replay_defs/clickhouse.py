@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from replay_defs.redact import redact
+from replay_defs.redact import redact, register_url
 
 
 class ClickHouseError(RuntimeError):
@@ -30,6 +30,7 @@ class ClickHouse:
     def __init__(self, url: str = "", data_path: str = "data/chdb", database: str = "default", compress: bool = True):
         import clickhouse_connect
 
+        register_url(url)  # masked by value from now on, in every message of this process
         self.backend = "http" if url else "chdb"
         self.where = redact(url) if url else f"chdb:{os.path.realpath(data_path)}"
         self.database = database

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from replay_defs import connect
 from replay_defs.redact import redact
 from replay_defs.store import DuckDBStore
 
@@ -161,7 +162,7 @@ def open_ledger(postgres_url: str | None, store: DuckDBStore) -> Iterator[Ledger
         import psycopg
 
         try:
-            con = psycopg.connect(postgres_url, autocommit=True, connect_timeout=10)
+            con = connect.postgres(postgres_url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:  # the message may quote the URL: keep the password out
             raise RuntimeError(redact(f"cannot connect to the Postgres ledger: {exc}")) from None
         try:

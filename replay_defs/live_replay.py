@@ -110,9 +110,9 @@ return n
 
 
 def _redis(url: str):
-    import redis
+    from replay_defs import connect
 
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, decode_responses=True)
+    return connect.redis(url, socket_timeout=30, socket_connect_timeout=10, decode_responses=True)
 
 
 @dataclass

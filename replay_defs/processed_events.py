@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from replay_defs import connect
 from replay_defs.redact import redact
 
 STATUSES = ("pending", "processing", "processed", "error")
@@ -329,7 +330,7 @@ def _audit_finish(conn, report: Report, error: str | None = None) -> None:
         " skipped_pending = %s, skipped_processing = %s, failed = %s, not_reached = %s, status = %s, error = %s, finished_at = now()"
         " WHERE run_id = %s",
         (c["published"], c["changed"], report.forced, c["forced_count"], c["skipped_processed"], c["skipped_pending"],
-         c["skipped_processing"], c["failed"], c["not_reached"], report.status, error, report.run_id),
+         c["skipped_processing"], c["failed"], c["not_reached"], report.status, redact(error) if error else None, report.run_id),
     )
 
 
@@ -383,7 +384,7 @@ def replay(
     t = table_identifier(table)
     report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
     t0 = time.monotonic()
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
         if selection.kind == "one" and not report.selected:
             raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
@@ -523,7 +524,7 @@ def undo(
     t = table_identifier(table)
     report = Report(run_id, "undo", table, {"undo_of": undo_run_id}, dry_run=dry_run)
     t0 = time.monotonic()
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
         ensure_replay_tables(conn)
         found = conn.execute(f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)).fetchone()
         if found is None:
@@ -585,6 +586,6 @@ def audit_row(url: str, run_id: str) -> dict[str, Any] | None:
     import psycopg
     from psycopg.rows import dict_row
 
-    with psycopg.connect(url, connect_timeout=10, row_factory=dict_row) as conn:
+    with connect.postgres(url, connect_timeout=10, row_factory=dict_row) as conn:
         ensure_replay_tables(conn)
         return conn.execute(f"SELECT * FROM {AUDIT_TABLE} WHERE run_id = %s", (run_id,)).fetchone()

@@ -33,6 +33,7 @@ from replay_defs.projection_replay import (
     day_window,
     to_ms,
 )
+from replay_defs import connect
 from replay_defs.redact import redact
 
 PROGRESS = "projection_replay_progress"
@@ -178,7 +179,7 @@ class PostgresIncrementStore:
         import psycopg
 
         try:
-            self.con = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            self.con = connect.postgres(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             raise RuntimeError(redact(f"cannot connect to PostgreSQL: {exc}")) from None
         self._lock = threading.Lock()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from replay_defs.lake import check_partition
+from replay_defs import connect
 from replay_defs.redact import redact
 
 
@@ -267,13 +268,8 @@ class RabbitExchange:
         self._channel = None
 
     def _open(self):
-        import pika
-
         if self._channel is None or self._channel.is_closed:
-            params = pika.URLParameters(self.url)
-            params.connection_attempts = 1
-            params.socket_timeout = 5
-            self._channel = pika.BlockingConnection(params).channel()
+            self._channel = connect.rabbitmq(self.url, connection_attempts=1, socket_timeout=5).channel()
             self._channel.confirm_delivery()
         return self._channel
 
@@ -348,7 +344,7 @@ class RedisTarget:
         self.name = f"redis:{mode}:{key}"
         # A few quick retries; the redrive loop retries whole batches with longer backoff.
         retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
-        self._redis = redis.Redis.from_url(url, retry=retry, socket_timeout=30, socket_connect_timeout=5)
+        self._redis = connect.redis(url, retry=retry, socket_timeout=30, socket_connect_timeout=5)
         self._append = self._redis.register_script(self.APPEND)
         self._loop = None
         self._queue = None
@@ -361,7 +357,7 @@ class RedisTarget:
                 self._append_all(pipeline, day, batch, resend)
         except Exception as exc:  # the server is down, or refused the batch as a whole
             self._queue = None  # reconnect on the next batch
-            return [redact(f"{type(exc).__name__}: {exc}")] * len(batch)
+            return [redact(f"{type(exc).__name__} ({self.url}): {exc}")] * len(batch)
         return [None] * len(batch)
 
     def _append_all(self, pipeline: str, day: str, batch: Batch, resend: bool) -> None:
@@ -398,7 +394,7 @@ class RedisTarget:
         import redis.asyncio
 
         retry = redis.asyncio.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
-        return redis.asyncio.Redis.from_url(self.url, decode_responses=True, retry=retry, socket_timeout=30, socket_connect_timeout=5)
+        return connect.redis_async(self.url, decode_responses=True, retry=retry, socket_timeout=30, socket_connect_timeout=5)
 
     def close(self) -> None:
         if self._queue is not None:

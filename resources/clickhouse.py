@@ -6,6 +6,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from replay_defs.clickhouse import ClickHouse
+from replay_defs.redact import register_url
 
 
 class ClickHouseResource(dg.ConfigurableResource):
@@ -20,6 +21,10 @@ class ClickHouseResource(dg.ConfigurableResource):
     )
     data_path: str = Field(default="data/chdb", description="chDB data directory (one per process) when no URL is set.")
     database: str = Field(default="default", description="Database that unqualified table names resolve in.")
+
+    def setup_for_execution(self, context) -> None:
+        # resolved now (EnvVar): its password is masked by value in every message of this process
+        register_url(self.url)
 
     def get(self) -> ClickHouse:
         """A client; close it when done (or use `open()`)."""

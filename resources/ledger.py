@@ -6,6 +6,7 @@ from pydantic import Field
 
 from replay_defs.ledger import open_ledger
 from replay_defs.store import DuckDBStore
+from replay_defs.redact import register_url
 
 
 class LedgerResource(dg.ConfigurableResource):
@@ -18,6 +19,10 @@ class LedgerResource(dg.ConfigurableResource):
         description="postgresql://user:password@host:5432/db (env EVENT_REPLAY_LEDGER_URL).",
         json_schema_extra={"dagster__is_secret": True},
     )
+
+    def setup_for_execution(self, context) -> None:
+        # resolved now (EnvVar): its password is masked by value in every message of this process
+        register_url(self.postgres_url)
 
     @contextmanager
     def open(self):

@@ -1,6 +1,8 @@
 import dagster as dg
 from pydantic import Field
 
+from replay_defs.redact import register_url
+
 
 class PostgresResource(dg.ConfigurableResource):
     """A PostgreSQL database: dead-letter rows a sensor watches, and the `processed_events` table
@@ -10,3 +12,7 @@ class PostgresResource(dg.ConfigurableResource):
         description="postgresql://user:password@host:5432/db (env EVENT_REPLAY_POSTGRES_URL).",
         json_schema_extra={"dagster__is_secret": True},
     )
+
+    def setup_for_execution(self, context) -> None:
+        # resolved now (EnvVar): its password is masked by value in every message of this process
+        register_url(self.url)

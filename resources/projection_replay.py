@@ -2,6 +2,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.live_replay import DEFAULT_PREFIX, Coordinator
+from replay_defs.redact import register_url
 
 
 class ProjectionReplayResource(dg.ConfigurableResource):
@@ -19,6 +20,11 @@ class ProjectionReplayResource(dg.ConfigurableResource):
     )
     redis_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every marker key (env EVENT_REPLAY_PROJECTION_PREFIX).")
     log_dir: str = Field(default="data/projection_replay", description="JSONL replay logs (env EVENT_REPLAY_PROJECTION_LOG_DIR).")
+
+    def setup_for_execution(self, context) -> None:
+        # resolved now (EnvVar): its password is masked by value in every message of this process
+        register_url(self.redis_url)
+        register_url(self.postgres_url)
 
     def coordinator(self, projection: str) -> Coordinator:
         return Coordinator(self.redis_url, projection, prefix=self.redis_prefix)

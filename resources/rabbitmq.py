@@ -2,6 +2,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.sinks import RabbitExchange
+from replay_defs.redact import register_url
 
 
 class RabbitMQResource(dg.ConfigurableResource):
@@ -11,6 +12,10 @@ class RabbitMQResource(dg.ConfigurableResource):
         description="AMQP URL, e.g. amqp://user:pass@host:5672/%2F (env EVENT_REPLAY_RABBITMQ_URL).",
         json_schema_extra={"dagster__is_secret": True},
     )
+
+    def setup_for_execution(self, context) -> None:
+        # resolved now (EnvVar): its password is masked by value in every message of this process
+        register_url(self.url)
 
     def sink(self, exchange: str, routing_key: str) -> RabbitExchange:
         return RabbitExchange(self.url, exchange, routing_key)

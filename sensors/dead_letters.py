@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from partitions import daily_partitions
+from replay_defs import connect
+from replay_defs.redact import secrets_masked
 from replay_defs.spec import DeadLetters, PipelineSpec
 from sensors.launch import backfill_request, days_being_backfilled
 
@@ -42,9 +44,7 @@ def _sqs(source: DeadLetters, sqs, peek: bool):
 
 
 def _bullmq(source: DeadLetters, redis_resource, peek: bool):
-    import redis
-
-    r = redis.Redis.from_url(redis_resource.url, socket_timeout=10, retry=None)
+    r = connect.redis(redis_resource.url, socket_timeout=10, retry=None)
     try:
         failed = f"{source.prefix}:{source.name}:failed"
         depth = r.zcard(failed)
@@ -83,9 +83,7 @@ def _kafka(source: DeadLetters, kafka, peek: bool):
 
 
 def _rabbitmq(source: DeadLetters, rabbitmq, peek: bool):
-    import pika
-
-    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq.url))
+    conn = connect.rabbitmq(rabbitmq.url)
     try:
         ch = conn.channel()
         depth = ch.queue_declare(source.name, passive=True).method.message_count
@@ -106,7 +104,7 @@ def _postgres(source: DeadLetters, postgres, peek: bool):
     from psycopg import sql
 
     table, status = sql.Identifier(source.name), sql.Identifier(source.status_column)
-    with psycopg.connect(postgres.url, connect_timeout=10) as con:
+    with connect.postgres(postgres.url, connect_timeout=10) as con:
         depth = con.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(table, status), (source.error_value,)).fetchone()[0]
         letters = []
         if peek:
@@ -177,7 +175,8 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
         samples = [s for s in state["samples"] if now - s[0] <= source.window_s]
         probe = PROBES[source.kind]
         resource = getattr(context.resources, resource_key)
-        depth, _ = probe(source, resource, peek=False)
+        with secrets_masked():  # a failing probe's error reaches the sensor's log and the UI: no secret in it
+            depth, _ = probe(source, resource, peek=False)
         rise = grown(samples, now, depth, source.window_s)
         samples.append([now, depth])
 
@@ -187,7 +186,8 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
 
         if rise <= source.growth:
             return skip(f"{source.label}: depth {depth}, grew {rise} within {source.window_s}s (threshold {source.growth}): not firing")
-        _, letters = probe(source, resource, peek=True)
+        with secrets_masked():
+            _, letters = probe(source, resource, peek=True)
         days = {d for d in (day_of(letter, time_field) for letter in letters) if d}
         unknown = len(letters) - sum(1 for letter in letters if day_of(letter, time_field))
         partitions = set(daily_partitions(spec).get_partition_keys())
