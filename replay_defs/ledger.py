@@ -155,7 +155,7 @@ class PostgresLedger:
 
 
 @contextmanager
-def open_ledger(postgres_url: str | None, store: DuckDBStore) -> Iterator[Ledger]:
+def open_ledger(postgres_url: str | None, store: DuckDBStore | None) -> Iterator[Ledger]:
     """The Postgres ledger when a URL is given, else the DuckDB one in the store. One connection
     for the whole unit of work (the DuckDB store's file lock is held meanwhile)."""
     if postgres_url:

@@ -7,6 +7,7 @@ from pydantic import Field
 from replay_defs.ledger import open_ledger
 from replay_defs.store import DuckDBStore
 from replay_defs.redact import register_url
+from resources.deployment import DUCKDB, deployed_path
 
 
 class LedgerResource(dg.ConfigurableResource):
@@ -26,5 +27,6 @@ class LedgerResource(dg.ConfigurableResource):
 
     @contextmanager
     def open(self):
-        with open_ledger(self.postgres_url, DuckDBStore(self.duckdb_path)) as ledger:
+        store = None if self.postgres_url else DuckDBStore(deployed_path(self.duckdb_path, DUCKDB))
+        with open_ledger(self.postgres_url, store) as ledger:
             yield ledger
