@@ -1,7 +1,7 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.sinks import RabbitExchange
+from replay_defs.sinks import DEFAULT_MAX_MESSAGE_BYTES, RabbitExchange
 
 
 class RabbitMQResource(dg.ConfigurableResource):
@@ -12,5 +12,5 @@ class RabbitMQResource(dg.ConfigurableResource):
         json_schema_extra={"dagster__is_secret": True},
     )
 
-    def sink(self, exchange: str, routing_key: str) -> RabbitExchange:
-        return RabbitExchange(self.url, exchange, routing_key)
+    def sink(self, exchange: str, routing_key: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> RabbitExchange:
+        return RabbitExchange(self.url, exchange, routing_key, max_message_bytes=max_message_bytes)
