@@ -500,7 +500,8 @@ def processed_events_config(args) -> dict:
     """The op config of a `processed-events` subcommand, from its arguments."""
     config = {"table": args.table, "dry_run": args.dry_run, "reason": args.reason, "requested_by": args.requested_by}
     if args.pe_cmd != "undo":
-        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size)
+        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size,
+                      max_message_bytes=args.max_message_bytes)
     if args.pe_cmd == "replay-one":
         config["event_id"] = args.event_id
     elif args.pe_cmd == "replay-failed":
@@ -532,7 +533,8 @@ def cmd_processed_events(args) -> None:
     print(f"run_id {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
     if outputs:
         md = {k: v.value for k, v in outputs[0].step_output_data.metadata.items()}
-        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed", "not_reached")
+        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed",
+                  "refused", "not_reached")
         print("  " + " ".join(f"{k}={md[k]}" for k in counts if k in md))
         print(f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}")
         if md.get("snapshot"):
@@ -543,8 +545,10 @@ def cmd_processed_events(args) -> None:
         except Exception:  # noqa: BLE001 - the database is what failed
             row = None
         if row:
-            print(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} not_reached={row['not_reached']}"
-                  f" error={row['error']}")
+            print(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} refused={row.get('refused', 0)}"
+                  f" {json.dumps(row.get('refused_by_reason') or {})} not_reached={row['not_reached']} error={row['error']}")
+            if row.get("refused") or row.get("failed"):
+                print(f"  dead letters: {pe.dead_letter_location(result.run_id)}")
         for event in result.all_events:
             if event.is_step_failure:  # the error, without Dagster's stack trace (that is in the run's log)
                 error = event.step_failure_data.error
@@ -656,8 +660,10 @@ def add_processed_events_parser(sub) -> None:
         "(EVENT_REPLAY_RABBITMQ_URL), routed by event type, with publisher confirms. Each command launches the matching "
         "Dagster job (processed_events_*) on the instance in $DAGSTER_HOME, so it shows in the UI like a launchpad run. "
         "Every run snapshots the rows it changes (undo with `undo RUN_ID`) and writes an audit row "
-        "(event_replay_audit). Events already processed are skipped unless --force. Ctrl-C stops publishing at once; "
-        "the rows published so far are committed and counted.",
+        "(event_replay_audit). Events already processed are skipped unless --force. A message refused for its shape "
+        "(event type, event id or header key over AMQP's 255 bytes, payload over --max-message-bytes) or not confirmed fails "
+        "that row alone: counted, dead-lettered in event_replay_dead_letter, row left unchanged, and the run goes on; only a lost "
+        "connection stops it. Ctrl-C stops publishing at once; the rows published so far are committed and counted.",
     )
     pe_sub = pe.add_subparsers(dest="pe_cmd", required=True)
 
@@ -671,6 +677,10 @@ def add_processed_events_parser(sub) -> None:
             p.add_argument("--force", action="store_true", help="also replay events already processed or pending (flagged in the audit: side effects may repeat)")
             p.add_argument("--rate-limit", type=float, default=50.0, help="messages per second, 0 for unlimited (default 50)")
             p.add_argument("--batch-size", type=int, default=100, help="rows locked, published and committed together (default 100)")
+            p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                           help="a payload over this is refused before it is sent (default 16 MiB, RabbitMQ 4's max_message_size; "
+                                "0: no limit). A refused row (also: event type, event id or header key over AMQP's 255 bytes) fails "
+                                "alone: counted as refused, dead-lettered in event_replay_dead_letter, left unchanged; the run goes on")
         p.set_defaults(fn=cmd_processed_events)
 
     p = pe_sub.add_parser("replay-one", help="replay one event by its event_id", description="Replay one event, by event_id.")
