@@ -405,7 +405,8 @@ def cmd_refill(args) -> None:
     days = _days(args.start, args.end or args.start)
     delivery = {k: v for k, v in {"dry_run": args.dry_run, "limit": args.limit, "force": args.force,
                                   "rate_limit": args.rate_limit, "batch_size": args.batch_size}.items() if v not in (None, False)}
-    location = args.location if args.location.startswith("s3://") else str(Path(args.location).resolve())
+    # Absolute, not resolved: the asset resolves symlinks itself and checks the result against EVENT_REPLAY_REFILL_ROOTS.
+    location = args.location if args.location.startswith("s3://") else os.path.abspath(args.location)
     run_config = {"ops": {f"{spec.name}__{EVENT_KEYS}": {"config": {"source": args.source, "location": location}},
                           f"{spec.name}__redrive": {"config": delivery}}}
     t0 = time.time()
@@ -863,13 +864,18 @@ def main(argv: list[str] | None = None) -> None:
         "refill", help="re-enqueue ingestion jobs for the event objects PUT on some days (seed 000)",
         description="Collect the keys of the objects PUT on the days (from an access-log CSV, S3 access log files or a "
                     "listing), validate and de-duplicate them, and enqueue one BullMQ job per key into the refill's queue "
-                    "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force.",
+                    "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force. "
+                    "Local sources are read only under EVENT_REPLAY_REFILL_ROOTS (colon-separated directories; default: the "
+                    "lake root EVENT_REPLAY_LAKE and the current directory), checked after resolving symlinks; anything else "
+                    "fails before it is read. Bad rows (including a line with an unterminated quote or over 1 MiB, each alone) "
+                    "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content.",
     )
     f.add_argument("--refill", default="ingestion_refill", help="the RefillSpec's name (default ingestion_refill)")
     f.add_argument("--source", choices=["csv", "access_logs", "listing"], default="csv",
                    help='csv: export with header "operation","key" (optional "requestdatetime"); access_logs: S3 server '
                         "access log files; listing: objects last modified on the day (default csv)")
-    f.add_argument("--location", required=True, help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to list")
+    f.add_argument("--location", required=True, help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to "
+                   "list. A local path must resolve under EVENT_REPLAY_REFILL_ROOTS (default: the lake root and the current directory)")
     f.add_argument("--start", required=True, help="first day (YYYY-MM-DD) of the access-log records")
     f.add_argument("--end", help="last day (default: start); several days need a requestdatetime column")
     f.add_argument("--dry-run", action="store_true", help="collect and count, enqueue nothing")
