@@ -19,7 +19,7 @@ from assets.factory import PipelineDefs
 from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner, pipeline_pool, sink_pool
 from assets.redrive import DeliveryConfig, deliver_day, make_sink
 from partitions import daily_partitions
-from replay_defs.access_logs import collect_keys, job_batches
+from replay_defs.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
 from replay_defs.lake import Lake
 from replay_defs.spec import RefillSpec
 from resources import LakeResource
@@ -51,7 +51,11 @@ class KeySourceConfig(dg.Config):
             "listing: objects of s3://bucket/prefix last modified on the day."
         ),
     )
-    location: str = Field(description="Local path or s3:// URI of the CSV, the log files, or the bucket/prefix to list.")
+    location: str = Field(
+        description="Local path or s3:// URI of the CSV, the log files, or the bucket/prefix to list. A local path (and every "
+        f"file read under it) must resolve, symlinks followed, under {ROOTS_ENV} (colon-separated directories; default: the "
+        "lake root and the code server's current directory), else the run fails before reading it."
+    )
 
 
 def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
@@ -88,6 +92,7 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
                 work_dir=staged[days[0]] / "_work",
                 s3=s3.get_client() if needs_s3 else None,
                 log=context.log.info,
+                roots=refill_roots(the_lake.root),
             )
         except ValueError as exc:
             raise dg.Failure(str(exc)) from exc

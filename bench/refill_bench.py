@@ -56,7 +56,8 @@ def child(method: str, csv_path: str, work: str) -> dict:
     if method == "ours":
         from replay_defs.access_logs import collect_keys, job_batches
 
-        found = collect_keys("csv", csv_path, [DAY], TYPES, lambda d: Path(work) / "keys", lambda d: Path(work) / "quarantine", Path(work) / "tmp")
+        found = collect_keys("csv", csv_path, [DAY], TYPES, lambda d: Path(work) / "keys", lambda d: Path(work) / "quarantine", Path(work) / "tmp",
+                             roots=[Path(csv_path).resolve().parent])  # the benchmark's own export
         day = found.days[DAY]
         out["collect_s"] = round(time.perf_counter() - t0, 2)
         jobs = sum(len(b.ids) for b in job_batches([str(Path(work) / "keys" / "keys.parquet")], 10_000))

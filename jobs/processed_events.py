@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs import processed_events as pe
+from replay_defs.sinks import DEFAULT_MAX_MESSAGE_BYTES
 from resources import PostgresResource, RabbitMQResource
 
 REQUESTED_BY_TAG = "event_replay/requested_by"
@@ -31,6 +32,12 @@ class _Publishing(_Common):
     force: bool = Field(default=False, description="Also replay events already processed (or pending). Flagged in the audit: side effects may repeat.")
     rate_limit: float = Field(default=50.0, description="At most this many messages per second (0: unlimited).")
     batch_size: int = Field(default=100, description="Rows locked (FOR UPDATE SKIP LOCKED), published and committed together.")
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        description="A payload larger than this is refused before it is sent (RabbitMQ 4's default max_message_size, 16 MiB; "
+        "0: no limit). Like a routing key, message id or header key over AMQP's 255 bytes, that row alone fails: counted "
+        f"as refused, recorded in {pe.DEAD_LETTER_TABLE}, left unchanged; the replay goes on.",
+    )
 
 
 class ReplayOneConfig(_Publishing):
@@ -80,6 +87,7 @@ def _metadata(report: pe.Report) -> dict:
             "selection": dg.MetadataValue.json(report.selection),
             "selected_by_status": dg.MetadataValue.json(report.by_status),
             "selected_by_type": dg.MetadataValue.json(report.by_type),
+            "refused_by_reason": dg.MetadataValue.json(report.refused_by_reason),
             "table": report.table,
             "duration_s": dg.MetadataValue.float(round(report.seconds, 3)),
         }
@@ -87,6 +95,8 @@ def _metadata(report: pe.Report) -> dict:
     if report.snapshot:
         md["snapshot"] = report.snapshot
         md["audit"] = f"{pe.AUDIT_TABLE} WHERE run_id = '{report.run_id}'"
+    if report.dead_letters:
+        md["dead_letters"] = pe.dead_letter_location(report.run_id)
     if report.errors:
         md["errors"] = dg.MetadataValue.json(report.errors[:20])
     return md
@@ -111,8 +121,13 @@ def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg
     if skipped and not report.changed and report.action != "undo":
         context.log.warning(f"nothing replayed: {report.skipped_processed} already processed, {report.skipped_pending} pending "
                             "(force=true replays them; side effects may repeat)")
+    if report.refused:
+        context.log.warning(f"{report.refused} refused for their shape {report.refused_by_reason} and dead-lettered "
+                            f"({pe.dead_letter_location(report.run_id)}); the rows are left unchanged")
     if report.status == "failed":
-        raise dg.Failure(f"{report.failed} not confirmed by the broker (rows left unchanged): {report.errors[:3]}", metadata=_metadata(report))
+        refused = f", {report.refused} of them refused for their shape {report.refused_by_reason}" if report.refused else ""
+        raise dg.Failure(f"{report.failed} not published{refused} (rows left unchanged, dead letters in {pe.DEAD_LETTER_TABLE}): "
+                         f"{report.errors[:3]}", metadata=_metadata(report))
     return dg.Output(json.dumps(report.counts()), metadata=_metadata(report))
 
 
@@ -123,13 +138,14 @@ def _replay(context: dg.OpExecutionContext, config: _Publishing, postgres: Postg
     context.log.info(f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})")
 
     def progress(r: pe.Report) -> None:
-        context.log.info(f"progress: {r.published}/{r.selected} published, {r.failed} failed, "
+        context.log.info(f"progress: {r.published}/{r.selected} published, {r.failed} failed ({r.refused} refused), "
                          f"{r.skipped_processed + r.skipped_pending + r.skipped_processing} skipped")
 
     publish = kw.pop("publish", True)
 
     def work() -> pe.Report:
-        exchange = rabbitmq.sink(config.exchange, "{type}") if publish and not config.dry_run else None
+        exchange = (rabbitmq.sink(config.exchange, "{type}", max_message_bytes=config.max_message_bytes)
+                    if publish and not config.dry_run else None)
         try:
             return pe.replay(
                 postgres.url, selection, context.run_id, table=config.table, exchange=exchange, exchange_name=config.exchange,

@@ -16,11 +16,20 @@ Only `REST.PUT.OBJECT` rows count. Each key is validated (shape, no path travers
 a bad one is quarantined with its reason. Keys are de-duplicated per day and written as Parquet
 sorted by key, which groups them by project and then type (a project's keys share the prefix
 `projectId/`), so jobs go out grouped the same way.
+
+Local sources (a CSV, a log directory and every file in it) are read only under the refill roots
+(`EVENT_REPLAY_REFILL_ROOTS`, colon-separated; default the lake root and the current directory),
+checked after resolving symlinks, before anything of the file is read. Nothing of a source's
+content reaches the logs or errors except a short, labelled sample of an offending line (a bad
+header); bad rows go to the quarantine with their own sample. A CSV line is a record: a quoted
+value never spans lines (no valid key holds a newline), so a line with an unterminated quote is
+quarantined alone instead of swallowing the next, and so is a line over 1 MiB.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -43,6 +52,48 @@ LOG_LINE = re.compile(r'^\S+ \S+ \[([^\]]+)\] \S+ \S+ \S+ (\S+) (\S+) ')
 ROWS_PER_INSERT = 50_000
 # DuckDB's memory cap for key collection; past it, tables, grouping and sorting spill to disk.
 MEMORY_LIMIT = "512MB"
+MAX_CSV_LINE = 1_048_576  # bytes; a longer line is quarantined (line_size_over_maximum)
+SAMPLE_CHARS = 2000  # of a quarantined line, in the quarantine file (never in a log)
+LOG_SAMPLE_CHARS = 60  # of an offending line, in an error message
+
+ROOTS_ENV = "EVENT_REPLAY_REFILL_ROOTS"
+
+
+class OutsideRefillRoots(ValueError):
+    """A local source that resolves outside the refill roots: refused before it is opened."""
+
+
+def refill_roots(lake_root: str | os.PathLike | None = None) -> list[Path]:
+    """The directories local refill sources may be read from: `EVENT_REPLAY_REFILL_ROOTS`
+    (colon-separated), else the lake root (`lake_root`, else EVENT_REPLAY_LAKE, else data/lake) and
+    the current directory (unless that is the filesystem root). Resolved, symlinks included."""
+    raw = os.environ.get(ROOTS_ENV, "")
+    if raw.strip():
+        parts = [r for r in raw.split(":") if r.strip()]
+    else:
+        parts = [str(lake_root or os.environ.get("EVENT_REPLAY_LAKE") or "data/lake")]
+        cwd = Path.cwd().resolve()
+        if cwd != Path(cwd.anchor):
+            parts.append(str(cwd))
+    return [Path(r.strip()).expanduser().resolve() for r in parts]
+
+
+def confine(path: str | os.PathLike, roots: list[Path], what: str) -> Path:
+    """`path` resolved (symlinks followed), if that is under one of `roots`; else OutsideRefillRoots
+    naming the path and the setting. Nothing of the file is opened here."""
+    resolved = Path(path).expanduser().resolve()
+    if any(resolved == r or resolved.is_relative_to(r) for r in roots):
+        return resolved
+    shown = f"{str(path)!r}" + ("" if str(resolved) == str(path) else f" (resolves to {str(resolved)!r})")
+    raise OutsideRefillRoots(
+        f"{what} {shown} is outside the refill roots ({', '.join(map(str, roots))}); nothing was read. "
+        f"Local sources are read only under {ROOTS_ENV} (colon-separated directories; default: the lake root and the "
+        f"current directory): move the file there or add its directory to {ROOTS_ENV}."
+    )
+
+
+def _sample(text: str, n: int = LOG_SAMPLE_CHARS) -> str:
+    return repr(text[:n]) + (f" ... ({len(text)} chars)" if len(text) > n else "")
 
 # A key part: no slash, no control character, no backslash.
 PART = r"[^/\x00-\x1f\x7f\\]+"
@@ -99,13 +150,19 @@ def collect_keys(
     work_dir: Path,
     s3=None,
     log: Callable[[str], None] = lambda _m: None,
+    roots: list[Path] | None = None,
 ) -> KeyCollection:
     """Read `location`, classify its rows and, per day, write `keys_dir(day)/keys.parquet` and
     `quarantine_dir(day)/quarantine.parquet` (each only when there is something to write).
 
-    Memory is bounded by DuckDB's limit (it spills to `work_dir`), not by the size of the input.
+    A local `location` (and every file read under it) must resolve under `roots` (default
+    `refill_roots()`), else OutsideRefillRoots. Memory is bounded by DuckDB's limit (it spills to
+    `work_dir`), not by the size of the input.
     """
     import duckdb
+
+    if roots is None:
+        roots = refill_roots()
 
     work_dir.mkdir(parents=True, exist_ok=True)
     # In memory, spilling to work_dir past the limit: a disk database would write every row twice.
@@ -116,31 +173,31 @@ def collect_keys(
         con.execute("SET preserve_insertion_order = false")
         con.execute("CREATE TABLE malformed (reason VARCHAR, raw VARCHAR)")
         if source == "csv":
-            rows_sql = _csv_rows(con, _local_file(location, work_dir, s3))
+            path = _local_file(location, work_dir, s3, roots)
+            rows_sql = _csv_rows(con, path)
+            _read_csv(con, path, rows_sql, days, known_types, work_dir, log)
         elif source in ("access_logs", "listing"):
             con.execute("CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR)")
-            rows = _access_log_rows(_log_files(location, days, work_dir, s3), con) if source == "access_logs" else _listing_rows(location, days, s3)
+            rows = (_access_log_rows(_log_files(location, days, work_dir, s3, roots), con) if source == "access_logs"
+                    else _listing_rows(location, days, s3))
             _load_rows(con, rows, log)
-            rows_sql = "SELECT * FROM rows"
+            _classify(con, "SELECT * FROM rows", days, known_types)
         else:
             raise ValueError(f"unknown key source {source!r}: use csv, access_logs or listing")
-        _classify(con, rows_sql, days, known_types)
-        if source == "csv":
-            _quarantine_rejected_csv_lines(con)
         return _write_days(con, days, keys_dir, quarantine_dir, log)
     finally:
         con.close()
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _local_file(location: str, work_dir: Path, s3) -> Path:
+def _local_file(location: str, work_dir: Path, s3, roots: list[Path]) -> Path:
     if location.startswith("s3://"):
         bucket, key = _split_s3(location)
         local = work_dir / "download" / Path(key).name
         local.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, key, str(local))  # streamed to disk in parts
         return local
-    path = Path(location)
+    path = confine(location, roots, "access-log CSV")  # before even asking whether it exists
     if not path.is_file():
         raise ValueError(f"access-log CSV {location!r} does not exist")
     return path
@@ -156,11 +213,14 @@ def _split_s3(uri: str) -> tuple[str, str]:
 def _csv_rows(con, path: Path) -> str:
     """The SQL that reads the CSV's rows as (operation, key, request_time, time_text)."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader([f.readline()]), [])
+        first = f.readline(64 * 1024)  # bounded: a file with no newline is not read whole
+    header = next(csv.reader([first]), [])
     names = [h.strip().lower() for h in header]
     key_col = "key" if "key" in names else "keys" if "keys" in names else None
     if "operation" not in names or key_col is None or len(set(names)) != len(names):
-        raise ValueError(f'{path.name}: expected a header "operation","key" (optionally "requestdatetime"), found {header[:10]}')
+        # Only a short, labelled sample of the offending line: never the file's content.
+        raise ValueError(f'{path.name}: expected a header "operation","key" (optionally "requestdatetime"); '
+                         f"first line (sample): {_sample(first.rstrip(chr(13) + chr(10)))}")
     # Every column as text, named by position: the header's own spelling never reaches the SQL.
     con.execute("SET VARIABLE csv_path = ?", [str(path)])
     con.execute("SET VARIABLE csv_columns = ?", [{f"c{i}": "VARCHAR" for i in range(len(names))}])
@@ -170,15 +230,72 @@ def _csv_rows(con, path: Path) -> str:
                       try_strptime({time_sql}, '{LOG_TIME_FORMAT}') AS request_time, {time_sql} AS time_text
         FROM read_csv(getvariable('csv_path'), header = true, auto_detect = false, delim = ',', quote = '"', escape = '"',
                       columns = getvariable('csv_columns'), ignore_errors = true, store_rejects = true, strict_mode = true,
-                      max_line_size = 1048576)"""
+                      max_line_size = {MAX_CSV_LINE})"""
 
 
-def _quarantine_rejected_csv_lines(con) -> None:
-    # One quarantine row per rejected line (DuckDB may report several errors for one line).
+def _read_csv(con, path: Path, rows_sql: str, days: list[str], known_types: tuple[str, ...], work_dir: Path, log) -> None:
+    """Classify the CSV's rows. DuckDB reads it in one pass; when a quoted value ran over a line end
+    (an unterminated quote: DuckDB then swallows the next line into the bad record) or a line was
+    over the maximum (whose reported sample may not be that line's), those lines are set aside
+    by a line pass, each quarantined with its own sample, and the rest is read again."""
+    import duckdb
+
+    try:
+        _classify(con, rows_sql, days, known_types)
+        suspect = con.execute(
+            "SELECT count(*) FROM reject_errors WHERE error_type IN ('UNQUOTED VALUE', 'LINE SIZE OVER MAXIMUM') OR contains(csv_line, chr(10))"
+        ).fetchone()[0]
+        if suspect:
+            last_scan = con.execute("SELECT coalesce(max(scan_id), -1) FROM reject_scans").fetchone()[0]
+            clean = work_dir / "lines-checked.csv"
+            set_aside = _set_aside_bad_lines(con, path, clean)
+            log(f"{set_aside:,} CSV lines with an unterminated quote or over {MAX_CSV_LINE:,} bytes set aside; reading the rest again")
+            con.execute("DROP TABLE classified")
+            con.execute("SET VARIABLE csv_path = ?", [str(clean)])
+            _classify(con, rows_sql, days, known_types)
+        else:
+            last_scan = -1
+        _quarantine_rejected_csv_lines(con, last_scan)
+    except duckdb.Error as exc:  # its message may quote the line ("Original Line: ..."): only the first line of it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{path.name}: the CSV could not be read: {type(exc).__name__}: {first[:200]}") from None
+
+
+def _set_aside_bad_lines(con, path: Path, clean: Path) -> int:
+    """Copy `path` to `clean` line by line (bounded memory), leaving out the lines DuckDB cannot
+    take alone: an odd number of quotes (an unterminated quoted value) or over MAX_CSV_LINE bytes.
+    Each goes to `malformed` with its own sample. Returns how many were set aside."""
+    bad: list[tuple[str, str]] = []
+    with open(path, "rb") as src, open(clean, "wb") as dst:
+        dst.write(src.readline(64 * 1024))  # the header, already checked
+        while line := src.readline(MAX_CSV_LINE + 3):
+            if len(line) == MAX_CSV_LINE + 3 and not line.endswith(b"\n"):  # over the maximum: skip to its end
+                sample = line[:SAMPLE_CHARS * 4]
+                rest = line
+                while rest and not rest.endswith(b"\n"):
+                    rest = src.readline(1 << 20)
+                bad.append(("malformed_csv_row: line size over maximum", sample.decode("utf-8", "replace")[:SAMPLE_CHARS]))
+                continue
+            body = line.rstrip(b"\r\n")
+            if len(body) > MAX_CSV_LINE:
+                bad.append(("malformed_csv_row: line size over maximum", body[:SAMPLE_CHARS * 4].decode("utf-8", "replace")[:SAMPLE_CHARS]))
+            elif body.count(b'"') % 2:
+                bad.append(("malformed_csv_row: unterminated quote", body[:SAMPLE_CHARS * 4].decode("utf-8", "replace")[:SAMPLE_CHARS]))
+            else:
+                dst.write(line)
+    for i in range(0, len(bad), 10_000):
+        con.executemany("INSERT INTO malformed VALUES (?, ?)", bad[i:i + 10_000])
+    return len(bad)
+
+
+def _quarantine_rejected_csv_lines(con, after_scan: int = -1) -> None:
+    # One quarantine row per rejected line (DuckDB may report several errors for one line), from the
+    # scans after `after_scan` (the rejects of a read that was redone are not counted twice).
     con.execute(
         """INSERT INTO malformed
-        SELECT 'malformed_csv_row: ' || lower(string_agg(DISTINCT error_type, ', ')), any_value(csv_line)
-        FROM reject_errors GROUP BY scan_id, line"""
+        SELECT 'malformed_csv_row: ' || lower(string_agg(DISTINCT error_type, ', ')), left(any_value(csv_line), $n)
+        FROM reject_errors WHERE scan_id > $after GROUP BY scan_id, line""",
+        {"after": after_scan, "n": SAMPLE_CHARS},
     )
 
 
@@ -207,7 +324,7 @@ def _load_rows(con, rows: Iterator[tuple[str, str, datetime | None, str | None]]
     log(f"read {total:,} rows")
 
 
-def _log_files(location: str, days: list[str], work_dir: Path, s3) -> Iterator[Path]:
+def _log_files(location: str, days: list[str], work_dir: Path, s3, roots: list[Path]) -> Iterator[Path]:
     """The access log files that can hold records of `days`: a log file is named by when it was
     delivered, up to a few hours after its records, so the day after the last is listed too."""
     wanted = [*days, (date.fromisoformat(days[-1]) + timedelta(days=1)).isoformat()]
@@ -223,12 +340,12 @@ def _log_files(location: str, days: list[str], work_dir: Path, s3) -> Iterator[P
                     s3.download_file(bucket, obj["Key"], str(local))
                     yield local
         return
-    root = Path(location)
+    root = confine(location, roots, "access-log directory")
     if not root.is_dir():
         raise ValueError(f"access-log directory {location!r} does not exist")
     for path in sorted(root.rglob("*")):
         if path.is_file() and any(path.name.startswith(d) or d in path.as_posix() for d in wanted):
-            yield path
+            yield confine(path, roots, "access-log file")  # a symlink in the directory may point anywhere
 
 
 def _access_log_rows(files: Iterator[Path], con) -> Iterator[tuple]:

@@ -427,7 +427,8 @@ def cmd_refill(args) -> None:
     days = _days(args.start, args.end or args.start)
     delivery = {k: v for k, v in {"dry_run": args.dry_run, "limit": args.limit, "force": args.force,
                                   "rate_limit": args.rate_limit, "batch_size": args.batch_size}.items() if v not in (None, False)}
-    location = args.location if args.location.startswith("s3://") else str(Path(args.location).resolve())
+    # Absolute, not resolved: the asset resolves symlinks itself and checks the result against EVENT_REPLAY_REFILL_ROOTS.
+    location = args.location if args.location.startswith("s3://") else os.path.abspath(args.location)
     run_config = {"ops": {f"{spec.name}__{EVENT_KEYS}": {"config": {"source": args.source, "location": location}},
                           f"{spec.name}__redrive": {"config": delivery}}}
     t0 = time.time()
@@ -522,7 +523,8 @@ def processed_events_config(args) -> dict:
     """The op config of a `processed-events` subcommand, from its arguments."""
     config = {"table": args.table, "dry_run": args.dry_run, "reason": args.reason, "requested_by": args.requested_by}
     if args.pe_cmd != "undo":
-        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size)
+        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size,
+                      max_message_bytes=args.max_message_bytes)
     if args.pe_cmd == "replay-one":
         config["event_id"] = args.event_id
     elif args.pe_cmd == "replay-failed":
@@ -554,7 +556,8 @@ def cmd_processed_events(args) -> None:
     print(f"run_id {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
     if outputs:
         md = {k: v.value for k, v in outputs[0].step_output_data.metadata.items()}
-        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed", "not_reached")
+        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed",
+                  "refused", "not_reached")
         print("  " + " ".join(f"{k}={md[k]}" for k in counts if k in md))
         print(f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}")
         if md.get("snapshot"):
@@ -565,8 +568,10 @@ def cmd_processed_events(args) -> None:
         except Exception:  # noqa: BLE001 - the database is what failed
             row = None
         if row:
-            print(redact(f"  audit: status={row['status']} published={row['published']} failed={row['failed']}"
-                         f" not_reached={row['not_reached']} error={row['error']}"))
+            print(redact(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} refused={row.get('refused', 0)}"
+                         f" {json.dumps(row.get('refused_by_reason') or {})} not_reached={row['not_reached']} error={row['error']}"))
+            if row.get("refused") or row.get("failed"):
+                print(f"  dead letters: {pe.dead_letter_location(result.run_id)}")
         for event in result.all_events:
             if event.is_step_failure:  # the error, without Dagster's stack trace (that is in the run's log)
                 error = event.step_failure_data.error
@@ -716,8 +721,10 @@ def add_processed_events_parser(sub) -> None:
         "(EVENT_REPLAY_RABBITMQ_URL), routed by event type, with publisher confirms. Each command launches the matching "
         "Dagster job (processed_events_*) on the instance in $DAGSTER_HOME, so it shows in the UI like a launchpad run. "
         "Every run snapshots the rows it changes (undo with `undo RUN_ID`) and writes an audit row "
-        "(event_replay_audit). Events already processed are skipped unless --force. Ctrl-C stops publishing at once; "
-        "the rows published so far are committed and counted.",
+        "(event_replay_audit). Events already processed are skipped unless --force. A message refused for its shape "
+        "(event type, event id or header key over AMQP's 255 bytes, payload over --max-message-bytes) or not confirmed fails "
+        "that row alone: counted, dead-lettered in event_replay_dead_letter, row left unchanged, and the run goes on; only a lost "
+        "connection stops it. Ctrl-C stops publishing at once; the rows published so far are committed and counted.",
     )
     pe_sub = pe.add_subparsers(dest="pe_cmd", required=True)
 
@@ -731,6 +738,10 @@ def add_processed_events_parser(sub) -> None:
             p.add_argument("--force", action="store_true", help="also replay events already processed or pending (flagged in the audit: side effects may repeat)")
             p.add_argument("--rate-limit", type=float, default=50.0, help="messages per second, 0 for unlimited (default 50)")
             p.add_argument("--batch-size", type=int, default=100, help="rows locked, published and committed together (default 100)")
+            p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                           help="a payload over this is refused before it is sent (default 16 MiB, RabbitMQ 4's max_message_size; "
+                                "0: no limit). A refused row (also: event type, event id or header key over AMQP's 255 bytes) fails "
+                                "alone: counted as refused, dead-lettered in event_replay_dead_letter, left unchanged; the run goes on")
         p.set_defaults(fn=cmd_processed_events)
 
     p = pe_sub.add_parser("replay-one", help="replay one event by its event_id", description="Replay one event, by event_id.")
@@ -916,13 +927,18 @@ def main(argv: list[str] | None = None) -> None:
         "refill", help="re-enqueue ingestion jobs for the event objects PUT on some days (seed 000)",
         description="Collect the keys of the objects PUT on the days (from an access-log CSV, S3 access log files or a "
                     "listing), validate and de-duplicate them, and enqueue one BullMQ job per key into the refill's queue "
-                    "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force.",
+                    "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force. "
+                    "Local sources are read only under EVENT_REPLAY_REFILL_ROOTS (colon-separated directories; default: the "
+                    "lake root EVENT_REPLAY_LAKE and the current directory), checked after resolving symlinks; anything else "
+                    "fails before it is read. Bad rows (including a line with an unterminated quote or over 1 MiB, each alone) "
+                    "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content.",
     )
     f.add_argument("--refill", default="ingestion_refill", help="the RefillSpec's name (default ingestion_refill)")
     f.add_argument("--source", choices=["csv", "access_logs", "listing"], default="csv",
                    help='csv: export with header "operation","key" (optional "requestdatetime"); access_logs: S3 server '
                         "access log files; listing: objects last modified on the day (default csv)")
-    f.add_argument("--location", required=True, help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to list")
+    f.add_argument("--location", required=True, help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to "
+                   "list. A local path must resolve under EVENT_REPLAY_REFILL_ROOTS (default: the lake root and the current directory)")
     f.add_argument("--start", required=True, help="first day (YYYY-MM-DD) of the access-log records")
     f.add_argument("--end", help="last day (default: start); several days need a requestdatetime column")
     f.add_argument("--dry-run", action="store_true", help="collect and count, enqueue nothing")

@@ -16,6 +16,12 @@ event `processed` (or `error`). A replay
 3. records it in `event_replay_audit` (one row per run: who, why, selection, counts, forced flag,
    snapshot location, status).
 
+A row whose message fails on its own (refused for its shape: a routing key, message id or header
+key over AMQP's 255 bytes, a body over `max_message_bytes`; or not confirmed: unroutable, nacked)
+is left unchanged, counted (`failed`; `refused` by reason), recorded in `event_replay_dead_letter`
+(run id, row, event id, reason, error) in the batch's transaction, and the replay goes on with the
+next rows. Only a lost connection stops the run.
+
 Idempotency: `error` rows are always replayed; `processed` and `pending` ones (already done, or
 already waiting for the worker) only with `force`, and a forced replay is flagged in the audit;
 `processing` rows never (that is `reset_stuck`'s job).
@@ -50,6 +56,7 @@ from replay_defs.redact import redact
 STATUSES = ("pending", "processing", "processed", "error")
 AUDIT_TABLE = "event_replay_audit"
 SNAPSHOT_TABLE = "event_replay_snapshot"
+DEAD_LETTER_TABLE = "event_replay_dead_letter"
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
 _EXCHANGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
 
@@ -148,6 +155,24 @@ def _create_replay_tables(conn) -> None:
           PRIMARY KEY (run_id, table_name, event_pk)
         )"""
     )
+    # Rows whose message failed on its own (refused for its shape, or not confirmed), per run.
+    conn.execute(
+        f"""
+        CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (
+          run_id text NOT NULL,
+          table_name text NOT NULL,
+          event_pk bigint NOT NULL,
+          event_id text NOT NULL,
+          event_type text NOT NULL,
+          reason text NOT NULL,
+          error text NOT NULL,
+          failed_at timestamptz NOT NULL DEFAULT now(),
+          PRIMARY KEY (run_id, table_name, event_pk)
+        )"""
+    )
+    # Added after the first release: audit tables created before get the columns here.
+    conn.execute(f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused integer NOT NULL DEFAULT 0")
+    conn.execute(f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused_by_reason jsonb NOT NULL DEFAULT '{{}}'::jsonb")
 
 
 # ---- selections -------------------------------------------------------------------------------
@@ -277,7 +302,10 @@ class Report:
     skipped_processed: int = 0
     skipped_pending: int = 0
     skipped_processing: int = 0
-    failed: int = 0  # not confirmed (unroutable, nacked, connection lost): row left unchanged
+    failed: int = 0  # refused for its shape, not confirmed (unroutable, nacked), connection lost: row left unchanged
+    refused: int = 0  # of failed: refused for the message's shape (dead-lettered, the replay went on)
+    refused_by_reason: dict = field(default_factory=dict)  # e.g. {"routing_key_too_long": 1}
+    dead_letters: int = 0  # rows recorded in event_replay_dead_letter
     not_reached: int = 0  # locked by another replay/worker, or left when stopped
     status: str = "running"  # running | succeeded | failed | stopped | dry_run
     by_status: dict = field(default_factory=dict)  # selection per current status (the plan)
@@ -291,8 +319,20 @@ class Report:
         return self.forced_count > 0
 
     def counts(self) -> dict:
-        keys = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed", "not_reached")
+        keys = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed",
+                "refused", "not_reached")
         return {k: getattr(self, k) for k in keys}
+
+
+def _failure_reason(err: str) -> str:
+    """`refused: routing_key_too_long: 300 bytes > 255` -> routing_key_too_long; `not confirmed: X` -> not_confirmed."""
+    if err.startswith("refused"):
+        return err.split(":", 2)[1].strip() or "refused"
+    return err.split(":", 1)[0].strip().replace(" ", "_") or "failed"
+
+
+def dead_letter_location(run_id: str) -> str:
+    return f"{DEAD_LETTER_TABLE} WHERE run_id = '{run_id}'"
 
 
 def snapshot_location(run_id: str) -> str:
@@ -327,10 +367,11 @@ def _audit_finish(conn, report: Report, error: str | None = None) -> None:
     c = report.counts()
     conn.execute(
         f"UPDATE {AUDIT_TABLE} SET published = %s, changed = %s, forced = %s, forced_count = %s, skipped_processed = %s,"
-        " skipped_pending = %s, skipped_processing = %s, failed = %s, not_reached = %s, status = %s, error = %s, finished_at = now()"
-        " WHERE run_id = %s",
+        " skipped_pending = %s, skipped_processing = %s, failed = %s, refused = %s, refused_by_reason = %s, not_reached = %s, status = %s,"
+        " error = %s, finished_at = now() WHERE run_id = %s",
         (c["published"], c["changed"], report.forced, c["forced_count"], c["skipped_processed"], c["skipped_pending"],
-         c["skipped_processing"], c["failed"], c["not_reached"], report.status, redact(error) if error else None, report.run_id),
+         c["skipped_processing"], c["failed"], c["refused"], json.dumps(report.refused_by_reason), c["not_reached"], report.status,
+         redact(error) if error else None, report.run_id),
     )
 
 
@@ -370,7 +411,6 @@ def replay(
     """Replay the selected rows (see the module docstring). `exchange`: an object with
     `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.RabbitExchange`);
     `publish=False` only changes statuses (the stuck reset to `error`)."""
-    import psycopg
     from psycopg import sql
 
     if batch_size < 1:
@@ -415,6 +455,8 @@ def replay(
         else:  # marked failed now, so a later replay-failed window finds it
             update = sql.SQL("UPDATE {t} SET status = %s, error_message = %s, processed_at = now() WHERE id = ANY(%s)")
         update = update.format(t=t)
+        dead_letter = (f"INSERT INTO {DEAD_LETTER_TABLE} (run_id, table_name, event_pk, event_id, event_type, reason, error)"
+                       " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING")
         interval = 1.0 / rate_limit if rate_limit else 0.0
         next_at = time.monotonic()
         last_progress = time.monotonic()
@@ -431,6 +473,7 @@ def replay(
                     break
                 last_id = rows[-1][0]
                 done: list[int] = []
+                dead: list[tuple] = []  # rows whose message failed alone: dead letters, committed with the batch
                 forced_here = 0
                 try:
                     for pk, event_type, event_id, idem, payload, status in rows:
@@ -469,6 +512,13 @@ def replay(
                             if err.startswith("connection"):
                                 broken = err
                                 break
+                            # This message alone failed (its shape refused, or not confirmed): the row stays
+                            # as it was, is dead-lettered, and the replay goes on with the next row.
+                            reason = _failure_reason(err)
+                            if err.startswith("refused"):
+                                report.refused += 1
+                                report.refused_by_reason[reason] = report.refused_by_reason.get(reason, 0) + 1
+                            dead.append((run_id, table, pk, event_id, event_type, reason, err[:2000]))
                         if progress and time.monotonic() - last_progress >= progress_every_s:
                             last_progress = time.monotonic()
                             progress(report)
@@ -478,7 +528,10 @@ def replay(
                         if done:
                             conn.execute(snap, [run_id, table, done])
                             conn.execute(update, [new_status, new_error, done])
+                        if dead:
+                            conn.cursor().executemany(dead_letter, dead)
                         conn.commit()
+                        report.dead_letters += len(dead)
                         report.changed += len(done)
                         report.published += len(done) if publish else 0
                         report.forced_count += forced_here
@@ -518,7 +571,6 @@ def undo(
     """Restore status, retry_count, error_message and processed_at of the rows replay `undo_run_id`
     changed, as snapshotted. The current values are snapshotted under `run_id` first, so an undo
     can itself be undone."""
-    import psycopg
     from psycopg import sql
 
     t = table_identifier(table)
@@ -583,7 +635,6 @@ def undo(
 
 def audit_row(url: str, run_id: str) -> dict[str, Any] | None:
     """The audit record of a replay, as a dict (None if there is none)."""
-    import psycopg
     from psycopg.rows import dict_row
 
     with connect.postgres(url, connect_timeout=10, row_factory=dict_row) as conn:

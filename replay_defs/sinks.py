@@ -255,30 +255,76 @@ class SqsQueue:
         return [(by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}", not f.get("SenderFault", False)) for f in resp.get("Failed", [])]
 
 
+AMQP_SHORT_STRING_BYTES = 255  # AMQP 0-9-1 short strings: routing key, message_id, header (field table) keys
+# RabbitMQ 4's default `max_message_size` (3.8 to 3.13: 128 MiB); a body over it is refused before it is sent.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def amqp_refusal(routing_key: str, body: bytes, message_id: str | None = None, headers: dict | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> str | None:
+    """Why an AMQP broker (or pika, before sending) would refuse this message for its shape, as
+    `reason: detail` (no content of the message, only sizes); None when it fits."""
+
+    def too_long(what: str, value) -> str | None:
+        if not isinstance(value, str):
+            return None
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            return f"{what}_not_utf8: not encodable as UTF-8"
+        return f"{what}_too_long: {n} bytes > {AMQP_SHORT_STRING_BYTES}" if n > AMQP_SHORT_STRING_BYTES else None
+
+    def header_keys(table: dict) -> str | None:
+        for k, v in table.items():
+            why = too_long("header_key", k) or (header_keys(v) if isinstance(v, dict) else None)
+            if why:
+                return why
+        return None
+
+    why = too_long("routing_key", routing_key) or too_long("message_id", message_id) or header_keys(headers or {})
+    if why:
+        return why
+    if max_message_bytes and len(body) > max_message_bytes:
+        return f"body_too_large: {len(body)} bytes > {max_message_bytes}"
+    return None
+
+
 class RabbitExchange:
     """pika with publisher confirms: a publish counts once the broker acked it (`mandatory`, so a
-    message no queue would take is a failure, not a silent drop). A lost connection fails the
-    rest of the batch; the next batch reconnects."""
+    message no queue would take is a failure, not a silent drop). A message whose shape AMQP or the
+    broker refuses (a routing key, message id or header key over 255 bytes, a body over
+    `max_message_bytes`) fails alone with `refused: <reason>: ...`, before anything is sent. A lost
+    connection fails the rest of the batch; the next batch reconnects."""
 
-    def __init__(self, url: str, exchange: str, routing_key: str = "{type}"):
+    REFUSED = "refused: "
+
+    def __init__(self, url: str, exchange: str, routing_key: str = "{type}", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.url = url
         self.exchange = exchange
         self.routing_key = routing_key
+        self.max_message_bytes = max_message_bytes
         self.name = f"rabbitmq:{exchange}"
+        self._connection = None
         self._channel = None
 
     def _open(self):
         if self._channel is None or self._channel.is_closed:
-            self._channel = connect.rabbitmq(self.url, connection_attempts=1, socket_timeout=5).channel()
+            if self._connection is None or self._connection.is_closed:
+                self._connection = connect.rabbitmq(self.url, connection_attempts=1, socket_timeout=5)
+            self._channel = self._connection.channel()  # the broker closed the channel alone: a new one on the same connection
             self._channel.confirm_delivery()
         return self._channel
 
     def publish(self, routing_key: str, body: bytes, message_id: str, headers: dict | None = None) -> str | None:
         """One persistent, `mandatory` message to the exchange, waiting for the broker's confirm:
-        None when confirmed, else the error ("connection: ..." when the connection is gone)."""
+        None when confirmed, else the error: "refused: <reason>: ..." when the message's shape is
+        refused (that message alone), "connection: ..." when the connection is gone."""
         import pika
         from pika.exceptions import AMQPError
 
+        refusal = amqp_refusal(routing_key, body, message_id, headers, self.max_message_bytes)
+        if refusal:
+            return self.REFUSED + refusal
         # message_id lets a consumer drop the one copy a cut connection can leave ambiguous
         # (published, confirm lost, sent again by the retry).
         props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers)
@@ -287,9 +333,25 @@ class RabbitExchange:
             return None
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             return f"not confirmed: {type(exc).__name__}"
+        except pika.exceptions.ShortStringTooLong:  # pika refuses to encode it; nothing was sent (never echo the value)
+            return self.REFUSED + "short_string_too_long: a field over 255 bytes"
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            if exc.reply_code == 406 and "size" in str(exc.reply_text).lower():  # over the broker's max_message_size
+                return self.REFUSED + redact(f"body_too_large_for_broker: {exc.reply_code} {exc.reply_text}")[:300]
+            return redact(f"connection: {type(exc).__name__}: {exc}")
         except (AMQPError, OSError) as exc:
             self._channel = None
+            self._drop_connection()
             return redact(f"connection: {type(exc).__name__}: {exc}")
+
+    def _drop_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is being dropped because it failed
+                pass
 
     def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
         errors: list[str | None] = []
@@ -299,13 +361,12 @@ class RabbitExchange:
                 errors.append(errors[-1])  # the connection is gone: fail the rest of the batch fast
                 continue
             key = self.routing_key.format(type=event_type or "any", pipeline=pipeline)
-            errors.append(self.publish(key, body, message_id, headers))
+            errors.append(self.publish(key, body, message_id, headers))  # a refused message fails alone
         return errors
 
     def close(self) -> None:
-        if self._channel is not None and self._channel.is_open:
-            self._channel.connection.close()
         self._channel = None
+        self._drop_connection()
 
 
 class RedisTarget:

@@ -1,8 +1,8 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.sinks import RabbitExchange
 from replay_defs.redact import register_url
+from replay_defs.sinks import DEFAULT_MAX_MESSAGE_BYTES, RabbitExchange
 
 
 class RabbitMQResource(dg.ConfigurableResource):
@@ -17,5 +17,5 @@ class RabbitMQResource(dg.ConfigurableResource):
         # resolved now (EnvVar): its password is masked by value in every message of this process
         register_url(self.url)
 
-    def sink(self, exchange: str, routing_key: str) -> RabbitExchange:
-        return RabbitExchange(self.url, exchange, routing_key)
+    def sink(self, exchange: str, routing_key: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> RabbitExchange:
+        return RabbitExchange(self.url, exchange, routing_key, max_message_bytes=max_message_bytes)

@@ -2,6 +2,7 @@
 BullMQ jobs that a real BullMQ Worker consumes exactly once per distinct key."""
 
 import dataclasses
+import os
 import subprocess
 import uuid
 from datetime import datetime, timezone
@@ -11,7 +12,7 @@ import pytest
 from conftest import PROJECT_ROOT, check_verdicts
 from services import Moto, RedisServer, bullmq_consume
 
-from replay_defs.access_logs import collect_keys
+from replay_defs.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys
 from replay_defs.pipelines import INGESTION_REFILL
 from replay_defs.spec import RedisSink, Redrive
 
@@ -27,6 +28,12 @@ BAD_ROWS = {
     "p9/trace/b/e.txt": "bad_key_shape",
     "": "missing_key",
 }
+
+
+@pytest.fixture(autouse=True)
+def refill_roots(tmp_path, monkeypatch):
+    """The tests' files are in their temp dir: that is the refill root (the lake is under it too)."""
+    monkeypatch.setenv(ROOTS_ENV, str(tmp_path))
 
 
 def good_keys(n_per_type: int = 40) -> list[str]:
@@ -237,3 +244,90 @@ def test_cli_refill_prints_per_day_counts(env, tmp_path):
         assert sorted(j[0] for j in bullmq_consume(redis.url, "ingestion-queue")) == sorted(keys)
     finally:
         redis.stop()
+
+
+def quarantined(path) -> list[tuple[str, str]]:
+    return duckdb.execute("SELECT reason, raw FROM read_parquet($f) ORDER BY reason, raw", {"f": str(path)}).fetchall()
+
+
+def test_an_unterminated_quote_keeps_the_next_row_and_an_oversize_row_has_its_own_sample(env, instance, redis_url, tmp_path, monkeypatch):
+    """DuckDB alone took a line with an unterminated quote and the next line as one bad record (the
+    next, valid row was lost), and after such a swallow reported the following oversize line with
+    another line's sample. Each bad line is quarantined alone, with its own sample; every valid row
+    is kept and becomes a BullMQ job."""
+    monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
+    spec = refill_spec(f"ingestion-test-{uuid.uuid4().hex[:8]}")
+    keep = [f"p1/trace/b{i}/e{i}.json" for i in range(6)]
+    unterminated = '"REST.PUT.OBJECT","p1/trace/bx/unterminated.json'
+    big = '"REST.PUT.OBJECT","p1/trace/b/BIGROW' + "z" * 1_100_000 + '.json"'
+    lines = ['"operation","key"', f'"REST.PUT.OBJECT","{keep[0]}"', unterminated, f'"REST.PUT.OBJECT","{keep[1]}"',
+             f'"REST.PUT.OBJECT","{keep[2]}"', big, f'"REST.PUT.OBJECT","{keep[3]}"', unterminated.replace("bx", "by"),
+             f'"REST.PUT.OBJECT","{keep[4]}"', big.replace("BIGROW", "BIGTWO"), f'"REST.PUT.OBJECT","{keep[5]}"']
+    csv_path = tmp_path / "quirks.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+
+    result = run_refill(spec, instance, DAY, DAY, "csv", str(csv_path))
+    assert result.success
+    md = metadata(result, spec, "event_keys")
+    assert (md["keys"], md["put_rows"], md["malformed_rows"], md["quarantined_malformed_csv_row"]) == (6, 6, 4, 4)
+    assert all(day_verdicts(result).values()) and len(day_verdicts(result)) == 3, "rows_accounted_for included"
+    assert sorted(j[0] for j in bullmq_consume(redis_url, spec.redrive.sink.key)) == sorted(keep), "the row after each bad line is kept"
+
+    got = quarantined(env["lake"] / f"quarantine/{spec.name}/day={DAY}/quarantine.parquet")
+    assert [r for r, _ in got] == ["malformed_csv_row: line size over maximum"] * 2 + ["malformed_csv_row: unterminated quote"] * 2
+    (r1, s1), (r2, s2), (_, s3), (_, s4) = got
+    assert s1.startswith('"REST.PUT.OBJECT","p1/trace/b/BIGROW') and s2.startswith('"REST.PUT.OBJECT","p1/trace/b/BIGTWO'), (s1[:60], s2[:60])
+    assert len(s1) == len(s2) == 2000, "a sample, not the whole line"
+    assert [s3, s4] == [unterminated, unterminated.replace("bx", "by")], "each line alone, not swallowing the next"
+
+
+def run_log(instance, result) -> str:
+    return "\n".join(str(e.message) + " " + str(e.dagster_event.event_specific_data if e.dagster_event else "")
+                     for e in instance.all_logs(result.run_id))
+
+
+def test_local_sources_outside_the_refill_roots_are_refused_unread(env, instance, tmp_path, monkeypatch):
+    root, outside = tmp_path / "exports", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    monkeypatch.setenv(ROOTS_ENV, f"{root}:{env['lake']}")
+    secret = outside / "shadow.csv"
+    secret.write_text("root:$6$SECRETHASH:19000:0:99999:7:::\n" + '"REST.PUT.OBJECT","p1/trace/b/e.json"\n')
+    (root / "link.csv").symlink_to(secret)
+    (root / "logs").mkdir()
+    (root / "logs" / f"{DAY}-00-00-00-AAAA").symlink_to(secret)
+    spec = refill_spec("unused")
+
+    for source, location, named in [("csv", str(secret), str(secret)), ("csv", str(root / "link.csv"), "link.csv"),
+                                    ("access_logs", str(outside), str(outside)), ("access_logs", str(root / "logs"), "AAAA")]:
+        result = run_refill(spec, instance, DAY, DAY, source, location)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.is_step_failure).event_specific_data.error.message
+        assert named in failure and ROOTS_ENV in failure and "outside the refill roots" in failure, failure
+        assert "SECRETHASH" not in run_log(instance, result) and "root:$6$" not in run_log(instance, result)
+    with pytest.raises(OutsideRefillRoots, match="resolves to"):
+        collect_keys("csv", str(root / "link.csv"), [DAY], TYPES, lambda d: tmp_path, lambda d: tmp_path, tmp_path / "work")
+
+    # Inside the roots, a bad header is named by a short, labelled sample only.
+    long_header = root / "long.csv"
+    long_header.write_text("secret-column-" + "s" * 500 + ",x\n")
+    with pytest.raises(ValueError, match=r"first line \(sample\): 'secret-column-s+' \.\.\. \(516 chars\)") as bad:
+        collect_keys("csv", str(long_header), [DAY], TYPES, lambda d: tmp_path, lambda d: tmp_path, tmp_path / "work")
+    assert "s" * 100 not in str(bad.value)
+
+
+def test_cli_refill_refuses_a_location_outside_the_roots(env, tmp_path, monkeypatch, redis_url):
+    """The default roots (EVENT_REPLAY_REFILL_ROOTS unset): the lake root and the current directory;
+    /etc/hostname and a file in another temp dir are outside, and nothing of them is printed."""
+    monkeypatch.delenv(ROOTS_ENV)
+    elsewhere = tmp_path / "elsewhere.csv"
+    elsewhere.write_text("TOPSECRET-FIRST-LINE\n")
+    hostname = open("/etc/hostname").read().strip()
+    for location, content in [("/etc/hostname", hostname), (str(elsewhere), "TOPSECRET-FIRST-LINE")]:
+        run = subprocess.run([str(PROJECT_ROOT / ".venv/bin/event-replay"), "refill", "--location", location, "--start", DAY],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "EVENT_REPLAY_REDIS_URL": redis_url})
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert f"access-log CSV {location!r} is outside the refill roots" in run.stderr and ROOTS_ENV in run.stderr, run.stderr
+        if content:
+            assert content not in run.stdout + run.stderr, "the file's content must not be echoed"

@@ -14,7 +14,7 @@ import pika
 import psycopg
 import pytest
 from psycopg import sql
-from services import dagster_dev, graphql, rabbitmq_port
+from services import TcpProxy, dagster_dev, graphql, rabbitmq_port
 
 from replay_defs import processed_events as pe
 
@@ -306,6 +306,92 @@ def test_unroutable_messages_fail_the_run_and_leave_rows_unchanged(location, tab
     assert not result.success and rows(postgres_dsn, table) == before
     audit = pe.audit_row(postgres_dsn, result.run_id)
     assert (audit["status"], audit["failed"], audit["published"]) == ("failed", 3, 0)
+
+
+LONG_TYPE = "contribution." + "x" * 287  # 300 bytes: over AMQP's 255-byte short string (the routing key)
+
+
+def dead_letters(dsn: str, run_id: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"SELECT event_id, reason, length(event_type) FROM {pe.DEAD_LETTER_TABLE} WHERE run_id = %s ORDER BY event_pk",
+                            (run_id,)).fetchall()
+
+
+def test_an_event_type_over_255_bytes_fails_its_row_alone_and_the_replay_goes_on(location, table, rabbit, postgres_dsn):
+    """The 300-byte routing key used to raise ShortStringTooLong, taken for a lost connection: the
+    run stopped there, and every re-run again. Now that row alone is refused, counted and
+    dead-lettered; the rows after it (in its batch and the next ones) are published and consumed."""
+    defs, instance = location
+    insert(postgres_dsn, table, failed_events(2, prefix="before") + failed_events(1, prefix="long", event_type=LONG_TYPE)
+           + failed_events(5, prefix="after"))
+    config = {"table": table, "exchange": rabbit["exchange"], "reason": "INC-9", "rate_limit": 0, "batch_size": 3}
+    with Worker(rabbit["url"], postgres_dsn, table, rabbit["queue"]) as worker:
+        result, _ = launch(defs, instance, "processed_events_replay_failed", config)
+        seen = worker.wait_for(7)
+    assert sorted(mid for _, mid, _, _ in seen) == sorted([f"before-{i}" for i in range(2)] + [f"after-{i}" for i in range(5)])
+    assert not result.success, "a refused row makes the run fail, after it went on to the end"
+    audit = pe.audit_row(postgres_dsn, result.run_id)
+    assert (audit["status"], audit["selected"], audit["published"], audit["failed"], audit["refused"], audit["not_reached"]) == (
+        "failed", 8, 7, 1, 1, 0)
+    assert audit["refused_by_reason"] == {"routing_key_too_long": 1}
+    assert dead_letters(postgres_dsn, result.run_id) == [("long-0", "routing_key_too_long", len(LONG_TYPE))]
+    after = statuses(postgres_dsn, table)
+    assert after.pop("long-0") == "error" and set(after.values()) == {"processed"}, "the refused row is left as it was"
+
+    # A re-run (the same window: the long row is still failed) does not stop at it either.
+    insert(postgres_dsn, table, failed_events(3, prefix="later"))
+    with Worker(rabbit["url"], postgres_dsn, table, rabbit["queue"]) as worker:
+        again, _ = launch(defs, instance, "processed_events_replay_failed", config)
+        assert sorted(mid for _, mid, _, _ in worker.wait_for(3)) == ["later-0", "later-1", "later-2"]
+    audit = pe.audit_row(postgres_dsn, again.run_id)
+    assert (audit["published"], audit["refused"], audit["failed"], audit["not_reached"]) == (3, 1, 1, 0)
+    assert dead_letters(postgres_dsn, again.run_id) == [("long-0", "routing_key_too_long", len(LONG_TYPE))]
+
+
+def test_a_payload_over_max_message_bytes_is_refused_alone(table, rabbit, postgres_dsn):
+    from replay_defs.sinks import RabbitExchange
+
+    insert(postgres_dsn, table, failed_events(2, prefix="small") + [
+        {"type": "contribution.submitted", "id": "big", "status": "error", "at": now() - timedelta(hours=1), "payload": {"blob": "y" * 5000}}
+    ] + failed_events(2, prefix="tail"))
+    ex = RabbitExchange(rabbit["url"], rabbit["exchange"], max_message_bytes=4096)
+    try:
+        report = pe.replay(postgres_dsn, pe.Selection.failed(), f"big-{uuid.uuid4().hex}", table=table, exchange=ex,
+                           exchange_name=rabbit["exchange"], rate_limit=0, reason="size")
+    finally:
+        ex.close()
+    assert (report.status, report.published, report.refused, report.refused_by_reason) == ("failed", 4, 1, {"body_too_large": 1})
+    assert sorted(m for m, _ in drain(rabbit)) == ["small-0", "small-1", "tail-0", "tail-1"]
+    assert statuses(postgres_dsn, table)["big"] == "error"
+    assert [r[:2] for r in dead_letters(postgres_dsn, report.run_id)] == [("big", "body_too_large")]
+
+
+def test_a_lost_connection_still_stops_the_replay(table, rabbit, postgres_dsn):
+    """Only a message's own shape is survivable: a connection cut mid-replay stops the run, the
+    confirmed rows are committed, the rest are not reached and left unchanged."""
+    from replay_defs.sinks import RabbitExchange
+
+    insert(postgres_dsn, table, failed_events(10))
+    proxy = TcpProxy(rabbitmq_port()).start()
+    ex = RabbitExchange(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", rabbit["exchange"])
+    run_id = f"cut-{uuid.uuid4().hex}"
+
+    def cut(_report) -> None:  # called after every publish (progress_every_s=0)
+        if queue_depth(rabbit) >= 3:
+            proxy.stop()
+
+    try:
+        with pytest.raises(ConnectionError, match="connection lost"):
+            pe.replay(postgres_dsn, pe.Selection.failed(), run_id, table=table, exchange=ex, exchange_name=rabbit["exchange"],
+                      rate_limit=0, batch_size=100, reason="cut", progress=cut, progress_every_s=0)
+    finally:
+        ex.close()
+        proxy.stop()
+    audit = pe.audit_row(postgres_dsn, run_id)
+    assert audit["status"] == "failed" and audit["refused"] == 0 and audit["failed"] == 1
+    assert 0 < audit["published"] < 10 and audit["not_reached"] == 10 - audit["published"] - 1
+    assert sum(s == "pending" for s in statuses(postgres_dsn, table).values()) == audit["published"]
+    assert dead_letters(postgres_dsn, run_id) == [], "a connection loss is no dead letter: the row is simply retried next time"
 
 
 def test_concurrent_replays_serve_each_event_once(table, rabbit, postgres_dsn):

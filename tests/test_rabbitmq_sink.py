@@ -111,3 +111,23 @@ def test_broker_connection_cut_mid_redrive_ends_with_each_event_once(env, instan
     assert len(set(ids)) == md["selected"], "every event must arrive"
     assert len(ids) - len(set(ids)) <= 1, "only the publish in flight at the cut may arrive twice"
     assert all(body["event_id"] == mid for _, _, body, mid in got)
+
+
+def test_a_message_refused_for_its_shape_fails_alone_in_a_batch(rabbit):
+    """A 300-byte type as routing key, a body over max_message_bytes: each fails with its own
+    `refused: ...` error (what the redrive counts and dead-letters); the rest of the batch, and
+    the next batch on the same connection, are published."""
+    from replay_defs.sinks import Batch, RabbitExchange
+
+    ex = RabbitExchange(f"amqp://guest:guest@127.0.0.1:{rabbit['proxy'].port}/%2F", rabbit["exchange"], max_message_bytes=2048)
+    try:
+        batch = Batch.of([("a", {"n": 1}, "lock"), ("long", {"n": 2}, "t" * 300), ("b", {"n": 3}, "lock"),
+                          ("big", {"blob": "z" * 3000}, "lock"), ("c", {"n": 4}, "bridge")])
+        errors = ex.deliver("telemetry_amqp", DAY, batch, run_id="r1")
+        assert errors[0] is None and errors[2] is None and errors[4] is None, errors
+        assert errors[1] == "refused: routing_key_too_long: 300 bytes > 255"
+        assert errors[3].startswith("refused: body_too_large: ") and "> 2048" in errors[3]
+        assert ex.deliver("telemetry_amqp", DAY, Batch.of([("d", {"n": 5}, "lock")]), run_id="r1") == [None]
+    finally:
+        ex.close()
+    assert sorted(mid for _, _, _, mid in drain(rabbit["channel"], rabbit["queue"])) == ["a", "b", "c", "d"]
