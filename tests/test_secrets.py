@@ -5,6 +5,7 @@ the CLI's output — while the useful part of the message stays. The CLI takes U
 arguments."""
 
 import secrets
+import re
 import uuid
 from urllib.parse import quote
 
@@ -98,7 +99,9 @@ def test_processed_events_replay_with_a_mistyped_amqp_url_masks_the_password(tab
     monkeypatch.setenv("EVENT_REPLAY_RABBITMQ_URL", f"amqp:/guest:{quote(pw, safe='')}@127.0.0.1:{rabbitmq_port()}/%2F")
     code, out = run_cli(["processed-events", "replay-one", "evt-0", "--table", table, "--reason", "INC-16", "--rate-limit", "0"], capsys)
     assert code == 1 and "FAILURE" in out
-    assert "vhost guest:***@127.0.0.1" in out and "not found" in out, out
+    # The user may show as *** too: "guest" is a password of the machine's RabbitMQ URL, which other
+    # tests of this process register.
+    assert re.search(r"vhost (guest|\*\*\*):\*\*\*@127\.0\.0\.1", out) and "not found" in out, out
     assert not leaks(out, pw), out
     run_id = out.split("run_id ")[1].split(":")[0]
     row = pe.audit_row(postgres_dsn, run_id)
