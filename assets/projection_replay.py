@@ -62,7 +62,7 @@ def build_projection_asset(p: Projection) -> dg.AssetsDefinition:
         opts = ReplayOptions(batch_size=config.batch_size, aggregate_batch=config.aggregate_batch, concurrency=config.concurrency,
                              dry_run=config.dry_run, drain_timeout_s=config.drain_timeout_s,
                              stop_after_batches=None if config.stop_after_batches < 0 else config.stop_after_batches)
-        path = os.path.join(projection_replay.log_dir, f"projection-replay-{p.name}-{context.run.run_id}.jsonl")
+        path = projection_replay.log_path(f"projection-replay-{p.name}-{context.run.run_id}.jsonl")
         log = ReplayLog(path, echo=context.log.info)
         log.write("run", projection=p.name, days=len(days), first=days[0] if days else None, last=days[-1] if days else None,
                   dry_run=config.dry_run, batch_size=config.batch_size, aggregate_batch=config.aggregate_batch,

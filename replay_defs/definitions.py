@@ -41,7 +41,7 @@ from resources import (
     SqsResource,
     StoreResource,
 )
-from resources.deployment import DUCKDB, LAKE, OUTBOX, deployed
+from resources.deployment import CHDB, DUCKDB, LAKE, OUTBOX, PROJECTION_LOGS, deployed
 
 
 def _setting(env: str, default: str):
@@ -76,11 +76,11 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         redis_url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
         postgres_url=_setting("EVENT_REPLAY_POSTGRES_URL", ""),
         redis_prefix=_setting("EVENT_REPLAY_PROJECTION_PREFIX", "er:proj"),
-        log_dir=_setting("EVENT_REPLAY_PROJECTION_LOG_DIR", "data/projection_replay"),
+        log_dir=deployed(PROJECTION_LOGS),
     )
     resources["clickhouse"] = ClickHouseResource(
         url=_setting("CLICKHOUSE_URL", ""),
-        data_path=_setting("EVENT_REPLAY_CHDB", "data/chdb"),
+        data_path=deployed(CHDB),
         database=_setting("CLICKHOUSE_DATABASE", "default"),
     )
     if "kafka" in needed:

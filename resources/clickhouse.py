@@ -6,6 +6,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from replay_defs.clickhouse import ClickHouse
+from resources.deployment import CHDB, deployed_path
 from replay_defs.redact import register_url
 
 
@@ -28,7 +29,8 @@ class ClickHouseResource(dg.ConfigurableResource):
 
     def get(self) -> ClickHouse:
         """A client; close it when done (or use `open()`)."""
-        return ClickHouse(self.url, self.data_path, self.database)
+        # chDB writes into its data directory, the deployment's setting; a server has none here.
+        return ClickHouse(self.url, self.data_path if self.url else deployed_path(self.data_path, CHDB), self.database)
 
     @contextmanager
     def open(self):

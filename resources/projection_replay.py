@@ -1,8 +1,11 @@
+import os
+
 import dagster as dg
 from pydantic import Field
 
 from replay_defs.live_replay import DEFAULT_PREFIX, Coordinator
 from replay_defs.redact import register_url
+from resources.deployment import PROJECTION_LOGS, deployed_path
 
 
 class ProjectionReplayResource(dg.ConfigurableResource):
@@ -25,6 +28,10 @@ class ProjectionReplayResource(dg.ConfigurableResource):
         # resolved now (EnvVar): its password is masked by value in every message of this process
         register_url(self.redis_url)
         register_url(self.postgres_url)
+
+    def log_path(self, name: str) -> str:
+        """Where a replay log goes: in the deployment's log directory (a run config cannot move it)."""
+        return os.path.join(deployed_path(self.log_dir, PROJECTION_LOGS), name)
 
     def coordinator(self, projection: str) -> Coordinator:
         return Coordinator(self.redis_url, projection, prefix=self.redis_prefix)

@@ -76,8 +76,11 @@ def postgres_dsn():
 @pytest.fixture(scope="session")
 def chdb_path(tmp_path_factory) -> str:
     """chDB admits one data directory per process: every test of the session shares this one,
-    each in a database of its own."""
-    return str(tmp_path_factory.mktemp("chdb") / "data")
+    each in a database of its own. It is this session's deployment setting (EVENT_REPLAY_CHDB),
+    which a ClickHouse resource checks its directory against."""
+    path = str(tmp_path_factory.mktemp("chdb") / "data")
+    os.environ["EVENT_REPLAY_CHDB"] = path
+    return path
 
 
 @pytest.fixture(scope="session")

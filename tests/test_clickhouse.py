@@ -88,3 +88,12 @@ def test_embedded_default_keeps_data_in_its_directory(chdb_path, ch_database):
         assert ch.rows("SELECT k, v FROM kv ORDER BY k") == [("a", 1), ("b", 2)]
     tables = res.query("SELECT name FROM system.tables WHERE database = {db:String}", {"db": ch_database})
     assert tables.column("name").to_pylist() == ["kv"]
+
+
+def test_a_chdb_directory_other_than_the_deployments_is_refused(tmp_path, chdb_path):
+    """Where chDB writes is the deployment's setting (EVENT_REPLAY_CHDB), not a run config's."""
+    import dagster as dg
+
+    with pytest.raises(dg.Failure, match="EVENT_REPLAY_CHDB"):
+        ClickHouseResource(data_path=str(tmp_path / "elsewhere")).get()
+    assert not (tmp_path / "elsewhere").exists()
