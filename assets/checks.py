@@ -7,7 +7,6 @@ turns the ones that apply to a spec into partitioned Dagster asset checks; all b
 late-window warning are blocking, so a failing day fails the run (and a CI job).
 """
 
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -16,7 +15,17 @@ import dagster as dg
 import duckdb
 
 from assets.common import (
-    PARSED, PROJECTIONS, RAW, REDRIVE, DayVerdict, asset_key, check_each_day, manifest_name, owner, parsed_slot_patterns, shrunk_types,
+    PARSED,
+    PROJECTIONS,
+    RAW,
+    REDRIVE,
+    DayVerdict,
+    asset_key,
+    check_each_day,
+    manifest_name,
+    owner,
+    parsed_slot_patterns,
+    shrunk_types,
     whole_day_marker,
 )
 from assets.parsed import lateness_windows
@@ -34,7 +43,9 @@ SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 def parquet_on_disk(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
     """Every Parquet file a reader globbing `type=*/day=<day>/` would see, committed or not."""
     return sorted(
-        str(p) for slot in lake.matching_slots([f"{spec.parsed_prefix}/type=*/day={day}"]) for p in lake.path(slot).glob("*.parquet")
+        str(p)
+        for slot in lake.matching_slots([f"{spec.parsed_prefix}/type=*/day={day}"])
+        for p in lake.path(slot).glob("*.parquet")
     )
 
 
@@ -54,10 +65,17 @@ def duplicate_ids(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     if not files:
         return DayVerdict(True, "no parsed files for this day", {"rows": 0, "duplicate_rows": 0})
     idc = f'"{spec.schema.id_field}"'
-    rows, distinct = duckdb.execute(f"SELECT count(*), count(DISTINCT {idc}) FROM read_parquet($f)", {"f": files}).fetchone()
+    rows, distinct = duckdb.execute(
+        f"SELECT count(*), count(DISTINCT {idc}) FROM read_parquet($f)", {"f": files}
+    ).fetchone()
     sample = []
     if rows != distinct:
-        sample = [r[0] for r in duckdb.execute(f"SELECT {idc} FROM read_parquet($f) GROUP BY 1 HAVING count(*) > 1 LIMIT 5", {"f": files}).fetchall()]
+        sample = [
+            r[0]
+            for r in duckdb.execute(
+                f"SELECT {idc} FROM read_parquet($f) GROUP BY 1 HAVING count(*) > 1 LIMIT 5", {"f": files}
+            ).fetchall()
+        ]
     return DayVerdict(
         rows == distinct,
         f"{rows - distinct} duplicate rows" + (f", e.g. {sample}" if sample else ""),
@@ -80,7 +98,9 @@ def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     right = parsed + s["duplicates"] + quarantined + s["routed_out"]
     problems = []
     if left != right:
-        problems.append(f"raw {raw_lines} + routed in {s['routed_in']} = {left} but parsed {parsed} + duplicates {s['duplicates']} + quarantined {quarantined} + routed out {s['routed_out']} = {right}")
+        problems.append(
+            f"raw {raw_lines} + routed in {s['routed_in']} = {left} but parsed {parsed} + duplicates {s['duplicates']} + quarantined {quarantined} + routed out {s['routed_out']} = {right}"
+        )
     if s["parser_lines"] != raw_lines:
         problems.append(f"parser read {s['parser_lines']} lines but the raw files hold {raw_lines}")
     if s["raw_lines"] != raw_lines:
@@ -88,13 +108,25 @@ def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     return DayVerdict(
         not problems,
         "; ".join(problems) or f"{left} lines accounted for",
-        {"raw_lines": raw_lines, "routed_in": s["routed_in"], "parsed": parsed, "duplicates": s["duplicates"], "quarantined": quarantined, "routed_out": s["routed_out"], "difference": left - right},
+        {
+            "raw_lines": raw_lines,
+            "routed_in": s["routed_in"],
+            "parsed": parsed,
+            "duplicates": s["duplicates"],
+            "quarantined": quarantined,
+            "routed_out": s["routed_out"],
+            "difference": left - right,
+        },
     )
 
 
 def stale_files(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     problems = lake.stale_files(owner(spec, PARSED), day, parsed_slot_patterns(spec, day))
-    return DayVerdict(not problems, "; ".join(problems[:10]) or "only the committed files are present, with their committed content", {"problems": len(problems)})
+    return DayVerdict(
+        not problems,
+        "; ".join(problems[:10]) or "only the committed files are present, with their committed content",
+        {"problems": len(problems)},
+    )
 
 
 def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = True) -> DayVerdict:
@@ -117,11 +149,16 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = 
         now.update(raw_listing(lake, spec, lo, hi))
     changes += [f"parsed_events: {c}" for c in listing_changes(built, now)]
     if content and not changes:
-        changes += [f"raw_events: rewritten since the build (same size and mtime, other bytes): {f['rel_path']}" for f in manifest["files"]
-                    if f.get("sha256") and file_sha256(lake.path(f["rel_path"])) != f["sha256"]]
+        changes += [
+            f"raw_events: rewritten since the build (same size and mtime, other bytes): {f['rel_path']}"
+            for f in manifest["files"]
+            if f.get("sha256") and file_sha256(lake.path(f["rel_path"])) != f["sha256"]
+        ]
     return DayVerdict(
         not changes,
-        f"out of date, re-materialize the day: {'; '.join(changes[:10])}" if changes else f"the {len(now)} raw files of the day and its lateness window are the ones the build read",
+        f"out of date, re-materialize the day: {'; '.join(changes[:10])}"
+        if changes
+        else f"the {len(now)} raw files of the day and its lateness window are the ones the build read",
         {"raw_files_now": len(now), "raw_files_built_from": len(built), "changes": len(changes)},
     )
 
@@ -137,7 +174,8 @@ def table_rows_current(lake: Lake, spec: PipelineSpec, day: str, ch) -> DayVerdi
     now = KeysetReader(ch, spec.source, day, Selection.from_json(manifest["selection"])).count()
     return DayVerdict(
         now == then,
-        f"out of date, re-materialize the day: the selection holds {now} rows now, {then} when raw_events counted it" if now != then
+        f"out of date, re-materialize the day: the selection holds {now} rows now, {then} when raw_events counted it"
+        if now != then
         else f"the selection still holds the {now} rows raw_events counted",
         {"rows_now": now, "rows_built_from": then, "difference": now - then},
     )
@@ -153,12 +191,25 @@ def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
         return DayVerdict(True, "the first version of the day: nothing to compare with", {"baseline_version": 0})
     files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
     tcol = f'"{spec.schema.type_field}"'
-    now = dict(duckdb.execute(f"SELECT {tcol}, count(*) FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall()) if files else {}
+    now = (
+        dict(duckdb.execute(f"SELECT {tcol}, count(*) FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall())
+        if files
+        else {}
+    )
     lost = shrunk_types(previous["rows_by_type"], now, spec.shrink_tolerance)
-    md = {"baseline_version": previous["version"], "events_before": sum(previous["rows_by_type"].values()),
-          "events_now": sum(now.values()), "types_shrunk": len(lost), "allow_shrink": allowed}
+    md = {
+        "baseline_version": previous["version"],
+        "events_before": sum(previous["rows_by_type"].values()),
+        "events_now": sum(now.values()),
+        "types_shrunk": len(lost),
+        "allow_shrink": allowed,
+    }
     if not lost:
-        return DayVerdict(True, f"no type lost events against version {previous['version']} (tolerance {spec.shrink_tolerance:.1%})", md)
+        return DayVerdict(
+            True,
+            f"no type lost events against version {previous['version']} (tolerance {spec.shrink_tolerance:.1%})",
+            md,
+        )
     if allowed:
         return DayVerdict(True, f"shrink allowed by the run (allow_shrink): {'; '.join(lost)}", md)
     return DayVerdict(
@@ -175,14 +226,21 @@ def late_quarantine(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     if state is None:
         return _not_built("parsed_events")
     qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
-    late = _count(qfiles, f"SELECT coalesce(sum(lines) FILTER (WHERE reason = '{LATE}'), 0)::BIGINT FROM read_parquet($f)")
+    late = _count(
+        qfiles, f"SELECT coalesce(sum(lines) FILTER (WHERE reason = '{LATE}'), 0)::BIGINT FROM read_parquet($f)"
+    )
     lat = spec.lateness
     return DayVerdict(
         late == 0,
         f"{late} events arrived outside the lateness window ({lat.early} early, {lat.late} late) and were quarantined as "
-        f"{LATE}: widen `lateness=Lateness(early=..., late=...)` in the {spec.name} PipelineSpec and re-run the days" if late
+        f"{LATE}: widen `lateness=Lateness(early=..., late=...)` in the {spec.name} PipelineSpec and re-run the days"
+        if late
         else "no event arrived outside the lateness window",
-        {LATE: late, "lateness_early_s": int(lat.early.total_seconds()), "lateness_late_s": int(lat.late.total_seconds())},
+        {
+            LATE: late,
+            "lateness_early_s": int(lat.early.total_seconds()),
+            "lateness_late_s": int(lat.late.total_seconds()),
+        },
         severity=dg.AssetCheckSeverity.WARN,
     )
 
@@ -203,7 +261,9 @@ def projection_totals(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVer
             md[f"{p.name}_{p.count_column}"] = total
             if total != parsed:
                 problems.append(f"{p.name}.{p.count_column} sums to {total}, parsed_events recorded {parsed}")
-    return DayVerdict(not problems, "; ".join(problems) or f"projection totals equal the {parsed} events parsed_events recorded", md)
+    return DayVerdict(
+        not problems, "; ".join(problems) or f"projection totals equal the {parsed} events parsed_events recorded", md
+    )
 
 
 def committed_days(lake: Lake, spec: PipelineSpec) -> list[str]:
@@ -224,7 +284,9 @@ def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerd
         found, wrong = store.fold_mismatches(spec.name, p, spec.schema, day, day_files, days, all_files)
         md.update(found)
         problems += wrong
-    return DayVerdict(not problems, "; ".join(problems) or "every projection equals a from-scratch fold of the committed Parquet", md)
+    return DayVerdict(
+        not problems, "; ".join(problems) or "every projection equals a from-scratch fold of the committed Parquet", md
+    )
 
 
 # ---- redrive -----------------------------------------------------------------------------------
@@ -242,8 +304,10 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
         return DayVerdict(False, "redrive has not run for this day", {})
     counts = rd.RedriveCounts(**{k: v for k, v in last.items() if k in rd.RedriveCounts.__dataclass_fields__})
     md = {k: last[k] for k in ("selected", "published", "skipped_already_delivered", "dropped", "failed")}
-    whole = expected is not None and (lake.read_json(owner(spec, REDRIVE), whole_day_marker(day)) is not None
-                                      or (last.get("whole_day", True) and not last["dry_run"]))
+    whole = expected is not None and (
+        lake.read_json(owner(spec, REDRIVE), whole_day_marker(day)) is not None
+        or (last.get("whole_day", True) and not last["dry_run"])
+    )
     problems = []
     with ledger_resource.open() as ledger:
         if not last["dry_run"]:
@@ -254,26 +318,37 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
             in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
             md["ledger_rows_for_run"] = in_ledger
             if in_ledger != counts.published:
-                problems.append(f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}")
+                problems.append(
+                    f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}"
+                )
         if whole:
             ids, dropped = expected(lake, day)
             delivered = ledger.delivered(spec.name, spec.redrive.sink.name, ids)
             md.update(expected_messages=len(ids), dropped_messages=len(dropped), in_ledger=len(delivered))
             if len(delivered) != len(ids):
                 missing = sorted(set(ids) - delivered)
-                problems.append(f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger, e.g. {missing[:3]}")
+                problems.append(
+                    f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger, e.g. {missing[:3]}"
+                )
             held = sink_ids(day, ids) if sink_ids is not None else None
             if held is not None:
                 md["in_sink"] = len(held)
                 if len(held) != len(ids):
                     missing = sorted(set(ids) - held)
-                    problems.append(f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}")
+                    problems.append(
+                        f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}"
+                    )
     if problems:
         return DayVerdict(False, "; ".join(problems), md)
     if whole:
         return DayVerdict(True, "deliveries reconcile, for the whole day", md)
-    return DayVerdict(True, "dry run: nothing sent, and the day was never delivered whole" if last["dry_run"]
-                      else "deliveries reconcile, for the last run only (it sent part of the day: mode, type or limit)", md)
+    return DayVerdict(
+        True,
+        "dry run: nothing sent, and the day was never delivered whole"
+        if last["dry_run"]
+        else "deliveries reconcile, for the last run only (it sent part of the day: mode, type or limit)",
+        md,
+    )
 
 
 def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], list[str]]:
@@ -284,10 +359,12 @@ def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], l
 def outbox_ids(outbox, spec: PipelineSpec):
     """What the outbox holds of some ids, read from its files (a raw file's message can sit under a
     neighbouring day's directory: a file holds events of up to three days)."""
+
     def held(day: str, ids: list[str]) -> set[str]:
         d = date.fromisoformat(day)
         days = [(d + timedelta(days=k)).isoformat() for k in range(-2, 3)]
         return set(ids) & {rd.message_id_of(spec, body) for body in outbox.read(spec.name, days)}
+
     return held
 
 
@@ -299,17 +376,31 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     if last is None or state is None:
         return _not_built("parsed_events or redrive")
     s = state.stats
-    md = {"found": s["found"], "published": last["published"], "skipped_already_delivered": last["skipped_already_delivered"],
-          "dropped": s["dropped"] + last["dropped"], "transformation_errors": s["transformation_errors"], "publish_failures": last["failed"]}
+    md = {
+        "found": s["found"],
+        "published": last["published"],
+        "skipped_already_delivered": last["skipped_already_delivered"],
+        "dropped": s["dropped"] + last["dropped"],
+        "transformation_errors": s["transformation_errors"],
+        "publish_failures": last["failed"],
+    }
     if last["dry_run"]:
         return DayVerdict(True, "dry run: nothing sent", md)
     if not last.get("whole_day", True):
         return DayVerdict(True, "the last redrive sent part of the day (mode, type or limit): not applicable", md)
-    right = last["published"] + last["skipped_already_delivered"] + md["dropped"] + s["transformation_errors"] + last["failed"]
+    right = (
+        last["published"]
+        + last["skipped_already_delivered"]
+        + md["dropped"]
+        + s["transformation_errors"]
+        + last["failed"]
+    )
     problems = []
     if s["found"] != right:
-        problems.append(f"found {s['found']} but published {last['published']} + already delivered {last['skipped_already_delivered']} + "
-                        f"dropped {md['dropped']} + transformation errors {s['transformation_errors']} + publish failures {last['failed']} = {right}")
+        problems.append(
+            f"found {s['found']} but published {last['published']} + already delivered {last['skipped_already_delivered']} + "
+            f"dropped {md['dropped']} + transformation errors {s['transformation_errors']} + publish failures {last['failed']} = {right}"
+        )
     if last["selected"] != s["parsed"]:
         problems.append(f"redrive selected {last['selected']} events, parsed_events holds {s['parsed']}")
     if last["failed"]:
@@ -351,42 +442,95 @@ def _table_rows_current(r, spec, day):
 
 
 CHECKS = (
-    DayCheck("no_duplicate_event_ids", PARSED, "Rows against distinct event ids over every Parquet file of the day on disk (committed or not).",
-             lambda r, spec, d: duplicate_ids(r.lake.get(), spec, d)),
-    DayCheck("raw_lines_accounted_for", PARSED, "raw lines (counted by raw_events, independently of the parser) + routed in = "
-             "parsed rows (counted in the committed Parquet) + duplicates + quarantined lines (counted in the quarantine files) + routed out.",
-             lambda r, spec, d: accounting(r.lake.get(), spec, d)),
-    DayCheck("no_stale_files", PARSED, "The files in the day's directories against the committed version's list, sizes and SHA-256 "
-             "hashes (recorded from the staged files before publishing).",
-             lambda r, spec, d: stale_files(r.lake.get(), spec, d)),
-    DayCheck("raw_files_current", PARSED, "The raw files the committed version read (names, sizes, mtimes recorded at build time) "
-             "against the listing of the day and its lateness window now, and the day's own files against the SHA-256 raw_events "
-             "recorded: a late or rewritten raw file makes the day out of date.",
-             lambda r, spec, d: raw_files_current(r.lake.get(), spec, d), applies=_from_files),
-    DayCheck("raw_rows_current", PARSED, "The rows of the day's selection counted by the engine now, against the count raw_events recorded.",
-             _table_rows_current, applies=lambda spec: spec.from_table, resources=frozenset({"lake", "clickhouse"})),
-    DayCheck("no_unconsented_shrink", PARSED, "Events per type in the committed Parquet against the replaced version's recorded counts: "
-             "fewer (beyond the spec's shrink_tolerance) fails unless the run set allow_shrink. The first version is exempt.",
-             lambda r, spec, d: shrink(r.lake.get(), spec, d)),
-    DayCheck("late_events_within_window", PARSED, "WARN when the quarantine files hold events outside the lateness window: "
-             "the count, and the spec setting to widen.", lambda r, spec, d: late_quarantine(r.lake.get(), spec, d),
-             applies=_from_files, blocking=False),
-    DayCheck("totals_match_parsed", PROJECTIONS, "Each increment projection's count for the day (summed in the store) against the "
-             "parsed count parsed_events recorded in the day's state.",
-             lambda r, spec, d: projection_totals(r.lake.get(), r.store.get(), spec, d), applies=_has("increment"),
-             resources=frozenset({"lake", "store"})),
-    DayCheck("projections_match_fold", PROJECTIONS, "Each projection against a from-scratch fold of the committed Parquet: an "
-             "increment projection's rows of the day against a fold of the day's files; a replace projection's rows for the keys the "
-             "day touches against a fold (latest row per key) of every committed day, with no row from a day that is not committed.",
-             lambda r, spec, d: projections_fold(r.lake.get(), r.store.get(), spec, d), applies=lambda spec: bool(spec.projections),
-             resources=frozenset({"lake", "store"})),
-    DayCheck("deliveries_reconcile", REDRIVE, "The last run: selected = published + already delivered + dropped + failed, failed = 0, "
-             "and the ledger's rows for the run = published. The whole day: the message set of the committed version against the "
-             "ledger (all runs) and, for the outbox, against the messages in the outbox files.",
-             _deliveries, resources=frozenset({"lake", "ledger", SINK})),
-    DayCheck("found_accounted_for", REDRIVE, "Rows found (counted by the engine) = published + already delivered + dropped (by rule) + "
-             "transformation errors + publish failures, with no publish failure.",
-             lambda r, spec, d: found_accounted_for(r.lake.get(), spec, d), applies=lambda spec: spec.from_table),
+    DayCheck(
+        "no_duplicate_event_ids",
+        PARSED,
+        "Rows against distinct event ids over every Parquet file of the day on disk (committed or not).",
+        lambda r, spec, d: duplicate_ids(r.lake.get(), spec, d),
+    ),
+    DayCheck(
+        "raw_lines_accounted_for",
+        PARSED,
+        "raw lines (counted by raw_events, independently of the parser) + routed in = "
+        "parsed rows (counted in the committed Parquet) + duplicates + quarantined lines (counted in the quarantine files) + routed out.",
+        lambda r, spec, d: accounting(r.lake.get(), spec, d),
+    ),
+    DayCheck(
+        "no_stale_files",
+        PARSED,
+        "The files in the day's directories against the committed version's list, sizes and SHA-256 "
+        "hashes (recorded from the staged files before publishing).",
+        lambda r, spec, d: stale_files(r.lake.get(), spec, d),
+    ),
+    DayCheck(
+        "raw_files_current",
+        PARSED,
+        "The raw files the committed version read (names, sizes, mtimes recorded at build time) "
+        "against the listing of the day and its lateness window now, and the day's own files against the SHA-256 raw_events "
+        "recorded: a late or rewritten raw file makes the day out of date.",
+        lambda r, spec, d: raw_files_current(r.lake.get(), spec, d),
+        applies=_from_files,
+    ),
+    DayCheck(
+        "raw_rows_current",
+        PARSED,
+        "The rows of the day's selection counted by the engine now, against the count raw_events recorded.",
+        _table_rows_current,
+        applies=lambda spec: spec.from_table,
+        resources=frozenset({"lake", "clickhouse"}),
+    ),
+    DayCheck(
+        "no_unconsented_shrink",
+        PARSED,
+        "Events per type in the committed Parquet against the replaced version's recorded counts: "
+        "fewer (beyond the spec's shrink_tolerance) fails unless the run set allow_shrink. The first version is exempt.",
+        lambda r, spec, d: shrink(r.lake.get(), spec, d),
+    ),
+    DayCheck(
+        "late_events_within_window",
+        PARSED,
+        "WARN when the quarantine files hold events outside the lateness window: "
+        "the count, and the spec setting to widen.",
+        lambda r, spec, d: late_quarantine(r.lake.get(), spec, d),
+        applies=_from_files,
+        blocking=False,
+    ),
+    DayCheck(
+        "totals_match_parsed",
+        PROJECTIONS,
+        "Each increment projection's count for the day (summed in the store) against the "
+        "parsed count parsed_events recorded in the day's state.",
+        lambda r, spec, d: projection_totals(r.lake.get(), r.store.get(), spec, d),
+        applies=_has("increment"),
+        resources=frozenset({"lake", "store"}),
+    ),
+    DayCheck(
+        "projections_match_fold",
+        PROJECTIONS,
+        "Each projection against a from-scratch fold of the committed Parquet: an "
+        "increment projection's rows of the day against a fold of the day's files; a replace projection's rows for the keys the "
+        "day touches against a fold (latest row per key) of every committed day, with no row from a day that is not committed.",
+        lambda r, spec, d: projections_fold(r.lake.get(), r.store.get(), spec, d),
+        applies=lambda spec: bool(spec.projections),
+        resources=frozenset({"lake", "store"}),
+    ),
+    DayCheck(
+        "deliveries_reconcile",
+        REDRIVE,
+        "The last run: selected = published + already delivered + dropped + failed, failed = 0, "
+        "and the ledger's rows for the run = published. The whole day: the message set of the committed version against the "
+        "ledger (all runs) and, for the outbox, against the messages in the outbox files.",
+        _deliveries,
+        resources=frozenset({"lake", "ledger", SINK}),
+    ),
+    DayCheck(
+        "found_accounted_for",
+        REDRIVE,
+        "Rows found (counted by the engine) = published + already delivered + dropped (by rule) + "
+        "transformation errors + publish failures, with no publish failure.",
+        lambda r, spec, d: found_accounted_for(r.lake.get(), spec, d),
+        applies=lambda spec: spec.from_table,
+    ),
 )
 
 
@@ -395,8 +539,14 @@ def build_day_check(spec, check: DayCheck) -> dg.AssetChecksDefinition:
 
     resources = {spec.redrive.sink.kind if r == SINK else r for r in check.resources}
 
-    @dg.asset_check(asset=key, name=check.name, partitions_def=daily_partitions(spec), blocking=check.blocking,
-                    description=check.description, required_resource_keys=resources)
+    @dg.asset_check(
+        asset=key,
+        name=check.name,
+        partitions_def=daily_partitions(spec),
+        blocking=check.blocking,
+        description=check.description,
+        required_resource_keys=resources,
+    )
     def _check(context: dg.AssetCheckExecutionContext):
         return check_each_day(context, key, check.name, lambda d: check.verify(context.resources, spec, d))
 
@@ -411,5 +561,13 @@ def build_deliveries_check(spec, expected=None) -> dg.AssetChecksDefinition:
     """The redrive's check for specs that are not pipelines (refills): `expected(lake, day)` gives
     the day's whole message set."""
     check = next(c for c in CHECKS if c.name == "deliveries_reconcile")
-    return build_day_check(spec, DayCheck(check.name, REDRIVE, check.description,
-                                          lambda r, s, d: deliveries(r.lake.get(), r.ledger, s, d, expected), resources=frozenset({"lake", "ledger"})))
+    return build_day_check(
+        spec,
+        DayCheck(
+            check.name,
+            REDRIVE,
+            check.description,
+            lambda r, s, d: deliveries(r.lake.get(), r.ledger, s, d, expected),
+            resources=frozenset({"lake", "ledger"}),
+        ),
+    )

@@ -49,13 +49,19 @@ def whole_day_marker(day: str) -> str:
 
 def shrunk_types(before: dict[str, int], after: dict[str, int], tolerance: float) -> list[str]:
     """`type: before -> after` for each type with fewer events after than before (beyond tolerance)."""
-    return [f"{t}: {n} -> {after.get(t, 0)}" for t, n in sorted(before.items()) if after.get(t, 0) < n * (1 - tolerance)]
+    return [
+        f"{t}: {n} -> {after.get(t, 0)}" for t, n in sorted(before.items()) if after.get(t, 0) < n * (1 - tolerance)
+    ]
 
 
 def unconsented_shrink(stats: dict, tolerance: float) -> bool:
     """Whether a version shrank against its baseline without the run's consent (its shrink check failed)."""
     previous = stats.get("previous")
-    return bool(previous) and not stats.get("allow_shrink") and bool(shrunk_types(previous["rows_by_type"], stats.get("rows_by_type", {}), tolerance))
+    return (
+        bool(previous)
+        and not stats.get("allow_shrink")
+        and bool(shrunk_types(previous["rows_by_type"], stats.get("rows_by_type", {}), tolerance))
+    )
 
 
 ERRORED_PREFIX = "the check raised "  # how a day's verdict says its check could not conclude
@@ -124,10 +130,16 @@ def check_each_day(
 def _latest_materialization(context, asset: dg.AssetKey, day: str):
     """The day's latest materialization, as the target of a logged check evaluation. Dagster
     1.13 has no public name for this type; `AssetCheckResult` fills it in itself."""
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
 
-    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[day]), limit=1).records
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[day]), limit=1
+    ).records
     if not records:
         return None
     r = records[0]
-    return AssetCheckEvaluationTargetMaterializationData(storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp)
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp
+    )

@@ -42,8 +42,11 @@ def build_pipeline(spec: PipelineSpec) -> PipelineDefs:
         selection=dg.AssetSelection.groups(spec.name),
         description=(
             f"Replay {spec.name}: "
-            + ("select the day's table rows, read them by keyset and map them, swap in each day, redrive, "
-               if spec.from_table else "list raw files, parse and swap in each day, fold projections, redrive, ")
+            + (
+                "select the day's table rows, read them by keyset and map them, swap in each day, redrive, "
+                if spec.from_table
+                else "list raw files, parse and swap in each day, fold projections, redrive, "
+            )
             + "and verify every day with blocking checks."
         ),
     )

@@ -1,6 +1,5 @@
 """parsed_events: validated, de-duplicated events as Parquet by type, swapped in atomically."""
 
-
 import math
 import os
 import time
@@ -10,7 +9,16 @@ import dagster as dg
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.common import PARSED, RAW, asset_key, manifest_name, owner, parsed_slot_patterns, pipeline_pool, unconsented_shrink
+from assets.common import (
+    PARSED,
+    RAW,
+    asset_key,
+    manifest_name,
+    owner,
+    parsed_slot_patterns,
+    pipeline_pool,
+    unconsented_shrink,
+)
 from assets.raw import build_manifest, day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions, event_time_mapping
 from replay_defs.lake import Lake
@@ -30,7 +38,9 @@ ALLOW_SHRINK = Field(
 class ParseConfig(dg.Config):
     workers: int = Field(default=0, ge=0, le=256, description="Parse processes; 0 means one per CPU core.")
     bucket_rows: int = Field(
-        default=500_000, ge=1_000, le=100_000_000,
+        default=500_000,
+        ge=1_000,
+        le=100_000_000,
         description="Events per de-duplication bucket: memory is bounded by this, not by the day's size.",
     )
     simulate_parser_bug: bool = Field(
@@ -71,7 +81,9 @@ def current_manifest(lake: Lake, spec: PipelineSpec, day: str, log) -> dict:
         changes = listing_changes(manifest_listing(manifest), raw_listing(lake, spec, start, start + timedelta(days=1)))
         if not changes:
             return manifest
-        log.warning(f"{day}: the raw files changed since raw_events listed them ({len(changes)}: {'; '.join(changes[:5])}); listing and counting them again")
+        log.warning(
+            f"{day}: the raw files changed since raw_events listed them ({len(changes)}: {'; '.join(changes[:5])}); listing and counting them again"
+        )
     manifest = build_manifest(lake, spec, day)
     lake.write_json(owner(spec, RAW), manifest_name(day), manifest)
     log.info(f"{day}: listed and counted {manifest['totals']['files']} raw files for raw_events")
@@ -86,7 +98,11 @@ def shrink_baseline(spec: PipelineSpec, state) -> dict | None:
         return None
     if unconsented_shrink(state.stats, spec.shrink_tolerance):
         return state.stats["previous"]
-    return {"version": state.version, "rows_by_type": state.stats.get("rows_by_type", {}), "parsed": state.stats.get("parsed", 0)}
+    return {
+        "version": state.version,
+        "rows_by_type": state.stats.get("rows_by_type", {}),
+        "parsed": state.stats.get("parsed", 0),
+    }
 
 
 def merge_quarantine(files: list[str], dest: str) -> int:
@@ -127,9 +143,7 @@ def day_stats(day: str, manifest: dict, result: ParseResult, seconds: float) -> 
     }
 
 
-def materialize_day(
-    lake: Lake, spec: PipelineSpec, day: str, config: ParseConfig, run_id: str, log, pool=None
-) -> dict:
+def materialize_day(lake: Lake, spec: PipelineSpec, day: str, config: ParseConfig, run_id: str, log, pool=None) -> dict:
     own = owner(spec, PARSED)
     # Missing when a UI backfill of raw days D..E also targets parsed D-1 and E+1 (the event-time
     # mapping makes them downstream); stale when raw files arrived or changed since.
@@ -181,7 +195,9 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         partitions_def=daily_partitions(spec),
         pool=pipeline_pool(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        ins={"raw": dg.AssetIn(asset_key(spec, RAW), partition_mapping=event_time_mapping(spec), dagster_type=dg.Nothing)},
+        ins={
+            "raw": dg.AssetIn(asset_key(spec, RAW), partition_mapping=event_time_mapping(spec), dagster_type=dg.Nothing)
+        },
         kinds={"parquet"},
         description=(
             f"Events by event-time day as Parquet under `{spec.parsed_prefix}/type=<t>/day=<d>/`, each row "
@@ -190,7 +206,9 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
             f"the previous version is kept for rollback."
         ),
     )
-    def parsed_events(context: dg.AssetExecutionContext, config: ParseConfig, lake: LakeResource) -> dg.MaterializeResult:
+    def parsed_events(
+        context: dg.AssetExecutionContext, config: ParseConfig, lake: LakeResource
+    ) -> dg.MaterializeResult:
         the_lake = lake.get()
         pool = worker_pool(config.workers or os.cpu_count() or 1)
         try:
@@ -214,15 +232,34 @@ def shrink_metadata(stats: dict) -> dict:
     """The version the shrink check compares with (see `shrink_baseline`) and whether the run
     consented to a shrink, next to the counts."""
     prev = stats["previous"]
-    return {"allow_shrink": stats["allow_shrink"], "shrink_baseline_version": prev["version"] if prev else 0,
-            "shrink_baseline_parsed": prev["parsed"] if prev else 0}
+    return {
+        "allow_shrink": stats["allow_shrink"],
+        "shrink_baseline_version": prev["version"] if prev else 0,
+        "shrink_baseline_parsed": prev["parsed"] if prev else 0,
+    }
 
 
 def _metadata(stats: dict) -> dict:
     """Numbers only (plus the reason table), so the UI can plot them per partition."""
     md = {
         "dagster/row_count": stats["parsed"],
-        **{k: stats[k] for k in ("raw_files", "raw_lines", "parsed", "duplicates", "quarantined", "routed_in", "routed_out", "bytes_uncompressed", "duration_s", "events_per_s", "mb_per_s", "version")},
+        **{
+            k: stats[k]
+            for k in (
+                "raw_files",
+                "raw_lines",
+                "parsed",
+                "duplicates",
+                "quarantined",
+                "routed_in",
+                "routed_out",
+                "bytes_uncompressed",
+                "duration_s",
+                "events_per_s",
+                "mb_per_s",
+                "version",
+            )
+        },
     }
     md.update(shrink_metadata(stats))
     for reason, n in stats["quarantined_by_reason"].items():
@@ -234,20 +271,26 @@ def _metadata(stats: dict) -> dict:
 
 class TableParseConfig(dg.Config):
     batch_size: int = Field(
-        default=50_000, ge=1, le=1_000_000,
+        default=50_000,
+        ge=1,
+        le=1_000_000,
         description="Rows per keyset page: memory is bounded by this, not by the day's size (each page costs a fixed "
-                    "~20-80 ms of query overhead, so pages much smaller than 10k slow a big day down).",
+        "~20-80 ms of query overhead, so pages much smaller than 10k slow a big day down).",
     )
     allow_shrink: bool = ALLOW_SHRINK
 
 
-def materialize_table_day(lake: Lake, spec: PipelineSpec, day: str, ch, config: "TableParseConfig", run_id: str, log) -> dict:
+def materialize_table_day(
+    lake: Lake, spec: PipelineSpec, day: str, ch, config: "TableParseConfig", run_id: str, log
+) -> dict:
     """Read the day's selected rows (the raw_events manifest's selection) by keyset, transform them,
     and swap the day's Parquet and quarantine in whole."""
     own = owner(spec, PARSED)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if manifest is None:
-        raise dg.Failure(f"raw_events[{day}] is not materialized: materialize {spec.name}/raw_events (it holds the selection) first")
+        raise dg.Failure(
+            f"raw_events[{day}] is not materialized: materialize {spec.name}/raw_events (it holds the selection) first"
+        )
     selection = Selection.from_json(manifest["selection"])
     with lake.lock(own, day):
         if lake.recover(own, day):
@@ -257,9 +300,18 @@ def materialize_table_day(lake: Lake, spec: PipelineSpec, day: str, ch, config: 
         quarantine = staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet"
         stats = parse_table_day(ch, spec, day, selection, config.batch_size, str(staged), str(quarantine), log.info)
         stats.update(
-            day=day, selection=manifest["selection"], raw_files=0, raw_lines=manifest["totals"]["lines"],
-            parser_lines=stats["found"], routed_in=0, routed_out=0, duplicates=0, bytes_uncompressed=0, mb_per_s=0,
-            previous=previous, allow_shrink=config.allow_shrink,
+            day=day,
+            selection=manifest["selection"],
+            raw_files=0,
+            raw_lines=manifest["totals"]["lines"],
+            parser_lines=stats["found"],
+            routed_in=0,
+            routed_out=0,
+            duplicates=0,
+            bytes_uncompressed=0,
+            mb_per_s=0,
+            previous=previous,
+            allow_shrink=config.allow_shrink,
         )
         state = lake.publish(own, day, staged, parsed_slot_patterns(spec, day), stats, run_id=run_id)
         stats["version"] = state.version
@@ -285,7 +337,9 @@ def build_table_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
             "Each day is staged and swapped in whole; the previous version is kept for rollback."
         ),
     )
-    def parsed_events(context: dg.AssetExecutionContext, config: TableParseConfig, lake: LakeResource, clickhouse: ClickHouseResource) -> dg.MaterializeResult:
+    def parsed_events(
+        context: dg.AssetExecutionContext, config: TableParseConfig, lake: LakeResource, clickhouse: ClickHouseResource
+    ) -> dg.MaterializeResult:
         the_lake = lake.get()
         with clickhouse.open() as ch:
             for day in context.partition_keys:
@@ -297,7 +351,20 @@ def build_table_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
                 )
                 md = {
                     "dagster/row_count": stats["parsed"],
-                    **{k: stats[k] for k in ("found", "parsed", "dropped", "transformation_errors", "batches", "batch_size", "duration_s", "events_per_s", "version")},
+                    **{
+                        k: stats[k]
+                        for k in (
+                            "found",
+                            "parsed",
+                            "dropped",
+                            "transformation_errors",
+                            "batches",
+                            "batch_size",
+                            "duration_s",
+                            "events_per_s",
+                            "version",
+                        )
+                    },
                     **{f"dropped_{r}": n for r, n in stats["dropped_by_reason"].items()},
                     **{f"transformation_error_{r}": n for r, n in stats["transformation_errors_by_reason"].items()},
                     **{f"rows_type_{t}": n for t, n in stats["rows_by_type"].items()},

@@ -27,13 +27,24 @@ PROJECTION_DAYS = dg.DailyPartitionsDefinition(
 
 class ProjectionReplayConfig(dg.Config):
     tenant: str = Field(description="Tenant whose events are replayed (required).")
-    since: str = Field(default="", description="YYYY-MM-DD: days of the selected range before it are skipped (the CLI's --since picks the range itself).")
-    dry_run: bool = Field(default=False, description="Count the aggregates and events each day would fold; write nothing, set no marker.")
+    since: str = Field(
+        default="",
+        description="YYYY-MM-DD: days of the selected range before it are skipped (the CLI's --since picks the range itself).",
+    )
+    dry_run: bool = Field(
+        default=False, description="Count the aggregates and events each day would fold; write nothing, set no marker."
+    )
     batch_size: int = Field(default=5000, description="Events per ClickHouse page (keyset); memory is bounded by it.")
-    aggregate_batch: int = Field(default=1000, description="Aggregates per batch: each projection key is written once per batch.")
+    aggregate_batch: int = Field(
+        default=1000, description="Aggregates per batch: each projection key is written once per batch."
+    )
     concurrency: int = Field(default=4, description="Aggregate streams read and folded in parallel within a batch.")
-    drain_timeout_s: float = Field(default=120.0, description="How long to wait for in-flight live handlers before failing.")
-    stop_after_batches: int = Field(default=-1, description="Testing: stop (as a crash would) after this many batches; -1 = never.")
+    drain_timeout_s: float = Field(
+        default=120.0, description="How long to wait for in-flight live handlers before failing."
+    )
+    stop_after_batches: int = Field(
+        default=-1, description="Testing: stop (as a crash would) after this many batches; -1 = never."
+    )
 
 
 def projection_key(p: Projection) -> dg.AssetKey:
@@ -51,22 +62,47 @@ def build_projection_asset(p: Projection) -> dg.AssetsDefinition:
         kinds={"clickhouse", "redis"} if p.store == "clickhouse" else {"clickhouse", "postgres", "redis"},
         description=f"{p.description} Replayed from ClickHouse event_log for one tenant per run "
         f"({'latest row wins' if p.kind == 'latest' else 'increment store: the day rows are removed first'}).",
-        check_specs=[dg.AssetCheckSpec(CHECK, asset=key, blocking=True,
-                                       description="Every replayed row equals the from-scratch SQL fold of event_log "
-                                       "(events <= the replay's cutoff), checked before the markers come down.")],
+        check_specs=[
+            dg.AssetCheckSpec(
+                CHECK,
+                asset=key,
+                blocking=True,
+                description="Every replayed row equals the from-scratch SQL fold of event_log "
+                "(events <= the replay's cutoff), checked before the markers come down.",
+            )
+        ],
         metadata={"store": p.store, "scope": p.scope, "table": p.table},
     )
-    def _asset(context: dg.AssetExecutionContext, config: ProjectionReplayConfig, clickhouse: ClickHouseResource,
-               projection_replay: ProjectionReplayResource) -> dg.MaterializeResult:
-        days = [d for d in context.partition_keys if not config.since or d >= date.fromisoformat(config.since).isoformat()]
-        opts = ReplayOptions(batch_size=config.batch_size, aggregate_batch=config.aggregate_batch, concurrency=config.concurrency,
-                             dry_run=config.dry_run, drain_timeout_s=config.drain_timeout_s,
-                             stop_after_batches=None if config.stop_after_batches < 0 else config.stop_after_batches)
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: ProjectionReplayConfig,
+        clickhouse: ClickHouseResource,
+        projection_replay: ProjectionReplayResource,
+    ) -> dg.MaterializeResult:
+        days = [
+            d for d in context.partition_keys if not config.since or d >= date.fromisoformat(config.since).isoformat()
+        ]
+        opts = ReplayOptions(
+            batch_size=config.batch_size,
+            aggregate_batch=config.aggregate_batch,
+            concurrency=config.concurrency,
+            dry_run=config.dry_run,
+            drain_timeout_s=config.drain_timeout_s,
+            stop_after_batches=None if config.stop_after_batches < 0 else config.stop_after_batches,
+        )
         path = projection_replay.log_path(f"projection-replay-{p.name}-{context.run.run_id}.jsonl")
         log = ReplayLog(path, echo=context.log.info)
-        log.write("run", projection=p.name, days=len(days), first=days[0] if days else None, last=days[-1] if days else None,
-                  dry_run=config.dry_run, batch_size=config.batch_size, aggregate_batch=config.aggregate_batch,
-                  concurrency=config.concurrency)
+        log.write(
+            "run",
+            projection=p.name,
+            days=len(days),
+            first=days[0] if days else None,
+            last=days[-1] if days else None,
+            dry_run=config.dry_run,
+            batch_size=config.batch_size,
+            aggregate_batch=config.aggregate_batch,
+            concurrency=config.concurrency,
+        )
         store = None if config.dry_run else open_store(p, clickhouse, projection_replay.postgres_url)
         coord = projection_replay.coordinator(p.name)
         results, failed = [], []
@@ -79,27 +115,56 @@ def build_projection_asset(p: Projection) -> dg.AssetsDefinition:
                     failed.append(day)
                 if context.has_partition_key_range and len(context.partition_keys) > 1 and not config.dry_run:
                     # a ranged run: each day's verdict is also recorded for that day (the summary below blocks)
-                    context.log_event(dg.AssetCheckEvaluation(
-                        asset_key=key, check_name=CHECK, passed=bool(r.verified), partition=day,
-                        description=f"{day}: {r.verification.get('mismatched_rows', 0)} of {r.verification.get('expected_rows', 0)} rows differ "
-                        "from the from-scratch fold", metadata={k: v for k, v in r.verification.items() if isinstance(v, (int, str, bool))}))
+                    context.log_event(
+                        dg.AssetCheckEvaluation(
+                            asset_key=key,
+                            check_name=CHECK,
+                            passed=bool(r.verified),
+                            partition=day,
+                            description=f"{day}: {r.verification.get('mismatched_rows', 0)} of {r.verification.get('expected_rows', 0)} rows differ "
+                            "from the from-scratch fold",
+                            metadata={k: v for k, v in r.verification.items() if isinstance(v, (int, str, bool))},
+                        )
+                    )
         finally:
             coord.close()
             if store is not None:
                 store.close()
             log.close()
-        totals = {k: sum(getattr(r, k) for r in results) for k in ("aggregates", "events", "keys_written", "batches", "skipped_aggregates")}
-        summary = {"tenant": config.tenant, "days": len(results), "dry_run": config.dry_run, "replay_log": path, **totals,
-                   "days_failed": len(failed), "finished": datetime.now(timezone.utc).isoformat()}
+        totals = {
+            k: sum(getattr(r, k) for r in results)
+            for k in ("aggregates", "events", "keys_written", "batches", "skipped_aggregates")
+        }
+        summary = {
+            "tenant": config.tenant,
+            "days": len(results),
+            "dry_run": config.dry_run,
+            "replay_log": path,
+            **totals,
+            "days_failed": len(failed),
+            "finished": datetime.now(timezone.utc).isoformat(),
+        }
         if config.dry_run:
             desc = f"dry run: {totals['aggregates']} aggregates, {totals['events']} events over {len(results)} day(s); nothing written"
         else:
-            desc = f"{len(results) - len(failed)}/{len(results)} day(s) equal the from-scratch fold" + (f"; failed: {', '.join(failed)}" if failed else "")
+            desc = f"{len(results) - len(failed)}/{len(results)} day(s) equal the from-scratch fold" + (
+                f"; failed: {', '.join(failed)}" if failed else ""
+            )
         return dg.MaterializeResult(
             metadata={**summary, "dagster/row_count": totals["keys_written"]},
-            check_results=[dg.AssetCheckResult(check_name=CHECK, passed=not failed, description=desc,
-                                               metadata={"days_checked": len(results), "days_failed": len(failed),
-                                                         "failed_days": ", ".join(failed) or "none", "dry_run": config.dry_run})],
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=CHECK,
+                    passed=not failed,
+                    description=desc,
+                    metadata={
+                        "days_checked": len(results),
+                        "days_failed": len(failed),
+                        "failed_days": ", ".join(failed) or "none",
+                        "dry_run": config.dry_run,
+                    },
+                )
+            ],
         )
 
     return _asset
@@ -111,8 +176,13 @@ class CleanupMarkersConfig(dg.Config):
     older_than_minutes: float = Field(default=0.0, description="Only replays started longer ago than this.")
 
 
-def cleanup_markers(projection_replay: ProjectionReplayResource, clickhouse: ClickHouseResource, name: str, tenant: str | None,
-                    older_than_s: float = 0.0) -> dict:
+def cleanup_markers(
+    projection_replay: ProjectionReplayResource,
+    clickhouse: ClickHouseResource,
+    name: str,
+    tenant: str | None,
+    older_than_s: float = 0.0,
+) -> dict:
     """Remove the markers of replays that crashed (their deferred live events are released) and
     mark their progress abandoned, so the next replay of those days starts afresh."""
     p = PROJECTIONS[name]
@@ -130,23 +200,38 @@ def cleanup_markers(projection_replay: ProjectionReplayResource, clickhouse: Cli
                 abandoned += store.abandon(p, t)
         finally:
             store.close()
-    return {"projection": name, "replays_cleaned": len(cleaned), "progress_abandoned": abandoned,
-            "markers_removed": sum(c["markers_removed"] for c in cleaned), "aggregates_released": sum(c["aggregates_ready"] for c in cleaned), "stale_inflight_removed": stale,
-            "replays": [{k: c.get(k) for k in ("replay_id", "tenant", "day", "cutoff")} for c in cleaned]}
+    return {
+        "projection": name,
+        "replays_cleaned": len(cleaned),
+        "progress_abandoned": abandoned,
+        "markers_removed": sum(c["markers_removed"] for c in cleaned),
+        "aggregates_released": sum(c["aggregates_ready"] for c in cleaned),
+        "stale_inflight_removed": stale,
+        "replays": [{k: c.get(k) for k in ("replay_id", "tenant", "day", "cutoff")} for c in cleaned],
+    }
 
 
 @dg.op(description="Remove stuck markers of crashed projection replays; their deferred live events are released.")
-def cleanup_projection_markers(context: dg.OpExecutionContext, config: CleanupMarkersConfig, projection_replay: ProjectionReplayResource,
-                               clickhouse: ClickHouseResource) -> dict:
+def cleanup_projection_markers(
+    context: dg.OpExecutionContext,
+    config: CleanupMarkersConfig,
+    projection_replay: ProjectionReplayResource,
+    clickhouse: ClickHouseResource,
+) -> dict:
     if config.projection not in PROJECTIONS:
         raise dg.Failure(f"no projection {config.projection!r}; known: {', '.join(sorted(PROJECTIONS))}")
-    out = cleanup_markers(projection_replay, clickhouse, config.projection, config.tenant or None, config.older_than_minutes * 60)
+    out = cleanup_markers(
+        projection_replay, clickhouse, config.projection, config.tenant or None, config.older_than_minutes * 60
+    )
     context.log.info(f"cleanup: {out}")
     context.add_output_metadata({k: v for k, v in out.items() if k != "replays"})
     return out
 
 
-@dg.job(name="projection_replay_cleanup_markers", description="After a crashed projection replay: remove its markers, release deferred live events.")
+@dg.job(
+    name="projection_replay_cleanup_markers",
+    description="After a crashed projection replay: remove its markers, release deferred live events.",
+)
 def cleanup_markers_job():
     cleanup_projection_markers()
 

@@ -1,6 +1,5 @@
 """projections: folds of a day's parsed events into the projection store (DuckDB by default)."""
 
-
 import dagster as dg
 
 from assets.common import PARSED, PROJECTIONS, asset_key, owner
@@ -48,7 +47,9 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
             "the version it replaced."
         ),
     )
-    def projections(context: dg.AssetExecutionContext, lake: LakeResource, store: StoreResource) -> dg.MaterializeResult:
+    def projections(
+        context: dg.AssetExecutionContext, lake: LakeResource, store: StoreResource
+    ) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
             files = [str(the_lake.path(f)) for f in verified_parquet(the_lake, spec, day)]

@@ -1,6 +1,5 @@
 """raw_events: the day's raw files as a manifest, with line counts made independently of the parser."""
 
-
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
@@ -28,14 +27,18 @@ def day_start(day: str) -> datetime:
 def raw_listing(lake, spec: PipelineSpec, start: datetime, end: datetime) -> dict[str, list[int]]:
     """The raw files that arrived in [start, end) as {lake path: [bytes, mtime_ns]}: what a build
     read, recorded so a later arrival or rewrite shows the build is out of date."""
-    return {r.rel_path: [r.size, r.mtime_ns] for r in lake.list_raw(spec.source.prefix, start, end, spec.source.suffixes)}
+    return {
+        r.rel_path: [r.size, r.mtime_ns] for r in lake.list_raw(spec.source.prefix, start, end, spec.source.suffixes)
+    }
 
 
 def listing_changes(built: dict[str, list[int]], now: dict[str, list[int]]) -> list[str]:
     """How the raw listing `now` differs from the one a build read, file by file."""
     changes = [f"arrived after the build: {f}" for f in sorted(set(now) - set(built))]
     changes += [f"gone since the build: {f}" for f in sorted(set(built) - set(now))]
-    changes += [f"rewritten since the build: {f}" for f in sorted(set(now) & set(built)) if list(now[f]) != list(built[f])]
+    changes += [
+        f"rewritten since the build: {f}" for f in sorted(set(now) & set(built)) if list(now[f]) != list(built[f])
+    ]
     return changes
 
 
@@ -128,7 +131,10 @@ def selection_config(spec: PipelineSpec) -> type[dg.Config]:
         name: (Optional[str], Field(default=None, description=f"Only rows whose `{column}` equals this."))
         for name, column in spec.source.filters.items()
     }
-    fields["start"] = (Optional[str], Field(default=None, description="RFC 3339 (e.g. 2024-01-01T06:00:00Z): only rows at or after it."))
+    fields["start"] = (
+        Optional[str],
+        Field(default=None, description="RFC 3339 (e.g. 2024-01-01T06:00:00Z): only rows at or after it."),
+    )
     fields["end"] = (Optional[str], Field(default=None, description="RFC 3339: only rows before it."))
     return pydantic.create_model(f"{spec.name}_selection", __base__=dg.Config, **fields)
 
@@ -156,7 +162,9 @@ def build_table_raw_events(spec: PipelineSpec) -> dg.AssetsDefinition:
             "independently of the keyset reader."
         ),
     )
-    def raw_events(context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource, clickhouse: ClickHouseResource) -> dg.MaterializeResult:
+    def raw_events(
+        context: dg.AssetExecutionContext, config: SelectionConfig, lake: LakeResource, clickhouse: ClickHouseResource
+    ) -> dg.MaterializeResult:
         the_lake = lake.get()
         selection = table_selection(spec, config)
         with clickhouse.open() as ch:
@@ -173,8 +181,12 @@ def build_table_raw_events(spec: PipelineSpec) -> dg.AssetsDefinition:
                 the_lake.write_json(owner(spec, RAW), manifest_name(day), manifest)
                 context.log.info(f"{day}: {rows:,} rows of {src.table} selected by {selection.to_json()}")
                 context.add_asset_metadata(
-                    {"dagster/row_count": rows, "rows": rows, "duration_s": round(time.monotonic() - t0, 3),
-                     **{f"filter_{k}": v for k, v in selection.to_json()["filters"].items()}},
+                    {
+                        "dagster/row_count": rows,
+                        "rows": rows,
+                        "duration_s": round(time.monotonic() - t0, 3),
+                        **{f"filter_{k}": v for k, v in selection.to_json()["filters"].items()},
+                    },
                     partition_key=day,
                 )
         return dg.MaterializeResult()

@@ -1,6 +1,5 @@
 """redrive: deliver the partition's raw files (source refs) or events to the pipeline's sink, once per sink."""
 
-
 from typing import Literal
 
 import dagster as dg
@@ -20,7 +19,9 @@ class DeliveryConfig(dg.Config):
     limit: int | None = Field(default=None, ge=0, description="Send at most this many messages (sanity-check mode).")
     force: bool = Field(default=False, description="Send again even what the ledger says the sink already has.")
     rate_limit: float | None = Field(default=None, gt=0, description="At most this many messages per second.")
-    retries: int = Field(default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed.")
+    retries: int = Field(
+        default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed."
+    )
     batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup and per sink delivery.")
 
 
@@ -32,7 +33,9 @@ class RedriveConfig(DeliveryConfig):
             "prefix: raw files of the day under `prefix`; parquet: source refs of one parsed Parquet file (`uri`)."
         ),
     )
-    uri: str | None = Field(default=None, description="Raw file URI (mode file) or parsed Parquet path/URI (mode parquet).")
+    uri: str | None = Field(
+        default=None, description="Raw file URI (mode file) or parsed Parquet path/URI (mode parquet)."
+    )
     prefix: str | None = Field(default=None, description="Lake-relative prefix or URI (mode prefix).")
     type: str | None = Field(default=None, description="Only source refs of events of this type (modes day, parquet).")
 
@@ -81,23 +84,51 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
     return redrive
 
 
-def redrive_day(context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]) -> None:
+def redrive_day(
+    context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]
+) -> None:
     def batches():
         parsed_files = verified_parquet(the_lake, spec, day)
         if spec.redrive.unit == "event":
-            return rd.event_batches(the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size)
+            return rd.event_batches(
+                the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size
+            )
         manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))
-        refs = rd.select_source_refs(the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type)
+        refs = rd.select_source_refs(
+            the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type
+        )
         return [rd.raw_file_batch(the_lake, refs)]
 
-    deliver_day(context, config, spec, the_lake, sink, ledger, day, batches, handled if spec.redrive.unit == "raw_file" else None,
-                {"mode": config.mode, "unit": spec.redrive.unit},
-                whole_day=config.mode == "day" and config.type is None and config.limit is None,
-                more_metadata=(lambda counts: source_summary(the_lake, spec, day, counts)) if spec.from_table else None)
+    deliver_day(
+        context,
+        config,
+        spec,
+        the_lake,
+        sink,
+        ledger,
+        day,
+        batches,
+        handled if spec.redrive.unit == "raw_file" else None,
+        {"mode": config.mode, "unit": spec.redrive.unit},
+        whole_day=config.mode == "day" and config.type is None and config.limit is None,
+        more_metadata=(lambda counts: source_summary(the_lake, spec, day, counts)) if spec.from_table else None,
+    )
 
 
-def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, day: str, batches, handled: set[str] | None,
-                metadata: dict, whole_day: bool = True, more_metadata=None) -> None:
+def deliver_day(
+    context,
+    config: DeliveryConfig,
+    spec,
+    the_lake,
+    sink,
+    ledger,
+    day: str,
+    batches,
+    handled: set[str] | None,
+    metadata: dict,
+    whole_day: bool = True,
+    more_metadata=None,
+) -> None:
     """Deliver one day's messages (`batches()` makes them) and record the outcome: metadata, the
     run log, dead letters, and `last/day=D.json` for the `deliveries_reconcile` check.
     `whole_day`: the selection was the whole day (not a mode, type or limit); `more_metadata`:
@@ -105,10 +136,23 @@ def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, d
     dead_letters = f"dead_letter/day={day}/{context.run.run_id}.jsonl"
     try:
         counts = rd.redrive(
-            sink, ledger, spec.name, day, batches(), context.run.run_id,
-            dry_run=config.dry_run, limit=config.limit, force=config.force, batch_size=config.batch_size,
-            retries=config.retries, rate_limit=config.rate_limit, log=context.log.info, handled_in_run=handled,
-            on_failed=lambda rows: the_lake.append_jsonl(owner(spec, REDRIVE), dead_letters, [{"sink": sink.name, **r} for r in rows]),
+            sink,
+            ledger,
+            spec.name,
+            day,
+            batches(),
+            context.run.run_id,
+            dry_run=config.dry_run,
+            limit=config.limit,
+            force=config.force,
+            batch_size=config.batch_size,
+            retries=config.retries,
+            rate_limit=config.rate_limit,
+            log=context.log.info,
+            handled_in_run=handled,
+            on_failed=lambda rows: the_lake.append_jsonl(
+                owner(spec, REDRIVE), dead_letters, [{"sink": sink.name, **r} for r in rows]
+            ),
         )
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
@@ -138,9 +182,15 @@ def deliver_day(context, config: DeliveryConfig, spec, the_lake, sink, ledger, d
     context.add_asset_metadata(md, partition_key=day)
     if counts.failed:
         path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
-        context.log.error(f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}")
+        context.log.error(
+            f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}"
+        )
     summary = dict(counts.__dict__)
-    the_lake.write_json(owner(spec, REDRIVE), f"last/day={day}.json", {"run_id": context.run.run_id, "dry_run": config.dry_run, "whole_day": whole_day, **summary})
+    the_lake.write_json(
+        owner(spec, REDRIVE),
+        f"last/day={day}.json",
+        {"run_id": context.run.run_id, "dry_run": config.dry_run, "whole_day": whole_day, **summary},
+    )
     if whole_day and not config.dry_run and not counts.failed:
         the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": context.run.run_id})
 

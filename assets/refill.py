@@ -73,7 +73,9 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
             f"Bad rows go to `{quarantine_slot(spec, '<d>')}/` with a reason."
         ),
     )
-    def event_keys(context: dg.AssetExecutionContext, config: KeySourceConfig, lake: LakeResource, s3: S3Resource) -> dg.MaterializeResult:
+    def event_keys(
+        context: dg.AssetExecutionContext, config: KeySourceConfig, lake: LakeResource, s3: S3Resource
+    ) -> dg.MaterializeResult:
         the_lake = lake.get()
         own = owner(spec, EVENT_KEYS)
         days = context.partition_keys
@@ -86,7 +88,10 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         needs_s3 = config.location.startswith("s3://") or config.source == "listing"
         try:
             found = collect_keys(
-                config.source, config.location, days, spec.known_types,
+                config.source,
+                config.location,
+                days,
+                spec.known_types,
                 keys_dir=lambda d: staged[d] / keys_slot(spec, d),
                 quarantine_dir=lambda d: staged[d] / quarantine_slot(spec, d),
                 work_dir=staged[days[0]] / "_work",
@@ -103,7 +108,14 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         )
         for day, keys in found.days.items():
             stats = {**keys.__dict__, "quarantined": keys.quarantined, "source": config.source, "read_s": seconds}
-            state = the_lake.publish(own, day, staged[day], [keys_slot(spec, day), quarantine_slot(spec, day)], stats, run_id=context.run.run_id)
+            state = the_lake.publish(
+                own,
+                day,
+                staged[day],
+                [keys_slot(spec, day), quarantine_slot(spec, day)],
+                stats,
+                run_id=context.run.run_id,
+            )
             context.add_asset_metadata(
                 {
                     "dagster/row_count": keys.keys,
@@ -116,7 +128,10 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
                     **{f"quarantined_{r}": n for r, n in keys.quarantined_by_reason.items()},
                     "keys_by_project_and_type": dg.MetadataValue.md(
                         "| project | type | keys |\n|---|---|---|\n"
-                        + "".join(f"| {pt.split('/')[0]} | {pt.split('/')[1]} | {n} |\n" for pt, n in keys.by_project_type.items())
+                        + "".join(
+                            f"| {pt.split('/')[0]} | {pt.split('/')[1]} | {n} |\n"
+                            for pt, n in keys.by_project_type.items()
+                        )
                     ),
                 },
                 partition_key=day,
@@ -148,8 +163,19 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
             for day in context.partition_keys:
                 files = committed_keys(the_lake, spec, day)
                 with context.resources.ledger.open() as ledger:
-                    deliver_day(context, config, spec, the_lake, sink, ledger, day, lambda: job_batches(files, config.batch_size),
-                                None, {"key_files": len(files)}, whole_day=config.limit is None)
+                    deliver_day(
+                        context,
+                        config,
+                        spec,
+                        the_lake,
+                        sink,
+                        ledger,
+                        day,
+                        lambda: job_batches(files, config.batch_size),
+                        None,
+                        {"key_files": len(files)},
+                        whole_day=config.limit is None,
+                    )
         finally:
             sink.close()
         return dg.MaterializeResult()
@@ -162,8 +188,12 @@ def no_duplicate_keys(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
     files = [str(p) for p in lake.path(keys_slot(spec, day)).glob("*.parquet")]
     if not files:
         return DayVerdict(True, "no keys for this day", {"keys": 0})
-    rows, distinct = duckdb.execute("SELECT count(*), count(DISTINCT key) FROM read_parquet($f)", {"f": files}).fetchone()
-    return DayVerdict(rows == distinct, f"{rows - distinct} keys listed twice", {"keys": rows, "duplicate_keys": rows - distinct})
+    rows, distinct = duckdb.execute(
+        "SELECT count(*), count(DISTINCT key) FROM read_parquet($f)", {"f": files}
+    ).fetchone()
+    return DayVerdict(
+        rows == distinct, f"{rows - distinct} keys listed twice", {"keys": rows, "duplicate_keys": rows - distinct}
+    )
 
 
 def keys_accounted_for(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
@@ -174,15 +204,28 @@ def keys_accounted_for(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
     s = state.stats
     keys = committed_keys(lake, spec, day)
     quarantine = [str(lake.path(f)) for f in state.files if f.startswith(quarantine_slot(spec, day) + "/")]
-    n_keys, puts = duckdb.execute("SELECT count(*), coalesce(sum(puts), 0)::BIGINT FROM read_parquet($f)", {"f": keys}).fetchone() if keys else (0, 0)
-    quarantined = duckdb.execute("SELECT count(*) FROM read_parquet($f)", {"f": quarantine}).fetchone()[0] if quarantine else 0
+    n_keys, puts = (
+        duckdb.execute("SELECT count(*), coalesce(sum(puts), 0)::BIGINT FROM read_parquet($f)", {"f": keys}).fetchone()
+        if keys
+        else (0, 0)
+    )
+    quarantined = (
+        duckdb.execute("SELECT count(*) FROM read_parquet($f)", {"f": quarantine}).fetchone()[0] if quarantine else 0
+    )
     read = s["put_rows"] + s["malformed_rows"]
     ok = read == puts + quarantined and n_keys == s["keys"]
     return DayVerdict(
         ok,
-        f"{read} rows read = {n_keys} keys + {puts - n_keys} repeats + {quarantined} quarantined" if ok
+        f"{read} rows read = {n_keys} keys + {puts - n_keys} repeats + {quarantined} quarantined"
+        if ok
         else f"{read} rows read but {n_keys} keys + {puts - n_keys} repeats + {quarantined} quarantined on disk (run reported {s['keys']} keys)",
-        {"rows_read": read, "keys": n_keys, "repeats": puts - n_keys, "quarantined": quarantined, "difference": read - puts - quarantined},
+        {
+            "rows_read": read,
+            "keys": n_keys,
+            "repeats": puts - n_keys,
+            "quarantined": quarantined,
+            "difference": read - puts - quarantined,
+        },
     )
 
 
@@ -190,17 +233,31 @@ def build_refill_checks(spec: RefillSpec) -> list[dg.AssetChecksDefinition]:
     parts = daily_partitions(spec)
     keys = asset_key(spec, EVENT_KEYS)
 
-    @dg.asset_check(asset=keys, name="no_duplicate_keys", partitions_def=parts, blocking=True,
-                    description="No key appears twice in the day's key files (all files present, committed or not).")
+    @dg.asset_check(
+        asset=keys,
+        name="no_duplicate_keys",
+        partitions_def=parts,
+        blocking=True,
+        description="No key appears twice in the day's key files (all files present, committed or not).",
+    )
     def no_duplicate_keys_check(context: dg.AssetCheckExecutionContext, lake: LakeResource):
         return check_each_day(context, keys, "no_duplicate_keys", lambda d: no_duplicate_keys(lake.get(), spec, d))
 
-    @dg.asset_check(asset=keys, name="rows_accounted_for", partitions_def=parts, blocking=True,
-                    description="PUT rows + malformed rows read = distinct keys + repeated keys + quarantined rows on disk.")
+    @dg.asset_check(
+        asset=keys,
+        name="rows_accounted_for",
+        partitions_def=parts,
+        blocking=True,
+        description="PUT rows + malformed rows read = distinct keys + repeated keys + quarantined rows on disk.",
+    )
     def rows_accounted_for(context: dg.AssetCheckExecutionContext, lake: LakeResource):
         return check_each_day(context, keys, "rows_accounted_for", lambda d: keys_accounted_for(lake.get(), spec, d))
 
-    return [no_duplicate_keys_check, rows_accounted_for, build_deliveries_check(spec, expected=lambda lake, day: (day_keys(lake, spec, day), []))]
+    return [
+        no_duplicate_keys_check,
+        rows_accounted_for,
+        build_deliveries_check(spec, expected=lambda lake, day: (day_keys(lake, spec, day), [])),
+    ]
 
 
 def day_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:

@@ -67,7 +67,9 @@ def child(method: str, path: str, batch: int) -> dict:
     with ClickHouse(data_path=path, database="bench") as ch:
         if method == "fill":
             secs = fill(ch, int(batch))
-            rows, size = ch.rows("SELECT sum(rows), sum(data_compressed_bytes) FROM system.parts WHERE database = 'bench' AND table = 'raw_events' AND active")[0]
+            rows, size = ch.rows(
+                "SELECT sum(rows), sum(data_compressed_bytes) FROM system.parts WHERE database = 'bench' AND table = 'raw_events' AND active"
+            )[0]
             return {"rows": int(rows), "seconds": secs, "note": f"{size / 2**20:,.0f} MB compressed"}
         src, sel = BILLING.source, Selection()
         reader = KeysetReader(ch, src, DAY, sel, batch)
@@ -89,16 +91,30 @@ def child(method: str, path: str, batch: int) -> dict:
                 rows += b.num_rows
                 kept += events.num_rows
             note = f"{kept:,} events; read time excluded"
-            return {"rows": rows, "seconds": spent, "growth_mb": peak_rss_mb() - base, "peak_mb": peak_rss_mb(), "note": note}
+            return {
+                "rows": rows,
+                "seconds": spent,
+                "growth_mb": peak_rss_mb() - base,
+                "peak_mb": peak_rss_mb(),
+                "note": note,
+            }
         elif method == "pipeline":
             out = Path(path).parent / "parsed"
             stats = parse_table_day(ch, BILLING, DAY, sel, batch, str(out), str(out / "quarantine.parquet"))
             rows = stats["found"]
-            note = f"{stats['parsed']:,} events, {stats['dropped']:,} dropped, {stats['transformation_errors']:,} errors"
+            note = (
+                f"{stats['parsed']:,} events, {stats['dropped']:,} dropped, {stats['transformation_errors']:,} errors"
+            )
         else:
             raise SystemExit(f"unknown method {method}")
         secs = time.monotonic() - t0
-        return {"rows": rows, "seconds": secs, "growth_mb": peak_rss_mb() - base, "peak_mb": peak_rss_mb(), "note": note}
+        return {
+            "rows": rows,
+            "seconds": secs,
+            "growth_mb": peak_rss_mb() - base,
+            "peak_mb": peak_rss_mb(),
+            "note": note,
+        }
 
 
 ROWS = [
@@ -110,7 +126,11 @@ ROWS = [
 
 
 def run_child(method: str, path: str, arg: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", method, "--dir", path, "--batch", str(arg)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", method, "--dir", path, "--batch", str(arg)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -131,7 +151,10 @@ def main() -> None:
     results = []
     try:
         filled = run_child("fill", path, args.rows)
-        print(f"filled raw_events: {filled['rows']:,} stored rows ({args.rows:,} + 2% second versions), {filled['note']}, in {filled['seconds']:.1f}s", flush=True)
+        print(
+            f"filled raw_events: {filled['rows']:,} stored rows ({args.rows:,} + 2% second versions), {filled['note']}, in {filled['seconds']:.1f}s",
+            flush=True,
+        )
         for method, label in ROWS:
             r = run_child(method, path, args.batch)
             results.append((label.format(batch=args.batch), r))
@@ -139,11 +162,15 @@ def main() -> None:
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{results[0][1]['rows']:,} rows in the day after FINAL; {psutil.cpu_count()} CPUs; each row measured in a fresh process\n")
+    print(
+        f"\n{results[0][1]['rows']:,} rows in the day after FINAL; {psutil.cpu_count()} CPUs; each row measured in a fresh process\n"
+    )
     print("| method | rows | seconds | rows/s | RSS growth | peak RSS | note |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results:
-        print(f"| {name} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows'] / r['seconds']:,.0f} | {r['growth_mb']:,.0f} MB | {r['peak_mb']:,.0f} MB | {r['note']} |")
+        print(
+            f"| {name} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows'] / r['seconds']:,.0f} | {r['growth_mb']:,.0f} MB | {r['peak_mb']:,.0f} MB | {r['note']} |"
+        )
     base, keyset = (r["rows"] / r["seconds"] for _, r in results[:2])
     print(f"\nkeyset read is {keyset / base:.2f}x the single scan's rate")
 

@@ -42,7 +42,18 @@ def ensure_data(events: int) -> Path:
     done = lake / "_generated"
     if not done.exists():
         t0 = time.time()
-        generate(lake, DemoConfig(start=DAY, days=1, events_per_day=events, bad_lines=False, files_per_hour=1, devices=20_000, payload_pad=PAYLOAD_PAD))
+        generate(
+            lake,
+            DemoConfig(
+                start=DAY,
+                days=1,
+                events_per_day=events,
+                bad_lines=False,
+                files_per_hour=1,
+                devices=20_000,
+                payload_pad=PAYLOAD_PAD,
+            ),
+        )
         done.write_text("ok")
         print(f"generated {events:,} events in {time.time() - t0:.0f}s -> {lake}", flush=True)
     return lake
@@ -103,7 +114,9 @@ def run_duckdb(lake: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     duckdb.execute(
         "COPY (SELECT * FROM read_ndjson($files, columns = {event_id: 'VARCHAR', ts: 'TIMESTAMPTZ', type: 'VARCHAR', "
-        "device_id: 'VARCHAR', seq: 'BIGINT', payload: 'JSON'})) TO '" + str(work / "duckdb.parquet") + "' (FORMAT parquet, COMPRESSION zstd)",
+        "device_id: 'VARCHAR', seq: 'BIGINT', payload: 'JSON'})) TO '"
+        + str(work / "duckdb.parquet")
+        + "' (FORMAT parquet, COMPRESSION zstd)",
         {"files": files},
     )
     seconds = time.perf_counter() - t0
@@ -137,7 +150,9 @@ def measure(method: str, lake: Path) -> dict:
     work = OUT / "work" / method
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, __file__, "--run", method, str(lake), str(work)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--run", method, str(lake), str(work)], stdout=subprocess.PIPE, text=True
+    )
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -179,25 +194,35 @@ def main() -> None:
         naive = measure("naive", lake1)
         rows.append(("naive json.loads+pandas", naive))
     print()
-    print(f"partition 1x: {ours['lines']:,} raw lines, {bytes1 / 1e6:,.0f} MB uncompressed JSON; "
-          f"parsed {ours['parsed']:,}, duplicates {ours['duplicates']:,}, quarantined {ours['quarantined']:,}")
+    print(
+        f"partition 1x: {ours['lines']:,} raw lines, {bytes1 / 1e6:,.0f} MB uncompressed JSON; "
+        f"parsed {ours['parsed']:,}, duplicates {ours['duplicates']:,}, quarantined {ours['quarantined']:,}"
+    )
     print(f"{'method':38} {'seconds':>8} {'events/s':>10} {'MB/s':>7} {'peak RSS MB':>12}")
     for name, r in rows:
         eps = r["lines"] / r["seconds"]
-        print(f"{name:38} {r['seconds']:8.2f} {eps:10,.0f} {bytes1 / 1e6 / r['seconds']:7.1f} {r['peak_rss_mb']:12,.0f}")
+        print(
+            f"{name:38} {r['seconds']:8.2f} {eps:10,.0f} {bytes1 / 1e6 / r['seconds']:7.1f} {r['peak_rss_mb']:12,.0f}"
+        )
     ours_eps = ours["lines"] / ours["seconds"]
     print(f"\nours / duckdb bare = {ours_eps / (duck['lines'] / duck['seconds']):.2f}   (target >= 0.50)")
     if naive:
         print(f"ours / naive       = {ours_eps / (naive['lines'] / naive['seconds']):.1f}x  (target >= 7x)")
-    print(f"ours: stage 1 (validate, route, stage) {ours['stage1_seconds']:.2f}s, stage 2 (dedupe, write by type) {ours['stage2_seconds']:.2f}s")
-    print(f"ours: scanned {ours['lines_scanned']:,} lines (own day + lateness window); raw_events manifest "
-          f"(independent line count) took another {ours['manifest_seconds']:.2f}s")
+    print(
+        f"ours: stage 1 (validate, route, stage) {ours['stage1_seconds']:.2f}s, stage 2 (dedupe, write by type) {ours['stage2_seconds']:.2f}s"
+    )
+    print(
+        f"ours: scanned {ours['lines_scanned']:,} lines (own day + lateness window); raw_events manifest "
+        f"(independent line count) took another {ours['manifest_seconds']:.2f}s"
+    )
     if not args.no_4x:
         lake4 = ensure_data(args.events * 4)
         ours4 = measure("ours", lake4)
         growth = ours4["peak_rss_mb"] / ours["peak_rss_mb"] - 1
-        print(f"\npeak RSS, ours: 1x {ours['peak_rss_mb']:,.0f} MB, 4x {ours4['peak_rss_mb']:,.0f} MB "
-              f"(growth {growth:+.0%}; targets <= 1500 MB and < +20%); 4x rate {ours4['lines'] / ours4['seconds']:,.0f} events/s")
+        print(
+            f"\npeak RSS, ours: 1x {ours['peak_rss_mb']:,.0f} MB, 4x {ours4['peak_rss_mb']:,.0f} MB "
+            f"(growth {growth:+.0%}; targets <= 1500 MB and < +20%); 4x rate {ours4['lines'] / ours4['seconds']:,.0f} events/s"
+        )
 
 
 if __name__ == "__main__":

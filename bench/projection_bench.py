@@ -71,10 +71,21 @@ def measure(label: str, rows: int, results: list):
     stop.set()
     th.join()
     peak[0] = max(peak[0], proc.memory_info().rss)
-    results.append({"step": label, "rows": rows, "seconds": dt, "rows_per_s": rows / dt if dt else 0,
-                    "peak_rss_mb": peak[0] / 2**20, "rss_growth_mb": (peak[0] - base) / 2**20, **extra})
-    print(f"  {label:58} {dt:7.2f} s  {rows / dt:>12,.0f} rows/s  peak RSS {peak[0] / 2**20:6.0f} MB (+{(peak[0] - base) / 2**20:.0f})",
-          flush=True)
+    results.append(
+        {
+            "step": label,
+            "rows": rows,
+            "seconds": dt,
+            "rows_per_s": rows / dt if dt else 0,
+            "peak_rss_mb": peak[0] / 2**20,
+            "rss_growth_mb": (peak[0] - base) / 2**20,
+            **extra,
+        }
+    )
+    print(
+        f"  {label:58} {dt:7.2f} s  {rows / dt:>12,.0f} rows/s  peak RSS {peak[0] / 2**20:6.0f} MB (+{(peak[0] - base) / 2**20:.0f})",
+        flush=True,
+    )
 
 
 def generate(ch: ClickHouse, rows: int, per_aggregate: int, days: int) -> None:
@@ -82,7 +93,9 @@ def generate(ch: ClickHouse, rows: int, per_aggregate: int, days: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="./dev bench projection", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="./dev bench projection", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=5_000_000, help="event_log rows (default 5,000,000)")
     ap.add_argument("--per-aggregate", type=int, default=25, help="events per aggregate (default 25)")
     ap.add_argument("--days", type=int, default=5, help="days the events span (default 5)")
@@ -97,7 +110,10 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="projection-bench-")
     ch = ClickHouse(data_path=str(Path(tmp) / "chdb"))
     results: list[dict] = []
-    print(f"event_log: {args.rows:,} rows ({args.per_aggregate} events per aggregate, {args.days} days) in chDB at {tmp}", flush=True)
+    print(
+        f"event_log: {args.rows:,} rows ({args.per_aggregate} events per aggregate, {args.days} days) in chDB at {tmp}",
+        flush=True,
+    )
     with measure("generate (INSERT ... SELECT FROM numbers)", args.rows, results):
         generate(ch, args.rows, args.per_aggregate, args.days)
     tenant_rows = int(ch.rows("SELECT count() FROM event_log WHERE tenant = {t:String}", {"t": TENANT})[0][0])
@@ -105,15 +121,25 @@ def main() -> None:
     agg, daily = PROJECTIONS["aggregate_state"], PROJECTIONS["tenant_daily_event_counts"]
 
     with measure("baseline: GROUP BY fold of aggregate_state in ClickHouse", tenant_rows, results) as x:
-        x["groups"] = len(ch.query(
-            "SELECT aggregate_id, count(), min(time), max(time), argMax(type, event_id), max(event_id) FROM event_log "
-            "WHERE tenant = {t:String} GROUP BY aggregate_id", {"t": TENANT}))
+        x["groups"] = len(
+            ch.query(
+                "SELECT aggregate_id, count(), min(time), max(time), argMax(type, event_id), max(event_id) FROM event_log "
+                "WHERE tenant = {t:String} GROUP BY aggregate_id",
+                {"t": TENANT},
+            )
+        )
     with measure("baseline: GROUP BY fold of tenant_daily_event_counts", tenant_rows, results):
-        ch.query("SELECT toDate(time) d, type, count(), sum(JSONExtractInt(payload, 'units')) FROM event_log "
-                 "WHERE tenant = {t:String} GROUP BY d, type", {"t": TENANT})
+        ch.query(
+            "SELECT toDate(time) d, type, count(), sum(JSONExtractInt(payload, 'units')) FROM event_log "
+            "WHERE tenant = {t:String} GROUP BY d, type",
+            {"t": TENANT},
+        )
     with measure("baseline: one SELECT of all columns into Arrow", tenant_rows, results):
-        t = ch.query("SELECT aggregate_id, event_id, toUnixTimestamp64Milli(time), toString(type), payload FROM event_log "
-                     "WHERE tenant = {t:String}", {"t": TENANT})
+        t = ch.query(
+            "SELECT aggregate_id, event_id, toUnixTimestamp64Milli(time), toString(type), payload FROM event_log "
+            "WHERE tenant = {t:String}",
+            {"t": TENANT},
+        )
         del t
     elog = EventLog(ch, TENANT)
     with measure(f"keyset read, {args.batch_size:,}-row pages", tenant_rows, results) as x:
@@ -129,9 +155,18 @@ def main() -> None:
 
     if not args.skip_replay:
         days = [f"2025-06-{i:02d}" for i in range(1, args.days + 1)]
-        opts = ReplayOptions(batch_size=args.batch_size, aggregate_batch=args.aggregate_batch, concurrency=args.concurrency)
-        with services.redis_url() as redis_url, services.postgres_dsn() as server, services.scratch_database(server) as dsn:
-            for p, store in ((agg, ClickHouseLatestStore(ClickHouse(data_path=str(Path(tmp) / "chdb")))), (daily, PostgresIncrementStore(dsn))):
+        opts = ReplayOptions(
+            batch_size=args.batch_size, aggregate_batch=args.aggregate_batch, concurrency=args.concurrency
+        )
+        with (
+            services.redis_url() as redis_url,
+            services.postgres_dsn() as server,
+            services.scratch_database(server) as dsn,
+        ):
+            for p, store in (
+                (agg, ClickHouseLatestStore(ClickHouse(data_path=str(Path(tmp) / "chdb")))),
+                (daily, PostgresIncrementStore(dsn)),
+            ):
                 store.ensure(p)
                 coord = Coordinator(redis_url, p.name, prefix=f"er:bench:{time.time_ns()}")
                 log = ReplayLog(str(Path(tmp) / f"projection-replay-{p.name}.jsonl"))
@@ -139,19 +174,33 @@ def main() -> None:
                 with measure(f"replay {p.name} ({p.store}), {len(days)} days end to end", tenant_rows, results) as x:
                     ok = True
                     for day in days:
-                        r = replay_day(p, TENANT, day, lambda: ClickHouse(data_path=str(Path(tmp) / "chdb")), store, coord, opts, log)
+                        r = replay_day(
+                            p,
+                            TENANT,
+                            day,
+                            lambda: ClickHouse(data_path=str(Path(tmp) / "chdb")),
+                            store,
+                            coord,
+                            opts,
+                            log,
+                        )
                         ok &= bool(r.verified)
                         folded += r.events
                     x["events_folded"] = folded
                     x["verified"] = ok
-                print(f"    events folded {folded:,} ({folded / results[-1]['seconds']:,.0f} folded/s), all days verified: {ok}", flush=True)
+                print(
+                    f"    events folded {folded:,} ({folded / results[-1]['seconds']:,.0f} folded/s), all days verified: {ok}",
+                    flush=True,
+                )
                 log.close()
                 coord.close()
                 store.close()
     ch.close()
     print("\n| step | rows | s | rows/s | peak RSS MB | RSS growth MB |\n|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['step']} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} |")
+        print(
+            f"| {r['step']} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -165,10 +165,12 @@ def bare_bullmq(url: str, queue: str, bodies, types, ids) -> None:
     async def run():
         q = Queue(queue, {"connection": url})
         for s in range(0, len(bodies), 10_000):
-            await q.addBulk([
-                {"name": t, "data": msgspec.json.decode(b), "opts": {"jobId": i}}
-                for b, t, i in zip(bodies[s : s + 10_000], types[s : s + 10_000], ids[s : s + 10_000])
-            ])
+            await q.addBulk(
+                [
+                    {"name": t, "data": msgspec.json.decode(b), "opts": {"jobId": i}}
+                    for b, t, i in zip(bodies[s : s + 10_000], types[s : s + 10_000], ids[s : s + 10_000])
+                ]
+            )
         await q.close()
 
     asyncio.run(run())
@@ -192,9 +194,20 @@ def bare_rabbit(url: str, exchange: str, bodies, types) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000, help="events in the partition (default 1M)")
-    ap.add_argument("--rabbitmq-events", type=int, default=50_000, help="events sent to RabbitMQ (per-message confirms are slow; default 50k)")
-    ap.add_argument("--sinks", default="kafka,redis-list,redis-stream,redis-bullmq,rabbitmq", help="comma-separated rows to run (default: all)")
-    ap.add_argument("--ledgers", default="duckdb,postgres", help="ledgers to run ours with: duckdb,postgres (default both)")
+    ap.add_argument(
+        "--rabbitmq-events",
+        type=int,
+        default=50_000,
+        help="events sent to RabbitMQ (per-message confirms are slow; default 50k)",
+    )
+    ap.add_argument(
+        "--sinks",
+        default="kafka,redis-list,redis-stream,redis-bullmq,rabbitmq",
+        help="comma-separated rows to run (default: all)",
+    )
+    ap.add_argument(
+        "--ledgers", default="duckdb,postgres", help="ledgers to run ours with: duckdb,postgres (default both)"
+    )
     ap.add_argument("--batch-size", type=int, default=10_000, help="the redrive asset's batch_size (default 10,000)")
     args = ap.parse_args()
     global BATCH
@@ -204,7 +217,11 @@ def main() -> None:
     import services
     from replay_defs.sinks import KafkaTopic, RabbitExchange, RedisTarget
 
-    with tempfile.TemporaryDirectory(prefix="redrive-bench-") as tmp, services.redis_url() as redis_url, services.postgres_dsn() as pg:
+    with (
+        tempfile.TemporaryDirectory(prefix="redrive-bench-") as tmp,
+        services.redis_url() as redis_url,
+        services.postgres_dsn() as pg,
+    ):
         with services.scratch_database(pg) as pg_dsn:
             work = Path(tmp)
             t0 = time.time()
@@ -212,7 +229,10 @@ def main() -> None:
             lake = Lake(work / "lake")
             bodies, keys, types = payloads(lake, files)
             ids = [f"evt-{i:010d}" for i in range(args.events)]  # only bullmq's bare loop needs them
-            print(f"{args.events:,} events, {sum(map(len, bodies)) / len(bodies):.0f} bytes of JSON each; data ready in {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"{args.events:,} events, {sum(map(len, bodies)) / len(bodies):.0f} bytes of JSON each; data ready in {time.time() - t0:.0f}s",
+                flush=True,
+            )
             rows = []
 
             def compare(name: str, n: int, bare, make_sink, reset=lambda: None, src=(lake, files)):
@@ -246,8 +266,13 @@ def main() -> None:
                     def reset():
                         topic["name"] = fresh_topic()
 
-                    compare("kafka", args.events, lambda: bare_kafka(tansu.bootstrap, topic["name"], bodies, keys),
-                            lambda: KafkaTopic(tansu.bootstrap, topic["name"]), reset)
+                    compare(
+                        "kafka",
+                        args.events,
+                        lambda: bare_kafka(tansu.bootstrap, topic["name"], bodies, keys),
+                        lambda: KafkaTopic(tansu.bootstrap, topic["name"]),
+                        reset,
+                    )
                 finally:
                     tansu.stop()
 
@@ -261,11 +286,29 @@ def main() -> None:
 
             try:
                 if "redis-list" in sinks:
-                    compare("redis-list", args.events, lambda: bare_redis_list(redis_url, key, bodies), lambda: RedisTarget(redis_url, key, "list"), clear)
+                    compare(
+                        "redis-list",
+                        args.events,
+                        lambda: bare_redis_list(redis_url, key, bodies),
+                        lambda: RedisTarget(redis_url, key, "list"),
+                        clear,
+                    )
                 if "redis-stream" in sinks:
-                    compare("redis-stream", args.events, lambda: bare_redis_list(redis_url, key, bodies), lambda: RedisTarget(redis_url, key, "stream"), clear)
+                    compare(
+                        "redis-stream",
+                        args.events,
+                        lambda: bare_redis_list(redis_url, key, bodies),
+                        lambda: RedisTarget(redis_url, key, "stream"),
+                        clear,
+                    )
                 if "redis-bullmq" in sinks:
-                    compare("redis-bullmq", args.events, lambda: bare_bullmq(redis_url, key, bodies, types, ids), lambda: RedisTarget(redis_url, key, "bullmq"), clear)
+                    compare(
+                        "redis-bullmq",
+                        args.events,
+                        lambda: bare_bullmq(redis_url, key, bodies, types, ids),
+                        lambda: RedisTarget(redis_url, key, "bullmq"),
+                        clear,
+                    )
             finally:
                 clear()
                 r.close()
@@ -285,8 +328,14 @@ def main() -> None:
                 small = (Lake(work / "lake-small"), make_partition(work / "lake-small", n))
                 small_bodies, _, small_types = payloads(*small)
                 try:
-                    compare("rabbitmq", n, lambda: bare_rabbit(url, exchange, small_bodies, small_types),
-                            lambda: RabbitExchange(url, exchange), lambda: ch.queue_purge(queue), src=small)
+                    compare(
+                        "rabbitmq",
+                        n,
+                        lambda: bare_rabbit(url, exchange, small_bodies, small_types),
+                        lambda: RabbitExchange(url, exchange),
+                        lambda: ch.queue_purge(queue),
+                        src=small,
+                    )
                 finally:
                     ch.queue_delete(queue)
                     ch.exchange_delete(exchange)
@@ -297,8 +346,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     size = sum(map(len, bodies)) / len(bodies)
     for name, method, n, m, ratio in rows:
-        print(f"| {name} | {method} | {n:,} | {m['rate']:,.0f} | {m['rate'] * size / 1e6:.0f} | {m['peak_mb']:,.0f} MB | "
-              f"{'' if ratio is None else f'{ratio:.0%}'} |")
+        print(
+            f"| {name} | {method} | {n:,} | {m['rate']:,.0f} | {m['rate'] * size / 1e6:.0f} | {m['peak_mb']:,.0f} MB | "
+            f"{'' if ratio is None else f'{ratio:.0%}'} |"
+        )
 
 
 if __name__ == "__main__":

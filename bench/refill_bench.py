@@ -56,8 +56,16 @@ def child(method: str, csv_path: str, work: str) -> dict:
     if method == "ours":
         from replay_defs.access_logs import collect_keys, job_batches
 
-        found = collect_keys("csv", csv_path, [DAY], TYPES, lambda d: Path(work) / "keys", lambda d: Path(work) / "quarantine", Path(work) / "tmp",
-                             roots=[Path(csv_path).resolve().parent])  # the benchmark's own export
+        found = collect_keys(
+            "csv",
+            csv_path,
+            [DAY],
+            TYPES,
+            lambda d: Path(work) / "keys",
+            lambda d: Path(work) / "quarantine",
+            Path(work) / "tmp",
+            roots=[Path(csv_path).resolve().parent],
+        )  # the benchmark's own export
         day = found.days[DAY]
         out["collect_s"] = round(time.perf_counter() - t0, 2)
         jobs = sum(len(b.ids) for b in job_batches([str(Path(work) / "keys" / "keys.parquet")], 10_000))
@@ -88,8 +96,12 @@ def child(method: str, csv_path: str, work: str) -> dict:
 
 
 def run(method: str, csv_path: Path, work: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", method, str(csv_path), str(work / method)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(csv_path), str(work / method)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -115,12 +127,16 @@ def main() -> None:
         base = results["baseline"]["seconds"]
         print(f"{'method':10} {'rows/s':>11} {'MB/s':>7} {'seconds':>8} {'peak RSS':>9} {'vs baseline':>11}")
         for m, r in results.items():
-            print(f"{m:10} {rows / r['seconds']:>11,.0f} {size_mb / r['seconds']:>7,.0f} {r['seconds']:>8.1f} "
-                  f"{r['peak_rss_mb']:>7,.0f} MB {base / r['seconds']:>10.2f}x")
+            print(
+                f"{m:10} {rows / r['seconds']:>11,.0f} {size_mb / r['seconds']:>7,.0f} {r['seconds']:>8.1f} "
+                f"{r['peak_rss_mb']:>7,.0f} MB {base / r['seconds']:>10.2f}x"
+            )
         ours = results["ours"]
-        print(f"\nours: {ours['keys']:,} distinct keys ({ours['keys'] / ours['seconds']:,.0f} keys/s end to end), "
-              f"{ours['duplicates']:,} repeats, {ours['quarantined']:,} quarantined; collection {ours['collect_s']} s, "
-              f"{ours['jobs']:,} job bodies built from the Parquet in {ours['seconds'] - ours['collect_s']:.1f} s")
+        print(
+            f"\nours: {ours['keys']:,} distinct keys ({ours['keys'] / ours['seconds']:,.0f} keys/s end to end), "
+            f"{ours['duplicates']:,} repeats, {ours['quarantined']:,} quarantined; collection {ours['collect_s']} s, "
+            f"{ours['jobs']:,} job bodies built from the Parquet in {ours['seconds'] - ours['collect_s']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -22,16 +22,29 @@ REASON_TAG = "event_replay/reason"
 
 class _Common(dg.Config):
     table: str = Field(default="processed_events", description="The events table (optionally schema.table).")
-    dry_run: bool = Field(default=False, description="Report what would be replayed (counts per status and type); change and publish nothing.")
-    reason: str = Field(default="", description=f"Why (kept in the audit; required unless dry_run). Falls back to the run tag {REASON_TAG}.")
-    requested_by: str = Field(default="", description=f"Who (kept in the audit). Falls back to the run tags {REQUESTED_BY_TAG}, dagster/user.")
+    dry_run: bool = Field(
+        default=False,
+        description="Report what would be replayed (counts per status and type); change and publish nothing.",
+    )
+    reason: str = Field(
+        default="",
+        description=f"Why (kept in the audit; required unless dry_run). Falls back to the run tag {REASON_TAG}.",
+    )
+    requested_by: str = Field(
+        default="", description=f"Who (kept in the audit). Falls back to the run tags {REQUESTED_BY_TAG}, dagster/user."
+    )
 
 
 class _Publishing(_Common):
     exchange: str = Field(default="habitat-events", description="RabbitMQ exchange; the routing key is the event type.")
-    force: bool = Field(default=False, description="Also replay events already processed (or pending). Flagged in the audit: side effects may repeat.")
+    force: bool = Field(
+        default=False,
+        description="Also replay events already processed (or pending). Flagged in the audit: side effects may repeat.",
+    )
     rate_limit: float = Field(default=50.0, description="At most this many messages per second (0: unlimited).")
-    batch_size: int = Field(default=100, description="Rows locked (FOR UPDATE SKIP LOCKED), published and committed together.")
+    batch_size: int = Field(
+        default=100, description="Rows locked (FOR UPDATE SKIP LOCKED), published and committed together."
+    )
     max_message_bytes: int = Field(
         default=DEFAULT_MAX_MESSAGE_BYTES,
         description="A payload larger than this is refused before it is sent (RabbitMQ 4's default max_message_size, 16 MiB; "
@@ -45,9 +58,16 @@ class ReplayOneConfig(_Publishing):
 
 
 class ReplayFailedConfig(_Publishing):
-    hours: float = Field(default=24.0, description="Failed (status 'error') events processed in the last N hours, unless since/until are set.")
-    since: Optional[str] = Field(default=None, description="Window start on processed_at: ISO date or timestamp (UTC if no offset).")
-    until: Optional[str] = Field(default=None, description="Window end (exclusive; a date means the end of that day). Default: now.")
+    hours: float = Field(
+        default=24.0,
+        description="Failed (status 'error') events processed in the last N hours, unless since/until are set.",
+    )
+    since: Optional[str] = Field(
+        default=None, description="Window start on processed_at: ISO date or timestamp (UTC if no offset)."
+    )
+    until: Optional[str] = Field(
+        default=None, description="Window end (exclusive; a date means the end of that day). Default: now."
+    )
 
 
 class ReplayRangeConfig(_Publishing):
@@ -57,7 +77,9 @@ class ReplayRangeConfig(_Publishing):
 
 
 class ResetStuckConfig(_Publishing):
-    older_than_minutes: float = Field(default=5.0, description="Events in 'processing' for longer than this (processed_at, else created_at).")
+    older_than_minutes: float = Field(
+        default=5.0, description="Events in 'processing' for longer than this (processed_at, else created_at)."
+    )
     to_status: Literal["pending", "error"] = Field(
         default="pending",
         description="pending: back to the worker (re-published, as its message died with the crashed worker); "
@@ -119,38 +141,74 @@ def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg
     context.log.info(f"{report.action} {report.status}: {summary}")
     skipped = report.skipped_processed + report.skipped_pending
     if skipped and not report.changed and report.action != "undo":
-        context.log.warning(f"nothing replayed: {report.skipped_processed} already processed, {report.skipped_pending} pending "
-                            "(force=true replays them; side effects may repeat)")
+        context.log.warning(
+            f"nothing replayed: {report.skipped_processed} already processed, {report.skipped_pending} pending "
+            "(force=true replays them; side effects may repeat)"
+        )
     if report.refused:
-        context.log.warning(f"{report.refused} refused for their shape {report.refused_by_reason} and dead-lettered "
-                            f"({pe.dead_letter_location(report.run_id)}); the rows are left unchanged")
+        context.log.warning(
+            f"{report.refused} refused for their shape {report.refused_by_reason} and dead-lettered "
+            f"({pe.dead_letter_location(report.run_id)}); the rows are left unchanged"
+        )
     if report.status == "failed":
-        refused = f", {report.refused} of them refused for their shape {report.refused_by_reason}" if report.refused else ""
-        raise dg.Failure(f"{report.failed} not published{refused} (rows left unchanged, dead letters in {pe.DEAD_LETTER_TABLE}): "
-                         f"{report.errors[:3]}", metadata=_metadata(report))
+        refused = (
+            f", {report.refused} of them refused for their shape {report.refused_by_reason}" if report.refused else ""
+        )
+        raise dg.Failure(
+            f"{report.failed} not published{refused} (rows left unchanged, dead letters in {pe.DEAD_LETTER_TABLE}): "
+            f"{report.errors[:3]}",
+            metadata=_metadata(report),
+        )
     return dg.Output(json.dumps(report.counts()), metadata=_metadata(report))
 
 
-def _replay(context: dg.OpExecutionContext, config: _Publishing, postgres: PostgresResource, rabbitmq: RabbitMQResource,
-            selection: pe.Selection, action: str, **kw) -> dg.Output:
+def _replay(
+    context: dg.OpExecutionContext,
+    config: _Publishing,
+    postgres: PostgresResource,
+    rabbitmq: RabbitMQResource,
+    selection: pe.Selection,
+    action: str,
+    **kw,
+) -> dg.Output:
     who, why = _who_why(context, config)
     pe.check_exchange(config.exchange)
-    context.log.info(f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})")
+    context.log.info(
+        f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})"
+    )
 
     def progress(r: pe.Report) -> None:
-        context.log.info(f"progress: {r.published}/{r.selected} published, {r.failed} failed ({r.refused} refused), "
-                         f"{r.skipped_processed + r.skipped_pending + r.skipped_processing} skipped")
+        context.log.info(
+            f"progress: {r.published}/{r.selected} published, {r.failed} failed ({r.refused} refused), "
+            f"{r.skipped_processed + r.skipped_pending + r.skipped_processing} skipped"
+        )
 
     publish = kw.pop("publish", True)
 
     def work() -> pe.Report:
-        exchange = (rabbitmq.sink(config.exchange, "{type}", max_message_bytes=config.max_message_bytes)
-                    if publish and not config.dry_run else None)
+        exchange = (
+            rabbitmq.sink(config.exchange, "{type}", max_message_bytes=config.max_message_bytes)
+            if publish and not config.dry_run
+            else None
+        )
         try:
             return pe.replay(
-                postgres.url, selection, context.run_id, table=config.table, exchange=exchange, exchange_name=config.exchange,
-                action=action, force=config.force, dry_run=config.dry_run, rate_limit=config.rate_limit, batch_size=config.batch_size,
-                requested_by=who, reason=why, publish=publish, progress=progress, **kw,
+                postgres.url,
+                selection,
+                context.run_id,
+                table=config.table,
+                exchange=exchange,
+                exchange_name=config.exchange,
+                action=action,
+                force=config.force,
+                dry_run=config.dry_run,
+                rate_limit=config.rate_limit,
+                batch_size=config.batch_size,
+                requested_by=who,
+                reason=why,
+                publish=publish,
+                progress=progress,
+                **kw,
             )
         finally:
             if exchange is not None:
@@ -160,43 +218,69 @@ def _replay(context: dg.OpExecutionContext, config: _Publishing, postgres: Postg
 
 
 @dg.op(description="Replay one event (by event_id) to the exchange.")
-def replay_one_event(context: dg.OpExecutionContext, config: ReplayOneConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+def replay_one_event(
+    context: dg.OpExecutionContext, config: ReplayOneConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
+):
     return _replay(context, config, postgres, rabbitmq, pe.Selection.one(config.event_id), "replay_one")
 
 
 @dg.op(description="Replay the failed (status 'error') events of a processed_at window.")
-def replay_failed_events(context: dg.OpExecutionContext, config: ReplayFailedConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+def replay_failed_events(
+    context: dg.OpExecutionContext, config: ReplayFailedConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
+):
     selection = pe.Selection.failed(config.since, config.until, config.hours)
     return _replay(context, config, postgres, rabbitmq, selection, "replay_failed")
 
 
 @dg.op(description="Replay the events of one type in a processed_at date range.")
-def replay_event_range(context: dg.OpExecutionContext, config: ReplayRangeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+def replay_event_range(
+    context: dg.OpExecutionContext, config: ReplayRangeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
+):
     selection = pe.Selection.range(config.event_type, config.start, config.end)
     return _replay(context, config, postgres, rabbitmq, selection, "replay_range")
 
 
 @dg.op(description="Reset events stuck in 'processing' (a crashed worker) to pending (re-published) or error.")
-def reset_stuck_events(context: dg.OpExecutionContext, config: ResetStuckConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource):
+def reset_stuck_events(
+    context: dg.OpExecutionContext, config: ResetStuckConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
+):
     selection = pe.Selection.stuck(config.older_than_minutes)
     if config.to_status == "pending":
         return _replay(context, config, postgres, rabbitmq, selection, "reset_stuck")
     note = f"reset from processing (stuck > {config.older_than_minutes:g} min) by run {context.run_id}"
-    return _replay(context, config, postgres, rabbitmq, selection, "reset_stuck", publish=False, new_status="error", new_error=note)
+    return _replay(
+        context, config, postgres, rabbitmq, selection, "reset_stuck", publish=False, new_status="error", new_error=note
+    )
 
 
 @dg.op(description="Undo a replay: restore the statuses its snapshot holds.")
 def undo_replay(context: dg.OpExecutionContext, config: UndoConfig, postgres: PostgresResource):
     who, why = _who_why(context, config)
     context.log.info(f"undo of {config.replay_run_id} in {config.table} (requested by {who}: {why!r})")
-    return _run(context, postgres, lambda: pe.undo(postgres.url, config.replay_run_id, context.run_id, table=config.table,
-                                                   dry_run=config.dry_run, requested_by=who, reason=why))
+    return _run(
+        context,
+        postgres,
+        lambda: pe.undo(
+            postgres.url,
+            config.replay_run_id,
+            context.run_id,
+            table=config.table,
+            dry_run=config.dry_run,
+            requested_by=who,
+            reason=why,
+        ),
+    )
 
 
 def _job(name: str, op, description: str) -> dg.JobDefinition:
     # One op: the in-process executor saves the step subprocess (seconds at launch) and takes
     # the run's termination signal directly in the op.
-    @dg.job(name=name, description=description, tags={"event_replay/kind": "processed_events"}, executor_def=dg.in_process_executor)
+    @dg.job(
+        name=name,
+        description=description,
+        tags={"event_replay/kind": "processed_events"},
+        executor_def=dg.in_process_executor,
+    )
     def _the_job():
         op()
 
@@ -205,8 +289,20 @@ def _job(name: str, op, description: str) -> dg.JobDefinition:
 
 JOBS = [
     _job("processed_events_replay_one", replay_one_event, "Replay one processed_events row (by event_id) to RabbitMQ."),
-    _job("processed_events_replay_failed", replay_failed_events, "Replay failed processed_events in a time window to RabbitMQ."),
-    _job("processed_events_replay_range", replay_event_range, "Replay processed_events of a type in a date range to RabbitMQ."),
-    _job("processed_events_reset_stuck", reset_stuck_events, "Reset processed_events stuck in 'processing' for more than N minutes."),
+    _job(
+        "processed_events_replay_failed",
+        replay_failed_events,
+        "Replay failed processed_events in a time window to RabbitMQ.",
+    ),
+    _job(
+        "processed_events_replay_range",
+        replay_event_range,
+        "Replay processed_events of a type in a date range to RabbitMQ.",
+    ),
+    _job(
+        "processed_events_reset_stuck",
+        reset_stuck_events,
+        "Reset processed_events stuck in 'processing' for more than N minutes.",
+    ),
     _job("processed_events_undo", undo_replay, "Undo a processed-events replay from its snapshot."),
 ]

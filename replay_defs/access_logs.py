@@ -48,7 +48,7 @@ Source = Literal["csv", "access_logs", "listing"]
 # Athena's `requestdatetime` and the access log's own time field: 06/Feb/2019:00:00:38 +0000
 LOG_TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
 # bucket_owner bucket [time] remote_ip requester request_id operation key ... (the rest is not needed)
-LOG_LINE = re.compile(r'^\S+ \S+ \[([^\]]+)\] \S+ \S+ \S+ (\S+) (\S+) ')
+LOG_LINE = re.compile(r"^\S+ \S+ \[([^\]]+)\] \S+ \S+ \S+ (\S+) (\S+) ")
 ROWS_PER_INSERT = 50_000
 # DuckDB's memory cap for key collection; past it, tables, grouping and sorting spill to disk.
 MEMORY_LIMIT = "512MB"
@@ -94,6 +94,7 @@ def confine(path: str | os.PathLike, roots: list[Path], what: str) -> Path:
 
 def _sample(text: str, n: int = LOG_SAMPLE_CHARS) -> str:
     return repr(text[:n]) + (f" ... ({len(text)} chars)" if len(text) > n else "")
+
 
 # A key part: no slash, no control character, no backslash.
 PART = r"[^/\x00-\x1f\x7f\\]+"
@@ -177,9 +178,14 @@ def collect_keys(
             rows_sql = _csv_rows(con, path)
             _read_csv(con, path, rows_sql, days, known_types, work_dir, log)
         elif source in ("access_logs", "listing"):
-            con.execute("CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR)")
-            rows = (_access_log_rows(_log_files(location, days, work_dir, s3, roots), con) if source == "access_logs"
-                    else _listing_rows(location, days, s3))
+            con.execute(
+                "CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR)"
+            )
+            rows = (
+                _access_log_rows(_log_files(location, days, work_dir, s3, roots), con)
+                if source == "access_logs"
+                else _listing_rows(location, days, s3)
+            )
             _load_rows(con, rows, log)
             _classify(con, "SELECT * FROM rows", days, known_types)
         else:
@@ -219,21 +225,25 @@ def _csv_rows(con, path: Path) -> str:
     key_col = "key" if "key" in names else "keys" if "keys" in names else None
     if "operation" not in names or key_col is None or len(set(names)) != len(names):
         # Only a short, labelled sample of the offending line: never the file's content.
-        raise ValueError(f'{path.name}: expected a header "operation","key" (optionally "requestdatetime"); '
-                         f"first line (sample): {_sample(first.rstrip(chr(13) + chr(10)))}")
+        raise ValueError(
+            f'{path.name}: expected a header "operation","key" (optionally "requestdatetime"); '
+            f"first line (sample): {_sample(first.rstrip(chr(13) + chr(10)))}"
+        )
     # Every column as text, named by position: the header's own spelling never reaches the SQL.
     con.execute("SET VARIABLE csv_path = ?", [str(path)])
     con.execute("SET VARIABLE csv_columns = ?", [{f"c{i}": "VARCHAR" for i in range(len(names))}])
     col = {n: f"c{i}" for i, n in enumerate(names)}
     time_sql = col.get("requestdatetime", "NULL")
-    return f"""SELECT {col['operation']} AS operation, {col[key_col]} AS key,
+    return f"""SELECT {col["operation"]} AS operation, {col[key_col]} AS key,
                       try_strptime({time_sql}, '{LOG_TIME_FORMAT}') AS request_time, {time_sql} AS time_text
         FROM read_csv(getvariable('csv_path'), header = true, auto_detect = false, delim = ',', quote = '"', escape = '"',
                       columns = getvariable('csv_columns'), ignore_errors = true, store_rejects = true, strict_mode = true,
                       max_line_size = {MAX_CSV_LINE})"""
 
 
-def _read_csv(con, path: Path, rows_sql: str, days: list[str], known_types: tuple[str, ...], work_dir: Path, log) -> None:
+def _read_csv(
+    con, path: Path, rows_sql: str, days: list[str], known_types: tuple[str, ...], work_dir: Path, log
+) -> None:
     """Classify the CSV's rows. DuckDB reads it in one pass; when a quoted value ran over a line end
     (an unterminated quote: DuckDB then swallows the next line into the bad record) or a line was
     over the maximum (whose reported sample may not be that line's), those lines are set aside
@@ -249,7 +259,9 @@ def _read_csv(con, path: Path, rows_sql: str, days: list[str], known_types: tupl
             last_scan = con.execute("SELECT coalesce(max(scan_id), -1) FROM reject_scans").fetchone()[0]
             clean = work_dir / "lines-checked.csv"
             set_aside = _set_aside_bad_lines(con, path, clean)
-            log(f"{set_aside:,} CSV lines with an unterminated quote or over {MAX_CSV_LINE:,} bytes set aside; reading the rest again")
+            log(
+                f"{set_aside:,} CSV lines with an unterminated quote or over {MAX_CSV_LINE:,} bytes set aside; reading the rest again"
+            )
             con.execute("DROP TABLE classified")
             con.execute("SET VARIABLE csv_path = ?", [str(clean)])
             _classify(con, rows_sql, days, known_types)
@@ -270,21 +282,33 @@ def _set_aside_bad_lines(con, path: Path, clean: Path) -> int:
         dst.write(src.readline(64 * 1024))  # the header, already checked
         while line := src.readline(MAX_CSV_LINE + 3):
             if len(line) == MAX_CSV_LINE + 3 and not line.endswith(b"\n"):  # over the maximum: skip to its end
-                sample = line[:SAMPLE_CHARS * 4]
+                sample = line[: SAMPLE_CHARS * 4]
                 rest = line
                 while rest and not rest.endswith(b"\n"):
                     rest = src.readline(1 << 20)
-                bad.append(("malformed_csv_row: line size over maximum", sample.decode("utf-8", "replace")[:SAMPLE_CHARS]))
+                bad.append(
+                    ("malformed_csv_row: line size over maximum", sample.decode("utf-8", "replace")[:SAMPLE_CHARS])
+                )
                 continue
             body = line.rstrip(b"\r\n")
             if len(body) > MAX_CSV_LINE:
-                bad.append(("malformed_csv_row: line size over maximum", body[:SAMPLE_CHARS * 4].decode("utf-8", "replace")[:SAMPLE_CHARS]))
+                bad.append(
+                    (
+                        "malformed_csv_row: line size over maximum",
+                        body[: SAMPLE_CHARS * 4].decode("utf-8", "replace")[:SAMPLE_CHARS],
+                    )
+                )
             elif body.count(b'"') % 2:
-                bad.append(("malformed_csv_row: unterminated quote", body[:SAMPLE_CHARS * 4].decode("utf-8", "replace")[:SAMPLE_CHARS]))
+                bad.append(
+                    (
+                        "malformed_csv_row: unterminated quote",
+                        body[: SAMPLE_CHARS * 4].decode("utf-8", "replace")[:SAMPLE_CHARS],
+                    )
+                )
             else:
                 dst.write(line)
     for i in range(0, len(bad), 10_000):
-        con.executemany("INSERT INTO malformed VALUES (?, ?)", bad[i:i + 10_000])
+        con.executemany("INSERT INTO malformed VALUES (?, ?)", bad[i : i + 10_000])
     return len(bad)
 
 
@@ -302,7 +326,14 @@ def _quarantine_rejected_csv_lines(con, after_scan: int = -1) -> None:
 def _load_rows(con, rows: Iterator[tuple[str, str, datetime | None, str | None]], log) -> None:
     import pyarrow as pa
 
-    schema = pa.schema([("operation", pa.string()), ("key", pa.string()), ("request_time", pa.timestamp("us", tz="UTC")), ("time_text", pa.string())])
+    schema = pa.schema(
+        [
+            ("operation", pa.string()),
+            ("key", pa.string()),
+            ("request_time", pa.timestamp("us", tz="UTC")),
+            ("time_text", pa.string()),
+        ]
+    )
     chunk: list[tuple] = []
     total = 0
 
@@ -398,21 +429,31 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
     result = KeyCollection()
     result.rows, puts, timed, result.other_days = con.execute(
         "SELECT count(*), count(*) FILTER (is_put), count(*) FILTER (is_put AND timed), "
-        "count(*) FILTER (is_put AND NOT list_contains($days, day)) FROM classified", {"days": days}).fetchone()
+        "count(*) FILTER (is_put AND NOT list_contains($days, day)) FROM classified",
+        {"days": days},
+    ).fetchone()
     result.other_operations = result.rows - puts
     result.malformed = con.execute("SELECT count(*) FROM malformed").fetchone()[0]
     log(f"read {result.rows:,} rows, {puts:,} of them PUTs")
     if len(days) > 1 and timed < puts:
-        raise ValueError("some rows have no request time, so their day is unknown: run one day at a time, "
-                         "or export `requestdatetime` with the keys")
+        raise ValueError(
+            "some rows have no request time, so their day is unknown: run one day at a time, "
+            "or export `requestdatetime` with the keys"
+        )
     for day in days:
         stats = DayKeys(day)
         stats.put_rows = con.execute("SELECT count(*) FROM classified WHERE is_put AND day = ?", [day]).fetchone()[0]
-        stats.quarantined_by_reason = dict(con.execute(
-            "SELECT reason, count(*) FROM classified WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason", [day]).fetchall())
+        stats.quarantined_by_reason = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM classified WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason",
+                [day],
+            ).fetchall()
+        )
         if day == days[0] and result.malformed:
             stats.malformed_rows = result.malformed
-            for reason, n in con.execute("SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL").fetchall():
+            for reason, n in con.execute(
+                "SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL"
+            ).fetchall():
                 stats.quarantined_by_reason[reason] = stats.quarantined_by_reason.get(reason, 0) + n
         # Grouped, sorted and written in one statement; the counts are then read back from the file.
         keys_file = keys_dir(day) / "keys.parquet"
@@ -423,11 +464,17 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
             TO $path (FORMAT parquet)""",
             {"day": day, "path": str(keys_file)},
         )
-        stats.keys, puts = con.execute("SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}).fetchone()
+        stats.keys, puts = con.execute(
+            "SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}
+        ).fetchone()
         stats.duplicates = int(puts) - stats.keys
-        stats.by_project_type = {f"{p}/{t}": n for p, t, n in con.execute(
-            "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
-            {"f": str(keys_file)}).fetchall()}
+        stats.by_project_type = {
+            f"{p}/{t}": n
+            for p, t, n in con.execute(
+                "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
+                {"f": str(keys_file)},
+            ).fetchall()
+        }
         if not stats.keys:
             keys_file.unlink()
             keys_file.parent.rmdir()  # nothing to publish for the day
@@ -441,13 +488,17 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
                 ) TO $path (FORMAT parquet)""",
                 {"day": day, "first": day == days[0], "path": str(quarantine_dir(day) / "quarantine.parquet")},
             )
-        log(f"{day}: {stats.put_rows:,} PUT rows -> {stats.keys:,} keys, {stats.duplicates:,} duplicates, "
-            f"{stats.quarantined:,} quarantined {stats.quarantined_by_reason or ''}")
+        log(
+            f"{day}: {stats.put_rows:,} PUT rows -> {stats.keys:,} keys, {stats.duplicates:,} duplicates, "
+            f"{stats.quarantined:,} quarantined {stats.quarantined_by_reason or ''}"
+        )
         result.days[day] = stats
     return result
 
 
-def job_batches(keys_parquet: list[str], batch_size: int, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> Iterator[Batch]:
+def job_batches(
+    keys_parquet: list[str], batch_size: int, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+) -> Iterator[Batch]:
     """Langfuse ingestion jobs for the keys, in the shape its refill script enqueues them:
     `{id, timestamp, name: "ingestion-job", payload: {data: {type: "<type>-create", eventBodyId,
     fileKey}, authCheck: {validKey, scope: {projectId, accessLevel}}}}`. The message id (the BullMQ
@@ -465,13 +516,20 @@ def job_batches(keys_parquet: list[str], batch_size: int, now: Callable[[], date
                 project, type_, body_id, file_name = key.split("/")  # validated: four parts, ending in .json
                 event_id = file_name.removesuffix(".json")
                 types.append(type_)
-                bodies.append(encode({
-                    "id": event_id,
-                    "timestamp": stamp,
-                    "name": "ingestion-job",
-                    "payload": {
-                        "data": {"type": f"{type_}-create", "eventBodyId": body_id, "fileKey": event_id},
-                        "authCheck": {"validKey": True, "scope": {"projectId": project, "accessLevel": "project"}},
-                    },
-                }))
+                bodies.append(
+                    encode(
+                        {
+                            "id": event_id,
+                            "timestamp": stamp,
+                            "name": "ingestion-job",
+                            "payload": {
+                                "data": {"type": f"{type_}-create", "eventBodyId": body_id, "fileKey": event_id},
+                                "authCheck": {
+                                    "validKey": True,
+                                    "scope": {"projectId": project, "accessLevel": "project"},
+                                },
+                            },
+                        }
+                    )
+                )
             yield Batch(keys, bodies, types)

@@ -85,7 +85,14 @@ def _spec(name: str):
     raise SystemExit(f"no pipeline {name!r}; known: {', '.join(p.name for p in PIPELINES)}")
 
 
-def run_job(spec_name: str, start: str, end: str, run_config: dict | None = None, tags: dict | None = None, log_level: str = "WARNING"):
+def run_job(
+    spec_name: str,
+    start: str,
+    end: str,
+    run_config: dict | None = None,
+    tags: dict | None = None,
+    log_level: str = "WARNING",
+):
     """Materialize the pipeline's replay job for a day range, in this process, on the instance."""
     import dagster as dg
 
@@ -147,7 +154,16 @@ def _resolve(value) -> str:
     return value
 
 
-PASSED, FAILED, WARN, ERRORED, RUNNING, NOT_RUN, STALE, NONE = "passed", "failed", "warn", "errored", "running", "not run", "stale", "no verdict"
+PASSED, FAILED, WARN, ERRORED, RUNNING, NOT_RUN, STALE, NONE = (
+    "passed",
+    "failed",
+    "warn",
+    "errored",
+    "running",
+    "not run",
+    "stale",
+    "no verdict",
+)
 
 
 def evaluation_verdict(evaluation) -> str:
@@ -180,18 +196,26 @@ def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], str]
         if run is not None and not run.is_finished:
             return RUNNING
         if run_id not in failed_steps:
-            failed_steps[run_id] = {e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)}
-        return ERRORED if "__".join(check_key.asset_key.path) + "_" + check_key.name in failed_steps[run_id] else NOT_RUN
+            failed_steps[run_id] = {
+                e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+            }
+        return (
+            ERRORED if "__".join(check_key.asset_key.path) + "_" + check_key.name in failed_steps[run_id] else NOT_RUN
+        )
 
     def built_at(day: str) -> float:
         """When the day's parsed events were last built (or rolled back): older verdicts are stale."""
         parsed = dg.AssetKey([spec_name, "parsed_events"])
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=parsed, asset_partitions=[day]), limit=1).records
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=parsed, asset_partitions=[day]), limit=1
+        ).records
         return records[0].timestamp if records else 0.0
 
     out: dict[tuple[str, str], str] = {}
     for day in days:
-        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys, partition_filter=PartitionKeyFilter(key=day))
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            keys, partition_filter=PartitionKeyFilter(key=day)
+        )
         since = built_at(day)
         for key, record in latest.items():
             if record.status == S.PLANNED or record.event is None:
@@ -238,7 +262,9 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
         if truth_lake:
             truth = read_truth(truth_lake, r["day"])
             if truth is not None:
-                line += "  | truth: " + ("match" if truth == r["rows_by_type"] else f"MISMATCH {r['rows_by_type']} != {truth}")
+                line += "  | truth: " + (
+                    "match" if truth == r["rows_by_type"] else f"MISMATCH {r['rows_by_type']} != {truth}"
+                )
         print(line)
 
 
@@ -249,7 +275,16 @@ def cmd_generate(args) -> None:
     from replay_defs.demo import DemoConfig, generate
 
     t0 = time.time()
-    generate(args.lake, DemoConfig(start=date.fromisoformat(args.start), days=args.days, events_per_day=args.events_per_day, files_per_hour=args.files_per_hour, seed=args.seed))
+    generate(
+        args.lake,
+        DemoConfig(
+            start=date.fromisoformat(args.start),
+            days=args.days,
+            events_per_day=args.events_per_day,
+            files_per_hour=args.files_per_hour,
+            seed=args.seed,
+        ),
+    )
     print(f"wrote {args.days} days x {args.events_per_day:,} events to {args.lake}/ in {time.time() - t0:.1f}s")
 
 
@@ -262,7 +297,9 @@ def cmd_demo(args) -> None:
     end = (start + timedelta(days=args.days - 1)).isoformat()
     days = _days(args.start, end)
     if not Path(lake_root, "_demo", "truth", f"day={args.start}.json").exists():
-        print(f"1. generating {args.days} days of demo telemetry ({args.events_per_day:,} events/day) into {lake_root}/ ...")
+        print(
+            f"1. generating {args.days} days of demo telemetry ({args.events_per_day:,} events/day) into {lake_root}/ ..."
+        )
         from replay_defs.demo import DemoConfig, generate
 
         generate(lake_root, DemoConfig(start=start, days=args.days, events_per_day=args.events_per_day))
@@ -277,11 +314,21 @@ def cmd_demo(args) -> None:
     if args.days >= 2 and not args.no_bug_story:
         bad = days[1]
         print(f"\n3. a bad parser deploy rewrites {bad} (timestamps read as US/Pacific) ...")
-        caught = run_job("telemetry", bad, bad, {"ops": {"telemetry__parsed_events": {"config": {"simulate_parser_bug": True}}}}, log_level="CRITICAL")
+        caught = run_job(
+            "telemetry",
+            bad,
+            bad,
+            {"ops": {"telemetry__parsed_events": {"config": {"simulate_parser_bug": True}}}},
+            log_level="CRITICAL",
+        )
         print_table("telemetry", [bad], truth_lake=lake_root)
         if not caught.success:
-            print("   the run failed, as it should: the new version lost events, so its blocking check stopped it before the projections and the sink")
-        print(f"\n4. replaying {bad} with the fixed parser: the wrong version is swapped out (and kept for rollback) ...")
+            print(
+                "   the run failed, as it should: the new version lost events, so its blocking check stopped it before the projections and the sink"
+            )
+        print(
+            f"\n4. replaying {bad} with the fixed parser: the wrong version is swapped out (and kept for rollback) ..."
+        )
         run_job("telemetry", bad, bad)
         print_table("telemetry", [bad], truth_lake=lake_root)
     print(
@@ -327,15 +374,26 @@ def cmd_rollback(args) -> None:
             asset_key=asset_key(spec, PARSED),
             partition=day,
             description=f"rolled back from version {before.version if before else '-'} to {state.version}",
-            metadata={"version": state.version, "rolled_back_from": before.version if before else 0, "parsed": state.stats.get("parsed", 0)},
+            metadata={
+                "version": state.version,
+                "rolled_back_from": before.version if before else 0,
+                "parsed": state.stats.get("parsed", 0),
+            },
         )
     )
-    print(f"{spec.name} {day}: parsed_events now version {state.version} (was {before.version if before else '-'}); re-folding projections ...")
+    print(
+        f"{spec.name} {day}: parsed_events now version {state.version} (was {before.version if before else '-'}); re-folding projections ..."
+    )
     ok = True
     if spec.projections:
         job = defs.resolve_job_def(f"{spec.name}_replay")
-        ok = job.execute_in_process(instance=instance, partition_key=day, asset_selection=[asset_key(spec, PROJECTIONS)],
-                                    run_config=QUIET, raise_on_error=False).success
+        ok = job.execute_in_process(
+            instance=instance,
+            partition_key=day,
+            asset_selection=[asset_key(spec, PROJECTIONS)],
+            run_config=QUIET,
+            raise_on_error=False,
+        ).success
     print("running every check of the day ...")
     verdicts = run_checks(spec.name, [day])
     print_verdicts(verdicts)
@@ -353,8 +411,13 @@ def rollback_target(lake, spec, day: str, current) -> int:
     for v in reversed(older):
         if not unconsented_shrink(lake.kept_state(owner(spec, PARSED), day, v).stats, spec.shrink_tolerance):
             return v
-        print(f"skipping version {v}: it lost events without consent when it was built (its shrink check failed); --to {v} restores it anyway")
-    raise SystemExit(f"rollback refused: {spec.name} {day}: no earlier version is kept to roll back to" + (" that passed its shrink check" if older else ""))
+        print(
+            f"skipping version {v}: it lost events without consent when it was built (its shrink check failed); --to {v} restores it anyway"
+        )
+    raise SystemExit(
+        f"rollback refused: {spec.name} {day}: no earlier version is kept to roll back to"
+        + (" that passed its shrink check" if older else "")
+    )
 
 
 def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -366,14 +429,19 @@ def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[s
 
     job = defs.resolve_job_def(f"{spec_name}_verify")
     result = job.execute_in_process(
-        instance=dg.DagsterInstance.get(), tags={RANGE_START: days[0], RANGE_END: days[-1]}, run_config=QUIET, raise_on_error=False
+        instance=dg.DagsterInstance.get(),
+        tags={RANGE_START: days[0], RANGE_END: days[-1]},
+        run_config=QUIET,
+        raise_on_error=False,
     )
     out: dict[tuple[str, str], tuple[str, str]] = {}
     # A ranged run records one evaluation per day plus a summary without a partition: keep the days'.
     for e in sorted(result.get_asset_check_evaluations(), key=lambda e: e.partition is not None):
         for day in [e.partition] if e.partition else days:
             out[(e.check_name, day)] = (evaluation_verdict(e), e.description or "")
-    check_of_step = {"__".join(k.asset_key.path) + "_" + k.name: k.name for k in defs.resolve_asset_graph().asset_check_keys}
+    check_of_step = {
+        "__".join(k.asset_key.path) + "_" + k.name: k.name for k in defs.resolve_asset_graph().asset_check_keys
+    }
     for event in result.all_events:
         if event.is_step_failure:
             name = check_of_step.get(event.step_key, event.step_key)
@@ -409,8 +477,10 @@ def cmd_verify(args) -> None:
     print_verdicts(verdicts)
     bad = failing(verdicts)
     counts = {v: sum(verdict == v for verdict, _ in verdicts.values()) for v in (PASSED, WARN, FAILED, ERRORED)}
-    print(f"{counts[PASSED]}/{len(verdicts)} checks passed over {len(days)} day(s): "
-          f"{counts[WARN]} warning(s), {counts[FAILED]} failed, {counts[ERRORED]} errored")
+    print(
+        f"{counts[PASSED]}/{len(verdicts)} checks passed over {len(days)} day(s): "
+        f"{counts[WARN]} warning(s), {counts[FAILED]} failed, {counts[ERRORED]} errored"
+    )
     if bad:
         sys.exit(1)
 
@@ -425,12 +495,25 @@ def cmd_refill(args) -> None:
     if spec is None:
         raise SystemExit(f"no refill {args.refill!r}; known: {', '.join(r.name for r in REFILLS)}")
     days = _days(args.start, args.end or args.start)
-    delivery = {k: v for k, v in {"dry_run": args.dry_run, "limit": args.limit, "force": args.force,
-                                  "rate_limit": args.rate_limit, "batch_size": args.batch_size}.items() if v not in (None, False)}
+    delivery = {
+        k: v
+        for k, v in {
+            "dry_run": args.dry_run,
+            "limit": args.limit,
+            "force": args.force,
+            "rate_limit": args.rate_limit,
+            "batch_size": args.batch_size,
+        }.items()
+        if v not in (None, False)
+    }
     # Absolute, not resolved: the asset resolves symlinks itself and checks the result against EVENT_REPLAY_REFILL_ROOTS.
     location = args.location if args.location.startswith("s3://") else os.path.abspath(args.location)
-    run_config = {"ops": {f"{spec.name}__{EVENT_KEYS}": {"config": {"source": args.source, "location": location}},
-                          f"{spec.name}__redrive": {"config": delivery}}}
+    run_config = {
+        "ops": {
+            f"{spec.name}__{EVENT_KEYS}": {"config": {"source": args.source, "location": location}},
+            f"{spec.name}__redrive": {"config": delivery},
+        }
+    }
     t0 = time.time()
     result = run_job(spec.name, days[0], days[-1], run_config)
     print(f"run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {time.time() - t0:.1f}s")
@@ -438,8 +521,11 @@ def cmd_refill(args) -> None:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
         if failure is not None:
             print(redact(f"  {failure.step_key}: {failure.event_specific_data.error.message.strip()}"), file=sys.stderr)
-    mats = {(m.asset_key.path[-1], m.partition): {k: v.value for k, v in m.metadata.items()}
-            for node in (f"{spec.name}__{EVENT_KEYS}", f"{spec.name}__redrive") for m in result.asset_materializations_for_node(node)}
+    mats = {
+        (m.asset_key.path[-1], m.partition): {k: v.value for k, v in m.metadata.items()}
+        for node in (f"{spec.name}__{EVENT_KEYS}", f"{spec.name}__redrive")
+        for m in result.asset_materializations_for_node(node)
+    }
     checks = {(e.check_name, e.partition): e.passed for e in result.get_asset_check_evaluations()}
     verb = "would send" if args.dry_run else "sent"
     print(f"{'day':10} {'PUT rows':>9} {'keys':>8} {'repeats':>7} {'quar.':>6} {verb:>10} {'skip':>8}  checks")
@@ -448,9 +534,11 @@ def cmd_refill(args) -> None:
         sent = r.get("would_publish") if args.dry_run else r.get("published")
         verdicts = [v for (name, d), v in checks.items() if d == day]
         fmt = lambda v, w: f"{v:>{w},}" if isinstance(v, int) else f"{'-':>{w}}"  # noqa: E731
-        print(f"{day:10} {fmt(k.get('put_rows'), 9)} {fmt(k.get('keys'), 8)} {fmt(k.get('duplicates'), 7)} "
-              f"{fmt(k.get('quarantined'), 6)} {fmt(sent, 10)} {fmt(r.get('skipped_already_delivered'), 8)}  "
-              f"{sum(verdicts)}/{len(verdicts)} passed")
+        print(
+            f"{day:10} {fmt(k.get('put_rows'), 9)} {fmt(k.get('keys'), 8)} {fmt(k.get('duplicates'), 7)} "
+            f"{fmt(k.get('quarantined'), 6)} {fmt(sent, 10)} {fmt(r.get('skipped_already_delivered'), 8)}  "
+            f"{sum(verdicts)}/{len(verdicts)} passed"
+        )
     if not result.success:
         sys.exit(1)
 
@@ -468,7 +556,9 @@ def _moment(value: str, end: bool = False):
     return dt.astimezone(timezone.utc)
 
 
-def reprocess_plan(spec, start: str, end: str | None, filters: dict, batch_size: int, dry_run: bool, force: bool) -> tuple[list[str], dict]:
+def reprocess_plan(
+    spec, start: str, end: str | None, filters: dict, batch_size: int, dry_run: bool, force: bool
+) -> tuple[list[str], dict]:
     """Seed 002's reprocess request as a partition range and the job's run config: the filters and
     the window go to raw_events (its manifest is the selection), the batch size to the keyset read
     and the redrive, dry_run / force to the redrive."""
@@ -481,11 +571,13 @@ def reprocess_plan(spec, start: str, end: str | None, filters: dict, batch_size:
     days = _days(lo.date().isoformat(), (hi - timedelta(microseconds=1)).date().isoformat())
     op = spec.name + "__"
     selection = {**{k: v for k, v in filters.items() if v}, "start": lo.isoformat(), "end": hi.isoformat()}
-    config = {"ops": {
-        op + "raw_events": {"config": selection},
-        op + "parsed_events": {"config": {"batch_size": batch_size}},
-        op + "redrive": {"config": {"dry_run": dry_run, "force": force, "batch_size": batch_size}},
-    }}
+    config = {
+        "ops": {
+            op + "raw_events": {"config": selection},
+            op + "parsed_events": {"config": {"batch_size": batch_size}},
+            op + "redrive": {"config": {"dry_run": dry_run, "force": force, "batch_size": batch_size}},
+        }
+    }
     return days, config
 
 
@@ -495,15 +587,32 @@ def cmd_billing_reprocess(args) -> None:
 
     ensure_dagster_home()
     spec = _spec("billing_reprocessing")
-    filters = {"tenant": args.tenant, "environment": args.environment, "customer": args.customer, "event_name": args.event_name}
+    filters = {
+        "tenant": args.tenant,
+        "environment": args.environment,
+        "customer": args.customer,
+        "event_name": args.event_name,
+    }
     days, config = reprocess_plan(spec, args.start, args.end, filters, args.batch_size, args.dry_run, args.force)
     result = run_job(spec.name, days[0], days[-1], config)
-    totals = dict.fromkeys(("found", "published", "skipped_already_delivered", "dropped", "transformation_errors", "publish_failures"), 0)
+    totals = dict.fromkeys(
+        ("found", "published", "skipped_already_delivered", "dropped", "transformation_errors", "publish_failures"), 0
+    )
     for mat in result.asset_materializations_for_node(f"{spec.name}__redrive"):
         for k in totals:
             totals[k] += mat.metadata[k].value if k in mat.metadata else 0
-    print(json.dumps({"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", "job": f"{spec.name}_replay",
-                      "partitions": [days[0], days[-1]], "dry_run": args.dry_run, **totals}))
+    print(
+        json.dumps(
+            {
+                "run_id": result.run_id,
+                "status": "SUCCESS" if result.success else "FAILURE",
+                "job": f"{spec.name}_replay",
+                "partitions": [days[0], days[-1]],
+                "dry_run": args.dry_run,
+                **totals,
+            }
+        )
+    )
     if not result.success:
         sys.exit(1)
 
@@ -523,8 +632,13 @@ def processed_events_config(args) -> dict:
     """The op config of a `processed-events` subcommand, from its arguments."""
     config = {"table": args.table, "dry_run": args.dry_run, "reason": args.reason, "requested_by": args.requested_by}
     if args.pe_cmd != "undo":
-        config.update(exchange=args.exchange, force=args.force, rate_limit=args.rate_limit, batch_size=args.batch_size,
-                      max_message_bytes=args.max_message_bytes)
+        config.update(
+            exchange=args.exchange,
+            force=args.force,
+            rate_limit=args.rate_limit,
+            batch_size=args.batch_size,
+            max_message_bytes=args.max_message_bytes,
+        )
     if args.pe_cmd == "replay-one":
         config["event_id"] = args.event_id
     elif args.pe_cmd == "replay-failed":
@@ -548,28 +662,52 @@ def cmd_processed_events(args) -> None:
     from replay_defs.definitions import defs
 
     job_name, op_name = PROCESSED_EVENTS_JOBS[args.pe_cmd]
-    run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}, "ops": {op_name: {"config": processed_events_config(args)}}}
+    run_config = {
+        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        "ops": {op_name: {"config": processed_events_config(args)}},
+    }
     result = defs.resolve_job_def(job_name).execute_in_process(
-        instance=dg.DagsterInstance.get(), run_config=run_config, raise_on_error=False, tags={"event_replay/source": "cli"}
+        instance=dg.DagsterInstance.get(),
+        run_config=run_config,
+        raise_on_error=False,
+        tags={"event_replay/source": "cli"},
     )
     outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     print(f"run_id {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
     if outputs:
         md = {k: v.value for k, v in outputs[0].step_output_data.metadata.items()}
-        counts = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed",
-                  "refused", "not_reached")
+        counts = (
+            "selected",
+            "published",
+            "changed",
+            "forced_count",
+            "skipped_processed",
+            "skipped_pending",
+            "skipped_processing",
+            "failed",
+            "refused",
+            "not_reached",
+        )
         print("  " + " ".join(f"{k}={md[k]}" for k in counts if k in md))
-        print(f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}")
+        print(
+            f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}"
+        )
         if md.get("snapshot"):
-            print(f"  snapshot: {md['snapshot']}\n  undo: event-replay processed-events undo {result.run_id} --table {args.table} --reason ...")
+            print(
+                f"  snapshot: {md['snapshot']}\n  undo: event-replay processed-events undo {result.run_id} --table {args.table} --reason ..."
+            )
     else:
         try:
             row = pe.audit_row(_resolve(defs.resources["postgres"].url), result.run_id)
         except Exception:  # noqa: BLE001 - the database is what failed
             row = None
         if row:
-            print(redact(f"  audit: status={row['status']} published={row['published']} failed={row['failed']} refused={row.get('refused', 0)}"
-                         f" {json.dumps(row.get('refused_by_reason') or {})} not_reached={row['not_reached']} error={row['error']}"))
+            print(
+                redact(
+                    f"  audit: status={row['status']} published={row['published']} failed={row['failed']} refused={row.get('refused', 0)}"
+                    f" {json.dumps(row.get('refused_by_reason') or {})} not_reached={row['not_reached']} error={row['error']}"
+                )
+            )
             if row.get("refused") or row.get("failed"):
                 print(f"  dead letters: {pe.dead_letter_location(result.run_id)}")
         for event in result.all_events:
@@ -615,9 +753,11 @@ class _RefusedSecretFlag(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         stem = option_string.removeprefix("--")
-        parser.error(f"{option_string} is no longer accepted: a URL on the command line (with its password) is visible to "
-                     f"every user through `ps`. Set {self.env} in the environment, or pass --{stem}-file PATH "
-                     f"(a file holding the URL, readable only by you).")
+        parser.error(
+            f"{option_string} is no longer accepted: a URL on the command line (with its password) is visible to "
+            f"every user through `ps`. Set {self.env} in the environment, or pass --{stem}-file PATH "
+            f"(a file holding the URL, readable only by you)."
+        )
 
 
 def _read_url_file(flag: str, path: str) -> str:
@@ -677,23 +817,37 @@ def cmd_projections_replay(args) -> None:
         raise SystemExit(str(exc)) from None
     until = args.until or datetime.now(timezone.utc).date().isoformat()
     days = _days(args.since, until)
-    config = {"tenant": args.tenant_id, "dry_run": args.dry_run, "batch_size": args.batch_size,
-              "aggregate_batch": args.aggregate_batch, "concurrency": args.concurrency}
+    config = {
+        "tenant": args.tenant_id,
+        "dry_run": args.dry_run,
+        "batch_size": args.batch_size,
+        "aggregate_batch": args.aggregate_batch,
+        "concurrency": args.concurrency,
+    }
     job = defs.resolve_job_def("projection_replay")
     result = job.execute_in_process(
         instance=dg.DagsterInstance.get(),
         tags={RANGE_START: days[0], RANGE_END: days[-1], "event_replay/tenant": args.tenant_id},
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}},
-                    "ops": {f"projection_replay__{p.name}": {"config": config}}},
+        run_config={
+            "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+            "ops": {f"projection_replay__{p.name}": {"config": config}},
+        },
         asset_selection=[projection_key(p)],
         raise_on_error=False,
     )
     mats = result.asset_materializations_for_node(f"projection_replay__{p.name}")
     per_day = {m.partition: {k: v.value for k, v in m.metadata.items()} for m in mats if m.partition}
     checks = [e for e in result.get_asset_check_evaluations()]
-    out = {"run_id": result.run_id, "status": "SUCCESS" if result.success else "FAILURE", "projection": p.name, "tenant": args.tenant_id,
-           "since": days[0], "until": days[-1], "dry_run": args.dry_run,
-           "check_passed": all(e.passed for e in checks) if checks else None}
+    out = {
+        "run_id": result.run_id,
+        "status": "SUCCESS" if result.success else "FAILURE",
+        "projection": p.name,
+        "tenant": args.tenant_id,
+        "since": days[0],
+        "until": days[-1],
+        "dry_run": args.dry_run,
+        "check_passed": all(e.passed for e in checks) if checks else None,
+    }
     for k in ("aggregates", "events", "keys_written", "skipped_aggregates"):
         out[k] = sum(int(d.get(k, 0) or 0) for d in per_day.values())
     errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure and e.step_failure_data.error]
@@ -703,10 +857,13 @@ def cmd_projections_replay(args) -> None:
     if not args.quiet:
         for day in sorted(per_day):
             d = per_day[day]
-            extra = (f"would fold {d.get('dry_run_events_to_fold', 0):,} events of {d.get('dry_run_aggregates', 0):,} aggregates"
-                     if args.dry_run else f"{d.get('aggregates', 0):,} aggregates, {d.get('events', 0):,} events, "
-                     f"{d.get('keys_written', 0):,} keys, cutoff {d.get('cutoff') or '-'}, "
-                     f"{'verified' if d.get('verified') else 'MISMATCH'}{', resumed' if d.get('resumed') else ''}")
+            extra = (
+                f"would fold {d.get('dry_run_events_to_fold', 0):,} events of {d.get('dry_run_aggregates', 0):,} aggregates"
+                if args.dry_run
+                else f"{d.get('aggregates', 0):,} aggregates, {d.get('events', 0):,} events, "
+                f"{d.get('keys_written', 0):,} keys, cutoff {d.get('cutoff') or '-'}, "
+                f"{'verified' if d.get('verified') else 'MISMATCH'}{', resumed' if d.get('resumed') else ''}"
+            )
             print(f"{day}  {extra}", file=sys.stderr)
     print(json.dumps(out))
     if not result.success:
@@ -729,47 +886,96 @@ def add_processed_events_parser(sub) -> None:
     pe_sub = pe.add_subparsers(dest="pe_cmd", required=True)
 
     def common(p, publishing: bool = True):
-        p.add_argument("--table", default="processed_events", help="events table, optionally schema.table (default processed_events)")
-        p.add_argument("--dry-run", action="store_true", help="only report what would be replayed (counts per status and type); change nothing")
+        p.add_argument(
+            "--table",
+            default="processed_events",
+            help="events table, optionally schema.table (default processed_events)",
+        )
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="only report what would be replayed (counts per status and type); change nothing",
+        )
         p.add_argument("--reason", default="", help="why (kept in the audit; required unless --dry-run)")
-        p.add_argument("--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)")
+        p.add_argument(
+            "--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)"
+        )
         if publishing:
-            p.add_argument("--exchange", default="habitat-events", help="RabbitMQ exchange; the routing key is the event type (default habitat-events)")
-            p.add_argument("--force", action="store_true", help="also replay events already processed or pending (flagged in the audit: side effects may repeat)")
-            p.add_argument("--rate-limit", type=float, default=50.0, help="messages per second, 0 for unlimited (default 50)")
-            p.add_argument("--batch-size", type=int, default=100, help="rows locked, published and committed together (default 100)")
-            p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
-                           help="a payload over this is refused before it is sent (default 16 MiB, RabbitMQ 4's max_message_size; "
-                                "0: no limit). A refused row (also: event type, event id or header key over AMQP's 255 bytes) fails "
-                                "alone: counted as refused, dead-lettered in event_replay_dead_letter, left unchanged; the run goes on")
+            p.add_argument(
+                "--exchange",
+                default="habitat-events",
+                help="RabbitMQ exchange; the routing key is the event type (default habitat-events)",
+            )
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="also replay events already processed or pending (flagged in the audit: side effects may repeat)",
+            )
+            p.add_argument(
+                "--rate-limit", type=float, default=50.0, help="messages per second, 0 for unlimited (default 50)"
+            )
+            p.add_argument(
+                "--batch-size",
+                type=int,
+                default=100,
+                help="rows locked, published and committed together (default 100)",
+            )
+            p.add_argument(
+                "--max-message-bytes",
+                type=int,
+                default=16 * 1024 * 1024,
+                help="a payload over this is refused before it is sent (default 16 MiB, RabbitMQ 4's max_message_size; "
+                "0: no limit). A refused row (also: event type, event id or header key over AMQP's 255 bytes) fails "
+                "alone: counted as refused, dead-lettered in event_replay_dead_letter, left unchanged; the run goes on",
+            )
         p.set_defaults(fn=cmd_processed_events)
 
-    p = pe_sub.add_parser("replay-one", help="replay one event by its event_id", description="Replay one event, by event_id.")
+    p = pe_sub.add_parser(
+        "replay-one", help="replay one event by its event_id", description="Replay one event, by event_id."
+    )
     p.add_argument("event_id")
     common(p)
-    p = pe_sub.add_parser("replay-failed", help="replay failed (status error) events of a time window",
-                          description="Replay the events in status 'error' whose processed_at is in a window (default: the last 24 hours).")
-    p.add_argument("--hours", type=float, default=24.0, help="window: the last N hours (default 24), unless --since is given")
+    p = pe_sub.add_parser(
+        "replay-failed",
+        help="replay failed (status error) events of a time window",
+        description="Replay the events in status 'error' whose processed_at is in a window (default: the last 24 hours).",
+    )
+    p.add_argument(
+        "--hours", type=float, default=24.0, help="window: the last N hours (default 24), unless --since is given"
+    )
     p.add_argument("--since", help="window start, ISO date or timestamp (UTC unless an offset is given)")
     p.add_argument("--until", help="window end, exclusive (a date: the end of that day; default now)")
     common(p)
-    p = pe_sub.add_parser("replay-range", help="replay the events of one type in a date range",
-                          description="Replay the events of a type whose processed_at is in START..END (END day inclusive). "
-                          "Processed ones only with --force.")
+    p = pe_sub.add_parser(
+        "replay-range",
+        help="replay the events of one type in a date range",
+        description="Replay the events of a type whose processed_at is in START..END (END day inclusive). "
+        "Processed ones only with --force.",
+    )
     p.add_argument("event_type", help="e.g. contribution.submitted")
     p.add_argument("start", help="first day (YYYY-MM-DD) or timestamp")
     p.add_argument("end", help="last day, inclusive (or an exclusive timestamp)")
     common(p)
-    p = pe_sub.add_parser("reset-stuck", help="reset events stuck in 'processing' for more than N minutes",
-                          description="Events in status 'processing' for longer than --older-than-minutes (a crashed worker): "
-                          "back to pending and re-published (default), or to error for a later replay-failed.")
+    p = pe_sub.add_parser(
+        "reset-stuck",
+        help="reset events stuck in 'processing' for more than N minutes",
+        description="Events in status 'processing' for longer than --older-than-minutes (a crashed worker): "
+        "back to pending and re-published (default), or to error for a later replay-failed.",
+    )
     p.add_argument("--older-than-minutes", type=float, default=5.0, help="default 5")
-    p.add_argument("--to-status", choices=("pending", "error"), default="pending", help="pending (re-published, default) or error")
+    p.add_argument(
+        "--to-status", choices=("pending", "error"), default="pending", help="pending (re-published, default) or error"
+    )
     common(p)
-    p = pe_sub.add_parser("undo", help="undo a replay: restore the statuses its snapshot holds",
-                          description="Restore status, retry_count, error_message and processed_at of the rows a replay run changed, "
-                          "from its snapshot (messages already consumed cannot be recalled). The undo is itself snapshotted.")
-    p.add_argument("replay_run_id", help="the run id of the replay (printed by the replay, in its audit row and in the UI)")
+    p = pe_sub.add_parser(
+        "undo",
+        help="undo a replay: restore the statuses its snapshot holds",
+        description="Restore status, retry_count, error_message and processed_at of the rows a replay run changed, "
+        "from its snapshot (messages already consumed cannot be recalled). The undo is itself snapshotted.",
+    )
+    p.add_argument(
+        "replay_run_id", help="the run id of the replay (printed by the replay, in its audit row and in the UI)"
+    )
     common(p, publishing=False)
 
 
@@ -792,9 +998,18 @@ def cmd_projections_cleanup(args) -> None:
     job = defs.resolve_job_def("projection_replay_cleanup_markers")
     result = job.execute_in_process(
         instance=dg.DagsterInstance.get(),
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}},
-                    "ops": {"cleanup_projection_markers": {"config": {"projection": args.projection, "tenant": args.tenant_id or "",
-                                                                        "older_than_minutes": args.older_than_minutes}}}},
+        run_config={
+            "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+            "ops": {
+                "cleanup_projection_markers": {
+                    "config": {
+                        "projection": args.projection,
+                        "tenant": args.tenant_id or "",
+                        "older_than_minutes": args.older_than_minutes,
+                    }
+                }
+            },
+        },
         raise_on_error=False,
     )
     out = result.output_for_node("cleanup_projection_markers") if result.success else {}
@@ -813,8 +1028,10 @@ def cmd_projections_generate(args) -> None:
     t0 = time.time()
     with _resolved_clickhouse(res) as ch:
         generate_event_log(ch, args.tenant_id, args.events, args.per_aggregate, args.start, args.days)
-    print(f"wrote {args.events:,} events ({args.tenant_id}, {args.days} days from {args.start}) to event_log at {ch.where} "
-          f"in {time.time() - t0:.1f}s")
+    print(
+        f"wrote {args.events:,} events ({args.tenant_id}, {args.days} days from {args.start}) to event_log at {ch.where} "
+        f"in {time.time() - t0:.1f}s"
+    )
 
 
 def _resolved_clickhouse(res):
@@ -826,11 +1043,15 @@ def _resolved_clickhouse(res):
 def _add_projection_commands(sub) -> None:
     conn = argparse.ArgumentParser(add_help=False)
     for stem, env, what in PROJECTION_CONNECTIONS:
-        conn.add_argument(f"--{stem}-url-file", metavar="PATH",
-                          help=f"{what}: read its URL from this file instead of {env} (never put a URL with a password on the command line)")
+        conn.add_argument(
+            f"--{stem}-url-file",
+            metavar="PATH",
+            help=f"{what}: read its URL from this file instead of {env} (never put a URL with a password on the command line)",
+        )
         conn.add_argument(f"--{stem}-url", action=_RefusedSecretFlag, env=env, help=argparse.SUPPRESS)
     pr = sub.add_parser(
-        "projections", help="projection replay (seed 001): list, replay, cleanup-markers, generate",
+        "projections",
+        help="projection replay (seed 001): list, replay, cleanup-markers, generate",
         description="Replay fold projections from ClickHouse event_log for a tenant since a day, coordinated with live "
         "consumers through Redis markers (see README, 'Projection replay'). Connections come from CLICKHOUSE_URL, "
         "EVENT_REPLAY_REDIS_URL and EVENT_REPLAY_POSTGRES_URL, or from files (--clickhouse-url-file, --redis-url-file, "
@@ -840,7 +1061,9 @@ def _add_projection_commands(sub) -> None:
     ls.add_argument("--json", action="store_true", help="as JSON")
     ls.set_defaults(fn=cmd_projections_list)
     rp = pr.add_parser(
-        "replay", parents=[conn], help="replay a projection for a tenant since a day (a run over the day partitions)",
+        "replay",
+        parents=[conn],
+        help="replay a projection for a tenant since a day (a run over the day partitions)",
         description="Runs the projection_replay job on the local Dagster instance ($DAGSTER_HOME) over the days "
         "[--since, --until]: per day mark, drain, cutoff, fold in batches, verify, unmark. An interrupted replay "
         "resumes when run again. Prints one line per day on stderr and a JSON summary on stdout; exits 1 if a day "
@@ -851,20 +1074,31 @@ def _add_projection_commands(sub) -> None:
     rp.add_argument("--since", required=True, help="first day, YYYY-MM-DD (UTC day of event time)")
     rp.add_argument("--until", help="last day, YYYY-MM-DD (default: today, UTC)")
     rp.add_argument("--batch-size", type=int, default=5000, help="events per ClickHouse page (default 5000)")
-    rp.add_argument("--aggregate-batch", type=int, default=1000, help="aggregates per batch; each key written once per batch (default 1000)")
+    rp.add_argument(
+        "--aggregate-batch",
+        type=int,
+        default=1000,
+        help="aggregates per batch; each key written once per batch (default 1000)",
+    )
     rp.add_argument("--concurrency", type=int, default=4, help="aggregate streams folded in parallel (default 4)")
-    rp.add_argument("--dry-run", action="store_true", help="count aggregates and events per day; write nothing, set no marker")
+    rp.add_argument(
+        "--dry-run", action="store_true", help="count aggregates and events per day; write nothing, set no marker"
+    )
     rp.add_argument("--quiet", action="store_true", help="only the JSON summary")
     rp.set_defaults(fn=cmd_projections_replay)
     cl = pr.add_parser(
-        "cleanup-markers", parents=[conn], help="remove markers left by a crashed replay; release deferred live events",
+        "cleanup-markers",
+        parents=[conn],
+        help="remove markers left by a crashed replay; release deferred live events",
         description="For replays that crashed and will not be resumed: removes their Redis markers (live consumers "
         "then resume the deferred events) and marks their progress abandoned, so the next replay of those days starts "
         "afresh. To resume instead, just run the same replay again.",
     )
     cl.add_argument("--projection", required=True)
     cl.add_argument("--tenant-id", "--tenant", dest="tenant_id", help="only this tenant's replays")
-    cl.add_argument("--older-than-minutes", type=float, default=0.0, help="only replays started longer ago (default 0: all)")
+    cl.add_argument(
+        "--older-than-minutes", type=float, default=0.0, help="only replays started longer ago (default 0: all)"
+    )
     cl.set_defaults(fn=cmd_projections_cleanup)
     gn = pr.add_parser("generate", parents=[conn], help="write demo events into event_log (to try a replay)")
     gn.add_argument("--tenant-id", "--tenant", dest="tenant_id", default="project_demo")
@@ -881,7 +1115,9 @@ def main(argv: list[str] | None = None) -> None:
     # Dagster flags the partitioned-check and backfill-policy APIs as beta/preview; we pin the version.
     warnings.filterwarnings("ignore", module="dagster")
     warnings.filterwarnings("ignore", message=".*(beta|preview).*")
-    ap = argparse.ArgumentParser(prog="event-replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="event-replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="write demo telemetry files with realistic faults")
@@ -907,7 +1143,8 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(fn=cmd_status)
 
     v = sub.add_parser(
-        "verify", help="run every check of some days without rebuilding anything; exit 1 if one fails",
+        "verify",
+        help="run every check of some days without rebuilding anything; exit 1 if one fails",
         description="Runs the pipeline's <name>_verify job (every asset check, no asset rebuilt) over the days and prints a "
         "verdict per day and check: passed, failed, warn (a non-blocking check) or errored (the check raised). "
         "Exits 1 if any check failed or errored.",
@@ -917,28 +1154,39 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("end", nargs="?", help="last day (default: start)")
     v.set_defaults(fn=cmd_verify)
 
-    r = sub.add_parser("rollback", help="restore the previous version of a parsed day (verified first), re-fold it, run its checks")
+    r = sub.add_parser(
+        "rollback", help="restore the previous version of a parsed day (verified first), re-fold it, run its checks"
+    )
     r.add_argument("pipeline")
     r.add_argument("day")
     r.add_argument("--to", type=int, help="restore this kept version instead (also a newer one: undoes a rollback)")
     r.set_defaults(fn=cmd_rollback)
 
     f = sub.add_parser(
-        "refill", help="re-enqueue ingestion jobs for the event objects PUT on some days (seed 000)",
+        "refill",
+        help="re-enqueue ingestion jobs for the event objects PUT on some days (seed 000)",
         description="Collect the keys of the objects PUT on the days (from an access-log CSV, S3 access log files or a "
-                    "listing), validate and de-duplicate them, and enqueue one BullMQ job per key into the refill's queue "
-                    "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force. "
-                    "Local sources are read only under EVENT_REPLAY_REFILL_ROOTS (colon-separated directories; default: the "
-                    "lake root EVENT_REPLAY_LAKE and the current directory), checked after resolving symlinks; anything else "
-                    "fails before it is read. Bad rows (including a line with an unterminated quote or over 1 MiB, each alone) "
-                    "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content.",
+        "listing), validate and de-duplicate them, and enqueue one BullMQ job per key into the refill's queue "
+        "(EVENT_REPLAY_REDIS_URL). Keys already enqueued by an earlier refill are skipped unless --force. "
+        "Local sources are read only under EVENT_REPLAY_REFILL_ROOTS (colon-separated directories; default: the "
+        "lake root EVENT_REPLAY_LAKE and the current directory), checked after resolving symlinks; anything else "
+        "fails before it is read. Bad rows (including a line with an unterminated quote or over 1 MiB, each alone) "
+        "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content.",
     )
     f.add_argument("--refill", default="ingestion_refill", help="the RefillSpec's name (default ingestion_refill)")
-    f.add_argument("--source", choices=["csv", "access_logs", "listing"], default="csv",
-                   help='csv: export with header "operation","key" (optional "requestdatetime"); access_logs: S3 server '
-                        "access log files; listing: objects last modified on the day (default csv)")
-    f.add_argument("--location", required=True, help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to "
-                   "list. A local path must resolve under EVENT_REPLAY_REFILL_ROOTS (default: the lake root and the current directory)")
+    f.add_argument(
+        "--source",
+        choices=["csv", "access_logs", "listing"],
+        default="csv",
+        help='csv: export with header "operation","key" (optional "requestdatetime"); access_logs: S3 server '
+        "access log files; listing: objects last modified on the day (default csv)",
+    )
+    f.add_argument(
+        "--location",
+        required=True,
+        help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to "
+        "list. A local path must resolve under EVENT_REPLAY_REFILL_ROOTS (default: the lake root and the current directory)",
+    )
     f.add_argument("--start", required=True, help="first day (YYYY-MM-DD) of the access-log records")
     f.add_argument("--end", help="last day (default: start); several days need a requestdatetime column")
     f.add_argument("--dry-run", action="store_true", help="collect and count, enqueue nothing")
@@ -949,15 +1197,22 @@ def main(argv: list[str] | None = None) -> None:
     f.set_defaults(fn=cmd_refill)
 
     add_processed_events_parser(sub)
-    b = sub.add_parser("billing", help="billing reprocessing (seed 002)").add_subparsers(dest="billing_cmd", required=True)
-    rp = b.add_parser("reprocess", help="reprocess raw_events from ClickHouse to Kafka (POST /events/raw/reprocess); prints the run id and totals as JSON")
+    b = sub.add_parser("billing", help="billing reprocessing (seed 002)").add_subparsers(
+        dest="billing_cmd", required=True
+    )
+    rp = b.add_parser(
+        "reprocess",
+        help="reprocess raw_events from ClickHouse to Kafka (POST /events/raw/reprocess); prints the run id and totals as JSON",
+    )
     rp.add_argument("--start", required=True, help="RFC 3339 (2024-01-01T00:00:00Z) or a date")
     rp.add_argument("--end", help="RFC 3339, exclusive, or a date (inclusive); default now")
     rp.add_argument("--tenant", required=True)
     rp.add_argument("--environment", required=True)
     rp.add_argument("--customer", help="external customer id")
     rp.add_argument("--event-name")
-    rp.add_argument("--batch-size", type=int, default=10_000, help="rows per keyset page and per delivery (default 10,000)")
+    rp.add_argument(
+        "--batch-size", type=int, default=10_000, help="rows per keyset page and per delivery (default 10,000)"
+    )
     rp.add_argument("--dry-run", action="store_true", help="read, transform and count; publish nothing")
     rp.add_argument("--force", action="store_true", help="publish again what the ledger says Kafka already has")
     rp.set_defaults(fn=cmd_billing_reprocess)

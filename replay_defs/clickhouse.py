@@ -36,7 +36,9 @@ class ClickHouse:
         self.database = database
         try:
             if url:
-                self._client = clickhouse_connect.get_client(dsn=url, database=database, compress=compress, autogenerate_session_id=False)
+                self._client = clickhouse_connect.get_client(
+                    dsn=url, database=database, compress=compress, autogenerate_session_id=False
+                )
             else:
                 os.makedirs(data_path, exist_ok=True)
                 self._client = clickhouse_connect.get_client(interface="chdb", path=data_path)
@@ -45,13 +47,17 @@ class ClickHouse:
                 self._client.close()
                 self._client = clickhouse_connect.get_client(interface="chdb", path=data_path, database=database)
         except Exception as exc:
-            raise ClickHouseError(redact(f"cannot connect to ClickHouse at {self.where}: {type(exc).__name__}: {exc}")) from None
+            raise ClickHouseError(
+                redact(f"cannot connect to ClickHouse at {self.where}: {type(exc).__name__}: {exc}")
+            ) from None
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            raise ClickHouseError(redact(f"ClickHouse ({self.where}) {what} failed: {type(exc).__name__}: {exc}")) from None
+            raise ClickHouseError(
+                redact(f"ClickHouse ({self.where}) {what} failed: {type(exc).__name__}: {exc}")
+            ) from None
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> pa.Table:
         """The result as an Arrow table."""

@@ -66,7 +66,9 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "outbox": OutboxResource(root=deployed(OUTBOX)),
         # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
-        "s3": S3Resource(endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")),
+        "s3": S3Resource(
+            endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
+        ),
     }
     # Projection replays (assets/projection_replay.py) read ClickHouse event_log, so it is always there.
     projection_assets, projection_jobs = build_projection_replay()
@@ -90,18 +92,30 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
             message_timeout_ms=dg.EnvVar.int(timeout) if timeout in os.environ else 30_000,
         )
     if "sqs" in needed:
-        resources["sqs"] = SqsResource(endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1"))
+        resources["sqs"] = SqsResource(
+            endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
+        )
     # The processed-events jobs (jobs/) need Postgres and RabbitMQ, so both are always there;
     # nothing connects before a run uses them.
-    resources["rabbitmq"] = RabbitMQResource(url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    resources["rabbitmq"] = RabbitMQResource(
+        url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    )
     if "redis" in needed:
         resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    resources["postgres"] = PostgresResource(url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    resources["postgres"] = PostgresResource(
+        url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
     # Steps of a run execute in its process: a day's steps run in sequence anyway (raw -> parsed ->
     # projections -> redrive), the parse has its own process pool, and a process per step costs
     # ~3 s of imports each (~20 s a run). Scale-out is one run per partition chunk (deploy/README.md).
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs + OPERATION_JOBS, sensors=sensors, resources=resources,
-                          executor=dg.in_process_executor)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs + OPERATION_JOBS,
+        sensors=sensors,
+        resources=resources,
+        executor=dg.in_process_executor,
+    )
 
 
 defs = build_definitions()

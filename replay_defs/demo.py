@@ -57,15 +57,32 @@ def _bad_lines(day: date) -> list[bytes]:
     ts = f"{day.isoformat()}T12:00:00.000Z"
     return [
         b'{"event_id": "broken", "ts": "' + ts.encode() + b'", "type": "lock"',  # truncated JSON
-        msgspec.json.encode({"event_id": f"bad-type-{day}", "ts": ts, "type": "lock", "device_id": "d", "seq": "three", "payload": {}}),
+        msgspec.json.encode(
+            {"event_id": f"bad-type-{day}", "ts": ts, "type": "lock", "device_id": "d", "seq": "three", "payload": {}}
+        ),
         msgspec.json.encode({"ts": ts, "type": "lock", "device_id": "d", "seq": 1, "payload": {}}),  # no id
-        b'{"event_id": "utf8-\xff\xfe", "ts": "' + ts.encode() + b'", "type": "lock", "device_id": "d", "seq": 1, "payload": {}}',
-        b'{"event_id": "surrogate-\\ud800", "ts": "' + ts.encode() + b'", "type": "lock", "device_id": "d", "seq": 1, "payload": {}}',
+        b'{"event_id": "utf8-\xff\xfe", "ts": "'
+        + ts.encode()
+        + b'", "type": "lock", "device_id": "d", "seq": 1, "payload": {}}',
+        b'{"event_id": "surrogate-\\ud800", "ts": "'
+        + ts.encode()
+        + b'", "type": "lock", "device_id": "d", "seq": 1, "payload": {}}',
         b'{"event_id": "nul\x00", "ts": "' + ts.encode() + b'"}',
         b"[1,2,3]",
         b"",
-        msgspec.json.encode({"event_id": f"unknown-{day}", "ts": ts, "type": "toaster", "device_id": "d", "seq": 1, "payload": {}}),
-        msgspec.json.encode({"event_id": f"huge-{day}", "ts": ts, "type": "lock", "device_id": "d", "seq": 1, "payload": {"blob": "x" * (3 << 20)}}),
+        msgspec.json.encode(
+            {"event_id": f"unknown-{day}", "ts": ts, "type": "toaster", "device_id": "d", "seq": 1, "payload": {}}
+        ),
+        msgspec.json.encode(
+            {
+                "event_id": f"huge-{day}",
+                "ts": ts,
+                "type": "lock",
+                "device_id": "d",
+                "seq": 1,
+                "payload": {"blob": "x" * (3 << 20)},
+            }
+        ),
     ]
 
 
@@ -102,7 +119,12 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
                 "type": etype,
                 "device_id": f"dev-{rng.randrange(cfg.devices):05d}",
                 "seq": seq,
-                "payload": {"battery": rng.randrange(100), "rssi": -rng.randrange(30, 90), "fw": "4.2.1", "state": rng.choice(("locked", "unlocked", "idle"))},
+                "payload": {
+                    "battery": rng.randrange(100),
+                    "rssi": -rng.randrange(30, 90),
+                    "fw": "4.2.1",
+                    "state": rng.choice(("locked", "unlocked", "idle")),
+                },
             }
             if cfg.payload_pad:
                 event["payload"]["note"] = pad
@@ -155,7 +177,18 @@ def _write_truncated(lake: Path, hour: datetime, rng: random.Random, enc, cfg: D
     lines = []
     for i in range(2_000):
         ts = hour + timedelta(milliseconds=rng.randrange(3_600_000))
-        lines.append(enc.encode({"event_id": f"trunc-{hour:%Y%m%d%H}-{i}", "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.000Z"), "type": "lock", "device_id": "dev-t", "seq": i, "payload": {}}))
+        lines.append(
+            enc.encode(
+                {
+                    "event_id": f"trunc-{hour:%Y%m%d%H}-{i}",
+                    "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                    "type": "lock",
+                    "device_id": "dev-t",
+                    "seq": i,
+                    "payload": {},
+                }
+            )
+        )
     d = hour_dir(lake, hour)
     d.mkdir(parents=True, exist_ok=True)
     data = igzip.compress(b"\n".join(lines) + b"\n", compresslevel=cfg.compresslevel)
@@ -194,7 +227,8 @@ def generate_billing(ch, day: str, rows: int) -> int:
     ch.command(BILLING_RAW_EVENTS_DDL)
     cols = "id, tenant_id, environment_id, external_customer_id, event_name, payload, timestamp, version"
     for version, second in ((1, False), (2, True)):
-        ch.command(f"INSERT INTO raw_events ({cols}) {BILLING_DEMO_SQL}",
-                   {"day": day, "day_tag": day.replace("-", ""), "n": rows, "version": version, "second": second})
+        ch.command(
+            f"INSERT INTO raw_events ({cols}) {BILLING_DEMO_SQL}",
+            {"day": day, "day_tag": day.replace("-", ""), "n": rows, "version": version, "second": second},
+        )
     return rows + len(range(0, rows, 50))
-

@@ -182,7 +182,9 @@ class Lake:
     def _writable(self, path: Path) -> Path:
         """`path`, if writing there stays inside the lake once symlinks are followed."""
         if not path.resolve().is_relative_to(self.root):
-            raise ValueError(f"{path} leads outside the lake at {self.root} (through a symlink): refusing to write there")
+            raise ValueError(
+                f"{path} leads outside the lake at {self.root} (through a symlink): refusing to write there"
+            )
         return path
 
     def uri(self, rel: str) -> str:
@@ -348,7 +350,9 @@ class Lake:
         staged = Path(journal["staged"])
         # A journal only ever names staging or a kept version of this owner: never act elsewhere.
         if not staged.resolve().is_relative_to(self._internal(owner).resolve()):
-            raise ValueError(f"{owner} {partition}: the journal names {staged}, outside {self._internal(owner)}; refusing to apply it")
+            raise ValueError(
+                f"{owner} {partition}: the journal names {staged}, outside {self._internal(owner)}; refusing to apply it"
+            )
         new = PartitionState.from_json(journal["new"])
         old_version = journal["old_version"]
         archive = self._internal(owner, "versions", partition, f"v{old_version}")
@@ -438,7 +442,13 @@ class Lake:
         """Files under a kept version's `root` that its state does not list (anywhere, not only in
         its slots: a version is published whole, so nothing may ride along)."""
         listed = set(state.files) | {"state.json"}
-        return sorted(f"unexpected: {rel}" for p in root.rglob("*") if p.is_file() for rel in [p.relative_to(root).as_posix()] if rel not in listed)
+        return sorted(
+            f"unexpected: {rel}"
+            for p in root.rglob("*")
+            if p.is_file()
+            for rel in [p.relative_to(root).as_posix()]
+            if rel not in listed
+        )
 
     def kept_state(self, owner: str, partition: str, version: int) -> PartitionState:
         """The recorded state of a kept (archived) version."""

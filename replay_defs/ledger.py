@@ -30,7 +30,9 @@ class Ledger(Protocol):
     def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
         """The subset of `ids` the sink already has."""
 
-    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
+    def record(
+        self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None
+    ) -> None:
         """Record an attempt for each id: status 'delivered' or 'failed' (with the error)."""
 
     def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
@@ -66,7 +68,9 @@ class DuckDBLedger:
         self.con.unregister("ledger_ids")
         return {r[0] for r in rows}
 
-    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
+    def record(
+        self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None
+    ) -> None:
         if not ids:
             return
         self._write.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
@@ -126,7 +130,9 @@ class PostgresLedger:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def record(self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None) -> None:
+    def record(
+        self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None
+    ) -> None:
         if not ids:
             return
         self.con.execute(

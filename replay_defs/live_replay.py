@@ -184,7 +184,10 @@ class Coordinator:
         self.r.close()
 
     def register(self, rid: str, tenant: str, day: str, lo_ms: int, hi_ms: int, scope: str) -> None:
-        self.r.hset(self.k.replay(rid), mapping={"tenant": tenant, "day": day, "lo": lo_ms, "hi": hi_ms, "scope": scope, "started": time.time()})
+        self.r.hset(
+            self.k.replay(rid),
+            mapping={"tenant": tenant, "day": day, "lo": lo_ms, "hi": hi_ms, "scope": scope, "started": time.time()},
+        )
         self.r.sadd(self.k.replays(), rid)
 
     def acquire(self, tenant: str, day: str, token: str, ttl_s: int = 300) -> str | None:
@@ -199,8 +202,12 @@ class Coordinator:
             raise RuntimeError(f"lost the replay lock of {tenant} {day} (expired and taken by another replay?)")
 
     def release(self, tenant: str, day: str, token: str) -> None:
-        self.r.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-                    1, self.k.lock(tenant, day), token)
+        self.r.eval(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            1,
+            self.k.lock(tenant, day),
+            token,
+        )
 
     def mark_window(self, rid: str, tenant: str, lo_ms: int, hi_ms: int) -> None:
         self.r.hset(self.k.windows(tenant), rid, json.dumps([lo_ms, hi_ms]))
@@ -209,7 +216,7 @@ class Coordinator:
         """Set the markers of `aggregates` (one script call per 2,000)."""
         ids = list(aggregates)
         for i in range(0, len(ids), 2000):
-            chunk = ids[i:i + 2000]
+            chunk = ids[i : i + 2000]
             self.r.eval(_MARK, 1, self.k.marked(rid), rid, self.k.marker(tenant, ""), *chunk)
         return len(ids)
 
@@ -256,7 +263,11 @@ class Coordinator:
             if not batch:
                 break
             # Through-marks first, then only our own markers go (a newer replay keeps its own).
-            removed += int(self.r.eval(_UNMARK, 1, self.k.through(tenant), rid, self.k.marker(tenant, ""), cutoff if record else "", *batch))
+            removed += int(
+                self.r.eval(
+                    _UNMARK, 1, self.k.through(tenant), rid, self.k.marker(tenant, ""), cutoff if record else "", *batch
+                )
+            )
             after = batch[-1]
         ready = self._release(rid, tenant)
         self.r.expire(self.k.replay(rid), self.keep_s)
@@ -334,7 +345,13 @@ class LiveProjector:
     projection's store (e.g. `ProjectionStore.apply_live`); `projections` maps name -> scope
     ("aggregate" or "day")."""
 
-    def __init__(self, redis_url: str, projections: dict[str, str], apply: Callable[[str, LiveEvent], None], prefix: str = DEFAULT_PREFIX):
+    def __init__(
+        self,
+        redis_url: str,
+        projections: dict[str, str],
+        apply: Callable[[str, LiveEvent], None],
+        prefix: str = DEFAULT_PREFIX,
+    ):
         self.r = _redis(redis_url)
         self.projections = projections
         self.keys = {p: Keys(prefix, p) for p in projections}
@@ -348,11 +365,27 @@ class LiveProjector:
     def _run(self, name: str, scope: str, event: LiveEvent, token: str, mode: str) -> str:
         k = self.keys[name]
         return self._decide(
-            keys=[k.marker(event.tenant, event.aggregate_id), k.windows(event.tenant), k.inflight(event.tenant),
-                  k.deferred(event.tenant, event.aggregate_id), k.ready(), k.through(event.tenant)],
-            args=[scope, event.time_ms, event.event_id, token, event.to_json(), k.replay_prefix(), k.deferred_set_prefix(),
-                  member(event.tenant, event.aggregate_id), mode,
-                  event.aggregate_id if scope == "aggregate" else str(event.time_ms // 86_400_000), int(time.time() * 1000)],
+            keys=[
+                k.marker(event.tenant, event.aggregate_id),
+                k.windows(event.tenant),
+                k.inflight(event.tenant),
+                k.deferred(event.tenant, event.aggregate_id),
+                k.ready(),
+                k.through(event.tenant),
+            ],
+            args=[
+                scope,
+                event.time_ms,
+                event.event_id,
+                token,
+                event.to_json(),
+                k.replay_prefix(),
+                k.deferred_set_prefix(),
+                member(event.tenant, event.aggregate_id),
+                mode,
+                event.aggregate_id if scope == "aggregate" else str(event.time_ms // 86_400_000),
+                int(time.time() * 1000),
+            ],
         )
 
     def _apply(self, name: str, event: LiveEvent, token: str) -> None:

@@ -149,7 +149,11 @@ class _Oversize:
 
 
 def iter_line_batches(
-    path: str, max_line_bytes: int, batch_lines: int = BATCH_LINES, max_bytes: int | None = None, max_lines: int | None = None
+    path: str,
+    max_line_bytes: int,
+    batch_lines: int = BATCH_LINES,
+    max_bytes: int | None = None,
+    max_lines: int | None = None,
 ) -> Iterator[tuple[int, list[bytes | _Oversize]]]:
     """Yield (first line number, lines) with lines of at most max_line_bytes.
 
@@ -169,7 +173,9 @@ def iter_line_batches(
             while chunk := f.read(READ_CHUNK):
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    raise RawFileError("file_too_large", f"more than {max_bytes} uncompressed bytes (EventSchema.max_file_bytes)")
+                    raise RawFileError(
+                        "file_too_large", f"more than {max_bytes} uncompressed bytes (EventSchema.max_file_bytes)"
+                    )
                 if skipping is not None:
                     nl = chunk.find(b"\n")
                     if nl < 0:
@@ -463,7 +469,9 @@ class _QuarantineWriter:
         if not self.rows:
             return
         cols = list(zip(*self.rows))
-        table = pa.Table.from_arrays([pa.array(c, t) for c, t in zip(cols, QUARANTINE_SCHEMA.types)], schema=QUARANTINE_SCHEMA)
+        table = pa.Table.from_arrays(
+            [pa.array(c, t) for c, t in zip(cols, QUARANTINE_SCHEMA.types)], schema=QUARANTINE_SCHEMA
+        )
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, QUARANTINE_SCHEMA, compression="zstd")
         self.writer.write_table(table)
@@ -471,8 +479,10 @@ class _QuarantineWriter:
 
     def close(self) -> bool:
         for reason, (source_ref, lines) in sorted(self.overflow.items()):
-            detail = (f"{lines} more lines quarantined as {reason}: only the first {self.per_reason} are recorded one by one "
-                      "(EventSchema.max_quarantine_rows_per_reason)")
+            detail = (
+                f"{lines} more lines quarantined as {reason}: only the first {self.per_reason} are recorded one by one "
+                "(EventSchema.max_quarantine_rows_per_reason)"
+            )
             self.rows.append((source_ref, None, reason, detail, b"", lines))
         self.overflow = {}
         self.flush()
@@ -525,7 +535,9 @@ class _StageWriter:
             if b not in self.writers:
                 os.makedirs(os.path.dirname(self.paths[b]), exist_ok=True)
                 # Staging is read once, right away: fast to write beats small.
-                self.writers[b] = pq.ParquetWriter(self.paths[b] + ".tmp", self.schema, compression="none", use_dictionary=False)
+                self.writers[b] = pq.ParquetWriter(
+                    self.paths[b] + ".tmp", self.schema, compression="none", use_dictionary=False
+                )
             t = pa.concat_tables(parts)
             self.writers[b].write_table(t)
             self.rows[b] += t.num_rows
@@ -574,7 +586,9 @@ def parse_file(job: ParseJob, task: FileTask) -> FileResult:
     }
     target = pa.scalar(job.day, pa.date32())
     try:
-        for start, lines in iter_line_batches(task.path, schema.max_line_bytes, max_bytes=schema.max_file_bytes, max_lines=schema.max_file_lines):
+        for start, lines in iter_line_batches(
+            task.path, schema.max_line_bytes, max_bytes=schema.max_file_bytes, max_lines=schema.max_file_lines
+        ):
             if start == 1 and isinstance(lines[0], bytes) and lines[0].startswith(b"\xef\xbb\xbf"):
                 lines[0] = lines[0][3:]  # a UTF-8 byte order mark is not part of the JSON
             result.lines += len(lines)
@@ -603,11 +617,24 @@ def parse_file(job: ParseJob, task: FileTask) -> FileResult:
             for (d,), n in Counter(zip(pc.cast(others.column(schema.time_field), pa.date32()).to_pylist())).items():
                 if d in owners:
                     result.routed_out[d.isoformat()] += n
-            outside = others.filter(pc.invert(pc.is_in(pc.cast(others.column(schema.time_field), pa.date32()), value_set=pa.array(sorted(owners), pa.date32()))))
+            outside = others.filter(
+                pc.invert(
+                    pc.is_in(
+                        pc.cast(others.column(schema.time_field), pa.date32()),
+                        value_set=pa.array(sorted(owners), pa.date32()),
+                    )
+                )
+            )
             times = outside.column(schema.time_field).cast(pa.string()).to_pylist()
             for no, t in zip(outside.column("line_no").to_pylist(), times):
                 line = lines[no - start]
-                quarantine.add(task.source_ref, no, "outside_lateness_window", f"event time {t} is too far from arrival {task.arrival.isoformat()}", line[:SAMPLE_BYTES])
+                quarantine.add(
+                    task.source_ref,
+                    no,
+                    "outside_lateness_window",
+                    f"event time {t} is too far from arrival {task.arrival.isoformat()}",
+                    line[:SAMPLE_BYTES],
+                )
                 result.quarantined["outside_lateness_window"] += 1
     except RawFileError as err:
         # A file that cannot be read to its end is rejected whole: none of its events count.
@@ -667,7 +694,9 @@ def dedupe_buckets(
     rows_by_type: Counter = Counter()
     files: list[str] = []
     work = Path(out_dir, "_dedupe")
-    con = duckdb.connect(config={"threads": max(1, threads), "memory_limit": memory_limit, "temp_directory": str(work / "spill")})
+    con = duckdb.connect(
+        config={"threads": max(1, threads), "memory_limit": memory_limit, "temp_directory": str(work / "spill")}
+    )
     try:
         for bucket in sorted(staged):
             rows_in += sum(n for _, n in staged[bucket])
@@ -681,14 +710,16 @@ def dedupe_buckets(
                 f'    (PARTITION BY "{id_col}" ORDER BY source_ref, line_no) AS copy_no'
                 f"    FROM read_parquet($files, hive_partitioning = false)) WHERE copy_no > 1"
                 f") losers USING (source_ref, line_no)) "
-                f"TO $dest (FORMAT parquet, PARTITION_BY (\"{schema.type_field}\"), WRITE_PARTITION_COLUMNS true, "
+                f'TO $dest (FORMAT parquet, PARTITION_BY ("{schema.type_field}"), WRITE_PARTITION_COLUMNS true, '
                 f"COMPRESSION zstd, ROW_GROUP_SIZE 122880)",
                 {"files": [p for p, _ in staged[bucket]], "dest": str(tmp)},  # paths are parameters, never SQL text
             )
             for part in sorted(tmp.glob("*=*/*.parquet")):
                 t = part.parent.name.split("=", 1)[1]
                 # Types were checked against SAFE_TYPE_VALUE while parsing, so they are safe here.
-                dest = Path(out_dir, f"type={t}", f"day={day.isoformat()}", f"part-{bucket:04d}-{len(files):04d}.parquet")
+                dest = Path(
+                    out_dir, f"type={t}", f"day={day.isoformat()}", f"part-{bucket:04d}-{len(files):04d}.parquet"
+                )
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, dest)
                 n = pq.ParquetFile(dest).metadata.num_rows

@@ -64,7 +64,12 @@ BILLING = PipelineSpec(
         time_column="timestamp",
         id_column="id",
         payload_column="payload",
-        filters={"tenant": "tenant_id", "environment": "environment_id", "customer": "external_customer_id", "event_name": "event_name"},
+        filters={
+            "tenant": "tenant_id",
+            "environment": "environment_id",
+            "customer": "external_customer_id",
+            "event_name": "event_name",
+        },
     ),
     schema=EventSchema(
         fields=(

@@ -172,7 +172,9 @@ def _create_replay_tables(conn) -> None:
     )
     # Added after the first release: audit tables created before get the columns here.
     conn.execute(f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused integer NOT NULL DEFAULT 0")
-    conn.execute(f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused_by_reason jsonb NOT NULL DEFAULT '{{}}'::jsonb")
+    conn.execute(
+        f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused_by_reason jsonb NOT NULL DEFAULT '{{}}'::jsonb"
+    )
 
 
 # ---- selections -------------------------------------------------------------------------------
@@ -207,7 +209,9 @@ class Selection:
         return cls("one", event_id=event_id)
 
     @classmethod
-    def failed(cls, since: str | None = None, until: str | None = None, hours: float = 24.0, now: datetime | None = None) -> "Selection":
+    def failed(
+        cls, since: str | None = None, until: str | None = None, hours: float = 24.0, now: datetime | None = None
+    ) -> "Selection":
         """Rows in `error` whose processed_at is in [since, until) (default: the last `hours`)."""
         now = now or datetime.now(timezone.utc)
         start = _parse_time(since) if since else now - timedelta(hours=hours)
@@ -242,10 +246,16 @@ class Selection:
         if self.kind == "failed":
             return sql.SQL("status = 'error' AND processed_at >= %s AND processed_at < %s"), [self.start, self.end]
         if self.kind == "range":
-            return sql.SQL("event_type = %s AND processed_at >= %s AND processed_at < %s"), [self.event_type, self.start, self.end]
+            return sql.SQL("event_type = %s AND processed_at >= %s AND processed_at < %s"), [
+                self.event_type,
+                self.start,
+                self.end,
+            ]
         if self.kind == "stuck":
             return (
-                sql.SQL("status = 'processing' AND coalesce(processed_at, created_at) < now() - make_interval(secs => %s)"),
+                sql.SQL(
+                    "status = 'processing' AND coalesce(processed_at, created_at) < now() - make_interval(secs => %s)"
+                ),
                 [self.older_than_minutes * 60],
             )
         raise ValueError(f"unknown selection {self.kind!r}")
@@ -319,8 +329,18 @@ class Report:
         return self.forced_count > 0
 
     def counts(self) -> dict:
-        keys = ("selected", "published", "changed", "forced_count", "skipped_processed", "skipped_pending", "skipped_processing", "failed",
-                "refused", "not_reached")
+        keys = (
+            "selected",
+            "published",
+            "changed",
+            "forced_count",
+            "skipped_processed",
+            "skipped_pending",
+            "skipped_processing",
+            "failed",
+            "refused",
+            "not_reached",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -344,7 +364,10 @@ def _plan(conn, table: str, selection: Selection) -> tuple[int, dict, dict]:
 
     cond, params = selection.where()
     rows = conn.execute(
-        sql.SQL("SELECT status, event_type, count(*) FROM {t} WHERE {c} GROUP BY 1, 2").format(t=table_identifier(table), c=cond), params
+        sql.SQL("SELECT status, event_type, count(*) FROM {t} WHERE {c} GROUP BY 1, 2").format(
+            t=table_identifier(table), c=cond
+        ),
+        params,
     ).fetchall()
     by_status: dict[str, int] = {}
     by_type: dict[str, int] = {}
@@ -358,8 +381,18 @@ def _audit_start(conn, report: Report, requested_by: str, reason: str, exchange:
     conn.execute(
         f"INSERT INTO {AUDIT_TABLE} (run_id, action, table_name, selection, requested_by, reason, exchange, force, selected, snapshot, status)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'running')",
-        (report.run_id, report.action, report.table, json.dumps(report.selection), requested_by, reason, exchange, report.force,
-         report.selected, report.snapshot),
+        (
+            report.run_id,
+            report.action,
+            report.table,
+            json.dumps(report.selection),
+            requested_by,
+            reason,
+            exchange,
+            report.force,
+            report.selected,
+            report.snapshot,
+        ),
     )
 
 
@@ -369,9 +402,22 @@ def _audit_finish(conn, report: Report, error: str | None = None) -> None:
         f"UPDATE {AUDIT_TABLE} SET published = %s, changed = %s, forced = %s, forced_count = %s, skipped_processed = %s,"
         " skipped_pending = %s, skipped_processing = %s, failed = %s, refused = %s, refused_by_reason = %s, not_reached = %s, status = %s,"
         " error = %s, finished_at = now() WHERE run_id = %s",
-        (c["published"], c["changed"], report.forced, c["forced_count"], c["skipped_processed"], c["skipped_pending"],
-         c["skipped_processing"], c["failed"], c["refused"], json.dumps(report.refused_by_reason), c["not_reached"], report.status,
-         redact(error) if error else None, report.run_id),
+        (
+            c["published"],
+            c["changed"],
+            report.forced,
+            c["forced_count"],
+            c["skipped_processed"],
+            c["skipped_pending"],
+            c["skipped_processing"],
+            c["failed"],
+            c["refused"],
+            json.dumps(report.refused_by_reason),
+            c["not_reached"],
+            report.status,
+            redact(error) if error else None,
+            report.run_id,
+        ),
     )
 
 
@@ -451,12 +497,16 @@ def replay(
             " ON CONFLICT DO NOTHING"
         ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t)
         if new_status == "pending":  # back to the worker, as the seed's replay SQL does
-            update = sql.SQL("UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)")
+            update = sql.SQL(
+                "UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)"
+            )
         else:  # marked failed now, so a later replay-failed window finds it
             update = sql.SQL("UPDATE {t} SET status = %s, error_message = %s, processed_at = now() WHERE id = ANY(%s)")
         update = update.format(t=t)
-        dead_letter = (f"INSERT INTO {DEAD_LETTER_TABLE} (run_id, table_name, event_pk, event_id, event_type, reason, error)"
-                       " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING")
+        dead_letter = (
+            f"INSERT INTO {DEAD_LETTER_TABLE} (run_id, table_name, event_pk, event_id, event_type, reason, error)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        )
         interval = 1.0 / rate_limit if rate_limit else 0.0
         next_at = time.monotonic()
         last_progress = time.monotonic()
@@ -496,8 +546,13 @@ def replay(
                                 time.sleep(wait)
                             next_at = max(next_at + interval, time.monotonic() - interval)
                         forced_row = status in ("processed", "pending") and selection.kind != "stuck"
-                        headers = {"event_id": event_id, "idempotency_key": idem, "event_type": event_type,
-                                   "replay_run_id": run_id, "replay_forced": forced_row}
+                        headers = {
+                            "event_id": event_id,
+                            "idempotency_key": idem,
+                            "event_type": event_type,
+                            "replay_run_id": run_id,
+                            "replay_forced": forced_row,
+                        }
                         body = json.dumps(payload, separators=(",", ":")).encode()
                         with deferred_interrupts():
                             err = exchange.publish(event_type, body, message_id=event_id, headers=headers)
@@ -578,7 +633,9 @@ def undo(
     t0 = time.monotonic()
     with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
         ensure_replay_tables(conn)
-        found = conn.execute(f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)).fetchone()
+        found = conn.execute(
+            f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)
+        ).fetchone()
         if found is None:
             raise LookupError(f"no replay {undo_run_id!r} in {AUDIT_TABLE}")
         if found[1]:

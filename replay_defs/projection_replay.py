@@ -91,8 +91,12 @@ class Projection:
                 raise ValueError(f"projection {self.name!r}: {n!r} is not a safe identifier")
         if self.store == "postgres" and (self.scope != "day" or "day" not in dict(self.key_columns)):
             raise ValueError(f"projection {self.name!r}: an increment store needs scope 'day' and a 'day' key column")
-        if self.store == "clickhouse" and (self.scope != "aggregate" or [c for c, _ in self.key_columns] != ["aggregate_id"]):
-            raise ValueError(f"projection {self.name!r}: a latest-row store needs scope 'aggregate' and key (aggregate_id,)")
+        if self.store == "clickhouse" and (
+            self.scope != "aggregate" or [c for c, _ in self.key_columns] != ["aggregate_id"]
+        ):
+            raise ValueError(
+                f"projection {self.name!r}: a latest-row store needs scope 'aggregate' and key (aggregate_id,)"
+            )
 
     @property
     def kind(self) -> str:
@@ -103,8 +107,16 @@ class Projection:
         return f"projection_{self.name}"
 
     def summary(self) -> dict:
-        return {"name": self.name, "store": self.store, "kind": self.kind, "scope": self.scope, "table": self.table,
-                "key": [c for c, _ in self.key_columns], "values": [c for c, _ in self.value_columns], "description": self.description}
+        return {
+            "name": self.name,
+            "store": self.store,
+            "kind": self.kind,
+            "scope": self.scope,
+            "table": self.table,
+            "key": [c for c, _ in self.key_columns],
+            "values": [c for c, _ in self.value_columns],
+            "description": self.description,
+        }
 
 
 # ---- the two example projections -------------------------------------------------------------
@@ -164,14 +176,25 @@ AGGREGATE_STATE = Projection(
     store="clickhouse",
     scope="aggregate",
     key_columns=(("aggregate_id", "String"),),
-    value_columns=(("events", "UInt64"), ("first_time", "DateTime64(3, 'UTC')"), ("last_time", "DateTime64(3, 'UTC')"),
-                   ("last_type", "String"), ("last_event_id", "String")),
+    value_columns=(
+        ("events", "UInt64"),
+        ("first_time", "DateTime64(3, 'UTC')"),
+        ("last_time", "DateTime64(3, 'UTC')"),
+        ("last_type", "String"),
+        ("last_event_id", "String"),
+    ),
     key=lambda e: (e.aggregate_id,),
     init=lambda: [0, None, None, "", ""],
     apply=_state_apply,
     fold_sql="SELECT aggregate_id, toUInt64(count()) AS events, min(time) AS first_time, max(time) AS last_time, "
     "toString(argMax(type, event_id)) AS last_type, max(event_id) AS last_event_id FROM {table} WHERE {where} GROUP BY aggregate_id",
-    from_row=lambda r: [int(r["events"]), _ms(r["first_time"]), _ms(r["last_time"]), r["last_type"], r["last_event_id"]],
+    from_row=lambda r: [
+        int(r["events"]),
+        _ms(r["first_time"]),
+        _ms(r["last_time"]),
+        r["last_type"],
+        r["last_event_id"],
+    ],
 )
 
 PROJECTIONS: dict[str, Projection] = {p.name: p for p in (AGGREGATE_STATE, TENANT_DAILY_EVENT_COUNTS)}
@@ -221,12 +244,17 @@ class EventLog:
     def counts(self, lo: datetime, hi: datetime, whole_aggregates: bool) -> dict:
         """Dry run: aggregates with events in [lo, hi) and the events a replay would fold."""
         w = f"tenant = {{tenant:String}} AND time >= {{lo:{TS}}} AND time < {{hi:{TS}}}"
-        aggs, events = self._rows(f"SELECT uniqExact(aggregate_id), count() FROM {{table}} WHERE {w}", {"lo": lo, "hi": hi})[0]
+        aggs, events = self._rows(
+            f"SELECT uniqExact(aggregate_id), count() FROM {{table}} WHERE {w}", {"lo": lo, "hi": hi}
+        )[0]
         out = {"aggregates": int(aggs), "events_in_window": int(events)}
         if whole_aggregates:
-            out["events_to_fold"] = int(self._rows(
-                f"SELECT count() FROM {{table}} WHERE tenant = {{tenant:String}} AND aggregate_id IN (SELECT aggregate_id FROM {{table}} WHERE {w})",
-                {"lo": lo, "hi": hi})[0][0])
+            out["events_to_fold"] = int(
+                self._rows(
+                    f"SELECT count() FROM {{table}} WHERE tenant = {{tenant:String}} AND aggregate_id IN (SELECT aggregate_id FROM {{table}} WHERE {w})",
+                    {"lo": lo, "hi": hi},
+                )[0][0]
+            )
         else:
             out["events_to_fold"] = out["events_in_window"]
         return out
@@ -241,15 +269,27 @@ class EventLog:
         )
         return [r[0] for r in rows]
 
-    def pages(self, first: str, last: str, cutoff: str, page_size: int, window: tuple[datetime, datetime] | None = None,
-              only: list[str] | None = None) -> Iterator[Any]:
+    def pages(
+        self,
+        first: str,
+        last: str,
+        cutoff: str,
+        page_size: int,
+        window: tuple[datetime, datetime] | None = None,
+        only: list[str] | None = None,
+    ) -> Iterator[Any]:
         """Events of the aggregates in [first, last] (only those in `only` when given; only in
         `window` when given) with id <= cutoff, in (aggregate_id, event_id) order, as Arrow pages
         of at most `page_size` rows."""
-        conds = ["tenant = {tenant:String}", "aggregate_id >= {first:String}", "aggregate_id <= {last:String}",
-                 "event_id <= {cutoff:String}", "(aggregate_id, event_id) > ({ka:String}, {ke:String})",
-                 # the same bound on the key's column alone: the primary key range starts there (2x faster pages)
-                 "aggregate_id >= {ka:String}"]
+        conds = [
+            "tenant = {tenant:String}",
+            "aggregate_id >= {first:String}",
+            "aggregate_id <= {last:String}",
+            "event_id <= {cutoff:String}",
+            "(aggregate_id, event_id) > ({ka:String}, {ke:String})",
+            # the same bound on the key's column alone: the primary key range starts there (2x faster pages)
+            "aggregate_id >= {ka:String}",
+        ]
         params: dict = {"first": first, "last": last, "cutoff": cutoff, "n": page_size, "tenant": self.tenant}
         if window:
             conds += [f"time >= {{lo:{TS}}}", f"time < {{hi:{TS}}}"]
@@ -302,8 +342,15 @@ def merge_rows(projection: Projection, into: dict, other: dict) -> dict:
     return into
 
 
-def generate_event_log(ch, tenant: str, rows: int, per_aggregate: int = 25, start: str = "2025-06-01", days: int = 5,
-                       other_tenant_every: int = 20) -> None:
+def generate_event_log(
+    ch,
+    tenant: str,
+    rows: int,
+    per_aggregate: int = 25,
+    start: str = "2025-06-01",
+    days: int = 5,
+    other_tenant_every: int = 20,
+) -> None:
     """Demo / benchmark data, written by ClickHouse itself: `rows` events of `tenant` (every
     `other_tenant_every`-th of another tenant), `per_aggregate` consecutive events per aggregate,
     spread evenly over `days` days from `start`, with a small JSON payload holding `units`."""
@@ -317,8 +364,14 @@ def generate_event_log(ch, tenant: str, rows: int, per_aggregate: int = 25, star
                ['run.started', 'run.step', 'run.step', 'run.finished'][number % 4 + 1] AS type,
                concat('{{"units":', toString(number % 7), ',"model":"gpt-x","note":"', repeat('x', 40), '"}}') AS payload
         FROM numbers({{rows:UInt64}})""",
-        {"tenant": tenant, "per": per_aggregate, "start": start + " 00:00:00", "span": days * DAY_MS, "rows": rows,
-         "every": other_tenant_every},
+        {
+            "tenant": tenant,
+            "per": per_aggregate,
+            "start": start + " 00:00:00",
+            "span": days * DAY_MS,
+            "rows": rows,
+            "every": other_tenant_every,
+        },
     )
 
 
@@ -338,7 +391,9 @@ class ReplayLog:
         self._lock = threading.Lock()
 
     def write(self, event: str, **fields) -> None:
-        line = json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields}, default=str)
+        line = json.dumps(
+            {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields}, default=str
+        )
         with self._lock:
             if self._f:
                 self._f.write(line + "\n")
@@ -424,8 +479,16 @@ class DayResult:
         return d
 
 
-def replay_day(projection: Projection, tenant: str, day: str, ch_factory: Callable[[], Any], store, coordinator,
-               options: ReplayOptions, log: ReplayLog) -> DayResult:
+def replay_day(
+    projection: Projection,
+    tenant: str,
+    day: str,
+    ch_factory: Callable[[], Any],
+    store,
+    coordinator,
+    options: ReplayOptions,
+    log: ReplayLog,
+) -> DayResult:
     """Replay one day partition of `projection` for `tenant` (see the module docstring).
 
     `ch_factory()` opens a ClickHouse client (one per parallel stream); `store` is the projection's
@@ -445,25 +508,39 @@ def replay_day(projection: Projection, tenant: str, day: str, ch_factory: Callab
         token = uuid.uuid4().hex
         holder = coordinator.acquire(tenant, day, token)
         if holder is not None:
-            raise ReplayBusy(f"another replay of {projection.name} for this tenant and {day} is running (lock {holder}); "
-                             "wait for it, or after a crash run `event-replay projections cleanup-markers`")
+            raise ReplayBusy(
+                f"another replay of {projection.name} for this tenant and {day} is running (lock {holder}); "
+                "wait for it, or after a crash run `event-replay projections cleanup-markers`"
+            )
         try:
-            return _replay_locked(projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token)
+            return _replay_locked(
+                projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token
+            )
         finally:
             coordinator.release(tenant, day, token)
     finally:
         ch.close()
 
 
-def _replay_locked(projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token) -> DayResult:
+def _replay_locked(
+    projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token
+) -> DayResult:
     lo, hi = day_window(day)
     elog = EventLog(ch, tenant)
     prev = store.progress(projection, tenant, day)
     if prev is not None and prev.status == "running":
         state, res.resumed = prev, True
         res.skipped_aggregates = prev.aggregates
-        log.write("resume", projection=projection.name, day=day, replay_id=prev.replay_id, cutoff=prev.cutoff,
-                  after_aggregate=prev.last_aggregate, aggregates_done=prev.aggregates, events_done=prev.events)
+        log.write(
+            "resume",
+            projection=projection.name,
+            day=day,
+            replay_id=prev.replay_id,
+            cutoff=prev.cutoff,
+            after_aggregate=prev.last_aggregate,
+            aggregates_done=prev.aggregates,
+            events_done=prev.events,
+        )
     else:
         state = ReplayState(projection.name, tenant, day, replay_id=uuid.uuid4().hex)
         log.write("start", projection=projection.name, day=day, replay_id=state.replay_id)
@@ -516,8 +593,17 @@ def _replay_locked(projection, tenant, day, ch, ch_factory, store, coordinator, 
                 res.aggregates += len(batch)
                 res.events += n
                 res.keys_written += len(rows)
-                log.write("batch", day=day, batch=res.batches, aggregates=len(batch), events=n, keys_written=len(rows),
-                          last_aggregate=state.last_aggregate, aggregates_done=state.aggregates, events_done=state.events)
+                log.write(
+                    "batch",
+                    day=day,
+                    batch=res.batches,
+                    aggregates=len(batch),
+                    events=n,
+                    keys_written=len(rows),
+                    last_aggregate=state.last_aggregate,
+                    aggregates_done=state.aggregates,
+                    events_done=state.events,
+                )
                 if options.stop_after_batches is not None and res.batches >= options.stop_after_batches:
                     raise SimulatedCrash(f"stopped after {res.batches} batch(es), as asked")
         finally:
@@ -533,15 +619,24 @@ def _replay_locked(projection, tenant, day, ch, ch_factory, store, coordinator, 
     res.unmark = coordinator.unmark(rid)
     log.write("unmarked", day=day, **res.unmark)
     res.seconds = time.monotonic() - t0
-    log.write("done", day=day, aggregates=res.aggregates, events=res.events, keys_written=res.keys_written,
-              seconds=round(res.seconds, 3), verified=res.verified)
+    log.write(
+        "done",
+        day=day,
+        aggregates=res.aggregates,
+        events=res.events,
+        keys_written=res.keys_written,
+        seconds=round(res.seconds, 3),
+        verified=res.verified,
+    )
     return res
 
 
-def _fold_batch(projection: Projection, tenant: str, batch: list[str], cutoff: str, window, clients, pool, options: ReplayOptions):
+def _fold_batch(
+    projection: Projection, tenant: str, batch: list[str], cutoff: str, window, clients, pool, options: ReplayOptions
+):
     streams = min(options.concurrency, len(batch))
     size = -(-len(batch) // streams)
-    parts = [batch[i:i + size] for i in range(0, len(batch), size)]
+    parts = [batch[i : i + size] for i in range(0, len(batch), size)]
     scoped = window if projection.scope == "day" else None
 
     def one(i: int):

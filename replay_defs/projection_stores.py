@@ -49,8 +49,10 @@ def _arrow_type(ch_type: str) -> pa.DataType:
 def _where(projection: Projection) -> str:
     if projection.scope == "day":
         return f"tenant = {{tenant:String}} AND time >= {{lo:{TS}}} AND time < {{hi:{TS}}} AND event_id <= {{cutoff:String}}"
-    return (f"tenant = {{tenant:String}} AND event_id <= {{cutoff:String}} AND aggregate_id IN (SELECT aggregate_id FROM {EVENT_LOG} "
-            f"WHERE tenant = {{tenant:String}} AND time >= {{lo:{TS}}} AND time < {{hi:{TS}}} AND event_id <= {{dcut:String}})")
+    return (
+        f"tenant = {{tenant:String}} AND event_id <= {{cutoff:String}} AND aggregate_id IN (SELECT aggregate_id FROM {EVENT_LOG} "
+        f"WHERE tenant = {{tenant:String}} AND time >= {{lo:{TS}}} AND time < {{hi:{TS}}} AND event_id <= {{dcut:String}})"
+    )
 
 
 def fold_sql(projection: Projection) -> str:
@@ -74,9 +76,19 @@ class ClickHouseLatestStore:
         self.ch.close()
 
     def ensure(self, projection: Projection) -> None:
-        cols = ", ".join(f"{n} {t}" for n, t in (("tenant", "String"), *projection.key_columns, *projection.value_columns, ("version", "UInt64")))
+        cols = ", ".join(
+            f"{n} {t}"
+            for n, t in (
+                ("tenant", "String"),
+                *projection.key_columns,
+                *projection.value_columns,
+                ("version", "UInt64"),
+            )
+        )
         keys = ", ".join(["tenant", *(n for n, _ in projection.key_columns)])
-        self.ch.command(f"CREATE TABLE IF NOT EXISTS {projection.table} ({cols}) ENGINE = ReplacingMergeTree(version) ORDER BY ({keys})")
+        self.ch.command(
+            f"CREATE TABLE IF NOT EXISTS {projection.table} ({cols}) ENGINE = ReplacingMergeTree(version) ORDER BY ({keys})"
+        )
         self.ch.command(
             f"CREATE TABLE IF NOT EXISTS {PROGRESS} (projection_name String, tenant String, day Date, replay_id String, status String, "
             "cutoff String, discovery_cutoff String, last_aggregate String, aggregates UInt64, events UInt64, version UInt64) "
@@ -94,11 +106,21 @@ class ClickHouseLatestStore:
         return ReplayState(projection.name, tenant, day, **dict(zip(_PROGRESS_FIELDS, rows[0])))
 
     def _save(self, s: ReplayState) -> None:
-        self.ch.insert(PROGRESS, pa.table({
-            "projection_name": [s.projection], "tenant": [s.tenant], "day": pa.array([date.fromisoformat(s.day)], pa.date32()),
-            **{f: pa.array([getattr(s, f)], pa.uint64() if f in ("aggregates", "events") else pa.string()) for f in _PROGRESS_FIELDS},
-            "version": pa.array([time.time_ns()], pa.uint64()),
-        }))
+        self.ch.insert(
+            PROGRESS,
+            pa.table(
+                {
+                    "projection_name": [s.projection],
+                    "tenant": [s.tenant],
+                    "day": pa.array([date.fromisoformat(s.day)], pa.date32()),
+                    **{
+                        f: pa.array([getattr(s, f)], pa.uint64() if f in ("aggregates", "events") else pa.string())
+                        for f in _PROGRESS_FIELDS
+                    },
+                    "version": pa.array([time.time_ns()], pa.uint64()),
+                }
+            ),
+        )
 
     def begin(self, projection: Projection, state: ReplayState, day: str) -> None:
         self._save(state)  # latest row wins: nothing to remove, the replay rewrites each row
@@ -148,11 +170,15 @@ class ClickHouseLatestStore:
         ).to_pylist()
         state = projection.from_row(cur[0]) if cur else projection.init()
         projection.apply(state, event)
-        self.ch.insert(projection.table, self._table(projection, tenant, {projection.key(event): state}, time.time_ns()))
+        self.ch.insert(
+            projection.table, self._table(projection, tenant, {projection.key(event): state}, time.time_ns())
+        )
 
     def rows(self, projection: Projection, tenant: str) -> dict:
         out = {}
-        for r in self.ch.query(f"SELECT * FROM {projection.table} FINAL WHERE tenant = {{t:String}}", {"t": tenant}).to_pylist():
+        for r in self.ch.query(
+            f"SELECT * FROM {projection.table} FINAL WHERE tenant = {{t:String}}", {"t": tenant}
+        ).to_pylist():
             out[tuple(r[n] for n, _ in projection.key_columns)] = tuple(r[n] for n, _ in projection.value_columns)
         return out
 
@@ -167,8 +193,12 @@ class ClickHouseLatestStore:
             f"WHERE tenant = {{tenant:String}}) AS s USING ({', '.join(keys)}) SETTINGS join_use_nulls = 0"
         )
         expected, mismatched = ch.rows(sql, _fold_params(tenant, day, state))[0]
-        return {"passed": int(mismatched) == 0, "expected_rows": int(expected), "mismatched_rows": int(mismatched),
-                "compared_with": "from-scratch fold of event_log (ClickHouse SQL)"}
+        return {
+            "passed": int(mismatched) == 0,
+            "expected_rows": int(expected),
+            "mismatched_rows": int(mismatched),
+            "compared_with": "from-scratch fold of event_log (ClickHouse SQL)",
+        }
 
 
 _pg_type = {"Date": "date", "String": "text", "Int64": "bigint", "UInt64": "bigint"}
@@ -195,13 +225,20 @@ class PostgresIncrementStore:
     def ensure(self, projection: Projection) -> None:
         from psycopg import sql
 
-        cols = [("tenant", "text")] + [(n, _pg_type[t]) for n, t in projection.key_columns] + [(n, "bigint") for n, _ in projection.value_columns]
+        cols = (
+            [("tenant", "text")]
+            + [(n, _pg_type[t]) for n, t in projection.key_columns]
+            + [(n, "bigint") for n, _ in projection.value_columns]
+        )
         keys = ["tenant"] + [n for n, _ in projection.key_columns]
         with self._lock:
-            self.con.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-                self._t(projection),
-                sql.SQL(", ").join(sql.SQL("{} " + t).format(sql.Identifier(n)) for n, t in cols),
-                sql.SQL(", ").join(map(sql.Identifier, keys))))
+            self.con.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+                    self._t(projection),
+                    sql.SQL(", ").join(sql.SQL("{} " + t).format(sql.Identifier(n)) for n, t in cols),
+                    sql.SQL(", ").join(map(sql.Identifier, keys)),
+                )
+            )
             self.con.execute(
                 f"CREATE TABLE IF NOT EXISTS {PROGRESS} (projection_name text, tenant text, day date, replay_id text, status text, "
                 "cutoff text, discovery_cutoff text, last_aggregate text, aggregates bigint, events bigint, "
@@ -212,23 +249,29 @@ class PostgresIncrementStore:
         with self._lock:
             row = self.con.execute(
                 f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} WHERE projection_name = %s AND tenant = %s AND day = %s",
-                (projection.name, tenant, date.fromisoformat(day))).fetchone()
+                (projection.name, tenant, date.fromisoformat(day)),
+            ).fetchone()
         return ReplayState(projection.name, tenant, day, **dict(zip(_PROGRESS_FIELDS, row))) if row else None
 
     def _save(self, s: ReplayState) -> None:
         self.con.execute(
             f"INSERT INTO {PROGRESS} (projection_name, tenant, day, {', '.join(_PROGRESS_FIELDS)}, updated) VALUES (%s, %s, %s, "
-            + ", ".join(["%s"] * len(_PROGRESS_FIELDS)) + ", now()) ON CONFLICT (projection_name, tenant, day) DO UPDATE SET "
-            + ", ".join(f"{f} = EXCLUDED.{f}" for f in _PROGRESS_FIELDS) + ", updated = now()",
-            (s.projection, s.tenant, date.fromisoformat(s.day), *(getattr(s, f) for f in _PROGRESS_FIELDS)))
+            + ", ".join(["%s"] * len(_PROGRESS_FIELDS))
+            + ", now()) ON CONFLICT (projection_name, tenant, day) DO UPDATE SET "
+            + ", ".join(f"{f} = EXCLUDED.{f}" for f in _PROGRESS_FIELDS)
+            + ", updated = now()",
+            (s.projection, s.tenant, date.fromisoformat(s.day), *(getattr(s, f) for f in _PROGRESS_FIELDS)),
+        )
 
     def begin(self, projection: Projection, state: ReplayState, day: str) -> None:
         """Re-replay safety: the day's rows go, in the transaction that records the replay."""
         from psycopg import sql
 
         with self._lock, self.con.transaction():
-            self.con.execute(sql.SQL("DELETE FROM {} WHERE tenant = %s AND day = %s").format(self._t(projection)),
-                             (state.tenant, date.fromisoformat(day)))
+            self.con.execute(
+                sql.SQL("DELETE FROM {} WHERE tenant = %s AND day = %s").format(self._t(projection)),
+                (state.tenant, date.fromisoformat(day)),
+            )
             self._save(state)
 
     def finish(self, projection: Projection, state: ReplayState) -> None:
@@ -240,7 +283,8 @@ class PostgresIncrementStore:
             cur = self.con.execute(
                 f"UPDATE {PROGRESS} SET status = 'abandoned', updated = now() WHERE projection_name = %s AND status = 'running'"
                 + (" AND tenant = %s" if tenant is not None else ""),
-                (projection.name, *((tenant,) if tenant is not None else ())))
+                (projection.name, *((tenant,) if tenant is not None else ())),
+            )
             return cur.rowcount
 
     def _upsert_sql(self, projection: Projection):
@@ -253,7 +297,9 @@ class PostgresIncrementStore:
             cols=sql.SQL(", ").join(map(sql.Identifier, keys + vals)),
             ph=sql.SQL(", ").join(sql.Placeholder() * len(keys + vals)),
             keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
-            sets=sql.SQL(", ").join(sql.SQL("{c} = {t}.{c} + EXCLUDED.{c}").format(c=sql.Identifier(v), t=self._t(projection)) for v in vals),
+            sets=sql.SQL(", ").join(
+                sql.SQL("{c} = {t}.{c} + EXCLUDED.{c}").format(c=sql.Identifier(v), t=self._t(projection)) for v in vals
+            ),
         )
 
     @staticmethod
@@ -274,21 +320,25 @@ class PostgresIncrementStore:
         s = projection.init()
         projection.apply(s, event)
         with self._lock:
-            self.con.execute(self._upsert_sql(projection), (tenant, *self._key_values(projection, projection.key(event)), *s))
+            self.con.execute(
+                self._upsert_sql(projection), (tenant, *self._key_values(projection, projection.key(event)), *s)
+            )
 
     def rows(self, projection: Projection, tenant: str, day: str | None = None) -> dict:
         from psycopg import sql
 
         keys = [n for n, _ in projection.key_columns]
         vals = [n for n, _ in projection.value_columns]
-        q = sql.SQL("SELECT {} FROM {} WHERE tenant = %s").format(sql.SQL(", ").join(map(sql.Identifier, keys + vals)), self._t(projection))
+        q = sql.SQL("SELECT {} FROM {} WHERE tenant = %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, keys + vals)), self._t(projection)
+        )
         args: tuple = (tenant,)
         if day is not None:
             q += sql.SQL(" AND day = %s")
             args += (date.fromisoformat(day),)
         with self._lock:
             out = self.con.execute(q, args).fetchall()
-        return {tuple(r[: len(keys)]): tuple(r[len(keys):]) for r in out}
+        return {tuple(r[: len(keys)]): tuple(r[len(keys) :]) for r in out}
 
     def verify(self, projection: Projection, ch, tenant: str, day: str, state: ReplayState) -> dict:
         """The day's rows against the from-scratch fold (ClickHouse SQL on event_log), key by key."""
@@ -301,9 +351,14 @@ class PostgresIncrementStore:
         got = self.rows(projection, tenant, day)
         bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
         totals = {f"total_{v}": sum(x[i] for x in got.values()) for i, v in enumerate(vals)}
-        return {"passed": not bad, "expected_rows": len(expected), "mismatched_rows": len(bad),
-                "first_mismatch": repr(bad[0]) if bad else "", **totals,
-                "compared_with": "from-scratch fold of event_log (ClickHouse SQL)"}
+        return {
+            "passed": not bad,
+            "expected_rows": len(expected),
+            "mismatched_rows": len(bad),
+            "first_mismatch": repr(bad[0]) if bad else "",
+            **totals,
+            "compared_with": "from-scratch fold of event_log (ClickHouse SQL)",
+        }
 
 
 def as_event(e) -> Event:

@@ -33,7 +33,10 @@ MIN_SECRET_LENGTH = 4
 # scheme://user:password@host  ->  scheme://user:***@host (also a bare scheme://:password@host)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^\s/]*)@")
 # password=... in libpq conninfo and URL query strings (password='a b', password=x&...)
-_PASSWORD_KV = re.compile(r"(?P<key>\b(?:password|passwd|pwd|sasl\.password|token|secret)\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s&;,)'\"]+)", re.I)
+_PASSWORD_KV = re.compile(
+    r"(?P<key>\b(?:password|passwd|pwd|sasl\.password|token|secret)\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^\s&;,)'\"]+)",
+    re.I,
+)
 _ENV_NAME = re.compile(r"(_URL|_DSN|PASSWORD|TOKEN|SECRET)", re.I)
 
 _lock = threading.Lock()

@@ -59,7 +59,8 @@ def expected_messages(lake: Lake, spec: PipelineSpec, day: str, parsed_files: li
         return [], []
     if spec.redrive.unit == "event":
         rows = duckdb.execute(
-            f"SELECT DISTINCT {ident(spec.schema.id_field)} FROM read_parquet($files)", {"files": [str(lake.path(f)) for f in parsed_files]}
+            f"SELECT DISTINCT {ident(spec.schema.id_field)} FROM read_parquet($files)",
+            {"files": [str(lake.path(f)) for f in parsed_files]},
         ).fetchall()
         return [r[0] for r in rows], []
     batch = raw_file_batch(lake, select_source_refs(lake, spec, day, parsed_files, None, "day"))
@@ -74,7 +75,9 @@ def raw_file_message(lake: Lake, source_ref: str) -> tuple[str, dict, None]:
     return message_id(source_ref), body, None
 
 
-def _parquet_selection(lake: Lake, spec: PipelineSpec, parsed_files: list[str], mode: str, uri: str | None, event_type: str | None) -> list[str]:
+def _parquet_selection(
+    lake: Lake, spec: PipelineSpec, parsed_files: list[str], mode: str, uri: str | None, event_type: str | None
+) -> list[str]:
     """The committed Parquet files a selection reads: all of the day's, or the one named (mode
     parquet), narrowed to one event type when given."""
     files = parsed_files
@@ -157,8 +160,14 @@ SORT_MEMORY = "256MB"
 
 
 def event_batches(
-    lake: Lake, spec: PipelineSpec, parsed_files: list[str], mode: str, uri: str | None = None,
-    prefix: str | None = None, event_type: str | None = None, batch_rows: int = 10_000,
+    lake: Lake,
+    spec: PipelineSpec,
+    parsed_files: list[str],
+    mode: str,
+    uri: str | None = None,
+    prefix: str | None = None,
+    event_type: str | None = None,
+    batch_rows: int = 10_000,
 ) -> Iterator[Batch]:
     """unit="event": the partition's parsed events, in event-time order, `batch_rows` at a time
     (memory is bounded by the batch). Each body is the event's schema fields as JSON; the key is
@@ -176,7 +185,10 @@ def event_batches(
     elif mode == "prefix":
         if not prefix:
             raise ValueError("mode 'prefix' needs `prefix` (lake-relative or a URI)")
-        where, params["ref"] = "starts_with(source_ref, $ref)", prefix if "://" in prefix else lake.uri(prefix.strip("/"))
+        where, params["ref"] = (
+            "starts_with(source_ref, $ref)",
+            prefix if "://" in prefix else lake.uri(prefix.strip("/")),
+        )
     fields = []
     for f in schema.fields:
         col = ident(f.name)
@@ -199,7 +211,12 @@ def event_batches(
         con.execute(f"SET memory_limit = '{SORT_MEMORY}'")
         con.execute("SET temp_directory = $dir", {"dir": tempfile.gettempdir() + "/event-replay-duckdb-spill"})
         for rb in con.sql(sql, params=params).to_arrow_reader(batch_rows):
-            yield Batch(rb.column("id").to_pylist(), rb.column("body").to_pylist(), rb.column("type").to_pylist(), rb.column("key").to_pylist())
+            yield Batch(
+                rb.column("id").to_pylist(),
+                rb.column("body").to_pylist(),
+                rb.column("type").to_pylist(),
+                rb.column("key").to_pylist(),
+            )
     finally:
         con.close()
 
@@ -240,6 +257,7 @@ def redrive(
     started = last_log = time.monotonic()
     sent = 0  # messages handed to the sink, for the rate limit
     with LedgerWriter(ledger, pipeline, sink.name, partition, run_id) as writer:
+
         def prepare(batch: Batch) -> tuple[Batch, Batch, set[str]]:
             """The batch, the part that can be sent, and the ids of it the sink already has."""
             sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
@@ -256,7 +274,9 @@ def redrive(
             if handled_in_run is not None:
                 already |= handled_in_run.intersection(sendable.ids)
                 handled_in_run.update(sendable.ids)
-            pending = sendable.take([i for i, m in enumerate(sendable.ids) if m not in already]) if already else sendable
+            pending = (
+                sendable.take([i for i, m in enumerate(sendable.ids) if m not in already]) if already else sendable
+            )
             counts.skipped_already_delivered += len(sendable) - len(pending)
             if dry_run:
                 continue
@@ -267,11 +287,26 @@ def redrive(
                     if wait > 0:
                         time.sleep(wait)
                 sent += len(chunk)
-                _deliver_with_retries(sink, writer, pipeline, partition, chunk, run_id, force, retries, retry_backoff_s, counts, log, on_failed)
+                _deliver_with_retries(
+                    sink,
+                    writer,
+                    pipeline,
+                    partition,
+                    chunk,
+                    run_id,
+                    force,
+                    retries,
+                    retry_backoff_s,
+                    counts,
+                    log,
+                    on_failed,
+                )
                 if log and time.monotonic() - last_log >= 5:
                     last_log = time.monotonic()
                     rate = counts.published / (last_log - started)
-                    log(f"redrive {partition}: {counts.published} delivered ({rate:,.0f}/s), {counts.failed} failed so far")
+                    log(
+                        f"redrive {partition}: {counts.published} delivered ({rate:,.0f}/s), {counts.failed} failed so far"
+                    )
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
 
@@ -319,7 +354,9 @@ class LedgerWriter:
             return
         while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(self.ledger.record, self.pipeline, self.sink, self.day, ids, status, self.run_id, error))
+        self._pending.append(
+            self._pool.submit(self.ledger.record, self.pipeline, self.sink, self.day, ids, status, self.run_id, error)
+        )
 
     def __enter__(self) -> "LedgerWriter":
         return self
@@ -332,7 +369,20 @@ class LedgerWriter:
             self._pool.shutdown(wait=True)
 
 
-def _deliver_with_retries(sink, writer: LedgerWriter, pipeline, partition, chunk: Batch, run_id, force, retries, backoff_s, counts, log, on_failed) -> None:
+def _deliver_with_retries(
+    sink,
+    writer: LedgerWriter,
+    pipeline,
+    partition,
+    chunk: Batch,
+    run_id,
+    force,
+    retries,
+    backoff_s,
+    counts,
+    log,
+    on_failed,
+) -> None:
     for attempt in range(retries + 1):
         errors = sink.deliver(pipeline, partition, chunk, run_id=run_id, resend=force)
         ok = [m for m, e in zip(chunk.ids, errors) if e is None]
@@ -345,7 +395,9 @@ def _deliver_with_retries(sink, writer: LedgerWriter, pipeline, partition, chunk
         chunk = chunk.take(failed)
         if attempt < retries:
             if log:
-                log(f"redrive {partition}: {len(failed)} deliveries failed ({last_errors[0]}); retry {attempt + 1}/{retries}")
+                log(
+                    f"redrive {partition}: {len(failed)} deliveries failed ({last_errors[0]}); retry {attempt + 1}/{retries}"
+                )
             time.sleep(backoff_s * 2**attempt)
     by_error: dict[str, list[int]] = {}
     for i, e in enumerate(last_errors):

@@ -63,14 +63,19 @@ class Batch:
     @staticmethod
     def of(messages: list[tuple[str, dict, str | None]]) -> "Batch":
         """From (id, body, type) triples; the id is added to each JSON body."""
-        return Batch([m[0] for m in messages], [json.dumps({"id": m[0], **m[1]}, sort_keys=True).encode() for m in messages],
-                     [m[2] for m in messages])
+        return Batch(
+            [m[0] for m in messages],
+            [json.dumps({"id": m[0], **m[1]}, sort_keys=True).encode() for m in messages],
+            [m[2] for m in messages],
+        )
 
 
 class Sink(Protocol):
     name: str
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
         """Deliver a batch; per message None when confirmed, else the error text."""
 
     def close(self) -> None:
@@ -91,7 +96,9 @@ class Outbox:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
         d = self.root / pipeline / f"day={check_partition(day)}"
         d.mkdir(parents=True, exist_ok=True)
         salt = run_id if resend else ""
@@ -122,7 +129,9 @@ class KafkaTopic:
     """Idempotent producer (acks=all): retries inside one producer never duplicate. A restarted
     process is a new producer, which is why the ledger, not idempotence, prevents re-sends."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, message_timeout_ms: int = 30_000, config: dict | None = None):
+    def __init__(
+        self, bootstrap_servers: str, topic: str, message_timeout_ms: int = 30_000, config: dict | None = None
+    ):
         from confluent_kafka import Producer
 
         self.topic = topic
@@ -139,7 +148,9 @@ class KafkaTopic:
             }
         )
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
         errors: list[str | None] = ["no delivery report before the flush timeout"] * len(batch)
 
         def on_delivery(i: int, err, _msg) -> None:
@@ -170,8 +181,15 @@ class SqsQueue:
 
     MAX_ENTRIES = 10
 
-    def __init__(self, client, queue: str, max_visible: int | None = None, max_batch_bytes: int = 256 * 1024,
-                 retries: int = 3, poll_s: float = 1.0):
+    def __init__(
+        self,
+        client,
+        queue: str,
+        max_visible: int | None = None,
+        max_batch_bytes: int = 256 * 1024,
+        retries: int = 3,
+        poll_s: float = 1.0,
+    ):
         self.client = client
         self.queue = queue
         self.name = f"sqs:{queue}"
@@ -192,7 +210,9 @@ class SqsQueue:
         if self.max_visible is None:
             return
         while True:
-            attrs = self.client.get_queue_attributes(QueueUrl=self._queue_url(), AttributeNames=["ApproximateNumberOfMessages"])
+            attrs = self.client.get_queue_attributes(
+                QueueUrl=self._queue_url(), AttributeNames=["ApproximateNumberOfMessages"]
+            )
             if int(attrs["Attributes"]["ApproximateNumberOfMessages"]) <= self.max_visible:
                 return
             time.sleep(self.poll_s)
@@ -210,16 +230,23 @@ class SqsQueue:
         if chunk:
             yield chunk
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
         errors: list[str | None] = [None] * len(batch)
-        attrs = {k: {"DataType": "String", "StringValue": v} for k, v in (("replay_run_id", run_id or "-"), ("pipeline", pipeline), ("day", day))}
+        attrs = {
+            k: {"DataType": "String", "StringValue": v}
+            for k, v in (("replay_run_id", run_id or "-"), ("pipeline", pipeline), ("day", day))
+        }
         entries = []
         for i, (mid, body) in enumerate(zip(batch.ids, batch.bodies)):
             entry = {"Id": str(i), "MessageBody": body.decode(), "MessageAttributes": attrs}
             if self.fifo:
                 entry["MessageGroupId"] = f"{pipeline}-{day}"
                 # A forced re-send must not be swallowed by the 5-minute deduplication window.
-                entry["MessageDeduplicationId"] = hashlib.sha256(f"{mid}{run_id if resend else ''}".encode()).hexdigest()[:64]
+                entry["MessageDeduplicationId"] = hashlib.sha256(
+                    f"{mid}{run_id if resend else ''}".encode()
+                ).hexdigest()[:64]
             entries.append(entry)
         for chunk in self._chunks(entries):
             self._wait_for_room()
@@ -248,11 +275,20 @@ class SqsQueue:
             if len(entries) > 1:  # refused as a whole (e.g. one entry too big): isolate the culprit
                 return [f for e in entries for f in self._send([e])]
             code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-            return [(entries[0], redact(f"{exc.response['Error'].get('Code')}: {exc.response['Error'].get('Message')}"), code >= 500)]
+            return [
+                (
+                    entries[0],
+                    redact(f"{exc.response['Error'].get('Code')}: {exc.response['Error'].get('Message')}"),
+                    code >= 500,
+                )
+            ]
         except Exception as exc:  # the endpoint is down or unreachable: retry later
             return [(e, redact(f"{type(exc).__name__}: {exc}"), True) for e in entries]
         by_id = {e["Id"]: e for e in entries}
-        return [(by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}", not f.get("SenderFault", False)) for f in resp.get("Failed", [])]
+        return [
+            (by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}", not f.get("SenderFault", False))
+            for f in resp.get("Failed", [])
+        ]
 
 
 AMQP_SHORT_STRING_BYTES = 255  # AMQP 0-9-1 short strings: routing key, message_id, header (field table) keys
@@ -260,8 +296,13 @@ AMQP_SHORT_STRING_BYTES = 255  # AMQP 0-9-1 short strings: routing key, message_
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
-def amqp_refusal(routing_key: str, body: bytes, message_id: str | None = None, headers: dict | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> str | None:
+def amqp_refusal(
+    routing_key: str,
+    body: bytes,
+    message_id: str | None = None,
+    headers: dict | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> str | None:
     """Why an AMQP broker (or pika, before sending) would refuse this message for its shape, as
     `reason: detail` (no content of the message, only sizes); None when it fits."""
 
@@ -298,7 +339,9 @@ class RabbitExchange:
 
     REFUSED = "refused: "
 
-    def __init__(self, url: str, exchange: str, routing_key: str = "{type}", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(
+        self, url: str, exchange: str, routing_key: str = "{type}", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ):
         self.url = url
         self.exchange = exchange
         self.routing_key = routing_key
@@ -311,7 +354,9 @@ class RabbitExchange:
         if self._channel is None or self._channel.is_closed:
             if self._connection is None or self._connection.is_closed:
                 self._connection = connect.rabbitmq(self.url, connection_attempts=1, socket_timeout=5)
-            self._channel = self._connection.channel()  # the broker closed the channel alone: a new one on the same connection
+            self._channel = (
+                self._connection.channel()
+            )  # the broker closed the channel alone: a new one on the same connection
             self._channel.confirm_delivery()
         return self._channel
 
@@ -327,7 +372,9 @@ class RabbitExchange:
             return self.REFUSED + refusal
         # message_id lets a consumer drop the one copy a cut connection can leave ambiguous
         # (published, confirm lost, sent again by the retry).
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers)
+        props = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers
+        )
         try:
             self._open().basic_publish(self.exchange, routing_key, body, properties=props, mandatory=True)
             return None
@@ -353,7 +400,9 @@ class RabbitExchange:
             except Exception:  # noqa: BLE001 - it is being dropped because it failed
                 pass
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
         errors: list[str | None] = []
         headers = {"replay_run_id": run_id, "pipeline": pipeline, "day": day}
         for message_id, body, event_type in zip(batch.ids, batch.bodies, batch.types):
@@ -396,8 +445,15 @@ class RedisTarget:
     """
     SCRIPT_CHUNK = 2000  # messages per script call; several calls ride one pipeline
 
-    def __init__(self, url: str, key: str, mode: str = "bullmq", prefix: str = "bull", seen_ttl_s: int = 7 * 24 * 3600,
-                 job_name: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        mode: str = "bullmq",
+        prefix: str = "bull",
+        seen_ttl_s: int = 7 * 24 * 3600,
+        job_name: str | None = None,
+    ):
         import redis
 
         self.url, self.key, self.mode, self.prefix, self.seen_ttl_s = url, key, mode, prefix, seen_ttl_s
@@ -410,7 +466,9 @@ class RedisTarget:
         self._loop = None
         self._queue = None
 
-    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list[str | None]:
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
         try:
             if self.mode == "bullmq":
                 self._add_jobs(batch, run_id if resend else None)
@@ -455,7 +513,9 @@ class RedisTarget:
         import redis.asyncio
 
         retry = redis.asyncio.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
-        return connect.redis_async(self.url, decode_responses=True, retry=retry, socket_timeout=30, socket_connect_timeout=5)
+        return connect.redis_async(
+            self.url, decode_responses=True, retry=retry, socket_timeout=30, socket_connect_timeout=5
+        )
 
     def close(self) -> None:
         if self._queue is not None:

@@ -98,7 +98,15 @@ class ClickHouseSource:
     kind: Literal["clickhouse"] = "clickhouse"
 
     def __post_init__(self) -> None:
-        for name in (self.table, *self.order_by, self.time_column, self.id_column, self.payload_column, *self.filters, *self.filters.values()):
+        for name in (
+            self.table,
+            *self.order_by,
+            self.time_column,
+            self.id_column,
+            self.payload_column,
+            *self.filters,
+            *self.filters.values(),
+        ):
             if not SAFE_NAME.fullmatch(name):
                 raise ValueError(f"ClickHouse source: {name!r} is not a safe identifier")
         for role, name in (("time_column", self.time_column), ("id_column", self.id_column)):

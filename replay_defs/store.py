@@ -95,12 +95,17 @@ class DuckDBStore:
         try:
             if not by_day_existed:  # a store folded before per-day rows existed: start from its rows
                 con.execute(f"INSERT INTO {by_day} SELECT * FROM {table}")
-            con.execute(f"CREATE OR REPLACE TEMP TABLE _touched AS SELECT DISTINCT {', '.join(keys)} FROM {by_day} WHERE _day = $day::DATE", {"day": day})
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE _touched AS SELECT DISTINCT {', '.join(keys)} FROM {by_day} WHERE _day = $day::DATE",
+                {"day": day},
+            )
             con.execute(f"DELETE FROM {by_day} WHERE _day = $day::DATE", {"day": day})
             n = 0
             if files:
                 n = con.execute(f"INSERT INTO {by_day} {latest}", params).fetchone()[0]
-                con.execute(f"INSERT INTO _touched SELECT {', '.join(keys)} FROM {by_day} WHERE _day = $day::DATE", {"day": day})
+                con.execute(
+                    f"INSERT INTO _touched SELECT {', '.join(keys)} FROM {by_day} WHERE _day = $day::DATE", {"day": day}
+                )
             con.execute(f"DELETE FROM {table} AS t WHERE EXISTS (SELECT 1 FROM _touched AS s WHERE {same_key})")
             con.execute(
                 f"INSERT INTO {table} SELECT DISTINCT ON ({', '.join(keys)}) * FROM {by_day} AS t "
@@ -126,8 +131,16 @@ class DuckDBStore:
             f"FROM {source} ORDER BY {', '.join(keys)}, {order} DESC, {eid} DESC"
         )
 
-    def fold_mismatches(self, pipeline: str, p: Projection, schema: EventSchema, day: str, day_files: list[str],
-                        all_days: list[str], all_files: list[str]) -> tuple[dict, list[str]]:
+    def fold_mismatches(
+        self,
+        pipeline: str,
+        p: Projection,
+        schema: EventSchema,
+        day: str,
+        day_files: list[str],
+        all_days: list[str],
+        all_files: list[str],
+    ) -> tuple[dict, list[str]]:
         """Compare projection `p` with a from-scratch fold of the committed Parquet: an increment
         projection's rows of the day with a fold of `day_files`; a replace projection's rows for
         the keys the day touches with a fold of `all_files` (every committed day), plus its rows of
@@ -135,13 +148,28 @@ class DuckDBStore:
         table = ident(pipeline, p.name)
         with self.connect() as con:
             if not self._exists(con, table):
-                return {f"{p.name}_rows_differing": len(day_files)}, [f"{p.name}: the table does not exist"] if day_files else []
+                return {f"{p.name}_rows_differing": len(day_files)}, [
+                    f"{p.name}: the table does not exist"
+                ] if day_files else []
             if p.kind == "increment":
                 fold = self._increment_fold(p) if day_files else f"SELECT * FROM {table} WHERE FALSE"
                 cur = f"SELECT * FROM {table} WHERE day = $day::DATE"
-                compared, differing, sample = self._compare(con, fold, cur, ["day", *p.key], list(p.values),
-                                                            {"day": day, "files": day_files} if day_files else {"day": day}, table)
-                problems = [f"{p.name}: {differing} of {compared} rows of the day differ from a fold of its committed Parquet, e.g. {sample}"] if differing else []
+                compared, differing, sample = self._compare(
+                    con,
+                    fold,
+                    cur,
+                    ["day", *p.key],
+                    list(p.values),
+                    {"day": day, "files": day_files} if day_files else {"day": day},
+                    table,
+                )
+                problems = (
+                    [
+                        f"{p.name}: {differing} of {compared} rows of the day differ from a fold of its committed Parquet, e.g. {sample}"
+                    ]
+                    if differing
+                    else []
+                )
                 return {f"{p.name}_rows_compared": compared, f"{p.name}_rows_differing": differing}, problems
             return self._replace_mismatches(con, table, p, schema, day, day_files, all_days, all_files)
 
@@ -159,35 +187,72 @@ class DuckDBStore:
             scan = f"(SELECT * FROM read_parquet($all_files) AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key}))"
             truth = self._latest_per_key(p, schema, scan)
         cur = f"SELECT * FROM {table} AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key})"
-        compared, differing, sample = self._compare(con, truth, cur, list(p.key), [*p.values, "_order", "_event_id"], params, table,
-                                                    prelude=f"touched AS ({touched})")
-        problems = [f"{p.name}: {differing} of {compared} keys the day touches differ from a fold of the committed days, e.g. {sample}"] if differing else []
-        orphans = con.execute(f"SELECT count(*) FROM {table} WHERE _day IS NULL OR NOT list_contains($days, _day::VARCHAR)",
-                              {"days": all_days}).fetchall()[0][0]
+        compared, differing, sample = self._compare(
+            con,
+            truth,
+            cur,
+            list(p.key),
+            [*p.values, "_order", "_event_id"],
+            params,
+            table,
+            prelude=f"touched AS ({touched})",
+        )
+        problems = (
+            [
+                f"{p.name}: {differing} of {compared} keys the day touches differ from a fold of the committed days, e.g. {sample}"
+            ]
+            if differing
+            else []
+        )
+        orphans = con.execute(
+            f"SELECT count(*) FROM {table} WHERE _day IS NULL OR NOT list_contains($days, _day::VARCHAR)",
+            {"days": all_days},
+        ).fetchall()[0][0]
         if orphans:
             problems.append(f"{p.name}: {orphans} rows come from no committed day")
         by_day = ident(table.split(".")[0].strip('"'), f"{p.name}__by_day")
         day_rows = differing_by_day = 0
         if self._exists(con, by_day):
-            latest = self._latest_per_key(p, schema, "read_parquet($files)", extra=", $day::DATE AS _day") if day_files else f"SELECT * FROM {by_day} WHERE FALSE"
-            day_rows, differing_by_day, _ = self._compare(con, latest, f"SELECT * FROM {by_day} WHERE _day = $day::DATE", list(p.key),
-                                                          [*p.values, "_order", "_event_id"], {"day": day, "files": day_files} if day_files else {"day": day},
-                                                          by_day)
+            latest = (
+                self._latest_per_key(p, schema, "read_parquet($files)", extra=", $day::DATE AS _day")
+                if day_files
+                else f"SELECT * FROM {by_day} WHERE FALSE"
+            )
+            day_rows, differing_by_day, _ = self._compare(
+                con,
+                latest,
+                f"SELECT * FROM {by_day} WHERE _day = $day::DATE",
+                list(p.key),
+                [*p.values, "_order", "_event_id"],
+                {"day": day, "files": day_files} if day_files else {"day": day},
+                by_day,
+            )
             if differing_by_day:
-                problems.append(f"{p.name}__by_day: {differing_by_day} of the day's {day_rows} rows differ from its committed Parquet")
-        md = {f"{p.name}_keys_compared": compared, f"{p.name}_keys_differing": differing, f"{p.name}_orphan_rows": orphans,
-              f"{p.name}_by_day_rows_differing": differing_by_day}
+                problems.append(
+                    f"{p.name}__by_day: {differing_by_day} of the day's {day_rows} rows differ from its committed Parquet"
+                )
+        md = {
+            f"{p.name}_keys_compared": compared,
+            f"{p.name}_keys_differing": differing,
+            f"{p.name}_orphan_rows": orphans,
+            f"{p.name}_by_day_rows_differing": differing_by_day,
+        }
         return md, problems
 
     @staticmethod
-    def _compare(con, expected: str, actual: str, keys: list[str], values: list[str], params: dict, table: str,
-                 prelude: str = "") -> tuple[int, int, list[str]]:
+    def _compare(
+        con, expected: str, actual: str, keys: list[str], values: list[str], params: dict, table: str, prelude: str = ""
+    ) -> tuple[int, int, list[str]]:
         """Rows of two queries matched on `keys`: (rows compared, rows that differ or have no
         match, a sample of their keys). `table`'s floating columns may differ by rounding (1e-9
         relative): a fold's float sums depend on the order DuckDB's threads add them in."""
         k = [ident(c) for c in keys]
         on = " AND ".join(f"e.{c} IS NOT DISTINCT FROM a.{c}" for c in k)
-        floats = {name for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall() if kind in ("FLOAT", "DOUBLE", "REAL")}
+        floats = {
+            name
+            for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall()
+            if kind in ("FLOAT", "DOUBLE", "REAL")
+        }
 
         def differs(c: str) -> str:
             e, a = f"e.{ident(c)}", f"a.{ident(c)}"

@@ -74,8 +74,11 @@ class Selection:
         return max(lo, self.start or lo), min(hi, self.end or hi)
 
     def to_json(self) -> dict:
-        return {"filters": dict(sorted(self.filters.items())), "start": self.start.isoformat() if self.start else None,
-                "end": self.end.isoformat() if self.end else None}
+        return {
+            "filters": dict(sorted(self.filters.items())),
+            "start": self.start.isoformat() if self.start else None,
+            "end": self.end.isoformat() if self.end else None,
+        }
 
     @staticmethod
     def from_json(d: dict) -> "Selection":
@@ -83,7 +86,9 @@ class Selection:
 
 
 class KeysetReader:
-    def __init__(self, ch: ClickHouse, source: ClickHouseSource, day: str, selection: Selection, batch_size: int = 10_000):
+    def __init__(
+        self, ch: ClickHouse, source: ClickHouseSource, day: str, selection: Selection, batch_size: int = 10_000
+    ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.ch, self.source, self.day, self.selection, self.batch_size = ch, source, day, selection, batch_size
@@ -172,7 +177,10 @@ class KeysetReader:
                     yield page
                 last = top
             else:
-                page = self.ch.query(f"SELECT {select} FROM {table} WHERE {where} ORDER BY {key_list} LIMIT {{limit:UInt64}}", {**params, **bound})
+                page = self.ch.query(
+                    f"SELECT {select} FROM {table} WHERE {where} ORDER BY {key_list} LIMIT {{limit:UInt64}}",
+                    {**params, **bound},
+                )
                 self.queries += 1
                 if page.num_rows:
                     self.pages += 1
@@ -209,7 +217,10 @@ def _dig_all(docs: list, parts: tuple[str, ...]) -> list:
         return [x.get(b) if d is not None and type(x := d.get(a)) is dict else None for d in docs]
     if len(parts) == 3:
         a, b, c = parts
-        return [y.get(c) if d is not None and type(x := d.get(a)) is dict and type(y := x.get(b)) is dict else None for d in docs]
+        return [
+            y.get(c) if d is not None and type(x := d.get(a)) is dict and type(y := x.get(b)) is dict else None
+            for d in docs
+        ]
     return [_dig(d, parts) for d in docs]
 
 
@@ -224,8 +235,11 @@ class Transformer:
         self._encode = msgspec.json.Encoder().encode
         self.types = {f.name: f.type for f in spec.schema.fields}
         self.required = {f.name for f in spec.schema.fields if f.required}
-        for paths in (*(r.paths for r in self.mapping.rules), *self.mapping.fields.values(),
-                      *(p for obj in self.mapping.objects.values() for p in obj.values())):
+        for paths in (
+            *(r.paths for r in self.mapping.rules),
+            *self.mapping.fields.values(),
+            *(p for obj in self.mapping.objects.values() for p in obj.values()),
+        ):
             for path in paths:
                 self._path(path)
 
@@ -237,7 +251,9 @@ class Transformer:
         if head == self.source.payload_column and rest:
             return "payload", tuple(rest.split("."))
         if path not in self.source.columns:
-            raise ValueError(f"mapping path {path!r} is neither a column of {self.source.table} nor inside {self.source.payload_column}")
+            raise ValueError(
+                f"mapping path {path!r} is neither a column of {self.source.table} nor inside {self.source.payload_column}"
+            )
         return "column", path
 
     def _coerce(self, name: str, v):
@@ -339,8 +355,14 @@ class Transformer:
             want = self.arrow_schema.field(name).type
             if len(paths) == 1 and kind == "column" and self.types[name] in ("string", "timestamp"):
                 col = rows.column(ref).combine_chunks()
-                if col.type == want or (pa.types.is_timestamp(col.type) and pa.types.is_timestamp(want) and col.type.tz == want.tz):
-                    missing = pc.is_null(col) if self.types[name] == "timestamp" else pc.or_kleene(pc.is_null(col), pc.equal(col, ""))
+                if col.type == want or (
+                    pa.types.is_timestamp(col.type) and pa.types.is_timestamp(want) and col.type.tz == want.tz
+                ):
+                    missing = (
+                        pc.is_null(col)
+                        if self.types[name] == "timestamp"
+                        else pc.or_kleene(pc.is_null(col), pc.equal(col, ""))
+                    )
                     if name in self.required and pc.any(missing).as_py():
                         for i in pc.indices_nonzero(missing).to_pylist():
                             if reasons[i] is None:
@@ -355,7 +377,9 @@ class Transformer:
                 if v is None:
                     if required:
                         reasons[i], details[i] = "missing_field", f"no value for required field {name}"
-                elif not (t == "string" and type(v) is str) and not (t == "timestamp" and type(v) is datetime and v.tzinfo):
+                elif not (t == "string" and type(v) is str) and not (
+                    t == "timestamp" and type(v) is datetime and v.tzinfo
+                ):
                     try:
                         vals[i] = self._coerce(name, v)
                     except TypeError as exc:
@@ -365,15 +389,20 @@ class Transformer:
         for name, members in self.mapping.objects.items():
             keys = list(members)
             cols = [first(paths) for paths in members.values()]
-            out[name] = [None if reasons[i] is not None else encode({k: v for k, v in zip(keys, vs) if v is not None}).decode()
-                         for i, vs in enumerate(zip(*cols))]
+            out[name] = [
+                None if reasons[i] is not None else encode({k: v for k, v in zip(keys, vs) if v is not None}).decode()
+                for i, vs in enumerate(zip(*cols))
+            ]
         for name, value in self.mapping.constants.items():
             out[name] = [value] * n
         type_field = self.schema.type_field
         types = direct[type_field].to_pylist() if type_field in direct else out[type_field]
         for i, t in enumerate(types):
             if reasons[i] is None and not SAFE_TYPE_VALUE.fullmatch(str(t)):
-                reasons[i], details[i] = "unsafe_type", f"{self.schema.type_field} {str(t)[:80]!r} cannot name a directory"
+                reasons[i], details[i] = (
+                    "unsafe_type",
+                    f"{self.schema.type_field} {str(t)[:80]!r} cannot name a directory",
+                )
         for i, r in enumerate(reasons):
             if r is not None and r not in dropped:
                 errors[r] += 1
@@ -386,18 +415,33 @@ class Transformer:
                 sample = encode({c: (v.isoformat() if isinstance(v, datetime) else v) for c, v in raw.items()})
                 quarantine.append((ref_prefix + str(raw[s.id_column]), first_no + i, reasons[i], details[i], sample, 1))
         take = pa.array(keep, pa.int64())
-        arrays = [direct[f.name].take(take) if f.name in direct else pa.array([out[f.name][i] for i in keep], self.arrow_schema.field(f.name).type)
-                  for f in self.schema.fields]
+        arrays = [
+            direct[f.name].take(take)
+            if f.name in direct
+            else pa.array([out[f.name][i] for i in keep], self.arrow_schema.field(f.name).type)
+            for f in self.schema.fields
+        ]
         ids = rows.column(s.id_column).take(take).cast(pa.string())
-        arrays += [pc.binary_join_element_wise(pa.scalar(ref_prefix), ids, ""), pa.array([first_no + i for i in keep], pa.int64())]
+        arrays += [
+            pc.binary_join_element_wise(pa.scalar(ref_prefix), ids, ""),
+            pa.array([first_no + i for i in keep], pa.int64()),
+        ]
         return pa.Table.from_arrays(arrays, schema=self.arrow_schema), quarantine, dropped, errors
 
 
 # ---- a day -------------------------------------------------------------------------------------
 
 
-def parse_table_day(ch: ClickHouse, spec: PipelineSpec, day: str, selection: Selection, batch_size: int, out_root: str,
-                    quarantine_path: str, log=None) -> dict:
+def parse_table_day(
+    ch: ClickHouse,
+    spec: PipelineSpec,
+    day: str,
+    selection: Selection,
+    batch_size: int,
+    out_root: str,
+    quarantine_path: str,
+    log=None,
+) -> dict:
     """Read the day by keyset, transform it batch by batch, and write `<out_root>/<parsed_prefix>/type=<t>/day=<day>/
     part.parquet` per event type and the quarantine file. Returns the day's counts."""
     t0 = time.monotonic()
@@ -431,7 +475,12 @@ def parse_table_day(ch: ClickHouse, spec: PipelineSpec, day: str, selection: Sel
                 if qwriter is None:
                     os.makedirs(os.path.dirname(quarantine_path), exist_ok=True)
                     qwriter = pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd")
-                qwriter.write_table(pa.Table.from_arrays([pa.array(c, t) for c, t in zip(zip(*quarantine), QUARANTINE_SCHEMA.types)], schema=QUARANTINE_SCHEMA))
+                qwriter.write_table(
+                    pa.Table.from_arrays(
+                        [pa.array(c, t) for c, t in zip(zip(*quarantine), QUARANTINE_SCHEMA.types)],
+                        schema=QUARANTINE_SCHEMA,
+                    )
+                )
             if log and time.monotonic() - last_log >= 5:
                 last_log = time.monotonic()
                 log(f"{day}: read {found:,} rows in {reader.queries} keyset queries, {parsed:,} events")

@@ -13,5 +13,15 @@ from resources.sqs import SqsResource
 from resources.store import StoreResource
 
 __all__ = [
-    "ClickHouseResource", "KafkaResource", "LakeResource", "LedgerResource", "OutboxResource", "PostgresResource", "ProjectionReplayResource", "RabbitMQResource", "RedisResource", "SqsResource", "StoreResource",
+    "ClickHouseResource",
+    "KafkaResource",
+    "LakeResource",
+    "LedgerResource",
+    "OutboxResource",
+    "PostgresResource",
+    "ProjectionReplayResource",
+    "RabbitMQResource",
+    "RedisResource",
+    "SqsResource",
+    "StoreResource",
 ]

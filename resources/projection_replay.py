@@ -21,8 +21,12 @@ class ProjectionReplayResource(dg.ConfigurableResource):
         description="postgresql://user:password@host/db of the increment stores (env EVENT_REPLAY_POSTGRES_URL).",
         json_schema_extra={"dagster__is_secret": True},
     )
-    redis_prefix: str = Field(default=DEFAULT_PREFIX, description="Prefix of every marker key (env EVENT_REPLAY_PROJECTION_PREFIX).")
-    log_dir: str = Field(default="data/projection_replay", description="JSONL replay logs (env EVENT_REPLAY_PROJECTION_LOG_DIR).")
+    redis_prefix: str = Field(
+        default=DEFAULT_PREFIX, description="Prefix of every marker key (env EVENT_REPLAY_PROJECTION_PREFIX)."
+    )
+    log_dir: str = Field(
+        default="data/projection_replay", description="JSONL replay logs (env EVENT_REPLAY_PROJECTION_LOG_DIR)."
+    )
 
     def setup_for_execution(self, context) -> None:
         # resolved now (EnvVar): its password is masked by value in every message of this process

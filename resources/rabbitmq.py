@@ -17,5 +17,7 @@ class RabbitMQResource(dg.ConfigurableResource):
         # resolved now (EnvVar): its password is masked by value in every message of this process
         register_url(self.url)
 
-    def sink(self, exchange: str, routing_key: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> RabbitExchange:
+    def sink(
+        self, exchange: str, routing_key: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> RabbitExchange:
         return RabbitExchange(self.url, exchange, routing_key, max_message_bytes=max_message_bytes)

@@ -11,7 +11,9 @@ class SqsResource(ResourceWithBoto3Configuration):
     (region_name, endpoint_url, profile_name, credentials, max_attempts). Env: AWS_* as usual,
     EVENT_REPLAY_SQS_ENDPOINT for a local endpoint."""
 
-    poll_seconds: float = Field(default=5.0, description="Backpressure: how often to re-check queue depth while paused.")
+    poll_seconds: float = Field(
+        default=5.0, description="Backpressure: how often to re-check queue depth while paused."
+    )
 
     def client(self):
         session = boto3.session.Session(profile_name=self.profile_name)

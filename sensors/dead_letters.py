@@ -31,11 +31,17 @@ _KEY_DAY = re.compile(r"year=(\d{4})/month=(\d{2})/day=(\d{2})|day=(\d{4}-\d{2}-
 def _sqs(source: DeadLetters, sqs, peek: bool):
     client = sqs.client()
     url = client.get_queue_url(QueueName=source.name)["QueueUrl"]
-    depth = int(client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"])
+    depth = int(
+        client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
+            "ApproximateNumberOfMessages"
+        ]
+    )
     letters: dict[str, str] = {}
     for _ in range(source.peek // 10 if peek else 0):
         # VisibilityTimeout=0: the messages stay visible to the real consumer.
-        batch = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0).get("Messages", [])
+        batch = client.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0
+        ).get("Messages", [])
         new = {m["MessageId"]: m["Body"] for m in batch if m["MessageId"] not in letters}
         if not new:
             break
@@ -63,7 +69,9 @@ def _bullmq(source: DeadLetters, redis_resource, peek: bool):
 def _kafka(source: DeadLetters, kafka, peek: bool):
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "event-replay-dlq-peek", "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": kafka.bootstrap_servers, "group.id": "event-replay-dlq-peek", "enable.auto.commit": False}
+    )
     try:
         meta = consumer.list_topics(source.name, timeout=10).topics[source.name]
         if meta.error is not None:
@@ -72,11 +80,19 @@ def _kafka(source: DeadLetters, kafka, peek: bool):
         depth = sum(high - low for low, high in marks.values())
         letters = []
         if peek:  # the newest `peek` messages of each partition, read with assign(): nothing committed
-            consumer.assign([TopicPartition(source.name, p, max(low, high - source.peek)) for p, (low, high) in marks.items() if high > low])
+            consumer.assign(
+                [
+                    TopicPartition(source.name, p, max(low, high - source.peek))
+                    for p, (low, high) in marks.items()
+                    if high > low
+                ]
+            )
             want = sum(min(source.peek, high - low) for low, high in marks.values())
             deadline = time.monotonic() + 20
             while len(letters) < want and time.monotonic() < deadline:
-                letters += [m.value().decode(errors="replace") for m in consumer.consume(1000, 0.5) if m.error() is None]
+                letters += [
+                    m.value().decode(errors="replace") for m in consumer.consume(1000, 0.5) if m.error() is None
+                ]
         return depth, letters
     finally:
         consumer.close()
@@ -105,12 +121,16 @@ def _postgres(source: DeadLetters, postgres, peek: bool):
 
     table, status = sql.Identifier(source.name), sql.Identifier(source.status_column)
     with connect.postgres(postgres.url, connect_timeout=10) as con:
-        depth = con.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(table, status), (source.error_value,)).fetchone()[0]
+        depth = con.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {} = %s").format(table, status), (source.error_value,)
+        ).fetchone()[0]
         letters = []
         if peek:
             column = sql.Identifier(source.time_field or "created_at")
             rows = con.execute(
-                sql.SQL("SELECT {col} FROM {t} WHERE {s} = %s ORDER BY {col} DESC NULLS LAST LIMIT %s").format(col=column, t=table, s=status),
+                sql.SQL("SELECT {col} FROM {t} WHERE {s} = %s ORDER BY {col} DESC NULLS LAST LIMIT %s").format(
+                    col=column, t=table, s=status
+                ),
                 (source.error_value, source.peek),
             ).fetchall()
             letters = [r[0] for r in rows]
@@ -126,7 +146,12 @@ PROBES = {"sqs": _sqs, "bullmq": _bullmq, "kafka": _kafka, "rabbitmq": _rabbitmq
 def day_of(letter, time_field: str) -> str | None:
     """The UTC day a dead letter belongs to: its event time, or the `day=` of a raw file's key."""
     if isinstance(letter, datetime):
-        return (letter if letter.tzinfo else letter.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).date().isoformat()
+        return (
+            (letter if letter.tzinfo else letter.replace(tzinfo=timezone.utc))
+            .astimezone(timezone.utc)
+            .date()
+            .isoformat()
+        )
     try:
         body = json.loads(letter)
     except (TypeError, ValueError):
@@ -185,7 +210,9 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
             return dg.SensorResult(skip_reason=reason, cursor=json.dumps({"samples": samples}))
 
         if rise <= source.growth:
-            return skip(f"{source.label}: depth {depth}, grew {rise} within {source.window_s}s (threshold {source.growth}): not firing")
+            return skip(
+                f"{source.label}: depth {depth}, grew {rise} within {source.window_s}s (threshold {source.growth}): not firing"
+            )
         with secrets_masked():
             _, letters = probe(source, resource, peek=True)
         days = {d for d in (day_of(letter, time_field) for letter in letters) if d}
@@ -205,7 +232,10 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
         if busy:
             notes.append(f"already being backfilled: {', '.join(sorted(busy))}")
         if not days:
-            return skip(f"{source.label}: depth {depth} grew {rise}, but no day to backfill" + (f" ({'; '.join(notes)})" if notes else ""))
+            return skip(
+                f"{source.label}: depth {depth} grew {rise}, but no day to backfill"
+                + (f" ({'; '.join(notes)})" if notes else "")
+            )
         message = f"{source.label}: depth {depth} grew {rise} within {source.window_s}s; backfilling {', '.join(sorted(days))}"
         context.log.info(message + (f" ({'; '.join(notes)})" if notes else ""))
         tags = {"event_replay/trigger": source.label, "event_replay/dead_letter_depth": str(depth)}

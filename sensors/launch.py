@@ -13,7 +13,9 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.execution.backfill import BulkActionStatus
 
 
-def backfill_request(asset_graph, asset_keys: Iterable[dg.AssetKey], days: Iterable[str], tags: dict[str, str]) -> dg.RunRequest:
+def backfill_request(
+    asset_graph, asset_keys: Iterable[dg.AssetKey], days: Iterable[str], tags: dict[str, str]
+) -> dg.RunRequest:
     """A RunRequest that makes the daemon launch one backfill of `asset_keys` x `days`."""
     subset = AssetGraphSubset.from_asset_partition_set(
         {AssetKeyPartitionKey(key, day) for key in asset_keys for day in days}, asset_graph=asset_graph

@@ -35,7 +35,9 @@ def build_raw_files_sensor(spec: PipelineSpec, interval_s: int = 300, lookback_d
         reported: dict[str, str] = json.loads(context.cursor or "{}")  # day -> digest of the change last reported
         requests, current = [], {}
         for day in committed_days(the_lake, spec)[-lookback_days:]:
-            verdict = raw_files_current(the_lake, spec, day, content=False)  # a listing per tick, not a read of every byte
+            verdict = raw_files_current(
+                the_lake, spec, day, content=False
+            )  # a listing per tick, not a read of every byte
             if verdict.passed:
                 continue
             digest = hashlib.sha256(verdict.description.encode()).hexdigest()[:16]
@@ -43,7 +45,11 @@ def build_raw_files_sensor(spec: PipelineSpec, interval_s: int = 300, lookback_d
             if reported.get(day) != digest:
                 context.log.info(f"{day}: {verdict.description}")
                 requests.append(dg.RunRequest(run_key=f"{day}:{digest}", tags={RANGE_START: day, RANGE_END: day}))
-        skip = None if requests else (f"{len(current)} day(s) out of date, already reported" if current else "every built day is current")
+        skip = (
+            None
+            if requests
+            else (f"{len(current)} day(s) out of date, already reported" if current else "every built day is current")
+        )
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True), skip_reason=skip)
 
     return raw_files_changed

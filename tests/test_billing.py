@@ -32,8 +32,14 @@ def ts(day: str, hh: int, mm: int = 0, ss: int = 0, ms: int = 0) -> datetime:
 
 
 def payload(n: int, drop: tuple[str, ...] = (), **extra) -> str:
-    p = {"id": f"req-{n}", "orgId": "org-1", "methodName": "chat.completions", "providerName": "openai",
-         "createdAt": "2024-03-04T10:00:00Z", "data": {"modelName": "gpt-4o", "usage": {"inputTokens": n, "outputTokens": 2}}}
+    p = {
+        "id": f"req-{n}",
+        "orgId": "org-1",
+        "methodName": "chat.completions",
+        "providerName": "openai",
+        "createdAt": "2024-03-04T10:00:00Z",
+        "data": {"modelName": "gpt-4o", "usage": {"inputTokens": n, "outputTokens": 2}},
+    }
     p.update(extra)
     for key in drop:
         if key == "data.modelName":
@@ -44,8 +50,16 @@ def payload(n: int, drop: tuple[str, ...] = (), **extra) -> str:
 
 
 def row(id_, customer, when, event="api_request", body=None, tenant="acme", env="prod", version=1):
-    return {"id": id_, "tenant_id": tenant, "environment_id": env, "external_customer_id": customer, "event_name": event,
-            "payload": body if body is not None else payload(int(id_[1:])), "timestamp": when, "version": version}
+    return {
+        "id": id_,
+        "tenant_id": tenant,
+        "environment_id": env,
+        "external_customer_id": customer,
+        "event_name": event,
+        "payload": body if body is not None else payload(int(id_[1:])),
+        "timestamp": when,
+        "version": version,
+    }
 
 
 SAME = ts(DAY1, 10)  # six events share one timestamp: the rest of the key orders them
@@ -67,13 +81,36 @@ ROWS = [
     row("e31", "cust-a", ts(DAY1, 10), env="staging"),
 ]
 # e07 again, newer: ReplacingMergeTree(version) keeps this one.
-NEWER = [row("e07", "cust-a", ts(DAY1, 11), body=payload(7, data={"modelName": "gpt-4o", "usage": {"inputTokens": 999}}), version=2)]
+NEWER = [
+    row(
+        "e07",
+        "cust-a",
+        ts(DAY1, 11),
+        body=payload(7, data={"modelName": "gpt-4o", "usage": {"inputTokens": 999}}),
+        version=2,
+    )
+]
 PUBLISHED = {DAY1: {"e01", "e02", "e03", "e04", "e05", "e06", "e07", "e15"}, DAY2: {"e20", "e21", "e22"}}
-DROPS = {"missing_orgId": 1, "missing_methodName": 1, "missing_providerName_or_serviceName": 1, "missing_data_modelName": 1, "missing_id_or_createdAt": 1}
+DROPS = {
+    "missing_orgId": 1,
+    "missing_methodName": 1,
+    "missing_providerName_or_serviceName": 1,
+    "missing_data_modelName": 1,
+    "missing_id_or_createdAt": 1,
+}
 
 
 def arrow(rows) -> pa.Table:
-    cols = ["id", "tenant_id", "environment_id", "external_customer_id", "event_name", "payload", "timestamp", "version"]
+    cols = [
+        "id",
+        "tenant_id",
+        "environment_id",
+        "external_customer_id",
+        "event_name",
+        "payload",
+        "timestamp",
+        "version",
+    ]
     types = {"timestamp": pa.timestamp("ms", tz="UTC"), "version": pa.uint64()}
     return pa.table({c: pa.array([r[c] for r in rows], types.get(c, pa.string())) for c in cols})
 
@@ -98,9 +135,16 @@ def billing(tmp_path, monkeypatch, chdb_path, ch_database, broker, request):
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    for k, v in {"EVENT_REPLAY_LAKE": tmp_path / "lake", "EVENT_REPLAY_DUCKDB": tmp_path / "state.duckdb", "EVENT_REPLAY_OUTBOX": tmp_path / "outbox",
-                 "DAGSTER_HOME": home, "EVENT_REPLAY_CHDB": chdb_path, "CLICKHOUSE_DATABASE": ch_database,
-                 "EVENT_REPLAY_KAFKA_BOOTSTRAP": broker.bootstrap, "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS": "4000"}.items():
+    for k, v in {
+        "EVENT_REPLAY_LAKE": tmp_path / "lake",
+        "EVENT_REPLAY_DUCKDB": tmp_path / "state.duckdb",
+        "EVENT_REPLAY_OUTBOX": tmp_path / "outbox",
+        "DAGSTER_HOME": home,
+        "EVENT_REPLAY_CHDB": chdb_path,
+        "CLICKHOUSE_DATABASE": ch_database,
+        "EVENT_REPLAY_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS": "4000",
+    }.items():
         monkeypatch.setenv(k, str(v))
     spec = dataclasses.replace(BILLING, redrive=dataclasses.replace(BILLING.redrive, sink=KafkaSink(topic)))
     return {"spec": spec, "topic": topic, "lake": tmp_path / "lake", "home": home, "database": ch_database}
@@ -110,13 +154,23 @@ def _run(spec, instance, start, end, raw=None, batch_size=4, redrive=None):
     from replay_defs.definitions import build_definitions
 
     job = build_definitions([spec]).resolve_job_def(f"{NAME}_replay")
-    config = {"ops": {f"{NAME}__raw_events": {"config": raw or {}}, f"{NAME}__parsed_events": {"config": {"batch_size": batch_size}},
-                      f"{NAME}__redrive": {"config": {"batch_size": batch_size, **(redrive or {})}}}}
-    return job.execute_in_process(instance=instance, tags={RANGE_TAGS[0]: start, RANGE_TAGS[1]: end}, run_config=config, raise_on_error=False)
+    config = {
+        "ops": {
+            f"{NAME}__raw_events": {"config": raw or {}},
+            f"{NAME}__parsed_events": {"config": {"batch_size": batch_size}},
+            f"{NAME}__redrive": {"config": {"batch_size": batch_size, **(redrive or {})}},
+        }
+    }
+    return job.execute_in_process(
+        instance=instance, tags={RANGE_TAGS[0]: start, RANGE_TAGS[1]: end}, run_config=config, raise_on_error=False
+    )
 
 
 def _metadata(result, asset: str) -> dict[str, dict]:
-    return {m.partition: {k: v.value for k, v in m.metadata.items()} for m in result.asset_materializations_for_node(f"{NAME}__{asset}")}
+    return {
+        m.partition: {k: v.value for k, v in m.metadata.items()}
+        for m in result.asset_materializations_for_node(f"{NAME}__{asset}")
+    }
 
 
 def test_two_days_end_to_end_on_chdb(billing, broker):
@@ -125,14 +179,23 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         result = _run(spec, instance, DAY1, DAY2, raw={"tenant": "acme", "environment": "prod"}, batch_size=4)
         assert result.success
         verdicts = check_verdicts(result)
-        for check in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files", "deliveries_reconcile", "found_accounted_for"):
+        for check in (
+            "no_duplicate_event_ids",
+            "raw_lines_accounted_for",
+            "no_stale_files",
+            "deliveries_reconcile",
+            "found_accounted_for",
+        ):
             assert verdicts[(check, DAY1)] is True and verdicts[(check, DAY2)] is True, check
 
         md = _metadata(result, "redrive")
-        assert {k: md[DAY1][k] for k in ("found", "published", "dropped", "transformation_errors", "publish_failures")} == {
-            "found": 15, "published": 8, "dropped": 5, "transformation_errors": 2, "publish_failures": 0}
+        assert {
+            k: md[DAY1][k] for k in ("found", "published", "dropped", "transformation_errors", "publish_failures")
+        } == {"found": 15, "published": 8, "dropped": 5, "transformation_errors": 2, "publish_failures": 0}
         assert {r: md[DAY1][f"dropped_{r}"] for r in DROPS} == DROPS
-        assert md[DAY1]["transformation_error_malformed_json"] == 1 and md[DAY1]["transformation_error_not_an_object"] == 1
+        assert (
+            md[DAY1]["transformation_error_malformed_json"] == 1 and md[DAY1]["transformation_error_not_an_object"] == 1
+        )
         assert md[DAY1]["success_rate_percent"] == round(100 * 8 / 15, 2) and md[DAY2]["success_rate_percent"] == 100.0
         parsed = _metadata(result, "parsed_events")
         assert parsed[DAY1]["batches"] == 4, "16 stored rows (15 after FINAL) in keyset pages of at most 4"
@@ -142,14 +205,29 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         ids = [b["event_id"] for b in bodies]
         assert sorted(ids) == sorted(PUBLISHED[DAY1] | PUBLISHED[DAY2]), "exactly the valid rows, each once"
         by_id = {b["event_id"]: b for b in bodies}
-        assert json.loads(json.dumps(by_id["e07"]["properties"]))["input_tokens"] == 999, "only the latest version of e07"
+        assert json.loads(json.dumps(by_id["e07"]["properties"]))["input_tokens"] == 999, (
+            "only the latest version of e07"
+        )
         assert by_id["e15"]["properties"]["provider"] == "bedrock"
         assert by_id["e21"]["timestamp"] == "2024-03-05T23:59:59.999000Z"
         assert by_id["e01"] == {
-            "event_id": "e01", "event_name": "llm_call", "tenant_id": "acme", "environment_id": "prod", "external_customer_id": "cust-a",
-            "timestamp": "2024-03-04T10:00:00.000000Z", "source": "raw_events_reprocessing",
-            "properties": {"request_id": "req-1", "org_id": "org-1", "method": "chat.completions", "provider": "openai", "model": "gpt-4o",
-                           "input_tokens": 1, "output_tokens": 2, "created_at": "2024-03-04T10:00:00Z"},
+            "event_id": "e01",
+            "event_name": "llm_call",
+            "tenant_id": "acme",
+            "environment_id": "prod",
+            "external_customer_id": "cust-a",
+            "timestamp": "2024-03-04T10:00:00.000000Z",
+            "source": "raw_events_reprocessing",
+            "properties": {
+                "request_id": "req-1",
+                "org_id": "org-1",
+                "method": "chat.completions",
+                "provider": "openai",
+                "model": "gpt-4o",
+                "input_tokens": 1,
+                "output_tokens": 2,
+                "created_at": "2024-03-04T10:00:00Z",
+            },
         }
         assert all(m.key().decode() == b["external_customer_id"] for m, b in zip(messages, bodies))
         assert all(dict(m.headers())["replay_run_id"].decode() == result.run_id for m in messages)
@@ -157,14 +235,25 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         # Nothing lost silently: each dropped or failed row is in the quarantine with its reason.
         q = pq.read_table(next((billing["lake"] / "quarantine" / NAME / f"day={DAY1}").glob("*.parquet"))).to_pylist()
         reasons = {json.loads(r["sample"])["id"]: r["reason"] for r in q}
-        assert reasons == {"e10": "missing_orgId", "e11": "missing_methodName", "e12": "missing_providerName_or_serviceName",
-                           "e13": "missing_data_modelName", "e14": "missing_id_or_createdAt", "e16": "malformed_json", "e17": "not_an_object"}
+        assert reasons == {
+            "e10": "missing_orgId",
+            "e11": "missing_methodName",
+            "e12": "missing_providerName_or_serviceName",
+            "e13": "missing_data_modelName",
+            "e14": "missing_id_or_createdAt",
+            "e16": "malformed_json",
+            "e17": "not_an_object",
+        }
 
         # A re-run sends nothing twice: the ledger knows what Kafka has.
         again = _run(spec, instance, DAY1, DAY1, raw={"tenant": "acme", "environment": "prod"}, batch_size=100)
         assert again.success
         md2 = _metadata(again, "redrive")[DAY1]
-        assert md2["published"] == 0 and md2["skipped_already_delivered"] == 8 and md2["success_rate_percent"] == md[DAY1]["success_rate_percent"]
+        assert (
+            md2["published"] == 0
+            and md2["skipped_already_delivered"] == 8
+            and md2["success_rate_percent"] == md[DAY1]["success_rate_percent"]
+        )
         assert check_verdicts(again)[("found_accounted_for", DAY1)] is True
         assert len(broker.read_all(topic, idle_s=1.0)) == len(messages)
 
@@ -177,7 +266,9 @@ def test_selection_rejects_unknown_filters_naive_times_and_empty_windows():
     with pytest.raises(ValueError, match="not after"):
         Selection.of(BILLING.source, {}, start="2024-03-05T00:00:00Z", end="2024-03-04T00:00:00Z")
     sel = Selection.of(BILLING.source, {"tenant": "acme", "customer": ""}, start="2024-03-04T10:00:00+02:00")
-    assert sel.filters == {"tenant": "acme"} and sel.window(DAY1)[0] == ts(DAY1, 8) and sel.window(DAY2)[0] == ts(DAY2, 0)
+    assert (
+        sel.filters == {"tenant": "acme"} and sel.window(DAY1)[0] == ts(DAY1, 8) and sel.window(DAY2)[0] == ts(DAY2, 0)
+    )
     assert Selection.from_json(sel.to_json()) == sel
 
 
@@ -185,10 +276,14 @@ def test_selection_rejects_unknown_filters_naive_times_and_empty_windows():
 def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path, clickhouse_http, batch_size):
     src = BILLING.source
     keys = ", ".join(src.order_by)
-    reference_sql = f"SELECT {', '.join(src.columns)} FROM raw_events FINAL WHERE toDate(timestamp) = {{d:Date}} ORDER BY {keys}"
+    reference_sql = (
+        f"SELECT {', '.join(src.columns)} FROM raw_events FINAL WHERE toDate(timestamp) = {{d:Date}} ORDER BY {keys}"
+    )
     seen = {}
-    for label, ch in (("chdb", ClickHouse(data_path=chdb_path, database=billing["database"])),
-                      ("http", ClickHouse(url=clickhouse_http.url(), database=billing["database"]))):
+    for label, ch in (
+        ("chdb", ClickHouse(data_path=chdb_path, database=billing["database"])),
+        ("http", ClickHouse(url=clickhouse_http.url(), database=billing["database"])),
+    ):
         with ch:
             reference = ch.query(reference_sql, {"d": DAY1})
             before = len(clickhouse_http.requests)
@@ -201,14 +296,24 @@ def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path
             assert got.column("id").to_pylist().count("e07") == 1
             seen[label] = got
             if label == "http":
-                sql = [r["sql"] for r in clickhouse_http.requests[before:] if "FROM `raw_events`" in r["sql"] and "ORDER BY" in r["sql"]]
-                assert len(sql) == reader.queries == 2 * reader.pages + 1 and not any("OFFSET" in s.upper() for s in sql)
+                sql = [
+                    r["sql"]
+                    for r in clickhouse_http.requests[before:]
+                    if "FROM `raw_events`" in r["sql"] and "ORDER BY" in r["sql"]
+                ]
+                assert len(sql) == reader.queries == 2 * reader.pages + 1 and not any(
+                    "OFFSET" in s.upper() for s in sql
+                )
                 assert all("(`tenant_id` > {k0:String} OR (`tenant_id` = {k0:String} AND" in s for s in sql[2:])
-                assert all("FINAL" in s and "<= {u5:String}" in s for s in sql[1::2]), "pages read with FINAL, bounded above"
+                assert all("FINAL" in s and "<= {u5:String}" in s for s in sql[1::2]), (
+                    "pages read with FINAL, bounded above"
+                )
     assert seen["chdb"].equals(seen["http"])
 
 
-def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, broker, clickhouse_http, monkeypatch, capsys, fresh_definitions):
+def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(
+    billing, broker, clickhouse_http, monkeypatch, capsys, fresh_definitions
+):
     """The seed's POST /events/raw/reprocess as `event-replay billing reprocess`, on the code
     location as declared (topic prod_events_v4), reaching ClickHouse only through clickhouse-connect
     over HTTP (the fixture, with a password) and Kafka on the real broker."""
@@ -219,14 +324,35 @@ def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, b
     before = len(clickhouse_http.requests)
 
     def reprocess(*extra):
-        cli.main(["billing", "reprocess", "--start", f"{DAY1}T10:00:00Z", "--end", f"{DAY2}T01:00:00Z", "--tenant", "acme", "--environment", "prod",
-                  "--customer", "cust-a", "--event-name", "llm_call", "--batch-size", "2", *extra])
+        cli.main(
+            [
+                "billing",
+                "reprocess",
+                "--start",
+                f"{DAY1}T10:00:00Z",
+                "--end",
+                f"{DAY2}T01:00:00Z",
+                "--tenant",
+                "acme",
+                "--environment",
+                "prod",
+                "--customer",
+                "cust-a",
+                "--event-name",
+                "llm_call",
+                "--batch-size",
+                "2",
+                *extra,
+            ]
+        )
         out = capsys.readouterr()
         assert "ch-secret-pw" not in out.out + out.err
         return json.loads(out.out.strip().splitlines()[-1])
 
     dry = reprocess("--dry-run")
-    assert dry["status"] == "SUCCESS" and dry["found"] == 3 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
+    assert (
+        dry["status"] == "SUCCESS" and dry["found"] == 3 and dry["published"] == 0 and dry["partitions"] == [DAY1, DAY2]
+    )
     assert broker.read_all("prod_events_v4", idle_s=1.0) == []
     out = reprocess()
     assert out["status"] == "SUCCESS" and out["published"] == 3 and out["found"] == 3 and out["run_id"] != dry["run_id"]
@@ -235,8 +361,12 @@ def test_cli_reprocess_through_the_http_path_with_filters_and_dry_run(billing, b
     ids = sorted(json.loads(m.value())["event_id"] for m in broker.read_all("prod_events_v4", idle_s=1.0))
     assert ids == ["e01", "e03", "e05"]
     sent = clickhouse_http.requests[before:]
-    assert any(r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in sent)
-    assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), "raw_events counted over HTTP"
+    assert any(
+        r["params"].get("f_customer") == "cust-a" and r["params"].get("f_event_name") == "llm_call" for r in sent
+    )
+    assert any(r["sql"].lstrip().startswith("SELECT count() FROM `raw_events` FINAL") for r in sent), (
+        "raw_events counted over HTTP"
+    )
     run = dg.DagsterInstance.get().get_run_by_id(out["run_id"])
     assert run is not None and run.is_success and run.tags[RANGE_TAGS[0]] == DAY1 and run.tags[RANGE_TAGS[1]] == DAY2
 
@@ -245,8 +375,11 @@ def _verify(spec, instance, day) -> dict[str, tuple[bool, str]]:
     """The pipeline's checks-only job over one day: check -> (passed, description)."""
     from replay_defs.definitions import build_definitions
 
-    result = build_definitions([spec]).resolve_job_def(f"{NAME}_verify").execute_in_process(
-        instance=instance, tags={RANGE_TAGS[0]: day, RANGE_TAGS[1]: day}, raise_on_error=False)
+    result = (
+        build_definitions([spec])
+        .resolve_job_def(f"{NAME}_verify")
+        .execute_in_process(instance=instance, tags={RANGE_TAGS[0]: day, RANGE_TAGS[1]: day}, raise_on_error=False)
+    )
     return {e.check_name: (e.passed, e.description) for e in result.get_asset_check_evaluations() if e.partition == day}
 
 
@@ -260,8 +393,15 @@ def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_los
     with dg.instance_for_test(temp_dir=str(billing["home"])) as instance:
         assert _run(spec, instance, DAY1, DAY1, raw=raw).success
         clean = _verify(spec, instance, DAY1)
-        assert set(clean) == {"no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files", "raw_rows_current",
-                              "no_unconsented_shrink", "deliveries_reconcile", "found_accounted_for"}
+        assert set(clean) == {
+            "no_duplicate_event_ids",
+            "raw_lines_accounted_for",
+            "no_stale_files",
+            "raw_rows_current",
+            "no_unconsented_shrink",
+            "deliveries_reconcile",
+            "found_accounted_for",
+        }
         assert all(passed for passed, _ in clean.values()), clean
 
         # 1. Rows inserted into the table after the day was built: the day is out of date.
@@ -271,7 +411,9 @@ def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_los
         assert not passed and "holds 17 rows now, 15 when raw_events counted it" in description
 
         # 2. A committed Parquet file changed at the same size.
-        rel = next(f for f in lake.state(f"{NAME}/parsed_events", DAY1).files if f.endswith(".parquet") and "type=" in f)
+        rel = next(
+            f for f in lake.state(f"{NAME}/parsed_events", DAY1).files if f.endswith(".parquet") and "type=" in f
+        )
         path = lake.path(rel)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x5A
@@ -291,7 +433,8 @@ def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_los
         # 4. A ledger row of a delivered message lost after a re-run that sent nothing.
         assert _verify(spec, instance, DAY1)["deliveries_reconcile"][0]
         DuckDBStore(billing["lake"].parent / "state.duckdb").query(
-            "DELETE FROM redrive_ledger WHERE message_id = 'e04' AND pipeline = $p", {"p": NAME})
+            "DELETE FROM redrive_ledger WHERE message_id = 'e04' AND pipeline = $p", {"p": NAME}
+        )
         passed, description = _verify(spec, instance, DAY1)["deliveries_reconcile"]
         assert not passed and "not delivered according to the ledger" in description and "e04" in description
 
@@ -300,14 +443,23 @@ def build_and_run_with_consent(spec, instance, raw):
     from replay_defs.definitions import build_definitions
 
     job = build_definitions([spec]).resolve_job_def(f"{NAME}_replay")
-    config = {"ops": {f"{NAME}__raw_events": {"config": raw}, f"{NAME}__parsed_events": {"config": {"batch_size": 4, "allow_shrink": True}}}}
-    return job.execute_in_process(instance=instance, tags={RANGE_TAGS[0]: DAY1, RANGE_TAGS[1]: DAY1}, run_config=config, raise_on_error=False)
+    config = {
+        "ops": {
+            f"{NAME}__raw_events": {"config": raw},
+            f"{NAME}__parsed_events": {"config": {"batch_size": 4, "allow_shrink": True}},
+        }
+    }
+    return job.execute_in_process(
+        instance=instance, tags={RANGE_TAGS[0]: DAY1, RANGE_TAGS[1]: DAY1}, run_config=config, raise_on_error=False
+    )
 
 
 def test_a_payload_nested_too_deep_is_a_transformation_error_not_a_crash():
     from replay_defs.table_source import Transformer
 
     deep = '{"id": "req-9", "orgId": "o", "x": ' + "[" * 1000 + "]" * 1000 + "}"
-    events, quarantined, dropped, errors = Transformer(BILLING).run(arrow([row("e01", "cust-a", SAME), row("e09", "cust-a", SAME, body=deep)]), 1)
+    events, quarantined, dropped, errors = Transformer(BILLING).run(
+        arrow([row("e01", "cust-a", SAME), row("e09", "cust-a", SAME, body=deep)]), 1
+    )
     assert events.num_rows == 1 and errors == {"nesting_too_deep": 1} and not dropped
     assert [q for q in quarantined if "nesting_too_deep" in q]

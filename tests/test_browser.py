@@ -11,8 +11,16 @@ from replay_defs.lake import Lake
 ARTIFACTS = PROJECT_ROOT / "test-artifacts/browser"
 DAY = "2025-11-25"
 # As the machine's notes advise: no background traffic a closed network would refuse.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path):
@@ -20,12 +28,15 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
     # $DAGSTER_HOME; then a byte of the middle day changes and `verify` (checks only) runs the range.
     assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
     lake = Lake(env["lake"])
-    damaged = lake.path(next(f for f in lake.state("telemetry/parsed_events", DAY).files if f.startswith("telemetry_flat/")))
+    damaged = lake.path(
+        next(f for f in lake.state("telemetry/parsed_events", DAY).files if f.startswith("telemetry_flat/"))
+    )
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x5A
     damaged.write_bytes(bytes(data))
     verify = defs.resolve_job_def("telemetry_verify").execute_in_process(
-        instance=instance, tags={RANGE_TAGS[0]: DEMO_DAYS[0], RANGE_TAGS[1]: DEMO_DAYS[-1]}, raise_on_error=False)
+        instance=instance, tags={RANGE_TAGS[0]: DEMO_DAYS[0], RANGE_TAGS[1]: DEMO_DAYS[-1]}, raise_on_error=False
+    )
     assert not verify.success
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with dagster_dev(tmp_path / "dagster-dev.log") as base, sync_playwright() as p:
@@ -40,8 +51,11 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
             expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "asset-graph.png"), full_page=True)
         # Every other system's assets render in their groups too.
-        for group, asset in (("ingestion_refill", "event_keys"), ("billing_reprocessing", "parsed_events"),
-                             ("projection_replay", "aggregate_state")):
+        for group, asset in (
+            ("ingestion_refill", "event_keys"),
+            ("billing_reprocessing", "parsed_events"),
+            ("projection_replay", "aggregate_state"),
+        ):
             page.goto(f"{base}/locations/event-replay/asset-groups/{group}", wait_until="networkidle", timeout=90_000)
             expect(page.get_by_text(asset, exact=True).first).to_be_visible(timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / f"group-{group}.png"), full_page=True)
@@ -72,6 +86,11 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
         expect(page.get_by_text("raw_lines", exact=True)).to_be_visible()  # the day's own metadata
         page.screenshot(path=str(ARTIFACTS / "parsed-events-partitions.png"), full_page=True)
         browser.close()
-    shots = ("asset-graph.png", "parsed-events-checks.png", "no-stale-files-partitions.png", "parsed-events-partitions.png",
-             "group-ingestion_refill.png")
+    shots = (
+        "asset-graph.png",
+        "parsed-events-checks.png",
+        "no-stale-files-partitions.png",
+        "parsed-events-partitions.png",
+        "group-ingestion_refill.png",
+    )
     assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in shots)

@@ -23,12 +23,23 @@ from replay_defs.store import DuckDBStore
 BIN = Path(sys.executable).parent
 PARSED_OWNER = "telemetry/parsed_events"
 ASSETS = ("raw_events", "parsed_events", "projections", "redrive")
-CHECKS = ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files", "raw_files_current", "no_unconsented_shrink",
-          "late_events_within_window", "totals_match_parsed", "projections_match_fold", "deliveries_reconcile")
+CHECKS = (
+    "no_duplicate_event_ids",
+    "raw_lines_accounted_for",
+    "no_stale_files",
+    "raw_files_current",
+    "no_unconsented_shrink",
+    "late_events_within_window",
+    "totals_match_parsed",
+    "projections_match_fold",
+    "deliveries_reconcile",
+)
 # The demo data holds a few events beyond the lateness window on its last day: a warning there.
 LATE_WARNING = ("late_events_within_window", "2025-11-26")
 # A bad deploy that is let through (the shrink it causes is consented to), to have something to roll back.
-BAD_DEPLOY = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1, "simulate_parser_bug": True, "allow_shrink": True}}}}
+BAD_DEPLOY = {
+    "ops": {"telemetry__parsed_events": {"config": {"workers": 1, "simulate_parser_bug": True, "allow_shrink": True}}}
+}
 SERIAL = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1}}}}
 
 
@@ -63,7 +74,10 @@ def partition_status(instance) -> dict[tuple[str, str | None], str]:
     """Per (check, day), the status the UI's Partitions tab shows: the latest verdict, counted only
     while it targets the day's latest materialization (Dagster clears it otherwise)."""
     infos = instance.event_log_storage.get_asset_check_partition_info(check_keys(), after_storage_id=None)
-    return {(i.check_key.name, i.partition_key): i.latest_execution_status.value if i.is_current else "MISSING" for i in infos}
+    return {
+        (i.check_key.name, i.partition_key): i.latest_execution_status.value if i.is_current else "MISSING"
+        for i in infos
+    }
 
 
 def run_evaluations(instance, run_id: str) -> list:
@@ -78,7 +92,9 @@ def live_parquet(lake: Lake, day: str) -> list[str]:
 
 
 def parquet_counts(files: list[str]) -> tuple[int, int, dict[str, int]]:
-    rows, distinct = duckdb.execute("SELECT count(*), count(DISTINCT event_id) FROM read_parquet($f)", {"f": files}).fetchone()
+    rows, distinct = duckdb.execute(
+        "SELECT count(*), count(DISTINCT event_id) FROM read_parquet($f)", {"f": files}
+    ).fetchone()
     by_type = dict(duckdb.execute('SELECT "type", count(*) FROM read_parquet($f) GROUP BY 1', {"f": files}).fetchall())
     return rows, distinct, by_type
 
@@ -112,8 +128,15 @@ def test_definitions_validate_from_project_root(env):
 def test_asset_materialize_partition_range_records_per_day_checks(env):
     select = ",".join(f"telemetry/{a}" for a in ASSETS)
     proc = cli(
-        "dagster", "asset", "materialize", "-m", "replay_defs.definitions",
-        "--select", select, "--partition-range", f"{DEMO_DAYS[0]}...{DEMO_DAYS[-1]}",
+        "dagster",
+        "asset",
+        "materialize",
+        "-m",
+        "replay_defs.definitions",
+        "--select",
+        select,
+        "--partition-range",
+        f"{DEMO_DAYS[0]}...{DEMO_DAYS[-1]}",
     )
     assert proc.returncode == 0, show(proc)
 
@@ -161,9 +184,23 @@ def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
     day = "2025-11-25"
     stale = copy_stale_parquet(lake, day)
 
-    ops = ",".join(f"telemetry__parsed_events_{c}" for c in ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for"))
+    ops = ",".join(
+        f"telemetry__parsed_events_{c}" for c in ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for")
+    )
     tags = json.dumps({RANGE_TAGS[0]: DEMO_DAYS[0], RANGE_TAGS[1]: DEMO_DAYS[-1]})
-    proc = cli("dagster", "job", "execute", "-m", "replay_defs.definitions", "-j", "telemetry_replay", "-o", ops, "--tags", tags)
+    proc = cli(
+        "dagster",
+        "job",
+        "execute",
+        "-m",
+        "replay_defs.definitions",
+        "-j",
+        "telemetry_replay",
+        "-o",
+        ops,
+        "--tags",
+        tags,
+    )
     assert proc.returncode != 0, show(proc)
     assert "blocking asset check failed" in proc.stdout + proc.stderr, show(proc)
 
@@ -191,7 +228,9 @@ def test_status_prints_a_row_per_day_with_counts(defs, instance, env):
     assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
     proc = cli("event-replay", "status", "telemetry", DEMO_DAYS[0], DEMO_DAYS[-1])
     assert proc.returncode == 0, show(proc)
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if re.match(r"^\d{4}-\d{2}-\d{2} ", line)}
+    rows = {
+        line.split()[0]: line.split() for line in proc.stdout.splitlines() if re.match(r"^\d{4}-\d{2}-\d{2} ", line)
+    }
     assert list(rows) == DEMO_DAYS, proc.stdout
     lake = Lake(env["lake"])
     num = lambda s: int(s.replace(",", ""))  # noqa: E731
@@ -199,7 +238,13 @@ def test_status_prints_a_row_per_day_with_counts(defs, instance, env):
         s = lake.state(PARSED_OWNER, day).stats
         version, raw, parsed, dupes, quarantined, routed_in, routed_out, proj, sent, skipped = map(num, cols[1:11])
         assert (version, raw, parsed, dupes, quarantined, routed_in, routed_out) == (
-            1, s["raw_lines"], s["parsed"], s["duplicates"], s["quarantined"], s["routed_in"], s["routed_out"]
+            1,
+            s["raw_lines"],
+            s["parsed"],
+            s["duplicates"],
+            s["quarantined"],
+            s["routed_in"],
+            s["routed_out"],
         ), (day, cols)
         assert proj == parsed == daily_counts_total(env, day)
         last = lake.read_json("telemetry/redrive", f"last/day={day}.json")
@@ -230,7 +275,9 @@ def test_rollback_restores_the_previous_version(defs, instance, env):
     assert state.version == 1
     assert state.slots == v1.slots, "the restored files are not version 1's files"
     assert state.stats == v1.stats
-    assert {os.path.relpath(p, lake.root) for p in live_parquet(lake, day)} == {f for f in v1.files if f.startswith("telemetry_flat/")}
+    assert {os.path.relpath(p, lake.root) for p in live_parquet(lake, day)} == {
+        f for f in v1.files if f.startswith("telemetry_flat/")
+    }
     rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
     assert by_type == truth and rows == distinct
     # The replaced (bad) version is kept in turn, and projections were re-folded from version 1.
@@ -258,7 +305,9 @@ def test_rolling_back_twice_goes_back_two_versions(defs, instance, env):
     assert lake.state(PARSED_OWNER, day).version == 2
     second = cli("event-replay", "rollback", "telemetry", day)
     assert second.returncode == 0, show(second)
-    assert lake.state(PARSED_OWNER, day).version == 1, f"the second rollback went to version {lake.state(PARSED_OWNER, day).version}: {second.stdout}"
+    assert lake.state(PARSED_OWNER, day).version == 1, (
+        f"the second rollback went to version {lake.state(PARSED_OWNER, day).version}: {second.stdout}"
+    )
 
 
 def test_rollback_without_an_earlier_version_fails_clearly(defs, instance, env):
@@ -359,10 +408,17 @@ def test_first_commands_at_once_on_a_fresh_home_leave_it_usable(tmp_path):
     SQLite storage is created once (under a lock), so every command and every later one works."""
     import sqlite3
 
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "EVENT_REPLAY_LAKE": str(tmp_path / "lake"),
-           "EVENT_REPLAY_DUCKDB": str(tmp_path / "state.duckdb")}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "EVENT_REPLAY_LAKE": str(tmp_path / "lake"),
+        "EVENT_REPLAY_DUCKDB": str(tmp_path / "state.duckdb"),
+    }
     command = [str(BIN / "event-replay"), "status", "telemetry", DEMO_DAYS[0]]
-    procs = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     outcomes = [(p.wait(180), p.stderr.read()[-2000:]) for p in procs]
     assert all(code == 0 for code, _ in outcomes), outcomes
     with sqlite3.connect(tmp_path / "home" / "schedules" / "schedules.db") as db:

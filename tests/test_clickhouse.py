@@ -14,15 +14,21 @@ ENGINE = ReplacingMergeTree(version) PARTITION BY toDate(ts) ORDER BY (tenant, t
 
 
 def _data() -> pa.Table:
-    ts = [datetime(2025, 3, 1, 10, tzinfo=timezone.utc), datetime(2025, 3, 1, 11, tzinfo=timezone.utc),
-          datetime(2025, 3, 2, 9, tzinfo=timezone.utc), datetime(2025, 3, 1, 10, tzinfo=timezone.utc)]
-    return pa.table({
-        "tenant": ["acme", "o'brien", "acme", "acme"],
-        "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
-        "id": ["e1", "e2", "e3", "e1"],
-        "n": pa.array([1, 2, 3, 10], pa.int64()),
-        "version": pa.array([1, 1, 1, 2], pa.uint64()),  # e1 again, newer
-    })
+    ts = [
+        datetime(2025, 3, 1, 10, tzinfo=timezone.utc),
+        datetime(2025, 3, 1, 11, tzinfo=timezone.utc),
+        datetime(2025, 3, 2, 9, tzinfo=timezone.utc),
+        datetime(2025, 3, 1, 10, tzinfo=timezone.utc),
+    ]
+    return pa.table(
+        {
+            "tenant": ["acme", "o'brien", "acme", "acme"],
+            "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")),
+            "id": ["e1", "e2", "e3", "e1"],
+            "n": pa.array([1, 2, 3, 10], pa.int64()),
+            "version": pa.array([1, 1, 1, 2], pa.uint64()),  # e1 again, newer
+        }
+    )
 
 
 def _roundtrip(res: ClickHouseResource) -> dict:

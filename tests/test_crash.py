@@ -53,7 +53,7 @@ CHECKS = ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for",
 
 # The same CLI (dagster._cli.main), with `replay_defs.lake`'s view of os/shutil replaced by a
 # proxy that logs every mutation and SIGKILLs the whole process group before step KILL_AT.
-KILL_WRAPPER = r'''
+KILL_WRAPPER = r"""
 import os, shutil, signal, sys
 
 import replay_defs.lake as lake
@@ -84,7 +84,7 @@ if __name__ == "__main__":  # spawned parse workers import this file as __mp_mai
 
     sys.argv[0] = "dagster"
     sys.exit(main())
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +139,14 @@ class Workspace:
             if self.step_log.exists():
                 self.step_log.unlink()
             cmd = [sys.executable, str(self.wrapper), *CLI_ARGS]
-            env = self.env(REPLAY_KILL_AT_STEP=str(kill_at_step), REPLAY_STEP_LOG=str(self.step_log), REPLAY_TESTS_DIR=str(PROJECT_ROOT / "tests"))
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env = self.env(
+                REPLAY_KILL_AT_STEP=str(kill_at_step),
+                REPLAY_STEP_LOG=str(self.step_log),
+                REPLAY_TESTS_DIR=str(PROJECT_ROOT / "tests"),
+            )
+        proc = subprocess.Popen(
+            cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         proc.log_path = log.name  # type: ignore[attr-defined]
         log.close()
         return proc
@@ -299,7 +305,10 @@ def diff(got: dict, want: dict) -> str:
     for rel in sorted(set(gf) & set(wf)):
         if gf[rel] != wf[rel]:
             g, w = gf[rel], wf[rel]
-            lines.append(f"{rel} differs" + (f": {len(g[1])} rows vs {len(w[1])}" if isinstance(g, tuple) and isinstance(w, tuple) else ""))
+            lines.append(
+                f"{rel} differs"
+                + (f": {len(g[1])} rows vs {len(w[1])}" if isinstance(g, tuple) and isinstance(w, tuple) else "")
+            )
     for k in ("daily_counts", "device_latest"):
         if got[k] != want[k]:
             lines.append(f"{k}: {len(got[k])} rows vs {len(want[k])} in the clean run")
@@ -418,7 +427,9 @@ def start_killed_at(ws: Workspace, step: int, name: str, path_part: str) -> str:
     finally:
         kill_group(proc)
     steps = ws.steps()
-    assert rc == -signal.SIGKILL, f"the run was not killed at step {step} (rc {rc}); steps: {steps}; {tail(proc.log_path)}"
+    assert rc == -signal.SIGKILL, (
+        f"the run was not killed at step {step} (rc {rc}); steps: {steps}; {tail(proc.log_path)}"
+    )
     assert len(steps) == step and steps[-1][1] == name and path_part in steps[-1][2], steps
     return ws.where()
 
@@ -470,7 +481,9 @@ PUBLISH_STEPS = {
 IN_PROCESS_STEPS = list(PUBLISH_STEPS)  # every step: in-process runs take ~2 s
 
 
-@pytest.mark.parametrize("k", IN_PROCESS_STEPS, ids=[f"{k}-{PUBLISH_STEPS[k].replace(' ', '-')}" for k in IN_PROCESS_STEPS])
+@pytest.mark.parametrize(
+    "k", IN_PROCESS_STEPS, ids=[f"{k}-{PUBLISH_STEPS[k].replace(' ', '-')}" for k in IN_PROCESS_STEPS]
+)
 def test_raise_at_a_publish_step_in_run_day_then_rerun_equals_clean_run(ws, reference, monkeypatch, k):
     import replay_defs.lake as lake_mod
     from replay_defs.definitions import build_definitions

@@ -20,7 +20,9 @@ DAYS = ["2025-11-25", "2025-11-26"]
 
 def letters(n: int) -> list[str]:
     """Dead letters as the redrive sends them (event unit): JSON with the event time."""
-    return [json.dumps({"event_id": f"e{i}", "ts": f"{DAYS[i % 2]}T0{i % 10}:00:00Z", "type": "lock"}) for i in range(n)]
+    return [
+        json.dumps({"event_id": f"e{i}", "ts": f"{DAYS[i % 2]}T0{i % 10}:00:00Z", "type": "lock"}) for i in range(n)
+    ]
 
 
 def build(source: DeadLetters):
@@ -33,7 +35,9 @@ def build(source: DeadLetters):
 
 
 def tick(defs, sensor, instance, cursor=None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def(), resources=defs.resources)
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, repository_def=defs.get_repository_def(), resources=defs.resources
+    )
     return sensor(context)
 
 
@@ -51,7 +55,9 @@ def assert_fires_on_growth_only(defs, sensor, instance, add, depth):
     add(30)
     second = tick(defs, sensor, instance, first.cursor)
     days = requested_days(second)
-    assert set(days) == {dg.AssetKey(["telemetry", a]) for a in ("raw_events", "parsed_events", "projections", "redrive")}
+    assert set(days) == {
+        dg.AssetKey(["telemetry", a]) for a in ("raw_events", "parsed_events", "projections", "redrive")
+    }
     assert all(d == set(DAYS) for d in days.values())
     assert second.run_requests[0].tags["event_replay/dead_letter_depth"] == "30"
     assert depth() == 30, "peeking must not consume the dead letters"
@@ -74,7 +80,11 @@ def test_sqs_dead_letter_queue(env, instance, monkeypatch):
                 sqs.send_message(QueueUrl=url, MessageBody=body)
 
         def depth():
-            return int(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"])
+            return int(
+                sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
+                    "ApproximateNumberOfMessages"
+                ]
+            )
 
         assert_fires_on_growth_only(defs, sensor, instance, add, depth)
     finally:
@@ -158,11 +168,14 @@ def test_rabbitmq_dead_letter_queue(env, instance, monkeypatch):
     ch.queue_declare(queue)
     defs, sensor = build(DeadLetters("rabbitmq", queue, growth=10))
     try:
+
         def add(n):
             for body in letters(n):
                 ch.basic_publish("", queue, body.encode())
 
-        assert_fires_on_growth_only(defs, sensor, instance, add, lambda: ch.queue_declare(queue, passive=True).method.message_count)
+        assert_fires_on_growth_only(
+            defs, sensor, instance, add, lambda: ch.queue_declare(queue, passive=True).method.message_count
+        )
     finally:
         ch.queue_delete(queue)
         conn.close()
@@ -172,15 +185,28 @@ def test_postgres_rows_in_error(env, instance, postgres_dsn, monkeypatch):
     monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
     with psycopg.connect(postgres_dsn, autocommit=True) as con:
         con.execute("DROP TABLE IF EXISTS processed_events")
-        con.execute("CREATE TABLE processed_events (id serial PRIMARY KEY, event_id text, status text, created_at timestamptz)")
+        con.execute(
+            "CREATE TABLE processed_events (id serial PRIMARY KEY, event_id text, status text, created_at timestamptz)"
+        )
         defs, sensor = build(DeadLetters("postgres", "processed_events", growth=10, time_field="created_at"))
 
         def add(n):
             for i in range(n):
-                con.execute("INSERT INTO processed_events (event_id, status, created_at) VALUES (%s, 'error', %s)", (f"e{i}", f"{DAYS[i % 2]} 12:00:00+00"))
-            con.execute("INSERT INTO processed_events (event_id, status, created_at) VALUES ('ok', 'processed', '2025-11-20 12:00:00+00')")
+                con.execute(
+                    "INSERT INTO processed_events (event_id, status, created_at) VALUES (%s, 'error', %s)",
+                    (f"e{i}", f"{DAYS[i % 2]} 12:00:00+00"),
+                )
+            con.execute(
+                "INSERT INTO processed_events (event_id, status, created_at) VALUES ('ok', 'processed', '2025-11-20 12:00:00+00')"
+            )
 
-        assert_fires_on_growth_only(defs, sensor, instance, add, lambda: con.execute("SELECT count(*) FROM processed_events WHERE status = 'error'").fetchone()[0])
+        assert_fires_on_growth_only(
+            defs,
+            sensor,
+            instance,
+            add,
+            lambda: con.execute("SELECT count(*) FROM processed_events WHERE status = 'error'").fetchone()[0],
+        )
 
 
 def test_no_second_backfill_for_days_already_being_backfilled(env, instance, redis_url, monkeypatch):
@@ -199,8 +225,13 @@ def test_no_second_backfill_for_days_already_being_backfilled(env, instance, red
         (request,) = fired.run_requests
         instance.add_backfill(
             PartitionBackfill.from_asset_graph_subset(
-                backfill_id="dlq1", asset_graph_subset=request.asset_graph_subset, dynamic_partitions_store=instance,
-                backfill_timestamp=0.0, tags=request.tags, title=None, description=None,
+                backfill_id="dlq1",
+                asset_graph_subset=request.asset_graph_subset,
+                dynamic_partitions_store=instance,
+                backfill_timestamp=0.0,
+                tags=request.tags,
+                title=None,
+                description=None,
                 run_config=None,
             )
         )
@@ -216,8 +247,13 @@ def test_no_second_backfill_for_days_already_being_backfilled(env, instance, red
 def test_days_come_from_event_time_or_the_raw_files_key():
     assert day_of('{"ts": "2025-11-25T23:59:59.5+00:00"}', "ts") == "2025-11-25"
     assert day_of('{"ts": "2025-11-25T23:30:00-01:00"}', "ts") == "2025-11-26", "event time is taken in UTC"
-    assert day_of('{"kind": "redrive_raw_file", "key": "raw/x/year=2025/month=11/day=24/hour=03/f.gz"}', "ts") == "2025-11-24"
-    assert day_of("not json", "ts") is None and day_of('{"ts": "yesterday"}', "ts") is None and day_of("[1]", "ts") is None
+    assert (
+        day_of('{"kind": "redrive_raw_file", "key": "raw/x/year=2025/month=11/day=24/hour=03/f.gz"}', "ts")
+        == "2025-11-24"
+    )
+    assert (
+        day_of("not json", "ts") is None and day_of('{"ts": "yesterday"}', "ts") is None and day_of("[1]", "ts") is None
+    )
 
 
 def test_growth_is_measured_within_the_window():
@@ -227,7 +263,10 @@ def test_growth_is_measured_within_the_window():
     assert grown([], 0, 7, 600) == 0, "a first reading is a baseline, not growth"
 
 
-@pytest.mark.parametrize("bad", [dict(kind="nope", name="q"), dict(kind="postgres", name="bad;table"), dict(kind="sqs", name="q", window_s=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(kind="nope", name="q"), dict(kind="postgres", name="bad;table"), dict(kind="sqs", name="q", window_s=0)],
+)
 def test_bad_dead_letter_declarations_are_refused(bad):
     with pytest.raises(ValueError):
         DeadLetters(**bad)

@@ -16,7 +16,11 @@ def test_demo_backfills_prints_counts_and_replays_the_bad_day(tmp_path):
     }
     out = subprocess.run(
         [str(PROJECT_ROOT / ".venv/bin/event-replay"), "demo", "--days", "2", "--events-per-day", "6000"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("2025-11-2")]

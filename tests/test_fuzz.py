@@ -28,7 +28,7 @@ def _mutate(rng: random.Random, raw: bytes) -> bytes:
         depth = rng.choice((100, 1500, 1900, 5000))  # 5000 levels also exceed the 4 KiB line limit
         return raw[:-1] + b',"x":' + b"[" * depth + b"]" * depth + b"}"
     if kind == 4:  # numbers no type holds
-        return raw.replace(b'"seq":', b'"seq":' + b"9" * rng.randrange(20, 400) + b"0, \"_\":")
+        return raw.replace(b'"seq":', b'"seq":' + b"9" * rng.randrange(20, 400) + b'0, "_":')
     if kind == 5:  # odd unicode: lone surrogates, NULs, right-to-left marks
         return raw.replace(b'"lock"', rng.choice([b'"\\ud800"', b'"a\\u0000b"', b'"\xe2\x80\xaelock"', b'"\xff\xfe"']))
     if kind == 6:  # a line far over the limit
@@ -36,16 +36,32 @@ def _mutate(rng: random.Random, raw: bytes) -> bytes:
     if kind == 7:
         return rng.choice([b"", b"   ", b"\r", b"\t\t"])
     if kind == 8:  # wrong types and shapes
-        return rng.choice([b"[]", b"null", b"42", b'"text"', raw.replace(b'"seq":', b'"seq":"x",'), raw.replace(b'"event_id"', b'"id"')])
+        return rng.choice(
+            [
+                b"[]",
+                b"null",
+                b"42",
+                b'"text"',
+                raw.replace(b'"seq":', b'"seq":"x",'),
+                raw.replace(b'"event_id"', b'"id"'),
+            ]
+        )
     if kind == 9:  # a timestamp without a zone, with a zone that does not exist, or out of range
-        return raw.replace(b'.000Z"', rng.choice([b'"', b'+25:00"'])) if rng.random() < 0.5 else raw.replace(b'"2025-', b'"9999-')
+        return (
+            raw.replace(b'.000Z"', rng.choice([b'"', b'+25:00"']))
+            if rng.random() < 0.5
+            else raw.replace(b'"2025-', b'"9999-')
+        )
     if kind == 10:  # a valid event with a CR left over from CRLF
         return raw + b"\r"
     return raw  # unchanged
 
 
 def _file(rng: random.Random, tmp_path, n: int) -> str:
-    lines = [_mutate(rng, line(i, ts=f"2025-11-24T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00.000Z")) for i in range(n)]
+    lines = [
+        _mutate(rng, line(i, ts=f"2025-11-24T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00.000Z"))
+        for i in range(n)
+    ]
     data = b"\n".join(lines) + rng.choice([b"\n", b""])
     if rng.random() < 0.1:
         data = b"\xef\xbb\xbf" + data  # a byte order mark
@@ -83,8 +99,19 @@ def test_mutated_files_never_crash_the_parser_and_every_line_is_accounted_for(tm
     finally:
         tracemalloc.stop()
     # The generator is not vacuous: its inputs reached every kind of rejection.
-    assert reasons >= {"malformed_json", "invalid_utf8", "nesting_too_deep", "oversize_line", "empty_line", "not_an_object",
-                       "wrong_type", "missing_field", "invalid_value", "truncated_gzip", "corrupt_gzip"}, reasons
+    assert reasons >= {
+        "malformed_json",
+        "invalid_utf8",
+        "nesting_too_deep",
+        "oversize_line",
+        "empty_line",
+        "not_an_object",
+        "wrong_type",
+        "missing_field",
+        "invalid_value",
+        "truncated_gzip",
+        "corrupt_gzip",
+    }, reasons
     # Lines are cut at 4 KiB and batches hold 20k lines: memory stays bounded by that, far below
     # what 5000-level nesting and 9 KB lines multiplied out would take.
     assert peak < 64 << 20, f"peak {peak / 1e6:.1f} MB"

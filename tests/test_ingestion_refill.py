@@ -55,17 +55,27 @@ def write_csv(path, keys: list[str], repeat_every: int = 3) -> None:
 
 
 def refill_spec(queue: str):
-    return dataclasses.replace(INGESTION_REFILL, redrive=Redrive(unit="event", sink=RedisSink(queue, job_name="ingestion-job")))
+    return dataclasses.replace(
+        INGESTION_REFILL, redrive=Redrive(unit="event", sink=RedisSink(queue, job_name="ingestion-job"))
+    )
 
 
 def run_refill(spec, instance, start, end, source, location, delivery=None):
     from replay_defs.definitions import build_definitions
 
     job = build_definitions(pipelines=(), refills=(spec,)).resolve_job_def(f"{spec.name}_replay")
-    config = {"ops": {f"{spec.name}__event_keys": {"config": {"source": source, "location": location}},
-                      f"{spec.name}__redrive": {"config": delivery or {}}}}
-    return job.execute_in_process(instance=instance, run_config=config, raise_on_error=False,
-                                  tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end})
+    config = {
+        "ops": {
+            f"{spec.name}__event_keys": {"config": {"source": source, "location": location}},
+            f"{spec.name}__redrive": {"config": delivery or {}},
+        }
+    }
+    return job.execute_in_process(
+        instance=instance,
+        run_config=config,
+        raise_on_error=False,
+        tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end},
+    )
 
 
 def day_verdicts(result) -> dict:
@@ -92,16 +102,23 @@ def test_csv_refill_gives_a_bullmq_worker_one_job_per_distinct_key(env, instance
     repeats = len(range(0, len(keys), 3))
     assert (md["keys"], md["duplicates"], md["put_rows"]) == (len(keys), repeats, len(keys) + repeats + len(BAD_ROWS))
     assert md["malformed_rows"] == 2 and md["quarantined"] == len(BAD_ROWS) + 2
-    assert md["quarantined_path_traversal"] == 3 and md["quarantined_unknown_type"] == 1 and md["quarantined_bad_key_shape"] == 2
+    assert (
+        md["quarantined_path_traversal"] == 3
+        and md["quarantined_unknown_type"] == 1
+        and md["quarantined_bad_key_shape"] == 2
+    )
     assert md["quarantined_missing_key"] == 1 and md["quarantined_malformed_csv_row"] == 2
     assert "| proj-2 | score | 40 |" in md["keys_by_project_and_type"]
     assert metadata(plan, spec, "redrive")["would_publish"] == len(keys)
     assert bullmq_consume(redis_url, spec.redrive.sink.key, idle_s=0.5) == [], "a dry run enqueues nothing"
     assert all(day_verdicts(plan).values()) and len(day_verdicts(plan)) == 3
 
-    quarantine = dict(duckdb.execute(
-        "SELECT raw, reason FROM read_parquet($f)", {"f": str(env["lake"] / f"quarantine/ingestion_refill/day={DAY}/quarantine.parquet")}
-    ).fetchall())
+    quarantine = dict(
+        duckdb.execute(
+            "SELECT raw, reason FROM read_parquet($f)",
+            {"f": str(env["lake"] / f"quarantine/ingestion_refill/day={DAY}/quarantine.parquet")},
+        ).fetchall()
+    )
     for raw, reason in BAD_ROWS.items():
         assert quarantine[raw or None] == reason
     assert sum(r.startswith("malformed_csv_row") for r in quarantine.values()) == 2
@@ -132,9 +149,11 @@ def test_csv_refill_gives_a_bullmq_worker_one_job_per_distinct_key(env, instance
 def access_log_line(when: datetime, operation: str, key: str) -> str:
     """One record in AWS's S3 server access log format."""
     stamp = when.strftime("%d/%b/%Y:%H:%M:%S +0000")
-    return (f'79a59df900b949e55d96a1e698fbacedfd6e09d98eacf8f8d5218e7cd47ef2be langfuse-events [{stamp}] 192.0.2.3 '
-            f'arn:aws:iam::123456789012:user/ingest 3E57427F3EXAMPLE {operation} {key} "PUT /{key} HTTP/1.1" 200 - - 512 '
-            f'10 9 "-" "aws-sdk-js/3.0" - Ry0rMW9h4+YI= SigV4 ECDHE-RSA-AES128-GCM-SHA256 AuthHeader langfuse-events.s3.amazonaws.com TLSv1.2 - -')
+    return (
+        f"79a59df900b949e55d96a1e698fbacedfd6e09d98eacf8f8d5218e7cd47ef2be langfuse-events [{stamp}] 192.0.2.3 "
+        f'arn:aws:iam::123456789012:user/ingest 3E57427F3EXAMPLE {operation} {key} "PUT /{key} HTTP/1.1" 200 - - 512 '
+        f'10 9 "-" "aws-sdk-js/3.0" - Ry0rMW9h4+YI= SigV4 ECDHE-RSA-AES128-GCM-SHA256 AuthHeader langfuse-events.s3.amazonaws.com TLSv1.2 - -'
+    )
 
 
 def test_raw_access_logs_in_s3_split_by_record_day(env, instance, redis_url, monkeypatch):
@@ -142,7 +161,11 @@ def test_raw_access_logs_in_s3_split_by_record_day(env, instance, redis_url, mon
     try:
         monkeypatch.setenv("EVENT_REPLAY_S3_ENDPOINT", moto.endpoint)
         monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
-        for var, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}.items():
+        for var, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(var, value)
         s3 = moto.client("s3")
         s3.create_bucket(Bucket="access-logs")
@@ -151,22 +174,42 @@ def test_raw_access_logs_in_s3_split_by_record_day(env, instance, redis_url, mon
         t1, t2 = datetime(2025, 3, 2, 23, 59, tzinfo=timezone.utc), datetime(2025, 3, 3, 0, 1, tzinfo=timezone.utc)
         encode = lambda k: k.replace(" ", "%20").replace("+", "%2B")  # noqa: E731 (the log writes keys URL-encoded)
         # Logs are named by delivery time: the file of 2025-03-03 holds the last records of 03-02.
-        s3.put_object(Bucket="access-logs", Key="logs/2025-03-02-23-00-00-AAAA", Body="\n".join(
-            [access_log_line(t1, "REST.PUT.OBJECT", encode(k)) for k in day1[:3]] + [access_log_line(t1, "REST.GET.OBJECT", day1[0])]
-        ).encode())
-        s3.put_object(Bucket="access-logs", Key="logs/2025-03-03-00-05-00-BBBB", Body="\n".join(
-            [access_log_line(t1, "REST.PUT.OBJECT", encode(k)) for k in day1[3:]]
-            + [access_log_line(t2, "REST.PUT.OBJECT", k) for k in day2 + day2[:1]]
-            + ["this is not an access log line"]
-        ).encode())
-        s3.put_object(Bucket="access-logs", Key="logs/2025-03-09-00-00-00-CCCC", Body=access_log_line(t2, "REST.PUT.OBJECT", "p3/trace/x/y.json").encode())
+        s3.put_object(
+            Bucket="access-logs",
+            Key="logs/2025-03-02-23-00-00-AAAA",
+            Body="\n".join(
+                [access_log_line(t1, "REST.PUT.OBJECT", encode(k)) for k in day1[:3]]
+                + [access_log_line(t1, "REST.GET.OBJECT", day1[0])]
+            ).encode(),
+        )
+        s3.put_object(
+            Bucket="access-logs",
+            Key="logs/2025-03-03-00-05-00-BBBB",
+            Body="\n".join(
+                [access_log_line(t1, "REST.PUT.OBJECT", encode(k)) for k in day1[3:]]
+                + [access_log_line(t2, "REST.PUT.OBJECT", k) for k in day2 + day2[:1]]
+                + ["this is not an access log line"]
+            ).encode(),
+        )
+        s3.put_object(
+            Bucket="access-logs",
+            Key="logs/2025-03-09-00-00-00-CCCC",
+            Body=access_log_line(t2, "REST.PUT.OBJECT", "p3/trace/x/y.json").encode(),
+        )
         spec = refill_spec(f"ingestion-test-{uuid.uuid4().hex[:8]}")
 
         result = run_refill(spec, instance, DAY, NEXT_DAY, "access_logs", "s3://access-logs/logs/")
         assert result.success
         first, second = metadata(result, spec, "event_keys", DAY), metadata(result, spec, "event_keys", NEXT_DAY)
-        assert (first["keys"], first["malformed_rows"], second["keys"], second["duplicates"]) == (len(day1), 1, len(day2), 1)
-        assert metadata(result, spec, "redrive", DAY)["published"] + metadata(result, spec, "redrive", NEXT_DAY)["published"] == len(day1 + day2)
+        assert (first["keys"], first["malformed_rows"], second["keys"], second["duplicates"]) == (
+            len(day1),
+            1,
+            len(day2),
+            1,
+        )
+        assert metadata(result, spec, "redrive", DAY)["published"] + metadata(result, spec, "redrive", NEXT_DAY)[
+            "published"
+        ] == len(day1 + day2)
         assert all(day_verdicts(result).values()) and len(day_verdicts(result)) == 6
         assert sorted(j[0] for j in bullmq_consume(redis_url, spec.redrive.sink.key)) == sorted(day1 + day2)
     finally:
@@ -182,13 +225,31 @@ def test_listing_takes_the_objects_modified_on_the_day(tmp_path):
         for key in keys:
             s3.put_object(Bucket="events", Key=key, Body=b"{}")
         today = datetime.now(timezone.utc).date().isoformat()
-        found = collect_keys("listing", "s3://events/p1/", [today], TYPES, lambda d: tmp_path / "keys", lambda d: tmp_path / "q",
-                             tmp_path / "work", s3=s3)
+        found = collect_keys(
+            "listing",
+            "s3://events/p1/",
+            [today],
+            TYPES,
+            lambda d: tmp_path / "keys",
+            lambda d: tmp_path / "q",
+            tmp_path / "work",
+            s3=s3,
+        )
         assert (found.days[today].keys, found.days[today].quarantined_by_reason) == (2, {"unknown_type": 1})
-        stored = duckdb.execute("SELECT key FROM read_parquet($f) ORDER BY key", {"f": str(tmp_path / "keys/keys.parquet")}).fetchall()
+        stored = duckdb.execute(
+            "SELECT key FROM read_parquet($f) ORDER BY key", {"f": str(tmp_path / "keys/keys.parquet")}
+        ).fetchall()
         assert [k for (k,) in stored] == ["p1/score/b2/e2.json", "p1/trace/b1/e1.json"]
-        empty = collect_keys("listing", "s3://events/p1/", ["2025-03-02"], TYPES, lambda d: tmp_path / "k2", lambda d: tmp_path / "q2",
-                             tmp_path / "work", s3=s3)
+        empty = collect_keys(
+            "listing",
+            "s3://events/p1/",
+            ["2025-03-02"],
+            TYPES,
+            lambda d: tmp_path / "k2",
+            lambda d: tmp_path / "q2",
+            tmp_path / "work",
+            s3=s3,
+        )
         assert empty.days["2025-03-02"].keys == 0 and not (tmp_path / "k2").exists()
     finally:
         moto.stop()
@@ -204,9 +265,19 @@ def test_request_times_split_a_csv_by_day_and_bad_input_fails_clearly(tmp_path, 
         '"REST.PUT.OBJECT","p1/trace/b4/e4.json","05/Mar/2025:00:00:00 +0000"\n'
         '"REST.PUT.OBJECT","p1/trace/b5/e5.json","yesterday"\n'
     )
-    found = collect_keys("csv", str(csv_path), [DAY, NEXT_DAY], TYPES, lambda d: tmp_path / d, lambda d: tmp_path / f"q{d}", tmp_path / "work")
+    found = collect_keys(
+        "csv",
+        str(csv_path),
+        [DAY, NEXT_DAY],
+        TYPES,
+        lambda d: tmp_path / d,
+        lambda d: tmp_path / f"q{d}",
+        tmp_path / "work",
+    )
     assert (found.days[DAY].keys, found.days[NEXT_DAY].keys, found.other_days) == (2, 1, 1)
-    assert found.days[DAY].quarantined_by_reason == {"bad_request_time": 1}, "a row with a bad time stays on the first day, quarantined"
+    assert found.days[DAY].quarantined_by_reason == {"bad_request_time": 1}, (
+        "a row with a bad time stays on the first day, quarantined"
+    )
 
     untimed = tmp_path / "events.csv"
     write_csv(untimed, good_keys(2))
@@ -221,7 +292,15 @@ def test_request_times_split_a_csv_by_day_and_bad_input_fails_clearly(tmp_path, 
     with pytest.raises(ValueError, match='expected a header "operation","key"'):
         collect_keys("csv", str(no_key), [DAY], TYPES, lambda d: tmp_path, lambda d: tmp_path, tmp_path / "work")
     with pytest.raises(ValueError, match="does not exist"):
-        collect_keys("csv", str(tmp_path / "missing.csv"), [DAY], TYPES, lambda d: tmp_path, lambda d: tmp_path, tmp_path / "work")
+        collect_keys(
+            "csv",
+            str(tmp_path / "missing.csv"),
+            [DAY],
+            TYPES,
+            lambda d: tmp_path,
+            lambda d: tmp_path,
+            tmp_path / "work",
+        )
 
 
 def test_cli_refill_prints_per_day_counts(env, tmp_path):
@@ -232,15 +311,31 @@ def test_cli_refill_prints_per_day_counts(env, tmp_path):
         write_csv(csv_path, keys)
 
         def refill(*extra):  # noqa: ANN202
-            return subprocess.run([str(PROJECT_ROOT / ".venv/bin/event-replay"), "refill", "--location", str(csv_path), "--start", DAY, *extra],
-                                  cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                                  env={**__import__("os").environ, "EVENT_REPLAY_REDIS_URL": redis.url})
+            return subprocess.run(
+                [
+                    str(PROJECT_ROOT / ".venv/bin/event-replay"),
+                    "refill",
+                    "--location",
+                    str(csv_path),
+                    "--start",
+                    DAY,
+                    *extra,
+                ],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**__import__("os").environ, "EVENT_REPLAY_REDIS_URL": redis.url},
+            )
 
         first = refill("--batch-size", "7")
         assert first.returncode == 0, first.stdout + first.stderr
         row = next(line for line in first.stdout.splitlines() if line.startswith(DAY)).split()
         # day, PUT rows, keys, repeats, quarantined, sent, skipped, "3/3 passed"
-        assert row[2:7] == [str(len(keys)), str(len(range(0, len(keys), 3))), str(len(BAD_ROWS) + 2), str(len(keys)), "0"] and row[7] == "3/3", first.stdout
+        assert (
+            row[2:7] == [str(len(keys)), str(len(range(0, len(keys), 3))), str(len(BAD_ROWS) + 2), str(len(keys)), "0"]
+            and row[7] == "3/3"
+        ), first.stdout
         assert sorted(j[0] for j in bullmq_consume(redis.url, "ingestion-queue")) == sorted(keys)
     finally:
         redis.stop()
@@ -250,7 +345,9 @@ def quarantined(path) -> list[tuple[str, str]]:
     return duckdb.execute("SELECT reason, raw FROM read_parquet($f) ORDER BY reason, raw", {"f": str(path)}).fetchall()
 
 
-def test_an_unterminated_quote_keeps_the_next_row_and_an_oversize_row_has_its_own_sample(env, instance, redis_url, tmp_path, monkeypatch):
+def test_an_unterminated_quote_keeps_the_next_row_and_an_oversize_row_has_its_own_sample(
+    env, instance, redis_url, tmp_path, monkeypatch
+):
     """DuckDB alone took a line with an unterminated quote and the next line as one bad record (the
     next, valid row was lost), and after such a swallow reported the following oversize line with
     another line's sample. Each bad line is quarantined alone, with its own sample; every valid row
@@ -260,9 +357,19 @@ def test_an_unterminated_quote_keeps_the_next_row_and_an_oversize_row_has_its_ow
     keep = [f"p1/trace/b{i}/e{i}.json" for i in range(6)]
     unterminated = '"REST.PUT.OBJECT","p1/trace/bx/unterminated.json'
     big = '"REST.PUT.OBJECT","p1/trace/b/BIGROW' + "z" * 1_100_000 + '.json"'
-    lines = ['"operation","key"', f'"REST.PUT.OBJECT","{keep[0]}"', unterminated, f'"REST.PUT.OBJECT","{keep[1]}"',
-             f'"REST.PUT.OBJECT","{keep[2]}"', big, f'"REST.PUT.OBJECT","{keep[3]}"', unterminated.replace("bx", "by"),
-             f'"REST.PUT.OBJECT","{keep[4]}"', big.replace("BIGROW", "BIGTWO"), f'"REST.PUT.OBJECT","{keep[5]}"']
+    lines = [
+        '"operation","key"',
+        f'"REST.PUT.OBJECT","{keep[0]}"',
+        unterminated,
+        f'"REST.PUT.OBJECT","{keep[1]}"',
+        f'"REST.PUT.OBJECT","{keep[2]}"',
+        big,
+        f'"REST.PUT.OBJECT","{keep[3]}"',
+        unterminated.replace("bx", "by"),
+        f'"REST.PUT.OBJECT","{keep[4]}"',
+        big.replace("BIGROW", "BIGTWO"),
+        f'"REST.PUT.OBJECT","{keep[5]}"',
+    ]
     csv_path = tmp_path / "quirks.csv"
     csv_path.write_text("\n".join(lines) + "\n")
 
@@ -271,19 +378,27 @@ def test_an_unterminated_quote_keeps_the_next_row_and_an_oversize_row_has_its_ow
     md = metadata(result, spec, "event_keys")
     assert (md["keys"], md["put_rows"], md["malformed_rows"], md["quarantined_malformed_csv_row"]) == (6, 6, 4, 4)
     assert all(day_verdicts(result).values()) and len(day_verdicts(result)) == 3, "rows_accounted_for included"
-    assert sorted(j[0] for j in bullmq_consume(redis_url, spec.redrive.sink.key)) == sorted(keep), "the row after each bad line is kept"
+    assert sorted(j[0] for j in bullmq_consume(redis_url, spec.redrive.sink.key)) == sorted(keep), (
+        "the row after each bad line is kept"
+    )
 
     got = quarantined(env["lake"] / f"quarantine/{spec.name}/day={DAY}/quarantine.parquet")
-    assert [r for r, _ in got] == ["malformed_csv_row: line size over maximum"] * 2 + ["malformed_csv_row: unterminated quote"] * 2
+    assert [r for r, _ in got] == ["malformed_csv_row: line size over maximum"] * 2 + [
+        "malformed_csv_row: unterminated quote"
+    ] * 2
     (r1, s1), (r2, s2), (_, s3), (_, s4) = got
-    assert s1.startswith('"REST.PUT.OBJECT","p1/trace/b/BIGROW') and s2.startswith('"REST.PUT.OBJECT","p1/trace/b/BIGTWO'), (s1[:60], s2[:60])
+    assert s1.startswith('"REST.PUT.OBJECT","p1/trace/b/BIGROW') and s2.startswith(
+        '"REST.PUT.OBJECT","p1/trace/b/BIGTWO'
+    ), (s1[:60], s2[:60])
     assert len(s1) == len(s2) == 2000, "a sample, not the whole line"
     assert [s3, s4] == [unterminated, unterminated.replace("bx", "by")], "each line alone, not swallowing the next"
 
 
 def run_log(instance, result) -> str:
-    return "\n".join(str(e.message) + " " + str(e.dagster_event.event_specific_data if e.dagster_event else "")
-                     for e in instance.all_logs(result.run_id))
+    return "\n".join(
+        str(e.message) + " " + str(e.dagster_event.event_specific_data if e.dagster_event else "")
+        for e in instance.all_logs(result.run_id)
+    )
 
 
 def test_local_sources_outside_the_refill_roots_are_refused_unread(env, instance, tmp_path, monkeypatch):
@@ -298,15 +413,21 @@ def test_local_sources_outside_the_refill_roots_are_refused_unread(env, instance
     (root / "logs" / f"{DAY}-00-00-00-AAAA").symlink_to(secret)
     spec = refill_spec("unused")
 
-    for source, location, named in [("csv", str(secret), str(secret)), ("csv", str(root / "link.csv"), "link.csv"),
-                                    ("access_logs", str(outside), str(outside)), ("access_logs", str(root / "logs"), "AAAA")]:
+    for source, location, named in [
+        ("csv", str(secret), str(secret)),
+        ("csv", str(root / "link.csv"), "link.csv"),
+        ("access_logs", str(outside), str(outside)),
+        ("access_logs", str(root / "logs"), "AAAA"),
+    ]:
         result = run_refill(spec, instance, DAY, DAY, source, location)
         assert not result.success
         failure = next(e for e in result.all_events if e.is_step_failure).event_specific_data.error.message
         assert named in failure and ROOTS_ENV in failure and "outside the refill roots" in failure, failure
         assert "SECRETHASH" not in run_log(instance, result) and "root:$6$" not in run_log(instance, result)
     with pytest.raises(OutsideRefillRoots, match="resolves to"):
-        collect_keys("csv", str(root / "link.csv"), [DAY], TYPES, lambda d: tmp_path, lambda d: tmp_path, tmp_path / "work")
+        collect_keys(
+            "csv", str(root / "link.csv"), [DAY], TYPES, lambda d: tmp_path, lambda d: tmp_path, tmp_path / "work"
+        )
 
     # Inside the roots, a bad header is named by a short, labelled sample only.
     long_header = root / "long.csv"
@@ -324,10 +445,17 @@ def test_cli_refill_refuses_a_location_outside_the_roots(env, tmp_path, monkeypa
     elsewhere.write_text("TOPSECRET-FIRST-LINE\n")
     hostname = open("/etc/hostname").read().strip()
     for location, content in [("/etc/hostname", hostname), (str(elsewhere), "TOPSECRET-FIRST-LINE")]:
-        run = subprocess.run([str(PROJECT_ROOT / ".venv/bin/event-replay"), "refill", "--location", location, "--start", DAY],
-                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "EVENT_REPLAY_REDIS_URL": redis_url})
+        run = subprocess.run(
+            [str(PROJECT_ROOT / ".venv/bin/event-replay"), "refill", "--location", location, "--start", DAY],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "EVENT_REPLAY_REDIS_URL": redis_url},
+        )
         assert run.returncode == 1, run.stdout + run.stderr
-        assert f"access-log CSV {location!r} is outside the refill roots" in run.stderr and ROOTS_ENV in run.stderr, run.stderr
+        assert f"access-log CSV {location!r} is outside the refill roots" in run.stderr and ROOTS_ENV in run.stderr, (
+            run.stderr
+        )
         if content:
             assert content not in run.stdout + run.stderr, "the file's content must not be echoed"

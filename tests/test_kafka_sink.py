@@ -11,7 +11,9 @@ from replay_defs.pipelines import TELEMETRY
 from replay_defs.spec import KafkaSink, Redrive
 
 TOPIC = "telemetry-redrive"
-KAFKA = dataclasses.replace(TELEMETRY, name="telemetry_kafka", parsed_prefix="telemetry_kafka_flat", redrive=Redrive(sink=KafkaSink(TOPIC)))
+KAFKA = dataclasses.replace(
+    TELEMETRY, name="telemetry_kafka", parsed_prefix="telemetry_kafka_flat", redrive=Redrive(sink=KafkaSink(TOPIC))
+)
 DAY = "2025-11-25"
 
 
@@ -76,7 +78,10 @@ def test_broker_outage_fails_the_run_then_a_rerun_delivers_exactly_once(kafka_de
     dead = list((env["lake"] / "_replay/telemetry_kafka/redrive/dead_letter" / f"day={DAY}").glob("*.jsonl"))
     letters = [json.loads(line) for line in dead[0].read_text().splitlines()]
     assert len(dead) == 1 and len(letters) == md["failed"] and len({d["id"] for d in letters}) == md["failed"]
-    assert all(d["sink"] == "kafka:telemetry-redrive" and d["error"] and json.loads(d["message"])["kind"] == "redrive_raw_file" for d in letters)
+    assert all(
+        d["sink"] == "kafka:telemetry-redrive" and d["error"] and json.loads(d["message"])["kind"] == "redrive_raw_file"
+        for d in letters
+    )
 
     broker.start()
     broker.create_topic(TOPIC)

@@ -424,7 +424,9 @@ def test_stale_files_catches_a_change_of_content_at_the_same_size(lake):
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
     part.write_bytes(bytes(data))
-    assert lake.stale_files(OWNER, DAY, PATTERNS) == [f"changed content: flat/type=lock/day={DAY}/part-0000-0000.parquet"]
+    assert lake.stale_files(OWNER, DAY, PATTERNS) == [
+        f"changed content: flat/type=lock/day={DAY}/part-0000-0000.parquet"
+    ]
     assert lake.damaged_files(OWNER, DAY, [f"flat/type=lock/day={DAY}/part-0000-0000.parquet"]) == [
         f"changed content: flat/type=lock/day={DAY}/part-0000-0000.parquet"
     ]
@@ -478,7 +480,13 @@ def test_a_journal_naming_a_directory_outside_the_owner_is_refused(lake, tmp_pat
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("not the lake's")
-    journal = {"old": None, "old_version": 1, "old_slots": [], "new": lake.state(OWNER, DAY).to_json(), "staged": str(victim)}
+    journal = {
+        "old": None,
+        "old_version": 1,
+        "old_slots": [],
+        "new": lake.state(OWNER, DAY).to_json(),
+        "staged": str(victim),
+    }
     lake_mod._write_json_atomic(internal(lake, "journal", f"{DAY}.json"), journal)
     with pytest.raises(ValueError, match="outside"):
         lake.recover(OWNER, DAY)
@@ -572,10 +580,18 @@ def lake_snapshot(lake: Lake) -> dict:
     """Everything a clean publish determines: the live files, the state, and the archive of the
     version just replaced (for rollback)."""
     cur = lake.state(OWNER, DAY)
-    snap = {"live": live(lake), "state": comparable_state(cur), "strays": {k: v for k, v in strays(lake).items() if not is_json_temp(k)}}
+    snap = {
+        "live": live(lake),
+        "state": comparable_state(cur),
+        "strays": {k: v for k, v in strays(lake).items() if not is_json_temp(k)},
+    }
     prev = [v for v in lake.kept_versions(OWNER, DAY)]
     snap["newest_archive"] = (
-        {"version": prev[-1], "files": archived_files(lake, prev[-1]), "state": comparable_state(archived_state(lake, prev[-1]))}
+        {
+            "version": prev[-1],
+            "files": archived_files(lake, prev[-1]),
+            "state": comparable_state(archived_state(lake, prev[-1])),
+        }
         if prev
         else None
     )
@@ -594,7 +610,9 @@ def leftovers(lake: Lake) -> list[str]:
 def describe(step: tuple[str, ...]) -> str:
     """`replace(.../journal/.2025-11-24.json.<hex>.tmp -> .../journal/2025-11-24.json)`, briefly."""
     name, *args = step
-    short = [a.split("/_replay/telemetry/parsed_events/")[-1] if "/_replay/" in a else a.rsplit("/", 1)[-1] for a in args]
+    short = [
+        a.split("/_replay/telemetry/parsed_events/")[-1] if "/_replay/" in a else a.rsplit("/", 1)[-1] for a in args
+    ]
     return f"{name}({' -> '.join(short)})"
 
 
@@ -641,7 +659,9 @@ def test_a_crash_at_any_step_then_recover_equals_a_clean_publish(tmp_path, injec
             if got[part] != want[part]:
                 failures.append(f"crash before step {k} {describe(step)}: {part} differs after recover")
         if committed and lake.stale_files(OWNER, DAY, PATTERNS):
-            failures.append(f"crash before step {k} {describe(step)}: stale files {lake.stale_files(OWNER, DAY, PATTERNS)}")
+            failures.append(
+                f"crash before step {k} {describe(step)}: stale files {lake.stale_files(OWNER, DAY, PATTERNS)}"
+            )
         assert lake.recover(OWNER, DAY) is False, k  # recovery is complete and idempotent
     assert n >= 6
     assert not failures, "\n".join(failures)
@@ -687,7 +707,9 @@ def test_a_crash_at_any_step_leaves_no_bookkeeping_debris_after_recover(tmp_path
     """After recover, no staging, no journal and no half-written temp file may be left behind."""
     prepare = (lambda root: Lake(root, keep_versions=2)) if scenario == "first publish" else prepare_republish
     failures = []
-    for k, step, lake, _, _, _ in crash_matrix(tmp_path, inject, prepare, lambda lk: publish(lk, "CCC", NEW), monkeypatch):
+    for k, step, lake, _, _, _ in crash_matrix(
+        tmp_path, inject, prepare, lambda lk: publish(lk, "CCC", NEW), monkeypatch
+    ):
         lake.recover(OWNER, DAY)
         if leftovers(lake):
             failures.append(f"crash before step {k} {describe(step)}: left {leftovers(lake)}")
@@ -760,7 +782,8 @@ def test_recover_after_a_clean_publish_reports_no_work(lake):
 
 
 @pytest.mark.parametrize(
-    "bad", ["../x", "2025-13-01", "2025-1-1", "", "2025-02-30", "2025-11-24/..", "../../etc", "2025-11-24\n", " 2025-11-24"]
+    "bad",
+    ["../x", "2025-13-01", "2025-1-1", "", "2025-02-30", "2025-11-24/..", "../../etc", "2025-11-24\n", " 2025-11-24"],
 )
 def test_check_partition_rejects_non_dates(bad):
     with pytest.raises(ValueError):
@@ -773,7 +796,22 @@ def test_check_partition_accepts_real_days():
 
 
 @pytest.mark.parametrize(
-    "bad", ["..", "../x", "a/..", "a/../b", "flat/type=lock/..", "/etc/passwd", "a//b", "", ".", "./a", "a/.hidden", "a b", "a\\..\\b"]
+    "bad",
+    [
+        "..",
+        "../x",
+        "a/..",
+        "a/../b",
+        "flat/type=lock/..",
+        "/etc/passwd",
+        "a//b",
+        "",
+        ".",
+        "./a",
+        "a/.hidden",
+        "a b",
+        "a\\..\\b",
+    ],
 )
 def test_check_slot_rejects_unsafe_paths(bad):
     with pytest.raises(ValueError):
@@ -868,7 +906,9 @@ def test_uri_matches_the_raw_listing(tmp_path):
     lake = Lake(tmp_path / "lake dir")
     rel = "raw/t/year=2025/month=11/day=24/hour=05/file one.jsonl"
     write(lake.root, rel, b"{}\n")
-    refs = lake.list_raw("raw/t", datetime(2025, 11, 24, tzinfo=timezone.utc), datetime(2025, 11, 25, tzinfo=timezone.utc), (".jsonl",))
+    refs = lake.list_raw(
+        "raw/t", datetime(2025, 11, 24, tzinfo=timezone.utc), datetime(2025, 11, 25, tzinfo=timezone.utc), (".jsonl",)
+    )
     assert [r.rel_path for r in refs] == [rel]
     assert lake.rel_from_uri(refs[0].uri) == rel
     assert lake.path(lake.rel_from_uri(refs[0].uri)).read_bytes() == b"{}\n"

@@ -56,7 +56,11 @@ def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgr
     assert n == mat.metadata["published"].value > 1000 and runs == [first.run_id]
     again = run_day(defs, instance, DAY)
     (mat2,) = again.asset_materializations_for_node("telemetry__redrive")
-    assert again.success and mat2.metadata["published"].value == 0 and mat2.metadata["skipped_already_delivered"].value == n
+    assert (
+        again.success
+        and mat2.metadata["published"].value == 0
+        and mat2.metadata["skipped_already_delivered"].value == n
+    )
 
 
 def test_unreachable_postgres_ledger_fails_with_the_password_masked(env, instance, monkeypatch):

@@ -65,7 +65,9 @@ def line(i, **kw) -> bytes:
     return msgspec.json.encode(event(i, **kw))
 
 
-def write_file(path: Path, lines: list[bytes], *, gz: bool | None = None, sep: bytes = b"\n", trailing: bool = True) -> str:
+def write_file(
+    path: Path, lines: list[bytes], *, gz: bool | None = None, sep: bytes = b"\n", trailing: bool = True
+) -> str:
     path = Path(path)
     data = sep.join(lines) + (sep if trailing and lines else b"")
     if gz is None:
@@ -82,8 +84,16 @@ def make_job(tmp_path: Path, *, day: date = DAY, buckets: int = 2) -> ParseJob:
     return ParseJob(schema=SCHEMA, day=day, early=EARLY, late=LATE, buckets=buckets, stage_dir=str(stage))
 
 
-def make_task(path: str, *, source_ref: str | None = None, arrival: datetime = ARRIVAL, home: bool = True, index: int = 0) -> FileTask:
-    return FileTask(path=path, source_ref=source_ref or f"s3://lake/raw/{Path(path).name}", arrival=arrival, home=home, file_index=index)
+def make_task(
+    path: str, *, source_ref: str | None = None, arrival: datetime = ARRIVAL, home: bool = True, index: int = 0
+) -> FileTask:
+    return FileTask(
+        path=path,
+        source_ref=source_ref or f"s3://lake/raw/{Path(path).name}",
+        arrival=arrival,
+        home=home,
+        file_index=index,
+    )
 
 
 def parse(tmp_path: Path, path: str, **task_kw) -> FileResult:
@@ -94,7 +104,9 @@ def parse(tmp_path: Path, path: str, **task_kw) -> FileResult:
 def quarantine_rows(result: FileResult) -> list[dict]:
     if result.quarantine_file is None:
         return []
-    return sorted(pq.read_table(result.quarantine_file).to_pylist(), key=lambda r: (r["line_no"] is not None, r["line_no"] or 0))
+    return sorted(
+        pq.read_table(result.quarantine_file).to_pylist(), key=lambda r: (r["line_no"] is not None, r["line_no"] or 0)
+    )
 
 
 def staged_rows(result: FileResult) -> list[dict]:
@@ -148,20 +160,29 @@ BAD_LINES = {
     "missing_ts": (line(2, ts=...), {"missing_field"}),
     "unknown_type": (line(2, type="toaster"), {"unknown_type"}),
     "unsafe_type": (line(2, type="../../etc"), {"unknown_type"}),
-    "nul_byte": (b'{"event_id":"nul\x00","ts":"2025-11-24T10:00:00Z","type":"lock","device_id":"d","seq":2}', {"malformed_json"}),
+    "nul_byte": (
+        b'{"event_id":"nul\x00","ts":"2025-11-24T10:00:00Z","type":"lock","device_id":"d","seq":2}',
+        {"malformed_json"},
+    ),
     "leading_nul": (b"\x00" + line(2), {"malformed_json"}),
     "array": (b"[1,2,3]", {"not_an_object"}),
     "string": (b'"just a string"', {"not_an_object"}),
     "two_objects": (line(2) + line(3), {"malformed_json"}),
     "two_objects_comma": (line(2) + b"," + line(3), {"malformed_json"}),
     "int_beyond_int64": (line(2, seq=2**63), {"wrong_type", "invalid_value"}),
-    "int_beyond_uint64": (b'{"event_id":"x2",' + _TS + b',"type":"lock","device_id":"d","seq":123456789012345678901234567890}', {"wrong_type", "invalid_value"}),
+    "int_beyond_uint64": (
+        b'{"event_id":"x2",' + _TS + b',"type":"lock","device_id":"d","seq":123456789012345678901234567890}',
+        {"wrong_type", "invalid_value"},
+    ),
     "ts_without_offset": (line(2, ts="2025-11-24T10:00:00"), {"wrong_type", "invalid_value"}),
     "ts_not_a_date": (line(2, ts="yesterday"), {"invalid_value"}),
     "ts_feb_30": (line(2, ts="2025-02-30T00:00:00Z"), {"invalid_value"}),
     "invalid_utf8_in_value": (b'{"event_id":"utf8-\xff\xfe",' + _TS + b"," + _REST + b"}", {"invalid_utf8"}),
     "lone_surrogate_in_id": (b'{"event_id":"surrogate-\\ud800",' + _TS + b"," + _REST + b"}", {"invalid_unicode"}),
-    "lone_surrogate_in_device": (b'{"event_id":"x2",' + _TS + b',"type":"lock","device_id":"\\udc00","seq":2}', {"invalid_unicode"}),
+    "lone_surrogate_in_device": (
+        b'{"event_id":"x2",' + _TS + b',"type":"lock","device_id":"\\udc00","seq":2}',
+        {"invalid_unicode"},
+    ),
     "empty_event_id": (line(2, event_id=""), {"wrong_type", "invalid_value"}),
     "whitespace_only": (b"   \t ", {"empty_line"}),
 }
@@ -393,7 +414,9 @@ def test_truncated_gzip_with_many_bad_lines_quarantines_each_line_once(tmp_path)
 
     Decompressed size > READ_CHUNK, so whole batches (20k lines, >10k bad) are decoded and their
     bad lines flushed to the quarantine file before the truncation is hit."""
-    lines = [b'[%d, "padding padding padding padding padding padding padding padding padding"]' % i for i in range(200_000)]
+    lines = [
+        b'[%d, "padding padding padding padding padding padding padding padding padding"]' % i for i in range(200_000)
+    ]
     gz = igzip.compress(b"\n".join(lines) + b"\n", compresslevel=1)
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gz[: int(len(gz) * 0.7)])
@@ -487,7 +510,11 @@ def test_huge_line_spanning_read_chunks_is_not_held_whole(tmp_path, gz):
     rows = quarantine_rows(result)
     assert [(r["line_no"], r["reason"]) for r in rows] == [(2, "oversize_line"), (4, "empty_line")]
     assert rows[0]["sample"] == _big_line(size)[:SAMPLE_BYTES]
-    assert [(r["event_id"], r["line_no"]) for r in staged_rows(result)] == [("e000001", 1), ("e000003", 3), ("e000005", 5)]
+    assert [(r["event_id"], r["line_no"]) for r in staged_rows(result)] == [
+        ("e000001", 1),
+        ("e000003", 3),
+        ("e000005", 5),
+    ]
     assert_accounted(result, path)
 
 
@@ -500,7 +527,11 @@ def test_oversize_line_ending_at_read_chunk_boundary(tmp_path, newline_at):
     assert Path(path).read_bytes()[newline_at : newline_at + 1] == b"\n"
     result = parse(tmp_path, path)
     assert [(r["line_no"], r["reason"]) for r in quarantine_rows(result)] == [(2, "oversize_line")]
-    assert [(r["event_id"], r["line_no"]) for r in staged_rows(result)] == [("e000001", 1), ("e000003", 3), ("e000004", 4)]
+    assert [(r["event_id"], r["line_no"]) for r in staged_rows(result)] == [
+        ("e000001", 1),
+        ("e000003", 3),
+        ("e000004", 4),
+    ]
     assert_accounted(result, path)
 
 
@@ -594,7 +625,14 @@ def test_missing_or_null_optional_payload_is_accepted(tmp_path, with_bad):
 
 
 def test_accepted_values_round_trip(tmp_path):
-    e = event(7, ts="2025-11-24T23:59:59.999Z", type="video_doorbell", device_id="dév-\u2603-\\\"q\"", seq=-(2**63), payload={"x": [1, 2.5, None, True], "s": "é"})
+    e = event(
+        7,
+        ts="2025-11-24T23:59:59.999Z",
+        type="video_doorbell",
+        device_id='dév-\u2603-\\"q"',
+        seq=-(2**63),
+        payload={"x": [1, 2.5, None, True], "s": "é"},
+    )
     path = write_file(tmp_path / "f.jsonl", [msgspec.json.encode(e)])
     (row,) = staged_rows(parse(tmp_path, path))
     assert row["event_id"] == "e000007"
@@ -669,7 +707,9 @@ def test_every_line_accounted_once(tmp_path, arrival, home):
     assert_accounted(result, path)
     kept = staged_rows(result)
     assert all(r["ts"].date() == DAY for r in kept)
-    assert result.kept == sum(1 for b in lines if b'"ts":"2025-11-24T' in b and b"toaster" not in b and b'"seq":"x"' not in b)
+    assert result.kept == sum(
+        1 for b in lines if b'"ts":"2025-11-24T' in b and b"toaster" not in b and b'"seq":"x"' not in b
+    )
     if home:
         q = quarantine_rows(result)
         assert Counter(r["reason"] for r in q) == result.quarantined
@@ -766,7 +806,11 @@ def test_home_file_routing_at_start_of_day(tmp_path):
     assert result.routed_out == Counter({"2025-11-23": 2})
     assert result.quarantined == Counter({"outside_lateness_window": 3})
     rows = quarantine_rows(result)
-    assert [(r["line_no"], r["reason"]) for r in rows] == [(4, "outside_lateness_window"), (5, "outside_lateness_window"), (6, "outside_lateness_window")]
+    assert [(r["line_no"], r["reason"]) for r in rows] == [
+        (4, "outside_lateness_window"),
+        (5, "outside_lateness_window"),
+        (6, "outside_lateness_window"),
+    ]
     assert rows[0]["sample"] == lines[3]
     assert_accounted(result, path)
 
@@ -787,7 +831,12 @@ def test_home_file_routing_at_end_of_day(tmp_path):
 
 
 def test_home_file_mid_day_keeps_only_its_day(tmp_path):
-    lines = [line(1), line(2, ts="2025-11-23T23:59:59.999Z"), line(3, ts="2025-11-25T00:00:00Z"), line(4, ts="2025-11-24T00:00:00Z")]
+    lines = [
+        line(1),
+        line(2, ts="2025-11-23T23:59:59.999Z"),
+        line(3, ts="2025-11-25T00:00:00Z"),
+        line(4, ts="2025-11-24T00:00:00Z"),
+    ]
     path = write_file(tmp_path / "f.jsonl", lines)
     result = parse(tmp_path, path)
     assert good_ids(result) == ["e000001", "e000004"]
@@ -827,37 +876,53 @@ def _dedupe_fixture(tmp_path) -> tuple[list[FileTask], dict]:
     d.mkdir()
     files = {
         # source_ref: (arrival, home, lines)
-        "s3://lake/raw/c.jsonl": (ARRIVAL, True, [
-            line(40, event_id="dup-2", seq=40),
-            line(41),
-            line(42, event_id="dup-3", type="lock", seq=42),
-            line(43, event_id="dup-1", seq=43),
-        ]),
-        "s3://lake/raw/b.jsonl": (ARRIVAL, True, [
-            line(20),
-            line(21, event_id="dup-2", seq=21),  # beats c.jsonl line 1: lower source_ref
-            line(22),
-            line(23),
-            line(24, event_id="dup-1", seq=24),
-        ]),
-        "s3://lake/raw/a.jsonl": (ARRIVAL, True, [
-            line(10, event_id="dup-3", type="bridge", seq=10),  # winner: type bridge, not lock
-            b"[1,2,3]",
-            line(12, event_id="dup-1", seq=12),  # winner of dup-1 (a.jsonl, line 3)
-            line(13),
-            line(14),
-            line(15),
-            line(16),
-            line(17),
-            line(18, event_id="dup-1", seq=18),  # same file, later line
-            line(19, event_id="dup-4", type="video_doorbell", seq=19),
-            line(99, event_id="dup-4", type="video_doorbell", seq=99),  # same file, later line
-        ]),
-        "s3://lake/raw/z-late.jsonl": (datetime(2025, 11, 25, 1, tzinfo=UTC), False, [
-            line(60, ts="2025-11-24T23:59:00Z"),
-            line(61, ts="2025-11-24T23:58:00Z", event_id="dup-2", seq=61),  # loses: highest source_ref
-            line(62, ts="2025-11-25T00:30:00Z"),
-        ]),
+        "s3://lake/raw/c.jsonl": (
+            ARRIVAL,
+            True,
+            [
+                line(40, event_id="dup-2", seq=40),
+                line(41),
+                line(42, event_id="dup-3", type="lock", seq=42),
+                line(43, event_id="dup-1", seq=43),
+            ],
+        ),
+        "s3://lake/raw/b.jsonl": (
+            ARRIVAL,
+            True,
+            [
+                line(20),
+                line(21, event_id="dup-2", seq=21),  # beats c.jsonl line 1: lower source_ref
+                line(22),
+                line(23),
+                line(24, event_id="dup-1", seq=24),
+            ],
+        ),
+        "s3://lake/raw/a.jsonl": (
+            ARRIVAL,
+            True,
+            [
+                line(10, event_id="dup-3", type="bridge", seq=10),  # winner: type bridge, not lock
+                b"[1,2,3]",
+                line(12, event_id="dup-1", seq=12),  # winner of dup-1 (a.jsonl, line 3)
+                line(13),
+                line(14),
+                line(15),
+                line(16),
+                line(17),
+                line(18, event_id="dup-1", seq=18),  # same file, later line
+                line(19, event_id="dup-4", type="video_doorbell", seq=19),
+                line(99, event_id="dup-4", type="video_doorbell", seq=99),  # same file, later line
+            ],
+        ),
+        "s3://lake/raw/z-late.jsonl": (
+            datetime(2025, 11, 25, 1, tzinfo=UTC),
+            False,
+            [
+                line(60, ts="2025-11-24T23:59:00Z"),
+                line(61, ts="2025-11-24T23:58:00Z", event_id="dup-2", seq=61),  # loses: highest source_ref
+                line(62, ts="2025-11-25T00:30:00Z"),
+            ],
+        ),
     }
     tasks = []
     for i, (ref, (arrival, home, lines)) in enumerate(files.items()):
@@ -883,8 +948,22 @@ def test_parse_day_dedupes_keeping_lowest_source_ref_and_line(tmp_path, buckets)
     rows = t.to_pylist()
     ids = [r["event_id"] for r in rows]
     assert len(ids) == len(set(ids))
-    expected_ids = {"dup-1", "dup-2", "dup-3", "dup-4", "e000041", "e000020", "e000022", "e000023",
-                    "e000013", "e000014", "e000015", "e000016", "e000017", "e000060"}
+    expected_ids = {
+        "dup-1",
+        "dup-2",
+        "dup-3",
+        "dup-4",
+        "e000041",
+        "e000020",
+        "e000022",
+        "e000023",
+        "e000013",
+        "e000014",
+        "e000015",
+        "e000016",
+        "e000017",
+        "e000060",
+    }
     assert set(ids) == expected_ids
     by_id = {r["event_id"]: r for r in rows}
     for eid, (ref, no, seq) in winners.items():
@@ -905,8 +984,13 @@ def test_parse_day_dedupes_keeping_lowest_source_ref_and_line(tmp_path, buckets)
     assert not (out / "_dedupe").exists()
     for f in files:
         rel = f.relative_to(out).parts
-        assert len(rel) == 3 and rel[0].startswith("type=") and rel[1] == f"day={DAY.isoformat()}" and rel[2].endswith(".parquet")
-        assert set(pq.read_table(f).column("type").to_pylist()) == {rel[0][len("type="):]}
+        assert (
+            len(rel) == 3
+            and rel[0].startswith("type=")
+            and rel[1] == f"day={DAY.isoformat()}"
+            and rel[2].endswith(".parquet")
+        )
+        assert set(pq.read_table(f).column("type").to_pylist()) == {rel[0][len("type=") :]}
     assert result.dedupe.rows_by_type == dict(Counter(r["type"] for r in rows))
     assert {p.relative_to(out).parts[0] for p in files} == {"type=lock", "type=bridge", "type=video_doorbell"}
     # the output types match the input schema
@@ -965,7 +1049,9 @@ def test_parse_day_twice_gives_identical_output(tmp_path):
     rb, ob = _run_day(tmp_path, tasks, buckets=3)
     assert output_rows(oa) == output_rows(ob)
     assert [Path(f).relative_to(oa) for f in ra.dedupe.files] == [Path(f).relative_to(ob) for f in rb.dedupe.files]
-    assert [(f.lines, f.kept, f.quarantined, f.routed_out) for f in ra.files] == [(f.lines, f.kept, f.quarantined, f.routed_out) for f in rb.files]
+    assert [(f.lines, f.kept, f.quarantined, f.routed_out) for f in ra.files] == [
+        (f.lines, f.kept, f.quarantined, f.routed_out) for f in rb.files
+    ]
     # and re-running into the same output directory replaces rather than adds rows
     job = make_job(tmp_path, buckets=3)
     parse_day(job, tasks, str(oa), workers=1)
@@ -974,14 +1060,23 @@ def test_parse_day_twice_gives_identical_output(tmp_path):
 
 def test_process_pool_matches_single_process(tmp_path):
     tasks = _split_fixture(tmp_path, 4, "files")
-    late = write_file(tmp_path / "late.jsonl", [line(900, ts="2025-11-24T23:30:00Z"), line(901, ts="2025-11-25T01:00:00Z"), b"[1]"])
+    late = write_file(
+        tmp_path / "late.jsonl", [line(900, ts="2025-11-24T23:30:00Z"), line(901, ts="2025-11-25T01:00:00Z"), b"[1]"]
+    )
     tasks.append(FileTask(late, "s3://lake/late", datetime(2025, 11, 25, 1, tzinfo=UTC), False, len(tasks)))
     r1, o1 = _run_day(tmp_path, tasks, buckets=3, workers=1)
     r2, o2 = _run_day(tmp_path, tasks, buckets=3, workers=2)
     assert output_rows(o1) == output_rows(o2)
-    summary = lambda r: [(f.source_ref, f.home, f.lines, f.kept, dict(f.quarantined), dict(f.routed_out), f.neighbour_skipped) for f in r.files]
+    summary = lambda r: [
+        (f.source_ref, f.home, f.lines, f.kept, dict(f.quarantined), dict(f.routed_out), f.neighbour_skipped)
+        for f in r.files
+    ]
     assert summary(r1) == summary(r2)
-    assert (r1.dedupe.rows_in, r1.dedupe.rows_out, r1.dedupe.rows_by_type) == (r2.dedupe.rows_in, r2.dedupe.rows_out, r2.dedupe.rows_by_type)
+    assert (r1.dedupe.rows_in, r1.dedupe.rows_out, r1.dedupe.rows_by_type) == (
+        r2.dedupe.rows_in,
+        r2.dedupe.rows_out,
+        r2.dedupe.rows_by_type,
+    )
     assert r2.routed_in == 1
     for f in r2.files:
         assert_accounted(f, next(t.path for t in tasks if t.source_ref == f.source_ref))

@@ -94,13 +94,16 @@ def quarantine_by_reason(lake: Lake, day: str, pipeline: str = "telemetry") -> d
     files = sorted(str(p) for p in lake.root.glob(f"quarantine/{pipeline}/day={day}/*.parquet"))
     if not files:
         return {}
-    return dict(duckdb.execute("SELECT reason, sum(lines)::BIGINT FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall())
+    return dict(
+        duckdb.execute("SELECT reason, sum(lines)::BIGINT FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall()
+    )
 
 
 def daily_counts(env, day: str) -> tuple[int, int]:
     """(rows, sum of events) of the increment projection telemetry.daily_counts for one day."""
     return DuckDBStore(env["duckdb"]).query(
-        'SELECT count(*), coalesce(sum(events), 0)::BIGINT FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": day}
+        'SELECT count(*), coalesce(sum(events), 0)::BIGINT FROM "telemetry"."daily_counts" WHERE day = $d::DATE',
+        {"d": day},
     )[0]
 
 
@@ -187,7 +190,16 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
     # parsed_events: numeric per-day metadata that is the day's own number (equal to the day's lake
     # state, not a total), and that differs between days where the data does.
     parsed_md = mats["parsed_events"]
-    numeric_keys = ("parsed", "raw_lines", "duplicates", "quarantined", "quarantined_truncated_gzip", "duration_s", "events_per_s", "dagster/row_count")
+    numeric_keys = (
+        "parsed",
+        "raw_lines",
+        "duplicates",
+        "quarantined",
+        "quarantined_truncated_gzip",
+        "duration_s",
+        "events_per_s",
+        "dagster/row_count",
+    )
     for day in DEMO_DAYS:
         md = parsed_md[day]
         for key in numeric_keys:
@@ -218,7 +230,12 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
         v = values(mats["raw_events"][day])
         totals = manifest(lake, day)["totals"]
         assert isinstance(mats["raw_events"][day]["lines"], dg.IntMetadataValue)
-        assert (v["files"], v["lines"], v["bytes"], v["unreadable_files"]) == (totals["files"], totals["lines"], totals["bytes"], 1)
+        assert (v["files"], v["lines"], v["bytes"], v["unreadable_files"]) == (
+            totals["files"],
+            totals["lines"],
+            totals["bytes"],
+            1,
+        )
     assert len({values(mats["raw_events"][d])["lines"] for d in DEMO_DAYS}) == 3
 
     # Parsed rows per type equal the generator's ground truth, every day.
@@ -374,7 +391,9 @@ def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs,
     assert not stale.exists()
     # Swept aside next to version 1, not into it: a rollback must not bring it back.
     assert (lake.root / "_replay" / PARSED_OWNER / "stray" / day / "v1" / os.path.relpath(stale, lake.root)).is_file()
-    assert not (lake.root / "_replay" / PARSED_OWNER / "versions" / day / "v1" / os.path.relpath(stale, lake.root)).exists()
+    assert not (
+        lake.root / "_replay" / PARSED_OWNER / "versions" / day / "v1" / os.path.relpath(stale, lake.root)
+    ).exists()
     rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
     assert rows == distinct and by_type == read_truth(env["lake"], day)
 
@@ -450,7 +469,9 @@ def test_redrive_dry_run_limit_type_rerun_and_force(defs, instance, env):
 
     # type=lock: only refs of lock events.
     lock_files = [str(p) for p in lake.root.glob(f"telemetry_flat/type=lock/day={day}/*.parquet")]
-    lock_refs = {r[0] for r in duckdb.execute("SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": lock_files}).fetchall()}
+    lock_refs = {
+        r[0] for r in duckdb.execute("SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": lock_files}).fetchall()
+    }
     typed = redrive_only(defs, instance, day, type="lock")
     assert typed.success
     md = redrive_md(typed, day)
@@ -524,8 +545,15 @@ def test_redrive_file_prefix_and_parquet_modes(defs, instance, env):
     assert {m["key"] for m in outbox_messages(env)} == {target["rel_path"], *(f["rel_path"] for f in under)}
 
     # parquet: the source refs of one committed Parquet file, with a dry run to count them.
-    pq_file = next(f for f in lake.state(PARSED_OWNER, day).files if f.startswith("telemetry_flat/type=video_doorbell/"))
-    refs = {r[0] for r in duckdb.execute("SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": [str(lake.path(pq_file))]}).fetchall()}
+    pq_file = next(
+        f for f in lake.state(PARSED_OWNER, day).files if f.startswith("telemetry_flat/type=video_doorbell/")
+    )
+    refs = {
+        r[0]
+        for r in duckdb.execute(
+            "SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": [str(lake.path(pq_file))]}
+        ).fetchall()
+    }
     planned = redrive_only(defs, instance, day, mode="parquet", uri=pq_file, dry_run=True)
     assert planned.success
     md = redrive_md(planned, day)
@@ -550,7 +578,9 @@ def test_forced_file_redrive_keeps_earlier_outbox_deliveries(defs, instance, env
     assert redrive_md(again, day)["published"] == 1
     after = outbox_messages(env)
     missing = {m["id"] for m in delivered} - {m["id"] for m in after}
-    assert not missing, f"{len(missing)} earlier deliveries vanished from the outbox; it now holds {len(after)} message(s)"
+    assert not missing, (
+        f"{len(missing)} earlier deliveries vanished from the outbox; it now holds {len(after)} message(s)"
+    )
     assert len(after) == len(delivered) + 1
 
 
@@ -610,10 +640,17 @@ def test_second_pipeline_is_one_spec_away(two_defs, instance, env):
     # The first pipeline's outputs are untouched.
     assert lake.state(PARSED_OWNER, day) is None
     assert not (lake.root / "telemetry_flat").exists()
-    assert len(outbox_messages(env, "telemetry_eu")) == values(materializations(result, "redrive", "telemetry_eu")[day])["published"] > 0
-    assert DuckDBStore(env["duckdb"]).query(
-        'SELECT sum(events)::BIGINT FROM "telemetry_eu"."daily_counts" WHERE day = $d::DATE', {"d": day}
-    )[0][0] == state.stats["parsed"]
+    assert (
+        len(outbox_messages(env, "telemetry_eu"))
+        == values(materializations(result, "redrive", "telemetry_eu")[day])["published"]
+        > 0
+    )
+    assert (
+        DuckDBStore(env["duckdb"]).query(
+            'SELECT sum(events)::BIGINT FROM "telemetry_eu"."daily_counts" WHERE day = $d::DATE', {"d": day}
+        )[0][0]
+        == state.stats["parsed"]
+    )
 
 
 def test_second_pipeline_redrive_is_independent_of_the_first_pipelines_ledger(two_defs, instance, env):
@@ -627,7 +664,10 @@ def test_second_pipeline_redrive_is_independent_of_the_first_pipelines_ledger(tw
     assert second.success
     unforced = values(materializations(second, "redrive", "telemetry_eu")[day])
     forced = two_defs.resolve_job_def("telemetry_eu_replay").execute_in_process(
-        instance=instance, partition_key=day, raise_on_error=False, asset_selection=[dg.AssetKey(["telemetry_eu", "redrive"])],
+        instance=instance,
+        partition_key=day,
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(["telemetry_eu", "redrive"])],
         run_config={"ops": {"telemetry_eu__redrive": {"config": {"force": True}}}},
     )
     forced_md = values(materializations(forced, "redrive", "telemetry_eu")[day])
@@ -671,7 +711,13 @@ def test_redrive_rate_limit_paces_deliveries(defs, instance, env):
     import time
 
     started = time.monotonic()
-    result = run_day(defs, instance, "2025-11-25", run_config={"ops": {"telemetry__redrive": {"config": {"rate_limit": 10}}}}, selection=[dg.AssetKey(["telemetry", a]) for a in ("raw_events", "parsed_events", "redrive")])
+    result = run_day(
+        defs,
+        instance,
+        "2025-11-25",
+        run_config={"ops": {"telemetry__redrive": {"config": {"rate_limit": 10}}}},
+        selection=[dg.AssetKey(["telemetry", a]) for a in ("raw_events", "parsed_events", "redrive")],
+    )
     elapsed = time.monotonic() - started
     (mat,) = result.asset_materializations_for_node("telemetry__redrive")
     sent = mat.metadata["published"].value
@@ -695,7 +741,9 @@ def test_a_lake_path_holding_quotes_is_data_not_sql(defs, instance, env, monkeyp
     assert not list(env["lake"].parent.glob("*.csv")) and not list(hostile.rglob("*.csv"))
 
 
-def test_a_raw_folder_linked_in_from_another_volume_is_read_and_outputs_never_escape_the_lake(defs, instance, env, tmp_path):
+def test_a_raw_folder_linked_in_from_another_volume_is_read_and_outputs_never_escape_the_lake(
+    defs, instance, env, tmp_path
+):
     """Symlinks inside the lake are followed for reading (raw data kept elsewhere is linked in),
     never for writing: a parsed prefix that links outside the lake is refused, and nothing is
     written there."""
@@ -724,7 +772,9 @@ def test_a_run_config_cannot_move_where_data_is_written(defs, instance, env, tmp
     """Anyone who can launch a run could otherwise point the lake at any directory."""
     elsewhere = tmp_path / "elsewhere"
     result = defs.resolve_job_def("telemetry_replay").execute_in_process(
-        instance=instance, partition_key="2025-11-25", raise_on_error=False,
+        instance=instance,
+        partition_key="2025-11-25",
+        raise_on_error=False,
         run_config={"resources": {"lake": {"config": {"root": str(elsewhere)}}}},
     )
     assert not result.success

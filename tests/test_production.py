@@ -48,22 +48,57 @@ def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn,
     monkeypatch.setenv("EVENT_REPLAY_CODE_SERVER_PORT", str(code_port))
     workspace = str(PROJECT_ROOT / "deploy/workspace.yaml")
     commands = {
-        "code-server": [BIN / "dagster", "code-server", "start", "-m", "replay_defs.definitions", "-h", "127.0.0.1", "-p", str(code_port)],
-        "webserver": [BIN / "dagster-webserver", "-w", workspace, "-h", "127.0.0.1", "-p", str(web_port), "--db-pool-max-overflow", "10"],
+        "code-server": [
+            BIN / "dagster",
+            "code-server",
+            "start",
+            "-m",
+            "replay_defs.definitions",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(code_port),
+        ],
+        "webserver": [
+            BIN / "dagster-webserver",
+            "-w",
+            workspace,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(web_port),
+            "--db-pool-max-overflow",
+            "10",
+        ],
         "daemon": [BIN / "dagster-daemon", "run", "-w", workspace],
     }
     procs = {}
     try:
         for name, cmd in commands.items():
-            procs[name] = subprocess.Popen([str(c) for c in cmd], cwd=PROJECT_ROOT, env=os.environ.copy(), start_new_session=True,
-                                           stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=PROJECT_ROOT,
+                env=os.environ.copy(),
+                start_new_session=True,
+                stdout=open(tmp_path / f"{name}.log", "w"),
+                stderr=subprocess.STDOUT,
+            )
             if name == "code-server":  # the others load the location from it
                 wait_for(lambda: _answers(code_port), procs, tmp_path, "code server")
         wait_for(lambda: _web_up(web_port), procs, tmp_path, "webserver")
         web = f"http://127.0.0.1:{web_port}"
 
-        launched = graphql(web, LAUNCH, {"params": {"partitionNames": DAYS, "assetSelection": [{"path": ["telemetry", a]} for a in ASSETS],
-                                                          "title": "production e2e"}})["launchPartitionBackfill"]
+        launched = graphql(
+            web,
+            LAUNCH,
+            {
+                "params": {
+                    "partitionNames": DAYS,
+                    "assetSelection": [{"path": ["telemetry", a]} for a in ASSETS],
+                    "title": "production e2e",
+                }
+            },
+        )["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         status = {}
 
@@ -72,25 +107,43 @@ def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn,
             return status["s"] not in ("REQUESTED",)
 
         wait_for(finished, procs, tmp_path, "backfill", timeout=400)
-        assert status["s"] in ("COMPLETED", "COMPLETED_SUCCESS"), f"backfill ended as {status['s']}: " + (tmp_path / "daemon.log").read_text()[-3000:]
+        assert status["s"] in ("COMPLETED", "COMPLETED_SUCCESS"), (
+            f"backfill ended as {status['s']}: " + (tmp_path / "daemon.log").read_text()[-3000:]
+        )
 
-        checks = {"parsed_events": ["no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files"],
-                  "projections": ["totals_match_parsed"], "redrive": ["deliveries_reconcile"]}
+        checks = {
+            "parsed_events": ["no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files"],
+            "projections": ["totals_match_parsed"],
+            "redrive": ["deliveries_reconcile"],
+        }
         for asset, names in checks.items():
             for name in names:
                 for day in DAYS:
-                    got = graphql(web, CHECKS, {"key": {"path": ["telemetry", asset]}, "name": name, "partition": day})["assetCheckExecutions"]
-                    assert got and got[0]["status"] == "SUCCEEDED" and got[0]["partition"] == day, (asset, name, day, got)
+                    got = graphql(web, CHECKS, {"key": {"path": ["telemetry", asset]}, "name": name, "partition": day})[
+                        "assetCheckExecutions"
+                    ]
+                    assert got and got[0]["status"] == "SUCCEEDED" and got[0]["partition"] == day, (
+                        asset,
+                        name,
+                        day,
+                        got,
+                    )
                 # The check's Partitions tab in the UI: the backfilled days count as passed.
                 got = graphql(web, PARTITION_STATUSES, {"key": {"path": ["telemetry", asset]}, "name": name})
                 ranges = got["assetNodeOrError"]["assetCheckOrError"]["partitionStatuses"]["ranges"]
-                assert {(r["startKey"], r["endKey"], r["status"]) for r in ranges if r["status"] != "SUCCEEDED"} == set(), (asset, name, ranges)
+                assert {
+                    (r["startKey"], r["endKey"], r["status"]) for r in ranges if r["status"] != "SUCCEEDED"
+                } == set(), (asset, name, ranges)
                 covered = {r["startKey"] for r in ranges} | {r["endKey"] for r in ranges}
                 assert DAYS[0] >= min(covered) and DAYS[-1] <= max(covered), (asset, name, ranges)
         # Dagster's asset backfill follows the event-time mapping downstream: raw days 24-25 feed
         # parsed days 23-26 (early and late events), so those are rebuilt and verified too.
         for day in ("2025-11-23", "2025-11-26"):
-            got = graphql(web, CHECKS, {"key": {"path": ["telemetry", "parsed_events"]}, "name": "raw_lines_accounted_for", "partition": day})
+            got = graphql(
+                web,
+                CHECKS,
+                {"key": {"path": ["telemetry", "parsed_events"]}, "name": "raw_lines_accounted_for", "partition": day},
+            )
             assert [e["status"] for e in got["assetCheckExecutions"]][:1] == ["SUCCEEDED"], (day, got)
     finally:
         for proc in procs.values():

@@ -34,15 +34,24 @@ class Log:
         self.seq += 1
         units = rnd.choice([0, 1, 2, 5])
         payload = json.dumps({"units": units, "note": "x"}) if units else json.dumps({"note": "no units"})
-        return LiveEvent(tenant, aggregate, f"ev{self.seq:010d}", int(when.timestamp() * 1000), rnd.choice(TYPES), payload)
+        return LiveEvent(
+            tenant, aggregate, f"ev{self.seq:010d}", int(when.timestamp() * 1000), rnd.choice(TYPES), payload
+        )
 
     def insert(self, events: list[LiveEvent]) -> None:
-        self.ch.insert(EVENT_LOG, pa.table({
-            "tenant": [e.tenant for e in events], "aggregate_id": [e.aggregate_id for e in events],
-            "event_id": [e.event_id for e in events],
-            "time": pa.array([e.time_ms for e in events], pa.timestamp("ms", tz="UTC")),
-            "type": [e.type for e in events], "payload": [e.payload for e in events],
-        }))
+        self.ch.insert(
+            EVENT_LOG,
+            pa.table(
+                {
+                    "tenant": [e.tenant for e in events],
+                    "aggregate_id": [e.aggregate_id for e in events],
+                    "event_id": [e.event_id for e in events],
+                    "time": pa.array([e.time_ms for e in events], pa.timestamp("ms", tz="UTC")),
+                    "type": [e.type for e in events],
+                    "payload": [e.payload for e in events],
+                }
+            ),
+        )
         self.events += events
 
     def history(self, tenant: str, aggregates: int, per_aggregate: int, seed: int = 1) -> None:
@@ -85,9 +94,15 @@ def proj_home(tmp_path_factory, chdb_path, redis_url, postgres_dsn):
     home = tmp_path_factory.mktemp("proj_home")
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"EVENT_REPLAY_CHDB": chdb_path, "CLICKHOUSE_DATABASE": "default", "EVENT_REPLAY_REDIS_URL": redis_url,
-                     "EVENT_REPLAY_POSTGRES_URL": postgres_dsn, "EVENT_REPLAY_PROJECTION_PREFIX": "er:test",
-                     "EVENT_REPLAY_PROJECTION_LOG_DIR": str(home / "logs"), "DAGSTER_HOME": str(home)}.items():
+        for k, v in {
+            "EVENT_REPLAY_CHDB": chdb_path,
+            "CLICKHOUSE_DATABASE": "default",
+            "EVENT_REPLAY_REDIS_URL": redis_url,
+            "EVENT_REPLAY_POSTGRES_URL": postgres_dsn,
+            "EVENT_REPLAY_PROJECTION_PREFIX": "er:test",
+            "EVENT_REPLAY_PROJECTION_LOG_DIR": str(home / "logs"),
+            "DAGSTER_HOME": str(home),
+        }.items():
             mp.setenv(k, v)
         mp.delenv("CLICKHOUSE_URL", raising=False)
         from replay_defs.definitions import build_definitions
@@ -102,15 +117,29 @@ def proj(proj_home, monkeypatch, tmp_path, chdb_path, ch_database, redis_url, po
     from resources import ClickHouseResource
 
     prefix = f"er:test:{ch_database}:{time.time_ns()}"
-    for k, v in {"CLICKHOUSE_DATABASE": ch_database, "EVENT_REPLAY_PROJECTION_PREFIX": prefix,
-                 "EVENT_REPLAY_PROJECTION_LOG_DIR": str(tmp_path / "logs")}.items():
+    for k, v in {
+        "CLICKHOUSE_DATABASE": ch_database,
+        "EVENT_REPLAY_PROJECTION_PREFIX": prefix,
+        "EVENT_REPLAY_PROJECTION_LOG_DIR": str(tmp_path / "logs"),
+    }.items():
         monkeypatch.setenv(k, v)
     defs, instance = proj_home
     res = ClickHouseResource(data_path=chdb_path, database=ch_database)
     ch = res.get()
     stores = {AGG.name: open_store(AGG, res), DAILY.name: open_store(DAILY, res, postgres_dsn)}
-    yield {"defs": defs, "instance": instance, "log": Log(ch), "ch": ch, "res": res, "stores": stores, "prefix": prefix,
-           "redis": redis_url, "pg": postgres_dsn, "logs": tmp_path / "logs", "tenant": f"tenant-{ch_database[-20:]}"}
+    yield {
+        "defs": defs,
+        "instance": instance,
+        "log": Log(ch),
+        "ch": ch,
+        "res": res,
+        "stores": stores,
+        "prefix": prefix,
+        "redis": redis_url,
+        "pg": postgres_dsn,
+        "logs": tmp_path / "logs",
+        "tenant": f"tenant-{ch_database[-20:]}",
+    }
     for s in stores.values():
         s.close()
     ch.close()
@@ -119,13 +148,24 @@ def proj(proj_home, monkeypatch, tmp_path, chdb_path, ch_database, redis_url, po
 def replay(p, projections, first, last, **config):
     keys = [dg.AssetKey(["projection_replay", name]) for name in projections]
     ops = {f"projection_replay__{name}": {"config": {"tenant": p["tenant"], **config}} for name in projections}
-    return p["defs"].resolve_job_def("projection_replay").execute_in_process(
-        instance=p["instance"], tags={RANGE_TAGS[0]: first, RANGE_TAGS[1]: last}, run_config={"ops": ops},
-        asset_selection=keys, raise_on_error=False)
+    return (
+        p["defs"]
+        .resolve_job_def("projection_replay")
+        .execute_in_process(
+            instance=p["instance"],
+            tags={RANGE_TAGS[0]: first, RANGE_TAGS[1]: last},
+            run_config={"ops": ops},
+            asset_selection=keys,
+            raise_on_error=False,
+        )
+    )
 
 
 def day_meta(result, name) -> dict:
-    return {m.partition: {k: v.value for k, v in m.metadata.items()} for m in result.asset_materializations_for_node(f"projection_replay__{name}")}
+    return {
+        m.partition: {k: v.value for k, v in m.metadata.items()}
+        for m in result.asset_materializations_for_node(f"projection_replay__{name}")
+    }
 
 
 def stored_state(p, tenant) -> dict:
@@ -140,19 +180,32 @@ def test_replay_twice_gives_the_same_exact_projections(proj):
     # wrong state from an earlier, buggy projection version: must be rewritten / removed
     pg = p["stores"][DAILY.name]
     with pg.con.transaction():
-        pg.con.execute('INSERT INTO "projection_tenant_daily_event_counts" VALUES (%s, %s, %s, 999, 999), (%s, %s, %s, 7, 7)',
-                       (t, date(2025, 6, 2), "run.step", "other-tenant", date(2025, 6, 2), "run.step"))
+        pg.con.execute(
+            'INSERT INTO "projection_tenant_daily_event_counts" VALUES (%s, %s, %s, 999, 999), (%s, %s, %s, 7, 7)',
+            (t, date(2025, 6, 2), "run.step", "other-tenant", date(2025, 6, 2), "run.step"),
+        )
     for _ in range(2):
         result = replay(p, [AGG.name, DAILY.name], DAYS[1], DAYS[1], aggregate_batch=8, batch_size=16, concurrency=3)
         assert result.success
-        assert all(e.passed for e in result.get_asset_check_evaluations()) and len(result.get_asset_check_evaluations()) == 2
+        assert (
+            all(e.passed for e in result.get_asset_check_evaluations())
+            and len(result.get_asset_check_evaluations()) == 2
+        )
         assert pg.rows(DAILY, t) == in_days(log.daily(t), DAYS[1:2]), "increments: exact, not doubled"
-        touched = {e.aggregate_id for e in log.events if e.tenant == t and datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == DAYS[1]}
+        touched = {
+            e.aggregate_id
+            for e in log.events
+            if e.tenant == t and datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == DAYS[1]
+        }
         assert stored_state(p, t) == {a: s for a, s in log.state(t).items() if a in touched}
     assert pg.rows(DAILY, "other-tenant") == {(date(2025, 6, 2), "run.step"): (7, 7)}, "another tenant is never touched"
     meta = day_meta(result, DAILY.name)
     assert sorted(meta) == DAYS[1:2] and all(m["verified"] and m["batches"] >= 2 for m in meta.values())
-    lines = [json.loads(x) for f in p["logs"].glob("projection-replay-tenant_daily_event_counts-*.jsonl") for x in f.read_text().splitlines()]
+    lines = [
+        json.loads(x)
+        for f in p["logs"].glob("projection-replay-tenant_daily_event_counts-*.jsonl")
+        for x in f.read_text().splitlines()
+    ]
     steps = [x["event"] for x in lines]
     assert steps.count("done") == 2 and {"marked", "drained", "cutoff", "batch", "verified", "unmarked"} <= set(steps)
 
@@ -163,7 +216,9 @@ def test_dry_run_counts_and_writes_nothing(proj):
     result = replay(p, [AGG.name, DAILY.name], DAYS[0], DAYS[0], dry_run=True)
     assert result.success
     for day in DAYS[:1]:
-        window = [e for e in log.events if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == day]
+        window = [
+            e for e in log.events if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == day
+        ]
         aggs = {e.aggregate_id for e in window}
         daily, state = day_meta(result, DAILY.name)[day], day_meta(result, AGG.name)[day]
         assert (daily["dry_run_aggregates"], daily["dry_run_events_to_fold"]) == (len(aggs), len(window))
@@ -180,14 +235,22 @@ def test_resume_after_crash_skips_done_aggregates_and_ends_exact(proj):
     prog = p["stores"][DAILY.name].progress(DAILY, t, DAYS[0])
     assert prog.status == "running" and prog.aggregates == 10
     coord = Coordinator(p["redis"], DAILY.name, prefix=p["prefix"])
-    assert [r["replay_id"] for r in coord.active(t)] == [prog.replay_id], "markers stay up: live events keep being deferred"
+    assert [r["replay_id"] for r in coord.active(t)] == [prog.replay_id], (
+        "markers stay up: live events keep being deferred"
+    )
     resumed = replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=5)
     assert resumed.success
     m = day_meta(resumed, DAILY.name)[DAYS[0]]
-    window_aggs = {e.aggregate_id for e in log.events if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == DAYS[0]}
+    window_aggs = {
+        e.aggregate_id
+        for e in log.events
+        if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == DAYS[0]
+    }
     assert m["resumed"] and m["skipped_aggregates"] == 10 and m["aggregates"] == len(window_aggs) - 10
     assert m["replay_id"] == prog.replay_id and m["cutoff"] == prog.cutoff
-    assert p["stores"][DAILY.name].rows(DAILY, t) == in_days(log.daily(t), DAYS[:1]), "no double count of the first two batches"
+    assert p["stores"][DAILY.name].rows(DAILY, t) == in_days(log.daily(t), DAYS[:1]), (
+        "no double count of the first two batches"
+    )
     assert coord.active(t) == []
 
 
@@ -198,9 +261,20 @@ def test_cleanup_markers_after_crash_releases_deferred_events(proj, capsys):
     log.history(t, aggregates=10, per_aggregate=6)
     assert not replay(p, [AGG.name], DAYS[1], DAYS[1], aggregate_batch=3, stop_after_batches=1).success
     stores = p["stores"]
-    live = LiveProjector(p["redis"], {AGG.name: AGG.scope}, lambda name, e: stores[name].apply_live(PROJECTIONS[name], e.tenant, e), prefix=p["prefix"])
+    live = LiveProjector(
+        p["redis"],
+        {AGG.name: AGG.scope},
+        lambda name, e: stores[name].apply_live(PROJECTIONS[name], e.tenant, e),
+        prefix=p["prefix"],
+    )
     rnd = random.Random(5)
-    marked = sorted({e.aggregate_id for e in log.events if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == DAYS[1]})
+    marked = sorted(
+        {
+            e.aggregate_id
+            for e in log.events
+            if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() == DAYS[1]
+        }
+    )
     late = log.make(t, marked[-1], datetime(2025, 6, 2, 12, tzinfo=timezone.utc), rnd)
     log.insert([late])
     assert live.handle(late) == {AGG.name: "defer"}, "the crashed replay's marker still holds the aggregate"
@@ -223,8 +297,12 @@ def test_live_consumer_during_replay_ends_equal_to_a_fold_of_all_events(proj):
     p, log, t = proj, proj["log"], proj["tenant"]
     log.history(t, aggregates=30, per_aggregate=12)
     stores = {AGG.name: open_store(AGG, p["res"]), DAILY.name: open_store(DAILY, p["res"], p["pg"])}
-    live = LiveProjector(p["redis"], {n: PROJECTIONS[n].scope for n in stores},
-                         lambda name, e: stores[name].apply_live(PROJECTIONS[name], e.tenant, e), prefix=p["prefix"])
+    live = LiveProjector(
+        p["redis"],
+        {n: PROJECTIONS[n].scope for n in stores},
+        lambda name, e: stores[name].apply_live(PROJECTIONS[name], e.tenant, e),
+        prefix=p["prefix"],
+    )
     stop, handled, errors = threading.Event(), [0], []
 
     def consumer():
@@ -276,20 +354,46 @@ def test_replay_over_clickhouse_http(proj, clickhouse_http, monkeypatch, capsys)
     log.history(t, aggregates=15, per_aggregate=8)
     monkeypatch.setenv("CLICKHOUSE_URL", clickhouse_http.url())
     n0 = len(clickhouse_http.requests)
-    main(["projections", "replay", "--projection", AGG.name, "--tenant-id", t, "--since", DAYS[1], "--until", DAYS[2],
-          "--batch-size", "10", "--aggregate-batch", "6"])
+    main(
+        [
+            "projections",
+            "replay",
+            "--projection",
+            AGG.name,
+            "--tenant-id",
+            t,
+            "--since",
+            DAYS[1],
+            "--until",
+            DAYS[2],
+            "--batch-size",
+            "10",
+            "--aggregate-batch",
+            "6",
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["status"] == "SUCCESS" and out["check_passed"] and out["events"] > 0
-    touched = {e.aggregate_id for e in log.events if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() in DAYS[1:]}
+    touched = {
+        e.aggregate_id
+        for e in log.events
+        if datetime.fromtimestamp(e.time_ms / 1000, timezone.utc).date().isoformat() in DAYS[1:]
+    }
     assert stored_state(p, t) == {a: s for a, s in log.state(t).items() if a in touched}
     sent = clickhouse_http.requests[n0:]
     pages = [r for r in sent if "(aggregate_id, event_id) > ({ka:String}, {ke:String})" in r["sql"]]
     assert len(pages) > 3 and all(r["params"]["tenant"] == t for r in pages), "keyset pages, the tenant as a parameter"
     assert t not in " ".join(r["sql"] for r in sent), "no value is formatted into SQL"
-    assert any(r["sql"].lstrip().upper().startswith("INSERT INTO") and "projection_aggregate_state" in r["sql"] for r in sent)
+    assert any(
+        r["sql"].lstrip().upper().startswith("INSERT INTO") and "projection_aggregate_state" in r["sql"] for r in sent
+    )
     main(["projections", "list", "--json"])
     listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
-    assert listed.keys() == PROJECTIONS.keys() and listed[DAILY.name]["kind"] == "increment" and listed[AGG.name]["kind"] == "latest"
+    assert (
+        listed.keys() == PROJECTIONS.keys()
+        and listed[DAILY.name]["kind"] == "increment"
+        and listed[AGG.name]["kind"] == "latest"
+    )
 
 
 def test_live_protocol_decisions(redis_url):
@@ -345,7 +449,9 @@ def test_blocking_check_fails_the_run_when_rows_differ_from_the_fold(proj):
     log.history(t, aggregates=12, per_aggregate=6)
     assert not replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=4, stop_after_batches=1).success
     done = p["stores"][DAILY.name].progress(DAILY, t, DAYS[0]).last_aggregate
-    late = LiveEvent(t, done, "ev0000000000", int(datetime(2025, 6, 1, 8, tzinfo=timezone.utc).timestamp() * 1000), "run.step", "{}")
+    late = LiveEvent(
+        t, done, "ev0000000000", int(datetime(2025, 6, 1, 8, tzinfo=timezone.utc).timestamp() * 1000), "run.step", "{}"
+    )
     log.insert([late])
     result = replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=4)
     assert not result.success, "the blocking check fails the run"

@@ -47,7 +47,12 @@ def drain(ch, queue: str) -> list[tuple]:
 def _run(exchange: str, instance, unit: str = "raw_file", config: dict | None = None):
     from replay_defs.definitions import build_definitions
 
-    spec = dataclasses.replace(TELEMETRY, name="telemetry_amqp", parsed_prefix="telemetry_amqp_flat", redrive=Redrive(unit=unit, sink=RabbitSink(exchange)))
+    spec = dataclasses.replace(
+        TELEMETRY,
+        name="telemetry_amqp",
+        parsed_prefix="telemetry_amqp_flat",
+        redrive=Redrive(unit=unit, sink=RabbitSink(exchange)),
+    )
     job = build_definitions([spec]).resolve_job_def("telemetry_amqp_replay")
     run_config = {"ops": {"telemetry_amqp__redrive": {"config": config}}} if config else {}
     result = job.execute_in_process(instance=instance, partition_key=DAY, run_config=run_config, raise_on_error=False)
@@ -61,7 +66,10 @@ def test_messages_are_routed_by_type_and_confirmed_once(env, instance, rabbit):
     got = drain(rabbit["channel"], rabbit["queue"])
     assert len(got) == md["published"] == len({b["key"] for _, _, b, _ in got})
     assert {rk for rk, _, _, _ in got} <= {"lock", "bridge", "video_doorbell"}
-    assert all(h["replay_run_id"] == first.run_id and b["kind"] == "redrive_raw_file" and mid == b["id"] for _, h, b, mid in got)
+    assert all(
+        h["replay_run_id"] == first.run_id and b["kind"] == "redrive_raw_file" and mid == b["id"]
+        for _, h, b, mid in got
+    )
     again, md2 = _run(rabbit["exchange"], instance)
     assert again.success and md2["published"] == 0 and drain(rabbit["channel"], rabbit["queue"]) == []
 
@@ -75,7 +83,9 @@ def test_unroutable_messages_count_as_failed_not_silently_dropped(env, instance,
 def test_connection_cut_fails_the_run_then_a_rerun_delivers_exactly_once(env, instance, rabbit):
     rabbit["proxy"].stop()
     down, md = _run(rabbit["exchange"], instance)
-    assert md["failed"] == md["selected"] > 0 and not down.success, {k: md[k] for k in ("published", "failed", "skipped_already_delivered", "dropped")}
+    assert md["failed"] == md["selected"] > 0 and not down.success, {
+        k: md[k] for k in ("published", "failed", "skipped_already_delivered", "dropped")
+    }
     dead = next((env["lake"] / "_replay/telemetry_amqp/redrive/dead_letter" / f"day={DAY}").glob("*.jsonl")).read_text()
     assert "guest:guest@" not in dead, "the broker URL's password leaked into the dead letters"
     rabbit["proxy"].start()
@@ -90,7 +100,9 @@ def test_broker_connection_cut_mid_redrive_ends_with_each_event_once(env, instan
     retries gave up on some: the re-run sends the rest. By message id, the consumer gets every
     event exactly once; a raw copy beyond that can only be the message in flight at the cut."""
     result = {}
-    t = threading.Thread(target=lambda: result.update(zip(("run", "md"), _run(rabbit["exchange"], instance, "event", {"retries": 1}))))
+    t = threading.Thread(
+        target=lambda: result.update(zip(("run", "md"), _run(rabbit["exchange"], instance, "event", {"retries": 1})))
+    )
     t.start()
     ch, queue = rabbit["channel"], rabbit["queue"]
     deadline = time.time() + 60
@@ -119,10 +131,19 @@ def test_a_message_refused_for_its_shape_fails_alone_in_a_batch(rabbit):
     the next batch on the same connection, are published."""
     from replay_defs.sinks import Batch, RabbitExchange
 
-    ex = RabbitExchange(f"amqp://guest:guest@127.0.0.1:{rabbit['proxy'].port}/%2F", rabbit["exchange"], max_message_bytes=2048)
+    ex = RabbitExchange(
+        f"amqp://guest:guest@127.0.0.1:{rabbit['proxy'].port}/%2F", rabbit["exchange"], max_message_bytes=2048
+    )
     try:
-        batch = Batch.of([("a", {"n": 1}, "lock"), ("long", {"n": 2}, "t" * 300), ("b", {"n": 3}, "lock"),
-                          ("big", {"blob": "z" * 3000}, "lock"), ("c", {"n": 4}, "bridge")])
+        batch = Batch.of(
+            [
+                ("a", {"n": 1}, "lock"),
+                ("long", {"n": 2}, "t" * 300),
+                ("b", {"n": 3}, "lock"),
+                ("big", {"blob": "z" * 3000}, "lock"),
+                ("c", {"n": 4}, "bridge"),
+            ]
+        )
         errors = ex.deliver("telemetry_amqp", DAY, batch, run_id="r1")
         assert errors[0] is None and errors[2] is None and errors[4] is None, errors
         assert errors[1] == "refused: routing_key_too_long: 300 bytes > 255"

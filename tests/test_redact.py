@@ -6,16 +6,26 @@ from replay_defs.redact import redact, register_url
 def test_passwords_in_urls_are_masked_and_the_rest_kept():
     assert redact("redis://:secret@127.0.0.1:6379/0 down") == "redis://:***@127.0.0.1:6379/0 down"
     # (a user named like a registered password would be masked too: that is masking by value)
-    assert redact("https://user:pass@host/x and amqp://app:brokerpw@h:5672/%2F") == "https://user:***@host/x and amqp://app:***@h:5672/%2F"
+    assert (
+        redact("https://user:pass@host/x and amqp://app:brokerpw@h:5672/%2F")
+        == "https://user:***@host/x and amqp://app:***@h:5672/%2F"
+    )
     assert redact("amqp://h:5672/ no credentials") == "amqp://h:5672/ no credentials"
 
 
 def test_registered_passwords_are_masked_by_value_in_any_form():
     pw = "T0p@se:cr/et-917"
     register_url(f"amqp:/guest:{quote(pw, safe='')}@127.0.0.1:5672/%2F")  # mistyped scheme: still parsed
-    for text in (f"vhost guest:{pw}@127.0.0.1 not found", f"amqp://guest:{pw}@h/", f"got {quote(pw, safe='')}", f"postgresql:/u:{pw}@h/db"):
+    for text in (
+        f"vhost guest:{pw}@127.0.0.1 not found",
+        f"amqp://guest:{pw}@h/",
+        f"got {quote(pw, safe='')}",
+        f"postgresql:/u:{pw}@h/db",
+    ):
         masked = redact(text)
-        assert pw not in masked and quote(pw, safe="") not in masked and "se:cr" not in masked and "***" in masked, masked
+        assert pw not in masked and quote(pw, safe="") not in masked and "se:cr" not in masked and "***" in masked, (
+            masked
+        )
     # (the user is kept unless it is itself a registered password, as "guest" of amqp://guest:guest@ is)
     assert redact(f"vhost replayer:{pw}@127.0.0.1 not found") == "vhost replayer:***@127.0.0.1 not found"
 

@@ -22,7 +22,9 @@ DAY = "2025-11-25"
 
 def spec_for(sink: RedisSink, unit: str = "event"):
     return dataclasses.replace(
-        TELEMETRY, name="telemetry_redis", parsed_prefix="telemetry_redis_flat",
+        TELEMETRY,
+        name="telemetry_redis",
+        parsed_prefix="telemetry_redis_flat",
         redrive=Redrive(unit=unit, sink=sink, key_field="device_id" if unit == "event" else None),
     )
 
@@ -164,11 +166,17 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
         assert md["published"] + md["failed"] == md["selected"] == len(events)
         logs = "\n".join(str(e) for e in instance.all_logs(down.run_id))
         assert "ConnectionError" in logs and "s3cret-pw" not in logs, "the error is shown, the password never"
-        dead = (env["lake"] / "_replay/telemetry_redis/redrive/dead_letter" / f"day={DAY}" / f"{down.run_id}.jsonl").read_text()
+        dead = (
+            env["lake"] / "_replay/telemetry_redis/redrive/dead_letter" / f"day={DAY}" / f"{down.run_id}.jsonl"
+        ).read_text()
         assert "s3cret-pw" not in dead
 
         up = _run(spec, instance)
-        assert up.success and _md(up)["published"] == md["failed"] and _md(up)["skipped_already_delivered"] == md["published"]
+        assert (
+            up.success
+            and _md(up)["published"] == md["failed"]
+            and _md(up)["skipped_already_delivered"] == md["published"]
+        )
         jobs = bullmq_consume(server.url, queue)
         assert sorted(j[0] for j in jobs) == sorted(events)
     finally:
@@ -195,7 +203,19 @@ def test_cli_redrive_to_bullmq_with_dry_run_then_for_real(env, redis_url, queue,
 
     def materialize(config: dict, select: str = assets):
         run_config = json.dumps({"ops": {"telemetry_redis__redrive": {"config": config}}})
-        return cli("dagster", "asset", "materialize", "-f", str(location), "--select", select, "--partition", DAY, "--config-json", run_config)
+        return cli(
+            "dagster",
+            "asset",
+            "materialize",
+            "-f",
+            str(location),
+            "--select",
+            select,
+            "--partition",
+            DAY,
+            "--config-json",
+            run_config,
+        )
 
     dry = materialize({"dry_run": True})
     assert dry.returncode == 0, show(dry)

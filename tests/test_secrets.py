@@ -43,8 +43,12 @@ def table(postgres_dsn):
     name = f"pe_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         pe.create_processed_events_table(conn, name)
-        conn.execute(sql.SQL("INSERT INTO {} (event_type, event_id, idempotency_key, payload, status, retry_count, processed_at)"
-                             " VALUES ('contribution.submitted', 'evt-0', 'idem-0', '{{}}', 'error', 1, now())").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (event_type, event_id, idempotency_key, payload, status, retry_count, processed_at)"
+                " VALUES ('contribution.submitted', 'evt-0', 'idem-0', '{{}}', 'error', 1, now())"
+            ).format(sql.Identifier(name))
+        )
     yield name
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
@@ -88,8 +92,9 @@ def test_libpq_conninfo_password_is_masked(postgres_dsn):
     assert redact("password=hunter2x dbname=x") == "password=*** dbname=x", "unregistered: the pattern still masks it"
 
 
-def test_processed_events_replay_with_a_mistyped_amqp_url_masks_the_password(table, postgres_dsn, tmp_path, monkeypatch, capsys,
-                                                                           caplog, fresh_definitions):
+def test_processed_events_replay_with_a_mistyped_amqp_url_masks_the_password(
+    table, postgres_dsn, tmp_path, monkeypatch, capsys, caplog, fresh_definitions
+):
     """`amqp:/guest:PW@host` makes pika connect to localhost with vhost "guest:PW@host:5672" (the
     password URL-decoded): the broker's "vhost ... not found" reaches the audit row, the run's
     storage and the CLI — masked."""
@@ -97,7 +102,9 @@ def test_processed_events_replay_with_a_mistyped_amqp_url_masks_the_password(tab
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", postgres_dsn)
     monkeypatch.setenv("EVENT_REPLAY_RABBITMQ_URL", f"amqp:/guest:{quote(pw, safe='')}@127.0.0.1:{rabbitmq_port()}/%2F")
-    code, out = run_cli(["processed-events", "replay-one", "evt-0", "--table", table, "--reason", "INC-16", "--rate-limit", "0"], capsys)
+    code, out = run_cli(
+        ["processed-events", "replay-one", "evt-0", "--table", table, "--reason", "INC-16", "--rate-limit", "0"], capsys
+    )
     assert code == 1 and "FAILURE" in out
     # The user may show as *** too: "guest" is a password of the machine's RabbitMQ URL, which other
     # tests of this process register.
@@ -114,8 +121,9 @@ def test_processed_events_replay_with_a_mistyped_amqp_url_masks_the_password(tab
         assert conn.execute(sql.SQL("SELECT status FROM {}").format(sql.Identifier(table))).fetchone()[0] == "error"
 
 
-def test_processed_events_replay_against_a_missing_database_masks_the_password(postgres_dsn, tmp_path, monkeypatch, capsys,
-                                                                                fresh_definitions):
+def test_processed_events_replay_against_a_missing_database_masks_the_password(
+    postgres_dsn, tmp_path, monkeypatch, capsys, fresh_definitions
+):
     pw = password()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("EVENT_REPLAY_POSTGRES_URL", server_url(postgres_dsn, pw, f"no_such_db_{uuid.uuid4().hex[:6]}"))
@@ -138,7 +146,9 @@ def test_redis_auth_failure_masks_the_password():
             sink.close()
     finally:
         server.stop()
-    assert errors[0] is not None and "AuthenticationError" in errors[0] and f"127.0.0.1:{server.port}" in errors[0], errors
+    assert errors[0] is not None and "AuthenticationError" in errors[0] and f"127.0.0.1:{server.port}" in errors[0], (
+        errors
+    )
     assert not leaks(errors[0], pw), errors
 
 
@@ -152,16 +162,35 @@ def test_cli_reads_urls_from_files_and_refuses_them_as_arguments(clickhouse_http
     from replay_defs.clickhouse import ClickHouseError
 
     with pytest.raises(ClickHouseError) as refused_login:  # a wrong password: the server refuses it
-        run_cli(["projections", "generate", "--clickhouse-url-file", str(url_file), "--events", "10", "--days", "1"], capsys)
+        run_cli(
+            ["projections", "generate", "--clickhouse-url-file", str(url_file), "--events", "10", "--days", "1"], capsys
+        )
     text = str(refused_login.value)
     assert f"127.0.0.1:{clickhouse_http.port}" in text and "***" in text and not leaks(text, pw), text
 
     code, out = run_cli(["projections", "generate", "--clickhouse-url-file", str(tmp_path / "missing.url")], capsys)
     assert code == 1 and "--clickhouse-url-file: cannot read" in out
 
-    for flag, env in (("--redis-url", "EVENT_REPLAY_REDIS_URL"), ("--postgres-url", "EVENT_REPLAY_POSTGRES_URL"), ("--clickhouse-url", "CLICKHOUSE_URL")):
-        code, out = run_cli(["projections", "replay", "--projection", "aggregate_state", "--tenant-id", "t", "--since", "2025-06-01",
-                             flag, f"redis://:{pw}@127.0.0.1:6379/0"], capsys)
+    for flag, env in (
+        ("--redis-url", "EVENT_REPLAY_REDIS_URL"),
+        ("--postgres-url", "EVENT_REPLAY_POSTGRES_URL"),
+        ("--clickhouse-url", "CLICKHOUSE_URL"),
+    ):
+        code, out = run_cli(
+            [
+                "projections",
+                "replay",
+                "--projection",
+                "aggregate_state",
+                "--tenant-id",
+                "t",
+                "--since",
+                "2025-06-01",
+                flag,
+                f"redis://:{pw}@127.0.0.1:6379/0",
+            ],
+            capsys,
+        )
         assert code == 2 and f"{flag} is no longer accepted" in out and env in out and f"{flag}-file PATH" in out, out
         assert not leaks(out, pw), out
     code, out = run_cli(["projections", "replay", "--help"], capsys)

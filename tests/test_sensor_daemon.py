@@ -36,7 +36,9 @@ def test_dlq_growth_launches_a_backfill_that_the_daemon_completes(env, tmp_path,
         with dagster_dev(tmp_path / "dagster-dev.log", "-f", str(location)) as base:
             deadline = time.time() + 120
             while not any(t["status"] == "SKIPPED" for t in _ticks(base)):  # the sensor's baseline reading
-                assert time.time() < deadline, "the sensor never ticked: " + (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                assert time.time() < deadline, (
+                    "the sensor never ticked: " + (tmp_path / "dagster-dev.log").read_text()[-3000:]
+                )
                 time.sleep(1)
 
             fail_jobs(redis_url, queue, letters(30))  # the DLQ fills up: 30 failed jobs of 2025-11-25/26
@@ -62,10 +64,15 @@ def test_dlq_growth_launches_a_backfill_that_the_daemon_completes(env, tmp_path,
     from replay_defs.definitions import build_definitions
     from replay_defs.pipelines import TELEMETRY
 
-    target = backfill.get_asset_backfill_data(build_definitions([TELEMETRY]).get_repository_def().asset_graph).target_subset
+    target = backfill.get_asset_backfill_data(
+        build_definitions([TELEMETRY]).get_repository_def().asset_graph
+    ).target_subset
     for key in target.asset_keys:
         assert set(target.get_partitions_subset(key).get_partition_keys()) == {"2025-11-25", "2025-11-26"}, key
-    keys = [dg.AssetCheckKey(dg.AssetKey(["telemetry", "parsed_events"]), n) for n in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files")]
+    keys = [
+        dg.AssetCheckKey(dg.AssetKey(["telemetry", "parsed_events"]), n)
+        for n in ("no_duplicate_event_ids", "raw_lines_accounted_for", "no_stale_files")
+    ]
     keys.append(dg.AssetCheckKey(dg.AssetKey(["telemetry", "redrive"]), "deliveries_reconcile"))
     infos = instance.event_log_storage.get_asset_check_partition_info(keys, after_storage_id=None)
     passed = {(i.check_key.name, i.partition_key) for i in infos if i.latest_execution_status.value == "SUCCEEDED"}

@@ -17,7 +17,10 @@ DAY = "2025-11-25"
 
 def spec_for(queue: str, max_visible=None):
     return dataclasses.replace(
-        TELEMETRY, name="telemetry_sqs", parsed_prefix="telemetry_sqs_flat", redrive=Redrive(sink=SqsSink(queue, max_visible))
+        TELEMETRY,
+        name="telemetry_sqs",
+        parsed_prefix="telemetry_sqs_flat",
+        redrive=Redrive(sink=SqsSink(queue, max_visible)),
     )
 
 
@@ -53,7 +56,9 @@ def test_each_raw_file_becomes_one_seed_004_message(env, instance, moto):
     assert len(got) == md["published"]
     bodies = [json.loads(m["Body"]) for m in got]
     assert len({b["key"] for b in bodies}) == len(bodies)
-    assert all(b["kind"] == "redrive_raw_file" and b["bucket"] and b["key"].startswith("raw/json_telemetry/") for b in bodies)
+    assert all(
+        b["kind"] == "redrive_raw_file" and b["bucket"] and b["key"].startswith("raw/json_telemetry/") for b in bodies
+    )
     assert all(m["MessageAttributes"]["replay_run_id"]["StringValue"] == first.run_id for m in got)
     again = _run(spec_for("redrive"), instance)
     assert again.success and _md(again)["published"] == 0
@@ -110,7 +115,9 @@ def _take(sqs, queue: str, n: int) -> list[dict]:
     url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
     batch = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=n).get("Messages", [])
     if batch:
-        sqs.delete_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)])
+        sqs.delete_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)]
+        )
     return batch
 
 
@@ -118,7 +125,9 @@ def test_endpoint_outage_fails_the_run_then_a_rerun_delivers_exactly_once(env, i
     moto.client("sqs").create_queue(QueueName="redrive")
     spec = spec_for("redrive")
     moto.stop()
-    down = _run(spec, instance, {"ops": {"telemetry_sqs__redrive": {"config": {"retries": 0}}}})  # no backoff: it is down
+    down = _run(
+        spec, instance, {"ops": {"telemetry_sqs__redrive": {"config": {"retries": 0}}}}
+    )  # no backoff: it is down
     md = _md(down)
     assert md["failed"] == md["selected"] > 0 and not down.success
     moto.start()

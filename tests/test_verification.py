@@ -41,8 +41,12 @@ def built(tmp_path_factory, demo_lake_template):
     (work / "home").mkdir()
     (work / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with pytest.MonkeyPatch.context() as mp:
-        for name, path in {"EVENT_REPLAY_LAKE": "lake", "EVENT_REPLAY_DUCKDB": "state.duckdb", "EVENT_REPLAY_OUTBOX": "outbox",
-                           "DAGSTER_HOME": "home"}.items():
+        for name, path in {
+            "EVENT_REPLAY_LAKE": "lake",
+            "EVENT_REPLAY_DUCKDB": "state.duckdb",
+            "EVENT_REPLAY_OUTBOX": "outbox",
+            "DAGSTER_HOME": "home",
+        }.items():
             mp.setenv(name, str(work / path))
         from replay_defs.definitions import build_definitions
 
@@ -74,9 +78,17 @@ class Workspace:
         self.store = DuckDBStore(root / "state.duckdb")
 
     def run(self, day: str, selection: list[dg.AssetKey] | None = None, parse: dict | None = None):
-        config = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1, **(parse or {})}}}} if selection in (None, [PARSED]) else {}
+        config = (
+            {"ops": {"telemetry__parsed_events": {"config": {"workers": 1, **(parse or {})}}}}
+            if selection in (None, [PARSED])
+            else {}
+        )
         return self.defs.resolve_job_def("telemetry_replay").execute_in_process(
-            instance=self.instance, partition_key=day, asset_selection=selection, run_config=config, raise_on_error=False
+            instance=self.instance,
+            partition_key=day,
+            asset_selection=selection,
+            run_config=config,
+            raise_on_error=False,
         )
 
     def cli(self, *args: str) -> tuple[int, str]:
@@ -94,7 +106,9 @@ class Workspace:
                     out.write(str(exc.code))
         return code, out.getvalue()
 
-    def verify(self, start: str = DEMO_DAYS[0], end: str = DEMO_DAYS[-1]) -> tuple[int, dict[tuple[str, str], tuple[str, str]]]:
+    def verify(
+        self, start: str = DEMO_DAYS[0], end: str = DEMO_DAYS[-1]
+    ) -> tuple[int, dict[tuple[str, str], tuple[str, str]]]:
         """`event-replay verify`: exit code and (check, day) -> (verdict, description)."""
         code, out = self.cli("verify", "telemetry", start, end)
         verdicts = {}
@@ -115,8 +129,22 @@ def failing(verdicts: dict) -> set[tuple[str, str]]:
 def dagster_materialize(select: str, day: str) -> subprocess.CompletedProcess:
     """The CI way: `dagster asset materialize` in a subprocess, against $DAGSTER_HOME."""
     return subprocess.run(
-        [str(PROJECT_ROOT / ".venv/bin/dagster"), "asset", "materialize", "-m", "replay_defs.definitions", "--select", select, "--partition", day],
-        cwd=PROJECT_ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=300,
+        [
+            str(PROJECT_ROOT / ".venv/bin/dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "replay_defs.definitions",
+            "--select",
+            select,
+            "--partition",
+            day,
+        ],
+        cwd=PROJECT_ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -133,12 +161,15 @@ def from_scratch_device_latest(ws: Workspace) -> list[tuple]:
     files = [str(ws.lake.path(f)) for d in DEMO_DAYS if ws.lake.state(PARSED_OWNER, d) for f in ws.committed(d)]
     return duckdb.execute(
         "SELECT device_id, type, seq, event_id FROM (SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY ts DESC, event_id DESC) AS n "
-        "FROM read_parquet($f)) WHERE n = 1 ORDER BY device_id", {"f": files}
+        "FROM read_parquet($f)) WHERE n = 1 ORDER BY device_id",
+        {"f": files},
     ).fetchall()
 
 
 def device_latest(ws: Workspace) -> list[tuple]:
-    return ws.store.query('SELECT device_id, last_type, last_seq, _event_id FROM "telemetry"."device_latest" ORDER BY device_id')
+    return ws.store.query(
+        'SELECT device_id, last_type, last_seq, _event_id FROM "telemetry"."device_latest" ORDER BY device_id'
+    )
 
 
 # ---- a clean range ------------------------------------------------------------------------------
@@ -209,13 +240,18 @@ def test_doubled_rows_are_refused_by_the_projection_step_and_fail_the_checks(ws)
     rel = ws.committed(DAY)[0]
     table = pq.read_table(ws.lake.path(rel))
     pq.write_table(pa.concat_tables([table, table]), ws.lake.path(rel))
-    totals_before = ws.store.query('SELECT sum(events) FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": DAY})
+    totals_before = ws.store.query(
+        'SELECT sum(events) FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": DAY}
+    )
 
     refold = ws.run(DAY, selection=[PROJECTIONS])
     assert not refold.success
     failure = next(e for e in refold.all_events if e.is_step_failure)
     assert "refusing to read" in failure.event_specific_data.error.to_string()
-    assert ws.store.query('SELECT sum(events) FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": DAY}) == totals_before
+    assert (
+        ws.store.query('SELECT sum(events) FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": DAY})
+        == totals_before
+    )
     sent_before = sorted((ws.root / "outbox").rglob("*.jsonl"))
     redrive = ws.run(DAY, selection=[REDRIVE])  # the redrive reads the same files: it refuses too
     assert not redrive.success and sorted((ws.root / "outbox").rglob("*.jsonl")) == sent_before
@@ -230,8 +266,11 @@ def test_doubled_rows_are_refused_by_the_projection_step_and_fail_the_checks(ws)
 
 
 def test_an_edited_increment_row_fails_totals_against_the_recorded_parsed_count(ws):
-    ws.store.query('UPDATE "telemetry"."daily_counts" SET events = events + 3 WHERE rowid = '
-                   '(SELECT min(rowid) FROM "telemetry"."daily_counts" WHERE day = $d::DATE)', {"d": DAY})
+    ws.store.query(
+        'UPDATE "telemetry"."daily_counts" SET events = events + 3 WHERE rowid = '
+        '(SELECT min(rowid) FROM "telemetry"."daily_counts" WHERE day = $d::DATE)',
+        {"d": DAY},
+    )
     code, verdicts = ws.verify()
     assert code == 1 and failing(verdicts) == {("totals_match_parsed", DAY), ("projections_match_fold", DAY)}
     parsed = ws.lake.state(PARSED_OWNER, DAY).stats["parsed"]
@@ -243,15 +282,20 @@ def test_increment_rows_moved_between_keys_fail_the_fold_comparison_though_the_t
     first, second = (r[0] for r in ws.store.query(rows, {"d": DAY}))
     ws.store.query('UPDATE "telemetry"."daily_counts" SET events = events + 7 WHERE rowid = $r', {"r": first})
     ws.store.query('UPDATE "telemetry"."daily_counts" SET events = events - 7 WHERE rowid = $r', {"r": second})
-    ws.store.query('INSERT INTO "telemetry"."daily_counts" SELECT day, \'ghost\', device_id, 0, 0 FROM "telemetry"."daily_counts" '
-                   'WHERE rowid = $r', {"r": first})
+    ws.store.query(
+        'INSERT INTO "telemetry"."daily_counts" SELECT day, \'ghost\', device_id, 0, 0 FROM "telemetry"."daily_counts" '
+        "WHERE rowid = $r",
+        {"r": first},
+    )
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("projections_match_fold", DAY)}
     assert "daily_counts: 3 of" in verdicts[("projections_match_fold", DAY)][1]
 
 
 def test_an_edited_replace_row_fails_the_fold_comparison(ws):
-    device = ws.store.query('SELECT device_id FROM "telemetry"."device_latest" WHERE _day = $d::DATE LIMIT 1', {"d": DAY})[0][0]
+    device = ws.store.query(
+        'SELECT device_id FROM "telemetry"."device_latest" WHERE _day = $d::DATE LIMIT 1', {"d": DAY}
+    )[0][0]
     ws.store.query('UPDATE "telemetry"."device_latest" SET last_seq = last_seq + 1 WHERE device_id = $k', {"k": device})
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("projections_match_fold", DAY)}
@@ -259,8 +303,10 @@ def test_an_edited_replace_row_fails_the_fold_comparison(ws):
 
 
 def test_a_dropped_or_padded_replace_projection_fails_the_fold_comparison(ws):
-    ws.store.query('INSERT INTO "telemetry"."device_latest" SELECT \'phantom\', last_type, last_seq, _order, _event_id, DATE \'2025-11-10\' '
-                   'FROM "telemetry"."device_latest" LIMIT 1')
+    ws.store.query(
+        "INSERT INTO \"telemetry\".\"device_latest\" SELECT 'phantom', last_type, last_seq, _order, _event_id, DATE '2025-11-10' "
+        'FROM "telemetry"."device_latest" LIMIT 1'
+    )
     code, verdicts = ws.verify()
     assert code == 1 and {c for c, _ in failing(verdicts)} == {"projections_match_fold"}
     assert "device_latest: 1 rows come from no committed day" in verdicts[("projections_match_fold", DAY)][1]
@@ -298,7 +344,10 @@ def test_a_raw_file_arriving_after_the_build_makes_the_day_out_of_date(ws):
 
     code, verdicts = ws.verify()
     assert code == 1 and failing(verdicts) == {("raw_files_current", DAY)}
-    assert "raw_events: arrived after the build: raw/json_telemetry/year=2025/month=11/day=25/hour=05/arrived-later.gz" in verdicts[("raw_files_current", DAY)][1]
+    assert (
+        "raw_events: arrived after the build: raw/json_telemetry/year=2025/month=11/day=25/hour=05/arrived-later.gz"
+        in verdicts[("raw_files_current", DAY)][1]
+    )
 
     # Re-materializing parsed_events alone lists the raw files again and takes the events in.
     parsed_before = ws.lake.state(PARSED_OWNER, DAY).stats["parsed"]
@@ -320,13 +369,16 @@ def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
     sensor = ws.defs.resolve_sensor_def("telemetry__raw_files_changed")
 
     def tick(cursor=None):
-        ctx = dg.build_sensor_context(instance=ws.instance, cursor=cursor, definitions=ws.defs, resources={"lake": ws.defs.resources["lake"]})
+        ctx = dg.build_sensor_context(
+            instance=ws.instance, cursor=cursor, definitions=ws.defs, resources={"lake": ws.defs.resources["lake"]}
+        )
         return sensor(ctx)
 
     quiet = tick()
     assert not quiet.run_requests and quiet.skip_reason.skip_message == "every built day is current"
     ws.lake.path("raw/json_telemetry/year=2025/month=11/day=25/hour=09/arrived-later.gz").write_bytes(
-        gz_events(event("late-9", "2025-11-25T09:00:00Z")))
+        gz_events(event("late-9", "2025-11-25T09:00:00Z"))
+    )
     fired = tick(quiet.cursor)
     (request,) = fired.run_requests
     assert request.tags == {RANGE_TAGS[0]: DAY, RANGE_TAGS[1]: DAY} and request.job_name in (None, "telemetry_verify")
@@ -334,7 +386,9 @@ def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
     assert not again.run_requests and "already reported" in again.skip_reason.skip_message
 
     # What the daemon would launch: the checks-only job with the request's tags.
-    run = ws.defs.resolve_job_def("telemetry_verify").execute_in_process(instance=ws.instance, tags=request.tags, raise_on_error=False)
+    run = ws.defs.resolve_job_def("telemetry_verify").execute_in_process(
+        instance=ws.instance, tags=request.tags, raise_on_error=False
+    )
     assert not run.success
     key = dg.AssetCheckKey(PARSED, "raw_files_current")
     (info,) = ws.instance.event_log_storage.get_asset_check_partition_info([key], partition_keys=[DAY])
@@ -349,7 +403,9 @@ def test_a_raw_file_rewritten_at_the_same_size_and_mtime_is_caught_by_its_hash(w
     data = bytearray(path.read_bytes())
     data[4] ^= 0xFF  # other bytes (the gzip header's timestamp), same size
     path.write_bytes(bytes(data))
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime, as `cp -p` or `rsync -t` would leave it
+    os.utime(
+        path, ns=(stat.st_atime_ns, stat.st_mtime_ns)
+    )  # and the old mtime, as `cp -p` or `rsync -t` would leave it
     assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("raw_files_current", DAY)}
@@ -362,7 +418,10 @@ def test_a_raw_file_arriving_in_the_lateness_window_makes_the_day_out_of_date(ws
     neighbour.write_bytes(gz_events(event("straggler-1", "2025-11-25T23:30:00Z")))
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("raw_files_current", DAY)}
-    assert "parsed_events: arrived after the build: raw/json_telemetry/year=2025/month=11/day=26/hour=01/straggler.gz" in verdicts[("raw_files_current", DAY)][1]
+    assert (
+        "parsed_events: arrived after the build: raw/json_telemetry/year=2025/month=11/day=26/hour=01/straggler.gz"
+        in verdicts[("raw_files_current", DAY)][1]
+    )
 
 
 # ---- deliveries ---------------------------------------------------------------------------------
@@ -375,7 +434,9 @@ def test_a_delivered_message_removed_from_the_outbox_fails_deliveries(ws):
     code, verdicts = ws.verify()
     # The batch held the day's raw-file messages; a file also holding events of the 26th was sent
     # once, under the 25th, so the 26th can miss it too.
-    assert code == 1 and ("deliveries_reconcile", DAY) in failing(verdicts) <= {("deliveries_reconcile", d) for d in DEMO_DAYS}
+    assert code == 1 and ("deliveries_reconcile", DAY) in failing(verdicts) <= {
+        ("deliveries_reconcile", d) for d in DEMO_DAYS
+    }
     assert "messages are not in the outbox sink" in verdicts[("deliveries_reconcile", DAY)][1]
     assert removed
 
@@ -385,8 +446,12 @@ def test_a_partial_or_dry_redrive_after_a_loss_does_not_hide_it(ws):
         batch.unlink()  # the sink lost the day
     for config in ({"limit": 1}, {"dry_run": True}):
         run = ws.defs.resolve_job_def("telemetry_replay").execute_in_process(
-            instance=ws.instance, partition_key=DAY, asset_selection=[REDRIVE], run_config={"ops": {"telemetry__redrive": {"config": config}}},
-            raise_on_error=False)
+            instance=ws.instance,
+            partition_key=DAY,
+            asset_selection=[REDRIVE],
+            run_config={"ops": {"telemetry__redrive": {"config": config}}},
+            raise_on_error=False,
+        )
         assert not run.success, config  # the day was delivered whole once: the whole day is reconciled
         code, verdicts = ws.verify(DAY, DAY)
         assert code == 1 and "messages are not in the outbox sink" in verdicts[("deliveries_reconcile", DAY)][1], config
@@ -396,7 +461,10 @@ def test_a_ledger_row_deleted_after_a_run_that_sent_nothing_fails_deliveries(ws)
     again = ws.run(DAY, selection=[REDRIVE])
     assert again.success
     assert ws.lake.read_json("telemetry/redrive", f"last/day={DAY}.json")["published"] == 0  # nothing new to send
-    ws.store.query("DELETE FROM redrive_ledger WHERE message_id = (SELECT min(message_id) FROM redrive_ledger WHERE day = $d)", {"d": DAY})
+    ws.store.query(
+        "DELETE FROM redrive_ledger WHERE message_id = (SELECT min(message_id) FROM redrive_ledger WHERE day = $d)",
+        {"d": DAY},
+    )
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("deliveries_reconcile", DAY)}
     assert "not delivered according to the ledger" in verdicts[("deliveries_reconcile", DAY)][1]
