@@ -27,7 +27,6 @@ from replay_defs.spec import PipelineSpec
 from replay_defs.table_source import Selection, parse_table_day
 from resources import ClickHouseResource, LakeResource
 
-
 ALLOW_SHRINK = Field(
     default=False,
     description="Consent to a new version holding fewer events of a type than the one it replaces (beyond the "

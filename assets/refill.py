@@ -15,8 +15,8 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from assets.checks import build_deliveries_check
-from assets.factory import PipelineDefs
 from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner, pipeline_pool, sink_pool
+from assets.factory import PipelineDefs
 from assets.redrive import DeliveryConfig, deliver_day, make_sink
 from partitions import daily_partitions
 from replay_defs.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots

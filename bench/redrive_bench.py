@@ -215,6 +215,7 @@ def main() -> None:
     sinks, ledgers = args.sinks.split(","), args.ledgers.split(",")
 
     import services
+
     from replay_defs.sinks import KafkaTopic, RabbitExchange, RedisTarget
 
     with (

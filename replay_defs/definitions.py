@@ -19,14 +19,11 @@ EVENT_REPLAY_PROJECTION_PREFIX, EVENT_REPLAY_PROJECTION_LOG_DIR and EVENT_REPLAY
 import os
 
 import dagster as dg
-
 from dagster_aws.s3 import S3Resource
 
 from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
 from jobs import JOBS as OPERATION_JOBS
-from sensors import build_dead_letter_sensor, build_raw_files_sensor
-from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
 from replay_defs.pipelines import PIPELINES, REFILLS
 from resources import (
     ClickHouseResource,
@@ -42,6 +39,8 @@ from resources import (
     StoreResource,
 )
 from resources.deployment import CHDB, DUCKDB, LAKE, OUTBOX, PROJECTION_LOGS, deployed
+from sensors import build_dead_letter_sensor, build_raw_files_sensor
+from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
 
 
 def _setting(env: str, default: str):

@@ -22,6 +22,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import pyarrow as pa
 
+from replay_defs import connect
 from replay_defs.projection_replay import (
     DAY_MS,
     EPOCH,
@@ -33,7 +34,6 @@ from replay_defs.projection_replay import (
     day_window,
     to_ms,
 )
-from replay_defs import connect
 from replay_defs.redact import redact
 
 PROGRESS = "projection_replay_progress"

@@ -17,14 +17,14 @@ import json
 import os
 import time
 import uuid
-from functools import partial
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from replay_defs.lake import check_partition
 from replay_defs import connect
+from replay_defs.lake import check_partition
 from replay_defs.redact import redact
 
 

@@ -6,8 +6,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from replay_defs.clickhouse import ClickHouse
-from resources.deployment import CHDB, deployed_path
 from replay_defs.redact import register_url
+from resources.deployment import CHDB, deployed_path
 
 
 class ClickHouseResource(dg.ConfigurableResource):

@@ -5,8 +5,8 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.ledger import open_ledger
-from replay_defs.store import DuckDBStore
 from replay_defs.redact import register_url
+from replay_defs.store import DuckDBStore
 from resources.deployment import DUCKDB, deployed_path
 
 

@@ -116,7 +116,6 @@ def _rabbitmq(source: DeadLetters, rabbitmq, peek: bool):
 
 
 def _postgres(source: DeadLetters, postgres, peek: bool):
-    import psycopg
     from psycopg import sql
 
     table, status = sql.Identifier(source.name), sql.Identifier(source.status_column)

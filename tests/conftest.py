@@ -10,8 +10,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 import services
+
 from replay_defs.demo import DemoConfig, generate
 
 warnings.filterwarnings("ignore", module="dagster")

@@ -8,19 +8,18 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from datetime import datetime, timezone
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PROJECT_ROOT, RANGE_TAGS, check_verdicts
+from conftest import RANGE_TAGS, check_verdicts
 from services import Tansu
 
 from replay_defs.clickhouse import ClickHouse
 from replay_defs.pipelines import BILLING, BILLING_RAW_EVENTS_DDL
-from replay_defs.spec import KafkaSink, Redrive
+from replay_defs.spec import KafkaSink
 from replay_defs.table_source import KeysetReader, Selection
 
 DAY1, DAY2 = "2024-03-04", "2024-03-05"

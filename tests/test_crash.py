@@ -39,7 +39,6 @@ import dagster as dg
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import PROJECT_ROOT, run_day
 from services import MutationProxy
 

@@ -9,7 +9,7 @@ import gzip
 import random
 import tracemalloc
 
-from test_parsing import SCHEMA, assert_accounted, line, make_task, parse_file, make_job
+from test_parsing import SCHEMA, assert_accounted, line, make_job, make_task, parse_file
 
 SEED = 20261202
 

@@ -9,8 +9,8 @@ step is on disk, nothing after it is, which is what a power cut at that point le
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import zlib
 import itertools
 import os
 import random
 import tracemalloc
+import zlib
 from collections import Counter
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -756,7 +756,10 @@ def test_bad_lines_in_large_batches_do_not_lose_good_lines(tmp_path):
     assert [r["line_no"] for r in quarantine_rows(r_dirty)] == [6, 25_004, 49_991]
 
     clean_rows, dirty_rows = staged_rows(r_clean), staged_rows(r_dirty)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "line_no"} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "line_no"} for r in rows]
+
     assert strip(clean_rows) == strip(dirty_rows)
     for r in dirty_rows:  # line numbers refer to the dirty file
         assert dirty_lines[r["line_no"] - 1].startswith(b'{"event_id":"' + r["event_id"].encode())
@@ -1067,10 +1070,13 @@ def test_process_pool_matches_single_process(tmp_path):
     r1, o1 = _run_day(tmp_path, tasks, buckets=3, workers=1)
     r2, o2 = _run_day(tmp_path, tasks, buckets=3, workers=2)
     assert output_rows(o1) == output_rows(o2)
-    summary = lambda r: [
-        (f.source_ref, f.home, f.lines, f.kept, dict(f.quarantined), dict(f.routed_out), f.neighbour_skipped)
-        for f in r.files
-    ]
+
+    def summary(r):
+        return [
+            (f.source_ref, f.home, f.lines, f.kept, dict(f.quarantined), dict(f.routed_out), f.neighbour_skipped)
+            for f in r.files
+        ]
+
     assert summary(r1) == summary(r2)
     assert (r1.dedupe.rows_in, r1.dedupe.rows_out, r1.dedupe.rows_by_type) == (
         r2.dedupe.rows_in,

@@ -11,8 +11,8 @@ from datetime import date, datetime, timedelta, timezone
 import dagster as dg
 import pyarrow as pa
 import pytest
-
 from conftest import RANGE_TAGS
+
 from replay_defs.live_replay import Coordinator, LiveEvent, LiveProjector
 from replay_defs.projection_replay import EVENT_LOG, EVENT_LOG_DDL, PROJECTIONS
 from replay_defs.projection_stores import open_store

@@ -4,8 +4,8 @@ failed connect reports — the exception, the processed-events audit row, the Da
 the CLI's output — while the useful part of the message stays. The CLI takes URLs from files, not
 arguments."""
 
-import secrets
 import re
+import secrets
 import uuid
 from urllib.parse import quote
 

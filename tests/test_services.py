@@ -4,7 +4,6 @@
 import psycopg
 import pytest
 import redis
-
 import services
 from services import PostgresServer, RedisServer, free_port
 
