@@ -676,19 +676,7 @@ def cmd_processed_events(args) -> None:
     print(f"run_id {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
     if outputs:
         md = {k: v.value for k, v in outputs[0].step_output_data.metadata.items()}
-        counts = (
-            "selected",
-            "published",
-            "changed",
-            "forced_count",
-            "skipped_processed",
-            "skipped_pending",
-            "skipped_processing",
-            "failed",
-            "refused",
-            "not_reached",
-        )
-        print("  " + " ".join(f"{k}={md[k]}" for k in counts if k in md))
+        print("  " + " ".join(f"{k}={md[k]}" for k in pe.COUNTS if k in md))
         print(
             f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}"
         )

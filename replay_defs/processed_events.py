@@ -297,6 +297,21 @@ def deferred_interrupts() -> Iterator[None]:
 # ---- replay -----------------------------------------------------------------------------------
 
 
+# A replay's counts, in the order the audit, the run metadata and the CLI show them.
+COUNTS = (
+    "selected",
+    "published",
+    "changed",
+    "forced_count",
+    "skipped_processed",
+    "skipped_pending",
+    "skipped_processing",
+    "failed",
+    "refused",
+    "not_reached",
+)
+
+
 @dataclass
 class Report:
     run_id: str
@@ -329,19 +344,7 @@ class Report:
         return self.forced_count > 0
 
     def counts(self) -> dict:
-        keys = (
-            "selected",
-            "published",
-            "changed",
-            "forced_count",
-            "skipped_processed",
-            "skipped_pending",
-            "skipped_processing",
-            "failed",
-            "refused",
-            "not_reached",
-        )
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in COUNTS}
 
 
 def _failure_reason(err: str) -> str:
