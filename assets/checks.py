@@ -14,27 +14,25 @@ from datetime import date, timedelta
 import dagster as dg
 import duckdb
 
-from assets.common import (
+from assets.common import DayVerdict, asset_key, check_each_day
+from assets.parsed import lateness_windows
+from assets.raw import day_start, listing_changes, manifest_listing, raw_listing
+from partitions import daily_partitions
+from replay_defs.core.lake import Lake, file_sha256
+from replay_defs.core.naming import (
     PARSED,
     PROJECTIONS,
     RAW,
     REDRIVE,
-    DayVerdict,
-    asset_key,
-    check_each_day,
     manifest_name,
     owner,
     parsed_slot_patterns,
-    shrunk_types,
     whole_day_marker,
 )
-from assets.parsed import lateness_windows
-from assets.projections import committed_parquet
-from assets.raw import day_start, listing_changes, manifest_listing, raw_listing
-from partitions import daily_partitions
-from replay_defs import redrive as rd
-from replay_defs.lake import Lake, file_sha256
-from replay_defs.spec import PipelineSpec
+from replay_defs.pipeline import delivery as rd
+from replay_defs.pipeline.committed import committed_parquet
+from replay_defs.pipeline.shrink import shrunk_types
+from replay_defs.pipeline.spec import PipelineSpec
 
 LATE = "outside_lateness_window"
 SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
@@ -165,7 +163,7 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = 
 
 def table_rows_current(lake: Lake, spec: PipelineSpec, day: str, ch) -> DayVerdict:
     """A table source's selected rows counted by the engine now, against raw_events' count."""
-    from replay_defs.table_source import KeysetReader, Selection
+    from replay_defs.clickhouse_table.parsing import KeysetReader, Selection
 
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if manifest is None:

@@ -8,18 +8,12 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from replay_defs.spec import PipelineSpec
-
-RAW, PARSED, PROJECTIONS, REDRIVE = "raw_events", "parsed_events", "projections", "redrive"
+from replay_defs.pipeline.committed import DayNotReady, verified_parquet
+from replay_defs.pipeline.spec import PipelineSpec
 
 
 def asset_key(spec: PipelineSpec, name: str) -> dg.AssetKey:
     return dg.AssetKey([spec.name, name])
-
-
-def owner(spec: PipelineSpec, name: str) -> str:
-    """The lake's bookkeeping namespace for one asset of a pipeline."""
-    return f"{spec.name}/{name}"
 
 
 def pipeline_pool(spec) -> str:
@@ -30,38 +24,6 @@ def pipeline_pool(spec) -> str:
 def sink_pool(spec) -> str:
     """The concurrency pool of everything that delivers to the spec's sink."""
     return "event_replay.sink." + re.sub(r"[^A-Za-z0-9_.-]", "_", spec.redrive.sink.name)
-
-
-def parsed_slot_patterns(spec: PipelineSpec, day: str) -> list[str]:
-    """Every lake directory that parsed_events[day] owns: Parquet per type, and its quarantine."""
-    return [f"{spec.parsed_prefix}/type=*/day={day}", f"quarantine/{spec.name}/day={day}"]
-
-
-def manifest_name(day: str) -> str:
-    return f"manifest/day={day}.json"
-
-
-def whole_day_marker(day: str) -> str:
-    """Written by a redrive that delivered the whole day without failure: from then on its check
-    reconciles the whole day, so a later dry or partial run cannot hide a loss."""
-    return f"whole/day={day}.json"
-
-
-def shrunk_types(before: dict[str, int], after: dict[str, int], tolerance: float) -> list[str]:
-    """`type: before -> after` for each type with fewer events after than before (beyond tolerance)."""
-    return [
-        f"{t}: {n} -> {after.get(t, 0)}" for t, n in sorted(before.items()) if after.get(t, 0) < n * (1 - tolerance)
-    ]
-
-
-def unconsented_shrink(stats: dict, tolerance: float) -> bool:
-    """Whether a version shrank against its baseline without the run's consent (its shrink check failed)."""
-    previous = stats.get("previous")
-    return (
-        bool(previous)
-        and not stats.get("allow_shrink")
-        and bool(shrunk_types(previous["rows_by_type"], stats.get("rows_by_type", {}), tolerance))
-    )
 
 
 ERRORED_PREFIX = "the check raised "  # how a day's verdict says its check could not conclude
@@ -143,3 +105,11 @@ def _latest_materialization(context, asset: dg.AssetKey, day: str):
     return AssetCheckEvaluationTargetMaterializationData(
         storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp
     )
+
+
+def verified_day(lake, spec: PipelineSpec, day: str) -> list[str]:
+    """`verified_parquet`, its refusal raised as a Dagster Failure: the run shows the reason, not a traceback."""
+    try:
+        return verified_parquet(lake, spec, day)
+    except DayNotReady as exc:
+        raise dg.Failure(str(exc)) from exc

@@ -11,7 +11,7 @@ from assets.parsed import build_parsed_events
 from assets.projections import build_projections
 from assets.raw import build_raw_events
 from assets.redrive import build_redrive
-from replay_defs.spec import PipelineSpec
+from replay_defs.pipeline.spec import PipelineSpec
 
 
 @dataclass(frozen=True)

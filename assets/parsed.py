@@ -9,22 +9,15 @@ import dagster as dg
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.common import (
-    PARSED,
-    RAW,
-    asset_key,
-    manifest_name,
-    owner,
-    parsed_slot_patterns,
-    pipeline_pool,
-    unconsented_shrink,
-)
+from assets.common import asset_key, pipeline_pool
 from assets.raw import build_manifest, day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions, event_time_mapping
-from replay_defs.lake import Lake
-from replay_defs.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day, worker_pool
-from replay_defs.spec import PipelineSpec
-from replay_defs.table_source import Selection, parse_table_day
+from replay_defs.clickhouse_table.parsing import Selection, parse_table_day
+from replay_defs.core.lake import Lake
+from replay_defs.core.naming import PARSED, RAW, manifest_name, owner, parsed_slot_patterns
+from replay_defs.jsonl_files.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day, worker_pool
+from replay_defs.pipeline.shrink import unconsented_shrink
+from replay_defs.pipeline.spec import PipelineSpec
 from resources import ClickHouseResource, LakeResource
 
 ALLOW_SHRINK = Field(

@@ -3,7 +3,7 @@
 selects them, and the `projection_replay_cleanup_markers` job for markers left by a crash.
 
 A run over a range of days (a UI backfill runs as one run: `BackfillPolicy.single_run()`; the CLI
-passes the range as tags) replays the days in order with `replay_defs.projection_replay.replay_day`.
+passes the range as tags) replays the days in order with `replay_defs.projection_replay.engine.replay_day`.
 Every day's counts go into the materialization's metadata for that day, and the blocking check
 `matches_from_scratch_fold` fails the run when a day's rows differ from the SQL fold of event_log.
 """
@@ -14,8 +14,8 @@ from datetime import date, datetime, timezone
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.projection_replay import PROJECTIONS, Projection, ReplayLog, ReplayOptions, replay_day
-from replay_defs.projection_stores import open_store
+from replay_defs.projection_replay.engine import PROJECTIONS, Projection, ReplayLog, ReplayOptions, replay_day
+from replay_defs.projection_replay.stores import open_store
 from resources import ClickHouseResource, ProjectionReplayResource
 
 GROUP = "projection_replay"

@@ -2,32 +2,11 @@
 
 import dagster as dg
 
-from assets.common import PARSED, PROJECTIONS, asset_key, owner
+from assets.common import asset_key, verified_day
 from partitions import daily_partitions
-from replay_defs.lake import Lake
-from replay_defs.spec import PipelineSpec
+from replay_defs.core.naming import PARSED, PROJECTIONS
+from replay_defs.pipeline.spec import PipelineSpec
 from resources import LakeResource, StoreResource
-
-
-def committed_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
-    """The parsed day's Parquet files (lake-relative) as committed: a snapshot, never a glob."""
-    state = lake.state(owner(spec, PARSED), day)
-    if state is None:
-        raise dg.Failure(f"parsed_events[{day}] is not materialized: materialize {spec.name}/parsed_events first")
-    return [f for f in state.files if f.startswith(spec.parsed_prefix + "/")]
-
-
-def verified_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
-    """`committed_parquet`, after checking each file still holds the committed bytes (its hash):
-    what a step that builds on the day (projections, redrive) may read."""
-    committed = committed_parquet(lake, spec, day)
-    damaged = lake.damaged_files(owner(spec, PARSED), day, committed)
-    if damaged:
-        raise dg.Failure(
-            f"parsed_events[{day}]: {len(damaged)} committed file(s) no longer hold the committed bytes, refusing to read "
-            f"them ({'; '.join(damaged[:5])}). Re-materialize {spec.name}/parsed_events for the day, or roll it back."
-        )
-    return committed
 
 
 def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
@@ -52,7 +31,7 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
-            files = [str(the_lake.path(f)) for f in verified_parquet(the_lake, spec, day)]
+            files = [str(the_lake.path(f)) for f in verified_day(the_lake, spec, day)]
             md = {}
             for p in spec.projections:
                 rows = the_store.fold(spec.name, p, spec.schema, day, files)

@@ -9,12 +9,13 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
-from assets.common import RAW, asset_key, manifest_name, owner
+from assets.common import asset_key
 from partitions import daily_partitions
-from replay_defs.lake import file_sha256
-from replay_defs.parsing import count_lines
-from replay_defs.spec import PipelineSpec
-from replay_defs.table_source import KeysetReader, Selection
+from replay_defs.clickhouse_table.parsing import KeysetReader, Selection
+from replay_defs.core.lake import file_sha256
+from replay_defs.core.naming import RAW, manifest_name, owner
+from replay_defs.jsonl_files.parsing import count_lines
+from replay_defs.pipeline.spec import PipelineSpec
 from resources import ClickHouseResource, LakeResource
 
 

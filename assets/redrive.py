@@ -5,11 +5,11 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from assets.common import PARSED, RAW, REDRIVE, asset_key, manifest_name, owner, sink_pool, whole_day_marker
-from assets.projections import verified_parquet
+from assets.common import asset_key, sink_pool, verified_day
 from partitions import daily_partitions
-from replay_defs import redrive as rd
-from replay_defs.spec import PipelineSpec
+from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner, whole_day_marker
+from replay_defs.pipeline import delivery as rd
+from replay_defs.pipeline.spec import PipelineSpec
 
 
 class DeliveryConfig(dg.Config):
@@ -88,7 +88,7 @@ def redrive_day(
     context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]
 ) -> None:
     def batches():
-        parsed_files = verified_parquet(the_lake, spec, day)
+        parsed_files = verified_day(the_lake, spec, day)
         if spec.redrive.unit == "event":
             return rd.event_batches(
                 the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size

@@ -15,13 +15,14 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from assets.checks import build_deliveries_check
-from assets.common import REDRIVE, DayVerdict, asset_key, check_each_day, owner, pipeline_pool, sink_pool
+from assets.common import DayVerdict, asset_key, check_each_day, pipeline_pool, sink_pool
 from assets.factory import PipelineDefs
 from assets.redrive import DeliveryConfig, deliver_day, make_sink
 from partitions import daily_partitions
-from replay_defs.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
-from replay_defs.lake import Lake
-from replay_defs.spec import RefillSpec
+from replay_defs.core.lake import Lake
+from replay_defs.core.naming import REDRIVE, owner
+from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
+from replay_defs.pipeline.spec import RefillSpec
 from resources import LakeResource
 
 EVENT_KEYS = "event_keys"

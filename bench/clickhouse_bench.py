@@ -37,10 +37,10 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
-from replay_defs.clickhouse import ClickHouse  # noqa: E402
-from replay_defs.demo import generate_billing  # noqa: E402
+from replay_defs.clickhouse_table.demo import generate_billing  # noqa: E402
+from replay_defs.clickhouse_table.parsing import KeysetReader, Selection, Transformer, parse_table_day  # noqa: E402
+from replay_defs.core.clickhouse import ClickHouse  # noqa: E402
 from replay_defs.pipelines import BILLING  # noqa: E402
-from replay_defs.table_source import KeysetReader, Selection, Transformer, parse_table_day  # noqa: E402
 
 DAY = "2024-03-04"
 

@@ -36,7 +36,7 @@ def data_dir(events: int) -> Path:
 
 
 def ensure_data(events: int) -> Path:
-    from replay_defs.demo import DemoConfig, generate
+    from replay_defs.jsonl_files.demo import DemoConfig, generate
 
     lake = data_dir(events)
     done = lake / "_generated"
@@ -75,8 +75,8 @@ def run_ours(lake: Path, work: Path) -> dict:
     lateness window (`lines_scanned`)."""
     from assets.parsed import file_tasks
     from assets.raw import build_manifest
-    from replay_defs.lake import Lake
-    from replay_defs.parsing import ParseJob, parse_day
+    from replay_defs.core.lake import Lake
+    from replay_defs.jsonl_files.parsing import ParseJob, parse_day
     from replay_defs.pipelines import TELEMETRY
 
     the_lake = Lake(lake)

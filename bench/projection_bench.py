@@ -33,9 +33,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
-from replay_defs.clickhouse import ClickHouse  # noqa: E402
-from replay_defs.live_replay import Coordinator  # noqa: E402
-from replay_defs.projection_replay import (  # noqa: E402
+from replay_defs.core.clickhouse import ClickHouse  # noqa: E402
+from replay_defs.projection_replay.engine import (  # noqa: E402
     PROJECTIONS,
     EventLog,
     ReplayLog,
@@ -44,7 +43,8 @@ from replay_defs.projection_replay import (  # noqa: E402
     generate_event_log,
     replay_day,
 )
-from replay_defs.projection_stores import ClickHouseLatestStore, PostgresIncrementStore  # noqa: E402
+from replay_defs.projection_replay.live import Coordinator  # noqa: E402
+from replay_defs.projection_replay.stores import ClickHouseLatestStore, PostgresIncrementStore  # noqa: E402
 
 TENANT = "bench-tenant"
 START = "2025-06-01"

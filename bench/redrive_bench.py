@@ -36,11 +36,11 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
-from replay_defs import redrive as rd  # noqa: E402
-from replay_defs.lake import Lake  # noqa: E402
-from replay_defs.ledger import open_ledger  # noqa: E402
+from replay_defs.core.lake import Lake  # noqa: E402
+from replay_defs.core.ledger import open_ledger  # noqa: E402
+from replay_defs.pipeline import delivery as rd  # noqa: E402
+from replay_defs.pipeline.store import DuckDBStore  # noqa: E402
 from replay_defs.pipelines import TELEMETRY  # noqa: E402
-from replay_defs.store import DuckDBStore  # noqa: E402
 
 DAY = "2025-11-24"
 PAD = "x" * 200  # events of about 390 bytes of JSON, as in the notes' anchors

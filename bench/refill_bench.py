@@ -54,7 +54,7 @@ def child(method: str, csv_path: str, work: str) -> dict:
     t0 = time.perf_counter()
     out: dict = {}
     if method == "ours":
-        from replay_defs.access_logs import collect_keys, job_batches
+        from replay_defs.ingestion_refill.access_logs import collect_keys, job_batches
 
         found = collect_keys(
             "csv",

@@ -1,5 +1,5 @@
 """Processed-events replay jobs (seed 003): one op each, configured in the launchpad (or by
-`event-replay processed-events ...`). The work is `replay_defs.processed_events`; this module maps
+`event-replay processed-events ...`). The work is `replay_defs.processed_events.engine`; this module maps
 config and run tags onto it and reports counts as metadata and progress in the run log.
 
 Cancelling ("Terminate") a run is the emergency stop: publishing stops between two messages,
@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
-from replay_defs import processed_events as pe
+from replay_defs.processed_events import engine as pe
 from replay_defs.sinks import DEFAULT_MAX_MESSAGE_BYTES
 from resources import PostgresResource, RabbitMQResource
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from replay_defs.spec import PipelineSpec
+from replay_defs.pipeline.spec import PipelineSpec
 
 
 def daily_partitions(spec: PipelineSpec) -> dg.DailyPartitionsDefinition:

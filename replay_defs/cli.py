@@ -16,7 +16,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
-from replay_defs.redact import redact, secrets_masked
+from replay_defs.core.redact import redact, secrets_masked
 
 DEFAULT_HOME = ".dagster_home"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -53,7 +53,7 @@ def ensure_dagster_home() -> Path:
 
 
 def _days(start: str, end: str) -> list[str]:
-    from replay_defs.lake import check_partition
+    from replay_defs.core.lake import check_partition
 
     try:
         a, b = date.fromisoformat(check_partition(start)), date.fromisoformat(check_partition(end))
@@ -111,10 +111,10 @@ def run_job(
 
 def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
     """Per-partition counts, read back from the lake state and the stores."""
-    from assets.common import PARSED, REDRIVE, owner
+    from replay_defs.core.lake import Lake
+    from replay_defs.core.naming import PARSED, REDRIVE, owner
     from replay_defs.definitions import defs
-    from replay_defs.lake import Lake
-    from replay_defs.store import DuckDBStore
+    from replay_defs.pipeline.store import DuckDBStore
 
     spec = _spec(spec_name)
     lake_res, store_res = defs.resources["lake"], defs.resources["store"]
@@ -243,7 +243,7 @@ def verdict_summary(verdicts: list[tuple[str, str]]) -> str:
 
 
 def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) -> None:
-    from replay_defs.demo import read_truth
+    from replay_defs.jsonl_files.demo import read_truth
 
     rows = partition_rows(spec_name, days)
     checks = check_results(spec_name, days)
@@ -272,7 +272,7 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
 
 
 def cmd_generate(args) -> None:
-    from replay_defs.demo import DemoConfig, generate
+    from replay_defs.jsonl_files.demo import DemoConfig, generate
 
     t0 = time.time()
     generate(
@@ -300,7 +300,7 @@ def cmd_demo(args) -> None:
         print(
             f"1. generating {args.days} days of demo telemetry ({args.events_per_day:,} events/day) into {lake_root}/ ..."
         )
-        from replay_defs.demo import DemoConfig, generate
+        from replay_defs.jsonl_files.demo import DemoConfig, generate
 
         generate(lake_root, DemoConfig(start=start, days=args.days, events_per_day=args.events_per_day))
     else:
@@ -351,9 +351,10 @@ def cmd_rollback(args) -> None:
     ensure_dagster_home()
     import dagster as dg
 
-    from assets.common import PARSED, PROJECTIONS, asset_key, owner, parsed_slot_patterns
+    from assets.common import asset_key
+    from replay_defs.core.lake import DamagedVersion, Lake, check_partition
+    from replay_defs.core.naming import PARSED, PROJECTIONS, owner, parsed_slot_patterns
     from replay_defs.definitions import defs
-    from replay_defs.lake import DamagedVersion, Lake, check_partition
 
     spec = _spec(args.pipeline)
     try:
@@ -405,7 +406,8 @@ def cmd_rollback(args) -> None:
 def rollback_target(lake, spec, day: str, current) -> int:
     """The newest kept version older than the live one that did not fail its shrink check when it
     was built (a known-bad version is restored only when named with --to)."""
-    from assets.common import PARSED, owner, unconsented_shrink
+    from replay_defs.core.naming import PARSED, owner
+    from replay_defs.pipeline.shrink import unconsented_shrink
 
     older = [v for v in lake.kept_versions(owner(spec, PARSED), day) if current is None or v < current.version]
     for v in reversed(older):
@@ -658,8 +660,8 @@ def cmd_processed_events(args) -> None:
     ensure_dagster_home()
     import dagster as dg
 
-    from replay_defs import processed_events as pe
     from replay_defs.definitions import defs
+    from replay_defs.processed_events import engine as pe
 
     job_name, op_name = PROCESSED_EVENTS_JOBS[args.pe_cmd]
     run_config = {
@@ -708,9 +710,9 @@ def cmd_processed_events(args) -> None:
 
 def cmd_billing_generate(args) -> None:
     """Demo rows in the configured ClickHouse (chDB at EVENT_REPLAY_CHDB by default)."""
-    from replay_defs.clickhouse import ClickHouse
+    from replay_defs.clickhouse_table.demo import generate_billing
+    from replay_defs.core.clickhouse import ClickHouse
     from replay_defs.definitions import defs
-    from replay_defs.demo import generate_billing
 
     res = defs.resources["clickhouse"]
     with ClickHouse(_resolve(res.url), _resolve(res.data_path), _resolve(res.database)) as ch:
@@ -761,7 +763,7 @@ def _read_url_file(flag: str, path: str) -> str:
 def _projection_env(args) -> None:
     """A `--...-url-file` wins over the environment; set before defs load. Its secrets are
     registered for masking at once."""
-    from replay_defs.redact import register_url
+    from replay_defs.core.redact import register_url
 
     for stem, env, _ in PROJECTION_CONNECTIONS:
         path = getattr(args, f"{stem}_url_file", None)
@@ -772,7 +774,7 @@ def _projection_env(args) -> None:
 def cmd_projections_list(args) -> None:
     import json
 
-    from replay_defs.projection_replay import PROJECTIONS
+    from replay_defs.projection_replay.engine import PROJECTIONS
 
     if args.json:
         print(json.dumps([p.summary() for p in PROJECTIONS.values()], indent=2))
@@ -795,7 +797,7 @@ def cmd_projections_replay(args) -> None:
 
     from assets.projection_replay import projection_key
     from replay_defs.definitions import build_definitions
-    from replay_defs.projection_replay import get_projection
+    from replay_defs.projection_replay.engine import get_projection
 
     defs = build_definitions()  # built now: the connection flags above are in the environment
 
@@ -976,7 +978,7 @@ def cmd_projections_cleanup(args) -> None:
     import dagster as dg
 
     from replay_defs.definitions import build_definitions
-    from replay_defs.projection_replay import get_projection
+    from replay_defs.projection_replay.engine import get_projection
 
     defs = build_definitions()
     try:
@@ -1010,7 +1012,7 @@ def cmd_projections_generate(args) -> None:
     """Demo data: an event_log in the configured ClickHouse (chDB by default)."""
     _projection_env(args)
     from replay_defs.definitions import build_definitions
-    from replay_defs.projection_replay import generate_event_log
+    from replay_defs.projection_replay.engine import generate_event_log
 
     res = build_definitions().resources["clickhouse"]
     t0 = time.time()
@@ -1023,7 +1025,7 @@ def cmd_projections_generate(args) -> None:
 
 
 def _resolved_clickhouse(res):
-    from replay_defs.clickhouse import connect
+    from replay_defs.core.clickhouse import connect
 
     return connect(_resolve(res.url), _resolve(res.data_path), _resolve(res.database))
 

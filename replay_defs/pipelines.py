@@ -1,6 +1,6 @@
 """The pipelines this code location serves, each declared as a spec."""
 
-from replay_defs.spec import (
+from replay_defs.pipeline.spec import (
     ClickHouseSource,
     EventSchema,
     Field,

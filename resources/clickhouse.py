@@ -5,8 +5,8 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from replay_defs.clickhouse import ClickHouse
-from replay_defs.redact import register_url
+from replay_defs.core.clickhouse import ClickHouse
+from replay_defs.core.redact import register_url
 from resources.deployment import CHDB, deployed_path
 
 

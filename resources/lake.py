@@ -1,7 +1,7 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.lake import Lake
+from replay_defs.core.lake import Lake
 from resources.deployment import LAKE, deployed_path
 
 

@@ -4,9 +4,9 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.ledger import open_ledger
-from replay_defs.redact import register_url
-from replay_defs.store import DuckDBStore
+from replay_defs.core.ledger import open_ledger
+from replay_defs.core.redact import register_url
+from replay_defs.pipeline.store import DuckDBStore
 from resources.deployment import DUCKDB, deployed_path
 
 

@@ -3,8 +3,8 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.live_replay import DEFAULT_PREFIX, Coordinator
-from replay_defs.redact import register_url
+from replay_defs.core.redact import register_url
+from replay_defs.projection_replay.live import DEFAULT_PREFIX, Coordinator
 from resources.deployment import PROJECTION_LOGS, deployed_path
 
 

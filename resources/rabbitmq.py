@@ -1,7 +1,7 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.redact import register_url
+from replay_defs.core.redact import register_url
 from replay_defs.sinks import DEFAULT_MAX_MESSAGE_BYTES, RabbitExchange
 
 

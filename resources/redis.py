@@ -1,9 +1,9 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.redact import register_url
+from replay_defs.core.redact import register_url
+from replay_defs.pipeline.spec import RedisSink
 from replay_defs.sinks import RedisTarget
-from replay_defs.spec import RedisSink
 
 
 class RedisResource(dg.ConfigurableResource):

@@ -1,7 +1,7 @@
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.store import DuckDBStore
+from replay_defs.pipeline.store import DuckDBStore
 from resources.deployment import DUCKDB, deployed_path
 
 

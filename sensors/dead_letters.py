@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from partitions import daily_partitions
-from replay_defs import connect
-from replay_defs.redact import secrets_masked
-from replay_defs.spec import DeadLetters, PipelineSpec
+from replay_defs.core import connect
+from replay_defs.core.redact import secrets_masked
+from replay_defs.pipeline.spec import DeadLetters, PipelineSpec
 from sensors.launch import backfill_request, days_being_backfilled
 
 # The resource each kind of source is read through.

@@ -12,7 +12,7 @@ import json
 import dagster as dg
 
 from assets.checks import committed_days, raw_files_current
-from replay_defs.spec import PipelineSpec
+from replay_defs.pipeline.spec import PipelineSpec
 from resources import LakeResource
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"

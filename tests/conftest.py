@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 import services
 
-from replay_defs.demo import DemoConfig, generate
+from replay_defs.jsonl_files.demo import DemoConfig, generate
 
 warnings.filterwarnings("ignore", module="dagster")
 
@@ -104,7 +104,7 @@ def ch_database(request, chdb_path) -> str:
     """A fresh database for one test, named after it."""
     import re
 
-    from replay_defs.clickhouse import ClickHouse, quote_ident
+    from replay_defs.core.clickhouse import ClickHouse, quote_ident
 
     name = "t_" + re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:50]
     with ClickHouse(data_path=chdb_path) as ch:

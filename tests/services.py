@@ -426,7 +426,7 @@ def scratch_database(server_dsn: str) -> Iterator[str]:
 
 
 class MutationProxy:
-    """Stands in for a module (os, shutil) as seen by `replay_defs.lake`: the named functions
+    """Stands in for a module (os, shutil) as seen by `replay_defs.core.lake`: the named functions
     call `on_call(name, args)` first (which may log, raise or kill: fault injection), then run."""
 
     def __init__(self, module, names, on_call):

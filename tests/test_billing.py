@@ -17,10 +17,10 @@ import pytest
 from conftest import RANGE_TAGS, check_verdicts
 from services import Tansu
 
-from replay_defs.clickhouse import ClickHouse
+from replay_defs.clickhouse_table.parsing import KeysetReader, Selection
+from replay_defs.core.clickhouse import ClickHouse
+from replay_defs.pipeline.spec import KafkaSink
 from replay_defs.pipelines import BILLING, BILLING_RAW_EVENTS_DDL
-from replay_defs.spec import KafkaSink
-from replay_defs.table_source import KeysetReader, Selection
 
 DAY1, DAY2 = "2024-03-04", "2024-03-05"
 NAME = BILLING.name
@@ -384,8 +384,8 @@ def _verify(spec, instance, day) -> dict[str, tuple[bool, str]]:
 
 def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_lost_ledger_row(billing):
     """The faults that apply to a table source, each injected into a clean materialized day."""
-    from replay_defs.lake import Lake
-    from replay_defs.store import DuckDBStore
+    from replay_defs.core.lake import Lake
+    from replay_defs.pipeline.store import DuckDBStore
 
     spec, lake = billing["spec"], Lake(billing["lake"])
     raw = {"tenant": "acme", "environment": "prod"}
@@ -454,7 +454,7 @@ def build_and_run_with_consent(spec, instance, raw):
 
 
 def test_a_payload_nested_too_deep_is_a_transformation_error_not_a_crash():
-    from replay_defs.table_source import Transformer
+    from replay_defs.clickhouse_table.parsing import Transformer
 
     deep = '{"id": "req-9", "orgId": "o", "x": ' + "[" * 1000 + "]" * 1000 + "}"
     events, quarantined, dropped, errors = Transformer(BILLING).run(

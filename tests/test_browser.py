@@ -6,7 +6,7 @@ from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, run_range
 from playwright.sync_api import expect, sync_playwright
 from services import dagster_dev
 
-from replay_defs.lake import Lake
+from replay_defs.core.lake import Lake
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts/browser"
 DAY = "2025-11-25"
@@ -43,10 +43,9 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         # The telemetry group's lineage (the global one shows every group collapsed).
+        # The UI's first-visit newsletter prompt may open at any moment: dismiss it whenever it blocks an action.
+        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
         page.goto(f"{base}/locations/event-replay/asset-groups/telemetry", wait_until="networkidle", timeout=90_000)
-        skip = page.get_by_role("button", name="Skip")  # the UI's first-visit newsletter prompt
-        if skip.count():
-            skip.first.click()
         for name in ("raw_events", "parsed_events", "projections", "redrive"):
             expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "asset-graph.png"), full_page=True)

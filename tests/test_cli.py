@@ -16,9 +16,9 @@ import dagster as dg
 import duckdb
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, run_day, run_range
 
-from replay_defs.demo import TYPES, DemoConfig, generate, read_truth
-from replay_defs.lake import Lake
-from replay_defs.store import DuckDBStore
+from replay_defs.core.lake import Lake
+from replay_defs.jsonl_files.demo import TYPES, DemoConfig, generate, read_truth
+from replay_defs.pipeline.store import DuckDBStore
 
 BIN = Path(sys.executable).parent
 PARSED_OWNER = "telemetry/parsed_events"

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from replay_defs.clickhouse import ClickHouseError
+from replay_defs.core.clickhouse import ClickHouseError
 from resources import ClickHouseResource
 
 DDL = """CREATE TABLE events (tenant String, ts DateTime64(3, 'UTC'), id String, n Int64, version UInt64)

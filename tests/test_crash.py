@@ -12,7 +12,7 @@ Kill points:
   right after the state is committed (checks and projections are running);
 - at fixed fractions (0.4, 0.7) of a clean run's wall time;
 - deterministically inside the publish: the child runs the same CLI through a small wrapper that
-  counts `replay_defs.lake`'s filesystem mutations (rename/replace/remove/rmdir/rmtree) and
+  counts `replay_defs.core.lake`'s filesystem mutations (rename/replace/remove/rmdir/rmtree) and
   SIGKILLs its own process group before the k-th one (fault injection, nothing else is changed);
 - twice: once after the journal is written and again while the re-run is recovering it.
 In-process, a raise from the lake's `os.rename` (and the other mutations) at every publish step
@@ -50,12 +50,12 @@ CLI_ARGS = ["asset", "materialize", "-m", "replay_defs.definitions", "--select",
 RUN_TIMEOUT = 120
 CHECKS = ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for", "totals_match_parsed")
 
-# The same CLI (dagster._cli.main), with `replay_defs.lake`'s view of os/shutil replaced by a
+# The same CLI (dagster._cli.main), with `replay_defs.core.lake`'s view of os/shutil replaced by a
 # proxy that logs every mutation and SIGKILLs the whole process group before step KILL_AT.
 KILL_WRAPPER = r"""
 import os, shutil, signal, sys
 
-import replay_defs.lake as lake
+import replay_defs.core.lake as lake
 
 sys.path.insert(0, os.environ["REPLAY_TESTS_DIR"])
 from services import MutationProxy
@@ -278,9 +278,9 @@ def latest_run_verdicts(ws: Workspace) -> tuple[dg.DagsterRunStatus, dict[str, b
 def recheck(ws: Workspace) -> dict[str, tuple[bool, str]]:
     """The checks' own verify functions, re-run against what is on disk now."""
     from assets import checks
-    from replay_defs.lake import Lake
+    from replay_defs.core.lake import Lake
+    from replay_defs.pipeline.store import DuckDBStore
     from replay_defs.pipelines import TELEMETRY
-    from replay_defs.store import DuckDBStore
 
     lake = Lake(ws.lake)
     out = {}
@@ -484,7 +484,7 @@ IN_PROCESS_STEPS = list(PUBLISH_STEPS)  # every step: in-process runs take ~2 s
     "k", IN_PROCESS_STEPS, ids=[f"{k}-{PUBLISH_STEPS[k].replace(' ', '-')}" for k in IN_PROCESS_STEPS]
 )
 def test_raise_at_a_publish_step_in_run_day_then_rerun_equals_clean_run(ws, reference, monkeypatch, k):
-    import replay_defs.lake as lake_mod
+    import replay_defs.core.lake as lake_mod
     from replay_defs.definitions import build_definitions
 
     ws.reset()

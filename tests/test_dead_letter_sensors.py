@@ -11,8 +11,8 @@ import pytest
 import redis
 from services import Moto, Tansu, rabbitmq_port
 
+from replay_defs.pipeline.spec import DeadLetters
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.spec import DeadLetters
 from sensors.dead_letters import day_of, grown
 
 DAYS = ["2025-11-25", "2025-11-26"]

@@ -12,9 +12,9 @@ import pytest
 from conftest import PROJECT_ROOT, check_verdicts
 from services import Moto, RedisServer, bullmq_consume
 
-from replay_defs.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys
+from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys
+from replay_defs.pipeline.spec import RedisSink, Redrive
 from replay_defs.pipelines import INGESTION_REFILL
-from replay_defs.spec import RedisSink, Redrive
 
 DAY, NEXT_DAY = "2025-03-02", "2025-03-03"
 TYPES = ("trace", "observation", "score")

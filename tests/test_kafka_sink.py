@@ -7,8 +7,8 @@ import pytest
 from conftest import check_verdicts
 from services import Tansu
 
+from replay_defs.pipeline.spec import KafkaSink, Redrive
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.spec import KafkaSink, Redrive
 
 TOPIC = "telemetry-redrive"
 KAFKA = dataclasses.replace(

@@ -1,4 +1,4 @@
-"""Unit tests for `replay_defs.lake`: versioned, journaled, atomic replacement of a partition's
+"""Unit tests for `replay_defs.core.lake`: versioned, journaled, atomic replacement of a partition's
 outputs, on real directories under tmp_path.
 
 Crashes are simulated by fault injection: the lake module's view of `os` and `shutil` is replaced
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-import replay_defs.lake as lake_mod
-from replay_defs.lake import Lake, check_partition, check_slot
+import replay_defs.core.lake as lake_mod
+from replay_defs.core.lake import Lake, check_partition, check_slot
 
 OWNER = "telemetry/parsed_events"
 DAY = "2025-11-24"

@@ -6,10 +6,10 @@ import psycopg
 import pytest
 from conftest import check_verdicts, run_day
 
-from replay_defs.ledger import DuckDBLedger, PostgresLedger, open_ledger
+from replay_defs.core.ledger import DuckDBLedger, PostgresLedger, open_ledger
+from replay_defs.pipeline.spec import OutboxSink, Redrive
+from replay_defs.pipeline.store import DuckDBStore
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.spec import OutboxSink, Redrive
-from replay_defs.store import DuckDBStore
 
 DAY = "2025-11-25"
 EVENTS = dataclasses.replace(TELEMETRY, redrive=Redrive(unit="event", sink=OutboxSink()))

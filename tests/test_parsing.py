@@ -1,4 +1,4 @@
-"""Tests of the parse path (`replay_defs/parsing.py`) on real raw files built in tmp_path.
+"""Tests of the parse path (`replay_defs/jsonl_files/parsing.py`) on real raw files built in tmp_path.
 
 Files are written with the TELEMETRY schema; every test parses real bytes (plain JSONL or gzip)
 through `parse_file` / `parse_day` and checks the Parquet they write, not internals.
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from isal import igzip
 
-from replay_defs.parsing import (
+from replay_defs.jsonl_files.parsing import (
     READ_CHUNK,
     SAMPLE_BYTES,
     FileResult,

@@ -10,11 +10,11 @@ import duckdb
 import pytest
 from conftest import DEMO_DAYS, check_verdicts, run_day, run_range
 
-from replay_defs.demo import TYPES, read_truth
-from replay_defs.lake import Lake
+from replay_defs.core.lake import Lake
+from replay_defs.jsonl_files.demo import TYPES, read_truth
+from replay_defs.pipeline.store import DuckDBStore
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks import Outbox
-from replay_defs.store import DuckDBStore
 
 PARSED_OWNER = "telemetry/parsed_events"
 ASSETS = ("raw_events", "parsed_events", "projections", "redrive")

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 from services import TcpProxy, dagster_dev, graphql, rabbitmq_port
 
-from replay_defs import processed_events as pe
+from replay_defs.processed_events import engine as pe
 
 
 def now() -> datetime:

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from conftest import RANGE_TAGS
 
-from replay_defs.live_replay import Coordinator, LiveEvent, LiveProjector
-from replay_defs.projection_replay import EVENT_LOG, EVENT_LOG_DDL, PROJECTIONS
-from replay_defs.projection_stores import open_store
+from replay_defs.projection_replay.engine import EVENT_LOG, EVENT_LOG_DDL, PROJECTIONS
+from replay_defs.projection_replay.live import Coordinator, LiveEvent, LiveProjector
+from replay_defs.projection_replay.stores import open_store
 
 DAYS = ["2025-06-01", "2025-06-02", "2025-06-03"]
 TYPES = ("run.started", "run.step", "run.finished")

@@ -10,8 +10,8 @@ import pika
 import pytest
 from services import TcpProxy, rabbitmq_port
 
+from replay_defs.pipeline.spec import RabbitSink, Redrive
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.spec import RabbitSink, Redrive
 
 DAY = "2025-11-25"
 

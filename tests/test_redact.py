@@ -1,6 +1,6 @@
 from urllib.parse import quote
 
-from replay_defs.redact import redact, register_url
+from replay_defs.core.redact import redact, register_url
 
 
 def test_passwords_in_urls_are_masked_and_the_rest_kept():

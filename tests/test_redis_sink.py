@@ -13,9 +13,9 @@ import redis
 from conftest import check_verdicts
 from services import RedisServer, bullmq_consume
 
+from replay_defs.pipeline.spec import RedisSink, Redrive
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks import Batch, RedisTarget
-from replay_defs.spec import RedisSink, Redrive
 
 DAY = "2025-11-25"
 
@@ -193,7 +193,7 @@ def test_cli_redrive_to_bullmq_with_dry_run_then_for_real(env, redis_url, queue,
         "import dataclasses\n"
         "from replay_defs.definitions import build_definitions\n"
         "from replay_defs.pipelines import TELEMETRY\n"
-        "from replay_defs.spec import RedisSink, Redrive\n"
+        "from replay_defs.pipeline.spec import RedisSink, Redrive\n"
         f"SPEC = dataclasses.replace(TELEMETRY, name='telemetry_redis', parsed_prefix='telemetry_redis_flat', "
         f"redrive=Redrive(unit='event', sink=RedisSink({queue!r})))\n"
         "defs = build_definitions([SPEC])\n"

@@ -15,9 +15,9 @@ import pytest
 from psycopg import sql
 from services import RedisServer, rabbitmq_port
 
-from replay_defs import connect
-from replay_defs import processed_events as pe
-from replay_defs.redact import redact
+from replay_defs.core import connect
+from replay_defs.core.redact import redact
+from replay_defs.processed_events import engine as pe
 from replay_defs.sinks import Batch, RedisTarget
 
 
@@ -159,7 +159,7 @@ def test_cli_reads_urls_from_files_and_refuses_them_as_arguments(clickhouse_http
     url_file = tmp_path / "clickhouse.url"
     url_file.write_text(clickhouse_http.url(with_password=False).replace("@", f":{quote(pw, safe='')}@") + "\n")
     monkeypatch.setenv("CLICKHOUSE_URL", "")  # restored after the test: the CLI sets it from the file
-    from replay_defs.clickhouse import ClickHouseError
+    from replay_defs.core.clickhouse import ClickHouseError
 
     with pytest.raises(ClickHouseError) as refused_login:  # a wrong password: the server refuses it
         run_cli(

@@ -8,9 +8,9 @@ import time
 import pytest
 from services import Moto
 
+from replay_defs.pipeline.spec import Redrive, SqsSink
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks import Batch, SqsQueue
-from replay_defs.spec import Redrive, SqsSink
 
 DAY = "2025-11-25"
 

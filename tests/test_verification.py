@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS
 
-from replay_defs.lake import Lake
-from replay_defs.store import DuckDBStore
+from replay_defs.core.lake import Lake
+from replay_defs.pipeline.store import DuckDBStore
 
 DAY = "2025-11-25"
 PARSED_OWNER = "telemetry/parsed_events"

@@ -1,11 +1,11 @@
 """Every connection to PostgreSQL, RabbitMQ and Redis is opened here: the URL's secrets are
 registered for masking (`redact.register_url`) first, and a failed connect leaves with them masked
 (same exception type, so callers catch what they caught before). ClickHouse goes through
-`replay_defs.clickhouse.ClickHouse`, which does the same."""
+`replay_defs.core.clickhouse.ClickHouse`, which does the same."""
 
 from __future__ import annotations
 
-from replay_defs.redact import mask_logs, register_url, secrets_masked
+from replay_defs.core.redact import mask_logs, register_url, secrets_masked
 
 
 def postgres(url: str, **kwargs):

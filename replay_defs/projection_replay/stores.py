@@ -22,8 +22,9 @@ from datetime import date, datetime, timedelta, timezone
 
 import pyarrow as pa
 
-from replay_defs import connect
-from replay_defs.projection_replay import (
+from replay_defs.core import connect
+from replay_defs.core.redact import redact
+from replay_defs.projection_replay.engine import (
     DAY_MS,
     EPOCH,
     EVENT_LOG,
@@ -34,7 +35,6 @@ from replay_defs.projection_replay import (
     day_window,
     to_ms,
 )
-from replay_defs.redact import redact
 
 PROGRESS = "projection_replay_progress"
 _PROGRESS_FIELDS = ("replay_id", "status", "cutoff", "discovery_cutoff", "last_aggregate", "aggregates", "events")
@@ -69,7 +69,7 @@ class ClickHouseLatestStore:
     PROGRESS_EVERY_S = 2.0
 
     def __init__(self, ch):
-        self.ch = ch  # a replay_defs.clickhouse.ClickHouse (the same database as event_log)
+        self.ch = ch  # a replay_defs.core.clickhouse.ClickHouse (the same database as event_log)
         self._saved_at = time.monotonic()
 
     def close(self) -> None:
@@ -380,7 +380,7 @@ def open_store(projection: Projection, clickhouse=None, postgres_url: str | None
 
 
 def live_event(tenant: str, aggregate_id: str, event_id: str, time: datetime | int, type: str, payload: str):
-    from replay_defs.live_replay import LiveEvent
+    from replay_defs.projection_replay.live import LiveEvent
 
     ms = time if isinstance(time, int) else to_ms(time.astimezone(timezone.utc))
     return LiveEvent(tenant, aggregate_id, event_id, ms, type, payload)

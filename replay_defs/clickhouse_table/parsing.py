@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from replay_defs.clickhouse import ClickHouse, quote_ident
-from replay_defs.parsing import QUARANTINE_SCHEMA, event_arrow_schema
-from replay_defs.redrive import read_ahead
-from replay_defs.spec import SAFE_TYPE_VALUE, ClickHouseSource, PipelineSpec
+from replay_defs.core.clickhouse import ClickHouse, quote_ident
+from replay_defs.core.pacing import read_ahead
+from replay_defs.jsonl_files.parsing import QUARANTINE_SCHEMA, event_arrow_schema
+from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, ClickHouseSource, PipelineSpec
 
 # Reasons a row could not be transformed (the mapping's rules name the drops).
 ERROR_REASONS = ("malformed_json", "not_an_object", "wrong_type", "missing_field", "unsafe_type")

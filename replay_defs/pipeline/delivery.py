@@ -2,7 +2,7 @@
 
 Selection modes follow seed 004: the whole day (`day`, optionally one event type), one raw file
 (`file`), every raw file under a prefix (`prefix`), or one parsed Parquet file (`parquet`).
-Messages flow as `Batch`es; the idempotency ledger (`replay_defs.ledger`) makes a re-run skip what
+Messages flow as `Batch`es; the idempotency ledger (`replay_defs.core.ledger`) makes a re-run skip what
 a sink already has, unless `force` is set.
 """
 
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from replay_defs.lake import Lake, check_partition
-from replay_defs.ledger import Ledger
+from replay_defs.core.duckdb_file import ident
+from replay_defs.core.lake import Lake, check_partition
+from replay_defs.core.ledger import Ledger
+from replay_defs.core.pacing import read_ahead
+from replay_defs.pipeline.spec import PipelineSpec
 from replay_defs.sinks import Batch, Sink
-from replay_defs.spec import PipelineSpec
-from replay_defs.store import ident
 
 
 @dataclass
@@ -321,19 +322,6 @@ def _first(batches: Iterable[Batch], limit: int | None) -> Iterator[Batch]:
             batch = batch.slice(0, left)
             left -= len(batch)
         yield batch
-
-
-_END = object()
-
-
-def read_ahead(items: Iterator):
-    """Yields `items`, computing the next one on a thread while the caller works on this one
-    (reading Parquet and looking up the ledger mostly run outside the GIL)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        upcoming = pool.submit(next, items, _END)
-        while (item := upcoming.result()) is not _END:
-            upcoming = pool.submit(next, items, _END)
-            yield item
 
 
 class LedgerWriter:

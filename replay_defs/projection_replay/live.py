@@ -110,7 +110,7 @@ return n
 
 
 def _redis(url: str):
-    from replay_defs import connect
+    from replay_defs.core import connect
 
     return connect.redis(url, socket_timeout=30, socket_connect_timeout=10, decode_responses=True)
 

@@ -1,39 +1,15 @@
-"""The embedded store: DuckDB for projections and the redrive ledger.
-
-A DuckDB file admits one writing process at a time, and Dagster may run steps in parallel
-processes, so every connection is taken under a file lock and kept only for one unit of work.
-"""
+"""The projection store of the day pipelines: folds of a day's committed Parquet into DuckDB tables."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import duckdb
-from filelock import FileLock
 
-from replay_defs.spec import EventSchema, Projection
-
-
-def ident(*names: str) -> str:
-    """Quote identifiers that were validated against SAFE_NAME when the spec was built."""
-    return ".".join('"' + n.replace('"', '""') + '"' for n in names)
+from replay_defs.core.duckdb_file import DuckDBFile, ident
+from replay_defs.pipeline.spec import EventSchema, Projection
 
 
-class DuckDBStore:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path) + ".lock", is_singleton=True):
-            con = duckdb.connect(str(self.path))
-            try:
-                yield con
-            finally:
-                con.close()
+class DuckDBStore(DuckDBFile):
+    """The projections of the day pipelines, folded into the DuckDB file."""
 
     # ---- projections -----------------------------------------------------------------------
     def fold(self, pipeline: str, p: Projection, schema: EventSchema, day: str, files: list[str]) -> int:
@@ -288,7 +264,3 @@ class DuckDBStore:
                 f"SELECT coalesce(sum({ident(p.count_column)}), 0)::BIGINT FROM {table} WHERE day = $day::DATE",
                 {"day": day},
             ).fetchone()[0]
-
-    def query(self, sql: str, params: dict | None = None) -> list[tuple]:
-        with self.connect() as con:
-            return con.execute(sql, params or {}).fetchall()

@@ -370,7 +370,7 @@ class DeadLetters:
 class RefillSpec:
     """A refill from S3 access logs (seed 000): the keys of one-object-per-event uploads
     (`projectId/type/eventBodyId/eventId.json`) written on a day are re-enqueued as ingestion
-    jobs (`replay_defs/access_logs.py`). Assets: `<name>/event_keys` (validated, de-duplicated
+    jobs (`replay_defs/ingestion_refill/access_logs.py`). Assets: `<name>/event_keys` (validated, de-duplicated
     keys as Parquet) and `<name>/redrive` (one job per key into `redrive.sink`)."""
 
     name: str

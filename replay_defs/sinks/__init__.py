@@ -23,9 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from replay_defs import connect
-from replay_defs.lake import check_partition
-from replay_defs.redact import redact
+from replay_defs.core import connect
+from replay_defs.core.lake import check_partition
+from replay_defs.core.redact import redact
 
 
 @dataclass

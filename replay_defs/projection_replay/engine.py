@@ -9,10 +9,10 @@ One place for the concept:
 - `EventLog`: the `event_log` table; discovery of aggregates, counts, the cutoff, and keyset reads
   (`WHERE (aggregate_id, event_id) > (last) ORDER BY aggregate_id, event_id LIMIT n`), so memory is
   bounded by the page. Every value is a `{name:Type}` parameter.
-- stores (`replay_defs/projection_stores.py`): ClickHouse latest-row-wins (ReplacingMergeTree by
+- stores (`replay_defs/projection_replay/stores.py`): ClickHouse latest-row-wins (ReplacingMergeTree by
   version) and a Postgres increment store; both keep the replay's progress.
 - `replay_day`: one day partition of one projection for one tenant, under the live-traffic
-  protocol of `replay_defs/live_replay.py`, resumable, logged as JSONL, verified before unmarking.
+  protocol of `replay_defs/projection_replay/live.py`, resumable, logged as JSONL, verified before unmarking.
 
 Partitions are days of event time. A projection's `scope` says what a day's replay rewrites:
 - `day` (increment stores, keys hold the event's day): the rows of (tenant, day) are deleted first,
@@ -38,7 +38,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from replay_defs.spec import SAFE_NAME
+from replay_defs.pipeline.spec import SAFE_NAME
 
 EVENT_LOG = "event_log"
 DAY_MS = 86_400_000
@@ -225,7 +225,7 @@ _SELECT = "SELECT aggregate_id, event_id, toUnixTimestamp64Milli(time) AS time_m
 
 
 class EventLog:
-    """Reads of `event_log` for one tenant. `ch` is a `replay_defs.clickhouse.ClickHouse`."""
+    """Reads of `event_log` for one tenant. `ch` is a `replay_defs.core.clickhouse.ClickHouse`."""
 
     def __init__(self, ch, tenant: str, table: str = EVENT_LOG):
         if not SAFE_NAME.fullmatch(table):

@@ -50,8 +50,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from replay_defs import connect
-from replay_defs.redact import redact
+from replay_defs.core import connect
+from replay_defs.core.redact import redact
 
 STATUSES = ("pending", "processing", "processed", "error")
 AUDIT_TABLE = "event_replay_audit"

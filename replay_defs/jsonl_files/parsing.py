@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from isal import igzip, isal_zlib
 from isal.isal_zlib import IsalError
 
-from replay_defs.spec import SAFE_TYPE_VALUE, EventSchema
+from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, EventSchema
 
 BATCH_LINES = 20_000
 READ_CHUNK = 8 << 20

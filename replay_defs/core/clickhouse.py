@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from replay_defs.redact import redact, register_url
+from replay_defs.core.redact import redact, register_url
 
 
 class ClickHouseError(RuntimeError):

@@ -19,9 +19,9 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from replay_defs import connect
-from replay_defs.redact import redact
-from replay_defs.store import DuckDBStore
+from replay_defs.core import connect
+from replay_defs.core.duckdb_file import DuckDBFile
+from replay_defs.core.redact import redact
 
 COLUMNS = "pipeline, sink, message_id, day, status, attempts, last_error, run_id, updated_at"
 
@@ -161,7 +161,7 @@ class PostgresLedger:
 
 
 @contextmanager
-def open_ledger(postgres_url: str | None, store: DuckDBStore | None) -> Iterator[Ledger]:
+def open_ledger(postgres_url: str | None, store: DuckDBFile | None) -> Iterator[Ledger]:
     """The Postgres ledger when a URL is given, else the DuckDB one in the store. One connection
     for the whole unit of work (the DuckDB store's file lock is held meanwhile)."""
     if postgres_url:

@@ -1,0 +1,32 @@
+"""Names of a day pipeline's outputs: its assets, and where their bookkeeping and files live in the lake.
+
+One place for these rules, so the assets, the checks, the CLI and the definitions agree on them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replay_defs.pipeline.spec import PipelineSpec
+
+RAW, PARSED, PROJECTIONS, REDRIVE = "raw_events", "parsed_events", "projections", "redrive"
+
+
+def owner(spec: PipelineSpec, name: str) -> str:
+    """The lake's bookkeeping namespace for one asset of a pipeline."""
+    return f"{spec.name}/{name}"
+
+
+def parsed_slot_patterns(spec: PipelineSpec, day: str) -> list[str]:
+    """Every lake directory that parsed_events[day] owns: Parquet per type, and its quarantine."""
+    return [f"{spec.parsed_prefix}/type=*/day={day}", f"quarantine/{spec.name}/day={day}"]
+
+
+def manifest_name(day: str) -> str:
+    return f"manifest/day={day}.json"
+
+
+def whole_day_marker(day: str) -> str:
+    """Written by a redrive that delivered the whole day without failure: from then on its check
+    reconciles the whole day, so a later dry or partial run cannot hide a loss."""
+    return f"whole/day={day}.json"

@@ -1,0 +1,52 @@
+"""The layout's rules (docs/architecture.md, "Where things live"), checked on the tree itself."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The engines: they do the work and must run, be tested and benchmarked without Dagster.
+DAGSTER_FREE = [
+    "replay_defs.core",
+    "replay_defs.pipeline.spec",
+    "replay_defs.pipeline.committed",
+    "replay_defs.pipeline.store",
+    "replay_defs.pipeline.shrink",
+    "replay_defs.pipeline.delivery",
+    "replay_defs.jsonl_files.parsing",
+    "replay_defs.jsonl_files.demo",
+    "replay_defs.clickhouse_table.parsing",
+    "replay_defs.clickhouse_table.demo",
+    "replay_defs.ingestion_refill.access_logs",
+    "replay_defs.processed_events.engine",
+    "replay_defs.projection_replay.engine",
+    "replay_defs.projection_replay.stores",
+    "replay_defs.projection_replay.live",
+]
+
+
+def _modules(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        path = ROOT / name.replace(".", "/")
+        if path.is_dir():
+            out += [f"{name}.{p.stem}" for p in sorted(path.glob("*.py")) if p.stem != "__init__"]
+        else:
+            out.append(name)
+    return out
+
+
+def test_the_core_and_the_engines_import_nothing_from_dagster():
+    modules = _modules(DAGSTER_FREE)
+    probe = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "    leaked = sorted(n for n in sys.modules if n.split('.')[0] in "
+        "('dagster', 'dagster_aws', 'assets', 'resources', 'sensors', 'jobs', 'partitions'))\n"
+        "    assert not leaked, f'{m} imports the Dagster layer: {leaked[:5]}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(modules) >= 20  # the probe covered the tree, not an empty list
