@@ -1,4 +1,4 @@
-"""Projection replay benchmark (seed 001): a >= 5M-row `event_log` in chDB, read by keyset pages,
+"""Projection replay benchmark: a >= 5M-row `event_log` in chDB, read by keyset pages,
 folded, and replayed end to end into the stores, against baselines measured in the same run.
 
     ./dev bench projection                     # 5M events, 200k aggregates over 5 days

@@ -1,4 +1,4 @@
-"""Refill benchmark (seed 000): key collection from a large S3 access-log CSV export.
+"""Refill benchmark: key collection from a large S3 access-log CSV export.
 
     ./dev bench refill                 # a 1 GB export (~10M rows), as in issue 5
     ./dev bench refill --size-mb 200 --no-naive

@@ -15,10 +15,10 @@ from replay_defs.pipeline.spec import (
     Rule,
 )
 
-# Seed 004: raw JSONL.gz telemetry by arrival hour -> Parquet by type -> redrive per raw file.
+# Telemetry: raw JSONL.gz telemetry by arrival hour -> Parquet by type -> redrive per raw file.
 TELEMETRY = PipelineSpec(
     name="telemetry",
-    description="Telemetry parser redrive (seed 004): hourly JSONL.gz -> Parquet by type.",
+    description="Telemetry parser redrive: hourly JSONL.gz -> Parquet by type.",
     start_date="2025-11-01",
     source=JsonlSource(prefix="raw/json_telemetry"),
     schema=EventSchema(
@@ -52,11 +52,11 @@ TELEMETRY = PipelineSpec(
     redrive=Redrive(unit="raw_file"),
 )
 
-# Seed 002: ClickHouse raw_events (ReplacingMergeTree) -> the Bento mapping with its named
+# Billing: ClickHouse raw_events (ReplacingMergeTree) -> the Bento mapping with its named
 # validation rules -> Kafka, filtered by tenant / environment / customer / event name / time.
 BILLING = PipelineSpec(
     name="billing_reprocessing",
-    description="Billing raw events reprocessing (seed 002): ClickHouse raw_events -> mapping + validation rules -> Kafka.",
+    description="Billing raw events reprocessing: ClickHouse raw_events -> mapping + validation rules -> Kafka.",
     start_date="2024-01-01",
     source=ClickHouseSource(
         table="raw_events",
@@ -142,11 +142,11 @@ ORDER BY (tenant_id, environment_id, external_customer_id, timestamp, event_name
 
 PIPELINES = (TELEMETRY, BILLING)
 
-# Seed 000: keys of one-object-per-event uploads, from S3 access logs -> BullMQ ingestion jobs,
+# Ingestion refill: keys of one-object-per-event uploads, from S3 access logs -> BullMQ ingestion jobs,
 # in the queue and job shape Langfuse's ingestion workers consume.
 INGESTION_REFILL = RefillSpec(
     name="ingestion_refill",
-    description="Ingestion refill (seed 000): keys from S3 access logs -> one BullMQ job per event object.",
+    description="Ingestion refill: keys from S3 access logs -> one BullMQ job per event object.",
     start_date="2025-01-01",
     known_types=("trace", "observation", "score"),
     redrive=Redrive(unit="event", sink=RedisSink(key="ingestion-queue", mode="bullmq", job_name="ingestion-job")),

@@ -1,4 +1,4 @@
-"""Billing reprocessing (seed 002): ClickHouse raw_events -> mapping with named rules -> Kafka.
+"""Billing reprocessing: ClickHouse raw_events -> mapping with named rules -> Kafka.
 
 Real chDB (the embedded default), the clickhouse-connect path against tests/clickhouse_http.py,
 a real Dagster instance, and a real Kafka-protocol broker (Tansu) read back message by message.

@@ -1,4 +1,4 @@
-"""Ingestion refill (seed 000): keys from access-log CSVs, raw S3 access logs and listings become
+"""Ingestion refill: keys from access-log CSVs, raw S3 access logs and listings become
 BullMQ jobs that a real BullMQ Worker consumes exactly once per distinct key."""
 
 import dataclasses

@@ -515,7 +515,7 @@ def test_redrive_file_prefix_and_parquet_modes(defs, instance, env):
     files = manifest(lake, day)["files"]
     target = files[5]
 
-    # file: exactly that one message, with seed 004's body.
+    # file: exactly that one message, with the telemetry redrive's body.
     one = redrive_only(defs, instance, day, mode="file", uri=target["uri"])
     assert one.success
     md = redrive_md(one, day)

@@ -1,4 +1,4 @@
-"""Processed-events replay (seed 003) against the real PostgreSQL and RabbitMQ: each test has its
+"""Processed-events replay against the real PostgreSQL and RabbitMQ: each test has its
 own `processed_events` table and its own exchange and queue; a worker thread consumes the queue
 and marks events processed as the seed's worker does. The emergency stop is a real `dagster dev`
 run terminated through the webserver's GraphQL API, as the UI's "Terminate" button does."""

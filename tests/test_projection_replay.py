@@ -1,4 +1,4 @@
-"""Projection replay (seed 001) against real Redis, PostgreSQL and chDB (one test over the
+"""Projection replay against real Redis, PostgreSQL and chDB (one test over the
 clickhouse-connect HTTP path): replay twice, dry run, resume after a crash, stuck-marker cleanup,
 and a real live consumer running concurrently with a replay."""
 
