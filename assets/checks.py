@@ -163,13 +163,13 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = 
 
 def table_rows_current(lake: Lake, spec: PipelineSpec, day: str, ch) -> DayVerdict:
     """A table source's selected rows counted by the engine now, against raw_events' count."""
-    from replay_defs.clickhouse_table.parsing import KeysetReader, Selection
+    from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection
 
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if manifest is None:
         return _not_built("raw_events")
     then = manifest["totals"]["lines"]
-    now = KeysetReader(ch, spec.source, day, Selection.from_json(manifest["selection"])).count()
+    now = KeysetReader(ch, spec.source, day, TableSelection.from_json(manifest["selection"])).count()
     return DayVerdict(
         now == then,
         f"out of date, re-materialize the day: the selection holds {now} rows now, {then} when raw_events counted it"

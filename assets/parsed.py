@@ -12,7 +12,7 @@ from pydantic import Field
 from assets.common import asset_key, pipeline_pool
 from assets.raw import build_manifest, day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions, event_time_mapping
-from replay_defs.clickhouse_table.parsing import Selection, parse_table_day
+from replay_defs.clickhouse_table.parsing import TableSelection, parse_table_day
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, manifest_name, owner, parsed_slot_patterns
 from replay_defs.jsonl_files.parsing import QUARANTINE_SCHEMA, FileTask, ParseJob, ParseResult, parse_day, worker_pool
@@ -283,7 +283,7 @@ def materialize_table_day(
         raise dg.Failure(
             f"raw_events[{day}] is not materialized: materialize {spec.name}/raw_events (it holds the selection) first"
         )
-    selection = Selection.from_json(manifest["selection"])
+    selection = TableSelection.from_json(manifest["selection"])
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")

@@ -14,7 +14,7 @@ from datetime import date, datetime, timezone
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.projection_replay.engine import PROJECTIONS, Projection, ReplayLog, ReplayOptions, replay_day
+from replay_defs.projection_replay.engine import PROJECTIONS, EventLogProjection, ReplayLog, ReplayOptions, replay_day
 from replay_defs.projection_replay.stores import open_store
 from resources import ClickHouseResource, ProjectionReplayResource
 
@@ -42,16 +42,13 @@ class ProjectionReplayConfig(dg.Config):
     drain_timeout_s: float = Field(
         default=120.0, description="How long to wait for in-flight live handlers before failing."
     )
-    stop_after_batches: int = Field(
-        default=-1, description="Testing: stop (as a crash would) after this many batches; -1 = never."
-    )
 
 
-def projection_key(p: Projection) -> dg.AssetKey:
+def projection_key(p: EventLogProjection) -> dg.AssetKey:
     return dg.AssetKey([GROUP, p.name])
 
 
-def build_projection_asset(p: Projection) -> dg.AssetsDefinition:
+def build_projection_asset(p: EventLogProjection) -> dg.AssetsDefinition:
     key = projection_key(p)
 
     @dg.asset(
@@ -88,7 +85,6 @@ def build_projection_asset(p: Projection) -> dg.AssetsDefinition:
             concurrency=config.concurrency,
             dry_run=config.dry_run,
             drain_timeout_s=config.drain_timeout_s,
-            stop_after_batches=None if config.stop_after_batches < 0 else config.stop_after_batches,
         )
         path = projection_replay.log_path(f"projection-replay-{p.name}-{context.run.run_id}.jsonl")
         log = ReplayLog(path, echo=context.log.info)

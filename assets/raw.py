@@ -11,7 +11,7 @@ from pydantic import Field
 
 from assets.common import asset_key
 from partitions import daily_partitions
-from replay_defs.clickhouse_table.parsing import KeysetReader, Selection
+from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection
 from replay_defs.core.lake import file_sha256
 from replay_defs.core.naming import RAW, manifest_name, owner
 from replay_defs.jsonl_files.parsing import count_lines
@@ -139,9 +139,11 @@ def selection_config(spec: PipelineSpec) -> type[dg.Config]:
     return pydantic.create_model(f"{spec.name}_selection", __base__=dg.Config, **fields)
 
 
-def table_selection(spec: PipelineSpec, config) -> Selection:
+def table_selection(spec: PipelineSpec, config) -> TableSelection:
     try:
-        return Selection.of(spec.source, {k: getattr(config, k) for k in spec.source.filters}, config.start, config.end)
+        return TableSelection.of(
+            spec.source, {k: getattr(config, k) for k in spec.source.filters}, config.start, config.end
+        )
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
 

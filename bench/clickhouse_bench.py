@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
 from replay_defs.clickhouse_table.demo import generate_billing  # noqa: E402
-from replay_defs.clickhouse_table.parsing import KeysetReader, Selection, Transformer, parse_table_day  # noqa: E402
+from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection, Transformer, parse_table_day  # noqa: E402
 from replay_defs.core.clickhouse import ClickHouse  # noqa: E402
 from replay_defs.pipelines import BILLING  # noqa: E402
 
@@ -71,7 +71,7 @@ def child(method: str, path: str, batch: int) -> dict:
                 "SELECT sum(rows), sum(data_compressed_bytes) FROM system.parts WHERE database = 'bench' AND table = 'raw_events' AND active"
             )[0]
             return {"rows": int(rows), "seconds": secs, "note": f"{size / 2**20:,.0f} MB compressed"}
-        src, sel = BILLING.source, Selection()
+        src, sel = BILLING.source, TableSelection()
         reader = KeysetReader(ch, src, DAY, sel, batch)
         base = rss_mb()
         t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""Processed-events replay jobs (seed 003): one op each, configured in the launchpad (or by
+"""Processed-events replay jobs: one op each, configured in the launchpad (or by
 `event-replay processed-events ...`). The work is `replay_defs.processed_events.engine`; this module maps
 config and run tags onto it and reports counts as metadata and progress in the run log.
 
@@ -167,7 +167,7 @@ def _replay(
     config: _Publishing,
     postgres: PostgresResource,
     rabbitmq: RabbitMQResource,
-    selection: pe.Selection,
+    selection: pe.EventSelection,
     action: str,
     **kw,
 ) -> dg.Output:
@@ -221,14 +221,14 @@ def _replay(
 def replay_one_event(
     context: dg.OpExecutionContext, config: ReplayOneConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
-    return _replay(context, config, postgres, rabbitmq, pe.Selection.one(config.event_id), "replay_one")
+    return _replay(context, config, postgres, rabbitmq, pe.EventSelection.one(config.event_id), "replay_one")
 
 
 @dg.op(description="Replay the failed (status 'error') events of a processed_at window.")
 def replay_failed_events(
     context: dg.OpExecutionContext, config: ReplayFailedConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
-    selection = pe.Selection.failed(config.since, config.until, config.hours)
+    selection = pe.EventSelection.failed(config.since, config.until, config.hours)
     return _replay(context, config, postgres, rabbitmq, selection, "replay_failed")
 
 
@@ -236,7 +236,7 @@ def replay_failed_events(
 def replay_event_range(
     context: dg.OpExecutionContext, config: ReplayRangeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
-    selection = pe.Selection.range(config.event_type, config.start, config.end)
+    selection = pe.EventSelection.range(config.event_type, config.start, config.end)
     return _replay(context, config, postgres, rabbitmq, selection, "replay_range")
 
 
@@ -244,7 +244,7 @@ def replay_event_range(
 def reset_stuck_events(
     context: dg.OpExecutionContext, config: ResetStuckConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
-    selection = pe.Selection.stuck(config.older_than_minutes)
+    selection = pe.EventSelection.stuck(config.older_than_minutes)
     if config.to_status == "pending":
         return _replay(context, config, postgres, rabbitmq, selection, "reset_stuck")
     note = f"reset from processing (stuck > {config.older_than_minutes:g} min) by run {context.run_id}"

@@ -17,7 +17,7 @@ import pytest
 from conftest import RANGE_TAGS, check_verdicts
 from services import Tansu
 
-from replay_defs.clickhouse_table.parsing import KeysetReader, Selection
+from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection
 from replay_defs.core.clickhouse import ClickHouse
 from replay_defs.pipeline.spec import KafkaSink
 from replay_defs.pipelines import BILLING, BILLING_RAW_EVENTS_DDL
@@ -259,16 +259,16 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
 
 def test_selection_rejects_unknown_filters_naive_times_and_empty_windows():
     with pytest.raises(ValueError, match="unknown filters"):
-        Selection.of(BILLING.source, {"tenant_id": "acme"})
+        TableSelection.of(BILLING.source, {"tenant_id": "acme"})
     with pytest.raises(ValueError, match="time zone"):
-        Selection.of(BILLING.source, {}, start="2024-03-04T10:00:00")
+        TableSelection.of(BILLING.source, {}, start="2024-03-04T10:00:00")
     with pytest.raises(ValueError, match="not after"):
-        Selection.of(BILLING.source, {}, start="2024-03-05T00:00:00Z", end="2024-03-04T00:00:00Z")
-    sel = Selection.of(BILLING.source, {"tenant": "acme", "customer": ""}, start="2024-03-04T10:00:00+02:00")
+        TableSelection.of(BILLING.source, {}, start="2024-03-05T00:00:00Z", end="2024-03-04T00:00:00Z")
+    sel = TableSelection.of(BILLING.source, {"tenant": "acme", "customer": ""}, start="2024-03-04T10:00:00+02:00")
     assert (
         sel.filters == {"tenant": "acme"} and sel.window(DAY1)[0] == ts(DAY1, 8) and sel.window(DAY2)[0] == ts(DAY2, 0)
     )
-    assert Selection.from_json(sel.to_json()) == sel
+    assert TableSelection.from_json(sel.to_json()) == sel
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 100])
@@ -286,7 +286,7 @@ def test_keyset_pages_equal_one_ordered_scan_on_both_backends(billing, chdb_path
         with ch:
             reference = ch.query(reference_sql, {"d": DAY1})
             before = len(clickhouse_http.requests)
-            reader = KeysetReader(ch, src, DAY1, Selection(), batch_size)
+            reader = KeysetReader(ch, src, DAY1, TableSelection(), batch_size)
             pages = list(reader.batches())
             got = pa.concat_tables(pages)
             assert got.equals(reference), "no row skipped or repeated across equal timestamps"

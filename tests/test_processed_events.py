@@ -595,7 +595,7 @@ def test_a_payload_over_max_message_bytes_is_refused_alone(table, rabbit, postgr
     try:
         report = pe.replay(
             postgres_dsn,
-            pe.Selection.failed(),
+            pe.EventSelection.failed(),
             f"big-{uuid.uuid4().hex}",
             table=table,
             exchange=ex,
@@ -634,7 +634,7 @@ def test_a_lost_connection_still_stops_the_replay(table, rabbit, postgres_dsn):
         with pytest.raises(ConnectionError, match="connection lost"):
             pe.replay(
                 postgres_dsn,
-                pe.Selection.failed(),
+                pe.EventSelection.failed(),
                 run_id,
                 table=table,
                 exchange=ex,
@@ -669,7 +669,7 @@ def test_concurrent_replays_serve_each_event_once(table, rabbit, postgres_dsn):
         try:
             reports[name] = pe.replay(
                 postgres_dsn,
-                pe.Selection.failed(),
+                pe.EventSelection.failed(),
                 f"{name}-{uuid.uuid4().hex}",
                 table=table,
                 exchange=ex,

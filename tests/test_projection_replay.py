@@ -13,7 +13,14 @@ import pyarrow as pa
 import pytest
 from conftest import RANGE_TAGS
 
-from replay_defs.projection_replay.engine import EVENT_LOG, EVENT_LOG_DDL, PROJECTIONS
+from replay_defs.projection_replay.engine import (
+    EVENT_LOG,
+    EVENT_LOG_DDL,
+    PROJECTIONS,
+    ReplayLog,
+    ReplayOptions,
+    replay_day,
+)
 from replay_defs.projection_replay.live import Coordinator, LiveEvent, LiveProjector
 from replay_defs.projection_replay.stores import open_store
 
@@ -161,6 +168,36 @@ def replay(p, projections, first, last, **config):
     )
 
 
+class Crash(Exception):
+    """Raised by a test between two batches of a replay: the process dies there."""
+
+
+def crash_after(p, name, day, batches, **options) -> None:
+    """Replay `day` of projection `name` for the test's tenant through the engine, as the asset
+    does, and crash it after `batches` batches (the engine's `after_batch` seam)."""
+
+    def after_batch(result) -> None:
+        if result.batches >= batches:
+            raise Crash(f"crash after {result.batches} batch(es)")
+
+    coord = Coordinator(p["redis"], name, prefix=p["prefix"])
+    try:
+        with pytest.raises(Crash):
+            replay_day(
+                PROJECTIONS[name],
+                p["tenant"],
+                day,
+                p["res"].get,
+                p["stores"][name],
+                coord,
+                ReplayOptions(**options),
+                ReplayLog(None),
+                after_batch=after_batch,
+            )
+    finally:
+        coord.close()
+
+
 def day_meta(result, name) -> dict:
     return {
         m.partition: {k: v.value for k, v in m.metadata.items()}
@@ -230,8 +267,7 @@ def test_dry_run_counts_and_writes_nothing(proj):
 def test_resume_after_crash_skips_done_aggregates_and_ends_exact(proj):
     p, log, t = proj, proj["log"], proj["tenant"]
     log.history(t, aggregates=24, per_aggregate=10)
-    crashed = replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=5, stop_after_batches=2)
-    assert not crashed.success
+    crash_after(p, DAILY.name, DAYS[0], batches=2, aggregate_batch=5)
     prog = p["stores"][DAILY.name].progress(DAILY, t, DAYS[0])
     assert prog.status == "running" and prog.aggregates == 10
     coord = Coordinator(p["redis"], DAILY.name, prefix=p["prefix"])
@@ -259,7 +295,7 @@ def test_cleanup_markers_after_crash_releases_deferred_events(proj, capsys):
 
     p, log, t = proj, proj["log"], proj["tenant"]
     log.history(t, aggregates=10, per_aggregate=6)
-    assert not replay(p, [AGG.name], DAYS[1], DAYS[1], aggregate_batch=3, stop_after_batches=1).success
+    crash_after(p, AGG.name, DAYS[1], batches=1, aggregate_batch=3)
     stores = p["stores"]
     live = LiveProjector(
         p["redis"],
@@ -447,7 +483,7 @@ def test_blocking_check_fails_the_run_when_rows_differ_from_the_fold(proj):
     replay is interrupted: the resumed replay cannot have folded it, and the check catches it."""
     p, log, t = proj, proj["log"], proj["tenant"]
     log.history(t, aggregates=12, per_aggregate=6)
-    assert not replay(p, [DAILY.name], DAYS[0], DAYS[0], aggregate_batch=4, stop_after_batches=1).success
+    crash_after(p, DAILY.name, DAYS[0], batches=1, aggregate_batch=4)
     done = p["stores"][DAILY.name].progress(DAILY, t, DAYS[0]).last_aggregate
     late = LiveEvent(
         t, done, "ev0000000000", int(datetime(2025, 6, 1, 8, tzinfo=timezone.utc).timestamp() * 1000), "run.step", "{}"

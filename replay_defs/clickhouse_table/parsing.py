@@ -1,7 +1,7 @@
-"""Table sources (seed 002): a day of a ClickHouse table, read by keyset pagination, turned into
-events by the spec's declarative `Mapping`.
+"""Table sources (the billing reprocessing reads one): a day of a ClickHouse table, read by keyset
+pagination, turned into events by the spec's declarative `Mapping`.
 
-- `Selection`: which rows of a day (equality filters named by the source, a time window).
+- `TableSelection`: which rows of a day (equality filters named by the source, a time window).
 - `KeysetReader`: `count()` the selected rows, and `batches()` of at most `batch_size` rows in
   ORDER BY order: `WHERE (k1, ..., kn) > (last keys) ORDER BY k1, ..., kn LIMIT n` with FINAL
   (the tuple comparison spelled out so the primary key prunes what earlier pages read), so
@@ -49,7 +49,7 @@ def _utc(value: str | datetime | None) -> datetime | None:
 
 
 @dataclass(frozen=True)
-class Selection:
+class TableSelection:
     """Which rows of a day are read: `filters` (filter name -> value, only those set) and the
     window [start, end) within the day."""
 
@@ -58,11 +58,11 @@ class Selection:
     end: datetime | None = None
 
     @staticmethod
-    def of(source: ClickHouseSource, filters: dict[str, str | None], start=None, end=None) -> "Selection":
+    def of(source: ClickHouseSource, filters: dict[str, str | None], start=None, end=None) -> "TableSelection":
         unknown = set(filters) - set(source.filters)
         if unknown:
             raise ValueError(f"unknown filters {sorted(unknown)}; this source has {sorted(source.filters)}")
-        sel = Selection({k: v for k, v in filters.items() if v is not None and v != ""}, _utc(start), _utc(end))
+        sel = TableSelection({k: v for k, v in filters.items() if v is not None and v != ""}, _utc(start), _utc(end))
         if sel.start and sel.end and sel.end <= sel.start:
             raise ValueError(f"end {sel.end.isoformat()} is not after start {sel.start.isoformat()}")
         return sel
@@ -81,13 +81,13 @@ class Selection:
         }
 
     @staticmethod
-    def from_json(d: dict) -> "Selection":
-        return Selection(dict(d["filters"]), _utc(d["start"]), _utc(d["end"]))
+    def from_json(d: dict) -> "TableSelection":
+        return TableSelection(dict(d["filters"]), _utc(d["start"]), _utc(d["end"]))
 
 
 class KeysetReader:
     def __init__(
-        self, ch: ClickHouse, source: ClickHouseSource, day: str, selection: Selection, batch_size: int = 10_000
+        self, ch: ClickHouse, source: ClickHouseSource, day: str, selection: TableSelection, batch_size: int = 10_000
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -304,41 +304,66 @@ class Transformer:
                 gc.enable()
 
     def _run(self, rows: pa.Table, first_no: int) -> tuple[pa.Table, list[tuple], Counter, Counter]:
-        s, n = self.source, rows.num_rows
-        reasons: list[str | None] = [None] * n
-        details: list[str | None] = [None] * n
-        docs: list = [None] * n
-        decode = self._decode
-        for i, raw in enumerate(rows.column(s.payload_column).to_pylist()):
+        batch = _MappedBatch(self, rows)
+        batch.decode_payloads()
+        dropped = batch.apply_rules()
+        out, direct = batch.map_fields()
+        batch.map_objects(out)
+        for name, value in self.mapping.constants.items():
+            out[name] = [value] * rows.num_rows
+        batch.check_types(out, direct)
+        errors = Counter(r for r in batch.reasons if r is not None and r not in dropped)
+        return batch.events(out, direct, first_no), batch.quarantine(first_no), dropped, errors
+
+
+class _MappedBatch:
+    """One batch of source rows on its way through the mapping. `reasons[i]` says why row i is
+    quarantined (None: kept so far) and `details[i]` how; the first reason found wins."""
+
+    def __init__(self, transformer: Transformer, rows: pa.Table):
+        self.t, self.rows, self.n = transformer, rows, rows.num_rows
+        self.reasons: list[str | None] = [None] * self.n
+        self.details: list[str | None] = [None] * self.n
+        self.docs: list = [None] * self.n  # the decoded payloads (None where it did not decode)
+        self._values: dict[str, list] = {}
+        self.ref_prefix = f"clickhouse:{transformer.source.table}?{transformer.source.id_column}="
+
+    def decode_payloads(self) -> None:
+        column = self.t.source.payload_column
+        reasons, details, docs, decode = self.reasons, self.details, self.docs, self.t._decode
+        for i, raw in enumerate(self.rows.column(column).to_pylist()):
             try:
                 doc = decode(raw) if raw is not None else None
             except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                reasons[i], details[i] = "malformed_json", f"{s.payload_column}: {exc}"
+                reasons[i], details[i] = "malformed_json", f"{column}: {exc}"
                 continue
             except RecursionError as exc:  # nested deeper than the decoder's stack allows
-                reasons[i], details[i] = "nesting_too_deep", f"{s.payload_column}: {exc}"
+                reasons[i], details[i] = "nesting_too_deep", f"{column}: {exc}"
                 continue
             if type(doc) is not dict:
-                reasons[i], details[i] = "not_an_object", f"{s.payload_column} is not a JSON object"
+                reasons[i], details[i] = "not_an_object", f"{column} is not a JSON object"
                 continue
             docs[i] = doc
-        cache: dict[str, list] = {}
 
-        def values(path: str) -> list:
-            if path not in cache:
-                kind, ref = self._path(path)
-                cache[path] = rows.column(ref).to_pylist() if kind == "column" else _dig_all(docs, ref)
-            return cache[path]
+    def values(self, path: str) -> list:
+        """A mapping path's value per row (a column, or a path inside the payload), resolved once."""
+        if path not in self._values:
+            kind, ref = self.t._path(path)
+            self._values[path] = self.rows.column(ref).to_pylist() if kind == "column" else _dig_all(self.docs, ref)
+        return self._values[path]
 
-        def first(paths: tuple[str, ...]) -> list:
-            cols = [values(p) for p in paths]
-            if len(cols) == 1:
-                return [v if v != "" else None for v in cols[0]]
-            return [next((v for v in vs if _has(v)), None) for vs in zip(*cols)]
+    def first(self, paths: tuple[str, ...]) -> list:
+        """Per row, the first of `paths` that has a value."""
+        cols = [self.values(p) for p in paths]
+        if len(cols) == 1:
+            return [v if v != "" else None for v in cols[0]]
+        return [next((v for v in vs if _has(v)), None) for vs in zip(*cols)]
 
-        dropped, errors = Counter(), Counter()
-        for rule in self.mapping.rules:
-            cols = [values(p) for p in rule.paths]
+    def apply_rules(self) -> Counter:
+        """The mapping's rules: a row missing what a rule needs is dropped by it. Returns the drops by rule."""
+        reasons, details, dropped = self.reasons, self.details, Counter()
+        for rule in self.t.mapping.rules:
+            cols = [self.values(p) for p in rule.paths]
             if len(cols) == 1:
                 failed = [i for i, v in enumerate(cols[0]) if (v is None or v == "") and reasons[i] is None]
             else:
@@ -348,95 +373,165 @@ class Transformer:
                 reasons[i], details[i] = rule.name, f"validation rule {rule.name} failed"
             if failed:
                 dropped[rule.name] += len(failed)
+        return dropped
+
+    def map_fields(self) -> tuple[dict[str, list], dict[str, pa.Array]]:
+        """The schema's mapped fields: (Python values by field, Arrow columns copied as they are)."""
         out: dict[str, list] = {}
         direct: dict[str, pa.Array] = {}  # fields copied from a column as they are, never made Python objects
-        for name, paths in self.mapping.fields.items():
-            kind, ref = self._path(paths[0])
-            want = self.arrow_schema.field(name).type
-            if len(paths) == 1 and kind == "column" and self.types[name] in ("string", "timestamp"):
-                col = rows.column(ref).combine_chunks()
-                if col.type == want or (
-                    pa.types.is_timestamp(col.type) and pa.types.is_timestamp(want) and col.type.tz == want.tz
-                ):
-                    missing = (
-                        pc.is_null(col)
-                        if self.types[name] == "timestamp"
-                        else pc.or_kleene(pc.is_null(col), pc.equal(col, ""))
-                    )
-                    if name in self.required and pc.any(missing).as_py():
-                        for i in pc.indices_nonzero(missing).to_pylist():
-                            if reasons[i] is None:
-                                reasons[i], details[i] = "missing_field", f"no value for required field {name}"
-                    direct[name] = col.cast(want)
-                    continue
-            vals, t = first(paths), self.types[name]
-            required = name in self.required
-            for i, v in enumerate(vals):
-                if reasons[i] is not None:
-                    continue
-                if v is None:
-                    if required:
-                        reasons[i], details[i] = "missing_field", f"no value for required field {name}"
-                elif not (t == "string" and type(v) is str) and not (
-                    t == "timestamp" and type(v) is datetime and v.tzinfo
-                ):
-                    try:
-                        vals[i] = self._coerce(name, v)
-                    except TypeError as exc:
-                        reasons[i], details[i] = "wrong_type", str(exc)
-            out[name] = vals
-        encode = self._encode
-        for name, members in self.mapping.objects.items():
+        for name, paths in self.t.mapping.fields.items():
+            col = self._column_as_is(name, paths)
+            if col is not None:
+                direct[name] = col
+            else:
+                out[name] = self._field_values(name, paths)
+        return out, direct
+
+    def _column_as_is(self, name: str, paths: tuple[str, ...]) -> pa.Array | None:
+        """A string or timestamp field mapped from one column of the schema's Arrow type, cast
+        without a Python object per row (its missing values marked); None for any other field."""
+        t = self.t
+        kind, ref = t._path(paths[0])
+        want = t.arrow_schema.field(name).type
+        if len(paths) != 1 or kind != "column" or t.types[name] not in ("string", "timestamp"):
+            return None
+        col = self.rows.column(ref).combine_chunks()
+        same_type = col.type == want or (
+            pa.types.is_timestamp(col.type) and pa.types.is_timestamp(want) and col.type.tz == want.tz
+        )
+        if not same_type:
+            return None
+        missing = pc.is_null(col) if t.types[name] == "timestamp" else pc.or_kleene(pc.is_null(col), pc.equal(col, ""))
+        if name in t.required and pc.any(missing).as_py():
+            for i in pc.indices_nonzero(missing).to_pylist():
+                if self.reasons[i] is None:
+                    self.reasons[i], self.details[i] = "missing_field", f"no value for required field {name}"
+        return col.cast(want)
+
+    def _field_values(self, name: str, paths: tuple[str, ...]) -> list:
+        """A field's values, coerced to its type; a row without a required value or with a value
+        of the wrong type gets its reason."""
+        reasons, details = self.reasons, self.details
+        vals, t = self.first(paths), self.t.types[name]
+        required = name in self.t.required
+        for i, v in enumerate(vals):
+            if reasons[i] is not None:
+                continue
+            if v is None:
+                if required:
+                    reasons[i], details[i] = "missing_field", f"no value for required field {name}"
+            elif not (t == "string" and type(v) is str) and not (t == "timestamp" and type(v) is datetime and v.tzinfo):
+                try:
+                    vals[i] = self.t._coerce(name, v)
+                except TypeError as exc:
+                    reasons[i], details[i] = "wrong_type", str(exc)
+        return vals
+
+    def map_objects(self, out: dict[str, list]) -> None:
+        """Object fields: a JSON object of their members' values (members without a value left out)."""
+        encode, reasons = self.t._encode, self.reasons
+        for name, members in self.t.mapping.objects.items():
             keys = list(members)
-            cols = [first(paths) for paths in members.values()]
+            cols = [self.first(paths) for paths in members.values()]
             out[name] = [
                 None if reasons[i] is not None else encode({k: v for k, v in zip(keys, vs) if v is not None}).decode()
                 for i, vs in enumerate(zip(*cols))
             ]
-        for name, value in self.mapping.constants.items():
-            out[name] = [value] * n
-        type_field = self.schema.type_field
+
+    def check_types(self, out: dict[str, list], direct: dict[str, pa.Array]) -> None:
+        """An event type must be able to name a directory of the lake."""
+        type_field = self.t.schema.type_field
         types = direct[type_field].to_pylist() if type_field in direct else out[type_field]
         for i, t in enumerate(types):
-            if reasons[i] is None and not SAFE_TYPE_VALUE.fullmatch(str(t)):
-                reasons[i], details[i] = (
+            if self.reasons[i] is None and not SAFE_TYPE_VALUE.fullmatch(str(t)):
+                self.reasons[i], self.details[i] = (
                     "unsafe_type",
-                    f"{self.schema.type_field} {str(t)[:80]!r} cannot name a directory",
+                    f"{type_field} {str(t)[:80]!r} cannot name a directory",
                 )
-        for i, r in enumerate(reasons):
-            if r is not None and r not in dropped:
-                errors[r] += 1
-        keep = [i for i, r in enumerate(reasons) if r is None]
-        ref_prefix = f"clickhouse:{s.table}?{s.id_column}="
+
+    def quarantine(self, first_no: int) -> list[tuple]:
+        """The rows not kept, as QUARANTINE_SCHEMA rows (the source row as JSON)."""
+        bad = [i for i, r in enumerate(self.reasons) if r is not None]
+        if not bad:
+            return []
+        encode, id_column = self.t._encode, self.t.source.id_column
         quarantine = []
-        if len(keep) < n:
-            bad = [i for i, r in enumerate(reasons) if r is not None]
-            for i, raw in zip(bad, rows.take(bad).to_pylist()):
-                sample = encode({c: (v.isoformat() if isinstance(v, datetime) else v) for c, v in raw.items()})
-                quarantine.append((ref_prefix + str(raw[s.id_column]), first_no + i, reasons[i], details[i], sample, 1))
+        for i, raw in zip(bad, self.rows.take(bad).to_pylist()):
+            sample = encode({c: (v.isoformat() if isinstance(v, datetime) else v) for c, v in raw.items()})
+            quarantine.append(
+                (self.ref_prefix + str(raw[id_column]), first_no + i, self.reasons[i], self.details[i], sample, 1)
+            )
+        return quarantine
+
+    def events(self, out: dict[str, list], direct: dict[str, pa.Array], first_no: int) -> pa.Table:
+        """The kept rows as events of the schema, with their source reference and row number."""
+        t = self.t
+        keep = [i for i, r in enumerate(self.reasons) if r is None]
         take = pa.array(keep, pa.int64())
         arrays = [
             direct[f.name].take(take)
             if f.name in direct
-            else pa.array([out[f.name][i] for i in keep], self.arrow_schema.field(f.name).type)
-            for f in self.schema.fields
+            else pa.array([out[f.name][i] for i in keep], t.arrow_schema.field(f.name).type)
+            for f in t.schema.fields
         ]
-        ids = rows.column(s.id_column).take(take).cast(pa.string())
+        ids = self.rows.column(t.source.id_column).take(take).cast(pa.string())
         arrays += [
-            pc.binary_join_element_wise(pa.scalar(ref_prefix), ids, ""),
+            pc.binary_join_element_wise(pa.scalar(self.ref_prefix), ids, ""),
             pa.array([first_no + i for i in keep], pa.int64()),
         ]
-        return pa.Table.from_arrays(arrays, schema=self.arrow_schema), quarantine, dropped, errors
+        return pa.Table.from_arrays(arrays, schema=t.arrow_schema)
 
 
 # ---- a day -------------------------------------------------------------------------------------
+
+
+class _DayFiles:
+    """The day's output: a Parquet file per event type, and the quarantine file (each opened on
+    its first row)."""
+
+    def __init__(self, spec: PipelineSpec, day: str, out_root: str, quarantine_path: str, schema: pa.Schema):
+        self.spec, self.day, self.out_root, self.quarantine_path = spec, day, out_root, quarantine_path
+        self.schema = schema
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.qwriter: pq.ParquetWriter | None = None
+        self.by_type: Counter = Counter()
+
+    def write_events(self, events: pa.Table) -> None:
+        types = events.column(self.spec.schema.type_field)
+        for t in pc.unique(types).to_pylist():
+            part = events.filter(pc.equal(types, t))
+            if t not in self.writers:
+                path = os.path.join(
+                    self.out_root, self.spec.parsed_prefix, f"type={t}", f"day={self.day}", "part.parquet"
+                )
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self.writers[t] = pq.ParquetWriter(path, self.schema, compression="zstd")
+            self.writers[t].write_table(part)
+            self.by_type[t] += part.num_rows
+
+    def write_quarantine(self, rows: list[tuple]) -> None:
+        if self.qwriter is None:
+            os.makedirs(os.path.dirname(self.quarantine_path), exist_ok=True)
+            self.qwriter = pq.ParquetWriter(self.quarantine_path, QUARANTINE_SCHEMA, compression="zstd")
+        self.qwriter.write_table(
+            pa.Table.from_arrays(
+                [pa.array(c, t) for c, t in zip(zip(*rows), QUARANTINE_SCHEMA.types)],
+                schema=QUARANTINE_SCHEMA,
+            )
+        )
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        if self.qwriter is not None:
+            self.qwriter.close()
 
 
 def parse_table_day(
     ch: ClickHouse,
     spec: PipelineSpec,
     day: str,
-    selection: Selection,
+    selection: TableSelection,
     batch_size: int,
     out_root: str,
     quarantine_path: str,
@@ -447,11 +542,9 @@ def parse_table_day(
     t0 = time.monotonic()
     reader = KeysetReader(ch, spec.source, day, selection, batch_size)
     transformer = Transformer(spec).compile()
-    writers: dict[str, pq.ParquetWriter] = {}
-    qwriter = None
+    files = _DayFiles(spec, day, out_root, quarantine_path, transformer.arrow_schema)
     found = parsed = 0
-    dropped, errors, by_type = Counter(), Counter(), Counter()
-    type_field = spec.schema.type_field
+    dropped, errors = Counter(), Counter()
     last_log = t0
     try:
         # The next page is read on a thread (the engine works outside the GIL) while this one is transformed.
@@ -461,34 +554,15 @@ def parse_table_day(
             dropped += d
             errors += e
             if events.num_rows:
-                types = events.column(type_field)
-                for t in pc.unique(types).to_pylist():
-                    part = events.filter(pc.equal(types, t))
-                    if t not in writers:
-                        path = os.path.join(out_root, spec.parsed_prefix, f"type={t}", f"day={day}", "part.parquet")
-                        os.makedirs(os.path.dirname(path), exist_ok=True)
-                        writers[t] = pq.ParquetWriter(path, transformer.arrow_schema, compression="zstd")
-                    writers[t].write_table(part)
-                    by_type[t] += part.num_rows
+                files.write_events(events)
                 parsed += events.num_rows
             if quarantine:
-                if qwriter is None:
-                    os.makedirs(os.path.dirname(quarantine_path), exist_ok=True)
-                    qwriter = pq.ParquetWriter(quarantine_path, QUARANTINE_SCHEMA, compression="zstd")
-                qwriter.write_table(
-                    pa.Table.from_arrays(
-                        [pa.array(c, t) for c, t in zip(zip(*quarantine), QUARANTINE_SCHEMA.types)],
-                        schema=QUARANTINE_SCHEMA,
-                    )
-                )
+                files.write_quarantine(quarantine)
             if log and time.monotonic() - last_log >= 5:
                 last_log = time.monotonic()
                 log(f"{day}: read {found:,} rows in {reader.queries} keyset queries, {parsed:,} events")
     finally:
-        for w in writers.values():
-            w.close()
-        if qwriter is not None:
-            qwriter.close()
+        files.close()
     seconds = time.monotonic() - t0
     return {
         "found": found,
@@ -499,7 +573,7 @@ def parse_table_day(
         "transformation_errors_by_reason": dict(sorted(errors.items())),
         "quarantined": sum(dropped.values()) + sum(errors.values()),
         "quarantined_by_reason": dict(sorted((dropped + errors).items())),
-        "rows_by_type": dict(sorted(by_type.items())),
+        "rows_by_type": dict(sorted(files.by_type.items())),
         "batches": reader.pages,
         "queries": reader.queries,
         "batch_size": batch_size,

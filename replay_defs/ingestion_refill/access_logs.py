@@ -1,4 +1,4 @@
-"""Event keys from S3 access logs, and the ingestion jobs they become (seed 000, the Langfuse refill).
+"""Event keys from S3 access logs, and the ingestion jobs they become (the ingestion refill of Langfuse).
 
 Ingestion writes one S3 object per event, `projectId/type/eventBodyId/eventId.json`. When the
 processing behind it failed, the keys of the objects written in a window are re-enqueued as
@@ -426,6 +426,39 @@ def _classify(con, rows_sql: str, days: list[str], known_types: tuple[str, ...])
 
 
 def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyCollection:
+    result = _count_input(con, days, log)
+    for day in days:
+        stats = DayKeys(day)
+        first = day == days[0]  # the malformed lines have no day: they are counted on the first
+        stats.put_rows = con.execute("SELECT count(*) FROM classified WHERE is_put AND day = ?", [day]).fetchone()[0]
+        stats.quarantined_by_reason = _quarantined_by_reason(con, day)
+        if first and result.malformed:
+            stats.malformed_rows = result.malformed
+            for reason, n in con.execute(
+                "SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL"
+            ).fetchall():
+                stats.quarantined_by_reason[reason] = stats.quarantined_by_reason.get(reason, 0) + n
+        _write_day_keys(con, day, keys_dir(day) / "keys.parquet", stats)
+        if stats.quarantined:
+            quarantine_dir(day).mkdir(parents=True, exist_ok=True)
+            con.execute(
+                """COPY (
+                  SELECT reason, key AS raw, request_time FROM classified WHERE day = $day AND reason IS NOT NULL
+                  UNION ALL
+                  SELECT reason, raw, NULL FROM malformed WHERE $first
+                ) TO $path (FORMAT parquet)""",
+                {"day": day, "first": first, "path": str(quarantine_dir(day) / "quarantine.parquet")},
+            )
+        log(
+            f"{day}: {stats.put_rows:,} PUT rows -> {stats.keys:,} keys, {stats.duplicates:,} duplicates, "
+            f"{stats.quarantined:,} quarantined {stats.quarantined_by_reason or ''}"
+        )
+        result.days[day] = stats
+    return result
+
+
+def _count_input(con, days: list[str], log) -> KeyCollection:
+    """The input's totals; refuses a multi-day run when some PUT has no time (its day is unknown)."""
     result = KeyCollection()
     result.rows, puts, timed, result.other_days = con.execute(
         "SELECT count(*), count(*) FILTER (is_put), count(*) FILTER (is_put AND timed), "
@@ -440,60 +473,42 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
             "some rows have no request time, so their day is unknown: run one day at a time, "
             "or export `requestdatetime` with the keys"
         )
-    for day in days:
-        stats = DayKeys(day)
-        stats.put_rows = con.execute("SELECT count(*) FROM classified WHERE is_put AND day = ?", [day]).fetchone()[0]
-        stats.quarantined_by_reason = dict(
-            con.execute(
-                "SELECT reason, count(*) FROM classified WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason",
-                [day],
-            ).fetchall()
-        )
-        if day == days[0] and result.malformed:
-            stats.malformed_rows = result.malformed
-            for reason, n in con.execute(
-                "SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL"
-            ).fetchall():
-                stats.quarantined_by_reason[reason] = stats.quarantined_by_reason.get(reason, 0) + n
-        # Grouped, sorted and written in one statement; the counts are then read back from the file.
-        keys_file = keys_dir(day) / "keys.parquet"
-        keys_file.parent.mkdir(parents=True, exist_ok=True)
-        con.execute(
-            """COPY (SELECT key, min(request_time) AS first_put, count(*) AS puts
-                     FROM classified WHERE is_put AND day = $day AND reason IS NULL GROUP BY key ORDER BY key)
-            TO $path (FORMAT parquet)""",
-            {"day": day, "path": str(keys_file)},
-        )
-        stats.keys, puts = con.execute(
-            "SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}
-        ).fetchone()
-        stats.duplicates = int(puts) - stats.keys
-        stats.by_project_type = {
-            f"{p}/{t}": n
-            for p, t, n in con.execute(
-                "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
-                {"f": str(keys_file)},
-            ).fetchall()
-        }
-        if not stats.keys:
-            keys_file.unlink()
-            keys_file.parent.rmdir()  # nothing to publish for the day
-        if stats.quarantined:
-            quarantine_dir(day).mkdir(parents=True, exist_ok=True)
-            con.execute(
-                """COPY (
-                  SELECT reason, key AS raw, request_time FROM classified WHERE day = $day AND reason IS NOT NULL
-                  UNION ALL
-                  SELECT reason, raw, NULL FROM malformed WHERE $first
-                ) TO $path (FORMAT parquet)""",
-                {"day": day, "first": day == days[0], "path": str(quarantine_dir(day) / "quarantine.parquet")},
-            )
-        log(
-            f"{day}: {stats.put_rows:,} PUT rows -> {stats.keys:,} keys, {stats.duplicates:,} duplicates, "
-            f"{stats.quarantined:,} quarantined {stats.quarantined_by_reason or ''}"
-        )
-        result.days[day] = stats
     return result
+
+
+def _quarantined_by_reason(con, day: str) -> dict[str, int]:
+    return dict(
+        con.execute(
+            "SELECT reason, count(*) FROM classified WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason",
+            [day],
+        ).fetchall()
+    )
+
+
+def _write_day_keys(con, day: str, keys_file: Path, stats: DayKeys) -> None:
+    """The day's keys, grouped, sorted and written in one statement; the counts are then read back
+    from the file. A day without keys leaves no file."""
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    con.execute(
+        """COPY (SELECT key, min(request_time) AS first_put, count(*) AS puts
+                 FROM classified WHERE is_put AND day = $day AND reason IS NULL GROUP BY key ORDER BY key)
+        TO $path (FORMAT parquet)""",
+        {"day": day, "path": str(keys_file)},
+    )
+    stats.keys, puts = con.execute(
+        "SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}
+    ).fetchone()
+    stats.duplicates = int(puts) - stats.keys
+    stats.by_project_type = {
+        f"{p}/{t}": n
+        for p, t, n in con.execute(
+            "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
+            {"f": str(keys_file)},
+        ).fetchall()
+    }
+    if not stats.keys:
+        keys_file.unlink()
+        keys_file.parent.rmdir()  # nothing to publish for the day
 
 
 def job_batches(

@@ -150,29 +150,7 @@ class DuckDBStore(DuckDBFile):
             return self._replace_mismatches(con, table, p, schema, day, day_files, all_days, all_files)
 
     def _replace_mismatches(self, con, table, p: Projection, schema: EventSchema, day, day_files, all_days, all_files):
-        keys = [ident(k) for k in p.key]
-        same_key = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in keys)
-        touched = f"SELECT {', '.join(keys)} FROM {table} WHERE _day = $day::DATE"
-        params: dict = {"day": day}
-        if day_files:
-            touched += f" UNION SELECT {', '.join(keys)} FROM read_parquet($day_files)"
-            params["day_files"] = day_files
-        truth = f"SELECT * FROM {table} WHERE FALSE"
-        if all_files:
-            params["all_files"] = all_files
-            scan = f"(SELECT * FROM read_parquet($all_files) AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key}))"
-            truth = self._latest_per_key(p, schema, scan)
-        cur = f"SELECT * FROM {table} AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key})"
-        compared, differing, sample = self._compare(
-            con,
-            truth,
-            cur,
-            list(p.key),
-            [*p.values, "_order", "_event_id"],
-            params,
-            table,
-            prelude=f"touched AS ({touched})",
-        )
+        compared, differing, sample = self._compare_touched_keys(con, table, p, schema, day, day_files, all_files)
         problems = (
             [
                 f"{p.name}: {differing} of {compared} keys the day touches differ from a fold of the committed days, e.g. {sample}"
@@ -186,27 +164,11 @@ class DuckDBStore(DuckDBFile):
         ).fetchall()[0][0]
         if orphans:
             problems.append(f"{p.name}: {orphans} rows come from no committed day")
-        by_day = ident(table.split(".")[0].strip('"'), f"{p.name}__by_day")
-        day_rows = differing_by_day = 0
-        if self._exists(con, by_day):
-            latest = (
-                self._latest_per_key(p, schema, "read_parquet($files)", extra=", $day::DATE AS _day")
-                if day_files
-                else f"SELECT * FROM {by_day} WHERE FALSE"
+        day_rows, differing_by_day = self._compare_by_day(con, table, p, schema, day, day_files)
+        if differing_by_day:
+            problems.append(
+                f"{p.name}__by_day: {differing_by_day} of the day's {day_rows} rows differ from its committed Parquet"
             )
-            day_rows, differing_by_day, _ = self._compare(
-                con,
-                latest,
-                f"SELECT * FROM {by_day} WHERE _day = $day::DATE",
-                list(p.key),
-                [*p.values, "_order", "_event_id"],
-                {"day": day, "files": day_files} if day_files else {"day": day},
-                by_day,
-            )
-            if differing_by_day:
-                problems.append(
-                    f"{p.name}__by_day: {differing_by_day} of the day's {day_rows} rows differ from its committed Parquet"
-                )
         md = {
             f"{p.name}_keys_compared": compared,
             f"{p.name}_keys_differing": differing,
@@ -214,6 +176,55 @@ class DuckDBStore(DuckDBFile):
             f"{p.name}_by_day_rows_differing": differing_by_day,
         }
         return md, problems
+
+    def _compare_touched_keys(self, con, table, p: Projection, schema: EventSchema, day, day_files, all_files):
+        """The replace projection's rows for the keys the day touches (in the store or in its
+        Parquet) against the latest event per key of every committed day."""
+        keys = [ident(k) for k in p.key]
+        same_key = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in keys)
+        touched = f"SELECT {', '.join(keys)} FROM {table} WHERE _day = $day::DATE"
+        params: dict = {"day": day}
+        if day_files:
+            touched += f" UNION SELECT {', '.join(keys)} FROM read_parquet($day_files)"
+            params["day_files"] = day_files
+        truth = f"SELECT * FROM {table} WHERE FALSE"
+        if all_files:
+            params["all_files"] = all_files
+            scan = f"(SELECT * FROM read_parquet($all_files) AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key}))"
+            truth = self._latest_per_key(p, schema, scan)
+        cur = f"SELECT * FROM {table} AS t WHERE EXISTS (SELECT 1 FROM touched AS s WHERE {same_key})"
+        return self._compare(
+            con,
+            truth,
+            cur,
+            list(p.key),
+            [*p.values, "_order", "_event_id"],
+            params,
+            table,
+            prelude=f"touched AS ({touched})",
+        )
+
+    def _compare_by_day(self, con, table, p: Projection, schema: EventSchema, day, day_files) -> tuple[int, int]:
+        """The day's rows of `<name>__by_day` against the latest event per key of its Parquet:
+        (rows compared, rows differing); (0, 0) without that table."""
+        by_day = ident(table.split(".")[0].strip('"'), f"{p.name}__by_day")
+        if not self._exists(con, by_day):
+            return 0, 0
+        latest = (
+            self._latest_per_key(p, schema, "read_parquet($files)", extra=", $day::DATE AS _day")
+            if day_files
+            else f"SELECT * FROM {by_day} WHERE FALSE"
+        )
+        day_rows, differing, _ = self._compare(
+            con,
+            latest,
+            f"SELECT * FROM {by_day} WHERE _day = $day::DATE",
+            list(p.key),
+            [*p.values, "_order", "_event_id"],
+            {"day": day, "files": day_files} if day_files else {"day": day},
+            by_day,
+        )
+        return day_rows, differing
 
     @staticmethod
     def _compare(

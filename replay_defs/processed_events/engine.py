@@ -1,11 +1,11 @@
-"""Processed-events replay (seed 003): re-publish rows of a Postgres `processed_events` table to
+"""Processed-events replay: re-publish rows of a Postgres `processed_events` table to
 a RabbitMQ exchange, with a snapshot to undo, an audit row per replay, and an emergency stop.
 
 The table is the seed's (see `create_processed_events_table`): an event per row with its status
 `pending` -> `processing` -> `processed` | `error`. A worker consumes the exchange and marks each
 event `processed` (or `error`). A replay
 
-1. selects rows (`Selection`): one event by `event_id`; the failed (`error`) ones in a window of
+1. selects rows (`EventSelection`): one event by `event_id`; the failed (`error`) ones in a window of
    `processed_at`; a type in a date range of `processed_at`; or those stuck in `processing` for
    longer than N minutes;
 2. walks them in `batch_size` batches of `SELECT ... FOR UPDATE SKIP LOCKED` (a row another replay
@@ -48,9 +48,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from replay_defs.core import connect
+from replay_defs.core.pacing import Pacer
 from replay_defs.core.redact import redact
 
 STATUSES = ("pending", "processing", "processed", "error")
@@ -102,79 +103,77 @@ def create_processed_events_table(conn, table: str = "processed_events") -> None
     )
 
 
+# The bookkeeping tables next to the events, created on first use.
+AUDIT_DDL = f"""
+CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
+  run_id text PRIMARY KEY,
+  action text NOT NULL,
+  table_name text NOT NULL,
+  selection jsonb NOT NULL,
+  requested_by text NOT NULL,
+  reason text NOT NULL,
+  exchange text,
+  force boolean NOT NULL DEFAULT false,
+  forced boolean NOT NULL DEFAULT false,
+  forced_count integer NOT NULL DEFAULT 0,
+  selected integer NOT NULL DEFAULT 0,
+  published integer NOT NULL DEFAULT 0,
+  changed integer NOT NULL DEFAULT 0,
+  skipped_processed integer NOT NULL DEFAULT 0,
+  skipped_pending integer NOT NULL DEFAULT 0,
+  skipped_processing integer NOT NULL DEFAULT 0,
+  failed integer NOT NULL DEFAULT 0,
+  not_reached integer NOT NULL DEFAULT 0,
+  snapshot text,
+  status text NOT NULL,
+  error text,
+  undone_by text,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz
+)"""
+
+SNAPSHOT_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SNAPSHOT_TABLE} (
+  run_id text NOT NULL,
+  table_name text NOT NULL,
+  event_pk bigint NOT NULL,
+  event_id text NOT NULL,
+  status text NOT NULL,
+  retry_count integer NOT NULL,
+  error_message text,
+  processed_at timestamptz,
+  snapshotted_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (run_id, table_name, event_pk)
+)"""
+
+# Rows whose message failed on its own (refused for its shape, or not confirmed), per run.
+DEAD_LETTER_DDL = f"""
+CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (
+  run_id text NOT NULL,
+  table_name text NOT NULL,
+  event_pk bigint NOT NULL,
+  event_id text NOT NULL,
+  event_type text NOT NULL,
+  reason text NOT NULL,
+  error text NOT NULL,
+  failed_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (run_id, table_name, event_pk)
+)"""
+
+# Added after the first release: audit tables created before get the columns here.
+AUDIT_COLUMNS_ADDED = (
+    f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused integer NOT NULL DEFAULT 0",
+    f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused_by_reason jsonb NOT NULL DEFAULT '{{}}'::jsonb",
+)
+
+
 def ensure_replay_tables(conn) -> None:
     """The audit and snapshot tables, next to the events (created on first use; an advisory lock
     keeps two first replays from racing on CREATE TABLE IF NOT EXISTS)."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay_tables'))")
-        _create_replay_tables(conn)
-
-
-def _create_replay_tables(conn) -> None:
-    conn.execute(
-        f"""
-        CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
-          run_id text PRIMARY KEY,
-          action text NOT NULL,
-          table_name text NOT NULL,
-          selection jsonb NOT NULL,
-          requested_by text NOT NULL,
-          reason text NOT NULL,
-          exchange text,
-          force boolean NOT NULL DEFAULT false,
-          forced boolean NOT NULL DEFAULT false,
-          forced_count integer NOT NULL DEFAULT 0,
-          selected integer NOT NULL DEFAULT 0,
-          published integer NOT NULL DEFAULT 0,
-          changed integer NOT NULL DEFAULT 0,
-          skipped_processed integer NOT NULL DEFAULT 0,
-          skipped_pending integer NOT NULL DEFAULT 0,
-          skipped_processing integer NOT NULL DEFAULT 0,
-          failed integer NOT NULL DEFAULT 0,
-          not_reached integer NOT NULL DEFAULT 0,
-          snapshot text,
-          status text NOT NULL,
-          error text,
-          undone_by text,
-          started_at timestamptz NOT NULL DEFAULT now(),
-          finished_at timestamptz
-        )"""
-    )
-    conn.execute(
-        f"""
-        CREATE TABLE IF NOT EXISTS {SNAPSHOT_TABLE} (
-          run_id text NOT NULL,
-          table_name text NOT NULL,
-          event_pk bigint NOT NULL,
-          event_id text NOT NULL,
-          status text NOT NULL,
-          retry_count integer NOT NULL,
-          error_message text,
-          processed_at timestamptz,
-          snapshotted_at timestamptz NOT NULL DEFAULT now(),
-          PRIMARY KEY (run_id, table_name, event_pk)
-        )"""
-    )
-    # Rows whose message failed on its own (refused for its shape, or not confirmed), per run.
-    conn.execute(
-        f"""
-        CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (
-          run_id text NOT NULL,
-          table_name text NOT NULL,
-          event_pk bigint NOT NULL,
-          event_id text NOT NULL,
-          event_type text NOT NULL,
-          reason text NOT NULL,
-          error text NOT NULL,
-          failed_at timestamptz NOT NULL DEFAULT now(),
-          PRIMARY KEY (run_id, table_name, event_pk)
-        )"""
-    )
-    # Added after the first release: audit tables created before get the columns here.
-    conn.execute(f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused integer NOT NULL DEFAULT 0")
-    conn.execute(
-        f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused_by_reason jsonb NOT NULL DEFAULT '{{}}'::jsonb"
-    )
+        for statement in (AUDIT_DDL, SNAPSHOT_DDL, DEAD_LETTER_DDL, *AUDIT_COLUMNS_ADDED):
+            conn.execute(statement)
 
 
 # ---- selections -------------------------------------------------------------------------------
@@ -192,7 +191,7 @@ def _parse_time(value: str, end: bool = False) -> datetime:
 
 
 @dataclass(frozen=True)
-class Selection:
+class EventSelection:
     """Which rows a replay covers. Build with the class methods."""
 
     kind: str  # one | failed | range | stuck
@@ -203,7 +202,7 @@ class Selection:
     older_than_minutes: float | None = None
 
     @classmethod
-    def one(cls, event_id: str) -> "Selection":
+    def one(cls, event_id: str) -> "EventSelection":
         if not event_id:
             raise ValueError("event_id is required")
         return cls("one", event_id=event_id)
@@ -211,7 +210,7 @@ class Selection:
     @classmethod
     def failed(
         cls, since: str | None = None, until: str | None = None, hours: float = 24.0, now: datetime | None = None
-    ) -> "Selection":
+    ) -> "EventSelection":
         """Rows in `error` whose processed_at is in [since, until) (default: the last `hours`)."""
         now = now or datetime.now(timezone.utc)
         start = _parse_time(since) if since else now - timedelta(hours=hours)
@@ -221,7 +220,7 @@ class Selection:
         return cls("failed", start=start, end=end)
 
     @classmethod
-    def range(cls, event_type: str, start: str, end: str) -> "Selection":
+    def range(cls, event_type: str, start: str, end: str) -> "EventSelection":
         """Rows of `event_type` whose processed_at is in [start, end] (a date end: the whole day)."""
         if not event_type:
             raise ValueError("event_type is required")
@@ -231,7 +230,7 @@ class Selection:
         return cls("range", event_type=event_type, start=s, end=e)
 
     @classmethod
-    def stuck(cls, older_than_minutes: float = 5) -> "Selection":
+    def stuck(cls, older_than_minutes: float = 5) -> "EventSelection":
         """Rows in `processing` since more than N minutes (processed_at, else created_at)."""
         if older_than_minutes < 0:
             raise ValueError("older_than_minutes must be >= 0")
@@ -362,7 +361,7 @@ def snapshot_location(run_id: str) -> str:
     return f"{SNAPSHOT_TABLE} WHERE run_id = '{run_id}'"
 
 
-def _plan(conn, table: str, selection: Selection) -> tuple[int, dict, dict]:
+def _plan(conn, table: str, selection: EventSelection) -> tuple[int, dict, dict]:
     from psycopg import sql
 
     cond, params = selection.where()
@@ -436,9 +435,241 @@ def _finish_status(report: Report, exc: BaseException | None) -> str | None:
     return f"stopped ({type(exc).__name__}) after {report.published} published"
 
 
+def _check_replay_arguments(
+    batch_size: int, rate_limit: float, new_status: str, publish: bool, exchange, dry_run: bool
+) -> None:
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if rate_limit < 0:
+        raise ValueError("rate_limit must be >= 0 (0: unlimited)")
+    if new_status not in STATUSES:
+        raise ValueError(f"unknown status {new_status!r}")
+    if publish and exchange is None and not dry_run:
+        raise ValueError("publishing needs an exchange")
+
+
+def _replayable_statuses(selection: EventSelection, force: bool) -> set[str]:
+    """`error` rows (the stuck reset: `processing` ones); with force, also processed and pending."""
+    replayable = {"processing"} if selection.kind == "stuck" else {"error"}
+    if force:
+        replayable |= {"processed", "pending"}
+    return replayable
+
+
+class _ReplaySQL(NamedTuple):
+    select: Any  # the next batch of selected rows, locked (SKIP LOCKED: a held row is left to its holder)
+    snapshot: Any  # the rows' current values, kept for undo
+    update: Any  # the rows' new status
+    dead_letter: str  # a row whose message failed on its own
+
+
+def _replay_sql(table: str, selection: EventSelection, new_status: str) -> _ReplaySQL:
+    from psycopg import sql
+
+    t = table_identifier(table)
+    cond, _ = selection.where()
+    select = sql.SQL(
+        "SELECT id, event_type, event_id, idempotency_key, payload, status FROM {t} WHERE ({c}) AND id > %s"
+        " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+    ).format(t=t, c=cond)
+    snapshot = sql.SQL(
+        "INSERT INTO {s} (run_id, table_name, event_pk, event_id, status, retry_count, error_message, processed_at)"
+        " SELECT %s, %s, id, event_id, status, retry_count, error_message, processed_at FROM {t} WHERE id = ANY(%s)"
+        " ON CONFLICT DO NOTHING"
+    ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t)
+    if new_status == "pending":  # back to the worker, as the seed's replay SQL does
+        update = sql.SQL(
+            "UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)"
+        )
+    else:  # marked failed now, so a later replay-failed window finds it
+        update = sql.SQL("UPDATE {t} SET status = %s, error_message = %s, processed_at = now() WHERE id = ANY(%s)")
+    dead_letter = (
+        f"INSERT INTO {DEAD_LETTER_TABLE} (run_id, table_name, event_pk, event_id, event_type, reason, error)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+    )
+    return _ReplaySQL(select, snapshot, update.format(t=t), dead_letter)
+
+
+class _Progress:
+    """Calls `callback(report)` at most every `every_s` seconds."""
+
+    def __init__(self, callback: Callable[[Report], None] | None, every_s: float):
+        self.callback, self.every_s = callback, every_s
+        self.last = time.monotonic()
+
+    def maybe(self, report: Report) -> None:
+        if self.callback and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            self.callback(report)
+
+
+@dataclass
+class _BatchOutcome:
+    """What a batch commits: the confirmed rows, their dead letters, how many were forced."""
+
+    done: list[int] = field(default_factory=list)
+    dead: list[tuple] = field(default_factory=list)
+    forced: int = 0
+
+
+class _RowReplay:
+    """Walks the selected rows in batches, publishes each replayable one (paced), and commits per
+    batch exactly the rows the broker confirmed, with their snapshot and new status."""
+
+    def __init__(
+        self,
+        conn,
+        report: Report,
+        selection: EventSelection,
+        replayable: set[str],
+        *,
+        exchange,
+        publish: bool,
+        pacer: Pacer,
+        progress: _Progress,
+        batch_size: int,
+        new_status: str,
+        new_error: str | None,
+    ):
+        self.conn, self.report, self.selection, self.replayable = conn, report, selection, replayable
+        self.exchange, self.publish, self.pacer, self.progress = exchange, publish, pacer, progress
+        self.batch_size, self.new_status, self.new_error = batch_size, new_status, new_error
+        self.sql = _replay_sql(report.table, selection, new_status)
+        self.handled = 0  # rows skipped, changed or failed (the rest: not reached)
+        self.broken: str | None = None  # the connection error that stopped the run
+
+    def run(self) -> None:
+        _, params = self.selection.where()
+        last_id = 0
+        while True:
+            with deferred_interrupts():  # a cancel never lands inside a query
+                rows = self.conn.execute(self.sql.select, [*params, last_id, self.batch_size]).fetchall()
+            if not rows:
+                self.conn.commit()
+                return
+            last_id = rows[-1][0]
+            self._replay_batch(rows)
+            if self.broken:  # the broker is gone: what was confirmed is committed, the rest stays as it was
+                raise ConnectionError(
+                    f"RabbitMQ connection lost after {self.report.published} published: {self.broken}"
+                )
+            self.progress.maybe(self.report)
+
+    def _replay_batch(self, rows: list[tuple]) -> None:
+        batch = _BatchOutcome()
+        try:
+            for row in rows:
+                if not self._replay_row(row, batch):
+                    break
+        finally:
+            # Whatever happened (stop included), commit exactly the rows the broker confirmed.
+            self._commit(batch)
+
+    def _replay_row(self, row: tuple, batch: _BatchOutcome) -> bool:
+        """Skip, change or publish one row; False when the connection is lost."""
+        pk, _, _, _, _, status = row
+        if status not in self.replayable:
+            self.handled += 1
+            self._count_skipped(status)
+            return True
+        if not self.publish:
+            self.handled += 1
+            batch.done.append(pk)
+            return True
+        self.pacer.wait()  # a cancel lands here, between two publishes
+        err = self._publish(row, batch)
+        if err is not None and not self._record_failure(row, err, batch):
+            return False
+        self.progress.maybe(self.report)
+        return True
+
+    def _count_skipped(self, status: str) -> None:
+        if status == "processed":
+            self.report.skipped_processed += 1
+        elif status == "pending":
+            self.report.skipped_pending += 1
+        else:
+            self.report.skipped_processing += 1
+
+    def _publish(self, row: tuple, batch: _BatchOutcome) -> str | None:
+        pk, event_type, event_id, idem, payload, status = row
+        forced = status in ("processed", "pending") and self.selection.kind != "stuck"
+        headers = {
+            "event_id": event_id,
+            "idempotency_key": idem,
+            "event_type": event_type,
+            "replay_run_id": self.report.run_id,
+            "replay_forced": forced,
+        }
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        with deferred_interrupts():  # a publish and its bookkeeping are one unit
+            err = self.exchange.publish(event_type, body, message_id=event_id, headers=headers)
+            self.handled += 1
+            if err is None:
+                batch.done.append(pk)
+                batch.forced += forced
+        return err
+
+    def _record_failure(self, row: tuple, err: str, batch: _BatchOutcome) -> bool:
+        """Count a failed publish; False when the connection is lost (the run stops)."""
+        pk, event_type, event_id = row[0], row[1], row[2]
+        report = self.report
+        report.failed += 1
+        if len(report.errors) < 20:
+            report.errors.append(f"{event_id}: {err}")
+        if err.startswith("connection"):
+            self.broken = err
+            return False
+        # This message alone failed (its shape refused, or not confirmed): the row stays
+        # as it was, is dead-lettered, and the replay goes on with the next row.
+        reason = _failure_reason(err)
+        if err.startswith("refused"):
+            report.refused += 1
+            report.refused_by_reason[reason] = report.refused_by_reason.get(reason, 0) + 1
+        batch.dead.append((report.run_id, report.table, pk, event_id, event_type, reason, err[:2000]))
+        return True
+
+    def _commit(self, batch: _BatchOutcome) -> None:
+        report, conn = self.report, self.conn
+        with deferred_interrupts():
+            if batch.done:
+                conn.execute(self.sql.snapshot, [report.run_id, report.table, batch.done])
+                conn.execute(self.sql.update, [self.new_status, self.new_error, batch.done])
+            if batch.dead:
+                conn.cursor().executemany(self.sql.dead_letter, batch.dead)
+            conn.commit()
+            report.dead_letters += len(batch.dead)
+            report.changed += len(batch.done)
+            report.published += len(batch.done) if self.publish else 0
+            report.forced_count += batch.forced
+
+
+@contextmanager
+def _audited(conn, report: Report, t0: float, handled: Callable[[], int]) -> Iterator[None]:
+    """Whatever ends the block (success, an error, a cancel), its outcome goes into the audit row."""
+    exc_seen: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:  # noqa: BLE001 - a cancelled run lands here too; re-raised
+        exc_seen = exc
+        raise
+    finally:
+        report.not_reached = max(0, report.selected - handled())
+        report.seconds = time.monotonic() - t0
+        error = _finish_status(report, exc_seen)
+        with deferred_interrupts():
+            try:
+                conn.rollback()
+                conn.autocommit = True
+                _audit_finish(conn, report, error)
+            except Exception:  # the database went away: the run's error says why
+                if exc_seen is None:
+                    raise
+
+
 def replay(
     url: str,
-    selection: Selection,
+    selection: EventSelection,
     run_id: str,
     *,
     table: str = "processed_events",
@@ -460,26 +691,15 @@ def replay(
     """Replay the selected rows (see the module docstring). `exchange`: an object with
     `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.RabbitExchange`);
     `publish=False` only changes statuses (the stuck reset to `error`)."""
-    from psycopg import sql
-
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if rate_limit < 0:
-        raise ValueError("rate_limit must be >= 0 (0: unlimited)")
-    if new_status not in STATUSES:
-        raise ValueError(f"unknown status {new_status!r}")
-    if publish and exchange is None and not dry_run:
-        raise ValueError("publishing needs an exchange")
-    t = table_identifier(table)
+    _check_replay_arguments(batch_size, rate_limit, new_status, publish, exchange, dry_run)
+    table_identifier(table)
     report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
     t0 = time.monotonic()
     with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
         if selection.kind == "one" and not report.selected:
             raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
-        replayable = {"processing"} if selection.kind == "stuck" else {"error"}
-        if force:
-            replayable |= {"processed", "pending"}
+        replayable = _replayable_statuses(selection, force)
         if dry_run:
             report.status = "dry_run"
             report.changed = sum(n for s, n in report.by_status.items() if s in replayable)
@@ -489,131 +709,60 @@ def replay(
         report.snapshot = snapshot_location(run_id)
         _audit_start(conn, report, requested_by, reason, exchange_name if publish else None)
         conn.autocommit = False
-        cond, params = selection.where()
-        select = sql.SQL(
-            "SELECT id, event_type, event_id, idempotency_key, payload, status FROM {t} WHERE ({c}) AND id > %s"
-            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
-        ).format(t=t, c=cond)
-        snap = sql.SQL(
-            "INSERT INTO {s} (run_id, table_name, event_pk, event_id, status, retry_count, error_message, processed_at)"
-            " SELECT %s, %s, id, event_id, status, retry_count, error_message, processed_at FROM {t} WHERE id = ANY(%s)"
-            " ON CONFLICT DO NOTHING"
-        ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t)
-        if new_status == "pending":  # back to the worker, as the seed's replay SQL does
-            update = sql.SQL(
-                "UPDATE {t} SET status = %s, retry_count = 0, error_message = %s, processed_at = NULL WHERE id = ANY(%s)"
-            )
-        else:  # marked failed now, so a later replay-failed window finds it
-            update = sql.SQL("UPDATE {t} SET status = %s, error_message = %s, processed_at = now() WHERE id = ANY(%s)")
-        update = update.format(t=t)
-        dead_letter = (
-            f"INSERT INTO {DEAD_LETTER_TABLE} (run_id, table_name, event_pk, event_id, event_type, reason, error)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        rows = _RowReplay(
+            conn,
+            report,
+            selection,
+            replayable,
+            exchange=exchange,
+            publish=publish,
+            pacer=Pacer(rate_limit),
+            progress=_Progress(progress, progress_every_s),
+            batch_size=batch_size,
+            new_status=new_status,
+            new_error=new_error,
         )
-        interval = 1.0 / rate_limit if rate_limit else 0.0
-        next_at = time.monotonic()
-        last_progress = time.monotonic()
-        handled = 0
-        exc_seen: BaseException | None = None
-        broken: str | None = None
-        try:
-            last_id = 0
-            while True:
-                with deferred_interrupts():  # a cancel never lands inside a query
-                    rows = conn.execute(select, [*params, last_id, batch_size]).fetchall()
-                if not rows:
-                    conn.commit()
-                    break
-                last_id = rows[-1][0]
-                done: list[int] = []
-                dead: list[tuple] = []  # rows whose message failed alone: dead letters, committed with the batch
-                forced_here = 0
-                try:
-                    for pk, event_type, event_id, idem, payload, status in rows:
-                        if status not in replayable:
-                            handled += 1
-                            if status == "processed":
-                                report.skipped_processed += 1
-                            elif status == "pending":
-                                report.skipped_pending += 1
-                            else:
-                                report.skipped_processing += 1
-                            continue
-                        if not publish:
-                            handled += 1
-                            done.append(pk)
-                            continue
-                        if interval:  # pacing: a cancel lands here, between two publishes
-                            wait = next_at - time.monotonic()
-                            if wait > 0:
-                                time.sleep(wait)
-                            next_at = max(next_at + interval, time.monotonic() - interval)
-                        forced_row = status in ("processed", "pending") and selection.kind != "stuck"
-                        headers = {
-                            "event_id": event_id,
-                            "idempotency_key": idem,
-                            "event_type": event_type,
-                            "replay_run_id": run_id,
-                            "replay_forced": forced_row,
-                        }
-                        body = json.dumps(payload, separators=(",", ":")).encode()
-                        with deferred_interrupts():
-                            err = exchange.publish(event_type, body, message_id=event_id, headers=headers)
-                            handled += 1
-                            if err is None:
-                                done.append(pk)
-                                forced_here += forced_row
-                        if err is not None:
-                            report.failed += 1
-                            if len(report.errors) < 20:
-                                report.errors.append(f"{event_id}: {err}")
-                            if err.startswith("connection"):
-                                broken = err
-                                break
-                            # This message alone failed (its shape refused, or not confirmed): the row stays
-                            # as it was, is dead-lettered, and the replay goes on with the next row.
-                            reason = _failure_reason(err)
-                            if err.startswith("refused"):
-                                report.refused += 1
-                                report.refused_by_reason[reason] = report.refused_by_reason.get(reason, 0) + 1
-                            dead.append((run_id, table, pk, event_id, event_type, reason, err[:2000]))
-                        if progress and time.monotonic() - last_progress >= progress_every_s:
-                            last_progress = time.monotonic()
-                            progress(report)
-                finally:
-                    # Whatever happened (stop included), commit exactly the rows the broker confirmed.
-                    with deferred_interrupts():
-                        if done:
-                            conn.execute(snap, [run_id, table, done])
-                            conn.execute(update, [new_status, new_error, done])
-                        if dead:
-                            conn.cursor().executemany(dead_letter, dead)
-                        conn.commit()
-                        report.dead_letters += len(dead)
-                        report.changed += len(done)
-                        report.published += len(done) if publish else 0
-                        report.forced_count += forced_here
-                if broken:  # the broker is gone: what was confirmed is committed, the rest stays as it was
-                    raise ConnectionError(f"RabbitMQ connection lost after {report.published} published: {broken}")
-                if progress and time.monotonic() - last_progress >= progress_every_s:
-                    last_progress = time.monotonic()
-                    progress(report)
-        except BaseException as exc:  # noqa: BLE001 - a cancelled run lands here too; re-raised
-            exc_seen = exc
-            raise
-        finally:
-            report.not_reached = max(0, report.selected - handled)
-            report.seconds = time.monotonic() - t0
-            error = _finish_status(report, exc_seen)
-            with deferred_interrupts():
-                try:
-                    conn.rollback()
-                    conn.autocommit = True
-                    _audit_finish(conn, report, error)
-                except Exception:  # the database went away: the run's error says why
-                    if exc_seen is None:
-                        raise
+        with _audited(conn, report, t0, lambda: rows.handled):
+            rows.run()
     return report
+
+
+# Undo: lock the rows the replay changed, snapshot their current values under the undo's run id,
+# then put the replay's snapshot back.
+_UNDO_LOCK = (
+    "SELECT p.id FROM {t} p JOIN {s} s ON s.event_pk = p.id WHERE s.run_id = %s AND s.table_name = %s FOR UPDATE OF p"
+)
+_UNDO_SNAPSHOT = (
+    "INSERT INTO {s} (run_id, table_name, event_pk, event_id, status, retry_count, error_message, processed_at)"
+    " SELECT %s, %s, p.id, p.event_id, p.status, p.retry_count, p.error_message, p.processed_at"
+    " FROM {t} p JOIN {s} old ON old.event_pk = p.id WHERE old.run_id = %s AND old.table_name = %s"
+)
+_UNDO_RESTORE = (
+    "UPDATE {t} p SET status = s.status, retry_count = s.retry_count, error_message = s.error_message,"
+    " processed_at = s.processed_at FROM {s} s WHERE s.event_pk = p.id AND s.run_id = %s AND s.table_name = %s"
+)
+
+
+def _check_undoable(conn, undo_run_id: str) -> None:
+    found = conn.execute(f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)).fetchone()
+    if found is None:
+        raise LookupError(f"no replay {undo_run_id!r} in {AUDIT_TABLE}")
+    if found[1]:
+        raise ValueError(f"replay {undo_run_id} was already undone by run {found[1]} (undo that run to redo it)")
+
+
+def _restore_snapshot(conn, table: str, undo_run_id: str, run_id: str) -> int:
+    """Put back the rows replay `undo_run_id` snapshotted (their current values snapshotted under
+    `run_id` first) and mark the replay undone, in one transaction. Returns the rows restored."""
+    from psycopg import sql
+
+    names = {"t": table_identifier(table), "s": sql.Identifier(SNAPSHOT_TABLE)}
+    with deferred_interrupts(), conn.transaction():
+        conn.execute(sql.SQL(_UNDO_LOCK).format(**names), (undo_run_id, table))
+        conn.execute(sql.SQL(_UNDO_SNAPSHOT).format(**names), (run_id, table, undo_run_id, table))
+        restored = conn.execute(sql.SQL(_UNDO_RESTORE).format(**names), (undo_run_id, table)).rowcount
+        conn.execute(f"UPDATE {AUDIT_TABLE} SET undone_by = %s WHERE run_id = %s", (run_id, undo_run_id))
+    return restored
 
 
 def undo(
@@ -629,20 +778,12 @@ def undo(
     """Restore status, retry_count, error_message and processed_at of the rows replay `undo_run_id`
     changed, as snapshotted. The current values are snapshotted under `run_id` first, so an undo
     can itself be undone."""
-    from psycopg import sql
-
-    t = table_identifier(table)
+    table_identifier(table)
     report = Report(run_id, "undo", table, {"undo_of": undo_run_id}, dry_run=dry_run)
     t0 = time.monotonic()
     with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
         ensure_replay_tables(conn)
-        found = conn.execute(
-            f"SELECT status, undone_by FROM {AUDIT_TABLE} WHERE run_id = %s", (undo_run_id,)
-        ).fetchone()
-        if found is None:
-            raise LookupError(f"no replay {undo_run_id!r} in {AUDIT_TABLE}")
-        if found[1]:
-            raise ValueError(f"replay {undo_run_id} was already undone by run {found[1]} (undo that run to redo it)")
+        _check_undoable(conn, undo_run_id)
         report.selected = conn.execute(
             f"SELECT count(*) FROM {SNAPSHOT_TABLE} WHERE run_id = %s AND table_name = %s", (undo_run_id, table)
         ).fetchone()[0]
@@ -652,44 +793,8 @@ def undo(
             return report
         report.snapshot = snapshot_location(run_id)
         _audit_start(conn, report, requested_by, reason, None)
-        exc_seen: BaseException | None = None
-        try:
-            with deferred_interrupts(), conn.transaction():
-                conn.execute(
-                    sql.SQL(
-                        "SELECT p.id FROM {t} p JOIN {s} s ON s.event_pk = p.id WHERE s.run_id = %s AND s.table_name = %s FOR UPDATE OF p"
-                    ).format(t=t, s=sql.Identifier(SNAPSHOT_TABLE)),
-                    (undo_run_id, table),
-                )
-                conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {s} (run_id, table_name, event_pk, event_id, status, retry_count, error_message, processed_at)"
-                        " SELECT %s, %s, p.id, p.event_id, p.status, p.retry_count, p.error_message, p.processed_at"
-                        " FROM {t} p JOIN {s} old ON old.event_pk = p.id WHERE old.run_id = %s AND old.table_name = %s"
-                    ).format(s=sql.Identifier(SNAPSHOT_TABLE), t=t),
-                    (run_id, table, undo_run_id, table),
-                )
-                cur = conn.execute(
-                    sql.SQL(
-                        "UPDATE {t} p SET status = s.status, retry_count = s.retry_count, error_message = s.error_message,"
-                        " processed_at = s.processed_at FROM {s} s WHERE s.event_pk = p.id AND s.run_id = %s AND s.table_name = %s"
-                    ).format(t=t, s=sql.Identifier(SNAPSHOT_TABLE)),
-                    (undo_run_id, table),
-                )
-                report.changed = cur.rowcount
-                conn.execute(f"UPDATE {AUDIT_TABLE} SET undone_by = %s WHERE run_id = %s", (run_id, undo_run_id))
-        except BaseException as exc:
-            exc_seen = exc
-            raise
-        finally:
-            report.not_reached = report.selected - report.changed
-            report.seconds = time.monotonic() - t0
-            error = _finish_status(report, exc_seen)
-            try:
-                _audit_finish(conn, report, error)
-            except Exception:
-                if exc_seen is None:
-                    raise
+        with _audited(conn, report, t0, lambda: report.changed):
+            report.changed = _restore_snapshot(conn, table, undo_run_id, run_id)
     return report
 
 

@@ -1,8 +1,8 @@
-"""Projection replay (seed 001): fold a tenant's history from ClickHouse `event_log` into projections.
+"""Projection replay: fold a tenant's history from ClickHouse `event_log` into projections.
 
 One place for the concept:
 
-- `Event`, `Projection` and `PROJECTIONS` (the registry, with two examples that mirror the seed's
+- `Event`, `EventLogProjection` and `PROJECTIONS` (the registry, with two examples that mirror the seed's
   `experimentRunState` and `tenantDailyEventStats`): a projection is a fold — `key(event)`, `init()`,
   `apply(state, event)` — plus the store it lives in and the SQL that folds the same thing from
   scratch (the check compares the two).
@@ -64,14 +64,15 @@ class Event(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Projection:
-    """A fold projection. `state` is a list of the `value_columns` (in order); `apply` updates it in
-    place. Increment projections (`store="postgres"`) hold integer counters that add up (two states
-    of one key merge by adding), scope `day`, and a `day` key column (days since 1970-01-01 in the
-    fold, a DATE in the store). Latest-row projections (`store="clickhouse"`) have scope
-    `aggregate` and key `(aggregate_id,)`. `fold_sql` selects the key and value columns from
-    `event_log` for `{where}` (a fixed condition with parameters), grouped by key: the check's
-    from-scratch fold."""
+class EventLogProjection:
+    """A projection of a tenant's `event_log`, written as a fold in Python and replayed day by day (not
+    the day pipelines' `pipeline.spec.Projection`, which DuckDB folds from committed Parquet).
+    `state` is a list of the `value_columns` (in order); `apply` updates it in place. Increment
+    projections (`store="postgres"`) hold integer counters that add up (two states of one key merge
+    by adding), scope `day`, and a `day` key column (days since 1970-01-01 in the fold, a DATE in
+    the store). Latest-row projections (`store="clickhouse"`) have scope `aggregate` and key
+    `(aggregate_id,)`. `fold_sql` selects the key and value columns from `event_log` for `{where}`
+    (a fixed condition with parameters), grouped by key: the check's from-scratch fold."""
 
     name: str
     description: str
@@ -154,7 +155,7 @@ def _ms(v) -> int:
     return int(v.timestamp() * 1000) if isinstance(v, datetime) else int(v)
 
 
-TENANT_DAILY_EVENT_COUNTS = Projection(
+TENANT_DAILY_EVENT_COUNTS = EventLogProjection(
     name="tenant_daily_event_counts",
     description="Events and billable units per tenant, day and event type (an increment store in Postgres; "
     "the seed's tenantDailyEventStats).",
@@ -169,7 +170,7 @@ TENANT_DAILY_EVENT_COUNTS = Projection(
     "toInt64(sum(JSONExtractInt(payload, 'units'))) AS units FROM {table} WHERE {where} GROUP BY day, type",
 )
 
-AGGREGATE_STATE = Projection(
+AGGREGATE_STATE = EventLogProjection(
     name="aggregate_state",
     description="Per aggregate: event count, first and last event time, last event type and id (latest row "
     "wins in ClickHouse; the seed's experimentRunState / traceSummary).",
@@ -197,10 +198,10 @@ AGGREGATE_STATE = Projection(
     ],
 )
 
-PROJECTIONS: dict[str, Projection] = {p.name: p for p in (AGGREGATE_STATE, TENANT_DAILY_EVENT_COUNTS)}
+PROJECTIONS: dict[str, EventLogProjection] = {p.name: p for p in (AGGREGATE_STATE, TENANT_DAILY_EVENT_COUNTS)}
 
 
-def get_projection(name: str) -> Projection:
+def get_projection(name: str) -> EventLogProjection:
     try:
         return PROJECTIONS[name]
     except KeyError:
@@ -311,7 +312,7 @@ class EventLog:
             ke = page.column("event_id")[-1].as_py()
 
 
-def fold_pages(projection: Projection, pages, rows: dict | None = None) -> tuple[dict, int]:
+def fold_pages(projection: EventLogProjection, pages, rows: dict | None = None) -> tuple[dict, int]:
     """Fold Arrow pages of events into `rows` (projection key -> state): coalesced, so a key
     touched by many events (or aggregates) is one entry. Returns (rows, events)."""
     rows = {} if rows is None else rows
@@ -329,7 +330,7 @@ def fold_pages(projection: Projection, pages, rows: dict | None = None) -> tuple
     return rows, n
 
 
-def merge_rows(projection: Projection, into: dict, other: dict) -> dict:
+def merge_rows(projection: EventLogProjection, into: dict, other: dict) -> dict:
     for k, s in other.items():
         cur = into.get(k)
         if cur is None:
@@ -433,16 +434,11 @@ class ReplayOptions:
     concurrency: int = 4  # aggregate streams read and folded in parallel per batch
     dry_run: bool = False
     drain_timeout_s: float = 120.0
-    stop_after_batches: int | None = None  # tests: simulate a crash after N batches
 
     def __post_init__(self) -> None:
         for f in ("batch_size", "aggregate_batch", "concurrency"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be at least 1")
-
-
-class SimulatedCrash(RuntimeError):
-    pass
 
 
 class ReplayBusy(RuntimeError):
@@ -480,7 +476,7 @@ class DayResult:
 
 
 def replay_day(
-    projection: Projection,
+    projection: EventLogProjection,
     tenant: str,
     day: str,
     ch_factory: Callable[[], Any],
@@ -488,23 +484,20 @@ def replay_day(
     coordinator,
     options: ReplayOptions,
     log: ReplayLog,
+    after_batch: Callable[[DayResult], None] | None = None,
 ) -> DayResult:
     """Replay one day partition of `projection` for `tenant` (see the module docstring).
 
     `ch_factory()` opens a ClickHouse client (one per parallel stream); `store` is the projection's
-    store (`projection_stores.open_store`); `coordinator` a `live_replay.Coordinator`."""
+    store (`stores.open_store`); `coordinator` a `live.Coordinator`. `after_batch(result)` is
+    called after each batch is written and its progress kept: a test raises there to crash the
+    replay at a chosen point (production passes nothing)."""
     t0 = time.monotonic()
-    lo, hi = day_window(day)
     res = DayResult(day=day, tenant=tenant, projection=projection.name, dry_run=options.dry_run)
     ch = ch_factory()
     try:
-        elog = EventLog(ch, tenant)
         if options.dry_run:
-            res.counts = elog.counts(lo, hi, whole_aggregates=projection.scope == "aggregate")
-            res.aggregates, res.events = res.counts["aggregates"], res.counts["events_to_fold"]
-            log.write("dry_run", projection=projection.name, day=day, **res.counts)
-            res.seconds = time.monotonic() - t0
-            return res
+            return _dry_run(projection, EventLog(ch, tenant), day, log, res, t0)
         token = uuid.uuid4().hex
         holder = coordinator.acquire(tenant, day, token)
         if holder is not None:
@@ -513,126 +506,177 @@ def replay_day(
                 "wait for it, or after a crash run `event-replay projections cleanup-markers`"
             )
         try:
-            return _replay_locked(
-                projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token
+            replay = _DayReplay(projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res)
+            replay.run(token, after_batch)
+            res.seconds = time.monotonic() - t0
+            log.write(
+                "done",
+                day=day,
+                aggregates=res.aggregates,
+                events=res.events,
+                keys_written=res.keys_written,
+                seconds=round(res.seconds, 3),
+                verified=res.verified,
             )
+            return res
         finally:
             coordinator.release(tenant, day, token)
     finally:
         ch.close()
 
 
-def _replay_locked(
-    projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res, t0, token
-) -> DayResult:
+def _dry_run(projection: EventLogProjection, elog: EventLog, day: str, log: ReplayLog, res: DayResult, t0: float):
+    """Count what the day's replay would fold; write nothing."""
     lo, hi = day_window(day)
-    elog = EventLog(ch, tenant)
-    prev = store.progress(projection, tenant, day)
-    if prev is not None and prev.status == "running":
-        state, res.resumed = prev, True
-        res.skipped_aggregates = prev.aggregates
-        log.write(
-            "resume",
-            projection=projection.name,
-            day=day,
-            replay_id=prev.replay_id,
-            cutoff=prev.cutoff,
-            after_aggregate=prev.last_aggregate,
-            aggregates_done=prev.aggregates,
-            events_done=prev.events,
-        )
-    else:
-        state = ReplayState(projection.name, tenant, day, replay_id=uuid.uuid4().hex)
-        log.write("start", projection=projection.name, day=day, replay_id=state.replay_id)
-    rid = res.replay_id = state.replay_id
-    coordinator.register(rid, tenant, day, to_ms(lo), to_ms(hi), projection.scope)
-    # 1. mark
-    if projection.scope == "day":
-        coordinator.mark_window(rid, tenant, to_ms(lo), to_ms(hi))
-        res.markers = 1
-    else:
-        if not state.discovery_cutoff:
-            state.discovery_cutoff = elog.cutoff()
-        after = ""
-        while True:
-            ids = elog.aggregates(lo, hi, state.discovery_cutoff, after, 10_000)
-            if not ids:
-                break
-            res.markers += coordinator.mark_aggregates(rid, tenant, ids)
-            after = ids[-1]
-    log.write("marked", day=day, markers=res.markers, scope=projection.scope)
-    # 2. drain, 3. cutoff (a resumed replay keeps its cutoff: what it already wrote was folded to it)
-    res.drained_handlers, waited = coordinator.drain(tenant, options.drain_timeout_s)
-    log.write("drained", day=day, handlers=res.drained_handlers, seconds=round(waited, 3))
-    if not res.resumed:
-        state.cutoff = elog.cutoff()
-        coordinator.set_cutoff(rid, state.cutoff)
-        store.begin(projection, state, day)  # increment store: the day's rows removed (with the progress row)
-    else:
-        coordinator.set_cutoff(rid, state.cutoff)
-    res.cutoff = state.cutoff
-    log.write("cutoff", day=day, cutoff=state.cutoff)
-    # 4. batches of aggregates, folded in `concurrency` streams, each key written once per batch
-    with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
-        clients = [ch] + [ch_factory() for _ in range(options.concurrency - 1)]
-        try:
-            while True:
-                if projection.scope == "aggregate":
-                    batch = coordinator.marked_after(rid, state.last_aggregate, options.aggregate_batch)
-                else:
-                    batch = elog.aggregates(lo, hi, state.cutoff, state.last_aggregate, options.aggregate_batch)
-                if not batch or not state.cutoff:
-                    break
-                rows, n = _fold_batch(projection, tenant, batch, state.cutoff, (lo, hi), clients, pool, options)
-                state.last_aggregate = batch[-1]
-                state.aggregates += len(batch)
-                state.events += n
-                store.write_batch(projection, state, rows)
-                coordinator.refresh(tenant, day, token)
-                res.batches += 1
-                res.aggregates += len(batch)
-                res.events += n
-                res.keys_written += len(rows)
-                log.write(
-                    "batch",
-                    day=day,
-                    batch=res.batches,
-                    aggregates=len(batch),
-                    events=n,
-                    keys_written=len(rows),
-                    last_aggregate=state.last_aggregate,
-                    aggregates_done=state.aggregates,
-                    events_done=state.events,
-                )
-                if options.stop_after_batches is not None and res.batches >= options.stop_after_batches:
-                    raise SimulatedCrash(f"stopped after {res.batches} batch(es), as asked")
-        finally:
-            for c in clients[1:]:
-                c.close()
-    # 5. verify before unmarking: no live write can touch these rows yet
-    res.verification = store.verify(projection, ch, tenant, day, state)
-    res.verified = bool(res.verification["passed"])
-    log.write("verified", day=day, **res.verification)
-    state.status = "done"
-    store.finish(projection, state)
-    # 6. unmark: deferred live events resume
-    res.unmark = coordinator.unmark(rid)
-    log.write("unmarked", day=day, **res.unmark)
+    res.counts = elog.counts(lo, hi, whole_aggregates=projection.scope == "aggregate")
+    res.aggregates, res.events = res.counts["aggregates"], res.counts["events_to_fold"]
+    log.write("dry_run", projection=projection.name, day=day, **res.counts)
     res.seconds = time.monotonic() - t0
-    log.write(
-        "done",
-        day=day,
-        aggregates=res.aggregates,
-        events=res.events,
-        keys_written=res.keys_written,
-        seconds=round(res.seconds, 3),
-        verified=res.verified,
-    )
     return res
 
 
+class _DayReplay:
+    """One day's replay, holding the (projection, tenant, day) lock: the live-traffic protocol's
+    steps in order (mark, drain, cutoff, batches, verify, unmark), resumed where a crash left it."""
+
+    def __init__(self, projection, tenant, day, ch, ch_factory, store, coordinator, options, log, res):
+        self.projection, self.tenant, self.day = projection, tenant, day
+        self.ch, self.ch_factory, self.store, self.coordinator = ch, ch_factory, store, coordinator
+        self.options, self.log, self.res = options, log, res
+        self.lo, self.hi = day_window(day)
+        self.elog = EventLog(ch, tenant)
+
+    def run(self, token: str, after_batch: Callable[[DayResult], None] | None) -> None:
+        state = self._start_or_resume()
+        rid = self.res.replay_id = state.replay_id
+        self.coordinator.register(rid, self.tenant, self.day, to_ms(self.lo), to_ms(self.hi), self.projection.scope)
+        self._mark(rid, state)
+        self._drain_and_cutoff(rid, state)
+        self._fold_batches(rid, state, token, after_batch)
+        self._verify_and_unmark(rid, state)
+
+    def _start_or_resume(self) -> ReplayState:
+        """The day's progress of a replay that did not finish (resumed), else a new replay."""
+        res, prev = self.res, self.store.progress(self.projection, self.tenant, self.day)
+        if prev is not None and prev.status == "running":
+            res.resumed, res.skipped_aggregates = True, prev.aggregates
+            self.log.write(
+                "resume",
+                projection=self.projection.name,
+                day=self.day,
+                replay_id=prev.replay_id,
+                cutoff=prev.cutoff,
+                after_aggregate=prev.last_aggregate,
+                aggregates_done=prev.aggregates,
+                events_done=prev.events,
+            )
+            return prev
+        state = ReplayState(self.projection.name, self.tenant, self.day, replay_id=uuid.uuid4().hex)
+        self.log.write("start", projection=self.projection.name, day=self.day, replay_id=state.replay_id)
+        return state
+
+    def _mark(self, rid: str, state: ReplayState) -> None:
+        """1. Mark what the replay rewrites: the day's window, or each aggregate with events in it."""
+        res, elog = self.res, self.elog
+        if self.projection.scope == "day":
+            self.coordinator.mark_window(rid, self.tenant, to_ms(self.lo), to_ms(self.hi))
+            res.markers = 1
+        else:
+            if not state.discovery_cutoff:
+                state.discovery_cutoff = elog.cutoff()
+            after = ""
+            while ids := elog.aggregates(self.lo, self.hi, state.discovery_cutoff, after, 10_000):
+                res.markers += self.coordinator.mark_aggregates(rid, self.tenant, ids)
+                after = ids[-1]
+        self.log.write("marked", day=self.day, markers=res.markers, scope=self.projection.scope)
+
+    def _drain_and_cutoff(self, rid: str, state: ReplayState) -> None:
+        """2. Wait for in-flight live handlers, 3. fix the cutoff (a resumed replay keeps its
+        cutoff: what it already wrote was folded to it)."""
+        res = self.res
+        res.drained_handlers, waited = self.coordinator.drain(self.tenant, self.options.drain_timeout_s)
+        self.log.write("drained", day=self.day, handlers=res.drained_handlers, seconds=round(waited, 3))
+        if not res.resumed:
+            state.cutoff = self.elog.cutoff()
+            self.coordinator.set_cutoff(rid, state.cutoff)
+            # increment store: the day's rows removed (with the progress row)
+            self.store.begin(self.projection, state, self.day)
+        else:
+            self.coordinator.set_cutoff(rid, state.cutoff)
+        res.cutoff = state.cutoff
+        self.log.write("cutoff", day=self.day, cutoff=state.cutoff)
+
+    def _next_batch(self, rid: str, state: ReplayState) -> list[str]:
+        """The next aggregates after the last one done: the marked ones, or those with events in the day."""
+        n = self.options.aggregate_batch
+        if self.projection.scope == "aggregate":
+            return self.coordinator.marked_after(rid, state.last_aggregate, n)
+        return self.elog.aggregates(self.lo, self.hi, state.cutoff, state.last_aggregate, n)
+
+    def _fold_batches(self, rid: str, state: ReplayState, token: str, after_batch) -> None:
+        """4. Batches of aggregates, folded in `concurrency` streams, each key written once per batch."""
+        options = self.options
+        with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
+            clients = [self.ch] + [self.ch_factory() for _ in range(options.concurrency - 1)]
+            try:
+                while (batch := self._next_batch(rid, state)) and state.cutoff:
+                    window = (self.lo, self.hi)
+                    rows, n = _fold_batch(
+                        self.projection, self.tenant, batch, state.cutoff, window, clients, pool, options
+                    )
+                    self._write_batch(state, token, batch, rows, n)
+                    if after_batch is not None:
+                        after_batch(self.res)
+            finally:
+                for c in clients[1:]:
+                    c.close()
+
+    def _write_batch(self, state: ReplayState, token: str, batch: list[str], rows: dict, n: int) -> None:
+        """Write a folded batch with its progress, keep the lock, count and log it."""
+        res = self.res
+        state.last_aggregate = batch[-1]
+        state.aggregates += len(batch)
+        state.events += n
+        self.store.write_batch(self.projection, state, rows)
+        self.coordinator.refresh(self.tenant, self.day, token)
+        res.batches += 1
+        res.aggregates += len(batch)
+        res.events += n
+        res.keys_written += len(rows)
+        self.log.write(
+            "batch",
+            day=self.day,
+            batch=res.batches,
+            aggregates=len(batch),
+            events=n,
+            keys_written=len(rows),
+            last_aggregate=state.last_aggregate,
+            aggregates_done=state.aggregates,
+            events_done=state.events,
+        )
+
+    def _verify_and_unmark(self, rid: str, state: ReplayState) -> None:
+        """5. Verify before unmarking (no live write can touch these rows yet), 6. unmark:
+        deferred live events resume."""
+        res = self.res
+        res.verification = self.store.verify(self.projection, self.ch, self.tenant, self.day, state)
+        res.verified = bool(res.verification["passed"])
+        self.log.write("verified", day=self.day, **res.verification)
+        state.status = "done"
+        self.store.finish(self.projection, state)
+        res.unmark = self.coordinator.unmark(rid)
+        self.log.write("unmarked", day=self.day, **res.unmark)
+
+
 def _fold_batch(
-    projection: Projection, tenant: str, batch: list[str], cutoff: str, window, clients, pool, options: ReplayOptions
+    projection: EventLogProjection,
+    tenant: str,
+    batch: list[str],
+    cutoff: str,
+    window,
+    clients,
+    pool,
+    options: ReplayOptions,
 ):
     streams = min(options.concurrency, len(batch))
     size = -(-len(batch) // streams)

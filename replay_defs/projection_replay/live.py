@@ -1,4 +1,4 @@
-"""Live traffic during a projection replay (seed 001's protocol), in Redis.
+"""Live traffic during a projection replay: the protocol between a replay and the live consumers, in Redis.
 
 Both sides of the protocol live here: `Coordinator` is what a replay calls, `LiveProjector` is the
 small library a live consumer calls for every event it would fold into a projection.

@@ -30,7 +30,7 @@ from replay_defs.projection_replay.engine import (
     EVENT_LOG,
     TS,
     Event,
-    Projection,
+    EventLogProjection,
     ReplayState,
     day_window,
     to_ms,
@@ -46,7 +46,7 @@ def _arrow_type(ch_type: str) -> pa.DataType:
     return {"String": pa.string(), "UInt64": pa.uint64(), "Int64": pa.int64(), "Date": pa.date32()}[ch_type]
 
 
-def _where(projection: Projection) -> str:
+def _where(projection: EventLogProjection) -> str:
     if projection.scope == "day":
         return f"tenant = {{tenant:String}} AND time >= {{lo:{TS}}} AND time < {{hi:{TS}}} AND event_id <= {{cutoff:String}}"
     return (
@@ -55,7 +55,7 @@ def _where(projection: Projection) -> str:
     )
 
 
-def fold_sql(projection: Projection) -> str:
+def fold_sql(projection: EventLogProjection) -> str:
     """The projection's from-scratch fold for a replayed day (parameters: tenant, lo, hi, cutoff, dcut)."""
     return projection.fold_sql.replace("{table}", EVENT_LOG).replace("{where}", _where(projection))
 
@@ -75,7 +75,7 @@ class ClickHouseLatestStore:
     def close(self) -> None:
         self.ch.close()
 
-    def ensure(self, projection: Projection) -> None:
+    def ensure(self, projection: EventLogProjection) -> None:
         cols = ", ".join(
             f"{n} {t}"
             for n, t in (
@@ -96,7 +96,7 @@ class ClickHouseLatestStore:
         )
 
     # progress
-    def progress(self, projection: Projection, tenant: str, day: str) -> ReplayState | None:
+    def progress(self, projection: EventLogProjection, tenant: str, day: str) -> ReplayState | None:
         rows = self.ch.rows(
             f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} FINAL WHERE projection_name = {{p:String}} AND tenant = {{t:String}} AND day = {{d:Date}}",
             {"p": projection.name, "t": tenant, "d": date.fromisoformat(day)},
@@ -122,13 +122,13 @@ class ClickHouseLatestStore:
             ),
         )
 
-    def begin(self, projection: Projection, state: ReplayState, day: str) -> None:
+    def begin(self, projection: EventLogProjection, state: ReplayState, day: str) -> None:
         self._save(state)  # latest row wins: nothing to remove, the replay rewrites each row
 
-    def finish(self, projection: Projection, state: ReplayState) -> None:
+    def finish(self, projection: EventLogProjection, state: ReplayState) -> None:
         self._save(state)
 
-    def abandon(self, projection: Projection, tenant: str | None = None) -> int:
+    def abandon(self, projection: EventLogProjection, tenant: str | None = None) -> int:
         rows = self.ch.rows(
             f"SELECT tenant, day, {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} FINAL WHERE projection_name = {{p:String}} AND status = 'running'"
             + (" AND tenant = {t:String}" if tenant is not None else ""),
@@ -141,7 +141,7 @@ class ClickHouseLatestStore:
         return len(rows)
 
     # rows
-    def _table(self, projection: Projection, tenant: str, rows: dict, version: int) -> pa.Table:
+    def _table(self, projection: EventLogProjection, tenant: str, rows: dict, version: int) -> pa.Table:
         keys = list(rows)
         cols = {"tenant": pa.array([tenant] * len(keys), pa.string())}
         for i, (n, t) in enumerate(projection.key_columns):
@@ -152,7 +152,7 @@ class ClickHouseLatestStore:
         cols["version"] = pa.array([version] * len(keys), pa.uint64())
         return pa.table(cols)
 
-    def write_batch(self, projection: Projection, state: ReplayState, rows: dict) -> None:
+    def write_batch(self, projection: EventLogProjection, state: ReplayState, rows: dict) -> None:
         if rows:
             self.ch.insert(projection.table, self._table(projection, state.tenant, rows, time.time_ns()))
         # Progress at most every PROGRESS_EVERY_S: a ClickHouse insert costs tens of ms, and losing
@@ -161,7 +161,7 @@ class ClickHouseLatestStore:
             self._save(state)
             self._saved_at = time.monotonic()
 
-    def apply_live(self, projection: Projection, tenant: str, event: Event) -> None:
+    def apply_live(self, projection: EventLogProjection, tenant: str, event: Event) -> None:
         """A live consumer's write of one event: read the row, fold the event in, write it back."""
         event = as_event(event)
         cur = self.ch.query(
@@ -174,7 +174,7 @@ class ClickHouseLatestStore:
             projection.table, self._table(projection, tenant, {projection.key(event): state}, time.time_ns())
         )
 
-    def rows(self, projection: Projection, tenant: str) -> dict:
+    def rows(self, projection: EventLogProjection, tenant: str) -> dict:
         out = {}
         for r in self.ch.query(
             f"SELECT * FROM {projection.table} FINAL WHERE tenant = {{t:String}}", {"t": tenant}
@@ -182,7 +182,7 @@ class ClickHouseLatestStore:
             out[tuple(r[n] for n, _ in projection.key_columns)] = tuple(r[n] for n, _ in projection.value_columns)
         return out
 
-    def verify(self, projection: Projection, ch, tenant: str, day: str, state: ReplayState) -> dict:
+    def verify(self, projection: EventLogProjection, ch, tenant: str, day: str, state: ReplayState) -> dict:
         """The replayed rows against the from-scratch fold, compared inside ClickHouse."""
         keys = [n for n, _ in projection.key_columns]
         vals = [n for n, _ in projection.value_columns]
@@ -217,12 +217,12 @@ class PostgresIncrementStore:
     def close(self) -> None:
         self.con.close()
 
-    def _t(self, projection: Projection):
+    def _t(self, projection: EventLogProjection):
         from psycopg import sql
 
         return sql.Identifier(projection.table)
 
-    def ensure(self, projection: Projection) -> None:
+    def ensure(self, projection: EventLogProjection) -> None:
         from psycopg import sql
 
         cols = (
@@ -245,7 +245,7 @@ class PostgresIncrementStore:
                 "updated timestamptz DEFAULT now(), PRIMARY KEY (projection_name, tenant, day))"
             )
 
-    def progress(self, projection: Projection, tenant: str, day: str) -> ReplayState | None:
+    def progress(self, projection: EventLogProjection, tenant: str, day: str) -> ReplayState | None:
         with self._lock:
             row = self.con.execute(
                 f"SELECT {', '.join(_PROGRESS_FIELDS)} FROM {PROGRESS} WHERE projection_name = %s AND tenant = %s AND day = %s",
@@ -263,7 +263,7 @@ class PostgresIncrementStore:
             (s.projection, s.tenant, date.fromisoformat(s.day), *(getattr(s, f) for f in _PROGRESS_FIELDS)),
         )
 
-    def begin(self, projection: Projection, state: ReplayState, day: str) -> None:
+    def begin(self, projection: EventLogProjection, state: ReplayState, day: str) -> None:
         """Re-replay safety: the day's rows go, in the transaction that records the replay."""
         from psycopg import sql
 
@@ -274,11 +274,11 @@ class PostgresIncrementStore:
             )
             self._save(state)
 
-    def finish(self, projection: Projection, state: ReplayState) -> None:
+    def finish(self, projection: EventLogProjection, state: ReplayState) -> None:
         with self._lock:
             self._save(state)
 
-    def abandon(self, projection: Projection, tenant: str | None = None) -> int:
+    def abandon(self, projection: EventLogProjection, tenant: str | None = None) -> int:
         with self._lock:
             cur = self.con.execute(
                 f"UPDATE {PROGRESS} SET status = 'abandoned', updated = now() WHERE projection_name = %s AND status = 'running'"
@@ -287,7 +287,7 @@ class PostgresIncrementStore:
             )
             return cur.rowcount
 
-    def _upsert_sql(self, projection: Projection):
+    def _upsert_sql(self, projection: EventLogProjection):
         from psycopg import sql
 
         keys = ["tenant"] + [n for n, _ in projection.key_columns]
@@ -303,10 +303,10 @@ class PostgresIncrementStore:
         )
 
     @staticmethod
-    def _key_values(projection: Projection, key: tuple) -> tuple:
+    def _key_values(projection: EventLogProjection, key: tuple) -> tuple:
         return tuple(EPOCH + timedelta(days=k) if n == "day" else k for (n, _), k in zip(projection.key_columns, key))
 
-    def write_batch(self, projection: Projection, state: ReplayState, rows: dict) -> None:
+    def write_batch(self, projection: EventLogProjection, state: ReplayState, rows: dict) -> None:
         """The batch's coalesced counters (one row per key) and its progress, in one transaction."""
         params = [(state.tenant, *self._key_values(projection, k), *s) for k, s in rows.items()]
         with self._lock, self.con.transaction():
@@ -315,7 +315,7 @@ class PostgresIncrementStore:
                     cur.executemany(self._upsert_sql(projection), params)
             self._save(state)
 
-    def apply_live(self, projection: Projection, tenant: str, event: Event) -> None:
+    def apply_live(self, projection: EventLogProjection, tenant: str, event: Event) -> None:
         event = as_event(event)
         s = projection.init()
         projection.apply(s, event)
@@ -324,7 +324,7 @@ class PostgresIncrementStore:
                 self._upsert_sql(projection), (tenant, *self._key_values(projection, projection.key(event)), *s)
             )
 
-    def rows(self, projection: Projection, tenant: str, day: str | None = None) -> dict:
+    def rows(self, projection: EventLogProjection, tenant: str, day: str | None = None) -> dict:
         from psycopg import sql
 
         keys = [n for n, _ in projection.key_columns]
@@ -340,7 +340,7 @@ class PostgresIncrementStore:
             out = self.con.execute(q, args).fetchall()
         return {tuple(r[: len(keys)]): tuple(r[len(keys) :]) for r in out}
 
-    def verify(self, projection: Projection, ch, tenant: str, day: str, state: ReplayState) -> dict:
+    def verify(self, projection: EventLogProjection, ch, tenant: str, day: str, state: ReplayState) -> dict:
         """The day's rows against the from-scratch fold (ClickHouse SQL on event_log), key by key."""
         keys = [n for n, _ in projection.key_columns]
         vals = [n for n, _ in projection.value_columns]
@@ -366,7 +366,7 @@ def as_event(e) -> Event:
     return e if type(e) is Event else Event(e.aggregate_id, e.event_id, e.time_ms, e.type, e.payload)
 
 
-def open_store(projection: Projection, clickhouse=None, postgres_url: str | None = None):
+def open_store(projection: EventLogProjection, clickhouse=None, postgres_url: str | None = None):
     """The projection's store, its tables created. `clickhouse`: a ClickHouseResource (or anything
     with `.get()` returning a ClickHouse client)."""
     if projection.store == "clickhouse":
