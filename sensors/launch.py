@@ -1,16 +1,21 @@
-"""Launching a backfill from a sensor, and seeing which days already have one.
+"""Launching a backfill from a sensor, seeing which days already have one, and reading a day's
+latest check executions: the project's uses of Dagster's private APIs, here and only here.
 
 Dagster 1.13 has no public way for a sensor to launch a backfill: `RunRequest.for_asset_graph_subset`
-works but is private, and reading a backfill's target needs private types too. Both live here, and
-only here, so they can be swapped for `RunRequest.for_asset_partition_range` when it is released.
+works but is private, and reading a backfill's target needs private types too; they can be swapped
+for `RunRequest.for_asset_partition_range` when it is released. Nor has it a public query for the
+latest execution of a check per partition (`event-replay status`), planned ones included.
 """
 
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 
 def backfill_request(
@@ -37,3 +42,30 @@ def days_being_backfilled(instance: dg.DagsterInstance, asset_graph, asset_keys:
         for key in keys & set(target.asset_keys):
             days.update(target.get_partitions_subset(key).get_partition_keys())
     return days
+
+
+class CheckExecution(NamedTuple):
+    """A check's latest execution for a day. `evaluation` (an AssetCheckEvaluation) and `timestamp`
+    (when it was recorded) are None while the execution is only planned: its step has not reported."""
+
+    run_id: str
+    timestamp: float | None
+    evaluation: Any
+
+
+def latest_check_executions(
+    instance: dg.DagsterInstance, check_keys: Iterable[dg.AssetCheckKey], day: str
+) -> dict[dg.AssetCheckKey, CheckExecution]:
+    """The latest execution of each of `check_keys` for partition `day`; a check never run is absent."""
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        list(check_keys), partition_filter=PartitionKeyFilter(key=day)
+    )
+    out = {}
+    for key, record in latest.items():
+        if record.status == AssetCheckExecutionRecordStatus.PLANNED or record.event is None:
+            out[key] = CheckExecution(record.run_id, None, None)
+        else:
+            out[key] = CheckExecution(
+                record.run_id, record.event.timestamp, record.event.dagster_event.event_specific_data
+            )
+    return out

@@ -1,0 +1,459 @@
+"""`event-replay` commands of the day pipelines (telemetry, billing; `verify` also takes a refill):
+`generate` and `demo` (demo telemetry and its backfill), `status`, `verify` and `rollback`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+from replay_defs.cli_common import (
+    days_between,
+    ensure_dagster_home,
+    failed_steps,
+    find_spec,
+    resolve,
+    run_in_process,
+    run_status,
+)
+
+
+def register(sub) -> None:
+    """Add this system's commands to `event-replay`'s subparsers."""
+    _add_demo_commands(sub)
+    _add_day_commands(sub)
+
+
+def _add_demo_commands(sub) -> None:
+    g = sub.add_parser("generate", help="write demo telemetry files with realistic faults")
+    g.add_argument("--lake", default="data/lake", help="lake root (default data/lake)")
+    g.add_argument("--start", default="2025-11-24", help="first day, YYYY-MM-DD")
+    g.add_argument("--days", type=int, default=3)
+    g.add_argument("--events-per-day", type=int, default=100_000)
+    g.add_argument("--files-per-hour", type=int, default=1)
+    g.add_argument("--seed", type=int, default=7)
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="generate demo data, backfill it, print per-day counts and checks")
+    d.add_argument("--start", default="2025-11-24")
+    d.add_argument("--days", type=int, default=3)
+    d.add_argument("--events-per-day", type=int, default=100_000)
+    d.add_argument("--no-bug-story", action="store_true", help="skip the bad-parser-then-replay part")
+    d.set_defaults(fn=cmd_demo)
+
+
+def _add_day_commands(sub) -> None:
+    s = sub.add_parser("status", help="per-day counts and latest check verdicts")
+    s.add_argument("pipeline")
+    s.add_argument("start", help="first day")
+    s.add_argument("end", nargs="?", help="last day (default: start)")
+    s.set_defaults(fn=cmd_status)
+
+    v = sub.add_parser(
+        "verify",
+        help="run every check of some days without rebuilding anything; exit 1 if one fails",
+        description="Runs the pipeline's <name>_verify job (every asset check, no asset rebuilt) over the days and prints a "
+        "verdict per day and check: passed, failed, warn (a non-blocking check) or errored (the check raised). "
+        "Exits 1 if any check failed or errored.",
+    )
+    v.add_argument("pipeline")
+    v.add_argument("start", help="first day, YYYY-MM-DD")
+    v.add_argument("end", nargs="?", help="last day (default: start)")
+    v.set_defaults(fn=cmd_verify)
+
+    r = sub.add_parser(
+        "rollback", help="restore the previous version of a parsed day (verified first), re-fold it, run its checks"
+    )
+    r.add_argument("pipeline")
+    r.add_argument("day")
+    r.add_argument("--to", type=int, help="restore this kept version instead (also a newer one: undoes a rollback)")
+    r.set_defaults(fn=cmd_rollback)
+
+
+def _lake(defs):
+    from replay_defs.core.lake import Lake
+
+    lake_res = defs.resources["lake"]
+    return Lake(resolve(lake_res.root), keep_versions=lake_res.keep_versions)
+
+
+# ---- per-day counts and check verdicts ----------------------------------------------------------
+
+
+def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
+    """Per-partition counts, read back from the lake state and the stores."""
+    from replay_defs.core.naming import PARSED, REDRIVE, owner
+    from replay_defs.definitions import defs
+    from replay_defs.pipeline.store import DuckDBStore
+
+    spec = find_spec(spec_name)
+    lake = _lake(defs)
+    store = DuckDBStore(resolve(defs.resources["store"].path))
+    count_proj = next((p for p in spec.projections if p.kind == "increment"), None)
+    rows = []
+    for day in days:
+        state = lake.state(owner(spec, PARSED), day)
+        s = state.stats if state else {}
+        last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json") or {}
+        rows.append(
+            {
+                "day": day,
+                "version": state.version if state else None,
+                "raw_lines": s.get("raw_lines"),
+                "parsed": s.get("parsed"),
+                "duplicates": s.get("duplicates"),
+                "quarantined": s.get("quarantined"),
+                "routed_in": s.get("routed_in"),
+                "routed_out": s.get("routed_out"),
+                "projection": store.increment_total(spec.name, count_proj, day) if (count_proj and state) else None,
+                "redrive_sent": last.get("published"),
+                "redrive_skipped": last.get("skipped_already_delivered"),
+                "rows_by_type": s.get("rows_by_type", {}),
+            }
+        )
+    return rows
+
+
+PASSED, FAILED, WARN, ERRORED, RUNNING, NOT_RUN, STALE, NONE = (
+    "passed",
+    "failed",
+    "warn",
+    "errored",
+    "running",
+    "not run",
+    "stale",
+    "no verdict",
+)
+
+
+def evaluation_verdict(evaluation) -> str:
+    """passed, failed, warn (a failure of WARN severity) or errored (the check raised for the day)."""
+    import dagster as dg
+
+    if evaluation.passed:
+        return PASSED
+    if "errored" in evaluation.metadata:
+        return ERRORED
+    return WARN if evaluation.severity == dg.AssetCheckSeverity.WARN else FAILED
+
+
+def check_step_key(check_key) -> str:
+    """The step that runs a check, as run events name it."""
+    return "__".join(check_key.asset_key.path) + "_" + check_key.name
+
+
+def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], str]:
+    """Latest verdict per (check, day) from the Dagster instance: see `evaluation_verdict`, or for
+    a check planned without a verdict: running, errored (its step failed: it raised) or not run
+    (an upstream step or blocking check failed first)."""
+    import dagster as dg
+
+    from replay_defs.definitions import defs
+    from sensors.launch import latest_check_executions
+
+    instance = dg.DagsterInstance.get()
+    keys = [k for k in defs.resolve_asset_graph().asset_check_keys if k.asset_key.path[0] == spec_name]
+    failed_steps_of: dict[str, set[str]] = {}  # run id -> its failed step keys
+
+    def unresolved(check_key, run_id: str) -> str:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished:
+            return RUNNING
+        if run_id not in failed_steps_of:
+            failed_steps_of[run_id] = {
+                e.step_key for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+            }
+        return ERRORED if check_step_key(check_key) in failed_steps_of[run_id] else NOT_RUN
+
+    out: dict[tuple[str, str], str] = {}
+    for day in days:
+        since = _built_at(instance, spec_name, day)
+        for key, execution in latest_check_executions(instance, keys, day).items():
+            if execution.evaluation is None:
+                out[(key.name, day)] = unresolved(key, execution.run_id)
+            elif execution.timestamp < since:
+                out[(key.name, day)] = STALE
+            else:
+                out[(key.name, day)] = evaluation_verdict(execution.evaluation)
+        for key in keys:
+            out.setdefault((key.name, day), NONE)
+    return out
+
+
+def _built_at(instance, spec_name: str, day: str) -> float:
+    """When the day's parsed events were last built (or rolled back): older verdicts are stale."""
+    import dagster as dg
+
+    parsed = dg.AssetKey([spec_name, "parsed_events"])
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=parsed, asset_partitions=[day]), limit=1
+    ).records
+    return records[0].timestamp if records else 0.0
+
+
+def verdict_summary(verdicts: list[tuple[str, str]]) -> str:
+    """`9/10 passed, FAILED: a, WARN: b, ERRORED: c` for one day's (check, verdict) pairs."""
+    if all(v == NONE for _, v in verdicts):
+        return "no check has run"
+    ok = sum(v == PASSED for _, v in verdicts)
+    parts = [f"{ok}/{len(verdicts)} passed"]
+    for verdict in (FAILED, WARN, ERRORED, RUNNING, NOT_RUN, STALE, NONE):
+        names = [c for c, v in verdicts if v == verdict]
+        if names:
+            parts.append(f"{verdict.upper() if verdict in (FAILED, WARN, ERRORED) else verdict}: {', '.join(names)}")
+    return ", ".join(parts)
+
+
+def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) -> None:
+    from replay_defs.jsonl_files.demo import read_truth
+
+    rows = partition_rows(spec_name, days)
+    checks = check_results(spec_name, days)
+    names = sorted({c for c, _ in checks})  # every check of the pipeline (`check_results` lists each per day)
+    head = f"{'day':10} {'ver':>3} {'raw lines':>10} {'parsed':>9} {'dupes':>6} {'quar.':>5} {'in':>5} {'out':>5} {'proj.':>9} {'sent':>5} {'skip':>5}  checks"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        status = verdict_summary([(c, checks.get((c, r["day"]))) for c in names])
+        fmt = lambda v, w: f"{v:>{w},}" if isinstance(v, int) else f"{'-':>{w}}"  # noqa: E731
+        line = (
+            f"{r['day']:10} {fmt(r['version'], 3)} {fmt(r['raw_lines'], 10)} {fmt(r['parsed'], 9)} {fmt(r['duplicates'], 6)} "
+            f"{fmt(r['quarantined'], 5)} {fmt(r['routed_in'], 5)} {fmt(r['routed_out'], 5)} {fmt(r['projection'], 9)} "
+            f"{fmt(r['redrive_sent'], 5)} {fmt(r['redrive_skipped'], 5)}  {status}"
+        )
+        if truth_lake:
+            truth = read_truth(truth_lake, r["day"])
+            if truth is not None:
+                line += "  | truth: " + (
+                    "match" if truth == r["rows_by_type"] else f"MISMATCH {r['rows_by_type']} != {truth}"
+                )
+        print(line)
+
+
+def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """Run `<pipeline>_verify` (every check, nothing rebuilt) over the days, in this process:
+    (check, day) -> (verdict, description). A check that raised is `errored` for its days."""
+    from replay_defs.definitions import defs
+
+    result = run_in_process(f"{spec_name}_verify", days=days)
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    # A ranged run records one evaluation per day plus a summary without a partition: keep the days'.
+    for e in sorted(result.get_asset_check_evaluations(), key=lambda e: e.partition is not None):
+        for day in [e.partition] if e.partition else days:
+            out[(e.check_name, day)] = (evaluation_verdict(e), e.description or "")
+    check_of_step = {check_step_key(k): k.name for k in defs.resolve_asset_graph().asset_check_keys}
+    for event in failed_steps(result):
+        name = check_of_step.get(event.step_key, event.step_key)
+        error = event.event_specific_data.error
+        while error.cause is not None:  # the check's own exception, not Dagster's wrapper
+            error = error.cause
+        for day in days:
+            if (name, day) not in out:
+                out[(name, day)] = (ERRORED, error.message.strip().splitlines()[0])
+    return out
+
+
+def failing(verdicts: dict) -> list[tuple[str, str]]:
+    return [k for k, (v, _) in verdicts.items() if v in (FAILED, ERRORED)]
+
+
+def print_verdicts(verdicts: dict) -> None:
+    for (check, day), (verdict, description) in sorted(verdicts.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{day}  {verdict.upper():7}  {check:32}  {description}")
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> None:
+    from replay_defs.jsonl_files.demo import DemoConfig, generate
+
+    t0 = time.time()
+    generate(
+        args.lake,
+        DemoConfig(
+            start=date.fromisoformat(args.start),
+            days=args.days,
+            events_per_day=args.events_per_day,
+            files_per_hour=args.files_per_hour,
+            seed=args.seed,
+        ),
+    )
+    print(f"wrote {args.days} days x {args.events_per_day:,} events to {args.lake}/ in {time.time() - t0:.1f}s")
+
+
+def cmd_demo(args) -> None:
+    ensure_dagster_home()
+    from replay_defs.definitions import defs
+
+    lake_root = resolve(defs.resources["lake"].root)
+    end = (date.fromisoformat(args.start) + timedelta(days=args.days - 1)).isoformat()
+    days = days_between(args.start, end)
+    _demo_data(args, lake_root)
+    print(f"2. backfilling telemetry {args.start}...{end} (one run, per-day checks) ...")
+    t0 = time.time()
+    result = run_in_process("telemetry_replay", days=days)
+    print(f"   run {result.run_id}: {run_status(result)} in {time.time() - t0:.1f}s")
+    print()
+    print_table("telemetry", days, truth_lake=lake_root)
+    if args.days >= 2 and not args.no_bug_story:
+        _demo_bug_story(days[1], lake_root)
+    print(
+        "\nColumns: ver = lake version of the day; in/out = events that crossed midnight (event time vs. arrival);\n"
+        "proj. = daily_counts total; sent/skip = redrive messages sent / already delivered.\n"
+        "Open the UI with `./dev ui` (http://127.0.0.1:3000) to see runs, per-day metadata and checks."
+    )
+    if not result.success:
+        sys.exit(1)
+
+
+def _demo_data(args, lake_root: str) -> None:
+    """Demo telemetry in the lake, unless its first day is there already."""
+    if Path(lake_root, "_demo", "truth", f"day={args.start}.json").exists():
+        print(f"1. demo data already in {lake_root}/ (delete it to regenerate)")
+        return
+    print(
+        f"1. generating {args.days} days of demo telemetry ({args.events_per_day:,} events/day) into {lake_root}/ ..."
+    )
+    from replay_defs.jsonl_files.demo import DemoConfig, generate
+
+    generate(
+        lake_root,
+        DemoConfig(start=date.fromisoformat(args.start), days=args.days, events_per_day=args.events_per_day),
+    )
+
+
+def _demo_bug_story(bad: str, lake_root: str) -> None:
+    """A bad parser rewrites a day, its blocking check stops the run; a replay with the fixed parser
+    swaps the wrong version out."""
+    print(f"\n3. a bad parser deploy rewrites {bad} (timestamps read as US/Pacific) ...")
+    caught = run_in_process(
+        "telemetry_replay",
+        {"ops": {"telemetry__parsed_events": {"config": {"simulate_parser_bug": True}}}},
+        days=[bad],
+        log_level="CRITICAL",
+    )
+    print_table("telemetry", [bad], truth_lake=lake_root)
+    if not caught.success:
+        print(
+            "   the run failed, as it should: the new version lost events, so its blocking check stopped it before the projections and the sink"
+        )
+    print(f"\n4. replaying {bad} with the fixed parser: the wrong version is swapped out (and kept for rollback) ...")
+    run_in_process("telemetry_replay", days=[bad])
+    print_table("telemetry", [bad], truth_lake=lake_root)
+
+
+def cmd_status(args) -> None:
+    ensure_dagster_home()
+    print_table(args.pipeline, days_between(args.start, args.end or args.start))
+
+
+def cmd_verify(args) -> None:
+    """Every check of the days, nothing rebuilt; exit 1 if any failed or errored."""
+    ensure_dagster_home()
+    from partitions import daily_partitions
+
+    spec = find_spec(args.pipeline, refills=True)
+    days = days_between(args.start, args.end or args.start)
+    known = daily_partitions(spec).get_partition_keys()
+    if days[0] < known[0] or days[-1] > known[-1]:
+        raise SystemExit(f"{spec.name}'s days are {known[0]}..{known[-1]}; {days[0]}..{days[-1]} is not within them")
+    verdicts = run_checks(args.pipeline, days)
+    print_verdicts(verdicts)
+    bad = failing(verdicts)
+    counts = {v: sum(verdict == v for verdict, _ in verdicts.values()) for v in (PASSED, WARN, FAILED, ERRORED)}
+    print(
+        f"{counts[PASSED]}/{len(verdicts)} checks passed over {len(days)} day(s): "
+        f"{counts[WARN]} warning(s), {counts[FAILED]} failed, {counts[ERRORED]} errored"
+    )
+    if bad:
+        sys.exit(1)
+
+
+# ---- rollback -----------------------------------------------------------------------------------
+
+
+def cmd_rollback(args) -> None:
+    """Restore the previous (or a given) kept version of a parsed day after verifying its files,
+    re-fold the projections from it, then run every check of the day."""
+    ensure_dagster_home()
+    from replay_defs.core.lake import check_partition
+
+    spec = find_spec(args.pipeline)
+    try:
+        day = check_partition(args.day)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    before, state = _restore(spec, day, args.to)
+    print(
+        f"{spec.name} {day}: parsed_events now version {state.version} (was {before.version if before else '-'}); re-folding projections ..."
+    )
+    ok = _refold(spec, day) if spec.projections else True
+    print("running every check of the day ...")
+    verdicts = run_checks(spec.name, [day])
+    print_verdicts(verdicts)
+    print_table(spec.name, [day])
+    if not ok or failing(verdicts):
+        sys.exit(1)
+
+
+def _restore(spec, day: str, to: int | None):
+    """Publish the kept version `to` (default: `rollback_target`) of the day's parsed events and
+    record it as a materialization; (the state before, the state now)."""
+    import dagster as dg
+
+    from assets.common import asset_key
+    from replay_defs.core.lake import DamagedVersion
+    from replay_defs.core.naming import PARSED, owner, parsed_slot_patterns
+    from replay_defs.definitions import defs
+
+    lake = _lake(defs)
+    before = lake.state(owner(spec, PARSED), day)
+    to = to if to is not None else rollback_target(lake, spec, day, before)
+    try:
+        state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day), to=to)
+    except (LookupError, DamagedVersion) as exc:
+        raise SystemExit(f"rollback refused: {exc}") from exc
+    dg.DagsterInstance.get().report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=asset_key(spec, PARSED),
+            partition=day,
+            description=f"rolled back from version {before.version if before else '-'} to {state.version}",
+            metadata={
+                "version": state.version,
+                "rolled_back_from": before.version if before else 0,
+                "parsed": state.stats.get("parsed", 0),
+            },
+        )
+    )
+    return before, state
+
+
+def _refold(spec, day: str) -> bool:
+    """Re-fold the day's projections from the restored version; whether the run succeeded."""
+    from assets.common import asset_key
+    from replay_defs.core.naming import PROJECTIONS
+
+    return run_in_process(
+        f"{spec.name}_replay", partition_key=day, asset_selection=[asset_key(spec, PROJECTIONS)]
+    ).success
+
+
+def rollback_target(lake, spec, day: str, current) -> int:
+    """The newest kept version older than the live one that did not fail its shrink check when it
+    was built (a known-bad version is restored only when named with --to)."""
+    from replay_defs.core.naming import PARSED, owner
+    from replay_defs.pipeline.shrink import unconsented_shrink
+
+    older = [v for v in lake.kept_versions(owner(spec, PARSED), day) if current is None or v < current.version]
+    for v in reversed(older):
+        if not unconsented_shrink(lake.kept_state(owner(spec, PARSED), day, v).stats, spec.shrink_tolerance):
+            return v
+        print(
+            f"skipping version {v}: it lost events without consent when it was built (its shrink check failed); --to {v} restores it anyway"
+        )
+    raise SystemExit(
+        f"rollback refused: {spec.name} {day}: no earlier version is kept to roll back to"
+        + (" that passed its shrink check" if older else "")
+    )
