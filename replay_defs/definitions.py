@@ -1,6 +1,7 @@
 """The code location: Definitions built from the pipeline specs in `replay_defs/pipelines.py`.
 
-Storage locations come from env vars, with an embedded default under ./data:
+Storage locations come from env vars, with an embedded default under ./data (a sink's variables
+are declared by its module in `replay_defs/sinks/`, `SINK.settings`):
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL

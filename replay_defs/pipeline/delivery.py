@@ -244,9 +244,10 @@ def redrive(
     """Deliver the selected messages that the sink does not have yet, recording each outcome.
 
     Failed messages are retried `retries` times with exponential backoff before they count as
-    failed; `on_failed` then gets them batch by batch as dead letters (id, error, message). A message is recorded as delivered only after the
-    sink confirmed it, so a crash re-sends at most the unrecorded tail; the sinks make such a
-    re-send harmless where the target allows it (Kafka keys, BullMQ job ids, SQS FIFO ids).
+    failed; `on_failed` then gets them batch by batch as dead letters (id, error, message). A
+    message is recorded as delivered only after the sink confirmed it, so a crash re-sends at most
+    the unrecorded tail; the sinks make such a re-send harmless where the target allows it (Kafka
+    keys, BullMQ job ids, SQS FIFO ids). `rate_limit`: at most this many messages per second.
 
     `handled_in_run`: message ids an earlier day of the same run already handled (a raw file can
     hold events of two days); they count as already delivered, even when forced, and the ids this
