@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
+from replay_defs.sinks import dead_letter_readers, sink_type  # the registry loads sink modules when first asked
 from replay_defs.sinks.base import SinkSpec
 
 FieldType = Literal["string", "int", "float", "bool", "timestamp", "json"]
@@ -232,8 +233,6 @@ class Redrive:
     key_field: str | None = None
 
     def __post_init__(self) -> None:
-        from replay_defs.sinks import sink_type
-
         sink_type(self.sink)  # a ValueError unless it is a registered sink's spec
         if self.unit not in ("raw_file", "event"):
             raise ValueError(f"unknown redrive unit {self.unit!r}: use raw_file or event")
@@ -249,9 +248,10 @@ class DeadLetters:
 
     kind / name: `sqs` queue (ApproximateNumberOfMessages), `bullmq` queue (its failed jobs),
     `kafka` topic (end offsets), `rabbitmq` queue (message count) — each read by its sink's module
-    (`replay_defs/sinks/`) — or `postgres` table (rows whose `status_column` is `error_value`). A dead letter's day comes from the event-time field
-    `time_field` of its JSON body (default: the schema's time field), or for raw-file messages from
-    the `day=` of their key; for `postgres` from the column `time_field`.
+    (`replay_defs/sinks/`) — or `postgres` table (rows whose `status_column` is `error_value`). A
+    dead letter's day comes from the event-time field `time_field` of its JSON body (default: the
+    schema's time field), or for raw-file messages from the `day=` of their key; for `postgres`
+    from the column `time_field`.
     """
 
     kind: str  # "postgres" or a dead-letter kind of a sink module: "sqs", "bullmq", "kafka", "rabbitmq"
@@ -267,8 +267,6 @@ class DeadLetters:
     running: bool = False  # on from the start (else turned on in the UI)
 
     def __post_init__(self) -> None:
-        from replay_defs.sinks import dead_letter_readers
-
         if self.kind != "postgres" and self.kind not in dead_letter_readers():
             raise ValueError(f"unknown dead-letter kind {self.kind!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", self.name):
