@@ -10,6 +10,7 @@ from partitions import daily_partitions
 from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner, whole_day_marker
 from replay_defs.pipeline import delivery as rd
 from replay_defs.pipeline.spec import PipelineSpec
+from replay_defs.sinks import open_sink
 
 
 class DeliveryConfig(dg.Config):
@@ -41,16 +42,8 @@ class RedriveConfig(DeliveryConfig):
 
 
 def make_sink(resources, spec: PipelineSpec):
-    target = spec.redrive.sink
-    if target.kind == "kafka":
-        return resources.kafka.sink(target.topic)
-    if target.kind == "sqs":
-        return resources.sqs.sink(target.queue, target.max_visible)
-    if target.kind == "rabbitmq":
-        return resources.rabbitmq.sink(target.exchange, target.routing_key)
-    if target.kind == "redis":
-        return resources.redis.sink(target)
-    return resources.outbox.get()
+    """The sender for the spec's sink, opened from its resource (the registry says which)."""
+    return open_sink(resources, spec.redrive.sink)
 
 
 def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
@@ -162,9 +155,21 @@ def deliver_day(
         f"{would_publish if config.dry_run else counts.published}, already delivered {counts.skipped_already_delivered}, "
         f"dropped {counts.dropped} {counts.dropped_reasons or ''}, failed {counts.failed}"
     )
+    md = {**metadata, "sink": sink.name, **delivery_metadata(config, counts)}
+    if more_metadata is not None:
+        md.update(more_metadata(counts))
+    context.add_asset_metadata(md, partition_key=day)
+    if counts.failed:
+        path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
+        context.log.error(
+            f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}"
+        )
+    record_outcome(the_lake, spec, day, context.run.run_id, config.dry_run, whole_day, counts)
+
+
+def delivery_metadata(config: DeliveryConfig, counts: rd.RedriveCounts) -> dict:
+    """A day's delivery counts as asset metadata (with `would_publish` on a dry run)."""
     md = {
-        **metadata,
-        "sink": sink.name,
         "backpressure_paused_s": counts.paused_s,
         "dry_run": config.dry_run,
         "selected": counts.selected,
@@ -176,23 +181,20 @@ def deliver_day(
         **{f"dropped_{r}": n for r, n in counts.dropped_reasons.items()},
     }
     if config.dry_run:
-        md["would_publish"] = would_publish
-    if more_metadata is not None:
-        md.update(more_metadata(counts))
-    context.add_asset_metadata(md, partition_key=day)
-    if counts.failed:
-        path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
-        context.log.error(
-            f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}"
-        )
-    summary = dict(counts.__dict__)
+        md["would_publish"] = counts.selected - counts.skipped_already_delivered - counts.dropped
+    return md
+
+
+def record_outcome(the_lake, spec, day: str, run_id: str, dry_run: bool, whole_day: bool, counts) -> None:
+    """`last/day=D.json` (the counts the `deliveries_reconcile` check reads), and the whole-day
+    marker once the whole day went out without a failure."""
     the_lake.write_json(
         owner(spec, REDRIVE),
         f"last/day={day}.json",
-        {"run_id": context.run.run_id, "dry_run": config.dry_run, "whole_day": whole_day, **summary},
+        {"run_id": run_id, "dry_run": dry_run, "whole_day": whole_day, **counts.__dict__},
     )
-    if whole_day and not config.dry_run and not counts.failed:
-        the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": context.run.run_id})
+    if whole_day and not dry_run and not counts.failed:
+        the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": run_id})
 
 
 def source_summary(the_lake, spec: PipelineSpec, day: str, counts: rd.RedriveCounts) -> dict:

@@ -5,7 +5,7 @@ client loop sending the same payloads, in the same run, to the same server on lo
     ./dev bench redrive --events 200000 --sinks kafka,redis-list
 
 Rows:
-- kafka: confluent-kafka produce + flush (idempotent, acks=all) vs our KafkaTopic sink;
+- kafka: confluent-kafka produce + flush (idempotent, acks=all) vs our KafkaSink;
 - redis-list / redis-stream: a redis-py pipeline of one RPUSH per message, executed every 10k,
   vs our list / stream modes (one script call per 2,000 messages that also remembers the ids);
 - redis-bullmq: bullmq's own Queue.addBulk in batches vs our BullMQ mode;
@@ -216,7 +216,9 @@ def main() -> None:
 
     import services
 
-    from replay_defs.sinks import KafkaTopic, RabbitExchange, RedisTarget
+    from replay_defs.sinks.kafka import KafkaSink
+    from replay_defs.sinks.rabbitmq import RabbitMQSink
+    from replay_defs.sinks.redis import RedisSink
 
     with (
         tempfile.TemporaryDirectory(prefix="redrive-bench-") as tmp,
@@ -271,7 +273,7 @@ def main() -> None:
                         "kafka",
                         args.events,
                         lambda: bare_kafka(tansu.bootstrap, topic["name"], bodies, keys),
-                        lambda: KafkaTopic(tansu.bootstrap, topic["name"]),
+                        lambda: KafkaSink(tansu.bootstrap, topic["name"]),
                         reset,
                     )
                 finally:
@@ -291,7 +293,7 @@ def main() -> None:
                         "redis-list",
                         args.events,
                         lambda: bare_redis_list(redis_url, key, bodies),
-                        lambda: RedisTarget(redis_url, key, "list"),
+                        lambda: RedisSink(redis_url, key, "list"),
                         clear,
                     )
                 if "redis-stream" in sinks:
@@ -299,7 +301,7 @@ def main() -> None:
                         "redis-stream",
                         args.events,
                         lambda: bare_redis_list(redis_url, key, bodies),
-                        lambda: RedisTarget(redis_url, key, "stream"),
+                        lambda: RedisSink(redis_url, key, "stream"),
                         clear,
                     )
                 if "redis-bullmq" in sinks:
@@ -307,7 +309,7 @@ def main() -> None:
                         "redis-bullmq",
                         args.events,
                         lambda: bare_bullmq(redis_url, key, bodies, types, ids),
-                        lambda: RedisTarget(redis_url, key, "bullmq"),
+                        lambda: RedisSink(redis_url, key, "bullmq"),
                         clear,
                     )
             finally:
@@ -333,7 +335,7 @@ def main() -> None:
                         "rabbitmq",
                         n,
                         lambda: bare_rabbit(url, exchange, small_bodies, small_types),
-                        lambda: RabbitExchange(url, exchange),
+                        lambda: RabbitMQSink(url, exchange),
                         lambda: ch.queue_purge(queue),
                         src=small,
                     )

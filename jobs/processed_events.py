@@ -13,8 +13,8 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.processed_events import engine as pe
-from replay_defs.sinks import DEFAULT_MAX_MESSAGE_BYTES
-from resources import PostgresResource, RabbitMQResource
+from replay_defs.sinks.rabbitmq import DEFAULT_MAX_MESSAGE_BYTES, RabbitMQResource
+from resources import PostgresResource
 
 REQUESTED_BY_TAG = "event_replay/requested_by"
 REASON_TAG = "event_replay/reason"

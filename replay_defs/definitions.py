@@ -1,6 +1,7 @@
 """The code location: Definitions built from the pipeline specs in `replay_defs/pipelines.py`.
 
-Storage locations come from env vars, with an embedded default under ./data:
+Storage locations come from env vars, with an embedded default under ./data (a sink's variables
+are declared by its module in `replay_defs/sinks/`, `SINK.settings`):
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
@@ -16,8 +17,6 @@ EVENT_REPLAY_PROJECTION_PREFIX, EVENT_REPLAY_PROJECTION_LOG_DIR and EVENT_REPLAY
 (first partition).
 """
 
-import os
-
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
@@ -25,22 +24,18 @@ from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
 from jobs import JOBS as OPERATION_JOBS
 from replay_defs.pipelines import PIPELINES, REFILLS
+from replay_defs.sinks import sink_type, sink_types
 from resources import (
     ClickHouseResource,
-    KafkaResource,
     LakeResource,
     LedgerResource,
-    OutboxResource,
     PostgresResource,
     ProjectionReplayResource,
-    RabbitMQResource,
-    RedisResource,
-    SqsResource,
     StoreResource,
 )
-from resources.deployment import CHDB, DUCKDB, LAKE, OUTBOX, PROJECTION_LOGS, deployed
+from resources.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, deployed
 from sensors import build_dead_letter_sensor, build_raw_files_sensor
-from sensors.dead_letters import RESOURCE as DEAD_LETTER_RESOURCE
+from sensors.dead_letters import dead_letter_reader
 
 
 def _setting(env: str, default: str):
@@ -55,55 +50,10 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         jobs += [built.job, built.verify_job]
     sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
     sensors += [build_raw_files_sensor(spec) for spec in pipelines if not spec.from_table]
-    # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
-    needed = {spec.redrive.sink.kind for spec in (*pipelines, *refills)}
-    needed |= {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
-    duckdb_path = deployed(DUCKDB)
-    resources = {
-        "lake": LakeResource(root=deployed(LAKE)),
-        "store": StoreResource(path=duckdb_path),
-        "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
-        "outbox": OutboxResource(root=deployed(OUTBOX)),
-        # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
-        "s3": S3Resource(
-            endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
-        ),
-    }
     # Projection replays (assets/projection_replay.py) read ClickHouse event_log, so it is always there.
     projection_assets, projection_jobs = build_projection_replay()
     assets += projection_assets
     jobs += projection_jobs
-    resources["projection_replay"] = ProjectionReplayResource(
-        redis_url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        postgres_url=_setting("EVENT_REPLAY_POSTGRES_URL", ""),
-        redis_prefix=_setting("EVENT_REPLAY_PROJECTION_PREFIX", "er:proj"),
-        log_dir=deployed(PROJECTION_LOGS),
-    )
-    resources["clickhouse"] = ClickHouseResource(
-        url=_setting("CLICKHOUSE_URL", ""),
-        data_path=deployed(CHDB),
-        database=_setting("CLICKHOUSE_DATABASE", "default"),
-    )
-    if "kafka" in needed:
-        timeout = "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS"
-        resources["kafka"] = KafkaResource(
-            bootstrap_servers=_setting("EVENT_REPLAY_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-            message_timeout_ms=dg.EnvVar.int(timeout) if timeout in os.environ else 30_000,
-        )
-    if "sqs" in needed:
-        resources["sqs"] = SqsResource(
-            endpoint_url=_setting("EVENT_REPLAY_SQS_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
-        )
-    # The processed-events jobs (jobs/) need Postgres and RabbitMQ, so both are always there;
-    # nothing connects before a run uses them.
-    resources["rabbitmq"] = RabbitMQResource(
-        url=_setting("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-    )
-    if "redis" in needed:
-        resources["redis"] = RedisResource(url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    resources["postgres"] = PostgresResource(
-        url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
     # Steps of a run execute in its process: a day's steps run in sequence anyway (raw -> parsed ->
     # projections -> redrive), the parse has its own process pool, and a process per step costs
     # ~3 s of imports each (~20 s a run). Scale-out is one run per partition chunk (deploy/README.md).
@@ -112,9 +62,51 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         asset_checks=checks,
         jobs=jobs + OPERATION_JOBS,
         sensors=sensors,
-        resources=resources,
+        resources={**_system_resources(), **_sink_resources(pipelines, refills)},
         executor=dg.in_process_executor,
     )
+
+
+def _system_resources() -> dict:
+    """The resources of every code location: the lake, the stores, S3, ClickHouse, Postgres."""
+    duckdb_path = deployed(DUCKDB)
+    return {
+        "lake": LakeResource(root=deployed(LAKE)),
+        "store": StoreResource(path=duckdb_path),
+        "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
+        # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
+        "s3": S3Resource(
+            endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
+        ),
+        "projection_replay": ProjectionReplayResource(
+            redis_url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            postgres_url=_setting("EVENT_REPLAY_POSTGRES_URL", ""),
+            redis_prefix=_setting("EVENT_REPLAY_PROJECTION_PREFIX", "er:proj"),
+            log_dir=deployed(PROJECTION_LOGS),
+        ),
+        "clickhouse": ClickHouseResource(
+            url=_setting("CLICKHOUSE_URL", ""),
+            data_path=deployed(CHDB),
+            database=_setting("CLICKHOUSE_DATABASE", "default"),
+        ),
+        # The processed-events jobs (jobs/) need Postgres (and RabbitMQ, a sink's resource that is
+        # always there); nothing connects before a run uses them.
+        "postgres": PostgresResource(
+            url=_setting("EVENT_REPLAY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+        ),
+    }
+
+
+def _sink_resources(pipelines, refills) -> dict:
+    """The resource of each sink a spec names, or a dead-letter source reads through, or that is
+    always there (`SinkType.always`), built from its env settings (the registry's `settings`)."""
+    needed = {sink_type(spec.redrive.sink).resource_key for spec in (*pipelines, *refills)}
+    needed |= {dead_letter_reader(s.kind)[0] for spec in pipelines for s in spec.dead_letters}
+    return {
+        t.resource_key: t.resource(**{field: deployed(setting) for field, setting in t.settings.items()})
+        for t in sink_types().values()
+        if t.always or t.resource_key in needed
+    }
 
 
 defs = build_definitions()

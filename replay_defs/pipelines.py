@@ -5,15 +5,15 @@ from replay_defs.pipeline.spec import (
     EventSchema,
     Field,
     JsonlSource,
-    KafkaSink,
     Mapping,
     PipelineSpec,
     Projection,
-    RedisSink,
     Redrive,
     RefillSpec,
     Rule,
 )
+from replay_defs.sinks.kafka import KafkaSinkSpec
+from replay_defs.sinks.redis import RedisSinkSpec
 
 # Telemetry: raw JSONL.gz telemetry by arrival hour -> Parquet by type -> redrive per raw file.
 TELEMETRY = PipelineSpec(
@@ -118,7 +118,7 @@ BILLING = PipelineSpec(
     ),
     parsed_prefix="billing_events",
     # One message per event on prod_events_v4, keyed by customer: a customer's events stay in order.
-    redrive=Redrive(unit="event", sink=KafkaSink("prod_events_v4"), key_field="external_customer_id"),
+    redrive=Redrive(unit="event", sink=KafkaSinkSpec("prod_events_v4"), key_field="external_customer_id"),
 )
 
 # The source table as the seed declares it (tests and the benchmark create it in chDB).
@@ -149,7 +149,7 @@ INGESTION_REFILL = RefillSpec(
     description="Ingestion refill: keys from S3 access logs -> one BullMQ job per event object.",
     start_date="2025-01-01",
     known_types=("trace", "observation", "score"),
-    redrive=Redrive(unit="event", sink=RedisSink(key="ingestion-queue", mode="bullmq", job_name="ingestion-job")),
+    redrive=Redrive(unit="event", sink=RedisSinkSpec(key="ingestion-queue", mode="bullmq", job_name="ingestion-job")),
 )
 
 REFILLS = (INGESTION_REFILL,)

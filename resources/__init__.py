@@ -1,27 +1,19 @@
-"""One ConfigurableResource per external system. Settings come from env vars (see README)."""
+"""One ConfigurableResource per external system that is not a sink. Settings come from env vars
+(see README). A sink's resource lives in its module under `replay_defs/sinks/` (e.g.
+`replay_defs.sinks.kafka.KafkaResource`), and the code location builds it from the registry."""
 
 from resources.clickhouse import ClickHouseResource
-from resources.kafka import KafkaResource
 from resources.lake import LakeResource
 from resources.ledger import LedgerResource
-from resources.outbox import OutboxResource
 from resources.postgres import PostgresResource
 from resources.projection_replay import ProjectionReplayResource
-from resources.rabbitmq import RabbitMQResource
-from resources.redis import RedisResource
-from resources.sqs import SqsResource
 from resources.store import StoreResource
 
 __all__ = [
     "ClickHouseResource",
-    "KafkaResource",
     "LakeResource",
     "LedgerResource",
-    "OutboxResource",
     "PostgresResource",
     "ProjectionReplayResource",
-    "RabbitMQResource",
-    "RedisResource",
-    "SqsResource",
     "StoreResource",
 ]

@@ -15,11 +15,13 @@ CHDB = ("EVENT_REPLAY_CHDB", "data/chdb")
 PROJECTION_LOGS = ("EVENT_REPLAY_PROJECTION_LOG_DIR", "data/projection_replay")
 
 
-def deployed(setting: tuple[str, str]):
+def deployed(setting: tuple[str, object]):
     """The setting for a resource: an `EnvVar` when set (resolved at launch, kept out of the UI's
-    config), else its default."""
+    config; an integer when the default is one), else its default."""
     env, default = setting
-    return dg.EnvVar(env) if env in os.environ else default
+    if env not in os.environ:
+        return default
+    return dg.EnvVar.int(env) if isinstance(default, int) else dg.EnvVar(env)
 
 
 def deployed_path(value: str, setting: tuple[str, str]) -> str:

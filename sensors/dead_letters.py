@@ -18,101 +18,15 @@ from partitions import daily_partitions
 from replay_defs.core import connect
 from replay_defs.core.redact import secrets_masked
 from replay_defs.pipeline.spec import DeadLetters, PipelineSpec
+from replay_defs.sinks import dead_letter_readers
+from replay_defs.sinks.base import DeadLetterProbe
 from sensors.launch import backfill_request, days_being_backfilled
 
-# The resource each kind of source is read through.
-RESOURCE = {"sqs": "sqs", "bullmq": "redis", "kafka": "kafka", "rabbitmq": "rabbitmq", "postgres": "postgres"}
 _KEY_DAY = re.compile(r"year=(\d{4})/month=(\d{2})/day=(\d{2})|day=(\d{4}-\d{2}-\d{2})")
 
 
 # ---- depth and peek, per kind: (depth, the newest dead letters as JSON text or timestamps) ----
-
-
-def _sqs(source: DeadLetters, sqs, peek: bool):
-    client = sqs.client()
-    url = client.get_queue_url(QueueName=source.name)["QueueUrl"]
-    depth = int(
-        client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
-            "ApproximateNumberOfMessages"
-        ]
-    )
-    letters: dict[str, str] = {}
-    for _ in range(source.peek // 10 if peek else 0):
-        # VisibilityTimeout=0: the messages stay visible to the real consumer.
-        batch = client.receive_message(
-            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0
-        ).get("Messages", [])
-        new = {m["MessageId"]: m["Body"] for m in batch if m["MessageId"] not in letters}
-        if not new:
-            break
-        letters.update(new)
-    return depth, list(letters.values())
-
-
-def _bullmq(source: DeadLetters, redis_resource, peek: bool):
-    r = connect.redis(redis_resource.url, socket_timeout=10, retry=None)
-    try:
-        failed = f"{source.prefix}:{source.name}:failed"
-        depth = r.zcard(failed)
-        letters = []
-        if peek:
-            ids = r.zrevrange(failed, 0, source.peek - 1)
-            pipe = r.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hget(f"{source.prefix}:{source.name}:{job_id.decode()}", "data")
-            letters = [d.decode() for d in pipe.execute() if d is not None]
-        return depth, letters
-    finally:
-        r.close()
-
-
-def _kafka(source: DeadLetters, kafka, peek: bool):
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {"bootstrap.servers": kafka.bootstrap_servers, "group.id": "event-replay-dlq-peek", "enable.auto.commit": False}
-    )
-    try:
-        meta = consumer.list_topics(source.name, timeout=10).topics[source.name]
-        if meta.error is not None:
-            raise RuntimeError(f"Kafka topic {source.name!r}: {meta.error}")
-        marks = {p: consumer.get_watermark_offsets(TopicPartition(source.name, p), timeout=10) for p in meta.partitions}
-        depth = sum(high - low for low, high in marks.values())
-        letters = []
-        if peek:  # the newest `peek` messages of each partition, read with assign(): nothing committed
-            consumer.assign(
-                [
-                    TopicPartition(source.name, p, max(low, high - source.peek))
-                    for p, (low, high) in marks.items()
-                    if high > low
-                ]
-            )
-            want = sum(min(source.peek, high - low) for low, high in marks.values())
-            deadline = time.monotonic() + 20
-            while len(letters) < want and time.monotonic() < deadline:
-                letters += [
-                    m.value().decode(errors="replace") for m in consumer.consume(1000, 0.5) if m.error() is None
-                ]
-        return depth, letters
-    finally:
-        consumer.close()
-
-
-def _rabbitmq(source: DeadLetters, rabbitmq, peek: bool):
-    conn = connect.rabbitmq(rabbitmq.url)
-    try:
-        ch = conn.channel()
-        depth = ch.queue_declare(source.name, passive=True).method.message_count
-        letters = []
-        for _ in range(min(depth, source.peek) if peek else 0):
-            method, _props, body = ch.basic_get(source.name, auto_ack=False)
-            if method is None:
-                break
-            letters.append(body.decode(errors="replace"))
-        # Never acknowledged: closing the channel puts every peeked message back.
-        return depth, letters
-    finally:
-        conn.close()
+# A sink's dead-letter sources are read by its module (`SinkType.dead_letters`); Postgres rows here.
 
 
 def _postgres(source: DeadLetters, postgres, peek: bool):
@@ -136,7 +50,9 @@ def _postgres(source: DeadLetters, postgres, peek: bool):
         return depth, letters
 
 
-PROBES = {"sqs": _sqs, "bullmq": _bullmq, "kafka": _kafka, "rabbitmq": _rabbitmq, "postgres": _postgres}
+def dead_letter_reader(kind: str) -> tuple[str, DeadLetterProbe]:
+    """The resource key a dead-letter kind is read through, and its probe."""
+    return {"postgres": ("postgres", _postgres), **dead_letter_readers()}[kind]
 
 
 # ---- from dead letters to days --------------------------------------------------------------
@@ -178,7 +94,7 @@ def grown(samples: list[list[float]], now: float, depth: int, window_s: int) -> 
 
 
 def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.SensorDefinition:
-    resource_key = RESOURCE[source.kind]
+    resource_key, probe = dead_letter_reader(source.kind)
     selection = dg.AssetSelection.groups(spec.name)
     time_field = source.time_field or spec.schema.time_field
 
@@ -197,7 +113,6 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
         now = time.time()
         state = json.loads(context.cursor) if context.cursor else {"samples": []}
         samples = [s for s in state["samples"] if now - s[0] <= source.window_s]
-        probe = PROBES[source.kind]
         resource = getattr(context.resources, resource_key)
         with secrets_masked():  # a failing probe's error reaches the sensor's log and the UI: no secret in it
             depth, _ = probe(source, resource, peek=False)
@@ -214,32 +129,38 @@ def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.Sens
             )
         with secrets_masked():
             _, letters = probe(source, resource, peek=True)
-        days = {d for d in (day_of(letter, time_field) for letter in letters) if d}
-        unknown = len(letters) - sum(1 for letter in letters if day_of(letter, time_field))
-        partitions = set(daily_partitions(spec).get_partition_keys())
-        outside = sorted(days - partitions)
-        days &= partitions
         asset_graph = context.repository_def.asset_graph
         keys = set(selection.resolve(asset_graph))
-        busy = days_being_backfilled(context.instance, asset_graph, keys) & days
-        days -= busy
-        notes = []
-        if unknown:
-            notes.append(f"{unknown} of {len(letters)} peeked dead letters had no readable event time")
-        if outside:
-            notes.append(f"days outside the partitions skipped: {', '.join(outside)}")
-        if busy:
-            notes.append(f"already being backfilled: {', '.join(sorted(busy))}")
+        days, notes = _days_to_backfill(context.instance, asset_graph, keys, spec, letters, time_field)
+        said = f" ({'; '.join(notes)})" if notes else ""
         if not days:
-            return skip(
-                f"{source.label}: depth {depth} grew {rise}, but no day to backfill"
-                + (f" ({'; '.join(notes)})" if notes else "")
-            )
-        message = f"{source.label}: depth {depth} grew {rise} within {source.window_s}s; backfilling {', '.join(sorted(days))}"
-        context.log.info(message + (f" ({'; '.join(notes)})" if notes else ""))
+            return skip(f"{source.label}: depth {depth} grew {rise}, but no day to backfill{said}")
+        context.log.info(
+            f"{source.label}: depth {depth} grew {rise} within {source.window_s}s; backfilling {', '.join(days)}{said}"
+        )
         tags = {"event_replay/trigger": source.label, "event_replay/dead_letter_depth": str(depth)}
-        request = backfill_request(asset_graph, keys, sorted(days), tags)
+        request = backfill_request(asset_graph, keys, days, tags)
         # The rise has been acted on: measure the next one from here.
         return dg.SensorResult(run_requests=[request], cursor=json.dumps({"samples": [[now, depth]]}))
 
     return dlq_sensor
+
+
+def _days_to_backfill(instance, asset_graph, keys, spec: PipelineSpec, letters: list, time_field: str):
+    """The days of the peeked dead letters that are partitions of the pipeline and not being
+    backfilled already (sorted), and notes on what was left out and why."""
+    days = {d for d in (day_of(letter, time_field) for letter in letters) if d}
+    unknown = len(letters) - sum(1 for letter in letters if day_of(letter, time_field))
+    partitions = set(daily_partitions(spec).get_partition_keys())
+    outside = sorted(days - partitions)
+    days &= partitions
+    busy = days_being_backfilled(instance, asset_graph, keys) & days
+    days -= busy
+    notes = []
+    if unknown:
+        notes.append(f"{unknown} of {len(letters)} peeked dead letters had no readable event time")
+    if outside:
+        notes.append(f"days outside the partitions skipped: {', '.join(outside)}")
+    if busy:
+        notes.append(f"already being backfilled: {', '.join(sorted(busy))}")
+    return sorted(days), notes

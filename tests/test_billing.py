@@ -19,8 +19,8 @@ from services import Tansu
 
 from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection
 from replay_defs.core.clickhouse import ClickHouse
-from replay_defs.pipeline.spec import KafkaSink
 from replay_defs.pipelines import BILLING, BILLING_RAW_EVENTS_DDL
+from replay_defs.sinks.kafka import KafkaSinkSpec
 
 DAY1, DAY2 = "2024-03-04", "2024-03-05"
 NAME = BILLING.name
@@ -145,7 +145,7 @@ def billing(tmp_path, monkeypatch, chdb_path, ch_database, broker, request):
         "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS": "4000",
     }.items():
         monkeypatch.setenv(k, str(v))
-    spec = dataclasses.replace(BILLING, redrive=dataclasses.replace(BILLING.redrive, sink=KafkaSink(topic)))
+    spec = dataclasses.replace(BILLING, redrive=dataclasses.replace(BILLING.redrive, sink=KafkaSinkSpec(topic)))
     return {"spec": spec, "topic": topic, "lake": tmp_path / "lake", "home": home, "database": ch_database}
 
 

@@ -14,6 +14,7 @@ DAGSTER_FREE = [
     "replay_defs.pipeline.store",
     "replay_defs.pipeline.shrink",
     "replay_defs.pipeline.delivery",
+    "replay_defs.sinks.base",  # and the registry (replay_defs/sinks/__init__.py), which loads sink modules lazily
     "replay_defs.jsonl_files.parsing",
     "replay_defs.jsonl_files.demo",
     "replay_defs.clickhouse_table.parsing",

@@ -14,7 +14,7 @@ from replay_defs.core.lake import Lake
 from replay_defs.jsonl_files.demo import TYPES, read_truth
 from replay_defs.pipeline.store import DuckDBStore
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks import Outbox
+from replay_defs.sinks.outbox import OutboxSink
 
 PARSED_OWNER = "telemetry/parsed_events"
 ASSETS = ("raw_events", "parsed_events", "projections", "redrive")
@@ -108,7 +108,7 @@ def daily_counts(env, day: str) -> tuple[int, int]:
 
 
 def outbox_messages(env, pipeline: str = "telemetry") -> list[dict]:
-    return list(Outbox(env["outbox"]).read(pipeline))
+    return list(OutboxSink(env["outbox"]).read(pipeline))
 
 
 # Most single-day runs parse with one in-process worker: the same parse code without a process
@@ -594,7 +594,7 @@ def test_forced_range_redrive_reconciles_every_day(defs, instance, env):
         md = values(mats[day])
         assert md["published"] > 0
         assert md["published"] + md["skipped_already_delivered"] == md["selected"]
-    sent = [m["key"] for m in Outbox(env["outbox"]).read("telemetry")]
+    sent = [m["key"] for m in OutboxSink(env["outbox"]).read("telemetry")]
     assert len(sent) == len(set(sent)), "a raw file was sent twice in one run"
     failed = {k for e in evaluations(result) if not e.passed for k in [(e.check_name, e.partition)]}
     assert failed == {LATE_WARNING, (LATE_WARNING[0], None)}  # only the non-blocking late-window warning

@@ -574,7 +574,7 @@ def test_an_event_type_over_255_bytes_fails_its_row_alone_and_the_replay_goes_on
 
 
 def test_a_payload_over_max_message_bytes_is_refused_alone(table, rabbit, postgres_dsn):
-    from replay_defs.sinks import RabbitExchange
+    from replay_defs.sinks.rabbitmq import RabbitMQSink
 
     insert(
         postgres_dsn,
@@ -591,7 +591,7 @@ def test_a_payload_over_max_message_bytes_is_refused_alone(table, rabbit, postgr
         ]
         + failed_events(2, prefix="tail"),
     )
-    ex = RabbitExchange(rabbit["url"], rabbit["exchange"], max_message_bytes=4096)
+    ex = RabbitMQSink(rabbit["url"], rabbit["exchange"], max_message_bytes=4096)
     try:
         report = pe.replay(
             postgres_dsn,
@@ -619,11 +619,11 @@ def test_a_payload_over_max_message_bytes_is_refused_alone(table, rabbit, postgr
 def test_a_lost_connection_still_stops_the_replay(table, rabbit, postgres_dsn):
     """Only a message's own shape is survivable: a connection cut mid-replay stops the run, the
     confirmed rows are committed, the rest are not reached and left unchanged."""
-    from replay_defs.sinks import RabbitExchange
+    from replay_defs.sinks.rabbitmq import RabbitMQSink
 
     insert(postgres_dsn, table, failed_events(10))
     proxy = TcpProxy(rabbitmq_port()).start()
-    ex = RabbitExchange(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", rabbit["exchange"])
+    ex = RabbitMQSink(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F", rabbit["exchange"])
     run_id = f"cut-{uuid.uuid4().hex}"
 
     def cut(_report) -> None:  # called after every publish (progress_every_s=0)
@@ -660,12 +660,12 @@ def test_a_lost_connection_still_stops_the_replay(table, rabbit, postgres_dsn):
 def test_concurrent_replays_serve_each_event_once(table, rabbit, postgres_dsn):
     """Two replays of the same window at once: SKIP LOCKED hands each row to one of them."""
     insert(postgres_dsn, table, failed_events(60))
-    from replay_defs.sinks import RabbitExchange
+    from replay_defs.sinks.rabbitmq import RabbitMQSink
 
     reports = {}
 
     def run(name: str) -> None:
-        ex = RabbitExchange(rabbit["url"], rabbit["exchange"])
+        ex = RabbitMQSink(rabbit["url"], rabbit["exchange"])
         try:
             reports[name] = pe.replay(
                 postgres_dsn,

@@ -10,8 +10,9 @@ import pika
 import pytest
 from services import TcpProxy, rabbitmq_port
 
-from replay_defs.pipeline.spec import RabbitSink, Redrive
+from replay_defs.pipeline.spec import Redrive
 from replay_defs.pipelines import TELEMETRY
+from replay_defs.sinks.rabbitmq import RabbitMQSinkSpec
 
 DAY = "2025-11-25"
 
@@ -51,7 +52,7 @@ def _run(exchange: str, instance, unit: str = "raw_file", config: dict | None = 
         TELEMETRY,
         name="telemetry_amqp",
         parsed_prefix="telemetry_amqp_flat",
-        redrive=Redrive(unit=unit, sink=RabbitSink(exchange)),
+        redrive=Redrive(unit=unit, sink=RabbitMQSinkSpec(exchange)),
     )
     job = build_definitions([spec]).resolve_job_def("telemetry_amqp_replay")
     run_config = {"ops": {"telemetry_amqp__redrive": {"config": config}}} if config else {}
@@ -129,9 +130,10 @@ def test_a_message_refused_for_its_shape_fails_alone_in_a_batch(rabbit):
     """A 300-byte type as routing key, a body over max_message_bytes: each fails with its own
     `refused: ...` error (what the redrive counts and dead-letters); the rest of the batch, and
     the next batch on the same connection, are published."""
-    from replay_defs.sinks import Batch, RabbitExchange
+    from replay_defs.sinks.base import Batch
+    from replay_defs.sinks.rabbitmq import RabbitMQSink
 
-    ex = RabbitExchange(
+    ex = RabbitMQSink(
         f"amqp://guest:guest@127.0.0.1:{rabbit['proxy'].port}/%2F", rabbit["exchange"], max_message_bytes=2048
     )
     try:

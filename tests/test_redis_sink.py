@@ -13,14 +13,15 @@ import redis
 from conftest import check_verdicts
 from services import RedisServer, bullmq_consume
 
-from replay_defs.pipeline.spec import RedisSink, Redrive
+from replay_defs.pipeline.spec import Redrive
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks import Batch, RedisTarget
+from replay_defs.sinks.base import Batch
+from replay_defs.sinks.redis import RedisSink, RedisSinkSpec
 
 DAY = "2025-11-25"
 
 
-def spec_for(sink: RedisSink, unit: str = "event"):
+def spec_for(sink: RedisSinkSpec, unit: str = "event"):
     return dataclasses.replace(
         TELEMETRY,
         name="telemetry_redis",
@@ -57,7 +58,7 @@ def queue():
 
 def test_bullmq_worker_gets_one_job_per_event(env, instance, redis_url, queue, monkeypatch):
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
-    spec = spec_for(RedisSink(queue, mode="bullmq"))
+    spec = spec_for(RedisSinkSpec(queue, mode="bullmq"))
     first = _run(spec, instance)
     assert first.success
     md = _md(first)
@@ -85,7 +86,7 @@ def test_bullmq_worker_gets_one_job_per_event(env, instance, redis_url, queue, m
 @pytest.mark.parametrize("mode", ["list", "stream"])
 def test_list_and_stream_modes_append_each_message_once(env, instance, redis_url, queue, monkeypatch, mode):
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
-    spec = spec_for(RedisSink(queue, mode=mode), unit="raw_file")
+    spec = spec_for(RedisSinkSpec(queue, mode=mode), unit="raw_file")
     r = redis.Redis.from_url(redis_url)
     try:
         first = _run(spec, instance)
@@ -108,7 +109,7 @@ def test_list_and_stream_modes_append_each_message_once(env, instance, redis_url
 
 def test_a_batch_sent_twice_is_appended_once(redis_url, queue):
     """A reply lost after the server applied a batch makes the redrive send it again: harmless."""
-    sink = RedisTarget(redis_url, queue, mode="list")
+    sink = RedisSink(redis_url, queue, mode="list")
     r = redis.Redis.from_url(redis_url)
     try:
         batch = Batch.of([(f"m{i}", {"i": i}, "t") for i in range(5000)])
@@ -126,7 +127,7 @@ def test_a_batch_sent_twice_is_appended_once(redis_url, queue):
 def test_wrong_key_type_fails_each_message_with_the_error(redis_url, queue):
     r = redis.Redis.from_url(redis_url)
     r.set(queue, "not a list")
-    sink = RedisTarget(redis_url, queue, mode="list")
+    sink = RedisSink(redis_url, queue, mode="list")
     try:
         errors = sink.deliver("p", DAY, Batch.of([("a", {}, None), ("b", {}, None)]))
         assert all(e and "WRONGTYPE" in e for e in errors)
@@ -142,7 +143,7 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
     the rest, and the BullMQ worker sees each event exactly once. The password never shows."""
     server = RedisServer(password="s3cret-pw", durable=True).start()
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", server.url)
-    spec = spec_for(RedisSink(queue, mode="bullmq"))
+    spec = spec_for(RedisSinkSpec(queue, mode="bullmq"))
     events = None
     try:
         result = {}
@@ -193,9 +194,10 @@ def test_cli_redrive_to_bullmq_with_dry_run_then_for_real(env, redis_url, queue,
         "import dataclasses\n"
         "from replay_defs.definitions import build_definitions\n"
         "from replay_defs.pipelines import TELEMETRY\n"
-        "from replay_defs.pipeline.spec import RedisSink, Redrive\n"
+        "from replay_defs.pipeline.spec import Redrive\n"
+        "from replay_defs.sinks.redis import RedisSinkSpec\n"
         f"SPEC = dataclasses.replace(TELEMETRY, name='telemetry_redis', parsed_prefix='telemetry_redis_flat', "
-        f"redrive=Redrive(unit='event', sink=RedisSink({queue!r})))\n"
+        f"redrive=Redrive(unit='event', sink=RedisSinkSpec({queue!r})))\n"
         "defs = build_definitions([SPEC])\n"
     )
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)

@@ -18,7 +18,8 @@ from services import RedisServer, rabbitmq_port
 from replay_defs.core import connect
 from replay_defs.core.redact import redact
 from replay_defs.processed_events import engine as pe
-from replay_defs.sinks import Batch, RedisTarget
+from replay_defs.sinks.base import Batch
+from replay_defs.sinks.redis import RedisSink
 
 
 def password() -> str:
@@ -139,7 +140,7 @@ def test_redis_auth_failure_masks_the_password():
     server = RedisServer(password=f"right-{secrets.token_hex(4)}").start()
     try:
         pw = password()  # the wrong one, as configured
-        sink = RedisTarget(f"redis://:{quote(pw, safe='')}@127.0.0.1:{server.port}/0", "q", mode="list")
+        sink = RedisSink(f"redis://:{quote(pw, safe='')}@127.0.0.1:{server.port}/0", "q", mode="list")
         try:
             errors = sink.deliver("p", "2025-01-01", Batch(["m1"], [b'{"id":"m1"}'], ["t"]))
         finally:

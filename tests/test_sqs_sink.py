@@ -8,9 +8,10 @@ import time
 import pytest
 from services import Moto
 
-from replay_defs.pipeline.spec import Redrive, SqsSink
+from replay_defs.pipeline.spec import Redrive
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks import Batch, SqsQueue
+from replay_defs.sinks.base import Batch
+from replay_defs.sinks.sqs import SqsSink, SqsSinkSpec
 
 DAY = "2025-11-25"
 
@@ -20,7 +21,7 @@ def spec_for(queue: str, max_visible=None):
         TELEMETRY,
         name="telemetry_sqs",
         parsed_prefix="telemetry_sqs_flat",
-        redrive=Redrive(sink=SqsSink(queue, max_visible)),
+        redrive=Redrive(sink=SqsSinkSpec(queue, max_visible)),
     )
 
 
@@ -79,7 +80,7 @@ def test_failed_entries_are_retried_then_counted(moto):
     """SendMessageBatch answers 200 with per-entry failures: retried, and reported when they persist."""
     sqs = moto.client("sqs")
     sqs.create_queue(QueueName="small", Attributes={"MaximumMessageSize": "1024"})
-    sink = SqsQueue(sqs, "small", retries=1)
+    sink = SqsSink(sqs, "small", retries=1)
     msgs = Batch.of([("ok", {"x": "a"}, None), ("big", {"x": "b" * 4000}, None), ("ok2", {"x": "c"}, None)])
     errors = sink.deliver("p", DAY, msgs, run_id="r")
     assert errors[0] is None and errors[2] is None and errors[1] is not None
@@ -89,7 +90,7 @@ def test_failed_entries_are_retried_then_counted(moto):
 def test_backpressure_pauses_until_a_consumer_drains_the_queue(moto):
     sqs = moto.client("sqs")
     sqs.create_queue(QueueName="slow")
-    sink = SqsQueue(sqs, "slow", max_visible=15, poll_s=0.2)
+    sink = SqsSink(sqs, "slow", max_visible=15, poll_s=0.2)
     received, stop = [], threading.Event()
 
     def consumer():  # a slow downstream: a few messages every half second

@@ -41,7 +41,7 @@ from urllib.parse import unquote
 
 import msgspec
 
-from replay_defs.sinks import Batch
+from replay_defs.sinks.base import Batch
 
 PUT = "REST.PUT.OBJECT"
 Source = Literal["csv", "access_logs", "listing"]

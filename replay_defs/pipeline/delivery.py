@@ -12,18 +12,19 @@ import hashlib
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import duckdb
 
 from replay_defs.core.duckdb_file import ident
 from replay_defs.core.lake import Lake, check_partition
 from replay_defs.core.ledger import Ledger
-from replay_defs.core.pacing import read_ahead
+from replay_defs.core.pacing import Pacer, read_ahead
 from replay_defs.pipeline.spec import PipelineSpec
-from replay_defs.sinks import Batch, Sink
+from replay_defs.sinks.base import Batch, Sink
 
 
 @dataclass
@@ -243,9 +244,10 @@ def redrive(
     """Deliver the selected messages that the sink does not have yet, recording each outcome.
 
     Failed messages are retried `retries` times with exponential backoff before they count as
-    failed; `on_failed` then gets them batch by batch as dead letters (id, error, message). A message is recorded as delivered only after the
-    sink confirmed it, so a crash re-sends at most the unrecorded tail; the sinks make such a
-    re-send harmless where the target allows it (Kafka keys, BullMQ job ids, SQS FIFO ids).
+    failed; `on_failed` then gets them batch by batch as dead letters (id, error, message). A
+    message is recorded as delivered only after the sink confirmed it, so a crash re-sends at most
+    the unrecorded tail; the sinks make such a re-send harmless where the target allows it (Kafka
+    keys, BullMQ job ids, SQS FIFO ids). `rate_limit`: at most this many messages per second.
 
     `handled_in_run`: message ids an earlier day of the same run already handled (a raw file can
     hold events of two days); they count as already delivered, even when forced, and the ids this
@@ -255,61 +257,66 @@ def redrive(
     paused_before = getattr(sink, "paused_s", 0.0)
     if rate_limit:  # pace in chunks of about a tenth of a second
         batch_size = max(1, min(batch_size, int(rate_limit / 10)))
-    started = last_log = time.monotonic()
-    sent = 0  # messages handed to the sink, for the rate limit
+    pacer, progress = Pacer(rate_limit), _Progress(partition, counts, log)
     with LedgerWriter(ledger, pipeline, sink.name, partition, run_id) as writer:
-
-        def prepare(batch: Batch) -> tuple[Batch, Batch, set[str]]:
-            """The batch, the part that can be sent, and the ids of it the sink already has."""
-            sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
-            return batch, sendable, set() if force else ledger.delivered(pipeline, sink.name, sendable.ids)
-
+        delivery = _Delivery(
+            sink, writer, pipeline, partition, run_id, force, retries, retry_backoff_s, counts, log, on_failed
+        )
+        lookup = partial(_lookup, ledger, pipeline, sink.name, force)
         # The next batch is read and looked up on a thread while this one is sent.
-        for batch, sendable, already in read_ahead(map(prepare, _first(batches, limit))):
-            counts.selected += len(batch)
-            for t, n in Counter(batch.types).items():
-                counts.by_type[t or "any"] = counts.by_type.get(t or "any", 0) + n
-            for reason in filter(None, batch.drop or ()):
-                counts.dropped += 1
-                counts.dropped_reasons[reason] = counts.dropped_reasons.get(reason, 0) + 1
-            if handled_in_run is not None:
-                already |= handled_in_run.intersection(sendable.ids)
-                handled_in_run.update(sendable.ids)
-            pending = (
-                sendable.take([i for i, m in enumerate(sendable.ids) if m not in already]) if already else sendable
-            )
-            counts.skipped_already_delivered += len(sendable) - len(pending)
+        for batch, sendable, already in read_ahead(map(lookup, _first(batches, limit))):
+            pending = _tally(batch, sendable, already, counts, handled_in_run)
             if dry_run:
                 continue
             for start in range(0, len(pending), batch_size):
                 chunk = pending.slice(start, start + batch_size)
-                if rate_limit:
-                    wait = sent / rate_limit - (time.monotonic() - started)
-                    if wait > 0:
-                        time.sleep(wait)
-                sent += len(chunk)
-                _deliver_with_retries(
-                    sink,
-                    writer,
-                    pipeline,
-                    partition,
-                    chunk,
-                    run_id,
-                    force,
-                    retries,
-                    retry_backoff_s,
-                    counts,
-                    log,
-                    on_failed,
-                )
-                if log and time.monotonic() - last_log >= 5:
-                    last_log = time.monotonic()
-                    rate = counts.published / (last_log - started)
-                    log(
-                        f"redrive {partition}: {counts.published} delivered ({rate:,.0f}/s), {counts.failed} failed so far"
-                    )
+                pacer.wait(len(chunk))
+                delivery.send(chunk)
+                progress.maybe_log()
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
+
+
+def _lookup(ledger: Ledger, pipeline: str, sink_name: str, force: bool, batch: Batch) -> tuple[Batch, Batch, set[str]]:
+    """The batch, the part of it that can be sent, and the ids of that part the sink already has."""
+    sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
+    return batch, sendable, set() if force else ledger.delivered(pipeline, sink_name, sendable.ids)
+
+
+def _tally(
+    batch: Batch, sendable: Batch, already: set[str], counts: RedriveCounts, handled_in_run: set[str] | None
+) -> Batch:
+    """Counts a batch as selected, dropped and already delivered; returns what is left to send."""
+    counts.selected += len(batch)
+    for t, n in Counter(batch.types).items():
+        counts.by_type[t or "any"] = counts.by_type.get(t or "any", 0) + n
+    for reason in filter(None, batch.drop or ()):
+        counts.dropped += 1
+        counts.dropped_reasons[reason] = counts.dropped_reasons.get(reason, 0) + 1
+    if handled_in_run is not None:
+        already |= handled_in_run.intersection(sendable.ids)
+        handled_in_run.update(sendable.ids)
+    pending = sendable.take([i for i, m in enumerate(sendable.ids) if m not in already]) if already else sendable
+    counts.skipped_already_delivered += len(sendable) - len(pending)
+    return pending
+
+
+class _Progress:
+    """Logs how far a day's delivery got, at most every `every_s` seconds."""
+
+    def __init__(self, partition: str, counts: RedriveCounts, log, every_s: float = 5.0):
+        self.partition, self.counts, self.log, self.every_s = partition, counts, log, every_s
+        self.started = self.last = time.monotonic()
+
+    def maybe_log(self) -> None:
+        if not self.log or time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        rate = self.counts.published / (self.last - self.started)
+        self.log(
+            f"redrive {self.partition}: {self.counts.published} delivered ({rate:,.0f}/s), "
+            f"{self.counts.failed} failed so far"
+        )
 
 
 def _first(batches: Iterable[Batch], limit: int | None) -> Iterator[Batch]:
@@ -357,42 +364,52 @@ class LedgerWriter:
             self._pool.shutdown(wait=True)
 
 
-def _deliver_with_retries(
-    sink,
-    writer: LedgerWriter,
-    pipeline,
-    partition,
-    chunk: Batch,
-    run_id,
-    force,
-    retries,
-    backoff_s,
-    counts,
-    log,
-    on_failed,
-) -> None:
-    for attempt in range(retries + 1):
-        errors = sink.deliver(pipeline, partition, chunk, run_id=run_id, resend=force)
-        ok = [m for m, e in zip(chunk.ids, errors) if e is None]
-        writer.record(ok, "delivered")
-        counts.published += len(ok)
-        failed = [i for i, e in enumerate(errors) if e is not None]
-        if not failed:
-            return
-        last_errors = [errors[i] for i in failed]
-        chunk = chunk.take(failed)
-        if attempt < retries:
-            if log:
-                log(
-                    f"redrive {partition}: {len(failed)} deliveries failed ({last_errors[0]}); retry {attempt + 1}/{retries}"
+@dataclass
+class _Delivery:
+    """Sends chunks of one day to the sink with retries and records every outcome: delivered in
+    the ledger as the sink confirms, failed (with the error) in the ledger and as dead letters."""
+
+    sink: Sink
+    writer: LedgerWriter
+    pipeline: str
+    partition: str
+    run_id: str
+    force: bool
+    retries: int
+    backoff_s: float
+    counts: RedriveCounts
+    log: Callable[[str], None] | None = None
+    on_failed: Callable[[list[dict]], None] | None = None
+
+    def send(self, chunk: Batch) -> None:
+        for attempt in range(self.retries + 1):
+            errors = self.sink.deliver(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
+            ok = [m for m, e in zip(chunk.ids, errors) if e is None]
+            self.writer.record(ok, "delivered")
+            self.counts.published += len(ok)
+            failed = [i for i, e in enumerate(errors) if e is not None]
+            if not failed:
+                return
+            last_errors = [errors[i] for i in failed]
+            chunk = chunk.take(failed)
+            if attempt < self.retries:
+                if self.log:
+                    self.log(
+                        f"redrive {self.partition}: {len(failed)} deliveries failed ({last_errors[0]}); "
+                        f"retry {attempt + 1}/{self.retries}"
+                    )
+                time.sleep(self.backoff_s * 2**attempt)
+        self._failed(chunk, last_errors)
+
+    def _failed(self, chunk: Batch, errors: list[str]) -> None:
+        by_error: dict[str, list[int]] = {}
+        for i, e in enumerate(errors):
+            by_error.setdefault(e, []).append(i)
+        for error, index in by_error.items():
+            self.writer.record([chunk.ids[i] for i in index], "failed", error)
+            self.counts.first_error = self.counts.first_error or error
+            if self.on_failed:
+                self.on_failed(
+                    [{"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index]
                 )
-            time.sleep(backoff_s * 2**attempt)
-    by_error: dict[str, list[int]] = {}
-    for i, e in enumerate(last_errors):
-        by_error.setdefault(e, []).append(i)
-    for error, index in by_error.items():
-        writer.record([chunk.ids[i] for i in index], "failed", error)
-        counts.first_error = counts.first_error or error
-        if on_failed:
-            on_failed([{"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index])
-    counts.failed += len(chunk)
+        self.counts.failed += len(chunk)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
+from replay_defs.sinks import dead_letter_readers, sink_type  # the registry loads sink modules when first asked
+from replay_defs.sinks.base import SinkSpec
+
 FieldType = Literal["string", "int", "float", "bool", "timestamp", "json"]
 
 # Names that end up in SQL identifiers or lake paths must match this.
@@ -208,100 +211,11 @@ class Projection:
             raise ValueError(f"replace projection {self.name!r} needs order_by")
 
 
-@dataclass(frozen=True)
-class OutboxSink:
-    """Deliveries written as JSONL files to `<outbox root>/<pipeline>/day=<D>/` (resource `outbox`)."""
+def _outbox() -> SinkSpec:
+    # The default sink. Sink modules import Dagster (their resource), so only when it is used.
+    from replay_defs.sinks.outbox import OutboxSinkSpec
 
-    kind: Literal["outbox"] = "outbox"
-
-    @property
-    def name(self) -> str:  # the ledger's name for this sink
-        return "outbox"
-
-
-@dataclass(frozen=True)
-class KafkaSink:
-    """One Kafka message per delivery on `topic` (resource `kafka`), keyed by the message id."""
-
-    topic: str
-    kind: Literal["kafka"] = "kafka"
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic):
-            raise ValueError(f"{self.topic!r} is not a valid Kafka topic name")
-
-    @property
-    def name(self) -> str:
-        return f"kafka:{self.topic}"
-
-
-@dataclass(frozen=True)
-class SqsSink:
-    """One SQS message per delivery on queue `queue` (resource `sqs`). A `.fifo` queue gets
-    deduplication ids. `max_visible`: pause while the queue holds more visible messages than this
-    (seed 004's `--monitor --max-queue-visible`)."""
-
-    queue: str
-    max_visible: int | None = None
-    kind: Literal["sqs"] = "sqs"
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,75}(\.fifo)?", self.queue):
-            raise ValueError(f"{self.queue!r} is not a valid SQS queue name")
-
-    @property
-    def name(self) -> str:
-        return f"sqs:{self.queue}"
-
-
-@dataclass(frozen=True)
-class RabbitSink:
-    """One AMQP message per delivery to `exchange` (resource `rabbitmq`), routed by the event type
-    (`routing_key` may use `{type}` and `{pipeline}`), with publisher confirms."""
-
-    exchange: str
-    routing_key: str = "{type}"
-    kind: Literal["rabbitmq"] = "rabbitmq"
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", self.exchange):
-            raise ValueError(f"{self.exchange!r} is not a valid exchange name")
-
-    @property
-    def name(self) -> str:
-        return f"rabbitmq:{self.exchange}"
-
-
-@dataclass(frozen=True)
-class RedisSink:
-    """Deliveries into Redis (resource `redis`) at `key`:
-
-    - `bullmq`: one job per delivery in BullMQ queue `key` (keys `<prefix>:<key>:*`), job name the
-      event type, job id the message id, so BullMQ itself refuses a second copy of a job it holds;
-    - `list`: RPUSH of the JSON message onto list `key`;
-    - `stream`: XADD to stream `key` with fields id, type, body.
-
-    List and stream writes go through a script that remembers the ids it appended (a set per
-    pipeline and day, kept `seen_ttl_s`), so a batch re-sent after a lost reply is not appended twice.
-    `job_name`: the BullMQ job name when the consumer expects a fixed one (else the event type).
-    """
-
-    key: str
-    mode: Literal["bullmq", "list", "stream"] = "bullmq"
-    prefix: str = "bull"
-    seen_ttl_s: int = 7 * 24 * 3600
-    job_name: str | None = None
-    kind: Literal["redis"] = "redis"
-
-    def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.:{}-]{1,200}", self.key):
-            raise ValueError(f"{self.key!r} is not a valid Redis key for a sink")
-        if self.mode not in ("bullmq", "list", "stream"):
-            raise ValueError(f"unknown Redis sink mode {self.mode!r}: use bullmq, list or stream")
-
-    @property
-    def name(self) -> str:
-        return f"redis:{self.mode}:{self.key}"
+    return OutboxSinkSpec()
 
 
 @dataclass(frozen=True)
@@ -314,10 +228,12 @@ class Redrive:
     """
 
     unit: Literal["raw_file", "event"] = "raw_file"
-    sink: OutboxSink | KafkaSink | SqsSink | RabbitSink | RedisSink = OutboxSink()
+    # A sink's `<X>SinkSpec` (from its module in `replay_defs/sinks/`), e.g. `KafkaSinkSpec("topic")`.
+    sink: SinkSpec = field(default_factory=_outbox)
     key_field: str | None = None
 
     def __post_init__(self) -> None:
+        sink_type(self.sink)  # a ValueError unless it is a registered sink's spec
         if self.unit not in ("raw_file", "event"):
             raise ValueError(f"unknown redrive unit {self.unit!r}: use raw_file or event")
         if self.key_field is not None and self.unit != "event":
@@ -331,13 +247,14 @@ class DeadLetters:
     them), finds their days and launches one backfill of the pipeline for those days.
 
     kind / name: `sqs` queue (ApproximateNumberOfMessages), `bullmq` queue (its failed jobs),
-    `kafka` topic (end offsets), `rabbitmq` queue (message count), `postgres` table (rows whose
-    `status_column` is `error_value`). A dead letter's day comes from the event-time field
-    `time_field` of its JSON body (default: the schema's time field), or for raw-file messages from
-    the `day=` of their key; for `postgres` from the column `time_field`.
+    `kafka` topic (end offsets), `rabbitmq` queue (message count) — each read by its sink's module
+    (`replay_defs/sinks/`) — or `postgres` table (rows whose `status_column` is `error_value`). A
+    dead letter's day comes from the event-time field `time_field` of its JSON body (default: the
+    schema's time field), or for raw-file messages from the `day=` of their key; for `postgres`
+    from the column `time_field`.
     """
 
-    kind: Literal["sqs", "bullmq", "kafka", "rabbitmq", "postgres"]
+    kind: str  # "postgres" or a dead-letter kind of a sink module: "sqs", "bullmq", "kafka", "rabbitmq"
     name: str
     growth: int = 100
     window_s: int = 600
@@ -350,7 +267,7 @@ class DeadLetters:
     running: bool = False  # on from the start (else turned on in the UI)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sqs", "bullmq", "kafka", "rabbitmq", "postgres"):
+        if self.kind != "postgres" and self.kind not in dead_letter_readers():
             raise ValueError(f"unknown dead-letter kind {self.kind!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", self.name):
             raise ValueError(f"{self.name!r} is not a valid dead-letter source name")
@@ -398,7 +315,7 @@ class PipelineSpec:
     # Lake prefix of the parsed Parquet: `<parsed_prefix>/type=<t>/day=<d>/`.
     parsed_prefix: str
     projections: tuple[Projection, ...] = ()
-    redrive: Redrive = Redrive()
+    redrive: Redrive = field(default_factory=Redrive)
     lateness: Lateness = Lateness()
     dead_letters: tuple[DeadLetters, ...] = ()
     # How a table source's rows become events (ClickHouse sources only).

@@ -689,7 +689,7 @@ def replay(
     progress_every_s: float = 5.0,
 ) -> Report:
     """Replay the selected rows (see the module docstring). `exchange`: an object with
-    `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.RabbitExchange`);
+    `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.rabbitmq.RabbitMQSink`);
     `publish=False` only changes statuses (the stuck reset to `error`)."""
     _check_replay_arguments(batch_size, rate_limit, new_status, publish, exchange, dry_run)
     table_identifier(table)

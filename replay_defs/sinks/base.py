@@ -1,0 +1,107 @@
+"""What every sink shares, Dagster-free: the engines import `Batch` and `Sink` from here.
+
+- `Batch`: messages to deliver, column by column.
+- `Sink`: a sender. It takes a `Batch` and answers per message: None when confirmed, else the error.
+- `SinkSpec`: what a sink's declaration (`<X>SinkSpec`, a frozen dataclass in its module) offers.
+- `SinkType`: a sink module's entry in the registry (`replay_defs.sinks`): its spec, its Dagster
+  resource, the resource's env settings, how a sender is opened, the dead-letter sources it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class Batch:
+    """Messages to deliver, column by column: a million events stay a few lists, not objects.
+
+    `bodies` are the JSON messages as sent (the message id is inside); `keys` are partition keys
+    (Kafka message keys), the ids when absent.
+    """
+
+    ids: list[str]
+    bodies: list[bytes]
+    types: list[str | None]
+    keys: list[bytes] | None = None
+    drop: list[str | None] | None = None  # per message, why it cannot be sent (counted as dropped)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key_list(self) -> list[bytes]:
+        return self.keys if self.keys is not None else [i.encode() for i in self.ids]
+
+    def take(self, index: list[int]) -> "Batch":
+        def pick(col):
+            return None if col is None else [col[i] for i in index]
+
+        return Batch(pick(self.ids), pick(self.bodies), pick(self.types), pick(self.keys), pick(self.drop))
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        def cut(col):
+            return None if col is None else col[start:stop]
+
+        return Batch(cut(self.ids), cut(self.bodies), cut(self.types), cut(self.keys), cut(self.drop))
+
+    @staticmethod
+    def of(messages: list[tuple[str, dict, str | None]]) -> "Batch":
+        """From (id, body, type) triples; the id is added to each JSON body."""
+        return Batch(
+            [m[0] for m in messages],
+            [json.dumps({"id": m[0], **m[1]}, sort_keys=True).encode() for m in messages],
+            [m[2] for m in messages],
+        )
+
+
+class Sink(Protocol):
+    name: str
+
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
+        """Deliver a batch; per message None when confirmed, else the error text."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class SinkSpec(Protocol):
+    """A sink as a pipeline declares it (`Redrive(sink=...)`): a frozen dataclass whose `kind`
+    names its registry entry and whose `name` is the ledger's name for the target."""
+
+    kind: str
+
+    @property
+    def name(self) -> str: ...
+
+
+# (source, resource, peek) -> (depth, the newest dead letters as JSON text or timestamps)
+DeadLetterProbe = Callable[[Any, Any, bool], tuple[int, list]]
+
+
+@dataclass(frozen=True)
+class SinkType:
+    """A sink module's entry in the registry: all the Dagster layer needs to build and use the sink.
+
+    `kind` is the spec's `kind` and the key of the Dagster resource (`resource`), which is built
+    from `settings` (resource field -> (env var, default); set, the variable is resolved at launch).
+    `open(resource, spec)` returns the sender. `dead_letters`: dead-letter kinds (`DeadLetters.kind`)
+    this system's resource reads, each with its probe. `always`: the resource is in every code
+    location, whether or not a spec names the sink.
+    """
+
+    kind: str
+    spec: type
+    resource: type
+    settings: dict[str, tuple[str, Any]]
+    open: Callable[[Any, Any], Sink]
+    dead_letters: dict[str, DeadLetterProbe] = field(default_factory=dict)
+    always: bool = False
+
+    @property
+    def resource_key(self) -> str:
+        return self.kind

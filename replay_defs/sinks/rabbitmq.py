@@ -1,0 +1,206 @@
+"""The RabbitMQ sink: AMQP publishes with publisher confirms, routed by event type. The
+processed-events jobs publish through the same sender (`RabbitMQSink.publish`), and its resource
+also reads RabbitMQ dead-letter queues (`DeadLetters("rabbitmq", queue)`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from replay_defs.core import connect
+from replay_defs.core.redact import redact, register_url
+from replay_defs.sinks.base import Batch, SinkType
+
+
+@dataclass(frozen=True)
+class RabbitMQSinkSpec:
+    """One AMQP message per delivery to `exchange` (resource `rabbitmq`), routed by the event type
+    (`routing_key` may use `{type}` and `{pipeline}`), with publisher confirms."""
+
+    exchange: str
+    routing_key: str = "{type}"
+    kind: Literal["rabbitmq"] = "rabbitmq"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", self.exchange):
+            raise ValueError(f"{self.exchange!r} is not a valid exchange name")
+
+    @property
+    def name(self) -> str:
+        return f"rabbitmq:{self.exchange}"
+
+
+AMQP_SHORT_STRING_BYTES = 255  # AMQP 0-9-1 short strings: routing key, message_id, header (field table) keys
+# RabbitMQ 4's default `max_message_size` (3.8 to 3.13: 128 MiB); a body over it is refused before it is sent.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def amqp_refusal(
+    routing_key: str,
+    body: bytes,
+    message_id: str | None = None,
+    headers: dict | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> str | None:
+    """Why an AMQP broker (or pika, before sending) would refuse this message for its shape, as
+    `reason: detail` (no content of the message, only sizes); None when it fits."""
+
+    def too_long(what: str, value) -> str | None:
+        if not isinstance(value, str):
+            return None
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            return f"{what}_not_utf8: not encodable as UTF-8"
+        return f"{what}_too_long: {n} bytes > {AMQP_SHORT_STRING_BYTES}" if n > AMQP_SHORT_STRING_BYTES else None
+
+    def header_keys(table: dict) -> str | None:
+        for k, v in table.items():
+            why = too_long("header_key", k) or (header_keys(v) if isinstance(v, dict) else None)
+            if why:
+                return why
+        return None
+
+    why = too_long("routing_key", routing_key) or too_long("message_id", message_id) or header_keys(headers or {})
+    if why:
+        return why
+    if max_message_bytes and len(body) > max_message_bytes:
+        return f"body_too_large: {len(body)} bytes > {max_message_bytes}"
+    return None
+
+
+class RabbitMQSink:
+    """pika with publisher confirms: a publish counts once the broker acked it (`mandatory`, so a
+    message no queue would take is a failure, not a silent drop). A message whose shape AMQP or the
+    broker refuses (a routing key, message id or header key over 255 bytes, a body over
+    `max_message_bytes`) fails alone with `refused: <reason>: ...`, before anything is sent. A lost
+    connection fails the rest of the batch; the next batch reconnects."""
+
+    REFUSED = "refused: "
+
+    def __init__(
+        self, url: str, exchange: str, routing_key: str = "{type}", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ):
+        self.url = url
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.max_message_bytes = max_message_bytes
+        self.name = f"rabbitmq:{exchange}"
+        self._connection = None
+        self._channel = None
+
+    def _open(self):
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = connect.rabbitmq(self.url, connection_attempts=1, socket_timeout=5)
+            self._channel = (
+                self._connection.channel()
+            )  # the broker closed the channel alone: a new one on the same connection
+            self._channel.confirm_delivery()
+        return self._channel
+
+    def publish(self, routing_key: str, body: bytes, message_id: str, headers: dict | None = None) -> str | None:
+        """One persistent, `mandatory` message to the exchange, waiting for the broker's confirm:
+        None when confirmed, else the error: "refused: <reason>: ..." when the message's shape is
+        refused (that message alone), "connection: ..." when the connection is gone."""
+        import pika
+        from pika.exceptions import AMQPError
+
+        refusal = amqp_refusal(routing_key, body, message_id, headers, self.max_message_bytes)
+        if refusal:
+            return self.REFUSED + refusal
+        # message_id lets a consumer drop the one copy a cut connection can leave ambiguous
+        # (published, confirm lost, sent again by the retry).
+        props = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, message_id=message_id, headers=headers
+        )
+        try:
+            self._open().basic_publish(self.exchange, routing_key, body, properties=props, mandatory=True)
+            return None
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            return f"not confirmed: {type(exc).__name__}"
+        except pika.exceptions.ShortStringTooLong:  # pika refuses to encode it; nothing was sent (never echo the value)
+            return self.REFUSED + "short_string_too_long: a field over 255 bytes"
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            if exc.reply_code == 406 and "size" in str(exc.reply_text).lower():  # over the broker's max_message_size
+                return self.REFUSED + redact(f"body_too_large_for_broker: {exc.reply_code} {exc.reply_text}")[:300]
+            return redact(f"connection: {type(exc).__name__}: {exc}")
+        except (AMQPError, OSError) as exc:
+            self._channel = None
+            self._drop_connection()
+            return redact(f"connection: {type(exc).__name__}: {exc}")
+
+    def _drop_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is being dropped because it failed
+                pass
+
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
+        errors: list[str | None] = []
+        headers = {"replay_run_id": run_id, "pipeline": pipeline, "day": day}
+        for message_id, body, event_type in zip(batch.ids, batch.bodies, batch.types):
+            if errors and errors[-1] is not None and errors[-1].startswith("connection"):
+                errors.append(errors[-1])  # the connection is gone: fail the rest of the batch fast
+                continue
+            key = self.routing_key.format(type=event_type or "any", pipeline=pipeline)
+            errors.append(self.publish(key, body, message_id, headers))  # a refused message fails alone
+        return errors
+
+    def close(self) -> None:
+        self._channel = None
+        self._drop_connection()
+
+
+class RabbitMQResource(dg.ConfigurableResource):
+    """A RabbitMQ broker (pika): redrive sinks, and the exchange processed-events replays publish to."""
+
+    url: str = Field(
+        description="AMQP URL, e.g. amqp://user:pass@host:5672/%2F (env EVENT_REPLAY_RABBITMQ_URL).",
+        json_schema_extra={"dagster__is_secret": True},
+    )
+
+    def setup_for_execution(self, context) -> None:
+        # resolved now (EnvVar): its password is masked by value in every message of this process
+        register_url(self.url)
+
+    def sink(self, exchange: str, routing_key: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> RabbitMQSink:
+        return RabbitMQSink(self.url, exchange, routing_key, max_message_bytes=max_message_bytes)
+
+
+def peek_dead_letters(source, rabbitmq: RabbitMQResource, peek: bool):
+    """A dead-letter queue's message count and, with `peek`, its first messages, taken with
+    `basic_get` and never acknowledged: closing the channel puts every one back."""
+    conn = connect.rabbitmq(rabbitmq.url)
+    try:
+        ch = conn.channel()
+        depth = ch.queue_declare(source.name, passive=True).method.message_count
+        letters = []
+        for _ in range(min(depth, source.peek) if peek else 0):
+            method, _props, body = ch.basic_get(source.name, auto_ack=False)
+            if method is None:
+                break
+            letters.append(body.decode(errors="replace"))
+        return depth, letters
+    finally:
+        conn.close()
+
+
+SINK = SinkType(
+    kind="rabbitmq",
+    spec=RabbitMQSinkSpec,
+    resource=RabbitMQResource,
+    settings={"url": ("EVENT_REPLAY_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")},
+    open=lambda resource, spec: resource.sink(spec.exchange, spec.routing_key),
+    dead_letters={"rabbitmq": peek_dead_letters},
+    always=True,  # the processed-events jobs (jobs/) publish through it
+)
