@@ -23,6 +23,7 @@ from dagster_aws.s3 import S3Resource
 
 from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
+from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
 from replay_defs.pipelines import PIPELINES, REFILLS
 from resources import (
@@ -54,7 +55,7 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         checks += built.checks
         jobs += [built.job, built.verify_job]
     sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
-    sensors += [build_raw_files_sensor(spec) for spec in pipelines if not spec.from_table]
+    sensors += [build_raw_files_sensor(spec) for spec in pipelines if source_kind(spec).raw_files_sensor]
     # Resource keys some spec needs: its redrive sink's, and its dead-letter sources'.
     needed = {spec.redrive.sink.kind for spec in (*pipelines, *refills)}
     needed |= {DEAD_LETTER_RESOURCE[s.kind] for spec in pipelines for s in spec.dead_letters}
