@@ -297,7 +297,7 @@ class DayCheck:
     asset: str
     description: str
     verify: Callable  # (resources, spec, day) -> DayVerdict
-    applies: Callable[[PipelineSpec], bool] = lambda spec: True
+    applies: Callable[[PipelineSpec], bool] = lambda spec: True  # does a day of this spec have the check?
     resources: frozenset[str] = frozenset({"lake"})
     blocking: bool = True
 
