@@ -2,9 +2,11 @@
 
 A check is only as good as the independence of what it compares, so each compares two figures
 produced separately, and its description names them. Every check is a `DayCheck`: the asset it
-guards, which specs it applies to, the resources it reads and a per-day verdict. `build_checks`
-turns the ones that apply to a spec into partitioned Dagster asset checks; all but the
-late-window warning are blocking, so a failing day fails the run (and a CI job).
+guards, which specs it applies to, the resources it reads and a per-day verdict. `CHECKS` holds
+those of every source kind; a kind's own (e.g. the raw files' listing for files) are in its module
+under `assets/sources/`. `build_checks` turns the ones that apply to a spec into partitioned Dagster
+asset checks; all but the late-window warning are blocking, so a failing day fails the run (and a
+CI job).
 """
 
 from collections.abc import Callable
@@ -15,10 +17,8 @@ import dagster as dg
 import duckdb
 
 from assets.common import DayVerdict, asset_key, check_each_day
-from assets.parsed import lateness_windows
-from assets.raw import day_start, listing_changes, manifest_listing, raw_listing
 from partitions import daily_partitions
-from replay_defs.core.lake import Lake, file_sha256
+from replay_defs.core.lake import Lake
 from replay_defs.core.naming import (
     PARSED,
     PROJECTIONS,
@@ -34,7 +34,6 @@ from replay_defs.pipeline.committed import committed_parquet
 from replay_defs.pipeline.shrink import shrunk_types
 from replay_defs.pipeline.spec import PipelineSpec
 
-LATE = "outside_lateness_window"
 SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 
 
@@ -47,11 +46,11 @@ def parquet_on_disk(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
     )
 
 
-def _count(files: list[str], sql: str = "SELECT count(*) FROM read_parquet($f)") -> int:
+def count_rows(files: list[str], sql: str = "SELECT count(*) FROM read_parquet($f)") -> int:
     return duckdb.execute(sql, {"f": files}).fetchone()[0] if files else 0
 
 
-def _not_built(what: str) -> DayVerdict:
+def not_built(what: str) -> DayVerdict:
     return DayVerdict(False, f"{what} not materialized for this day", {})
 
 
@@ -86,11 +85,11 @@ def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     state = lake.state(owner(spec, PARSED), day)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if state is None or manifest is None:
-        return _not_built("parsed_events or raw_events")
+        return not_built("parsed_events or raw_events")
     s = state.stats
-    parsed = _count([str(lake.path(f)) for f in committed_parquet(lake, spec, day)])
+    parsed = count_rows([str(lake.path(f)) for f in committed_parquet(lake, spec, day)])
     qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
-    quarantined = _count(qfiles, "SELECT coalesce(sum(lines), 0)::BIGINT FROM read_parquet($f)")
+    quarantined = count_rows(qfiles, "SELECT coalesce(sum(lines), 0)::BIGINT FROM read_parquet($f)")
     raw_lines = manifest["totals"]["lines"]
     left = raw_lines + s["routed_in"]
     right = parsed + s["duplicates"] + quarantined + s["routed_out"]
@@ -127,63 +126,11 @@ def stale_files(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     )
 
 
-def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = True) -> DayVerdict:
-    """The raw files the committed version read (recorded at build time) against the listing of
-    the day and its lateness window now: a late arrival or a rewrite makes the day out of date.
-    `content`: also compare the day's own files with the SHA-256 raw_events recorded (a rewrite
-    that kept size and mtime); a full read of the day's raw bytes."""
-    state = lake.state(owner(spec, PARSED), day)
-    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
-    if state is None or manifest is None:
-        return _not_built("parsed_events or raw_events")
-    start = day_start(day)
-    home_now = raw_listing(lake, spec, start, start + timedelta(days=1))
-    changes = [f"raw_events: {c}" for c in listing_changes(manifest_listing(manifest), home_now)]
-    built = state.stats.get("sources")
-    if built is None:  # a version built before sources were recorded: the home files are all we know
-        built = manifest_listing(manifest)
-    now = dict(home_now)
-    for lo, hi in lateness_windows(spec, day):
-        now.update(raw_listing(lake, spec, lo, hi))
-    changes += [f"parsed_events: {c}" for c in listing_changes(built, now)]
-    if content and not changes:
-        changes += [
-            f"raw_events: rewritten since the build (same size and mtime, other bytes): {f['rel_path']}"
-            for f in manifest["files"]
-            if f.get("sha256") and file_sha256(lake.path(f["rel_path"])) != f["sha256"]
-        ]
-    return DayVerdict(
-        not changes,
-        f"out of date, re-materialize the day: {'; '.join(changes[:10])}"
-        if changes
-        else f"the {len(now)} raw files of the day and its lateness window are the ones the build read",
-        {"raw_files_now": len(now), "raw_files_built_from": len(built), "changes": len(changes)},
-    )
-
-
-def table_rows_current(lake: Lake, spec: PipelineSpec, day: str, ch) -> DayVerdict:
-    """A table source's selected rows counted by the engine now, against raw_events' count."""
-    from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection
-
-    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
-    if manifest is None:
-        return _not_built("raw_events")
-    then = manifest["totals"]["lines"]
-    now = KeysetReader(ch, spec.source, day, TableSelection.from_json(manifest["selection"])).count()
-    return DayVerdict(
-        now == then,
-        f"out of date, re-materialize the day: the selection holds {now} rows now, {then} when raw_events counted it"
-        if now != then
-        else f"the selection still holds the {now} rows raw_events counted",
-        {"rows_now": now, "rows_built_from": then, "difference": now - then},
-    )
-
-
 def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     """Events per type in the committed Parquet, against the replaced version's recorded counts."""
     state = lake.state(owner(spec, PARSED), day)
     if state is None:
-        return _not_built("parsed_events")
+        return not_built("parsed_events")
     previous, allowed = state.stats.get("previous"), state.stats.get("allow_shrink", False)
     if not previous:
         return DayVerdict(True, "the first version of the day: nothing to compare with", {"baseline_version": 0})
@@ -218,31 +165,6 @@ def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     )
 
 
-def late_quarantine(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
-    """Lines quarantined as outside the lateness window, counted in the quarantine files."""
-    state = lake.state(owner(spec, PARSED), day)
-    if state is None:
-        return _not_built("parsed_events")
-    qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
-    late = _count(
-        qfiles, f"SELECT coalesce(sum(lines) FILTER (WHERE reason = '{LATE}'), 0)::BIGINT FROM read_parquet($f)"
-    )
-    lat = spec.lateness
-    return DayVerdict(
-        late == 0,
-        f"{late} events arrived outside the lateness window ({lat.early} early, {lat.late} late) and were quarantined as "
-        f"{LATE}: widen `lateness=Lateness(early=..., late=...)` in the {spec.name} PipelineSpec and re-run the days"
-        if late
-        else "no event arrived outside the lateness window",
-        {
-            LATE: late,
-            "lateness_early_s": int(lat.early.total_seconds()),
-            "lateness_late_s": int(lat.late.total_seconds()),
-        },
-        severity=dg.AssetCheckSeverity.WARN,
-    )
-
-
 # ---- projections -------------------------------------------------------------------------------
 
 
@@ -250,7 +172,7 @@ def projection_totals(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVer
     """Each increment projection's count for the day, against the parsed count parsed_events recorded."""
     state = lake.state(owner(spec, PARSED), day)
     if state is None:
-        return _not_built("parsed_events")
+        return not_built("parsed_events")
     parsed = state.stats["parsed"]
     md, problems = {"parsed_recorded": parsed}, []
     for p in spec.projections:
@@ -272,7 +194,7 @@ def committed_days(lake: Lake, spec: PipelineSpec) -> list[str]:
 def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
     """Each projection against a from-scratch fold of the committed Parquet (`fold_mismatches`)."""
     if lake.state(owner(spec, PARSED), day) is None:
-        return _not_built("parsed_events")
+        return not_built("parsed_events")
     days = committed_days(lake, spec)
     day_files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
     needs_all = any(p.kind == "replace" for p in spec.projections)
@@ -366,47 +288,6 @@ def outbox_ids(outbox, spec: PipelineSpec):
     return held
 
 
-def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
-    """Table sources (seed 002): found = published + already delivered + dropped + transformation
-    errors + publish failures, with no publish failure."""
-    last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
-    state = lake.state(owner(spec, PARSED), day)
-    if last is None or state is None:
-        return _not_built("parsed_events or redrive")
-    s = state.stats
-    md = {
-        "found": s["found"],
-        "published": last["published"],
-        "skipped_already_delivered": last["skipped_already_delivered"],
-        "dropped": s["dropped"] + last["dropped"],
-        "transformation_errors": s["transformation_errors"],
-        "publish_failures": last["failed"],
-    }
-    if last["dry_run"]:
-        return DayVerdict(True, "dry run: nothing sent", md)
-    if not last.get("whole_day", True):
-        return DayVerdict(True, "the last redrive sent part of the day (mode, type or limit): not applicable", md)
-    right = (
-        last["published"]
-        + last["skipped_already_delivered"]
-        + md["dropped"]
-        + s["transformation_errors"]
-        + last["failed"]
-    )
-    problems = []
-    if s["found"] != right:
-        problems.append(
-            f"found {s['found']} but published {last['published']} + already delivered {last['skipped_already_delivered']} + "
-            f"dropped {md['dropped']} + transformation errors {s['transformation_errors']} + publish failures {last['failed']} = {right}"
-        )
-    if last["selected"] != s["parsed"]:
-        problems.append(f"redrive selected {last['selected']} events, parsed_events holds {s['parsed']}")
-    if last["failed"]:
-        problems.append(f"{last['failed']} publish failures")
-    md["difference"] = s["found"] - right
-    return DayVerdict(not problems, "; ".join(problems) or f"{s['found']} rows found, all accounted for", md)
-
-
 # ---- the registry ------------------------------------------------------------------------------
 
 
@@ -416,13 +297,9 @@ class DayCheck:
     asset: str
     description: str
     verify: Callable  # (resources, spec, day) -> DayVerdict
-    applies: Callable[[PipelineSpec], bool] = lambda spec: True
+    applies: Callable[[PipelineSpec], bool] = lambda spec: True  # does a day of this spec have the check?
     resources: frozenset[str] = frozenset({"lake"})
     blocking: bool = True
-
-
-def _from_files(spec: PipelineSpec) -> bool:
-    return not spec.from_table
 
 
 def _has(kind: str) -> Callable[[PipelineSpec], bool]:
@@ -432,11 +309,6 @@ def _has(kind: str) -> Callable[[PipelineSpec], bool]:
 def _deliveries(r, spec, day):
     sink_ids = outbox_ids(r.outbox.get(), spec) if spec.redrive.sink.kind == "outbox" else None
     return deliveries(r.lake.get(), r.ledger, spec, day, lambda lake, d: day_messages(lake, spec, d), sink_ids)
-
-
-def _table_rows_current(r, spec, day):
-    with r.clickhouse.open() as ch:
-        return table_rows_current(r.lake.get(), spec, day, ch)
 
 
 CHECKS = (
@@ -461,37 +333,11 @@ CHECKS = (
         lambda r, spec, d: stale_files(r.lake.get(), spec, d),
     ),
     DayCheck(
-        "raw_files_current",
-        PARSED,
-        "The raw files the committed version read (names, sizes, mtimes recorded at build time) "
-        "against the listing of the day and its lateness window now, and the day's own files against the SHA-256 raw_events "
-        "recorded: a late or rewritten raw file makes the day out of date.",
-        lambda r, spec, d: raw_files_current(r.lake.get(), spec, d),
-        applies=_from_files,
-    ),
-    DayCheck(
-        "raw_rows_current",
-        PARSED,
-        "The rows of the day's selection counted by the engine now, against the count raw_events recorded.",
-        _table_rows_current,
-        applies=lambda spec: spec.from_table,
-        resources=frozenset({"lake", "clickhouse"}),
-    ),
-    DayCheck(
         "no_unconsented_shrink",
         PARSED,
         "Events per type in the committed Parquet against the replaced version's recorded counts: "
         "fewer (beyond the spec's shrink_tolerance) fails unless the run set allow_shrink. The first version is exempt.",
         lambda r, spec, d: shrink(r.lake.get(), spec, d),
-    ),
-    DayCheck(
-        "late_events_within_window",
-        PARSED,
-        "WARN when the quarantine files hold events outside the lateness window: "
-        "the count, and the spec setting to widen.",
-        lambda r, spec, d: late_quarantine(r.lake.get(), spec, d),
-        applies=_from_files,
-        blocking=False,
     ),
     DayCheck(
         "totals_match_parsed",
@@ -521,14 +367,6 @@ CHECKS = (
         _deliveries,
         resources=frozenset({"lake", "ledger", SINK}),
     ),
-    DayCheck(
-        "found_accounted_for",
-        REDRIVE,
-        "Rows found (counted by the engine) = published + already delivered + dropped (by rule) + "
-        "transformation errors + publish failures, with no publish failure.",
-        lambda r, spec, d: found_accounted_for(r.lake.get(), spec, d),
-        applies=lambda spec: spec.from_table,
-    ),
 )
 
 
@@ -551,8 +389,9 @@ def build_day_check(spec, check: DayCheck) -> dg.AssetChecksDefinition:
     return _check
 
 
-def build_checks(spec: PipelineSpec) -> list[dg.AssetChecksDefinition]:
-    return [build_day_check(spec, c) for c in CHECKS if c.applies(spec)]
+def build_checks(spec: PipelineSpec, source_checks: tuple[DayCheck, ...] = ()) -> list[dg.AssetChecksDefinition]:
+    """The checks that apply to the spec: of `CHECKS`, and of its source kind (`source_checks`)."""
+    return [build_day_check(spec, c) for c in (*CHECKS, *source_checks) if c.applies(spec)]
 
 
 def build_deliveries_check(spec, expected=None) -> dg.AssetChecksDefinition:

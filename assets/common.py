@@ -1,4 +1,5 @@
-"""What the asset factories share: lake names of a pipeline's outputs, and per-day checks."""
+"""What the asset factories share: how a daily asset is declared, lake names of a pipeline's
+outputs, and per-day checks."""
 
 from __future__ import annotations
 
@@ -8,12 +9,45 @@ from dataclasses import dataclass
 
 import dagster as dg
 
+from partitions import daily_partitions
 from replay_defs.pipeline.committed import DayNotReady, verified_parquet
 from replay_defs.pipeline.spec import PipelineSpec
 
 
 def asset_key(spec: PipelineSpec, name: str) -> dg.AssetKey:
     return dg.AssetKey([spec.name, name])
+
+
+def daily_asset(
+    key: dg.AssetKey,
+    *,
+    group: str,
+    partitions: dg.PartitionsDefinition,
+    kinds: set[str],
+    description: str,
+    pool: str | None = None,
+    owners: list[str] | None = None,
+    **more,
+):
+    """The decorator of every partitioned asset of the project. A run over a range of days is one
+    run (`single_run`: the CLI's `--partition-range`, a UI backfill), whose steps loop over the
+    days and attach each day's metadata to that day. `more`: deps, ins, resource keys, checks."""
+    return dg.asset(
+        key=key,
+        group_name=group,
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=pool,
+        kinds=kinds,
+        owners=owners,
+        description=description,
+        **more,
+    )
+
+
+def pipeline_asset(spec, name: str, **declared):
+    """`daily_asset` for `<spec.name>/<name>`, in the spec's group, partitioned by its days."""
+    return daily_asset(asset_key(spec, name), group=spec.name, partitions=daily_partitions(spec), **declared)
 
 
 def pipeline_pool(spec) -> str:

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import dagster as dg
 
 from assets.checks import build_checks
-from assets.parsed import build_parsed_events
 from assets.projections import build_projections
-from assets.raw import build_raw_events
 from assets.redrive import build_redrive
+from assets.sources import source_kind
 from replay_defs.pipeline.spec import PipelineSpec
 
 
@@ -32,22 +31,15 @@ class PipelineDefs:
 
 
 def build_pipeline(spec: PipelineSpec) -> PipelineDefs:
-    assets = [build_raw_events(spec), build_parsed_events(spec)]
+    source = source_kind(spec)
+    assets = [source.raw_events(spec), source.parsed_events(spec)]
     if spec.projections:
         assets.append(build_projections(spec))
-    assets.append(build_redrive(spec))
-    checks = build_checks(spec)
+    assets.append(build_redrive(spec, source.redrive_figures))
+    checks = build_checks(spec, source.checks)
     job = dg.define_asset_job(
         name=f"{spec.name}_replay",
         selection=dg.AssetSelection.groups(spec.name),
-        description=(
-            f"Replay {spec.name}: "
-            + (
-                "select the day's table rows, read them by keyset and map them, swap in each day, redrive, "
-                if spec.from_table
-                else "list raw files, parse and swap in each day, fold projections, redrive, "
-            )
-            + "and verify every day with blocking checks."
-        ),
+        description=f"Replay {spec.name}: {source.replay_steps}and verify every day with blocking checks.",
     )
     return PipelineDefs(assets, checks, job)

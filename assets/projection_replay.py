@@ -1,4 +1,4 @@
-"""Projection replay (seed 001) in Dagster: one daily-partitioned asset per registered projection
+"""Projection replay in Dagster: one daily-partitioned asset per registered projection
 (`projection_replay/<name>`, partitions = UTC days of event time), the `projection_replay` job that
 selects them, and the `projection_replay_cleanup_markers` job for markers left by a crash.
 
@@ -14,7 +14,15 @@ from datetime import date, datetime, timezone
 import dagster as dg
 from pydantic import Field
 
-from replay_defs.projection_replay.engine import PROJECTIONS, EventLogProjection, ReplayLog, ReplayOptions, replay_day
+from assets.common import daily_asset
+from replay_defs.projection_replay.engine import (
+    PROJECTIONS,
+    DayResult,
+    EventLogProjection,
+    ReplayLog,
+    ReplayOptions,
+    replay_day,
+)
 from replay_defs.projection_replay.stores import open_store
 from resources import ClickHouseResource, ProjectionReplayResource
 
@@ -51,11 +59,10 @@ def projection_key(p: EventLogProjection) -> dg.AssetKey:
 def build_projection_asset(p: EventLogProjection) -> dg.AssetsDefinition:
     key = projection_key(p)
 
-    @dg.asset(
-        key=key,
-        group_name=GROUP,
-        partitions_def=PROJECTION_DAYS,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+    @daily_asset(
+        key,
+        group=GROUP,
+        partitions=PROJECTION_DAYS,
         kinds={"clickhouse", "redis"} if p.store == "clickhouse" else {"clickhouse", "postgres", "redis"},
         description=f"{p.description} Replayed from ClickHouse event_log for one tenant per run "
         f"({'latest row wins' if p.kind == 'latest' else 'increment store: the day rows are removed first'}).",
@@ -79,13 +86,6 @@ def build_projection_asset(p: EventLogProjection) -> dg.AssetsDefinition:
         days = [
             d for d in context.partition_keys if not config.since or d >= date.fromisoformat(config.since).isoformat()
         ]
-        opts = ReplayOptions(
-            batch_size=config.batch_size,
-            aggregate_batch=config.aggregate_batch,
-            concurrency=config.concurrency,
-            dry_run=config.dry_run,
-            drain_timeout_s=config.drain_timeout_s,
-        )
         path = projection_replay.log_path(f"projection-replay-{p.name}-{context.run.run_id}.jsonl")
         log = ReplayLog(path, echo=context.log.info)
         log.write(
@@ -99,71 +99,102 @@ def build_projection_asset(p: EventLogProjection) -> dg.AssetsDefinition:
             aggregate_batch=config.aggregate_batch,
             concurrency=config.concurrency,
         )
-        store = None if config.dry_run else open_store(p, clickhouse, projection_replay.postgres_url)
-        coord = projection_replay.coordinator(p.name)
-        results, failed = [], []
-        try:
-            for day in days:
-                r = replay_day(p, config.tenant, day, clickhouse.get, store, coord, opts, log)
-                results.append(r)
-                context.add_asset_metadata(r.metadata(), partition_key=day)
-                if r.verified is False:
-                    failed.append(day)
-                if context.has_partition_key_range and len(context.partition_keys) > 1 and not config.dry_run:
-                    # a ranged run: each day's verdict is also recorded for that day (the summary below blocks)
-                    context.log_event(
-                        dg.AssetCheckEvaluation(
-                            asset_key=key,
-                            check_name=CHECK,
-                            passed=bool(r.verified),
-                            partition=day,
-                            description=f"{day}: {r.verification.get('mismatched_rows', 0)} of {r.verification.get('expected_rows', 0)} rows differ "
-                            "from the from-scratch fold",
-                            metadata={k: v for k, v in r.verification.items() if isinstance(v, (int, str, bool))},
-                        )
-                    )
-        finally:
-            coord.close()
-            if store is not None:
-                store.close()
-            log.close()
-        totals = {
-            k: sum(getattr(r, k) for r in results)
-            for k in ("aggregates", "events", "keys_written", "batches", "skipped_aggregates")
-        }
-        summary = {
-            "tenant": config.tenant,
-            "days": len(results),
-            "dry_run": config.dry_run,
-            "replay_log": path,
-            **totals,
-            "days_failed": len(failed),
-            "finished": datetime.now(timezone.utc).isoformat(),
-        }
-        if config.dry_run:
-            desc = f"dry run: {totals['aggregates']} aggregates, {totals['events']} events over {len(results)} day(s); nothing written"
-        else:
-            desc = f"{len(results) - len(failed)}/{len(results)} day(s) equal the from-scratch fold" + (
-                f"; failed: {', '.join(failed)}" if failed else ""
-            )
-        return dg.MaterializeResult(
-            metadata={**summary, "dagster/row_count": totals["keys_written"]},
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=CHECK,
-                    passed=not failed,
-                    description=desc,
-                    metadata={
-                        "days_checked": len(results),
-                        "days_failed": len(failed),
-                        "failed_days": ", ".join(failed) or "none",
-                        "dry_run": config.dry_run,
-                    },
-                )
-            ],
-        )
+        results = replay_days(context, p, config, days, clickhouse, projection_replay, log)
+        return replay_result(config, results, path)
 
     return _asset
+
+
+def replay_options(config: ProjectionReplayConfig) -> ReplayOptions:
+    return ReplayOptions(
+        batch_size=config.batch_size,
+        aggregate_batch=config.aggregate_batch,
+        concurrency=config.concurrency,
+        dry_run=config.dry_run,
+        drain_timeout_s=config.drain_timeout_s,
+    )
+
+
+def replay_days(
+    context: dg.AssetExecutionContext,
+    p: EventLogProjection,
+    config: ProjectionReplayConfig,
+    days: list[str],
+    clickhouse: ClickHouseResource,
+    projection_replay: ProjectionReplayResource,
+    log: ReplayLog,
+) -> list[DayResult]:
+    """Replay the days in order, each day's counts attached to its partition; closes the log."""
+    opts = replay_options(config)
+    store = None if config.dry_run else open_store(p, clickhouse, projection_replay.postgres_url)
+    coord = projection_replay.coordinator(p.name)
+    results = []
+    try:
+        for day in days:
+            r = replay_day(p, config.tenant, day, clickhouse.get, store, coord, opts, log)
+            results.append(r)
+            context.add_asset_metadata(r.metadata(), partition_key=day)
+            if context.has_partition_key_range and len(context.partition_keys) > 1 and not config.dry_run:
+                # a ranged run: each day's verdict is also recorded for that day (the summary blocks)
+                context.log_event(day_evaluation(projection_key(p), day, r))
+    finally:
+        coord.close()
+        if store is not None:
+            store.close()
+        log.close()
+    return results
+
+
+def day_evaluation(key: dg.AssetKey, day: str, r: DayResult) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=CHECK,
+        passed=bool(r.verified),
+        partition=day,
+        description=f"{day}: {r.verification.get('mismatched_rows', 0)} of {r.verification.get('expected_rows', 0)} rows differ "
+        "from the from-scratch fold",
+        metadata={k: v for k, v in r.verification.items() if isinstance(v, (int, str, bool))},
+    )
+
+
+def replay_result(config: ProjectionReplayConfig, results: list[DayResult], log_path: str) -> dg.MaterializeResult:
+    """The run's totals, and the check's verdict over every day (it fails if any day failed)."""
+    failed = [r.day for r in results if r.verified is False]
+    totals = {
+        k: sum(getattr(r, k) for r in results)
+        for k in ("aggregates", "events", "keys_written", "batches", "skipped_aggregates")
+    }
+    summary = {
+        "tenant": config.tenant,
+        "days": len(results),
+        "dry_run": config.dry_run,
+        "replay_log": log_path,
+        **totals,
+        "days_failed": len(failed),
+        "finished": datetime.now(timezone.utc).isoformat(),
+    }
+    if config.dry_run:
+        desc = f"dry run: {totals['aggregates']} aggregates, {totals['events']} events over {len(results)} day(s); nothing written"
+    else:
+        desc = f"{len(results) - len(failed)}/{len(results)} day(s) equal the from-scratch fold" + (
+            f"; failed: {', '.join(failed)}" if failed else ""
+        )
+    return dg.MaterializeResult(
+        metadata={**summary, "dagster/row_count": totals["keys_written"]},
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=CHECK,
+                passed=not failed,
+                description=desc,
+                metadata={
+                    "days_checked": len(results),
+                    "days_failed": len(failed),
+                    "failed_days": ", ".join(failed) or "none",
+                    "dry_run": config.dry_run,
+                },
+            )
+        ],
+    )
 
 
 class CleanupMarkersConfig(dg.Config):

@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from assets.common import asset_key, verified_day
-from partitions import daily_partitions
+from assets.common import asset_key, pipeline_asset, verified_day
 from replay_defs.core.naming import PARSED, PROJECTIONS
 from replay_defs.pipeline.spec import PipelineSpec
 from resources import LakeResource, StoreResource
@@ -12,11 +11,9 @@ from resources import LakeResource, StoreResource
 def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     names = ", ".join(f"`{p.name}` ({p.kind})" for p in spec.projections)
 
-    @dg.asset(
-        key=asset_key(spec, PROJECTIONS),
-        group_name=spec.name,
-        partitions_def=daily_partitions(spec),
-        backfill_policy=dg.BackfillPolicy.single_run(),
+    @pipeline_asset(
+        spec,
+        PROJECTIONS,
         deps=[asset_key(spec, PARSED)],
         kinds={"duckdb"},
         description=(

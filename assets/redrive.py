@@ -5,8 +5,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from assets.common import asset_key, sink_pool, verified_day
-from partitions import daily_partitions
+from assets.common import asset_key, pipeline_asset, sink_pool, verified_day
 from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner, whole_day_marker
 from replay_defs.pipeline import delivery as rd
 from replay_defs.pipeline.spec import PipelineSpec
@@ -46,13 +45,13 @@ def make_sink(resources, spec: PipelineSpec):
     return open_sink(resources, spec.redrive.sink)
 
 
-def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=asset_key(spec, REDRIVE),
-        group_name=spec.name,
-        partitions_def=daily_partitions(spec),
+def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinition:
+    """`source_figures`: (lake, spec, day, counts) -> more metadata, from the spec's source kind."""
+
+    @pipeline_asset(
+        spec,
+        REDRIVE,
         pool=sink_pool(spec),
-        backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, RAW), asset_key(spec, PARSED)],
         kinds={spec.redrive.sink.kind},
         # The sink's resource (`outbox`, `kafka`, `sqs`, `rabbitmq` or `redis`) depends on the spec, so resources come by key.
@@ -69,7 +68,7 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
         try:
             for day in context.partition_keys:
                 with context.resources.ledger.open() as ledger:
-                    redrive_day(context, config, spec, the_lake, sink, ledger, day, handled)
+                    redrive_day(context, config, spec, the_lake, sink, ledger, day, handled, source_figures)
         finally:
             sink.close()
         return dg.MaterializeResult()
@@ -78,7 +77,15 @@ def build_redrive(spec: PipelineSpec) -> dg.AssetsDefinition:
 
 
 def redrive_day(
-    context, config: RedriveConfig, spec: PipelineSpec, the_lake, sink, ledger, day: str, handled: set[str]
+    context,
+    config: RedriveConfig,
+    spec: PipelineSpec,
+    the_lake,
+    sink,
+    ledger,
+    day: str,
+    handled: set[str],
+    source_figures=None,
 ) -> None:
     def batches():
         parsed_files = verified_day(the_lake, spec, day)
@@ -104,7 +111,7 @@ def redrive_day(
         handled if spec.redrive.unit == "raw_file" else None,
         {"mode": config.mode, "unit": spec.redrive.unit},
         whole_day=config.mode == "day" and config.type is None and config.limit is None,
-        more_metadata=(lambda counts: source_summary(the_lake, spec, day, counts)) if spec.from_table else None,
+        more_metadata=None if source_figures is None else (lambda counts: source_figures(the_lake, spec, day, counts)),
     )
 
 
@@ -195,20 +202,3 @@ def record_outcome(the_lake, spec, day: str, run_id: str, dry_run: bool, whole_d
     )
     if whole_day and not dry_run and not counts.failed:
         the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": run_id})
-
-
-def source_summary(the_lake, spec: PipelineSpec, day: str, counts: rd.RedriveCounts) -> dict:
-    """Seed 002's figures for a table source's day: rows found, published, dropped by validation
-    rule, transformation errors, publish failures, and the share of found rows the sink has."""
-    stats = the_lake.state(owner(spec, PARSED), day).stats
-    found = stats["found"]
-    delivered = counts.published + counts.skipped_already_delivered
-    return {
-        "found": found,
-        "dropped": stats["dropped"] + counts.dropped,
-        **{f"dropped_{r}": n for r, n in stats["dropped_by_reason"].items()},
-        "transformation_errors": stats["transformation_errors"],
-        **{f"transformation_error_{r}": n for r, n in stats["transformation_errors_by_reason"].items()},
-        "publish_failures": counts.failed,
-        "success_rate_percent": round(100 * delivered / found, 2) if found else 100.0,
-    }

@@ -7,6 +7,7 @@ swapped in like parsed events, so a re-run replaces the day whole.
 """
 
 import time
+from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -15,7 +16,7 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from assets.checks import build_deliveries_check
-from assets.common import DayVerdict, asset_key, check_each_day, pipeline_pool, sink_pool
+from assets.common import DayVerdict, asset_key, check_each_day, pipeline_asset, pipeline_pool, sink_pool
 from assets.factory import PipelineDefs
 from assets.redrive import DeliveryConfig, deliver_day, make_sink
 from partitions import daily_partitions
@@ -60,12 +61,10 @@ class KeySourceConfig(dg.Config):
 
 
 def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=asset_key(spec, EVENT_KEYS),
-        group_name=spec.name,
-        partitions_def=daily_partitions(spec),
+    @pipeline_asset(
+        spec,
+        EVENT_KEYS,
         pool=pipeline_pool(spec),
-        backfill_policy=dg.BackfillPolicy.single_run(),
         kinds={"s3", "parquet"},
         description=(
             "Keys of the objects PUT on the day (`projectId/type/eventBodyId/eventId.json`), from an access-log CSV, "
@@ -78,30 +77,10 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: KeySourceConfig, lake: LakeResource, s3: S3Resource
     ) -> dg.MaterializeResult:
         the_lake = lake.get()
-        own = owner(spec, EVENT_KEYS)
         days = context.partition_keys
-        staged = {}
-        for day in days:
-            if the_lake.recover(own, day):
-                context.log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
-            staged[day] = the_lake.new_staging(own, day)
+        staged = stage_days(the_lake, spec, days, context.log)
         t0 = time.monotonic()
-        needs_s3 = config.location.startswith("s3://") or config.source == "listing"
-        try:
-            found = collect_keys(
-                config.source,
-                config.location,
-                days,
-                spec.known_types,
-                keys_dir=lambda d: staged[d] / keys_slot(spec, d),
-                quarantine_dir=lambda d: staged[d] / quarantine_slot(spec, d),
-                work_dir=staged[days[0]] / "_work",
-                s3=s3.get_client() if needs_s3 else None,
-                log=context.log.info,
-                roots=refill_roots(the_lake.root),
-            )
-        except ValueError as exc:
-            raise dg.Failure(str(exc)) from exc
+        found = collect_day_keys(the_lake, spec, config, days, staged, s3, context.log)
         seconds = round(time.monotonic() - t0, 2)
         context.log.info(
             f"read {found.rows:,} rows in {seconds} s: {found.other_operations:,} not {'REST.PUT.OBJECT'}, "
@@ -110,45 +89,75 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         for day, keys in found.days.items():
             stats = {**keys.__dict__, "quarantined": keys.quarantined, "source": config.source, "read_s": seconds}
             state = the_lake.publish(
-                own,
+                owner(spec, EVENT_KEYS),
                 day,
                 staged[day],
                 [keys_slot(spec, day), quarantine_slot(spec, day)],
                 stats,
                 run_id=context.run.run_id,
             )
-            context.add_asset_metadata(
-                {
-                    "dagster/row_count": keys.keys,
-                    "put_rows": keys.put_rows,
-                    "keys": keys.keys,
-                    "duplicates": keys.duplicates,
-                    "quarantined": keys.quarantined,
-                    "malformed_rows": keys.malformed_rows,
-                    "version": state.version,
-                    **{f"quarantined_{r}": n for r, n in keys.quarantined_by_reason.items()},
-                    "keys_by_project_and_type": dg.MetadataValue.md(
-                        "| project | type | keys |\n|---|---|---|\n"
-                        + "".join(
-                            f"| {pt.split('/')[0]} | {pt.split('/')[1]} | {n} |\n"
-                            for pt, n in keys.by_project_type.items()
-                        )
-                    ),
-                },
-                partition_key=day,
-            )
+            context.add_asset_metadata(keys_metadata(keys, state.version), partition_key=day)
         return dg.MaterializeResult()
 
     return event_keys
 
 
+def stage_days(lake: Lake, spec: RefillSpec, days: list[str], log) -> dict[str, Path]:
+    """A staging directory per day of the run, after finishing or dropping what an interrupted
+    earlier run left."""
+    own = owner(spec, EVENT_KEYS)
+    staged = {}
+    for day in days:
+        if lake.recover(own, day):
+            log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
+        staged[day] = lake.new_staging(own, day)
+    return staged
+
+
+def collect_day_keys(lake: Lake, spec: RefillSpec, config: KeySourceConfig, days, staged, s3: S3Resource, log):
+    """Read the configured source once for every day of the run, writing each day's keys and
+    quarantine into its staging directory."""
+    needs_s3 = config.location.startswith("s3://") or config.source == "listing"
+    try:
+        return collect_keys(
+            config.source,
+            config.location,
+            days,
+            spec.known_types,
+            keys_dir=lambda d: staged[d] / keys_slot(spec, d),
+            quarantine_dir=lambda d: staged[d] / quarantine_slot(spec, d),
+            work_dir=staged[days[0]] / "_work",
+            s3=s3.get_client() if needs_s3 else None,
+            log=log.info,
+            roots=refill_roots(lake.root),
+        )
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+
+
+def keys_metadata(keys, version: int) -> dict:
+    """A day's key counts for the UI, with a table of keys per project and type."""
+    return {
+        "dagster/row_count": keys.keys,
+        "put_rows": keys.put_rows,
+        "keys": keys.keys,
+        "duplicates": keys.duplicates,
+        "quarantined": keys.quarantined,
+        "malformed_rows": keys.malformed_rows,
+        "version": version,
+        **{f"quarantined_{r}": n for r, n in keys.quarantined_by_reason.items()},
+        "keys_by_project_and_type": dg.MetadataValue.md(
+            "| project | type | keys |\n|---|---|---|\n"
+            + "".join(f"| {pt.split('/')[0]} | {pt.split('/')[1]} | {n} |\n" for pt, n in keys.by_project_type.items())
+        ),
+    }
+
+
 def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
-    @dg.asset(
-        key=asset_key(spec, REDRIVE),
-        group_name=spec.name,
-        partitions_def=daily_partitions(spec),
+    @pipeline_asset(
+        spec,
+        REDRIVE,
         pool=sink_pool(spec),
-        backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[asset_key(spec, EVENT_KEYS)],
         kinds={spec.redrive.sink.kind},
         required_resource_keys={"lake", "ledger", spec.redrive.sink.kind},

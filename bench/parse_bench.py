@@ -73,8 +73,7 @@ def run_ours(lake: Path, work: Path) -> dict:
     Timed without the raw_events manifest (the independent line count), which is reported apart.
     events/s counts the day's own raw lines; the parse also scans neighbours' files in the
     lateness window (`lines_scanned`)."""
-    from assets.parsed import file_tasks
-    from assets.raw import build_manifest
+    from assets.sources.jsonl_files import build_manifest, file_tasks
     from replay_defs.core.lake import Lake
     from replay_defs.jsonl_files.parsing import ParseJob, parse_day
     from replay_defs.pipelines import TELEMETRY

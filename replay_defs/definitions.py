@@ -22,6 +22,7 @@ from dagster_aws.s3 import S3Resource
 
 from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
+from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
 from replay_defs.pipelines import PIPELINES, REFILLS
 from replay_defs.sinks import sink_type, sink_types
@@ -49,7 +50,7 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
         checks += built.checks
         jobs += [built.job, built.verify_job]
     sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
-    sensors += [build_raw_files_sensor(spec) for spec in pipelines if not spec.from_table]
+    sensors += [build_raw_files_sensor(spec) for spec in pipelines if source_kind(spec).raw_files_sensor]
     # Projection replays (assets/projection_replay.py) read ClickHouse event_log, so it is always there.
     projection_assets, projection_jobs = build_projection_replay()
     assets += projection_assets

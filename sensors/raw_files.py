@@ -11,7 +11,8 @@ import json
 
 import dagster as dg
 
-from assets.checks import committed_days, raw_files_current
+from assets.checks import committed_days
+from assets.sources.jsonl_files import raw_files_current
 from replay_defs.pipeline.spec import PipelineSpec
 from resources import LakeResource
 

@@ -10,6 +10,9 @@ the demo can tell a right partition from a wrong one. Faults, all reproducible f
 - per day one of each bad line: truncated JSON, wrong type, missing field, invalid UTF-8, a lone
   surrogate, NUL bytes, a non-object, an empty line, an unknown event type, an oversize line;
 - per day one truncated gzip file (its events are never in the truth: the file is rejected).
+
+`PacificClockDecoder` is the parser bug the demo deploys and rolls back (run config
+`simulate_parser_bug`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from isal import igzip
+
+from replay_defs.jsonl_files.parsing import EventDecoder
 
 TYPES = ("lock", "bridge", "video_doorbell")
 RAW_PREFIX = "raw/json_telemetry"
@@ -47,6 +54,14 @@ class DemoConfig:
     compresslevel: int = 1
     # Extra payload text per event, to match a target event size (the benchmark uses ~380 bytes).
     payload_pad: int = 0
+
+
+class PacificClockDecoder(EventDecoder):
+    """A parser with a bug, for the demo: it reads UTC event times as US/Pacific (8 h late), so
+    events land in the wrong partition. Parse workers import it by name, like `EventDecoder`."""
+
+    def event_times(self, vals: list) -> pa.Array:
+        return pc.add(super().event_times(vals), pa.scalar(timedelta(hours=8), pa.duration("us")))
 
 
 def hour_dir(lake: Path, hour: datetime) -> Path:
@@ -94,8 +109,6 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
     buffers: dict[datetime, list[bytes]] = defaultdict(list)
     truth: dict[str, Counter] = defaultdict(Counter)
     first = datetime(cfg.start.year, cfg.start.month, cfg.start.day, tzinfo=timezone.utc)
-    hours = cfg.days * 24
-    per_hour = cfg.events_per_day // 24
     seq = 0
     pad = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(cfg.payload_pad))
 
@@ -105,43 +118,18 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
             rng.shuffle(lines)
             _write_hour(lake, hour, lines, cfg)
 
-    for h in range(hours):
+    for h in range(cfg.days * 24):
         event_hour = first + h * HOUR
         day = event_hour.date()
-        for _ in range(per_hour):
+        for _ in range(cfg.events_per_day // 24):
             seq += 1
-            ms = rng.randrange(3_600_000)
-            ts = event_hour + timedelta(milliseconds=ms)
-            etype = rng.choice(TYPES)
-            event = {
-                "event_id": f"{rng.getrandbits(128):032x}",
-                "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z",
-                "type": etype,
-                "device_id": f"dev-{rng.randrange(cfg.devices):05d}",
-                "seq": seq,
-                "payload": {
-                    "battery": rng.randrange(100),
-                    "rssi": -rng.randrange(30, 90),
-                    "fw": "4.2.1",
-                    "state": rng.choice(("locked", "unlocked", "idle")),
-                },
-            }
-            if cfg.payload_pad:
-                event["payload"]["note"] = pad
+            ts, event = _event(rng, event_hour, seq, cfg, pad)
             line = enc.encode(event)
-            r = rng.random()
-            if r < cfg.late_rate:
-                arrival = ts + timedelta(minutes=rng.randrange(1, cfg.lateness_hours * 60 - 5))
-            elif r < cfg.late_rate + cfg.early_rate:
-                arrival = ts - timedelta(minutes=rng.randrange(1, 50))
-            elif r < cfg.late_rate + cfg.early_rate + 0.0002:
-                arrival = ts + timedelta(days=2)  # very late: outside the lateness window
-            else:
-                arrival = ts
+            arrival = _arrival(rng, ts, cfg)
             arrival_hour = arrival.replace(minute=0, second=0, microsecond=0)
             buffers[arrival_hour].append(line)
             if arrival - ts < timedelta(days=1):
-                truth[day.isoformat()][etype] += 1
+                truth[day.isoformat()][event["type"]] += 1
             if rng.random() < cfg.duplicate_rate:  # at-least-once: the same line again
                 buffers[arrival_hour + HOUR * rng.randrange(0, 2)].append(line)
         if cfg.bad_lines and event_hour.hour == 12:
@@ -154,6 +142,42 @@ def generate(lake: str | Path, cfg: DemoConfig) -> dict[str, Counter]:
     for day, counts in truth.items():
         (truth_dir / f"day={day}.json").write_text(json.dumps(dict(sorted(counts.items()))))
     return truth
+
+
+def _event(rng: random.Random, event_hour: datetime, seq: int, cfg: DemoConfig, pad: str) -> tuple[datetime, dict]:
+    """One event of the hour: (its event time, the event)."""
+    ms = rng.randrange(3_600_000)
+    ts = event_hour + timedelta(milliseconds=ms)
+    etype = rng.choice(TYPES)  # drawn before the id: the seed's data stays the same
+    event = {
+        "event_id": f"{rng.getrandbits(128):032x}",
+        "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z",
+        "type": etype,
+        "device_id": f"dev-{rng.randrange(cfg.devices):05d}",
+        "seq": seq,
+        "payload": {
+            "battery": rng.randrange(100),
+            "rssi": -rng.randrange(30, 90),
+            "fw": "4.2.1",
+            "state": rng.choice(("locked", "unlocked", "idle")),
+        },
+    }
+    if cfg.payload_pad:
+        event["payload"]["note"] = pad
+    return ts, event
+
+
+def _arrival(rng: random.Random, ts: datetime, cfg: DemoConfig) -> datetime:
+    """When an event stamped `ts` arrives: mostly at once; some late, some early (clock skew),
+    a very few beyond the lateness window."""
+    r = rng.random()
+    if r < cfg.late_rate:
+        return ts + timedelta(minutes=rng.randrange(1, cfg.lateness_hours * 60 - 5))
+    if r < cfg.late_rate + cfg.early_rate:
+        return ts - timedelta(minutes=rng.randrange(1, 50))
+    if r < cfg.late_rate + cfg.early_rate + 0.0002:
+        return ts + timedelta(days=2)  # very late: outside the lateness window
+    return ts
 
 
 def _write_hour(lake: Path, hour: datetime, lines: list[bytes], cfg: DemoConfig) -> None:

@@ -148,6 +148,50 @@ class _Oversize:
         return 0
 
 
+class _LineSplitter:
+    """Cuts a stream of chunks into lines of at most `max_line_bytes`. A longer line is never held
+    whole: it becomes an `_Oversize` marker with a sample of its start, and the rest of its bytes
+    are dropped up to its newline. `lines` counts the lines cut so far (numbered from 1)."""
+
+    def __init__(self, max_line_bytes: int):
+        self.max_line_bytes = max_line_bytes
+        self.lines = 0
+        self.rest = b""  # the unterminated end of the last chunk
+        self.skipping: _Oversize | None = None  # inside an oversize line, dropping bytes to its newline
+
+    def feed(self, chunk: bytes) -> list[bytes | _Oversize]:
+        """The lines the chunk completes."""
+        out = []
+        if self.skipping is not None:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                return out
+            out.append(self.skipping)
+            self.lines += 1
+            self.skipping = None
+            chunk = chunk[nl + 1 :]
+        parts = (self.rest + chunk).split(b"\n") if self.rest else chunk.split(b"\n")
+        self.rest = parts.pop()
+        if parts and max(map(len, parts)) > self.max_line_bytes:
+            for i, line in enumerate(parts):
+                if len(line) > self.max_line_bytes:
+                    parts[i] = _Oversize(self.lines + 1 + i, line[:SAMPLE_BYTES])
+        self.lines += len(parts)
+        if len(self.rest) > self.max_line_bytes:
+            self.skipping = _Oversize(self.lines + 1, self.rest[:SAMPLE_BYTES])
+            self.rest = b""
+        if out:
+            out.extend(parts)
+            return out
+        return parts
+
+    def finish(self) -> list[bytes | _Oversize]:
+        """The last line, when the stream does not end with a newline."""
+        if self.skipping is not None:
+            return [self.skipping]
+        return [self.rest] if self.rest else []
+
+
 def iter_line_batches(
     path: str,
     max_line_bytes: int,
@@ -163,11 +207,9 @@ def iter_line_batches(
     more than `max_bytes` uncompressed bytes or `max_lines` lines.
     """
     size = 0
-    line_no = 1
+    splitter = _LineSplitter(max_line_bytes)
     batch: list[bytes | _Oversize] = []
     batch_start = 1
-    rest = b""
-    skipping: _Oversize | None = None  # inside an oversize line, dropping bytes to its newline
     try:
         with _open_raw(path) as f:
             while chunk := f.read(READ_CHUNK):
@@ -176,37 +218,16 @@ def iter_line_batches(
                     raise RawFileError(
                         "file_too_large", f"more than {max_bytes} uncompressed bytes (EventSchema.max_file_bytes)"
                     )
-                if skipping is not None:
-                    nl = chunk.find(b"\n")
-                    if nl < 0:
-                        continue
-                    batch.append(skipping)
-                    line_no += 1
-                    skipping = None
-                    chunk = chunk[nl + 1 :]
-                parts = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
-                rest = parts.pop()
-                if parts and max(map(len, parts)) > max_line_bytes:
-                    for i, line in enumerate(parts):
-                        if len(line) > max_line_bytes:
-                            parts[i] = _Oversize(line_no + i, line[:SAMPLE_BYTES])
-                batch.extend(parts)
-                line_no += len(parts)
-                if max_lines is not None and line_no - 1 > max_lines:
+                batch.extend(splitter.feed(chunk))
+                if max_lines is not None and splitter.lines > max_lines:
                     raise RawFileError("file_too_large", f"more than {max_lines} lines (EventSchema.max_file_lines)")
-                if len(rest) > max_line_bytes:
-                    skipping = _Oversize(line_no, rest[:SAMPLE_BYTES])
-                    rest = b""
                 while len(batch) >= batch_lines:
                     yield batch_start, batch[:batch_lines]
                     batch = batch[batch_lines:]
                     batch_start += batch_lines
     except _READ_ERRORS as exc:
         raise _read_error(exc) from exc
-    if skipping is not None:
-        batch.append(skipping)
-    elif rest:
-        batch.append(rest)
+    batch.extend(splitter.finish())
     if batch:
         yield batch_start, batch
 
@@ -258,10 +279,8 @@ def _classify(exc: Exception, line: bytes) -> str:
 class EventDecoder:
     """Validates lines against an `EventSchema` and converts good ones to an Arrow table."""
 
-    def __init__(self, schema: EventSchema, time_shift: timedelta = timedelta(0)):
+    def __init__(self, schema: EventSchema):
         self.schema = schema
-        # Only the demo's simulated parser bug sets this: event times read off by a fixed offset.
-        self.time_shift = time_shift
         fields = []
         for f in schema.fields:
             typ = _MSGSPEC_TYPES[f.type]
@@ -290,7 +309,7 @@ class EventDecoder:
                 # The batch's UTF-8 was checked before decoding: reinterpret instead of re-checking.
                 cols.append(pa.array(vals, pa.binary()).view(pa.string()))
             elif f.name == self.schema.time_field:
-                cols.append(self._event_times(vals))
+                cols.append(self.event_times(vals))
             elif f.type == "timestamp":
                 cols.append(parse_timestamps(vals))
             else:
@@ -299,11 +318,9 @@ class EventDecoder:
         cols.append(line_nos)
         return pa.Table.from_arrays(cols, schema=self.arrow_schema)
 
-    def _event_times(self, vals: list) -> pa.Array:
-        ts = parse_timestamps(vals)
-        if self.time_shift:
-            ts = pc.add(ts, pa.scalar(self.time_shift, pa.duration("us")))
-        return ts
+    def event_times(self, vals: list) -> pa.Array:
+        """The event-time field's values as UTC timestamps (a variant may read them otherwise: the demo's bug)."""
+        return parse_timestamps(vals)
 
     def decode_batch(
         self, start: int, lines: list, source_ref: str, only_day: date | None = None
@@ -323,7 +340,7 @@ class EventDecoder:
                     nos = pa.array(range(start, start + len(lines)), pa.int64())
                     other = 0
                     if only_day is not None:
-                        days = pc.cast(self._event_times(list(map(self._time_getter, events))), pa.date32())
+                        days = pc.cast(self.event_times(list(map(self._time_getter, events))), pa.date32())
                         keep = pc.equal(days, pa.scalar(only_day, pa.date32()))
                         nos = pc.filter(nos, keep)
                         events = [events[i - start] for i in nos.to_pylist()]
@@ -421,7 +438,6 @@ class ParseJob:
     late: timedelta
     buckets: int
     stage_dir: str
-    simulate_parser_bug: bool = False
 
 
 @dataclass
@@ -557,7 +573,14 @@ class _StageWriter:
             os.remove(self.paths[b] + ".tmp")
 
 
-_decoders: dict[tuple[EventSchema, bool], EventDecoder] = {}
+_decoders: dict[tuple[type[EventDecoder], EventSchema], EventDecoder] = {}
+
+
+def _decoder(variant: type[EventDecoder], schema: EventSchema) -> EventDecoder:
+    """One decoder per class and schema in a worker process: building one compiles the schema."""
+    if (variant, schema) not in _decoders:
+        _decoders[variant, schema] = variant(schema)
+    return _decoders[variant, schema]
 
 
 def _bucket_ids(ids: pa.Array, buckets: int) -> pa.Array:
@@ -565,99 +588,111 @@ def _bucket_ids(ids: pa.Array, buckets: int) -> pa.Array:
     return pa.array([zlib.crc32(x) % buckets for x in ids.cast(pa.binary()).to_pylist()], pa.uint16())
 
 
-def parse_file(job: ParseJob, task: FileTask) -> FileResult:
-    key = (job.schema, job.simulate_parser_bug)
-    if key not in _decoders:  # demo only: a parser that reads UTC as US/Pacific time
-        _decoders[key] = EventDecoder(job.schema, timedelta(hours=8) if job.simulate_parser_bug else timedelta(0))
-    decoder = _decoders[key]
-    schema = job.schema
-    result = FileResult(source_ref=task.source_ref, home=task.home)
-    stage = _StageWriter(job.stage_dir, task.file_index, job.buckets, decoder.arrow_schema)
-    quarantine = None
-    if task.home:
-        qpath = os.path.join(job.stage_dir, "quarantine", f"f{task.file_index:06d}.parquet")
-        os.makedirs(os.path.dirname(qpath), exist_ok=True)
-        quarantine = _QuarantineWriter(qpath, schema.max_quarantine_rows_per_reason)
-    # This file is in the scan window of the event days listed here (its own day is always one).
-    owners = {
-        d
-        for d in (job.day - timedelta(days=1), job.day, job.day + timedelta(days=1))
-        if scan_window(d, job.early, job.late)[0] <= task.arrival < scan_window(d, job.early, job.late)[1]
-    }
-    target = pa.scalar(job.day, pa.date32())
-    try:
-        for start, lines in iter_line_batches(
-            task.path, schema.max_line_bytes, max_bytes=schema.max_file_bytes, max_lines=schema.max_file_lines
-        ):
-            if start == 1 and isinstance(lines[0], bytes) and lines[0].startswith(b"\xef\xbb\xbf"):
-                lines[0] = lines[0][3:]  # a UTF-8 byte order mark is not part of the JSON
-            result.lines += len(lines)
-            table, bad, other_days = decoder.decode_batch(start, lines, task.source_ref, None if task.home else job.day)
-            result.neighbour_skipped += other_days
-            if task.home:
-                for no, reason, detail, sample in bad:
-                    quarantine.add(task.source_ref, no, reason, detail, sample)
-                    result.quarantined[reason] += 1
-            else:
-                result.neighbour_skipped += len(bad)
-            days = pc.cast(table.column(schema.time_field), pa.date32())
-            mine = pc.equal(days, target)
-            kept = table.filter(mine)
-            if kept.num_rows:
-                ids = kept.column(schema.id_field).combine_chunks()
-                stage.add(kept, _bucket_ids(ids, job.buckets) if job.buckets > 1 else None)
-                result.kept += kept.num_rows
-            other = table.num_rows - kept.num_rows
-            if not other:
-                continue
-            if not task.home:
-                result.neighbour_skipped += other
-                continue
-            others = table.filter(pc.invert(mine))
-            for (d,), n in Counter(zip(pc.cast(others.column(schema.time_field), pa.date32()).to_pylist())).items():
-                if d in owners:
-                    result.routed_out[d.isoformat()] += n
-            outside = others.filter(
-                pc.invert(
-                    pc.is_in(
-                        pc.cast(others.column(schema.time_field), pa.date32()),
-                        value_set=pa.array(sorted(owners), pa.date32()),
-                    )
-                )
+def parse_file(job: ParseJob, task: FileTask, decoder: type[EventDecoder] = EventDecoder) -> FileResult:
+    """Stage 1 for one raw file. `decoder`: the class that validates its lines (a module-level
+    class, so worker processes can import it: `EventDecoder`, or a variant such as the demo's)."""
+    return _FileParse(job, task, _decoder(decoder, job.schema)).run()
+
+
+class _FileParse:
+    """One raw file's lines, batch by batch: events of the target day staged by bucket; from the
+    file's home partition, bad lines quarantined and other days' events routed to their owner or,
+    outside every owner's window, quarantined; from a neighbour's, all else left to its owner."""
+
+    def __init__(self, job: ParseJob, task: FileTask, decoder: EventDecoder):
+        self.job, self.task, self.decoder = job, task, decoder
+        self.time_field = job.schema.time_field
+        self.result = FileResult(source_ref=task.source_ref, home=task.home)
+        self.stage = _StageWriter(job.stage_dir, task.file_index, job.buckets, decoder.arrow_schema)
+        self.quarantine = None
+        if task.home:
+            qpath = os.path.join(job.stage_dir, "quarantine", f"f{task.file_index:06d}.parquet")
+            os.makedirs(os.path.dirname(qpath), exist_ok=True)
+            self.quarantine = _QuarantineWriter(qpath, job.schema.max_quarantine_rows_per_reason)
+        # This file is in the scan window of the event days listed here (its own day is always one).
+        self.owners = {
+            d
+            for d in (job.day - timedelta(days=1), job.day, job.day + timedelta(days=1))
+            if scan_window(d, job.early, job.late)[0] <= task.arrival < scan_window(d, job.early, job.late)[1]
+        }
+
+    def run(self) -> FileResult:
+        schema = self.job.schema
+        try:
+            for start, lines in iter_line_batches(
+                self.task.path, schema.max_line_bytes, max_bytes=schema.max_file_bytes, max_lines=schema.max_file_lines
+            ):
+                self.batch(start, lines)
+        except RawFileError as err:
+            self.reject(err)
+        else:
+            self.result.staged = self.stage.commit()
+        if self.quarantine is not None and self.quarantine.close():
+            self.result.quarantine_file = self.quarantine.path
+        return self.result
+
+    def batch(self, start: int, lines: list) -> None:
+        task, result = self.task, self.result
+        if start == 1 and isinstance(lines[0], bytes) and lines[0].startswith(b"\xef\xbb\xbf"):
+            lines[0] = lines[0][3:]  # a UTF-8 byte order mark is not part of the JSON
+        result.lines += len(lines)
+        table, bad, other_days = self.decoder.decode_batch(
+            start, lines, task.source_ref, None if task.home else self.job.day
+        )
+        result.neighbour_skipped += other_days
+        if task.home:
+            for no, reason, detail, sample in bad:
+                self.quarantine.add(task.source_ref, no, reason, detail, sample)
+                result.quarantined[reason] += 1
+        else:
+            result.neighbour_skipped += len(bad)
+        mine = pc.equal(pc.cast(table.column(self.time_field), pa.date32()), pa.scalar(self.job.day, pa.date32()))
+        kept = table.filter(mine)
+        if kept.num_rows:
+            ids = kept.column(self.job.schema.id_field).combine_chunks()
+            self.stage.add(kept, _bucket_ids(ids, self.job.buckets) if self.job.buckets > 1 else None)
+            result.kept += kept.num_rows
+        other = table.num_rows - kept.num_rows
+        if other and task.home:
+            self.route(table.filter(pc.invert(mine)), lines, start)
+        elif other:
+            result.neighbour_skipped += other
+
+    def route(self, others: pa.Table, lines: list, start: int) -> None:
+        """The home file's events of other days: counted as routed out to the neighbour whose
+        window the file is in, quarantined when no neighbour scans it."""
+        days = pc.cast(others.column(self.time_field), pa.date32())
+        for (d,), n in Counter(zip(days.to_pylist())).items():
+            if d in self.owners:
+                self.result.routed_out[d.isoformat()] += n
+        outside = others.filter(pc.invert(pc.is_in(days, value_set=pa.array(sorted(self.owners), pa.date32()))))
+        times = outside.column(self.time_field).cast(pa.string()).to_pylist()
+        for no, t in zip(outside.column("line_no").to_pylist(), times):
+            self.quarantine.add(
+                self.task.source_ref,
+                no,
+                "outside_lateness_window",
+                f"event time {t} is too far from arrival {self.task.arrival.isoformat()}",
+                lines[no - start][:SAMPLE_BYTES],
             )
-            times = outside.column(schema.time_field).cast(pa.string()).to_pylist()
-            for no, t in zip(outside.column("line_no").to_pylist(), times):
-                line = lines[no - start]
-                quarantine.add(
-                    task.source_ref,
-                    no,
-                    "outside_lateness_window",
-                    f"event time {t} is too far from arrival {task.arrival.isoformat()}",
-                    line[:SAMPLE_BYTES],
-                )
-                result.quarantined["outside_lateness_window"] += 1
-    except RawFileError as err:
-        # A file that cannot be read to its end is rejected whole: none of its events count.
-        stage.abort()
+            self.result.quarantined["outside_lateness_window"] += 1
+
+    def reject(self, err: RawFileError) -> None:
+        """A file that cannot be read to its end is rejected whole: none of its events count."""
+        result = self.result
+        self.stage.abort()
         result.kept = 0
         result.routed_out.clear()
         result.staged = {}
-        lines_read, size, _ = count_lines(task.path)
+        lines_read, _, _ = count_lines(self.task.path)
         result.lines = lines_read
-        if task.home:
-            quarantine.discard()
+        if self.task.home:
+            self.quarantine.discard()
             result.quarantined = Counter({err.reason: lines_read})
-            quarantine.add(task.source_ref, None, err.reason, err.detail, b"", lines_read)
+            self.quarantine.add(self.task.source_ref, None, err.reason, err.detail, b"", lines_read)
         else:
             result.quarantined.clear()
             result.neighbour_skipped = lines_read
-        if quarantine is not None and quarantine.close():
-            result.quarantine_file = quarantine.path
-        return result
-    result.staged = stage.commit()
-    if quarantine is not None and quarantine.close():
-        result.quarantine_file = quarantine.path
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,15 +819,22 @@ def parse_day(
     workers: int,
     on_progress=None,
     pool: ProcessPoolExecutor | None = None,
+    decoder: type[EventDecoder] = EventDecoder,
 ) -> ParseResult:
-    """Parse all files scanned by one event day and write its outputs under out_dir."""
+    """Parse all files scanned by one event day and write its outputs under out_dir. `decoder`:
+    see `parse_file`."""
     os.makedirs(job.stage_dir, exist_ok=True)
     t0 = time.perf_counter()
     own_pool = pool is None and workers > 1 and len(tasks) > 1
     if own_pool:
         pool = worker_pool(workers)
     try:
-        mapped = pool.map(parse_file, [job] * len(tasks), tasks) if pool else (parse_file(job, t) for t in tasks)
+        n = len(tasks)
+        mapped = (
+            pool.map(parse_file, [job] * n, tasks, [decoder] * n)
+            if pool
+            else (parse_file(job, t, decoder) for t in tasks)
+        )
         results: list[FileResult] = []
         for r in mapped:
             results.append(r)

@@ -326,10 +326,6 @@ class PipelineSpec:
     # `allow_shrink: true` consents to any shrink). 0: any loss needs consent.
     shrink_tolerance: float = 0.0
 
-    @property
-    def from_table(self) -> bool:
-        return isinstance(self.source, ClickHouseSource)
-
     def __post_init__(self) -> None:
         if not SAFE_NAME.fullmatch(self.name):
             raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
@@ -345,7 +341,7 @@ class PipelineSpec:
                 raise ValueError(f"projection {p.name!r} uses unknown fields {sorted(missing)}")
         if self.redrive.key_field is not None and self.redrive.key_field not in fields:
             raise ValueError(f"redrive key_field {self.redrive.key_field!r} is not a field of the schema")
-        if self.from_table:
+        if isinstance(self.source, ClickHouseSource):
             if self.mapping is None:
                 raise ValueError("a ClickHouse source needs a mapping")
             targets = set(self.mapping.fields) | set(self.mapping.objects) | set(self.mapping.constants)
