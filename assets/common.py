@@ -124,21 +124,10 @@ def check_each_day(
 
 
 def _latest_materialization(context, asset: dg.AssetKey, day: str):
-    """The day's latest materialization, as the target of a logged check evaluation. Dagster
-    1.13 has no public name for this type; `AssetCheckResult` fills it in itself."""
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationTargetMaterializationData,
-    )
+    """The day's latest materialization, as the target of a logged check evaluation."""
+    from sensors.launch import latest_materialization_target  # lazily: sensors/ imports the checks
 
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[day]), limit=1
-    ).records
-    if not records:
-        return None
-    r = records[0]
-    return AssetCheckEvaluationTargetMaterializationData(
-        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp
-    )
+    return latest_materialization_target(context.instance, asset, day)
 
 
 def verified_day(lake, spec: PipelineSpec, day: str) -> list[str]:

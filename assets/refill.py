@@ -1,4 +1,4 @@
-"""Refill assets (seed 000): event keys from S3 access logs, and the ingestion jobs they become.
+"""Refill assets (ingestion refill): event keys from S3 access logs, and the ingestion jobs they become.
 
 `<name>/event_keys[D]`: the keys of the objects PUT on day D, validated and de-duplicated, as
 Parquet (`refill/<name>/day=D/keys.parquet`); bad rows in `quarantine/<name>/day=D/`. Staged and
@@ -23,7 +23,7 @@ from partitions import daily_partitions
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import REDRIVE, owner
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
-from replay_defs.pipeline.spec import RefillSpec
+from replay_defs.ingestion_refill.spec import RefillSpec
 from resources import LakeResource
 
 EVENT_KEYS = "event_keys"

@@ -1,5 +1,6 @@
 """The pipelines this code location serves, each declared as a spec."""
 
+from replay_defs.ingestion_refill.spec import RefillSpec
 from replay_defs.pipeline.spec import (
     ClickHouseSource,
     EventSchema,
@@ -7,9 +8,8 @@ from replay_defs.pipeline.spec import (
     JsonlSource,
     Mapping,
     PipelineSpec,
-    Projection,
-    Redrive,
-    RefillSpec,
+    ProjectionSpec,
+    RedriveSpec,
     Rule,
 )
 from replay_defs.sinks.kafka import KafkaSinkSpec
@@ -34,14 +34,14 @@ TELEMETRY = PipelineSpec(
     ),
     parsed_prefix="telemetry_flat",
     projections=(
-        Projection(
+        ProjectionSpec(
             name="daily_counts",
             kind="increment",
             key=("type", "device_id"),
             values={"events": "count(*)", "last_seq": "max(seq)"},
             count_column="events",
         ),
-        Projection(
+        ProjectionSpec(
             name="device_latest",
             kind="replace",
             key=("device_id",),
@@ -49,7 +49,7 @@ TELEMETRY = PipelineSpec(
             order_by="ts",
         ),
     ),
-    redrive=Redrive(unit="raw_file"),
+    redrive=RedriveSpec(unit="raw_file"),
 )
 
 # Billing: ClickHouse raw_events (ReplacingMergeTree) -> the Bento mapping with its named
@@ -118,7 +118,7 @@ BILLING = PipelineSpec(
     ),
     parsed_prefix="billing_events",
     # One message per event on prod_events_v4, keyed by customer: a customer's events stay in order.
-    redrive=Redrive(unit="event", sink=KafkaSinkSpec("prod_events_v4"), key_field="external_customer_id"),
+    redrive=RedriveSpec(unit="event", sink=KafkaSinkSpec("prod_events_v4"), key_field="external_customer_id"),
 )
 
 # The source table as the seed declares it (tests and the benchmark create it in chDB).
@@ -149,7 +149,9 @@ INGESTION_REFILL = RefillSpec(
     description="Ingestion refill: keys from S3 access logs -> one BullMQ job per event object.",
     start_date="2025-01-01",
     known_types=("trace", "observation", "score"),
-    redrive=Redrive(unit="event", sink=RedisSinkSpec(key="ingestion-queue", mode="bullmq", job_name="ingestion-job")),
+    redrive=RedriveSpec(
+        unit="event", sink=RedisSinkSpec(key="ingestion-queue", mode="bullmq", job_name="ingestion-job")
+    ),
 )
 
 REFILLS = (INGESTION_REFILL,)

@@ -4,13 +4,15 @@ latest check executions: the project's uses of Dagster's private APIs, here and 
 Dagster 1.13 has no public way for a sensor to launch a backfill: `RunRequest.for_asset_graph_subset`
 works but is private, and reading a backfill's target needs private types too; they can be swapped
 for `RunRequest.for_asset_partition_range` when it is released. Nor has it a public query for the
-latest execution of a check per partition (`event-replay status`), planned ones included.
+latest execution of a check per partition (`event-replay status`), planned ones included, nor a
+public name for the materialization a check evaluation logged per day refers to (`check_each_day`).
 """
 
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.event_api import PartitionKeyFilter
@@ -69,3 +71,17 @@ def latest_check_executions(
                 record.run_id, record.event.timestamp, record.event.dagster_event.event_specific_data
             )
     return out
+
+
+def latest_materialization_target(instance, asset: dg.AssetKey, day: str):
+    """The day's latest materialization of `asset`, as the target a logged check evaluation names
+    (so the UI shows the verdict on that day); None if the day was never materialized."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[day]), limit=1
+    ).records
+    if not records:
+        return None
+    r = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp
+    )

@@ -13,7 +13,7 @@ from conftest import PROJECT_ROOT, check_verdicts
 from services import Moto, RedisServer, bullmq_consume
 
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys
-from replay_defs.pipeline.spec import Redrive
+from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import INGESTION_REFILL
 from replay_defs.sinks.redis import RedisSinkSpec
 
@@ -57,7 +57,7 @@ def write_csv(path, keys: list[str], repeat_every: int = 3) -> None:
 
 def refill_spec(queue: str):
     return dataclasses.replace(
-        INGESTION_REFILL, redrive=Redrive(unit="event", sink=RedisSinkSpec(queue, job_name="ingestion-job"))
+        INGESTION_REFILL, redrive=RedriveSpec(unit="event", sink=RedisSinkSpec(queue, job_name="ingestion-job"))
     )
 
 

@@ -7,13 +7,16 @@ import pytest
 from conftest import check_verdicts
 from services import Tansu
 
-from replay_defs.pipeline.spec import Redrive
+from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.kafka import KafkaSinkSpec
 
 TOPIC = "telemetry-redrive"
 KAFKA = dataclasses.replace(
-    TELEMETRY, name="telemetry_kafka", parsed_prefix="telemetry_kafka_flat", redrive=Redrive(sink=KafkaSinkSpec(TOPIC))
+    TELEMETRY,
+    name="telemetry_kafka",
+    parsed_prefix="telemetry_kafka_flat",
+    redrive=RedriveSpec(sink=KafkaSinkSpec(TOPIC)),
 )
 DAY = "2025-11-25"
 
@@ -97,7 +100,9 @@ def test_broker_outage_fails_the_run_then_a_rerun_delivers_exactly_once(kafka_de
 def test_event_unit_keys_messages_by_the_spec_field(env, instance, broker):
     from replay_defs.definitions import build_definitions
 
-    spec = dataclasses.replace(KAFKA, redrive=Redrive(unit="event", sink=KafkaSinkSpec(TOPIC), key_field="device_id"))
+    spec = dataclasses.replace(
+        KAFKA, redrive=RedriveSpec(unit="event", sink=KafkaSinkSpec(TOPIC), key_field="device_id")
+    )
     result = _run(build_definitions([spec]), instance)
     assert result.success
     md = _redrive_md(result)

@@ -1,5 +1,6 @@
 """The layout's rules (docs/architecture.md, "Where things live"), checked on the tree itself."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ DAGSTER_FREE = [
     "replay_defs.clickhouse_table.parsing",
     "replay_defs.clickhouse_table.demo",
     "replay_defs.ingestion_refill.access_logs",
+    "replay_defs.ingestion_refill.spec",
     "replay_defs.processed_events.engine",
     "replay_defs.projection_replay.engine",
     "replay_defs.projection_replay.stores",
@@ -51,3 +53,37 @@ def test_the_core_and_the_engines_import_nothing_from_dagster():
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(modules) >= 20  # the probe covered the tree, not an empty list
+
+
+LONG_REASON = "# long:"
+MAX_LINES = 60
+
+
+def _long_functions() -> list[str]:
+    """Functions over MAX_LINES lines without a `# long: <reason>` comment just above them."""
+    found = []
+    for package in ("replay_defs", "assets", "resources", "sensors", "jobs", "partitions"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                length = node.end_lineno - node.lineno + 1
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if length > MAX_LINES and not lines[first - 2].strip().startswith(LONG_REASON):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_long_without_a_written_reason():
+    assert _long_functions() == []
+
+
+def test_the_length_rule_sees_a_long_function(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
+    (tmp_path / "replay_defs").mkdir()
+    (tmp_path / "replay_defs" / "sample.py").write_text(
+        f"def long_one():\n{body}\n\n\n# long: a reason\ndef explained():\n{body}\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _long_functions() == [f"replay_defs/sample.py:1 long_one ({MAX_LINES + 1} lines)"]

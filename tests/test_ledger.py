@@ -7,13 +7,13 @@ import pytest
 from conftest import check_verdicts, run_day
 
 from replay_defs.core.ledger import DuckDBLedger, PostgresLedger, open_ledger
-from replay_defs.pipeline.spec import Redrive
+from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipeline.store import DuckDBStore
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.outbox import OutboxSinkSpec
 
 DAY = "2025-11-25"
-EVENTS = dataclasses.replace(TELEMETRY, redrive=Redrive(unit="event", sink=OutboxSinkSpec()))
+EVENTS = dataclasses.replace(TELEMETRY, redrive=RedriveSpec(unit="event", sink=OutboxSinkSpec()))
 
 
 @pytest.fixture(params=["duckdb", "postgres"])

@@ -10,7 +10,7 @@ import pika
 import pytest
 from services import TcpProxy, rabbitmq_port
 
-from replay_defs.pipeline.spec import Redrive
+from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.rabbitmq import RabbitMQSinkSpec
 
@@ -52,7 +52,7 @@ def _run(exchange: str, instance, unit: str = "raw_file", config: dict | None = 
         TELEMETRY,
         name="telemetry_amqp",
         parsed_prefix="telemetry_amqp_flat",
-        redrive=Redrive(unit=unit, sink=RabbitMQSinkSpec(exchange)),
+        redrive=RedriveSpec(unit=unit, sink=RabbitMQSinkSpec(exchange)),
     )
     job = build_definitions([spec]).resolve_job_def("telemetry_amqp_replay")
     run_config = {"ops": {"telemetry_amqp__redrive": {"config": config}}} if config else {}

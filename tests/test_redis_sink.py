@@ -13,7 +13,7 @@ import redis
 from conftest import check_verdicts
 from services import RedisServer, bullmq_consume
 
-from replay_defs.pipeline.spec import Redrive
+from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.base import Batch
 from replay_defs.sinks.redis import RedisSink, RedisSinkSpec
@@ -26,7 +26,7 @@ def spec_for(sink: RedisSinkSpec, unit: str = "event"):
         TELEMETRY,
         name="telemetry_redis",
         parsed_prefix="telemetry_redis_flat",
-        redrive=Redrive(unit=unit, sink=sink, key_field="device_id" if unit == "event" else None),
+        redrive=RedriveSpec(unit=unit, sink=sink, key_field="device_id" if unit == "event" else None),
     )
 
 
@@ -194,10 +194,10 @@ def test_cli_redrive_to_bullmq_with_dry_run_then_for_real(env, redis_url, queue,
         "import dataclasses\n"
         "from replay_defs.definitions import build_definitions\n"
         "from replay_defs.pipelines import TELEMETRY\n"
-        "from replay_defs.pipeline.spec import Redrive\n"
+        "from replay_defs.pipeline.spec import RedriveSpec\n"
         "from replay_defs.sinks.redis import RedisSinkSpec\n"
         f"SPEC = dataclasses.replace(TELEMETRY, name='telemetry_redis', parsed_prefix='telemetry_redis_flat', "
-        f"redrive=Redrive(unit='event', sink=RedisSinkSpec({queue!r})))\n"
+        f"redrive=RedriveSpec(unit='event', sink=RedisSinkSpec({queue!r})))\n"
         "defs = build_definitions([SPEC])\n"
     )
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)

@@ -22,7 +22,7 @@ from conftest import check_verdicts
 from pydantic import Field
 
 import replay_defs.sinks
-from replay_defs.pipeline.spec import DeadLetters, Redrive
+from replay_defs.pipeline.spec import DeadLetters, RedriveSpec
 from replay_defs.pipelines import PIPELINES, REFILLS, TELEMETRY
 from replay_defs.sinks import open_sink, sink_type, sink_types
 from replay_defs.sinks.base import Batch, SinkType
@@ -95,7 +95,7 @@ def test_a_sink_module_alone_is_enough(spool, instance):
         TELEMETRY,
         name="telemetry_spool",
         parsed_prefix="telemetry_spool_flat",
-        redrive=Redrive(unit="event", sink=SpoolSinkSpec("events")),
+        redrive=RedriveSpec(unit="event", sink=SpoolSinkSpec("events")),
         dead_letters=(DeadLetters("spool", "events-dlq", growth=5),),
     )
     defs = build_definitions([spec])
@@ -144,7 +144,7 @@ def test_the_registry_covers_every_sink_a_spec_can_name(env):
         example = _example(entry.spec)
         assert example.kind == entry.kind and sink_type(example) is entry
         # A spec naming it gets its resource in the code location, and its sender is `<X>Sink`.
-        spec = dataclasses.replace(TELEMETRY, redrive=Redrive(sink=example))
+        spec = dataclasses.replace(TELEMETRY, redrive=RedriveSpec(sink=example))
         resources = build_definitions([spec]).resources
         assert isinstance(resources[entry.resource_key], entry.resource)
         with dg.build_resources({entry.resource_key: resources[entry.resource_key]}) as built:

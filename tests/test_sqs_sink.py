@@ -8,7 +8,7 @@ import time
 import pytest
 from services import Moto
 
-from replay_defs.pipeline.spec import Redrive
+from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.base import Batch
 from replay_defs.sinks.sqs import SqsSink, SqsSinkSpec
@@ -21,7 +21,7 @@ def spec_for(queue: str, max_visible=None):
         TELEMETRY,
         name="telemetry_sqs",
         parsed_prefix="telemetry_sqs_flat",
-        redrive=Redrive(sink=SqsSinkSpec(queue, max_visible)),
+        redrive=RedriveSpec(sink=SqsSinkSpec(queue, max_visible)),
     )
 
 

@@ -3,8 +3,8 @@
 
 raw_events[D] records the run's selection (filters, time window) and the engine's count of its rows;
 parsed_events[D] reads the selection page by page and maps the rows to events; two checks only
-tables have (the selection's rows changed since; seed 002's found = delivered + dropped + errors);
-and the redrive's metadata gains seed 002's figures."""
+tables have (the selection's rows changed since; billing's found = delivered + dropped + errors);
+and the redrive's metadata gains billing's figures."""
 
 import time
 from typing import Optional
@@ -210,7 +210,7 @@ def parsed_metadata(stats: dict) -> dict:
 
 
 def redrive_figures(the_lake, spec: PipelineSpec, day: str, counts: RedriveCounts) -> dict:
-    """Seed 002's figures for a table source's day: rows found, published, dropped by validation
+    """Billing's figures for a table source's day: rows found, published, dropped by validation
     rule, transformation errors, publish failures, and the share of found rows the sink has."""
     stats = the_lake.state(owner(spec, PARSED), day).stats
     found = stats["found"]
@@ -243,7 +243,7 @@ def table_rows_current(lake: Lake, spec: PipelineSpec, day: str, ch) -> DayVerdi
 
 
 def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
-    """Table sources (seed 002): found = published + already delivered + dropped + transformation
+    """Table sources (billing): found = published + already delivered + dropped + transformation
     errors + publish failures, with no publish failure."""
     last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
     state = lake.state(owner(spec, PARSED), day)

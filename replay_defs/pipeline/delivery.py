@@ -1,6 +1,6 @@
 """Redrive: deliver a partition's raw files or events to a sink, at most once per sink.
 
-Selection modes follow seed 004: the whole day (`day`, optionally one event type), one raw file
+Selection modes follow the telemetry redrive script: the whole day (`day`, optionally one event type), one raw file
 (`file`), every raw file under a prefix (`prefix`), or one parsed Parquet file (`parquet`).
 Messages flow as `Batch`es; the idempotency ledger (`replay_defs.core.ledger`) makes a re-run skip what
 a sink already has, unless `force` is set.
@@ -71,7 +71,7 @@ def expected_messages(lake: Lake, spec: PipelineSpec, day: str, parsed_files: li
 
 
 def raw_file_message(lake: Lake, source_ref: str) -> tuple[str, dict, None]:
-    """Seed 004's SQS payload: {"kind": "redrive_raw_file", "bucket": ..., "key": ...}."""
+    """The telemetry redrive's SQS payload: {"kind": "redrive_raw_file", "bucket": ..., "key": ...}."""
     rel = lake.rel_from_uri(source_ref)
     body = {"kind": "redrive_raw_file", "bucket": lake.root.name, "key": rel, "source_ref": source_ref}
     return message_id(source_ref), body, None

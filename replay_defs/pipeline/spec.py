@@ -182,7 +182,7 @@ class Lateness:
 
 
 @dataclass(frozen=True)
-class Projection:
+class ProjectionSpec:
     """A fold of parsed events into a table of the projection store.
 
     kind="increment": rows are per (day, *key); the partition's rows are deleted before the
@@ -219,10 +219,10 @@ def _outbox() -> SinkSpec:
 
 
 @dataclass(frozen=True)
-class Redrive:
+class RedriveSpec:
     """What a redrive delivers and where to.
 
-    unit="raw_file": one `redrive_raw_file` message per source file (seed 004), for consumers that
+    unit="raw_file": one `redrive_raw_file` message per source file (telemetry's format), for consumers that
     re-ingest files. unit="event": one message per parsed event (its schema fields as JSON), keyed
     by `key_field` (the Kafka partition key; default the event id).
     """
@@ -284,29 +284,6 @@ class DeadLetters:
 
 
 @dataclass(frozen=True)
-class RefillSpec:
-    """A refill from S3 access logs (seed 000): the keys of one-object-per-event uploads
-    (`projectId/type/eventBodyId/eventId.json`) written on a day are re-enqueued as ingestion
-    jobs (`replay_defs/ingestion_refill/access_logs.py`). Assets: `<name>/event_keys` (validated, de-duplicated
-    keys as Parquet) and `<name>/redrive` (one job per key into `redrive.sink`)."""
-
-    name: str
-    start_date: str
-    known_types: tuple[str, ...]
-    redrive: Redrive
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if not SAFE_NAME.fullmatch(self.name):
-            raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
-        for value in self.known_types:
-            if not SAFE_TYPE_VALUE.fullmatch(value):
-                raise ValueError(f"known type {value!r} is not a safe value")
-        if self.redrive.unit != "event":
-            raise ValueError("a refill delivers one message per key: use Redrive(unit='event')")
-
-
-@dataclass(frozen=True)
 class PipelineSpec:
     name: str
     start_date: str
@@ -314,8 +291,8 @@ class PipelineSpec:
     schema: EventSchema
     # Lake prefix of the parsed Parquet: `<parsed_prefix>/type=<t>/day=<d>/`.
     parsed_prefix: str
-    projections: tuple[Projection, ...] = ()
-    redrive: Redrive = field(default_factory=Redrive)
+    projections: tuple[ProjectionSpec, ...] = ()
+    redrive: RedriveSpec = field(default_factory=RedriveSpec)
     lateness: Lateness = Lateness()
     dead_letters: tuple[DeadLetters, ...] = ()
     # How a table source's rows become events (ClickHouse sources only).

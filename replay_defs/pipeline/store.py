@@ -5,14 +5,14 @@ from __future__ import annotations
 import duckdb
 
 from replay_defs.core.duckdb_file import DuckDBFile, ident
-from replay_defs.pipeline.spec import EventSchema, Projection
+from replay_defs.pipeline.spec import EventSchema, ProjectionSpec
 
 
 class DuckDBStore(DuckDBFile):
     """The projections of the day pipelines, folded into the DuckDB file."""
 
     # ---- projections -----------------------------------------------------------------------
-    def fold(self, pipeline: str, p: Projection, schema: EventSchema, day: str, files: list[str]) -> int:
+    def fold(self, pipeline: str, p: ProjectionSpec, schema: EventSchema, day: str, files: list[str]) -> int:
         """Fold one day's parsed events into projection `p`; returns the rows written.
 
         increment: delete the day's rows and insert the new fold in one transaction.
@@ -26,13 +26,13 @@ class DuckDBStore(DuckDBFile):
             return self._fold_replace(con, pipeline, p, schema, day, files)
 
     @staticmethod
-    def _increment_fold(p: Projection) -> str:
+    def _increment_fold(p: ProjectionSpec) -> str:
         """The day's rows of increment projection `p`, folded from `$files`."""
         keys = ", ".join(ident(k) for k in p.key)
         aggs = ", ".join(f"{expr} AS {ident(col)}" for col, expr in p.values.items())
         return f"SELECT $day::DATE AS day, {keys}, {aggs} FROM read_parquet($files) GROUP BY ALL"
 
-    def _fold_increment(self, con, table: str, p: Projection, day: str, files: list[str]) -> int:
+    def _fold_increment(self, con, table: str, p: ProjectionSpec, day: str, files: list[str]) -> int:
         select = self._increment_fold(p)
         con.execute("BEGIN")
         try:
@@ -51,7 +51,9 @@ class DuckDBStore(DuckDBFile):
             con.execute("ROLLBACK")
             raise
 
-    def _fold_replace(self, con, pipeline: str, p: Projection, schema: EventSchema, day: str, files: list[str]) -> int:
+    def _fold_replace(
+        self, con, pipeline: str, p: ProjectionSpec, schema: EventSchema, day: str, files: list[str]
+    ) -> int:
         """Exact under replays and rollbacks: `<name>__by_day` holds each day's latest row per key;
         the day's rows there are replaced, then every key the old or the new version of the day
         touched is recomputed from all days' rows (never merged), so what a replaced version
@@ -96,7 +98,7 @@ class DuckDBStore(DuckDBFile):
             raise
 
     @staticmethod
-    def _latest_per_key(p: Projection, schema: EventSchema, source: str, extra: str = "") -> str:
+    def _latest_per_key(p: ProjectionSpec, schema: EventSchema, source: str, extra: str = "") -> str:
         """The latest event per key of `source` (latest `order_by`, then highest event id), as the
         projection's columns plus `_order` and `_event_id`."""
         keys = [ident(k) for k in p.key]
@@ -110,7 +112,7 @@ class DuckDBStore(DuckDBFile):
     def fold_mismatches(
         self,
         pipeline: str,
-        p: Projection,
+        p: ProjectionSpec,
         schema: EventSchema,
         day: str,
         day_files: list[str],
@@ -149,7 +151,9 @@ class DuckDBStore(DuckDBFile):
                 return {f"{p.name}_rows_compared": compared, f"{p.name}_rows_differing": differing}, problems
             return self._replace_mismatches(con, table, p, schema, day, day_files, all_days, all_files)
 
-    def _replace_mismatches(self, con, table, p: Projection, schema: EventSchema, day, day_files, all_days, all_files):
+    def _replace_mismatches(
+        self, con, table, p: ProjectionSpec, schema: EventSchema, day, day_files, all_days, all_files
+    ):
         compared, differing, sample = self._compare_touched_keys(con, table, p, schema, day, day_files, all_files)
         problems = (
             [
@@ -177,7 +181,7 @@ class DuckDBStore(DuckDBFile):
         }
         return md, problems
 
-    def _compare_touched_keys(self, con, table, p: Projection, schema: EventSchema, day, day_files, all_files):
+    def _compare_touched_keys(self, con, table, p: ProjectionSpec, schema: EventSchema, day, day_files, all_files):
         """The replace projection's rows for the keys the day touches (in the store or in its
         Parquet) against the latest event per key of every committed day."""
         keys = [ident(k) for k in p.key]
@@ -204,7 +208,7 @@ class DuckDBStore(DuckDBFile):
             prelude=f"touched AS ({touched})",
         )
 
-    def _compare_by_day(self, con, table, p: Projection, schema: EventSchema, day, day_files) -> tuple[int, int]:
+    def _compare_by_day(self, con, table, p: ProjectionSpec, schema: EventSchema, day, day_files) -> tuple[int, int]:
         """The day's rows of `<name>__by_day` against the latest event per key of its Parquet:
         (rows compared, rows differing); (0, 0) without that table."""
         by_day = ident(table.split(".")[0].strip('"'), f"{p.name}__by_day")
@@ -266,7 +270,7 @@ class DuckDBStore(DuckDBFile):
         except duckdb.CatalogException:
             return False
 
-    def increment_total(self, pipeline: str, p: Projection, day: str) -> int:
+    def increment_total(self, pipeline: str, p: ProjectionSpec, day: str) -> int:
         table = ident(pipeline, p.name)
         with self.connect() as con:
             if not self._exists(con, table):

@@ -66,7 +66,7 @@ class Event(NamedTuple):
 @dataclass(frozen=True)
 class EventLogProjection:
     """A projection of a tenant's `event_log`, written as a fold in Python and replayed day by day (not
-    the day pipelines' `pipeline.spec.Projection`, which DuckDB folds from committed Parquet).
+    the day pipelines' `pipeline.spec.ProjectionSpec`, which DuckDB folds from committed Parquet).
     `state` is a list of the `value_columns` (in order); `apply` updates it in place. Increment
     projections (`store="postgres"`) hold integer counters that add up (two states of one key merge
     by adding), scope `day`, and a `day` key column (days since 1970-01-01 in the fold, a DATE in

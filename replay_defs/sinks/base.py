@@ -70,7 +70,7 @@ class Sink(Protocol):
 
 
 class SinkSpec(Protocol):
-    """A sink as a pipeline declares it (`Redrive(sink=...)`): a frozen dataclass whose `kind`
+    """A sink as a pipeline declares it (`RedriveSpec(sink=...)`): a frozen dataclass whose `kind`
     names its registry entry and whose `name` is the ledger's name for the target."""
 
     kind: str

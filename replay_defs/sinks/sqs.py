@@ -23,7 +23,7 @@ from replay_defs.sinks.base import Batch, SinkType
 class SqsSinkSpec:
     """One SQS message per delivery on queue `queue` (resource `sqs`). A `.fifo` queue gets
     deduplication ids. `max_visible`: pause while the queue holds more visible messages than this
-    (seed 004's `--monitor --max-queue-visible`)."""
+    (the telemetry redrive script's `--monitor --max-queue-visible`)."""
 
     queue: str
     max_visible: int | None = None

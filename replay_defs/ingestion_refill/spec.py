@@ -1,0 +1,30 @@
+"""What a refill declares: its name, first day, known event types and where its jobs go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from replay_defs.pipeline.spec import SAFE_NAME, SAFE_TYPE_VALUE, RedriveSpec
+
+
+@dataclass(frozen=True)
+class RefillSpec:
+    """A refill from S3 access logs (the ingestion refill): the keys of one-object-per-event uploads
+    (`projectId/type/eventBodyId/eventId.json`) written on a day are re-enqueued as ingestion
+    jobs (`replay_defs/ingestion_refill/access_logs.py`). Assets: `<name>/event_keys` (validated, de-duplicated
+    keys as Parquet) and `<name>/redrive` (one job per key into `redrive.sink`)."""
+
+    name: str
+    start_date: str
+    known_types: tuple[str, ...]
+    redrive: RedriveSpec
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not SAFE_NAME.fullmatch(self.name):
+            raise ValueError(f"pipeline name {self.name!r} is not a safe identifier")
+        for value in self.known_types:
+            if not SAFE_TYPE_VALUE.fullmatch(value):
+                raise ValueError(f"known type {value!r} is not a safe value")
+        if self.redrive.unit != "event":
+            raise ValueError("a refill delivers one message per key: use RedriveSpec(unit='event')")
