@@ -11,7 +11,6 @@ CI job).
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
 
 import dagster as dg
 import duckdb
@@ -33,6 +32,7 @@ from replay_defs.pipeline import delivery as rd
 from replay_defs.pipeline.committed import committed_parquet
 from replay_defs.pipeline.shrink import shrunk_types
 from replay_defs.pipeline.spec import PipelineSpec
+from replay_defs.sinks import sink_type
 
 SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 
@@ -276,18 +276,6 @@ def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], l
     return rd.expected_messages(lake, spec, day, committed_parquet(lake, spec, day))
 
 
-def outbox_ids(outbox, spec: PipelineSpec):
-    """What the outbox holds of some ids, read from its files (a raw file's message can sit under a
-    neighbouring day's directory: a file holds events of up to three days)."""
-
-    def held(day: str, ids: list[str]) -> set[str]:
-        d = date.fromisoformat(day)
-        days = [(d + timedelta(days=k)).isoformat() for k in range(-2, 3)]
-        return set(ids) & {rd.message_id_of(spec, body) for body in outbox.read(spec.name, days)}
-
-    return held
-
-
 # ---- the registry ------------------------------------------------------------------------------
 
 
@@ -307,7 +295,8 @@ def _has(kind: str) -> Callable[[PipelineSpec], bool]:
 
 
 def _deliveries(r, spec, day):
-    sink_ids = outbox_ids(r.outbox.get(), spec) if spec.redrive.sink.kind == "outbox" else None
+    sink = sink_type(spec.redrive.sink)  # a sink that can be read back is counted independently of the ledger
+    sink_ids = sink.held_ids(getattr(r, sink.resource_key), spec) if sink.held_ids else None
     return deliveries(r.lake.get(), r.ledger, spec, day, lambda lake, d: day_messages(lake, spec, d), sink_ids)
 
 
@@ -363,7 +352,7 @@ CHECKS = (
         REDRIVE,
         "The last run: selected = published + already delivered + dropped + failed, failed = 0, "
         "and the ledger's rows for the run = published. The whole day: the message set of the committed version against the "
-        "ledger (all runs) and, for the outbox, against the messages in the outbox files.",
+        "ledger (all runs) and, for a sink that can be read back (the outbox), against the messages it holds.",
         _deliveries,
         resources=frozenset({"lake", "ledger", SINK}),
     ),

@@ -46,8 +46,14 @@ def daily_asset(
 
 
 def pipeline_asset(spec, name: str, **declared):
-    """`daily_asset` for `<spec.name>/<name>`, in the spec's group, partitioned by its days."""
-    return daily_asset(asset_key(spec, name), group=spec.name, partitions=daily_partitions(spec), **declared)
+    """`daily_asset` for `<spec.name>/<name>`, in the spec's group, partitioned by its days, owned by its owners."""
+    return daily_asset(
+        asset_key(spec, name),
+        group=spec.name,
+        partitions=daily_partitions(spec),
+        owners=list(spec.owners) or None,
+        **declared,
+    )
 
 
 def pipeline_pool(spec) -> str:

@@ -21,20 +21,10 @@ from assets.factory import PipelineDefs
 from assets.redrive import DeliveryConfig, deliver_day, make_sink
 from partitions import daily_partitions
 from replay_defs.core.lake import Lake
-from replay_defs.core.naming import REDRIVE, owner
+from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_slot, owner, quarantine_slot
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
 from replay_defs.ingestion_refill.spec import RefillSpec
 from resources import LakeResource
-
-EVENT_KEYS = "event_keys"
-
-
-def keys_slot(spec: RefillSpec, day: str) -> str:
-    return f"refill/{spec.name}/day={day}"
-
-
-def quarantine_slot(spec: RefillSpec, day: str) -> str:
-    return f"quarantine/{spec.name}/day={day}"
 
 
 def committed_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:

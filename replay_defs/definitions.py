@@ -24,6 +24,7 @@ from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
 from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
+from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, deployed
 from replay_defs.pipelines import PIPELINES, REFILLS
 from replay_defs.sinks import sink_type, sink_types
 from resources import (
@@ -34,7 +35,6 @@ from resources import (
     ProjectionReplayResource,
     StoreResource,
 )
-from resources.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, deployed
 from sensors import build_dead_letter_sensor, build_raw_files_sensor
 from sensors.dead_letters import dead_letter_reader
 

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from replay_defs.core.clickhouse import ClickHouse
 from replay_defs.core.redact import register_url
-from resources.deployment import CHDB, deployed_path
+from replay_defs.deployment import CHDB, deployed_path
 
 
 class ClickHouseResource(dg.ConfigurableResource):

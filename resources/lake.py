@@ -2,7 +2,7 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.core.lake import Lake
-from resources.deployment import LAKE, deployed_path
+from replay_defs.deployment import LAKE, deployed_path
 
 
 class LakeResource(dg.ConfigurableResource):

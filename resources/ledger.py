@@ -6,8 +6,8 @@ from pydantic import Field
 
 from replay_defs.core.ledger import open_ledger
 from replay_defs.core.redact import register_url
+from replay_defs.deployment import DUCKDB, deployed_path
 from replay_defs.pipeline.store import DuckDBStore
-from resources.deployment import DUCKDB, deployed_path
 
 
 class LedgerResource(dg.ConfigurableResource):

@@ -4,8 +4,8 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.core.redact import register_url
+from replay_defs.deployment import PROJECTION_LOGS, deployed_path
 from replay_defs.projection_replay.live import DEFAULT_PREFIX, Coordinator
-from resources.deployment import PROJECTION_LOGS, deployed_path
 
 
 class ProjectionReplayResource(dg.ConfigurableResource):

@@ -1,8 +1,8 @@
 import dagster as dg
 from pydantic import Field
 
+from replay_defs.deployment import DUCKDB, deployed_path
 from replay_defs.pipeline.store import DuckDBStore
-from resources.deployment import DUCKDB, deployed_path
 
 
 class StoreResource(dg.ConfigurableResource):

@@ -87,3 +87,31 @@ def test_the_length_rule_sees_a_long_function(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert _long_functions() == [f"replay_defs/sample.py:1 long_one ({MAX_LINES + 1} lines)"]
+
+
+def test_every_asset_of_a_spec_is_declared_the_same_way():
+    """One helper declares the partitioned assets: each asset of a spec gets its owners, its pool,
+    a single-run backfill policy and the spec's daily partitions."""
+    import dataclasses
+
+    import dagster as dg
+
+    from replay_defs.definitions import build_definitions
+    from replay_defs.pipelines import BILLING, REFILLS, TELEMETRY
+
+    specs = [dataclasses.replace(s, owners=("team:data-platform", "oncall@example.com")) for s in (TELEMETRY, BILLING)]
+    refills = [dataclasses.replace(r, owners=("team:ingestion",)) for r in REFILLS]
+    graph = build_definitions(specs, refills).resolve_asset_graph()
+    seen = 0
+    for spec in [*specs, *refills]:
+        for key in graph.get_all_asset_keys():
+            if key.path[0] != spec.name:
+                continue
+            node = graph.get(key)
+            assert node.owners == list(spec.owners), key
+            assert node.backfill_policy == dg.BackfillPolicy.single_run(), key
+            assert node.partitions_def is not None and node.partitions_def.start.date().isoformat() == spec.start_date
+            if key.path[-1] in ("parsed_events", "event_keys", "redrive"):
+                assert node.pools, key  # rebuilds and deliveries run in their concurrency pools
+            seen += 1
+    assert seen >= 9  # telemetry 4, billing 3, the refill 2

@@ -47,7 +47,7 @@ def _md(result):
     return {k: v.value for k, v in mat.metadata.items()}
 
 
-def test_each_raw_file_becomes_one_seed_004_message(env, instance, moto):
+def test_each_raw_file_becomes_one_redrive_raw_file_message(env, instance, moto):
     moto.client("sqs").create_queue(QueueName="redrive")
     first = _run(spec_for("redrive"), instance)
     assert first.success

@@ -36,7 +36,6 @@ from replay_defs.jsonl_files.parsing import QUARANTINE_SCHEMA, event_arrow_schem
 from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, ClickHouseSource, PipelineSpec
 
 # Reasons a row could not be transformed (the mapping's rules name the drops).
-ERROR_REASONS = ("malformed_json", "not_an_object", "wrong_type", "missing_field", "unsafe_type")
 
 
 def _utc(value: str | datetime | None) -> datetime | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from replay_defs.ingestion_refill.spec import RefillSpec
     from replay_defs.pipeline.spec import PipelineSpec
 
 RAW, PARSED, PROJECTIONS, REDRIVE = "raw_events", "parsed_events", "projections", "redrive"
@@ -30,3 +31,15 @@ def whole_day_marker(day: str) -> str:
     """Written by a redrive that delivered the whole day without failure: from then on its check
     reconciles the whole day, so a later dry or partial run cannot hide a loss."""
     return f"whole/day={day}.json"
+
+
+EVENT_KEYS = "event_keys"  # a refill's first asset: the day's validated, de-duplicated object keys
+
+
+def keys_slot(spec: RefillSpec, day: str) -> str:
+    """Where a refill's keys of a day live in the lake."""
+    return f"refill/{spec.name}/day={day}"
+
+
+def quarantine_slot(spec: RefillSpec, day: str) -> str:
+    return f"quarantine/{spec.name}/day={day}"

@@ -76,7 +76,7 @@ def cmd_refill(args) -> None:
 
 def refill_config(spec, args) -> dict:
     """The run config: where the keys come from, and how the redrive delivers them."""
-    from assets.refill import EVENT_KEYS
+    from replay_defs.core.naming import EVENT_KEYS
 
     delivery = {
         k: v
@@ -101,7 +101,7 @@ def refill_config(spec, args) -> dict:
 
 def print_refill_table(spec, result, days: list[str], dry_run: bool) -> None:
     """Per day: the PUT rows read, keys, repeats, quarantined, sent (or would send), skipped, checks."""
-    from assets.refill import EVENT_KEYS
+    from replay_defs.core.naming import EVENT_KEYS
 
     mats = {
         (m.asset_key.path[-1], m.partition): {k: v.value for k, v in m.metadata.items()}

@@ -19,6 +19,8 @@ class RefillSpec:
     known_types: tuple[str, ...]
     redrive: RedriveSpec
     description: str = ""
+    # Dagster owners of the assets (emails or "team:<name>"), shown in the UI and used by its filters.
+    owners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not SAFE_NAME.fullmatch(self.name):

@@ -257,7 +257,7 @@ def redrive(
     paused_before = getattr(sink, "paused_s", 0.0)
     if rate_limit:  # pace in chunks of about a tenth of a second
         batch_size = max(1, min(batch_size, int(rate_limit / 10)))
-    pacer, progress = Pacer(rate_limit), _Progress(partition, counts, log)
+    pacer, progress = Pacer(rate_limit), _ProgressLog(partition, counts, log)
     with LedgerWriter(ledger, pipeline, sink.name, partition, run_id) as writer:
         delivery = _Delivery(
             sink, writer, pipeline, partition, run_id, force, retries, retry_backoff_s, counts, log, on_failed
@@ -301,7 +301,7 @@ def _tally(
     return pending
 
 
-class _Progress:
+class _ProgressLog:
     """Logs how far a day's delivery got, at most every `every_s` seconds."""
 
     def __init__(self, partition: str, counts: RedriveCounts, log, every_s: float = 5.0):

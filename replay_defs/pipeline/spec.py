@@ -298,6 +298,8 @@ class PipelineSpec:
     # How a table source's rows become events (ClickHouse sources only).
     mapping: Mapping | None = None
     description: str = ""
+    # Dagster owners of the assets (emails or "team:<name>"), shown in the UI and used by its filters.
+    owners: tuple[str, ...] = ()
     # A new version of a day may hold at most this fraction fewer events of a type than the
     # version it replaces before the `no_unconsented_shrink` check fails (run config
     # `allow_shrink: true` consents to any shrink). 0: any loss needs consent.

@@ -490,7 +490,7 @@ def _replay_sql(table: str, selection: EventSelection, new_status: str) -> _Repl
     return _ReplaySQL(select, snapshot, update.format(t=t), dead_letter)
 
 
-class _Progress:
+class _ThrottledProgress:
     """Calls `callback(report)` at most every `every_s` seconds."""
 
     def __init__(self, callback: Callable[[Report], None] | None, every_s: float):
@@ -526,7 +526,7 @@ class _RowReplay:
         exchange,
         publish: bool,
         pacer: Pacer,
-        progress: _Progress,
+        progress: _ThrottledProgress,
         batch_size: int,
         new_status: str,
         new_error: str | None,
@@ -717,7 +717,7 @@ def replay(
             exchange=exchange,
             publish=publish,
             pacer=Pacer(rate_limit),
-            progress=_Progress(progress, progress_every_s),
+            progress=_ThrottledProgress(progress, progress_every_s),
             batch_size=batch_size,
             new_status=new_status,
             new_error=new_error,

@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "er:proj"
-SCOPES = ("aggregate", "day")
 
 # KEYS: 1 aggregate marker, 2 window hash, 3 in-flight hash, 4 deferred list, 5 ready set, 6 through hash
 # ARGV: 1 scope, 2 event time (ms), 3 event id, 4 token, 5 event JSON, 6 replay-hash prefix,
@@ -342,7 +341,7 @@ class LiveEvent:
 
 class LiveProjector:
     """The live consumer's side. `apply(projection_name, event)` writes one event to the
-    projection's store (e.g. `ProjectionStore.apply_live`); `projections` maps name -> scope
+    projection's store (`apply_live` of `ClickHouseLatestStore` or `PostgresIncrementStore`); `projections` maps name -> scope
     ("aggregate" or "day")."""
 
     def __init__(

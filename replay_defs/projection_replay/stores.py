@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 
 import pyarrow as pa
 
 from replay_defs.core import connect
 from replay_defs.core.redact import redact
 from replay_defs.projection_replay.engine import (
-    DAY_MS,
     EPOCH,
     EVENT_LOG,
     TS,
@@ -33,7 +32,6 @@ from replay_defs.projection_replay.engine import (
     EventLogProjection,
     ReplayState,
     day_window,
-    to_ms,
 )
 
 PROGRESS = "projection_replay_progress"
@@ -377,13 +375,3 @@ def open_store(projection: EventLogProjection, clickhouse=None, postgres_url: st
         store = PostgresIncrementStore(postgres_url)
     store.ensure(projection)
     return store
-
-
-def live_event(tenant: str, aggregate_id: str, event_id: str, time: datetime | int, type: str, payload: str):
-    from replay_defs.projection_replay.live import LiveEvent
-
-    ms = time if isinstance(time, int) else to_ms(time.astimezone(timezone.utc))
-    return LiveEvent(tenant, aggregate_id, event_id, ms, type, payload)
-
-
-__all__ = ["ClickHouseLatestStore", "PostgresIncrementStore", "open_store", "fold_sql", "PROGRESS", "DAY_MS"]

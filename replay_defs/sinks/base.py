@@ -91,7 +91,9 @@ class SinkType:
     from `settings` (resource field -> (env var, default); set, the variable is resolved at launch).
     `open(resource, spec)` returns the sender. `dead_letters`: dead-letter kinds (`DeadLetters.kind`)
     this system's resource reads, each with its probe. `always`: the resource is in every code
-    location, whether or not a spec names the sink.
+    location, whether or not a spec names the sink. `held_ids(resource, pipeline_spec)`: for a
+    sink that can be read back, a function `(day, ids) -> the ids it holds`, which the
+    `deliveries_reconcile` check compares with the ledger; None where it cannot be read back.
     """
 
     kind: str
@@ -101,6 +103,7 @@ class SinkType:
     open: Callable[[Any, Any], Sink]
     dead_letters: dict[str, DeadLetterProbe] = field(default_factory=dict)
     always: bool = False
+    held_ids: Callable[[Any, Any], Callable[[str, list[str]], set[str]]] | None = None
 
     @property
     def resource_key(self) -> str:

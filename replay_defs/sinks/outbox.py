@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -15,8 +16,12 @@ import dagster as dg
 from pydantic import Field
 
 from replay_defs.core.lake import check_partition
+from replay_defs.deployment import deployed_path
+from replay_defs.pipeline.delivery import message_id_of
 from replay_defs.sinks.base import Batch, SinkType
-from resources.deployment import OUTBOX, deployed_path
+
+# Where the outbox keeps its files: a deployment setting (see replay_defs/deployment.py).
+OUTBOX = ("EVENT_REPLAY_OUTBOX", "data/outbox")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,19 @@ class OutboxResource(dg.ConfigurableResource):
         return OutboxSink(deployed_path(self.root, OUTBOX))
 
 
+def held_ids(resource: OutboxResource, pipeline_spec):
+    """Which of some ids the outbox holds, read from its files (a raw file's message can sit under a
+    neighbouring day's directory: a file holds events of up to three days)."""
+    outbox = resource.get()
+
+    def held(day: str, ids: list[str]) -> set[str]:
+        d = date.fromisoformat(day)
+        days = [(d + timedelta(days=k)).isoformat() for k in range(-2, 3)]
+        return set(ids) & {message_id_of(pipeline_spec, body) for body in outbox.read(pipeline_spec.name, days)}
+
+    return held
+
+
 SINK = SinkType(
     kind="outbox",
     spec=OutboxSinkSpec,
@@ -89,4 +107,5 @@ SINK = SinkType(
     settings={"root": OUTBOX},
     open=lambda resource, spec: resource.get(),
     always=True,  # the embedded default: every code location has it
+    held_ids=held_ids,
 )

@@ -10,7 +10,6 @@ import dagster as dg
 
 LAKE = ("EVENT_REPLAY_LAKE", "data/lake")
 DUCKDB = ("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
-OUTBOX = ("EVENT_REPLAY_OUTBOX", "data/outbox")
 CHDB = ("EVENT_REPLAY_CHDB", "data/chdb")
 PROJECTION_LOGS = ("EVENT_REPLAY_PROJECTION_LOG_DIR", "data/projection_replay")
 
