@@ -2,10 +2,10 @@
 
 from replay_defs.ingestion_refill.spec import RefillSpec
 from replay_defs.pipeline.spec import (
-    ClickHouseSource,
+    ClickHouseSourceSpec,
     EventSchema,
     Field,
-    JsonlSource,
+    JsonlSourceSpec,
     Mapping,
     PipelineSpec,
     ProjectionSpec,
@@ -20,7 +20,7 @@ TELEMETRY = PipelineSpec(
     name="telemetry",
     description="Telemetry parser redrive: hourly JSONL.gz -> Parquet by type.",
     start_date="2025-11-01",
-    source=JsonlSource(prefix="raw/json_telemetry"),
+    source=JsonlSourceSpec(prefix="raw/json_telemetry"),
     schema=EventSchema(
         fields=(
             Field("event_id", "string"),
@@ -58,7 +58,7 @@ BILLING = PipelineSpec(
     name="billing_reprocessing",
     description="Billing raw events reprocessing: ClickHouse raw_events -> mapping + validation rules -> Kafka.",
     start_date="2024-01-01",
-    source=ClickHouseSource(
+    source=ClickHouseSourceSpec(
         table="raw_events",
         order_by=("tenant_id", "environment_id", "external_customer_id", "timestamp", "event_name", "id"),
         time_column="timestamp",

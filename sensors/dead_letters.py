@@ -1,4 +1,4 @@
-"""DLQ-growth sensors: one per dead-letter source declared in a pipeline spec (`DeadLetters`).
+"""DLQ-growth sensors: one per dead-letter source declared in a pipeline spec (`DeadLettersSpec`).
 
 Each tick reads the source's depth. The cursor keeps the depths seen within the window; when
 depth - (lowest depth in the window) exceeds `growth`, the sensor peeks at the newest dead letters
@@ -17,7 +17,7 @@ import dagster as dg
 from partitions import daily_partitions
 from replay_defs.core import connect
 from replay_defs.core.redact import secrets_masked
-from replay_defs.pipeline.spec import DeadLetters, PipelineSpec
+from replay_defs.pipeline.spec import DeadLettersSpec, PipelineSpec
 from replay_defs.sinks import dead_letter_readers
 from replay_defs.sinks.base import DeadLetterProbe
 from sensors.launch import backfill_request, days_being_backfilled
@@ -29,7 +29,7 @@ _KEY_DAY = re.compile(r"year=(\d{4})/month=(\d{2})/day=(\d{2})|day=(\d{4}-\d{2}-
 # A sink's dead-letter sources are read by its module (`SinkType.dead_letters`); Postgres rows here.
 
 
-def _postgres(source: DeadLetters, postgres, peek: bool):
+def _postgres(source: DeadLettersSpec, postgres, peek: bool):
     from psycopg import sql
 
     table, status = sql.Identifier(source.name), sql.Identifier(source.status_column)
@@ -93,7 +93,7 @@ def grown(samples: list[list[float]], now: float, depth: int, window_s: int) -> 
 # ---- the sensor -----------------------------------------------------------------------------
 
 
-def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLetters) -> dg.SensorDefinition:
+def build_dead_letter_sensor(spec: PipelineSpec, source: DeadLettersSpec) -> dg.SensorDefinition:
     resource_key, probe = dead_letter_reader(source.kind)
     selection = dg.AssetSelection.groups(spec.name)
     time_field = source.time_field or spec.schema.time_field

@@ -11,7 +11,7 @@ import pytest
 import redis
 from services import Moto, Tansu, rabbitmq_port
 
-from replay_defs.pipeline.spec import DeadLetters
+from replay_defs.pipeline.spec import DeadLettersSpec
 from replay_defs.pipelines import TELEMETRY
 from sensors.dead_letters import day_of, grown
 
@@ -25,7 +25,7 @@ def letters(n: int) -> list[str]:
     ]
 
 
-def build(source: DeadLetters):
+def build(source: DeadLettersSpec):
     from replay_defs.definitions import build_definitions
 
     spec = dataclasses.replace(TELEMETRY, dead_letters=(source,))
@@ -73,7 +73,7 @@ def test_sqs_dead_letter_queue(env, instance, monkeypatch):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
         sqs = moto.client("sqs")
         url = sqs.create_queue(QueueName="telemetry-dlq")["QueueUrl"]
-        defs, sensor = build(DeadLetters("sqs", "telemetry-dlq", growth=10))
+        defs, sensor = build(DeadLettersSpec("sqs", "telemetry-dlq", growth=10))
 
         def add(n):
             for i, body in enumerate(letters(n)):
@@ -95,7 +95,7 @@ def test_bullmq_failed_jobs(env, instance, redis_url, monkeypatch):
     queue = f"dlq-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
     r = redis.Redis.from_url(redis_url)
-    defs, sensor = build(DeadLetters("bullmq", queue, growth=10))
+    defs, sensor = build(DeadLettersSpec("bullmq", queue, growth=10))
 
     def add(n):
         # Jobs a real BullMQ worker failed: added with bullmq's Queue, failed by a Worker.
@@ -142,7 +142,7 @@ def test_kafka_dead_letter_topic(env, instance, monkeypatch):
     try:
         tansu.create_topic("telemetry-dlq", partitions=2)
         monkeypatch.setenv("EVENT_REPLAY_KAFKA_BOOTSTRAP", tansu.bootstrap)
-        defs, sensor = build(DeadLetters("kafka", "telemetry-dlq", growth=10))
+        defs, sensor = build(DeadLettersSpec("kafka", "telemetry-dlq", growth=10))
         from confluent_kafka import Producer
 
         def add(n):
@@ -166,7 +166,7 @@ def test_rabbitmq_dead_letter_queue(env, instance, monkeypatch):
     conn = pika.BlockingConnection(pika.URLParameters(url))
     ch = conn.channel()
     ch.queue_declare(queue)
-    defs, sensor = build(DeadLetters("rabbitmq", queue, growth=10))
+    defs, sensor = build(DeadLettersSpec("rabbitmq", queue, growth=10))
     try:
 
         def add(n):
@@ -188,7 +188,7 @@ def test_postgres_rows_in_error(env, instance, postgres_dsn, monkeypatch):
         con.execute(
             "CREATE TABLE processed_events (id serial PRIMARY KEY, event_id text, status text, created_at timestamptz)"
         )
-        defs, sensor = build(DeadLetters("postgres", "processed_events", growth=10, time_field="created_at"))
+        defs, sensor = build(DeadLettersSpec("postgres", "processed_events", growth=10, time_field="created_at"))
 
         def add(n):
             for i in range(n):
@@ -216,7 +216,7 @@ def test_no_second_backfill_for_days_already_being_backfilled(env, instance, red
 
     queue = f"dlq-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
-    defs, sensor = build(DeadLetters("bullmq", queue, growth=10))
+    defs, sensor = build(DeadLettersSpec("bullmq", queue, growth=10))
     r = redis.Redis.from_url(redis_url)
     try:
         first = tick(defs, sensor, instance)
@@ -269,4 +269,4 @@ def test_growth_is_measured_within_the_window():
 )
 def test_bad_dead_letter_declarations_are_refused(bad):
     with pytest.raises(ValueError):
-        DeadLetters(**bad)
+        DeadLettersSpec(**bad)

@@ -28,8 +28,8 @@ def test_dlq_growth_launches_a_backfill_that_the_daemon_completes(env, tmp_path,
         "import dataclasses\n"
         "from replay_defs.definitions import build_definitions\n"
         "from replay_defs.pipelines import TELEMETRY\n"
-        "from replay_defs.pipeline.spec import DeadLetters\n"
-        f"defs = build_definitions([dataclasses.replace(TELEMETRY, dead_letters=(DeadLetters('bullmq', {queue!r}, growth=10, interval_s=5, running=True),))])\n"
+        "from replay_defs.pipeline.spec import DeadLettersSpec\n"
+        f"defs = build_definitions([dataclasses.replace(TELEMETRY, dead_letters=(DeadLettersSpec('bullmq', {queue!r}, growth=10, interval_s=5, running=True),))])\n"
     )
     r = redis.Redis.from_url(redis_url)
     try:

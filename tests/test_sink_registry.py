@@ -22,7 +22,7 @@ from conftest import check_verdicts
 from pydantic import Field
 
 import replay_defs.sinks
-from replay_defs.pipeline.spec import DeadLetters, RedriveSpec
+from replay_defs.pipeline.spec import DeadLettersSpec, RedriveSpec
 from replay_defs.pipelines import PIPELINES, REFILLS, TELEMETRY
 from replay_defs.sinks import open_sink, sink_type, sink_types
 from replay_defs.sinks.base import Batch, SinkType
@@ -96,7 +96,7 @@ def test_a_sink_module_alone_is_enough(spool, instance):
         name="telemetry_spool",
         parsed_prefix="telemetry_spool_flat",
         redrive=RedriveSpec(unit="event", sink=SpoolSinkSpec("events")),
-        dead_letters=(DeadLetters("spool", "events-dlq", growth=5),),
+        dead_letters=(DeadLettersSpec("spool", "events-dlq", growth=5),),
     )
     defs = build_definitions([spec])
     assert isinstance(defs.resources["spool"], SpoolResource), "the registry built its resource"
@@ -158,6 +158,6 @@ def test_the_registry_covers_every_sink_a_spec_can_name(env):
         assert sink_type(spec.redrive.sink).kind == spec.redrive.sink.kind
     # Every dead-letter kind the docs name is accepted; one no module reads is refused.
     for kind in ("sqs", "bullmq", "kafka", "rabbitmq", "postgres"):
-        DeadLetters(kind, "q")
+        DeadLettersSpec(kind, "q")
     with pytest.raises(ValueError):
-        DeadLetters("spool", "q")
+        DeadLettersSpec("spool", "q")

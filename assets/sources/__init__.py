@@ -11,7 +11,7 @@ import dagster as dg
 
 from assets.checks import DayCheck
 from assets.sources import clickhouse_table, jsonl_files
-from replay_defs.pipeline.spec import ClickHouseSource, JsonlSource, PipelineSpec
+from replay_defs.pipeline.spec import ClickHouseSourceSpec, JsonlSourceSpec, PipelineSpec
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,14 @@ class SourceKind:
 
 
 SOURCES: dict[type, SourceKind] = {
-    JsonlSource: SourceKind(
+    JsonlSourceSpec: SourceKind(
         jsonl_files.build_raw_events,
         jsonl_files.build_parsed_events,
         "list raw files, parse and swap in each day, fold projections, redrive, ",
         jsonl_files.CHECKS,
         raw_files_sensor=True,
     ),
-    ClickHouseSource: SourceKind(
+    ClickHouseSourceSpec: SourceKind(
         clickhouse_table.build_raw_events,
         clickhouse_table.build_parsed_events,
         "select the day's table rows, read them by keyset and map them, swap in each day, redrive, ",

@@ -1,4 +1,4 @@
-"""Source kind `ClickHouseSource`: a ClickHouse table read by keyset pages (engine:
+"""Source kind `ClickHouseSourceSpec`: a ClickHouse table read by keyset pages (engine:
 `replay_defs/clickhouse_table/`).
 
 raw_events[D] records the run's selection (filters, time window) and the engine's count of its rows;

@@ -1,4 +1,4 @@
-"""Source kind `JsonlSource`: hourly JSONL(.gz) files in the lake (engine: `replay_defs/jsonl_files/`).
+"""Source kind `JsonlSourceSpec`: hourly JSONL(.gz) files in the lake (engine: `replay_defs/jsonl_files/`).
 
 raw_events[D] is the manifest of the files that arrived on D, with line counts made independently
 of the parser; parsed_events[D] parses them and the neighbours' files of the lateness window in

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from replay_defs.core.clickhouse import ClickHouse, quote_ident
 from replay_defs.core.pacing import read_ahead
 from replay_defs.jsonl_files.parsing import QUARANTINE_SCHEMA, event_arrow_schema
-from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, ClickHouseSource, PipelineSpec
+from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, ClickHouseSourceSpec, PipelineSpec
 
 # Reasons a row could not be transformed (the mapping's rules name the drops).
 
@@ -57,7 +57,7 @@ class TableSelection:
     end: datetime | None = None
 
     @staticmethod
-    def of(source: ClickHouseSource, filters: dict[str, str | None], start=None, end=None) -> "TableSelection":
+    def of(source: ClickHouseSourceSpec, filters: dict[str, str | None], start=None, end=None) -> "TableSelection":
         unknown = set(filters) - set(source.filters)
         if unknown:
             raise ValueError(f"unknown filters {sorted(unknown)}; this source has {sorted(source.filters)}")
@@ -86,7 +86,12 @@ class TableSelection:
 
 class KeysetReader:
     def __init__(
-        self, ch: ClickHouse, source: ClickHouseSource, day: str, selection: TableSelection, batch_size: int = 10_000
+        self,
+        ch: ClickHouse,
+        source: ClickHouseSourceSpec,
+        day: str,
+        selection: TableSelection,
+        batch_size: int = 10_000,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")

@@ -73,7 +73,7 @@ class EventSchema:
 
 
 @dataclass(frozen=True)
-class JsonlSource:
+class JsonlSourceSpec:
     """Gzipped (or plain) JSONL files under `<prefix>/year=YYYY/month=MM/day=DD/hour=HH/`."""
 
     prefix: str
@@ -81,7 +81,7 @@ class JsonlSource:
 
 
 @dataclass(frozen=True)
-class ClickHouseSource:
+class ClickHouseSourceSpec:
     """Rows of a ClickHouse table (resource `clickhouse`), one partition per UTC day of
     `time_column`. A day is read by keyset pagination on `order_by` (the table's ORDER BY tuple:
     `WHERE (k1, ..., kn) > (last row's keys) ORDER BY k1, ..., kn LIMIT batch`, never OFFSET), with
@@ -241,7 +241,7 @@ class RedriveSpec:
 
 
 @dataclass(frozen=True)
-class DeadLetters:
+class DeadLettersSpec:
     """A dead-letter source a sensor watches (`sensors/`). When its depth grows by more than
     `growth` within `window_s`, the sensor peeks at up to `peek` dead letters (without consuming
     them), finds their days and launches one backfill of the pipeline for those days.
@@ -287,14 +287,14 @@ class DeadLetters:
 class PipelineSpec:
     name: str
     start_date: str
-    source: JsonlSource | ClickHouseSource
+    source: JsonlSourceSpec | ClickHouseSourceSpec
     schema: EventSchema
     # Lake prefix of the parsed Parquet: `<parsed_prefix>/type=<t>/day=<d>/`.
     parsed_prefix: str
     projections: tuple[ProjectionSpec, ...] = ()
     redrive: RedriveSpec = field(default_factory=RedriveSpec)
     lateness: Lateness = Lateness()
-    dead_letters: tuple[DeadLetters, ...] = ()
+    dead_letters: tuple[DeadLettersSpec, ...] = ()
     # How a table source's rows become events (ClickHouse sources only).
     mapping: Mapping | None = None
     description: str = ""
@@ -320,7 +320,7 @@ class PipelineSpec:
                 raise ValueError(f"projection {p.name!r} uses unknown fields {sorted(missing)}")
         if self.redrive.key_field is not None and self.redrive.key_field not in fields:
             raise ValueError(f"redrive key_field {self.redrive.key_field!r} is not a field of the schema")
-        if isinstance(self.source, ClickHouseSource):
+        if isinstance(self.source, ClickHouseSourceSpec):
             if self.mapping is None:
                 raise ValueError("a ClickHouse source needs a mapping")
             targets = set(self.mapping.fields) | set(self.mapping.objects) | set(self.mapping.constants)

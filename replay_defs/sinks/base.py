@@ -89,7 +89,7 @@ class SinkType:
 
     `kind` is the spec's `kind` and the key of the Dagster resource (`resource`), which is built
     from `settings` (resource field -> (env var, default); set, the variable is resolved at launch).
-    `open(resource, spec)` returns the sender. `dead_letters`: dead-letter kinds (`DeadLetters.kind`)
+    `open(resource, spec)` returns the sender. `dead_letters`: dead-letter kinds (`DeadLettersSpec.kind`)
     this system's resource reads, each with its probe. `always`: the resource is in every code
     location, whether or not a spec names the sink. `held_ids(resource, pipeline_spec)`: for a
     sink that can be read back, a function `(day, ids) -> the ids it holds`, which the

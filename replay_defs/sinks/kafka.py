@@ -1,5 +1,5 @@
 """The Kafka sink: an idempotent producer; a message counts only once the broker confirmed it.
-Its resource also reads Kafka dead-letter topics (`DeadLetters("kafka", topic)`)."""
+Its resource also reads Kafka dead-letter topics (`DeadLettersSpec("kafka", topic)`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The RabbitMQ sink: AMQP publishes with publisher confirms, routed by event type. The
 processed-events jobs publish through the same sender (`RabbitMQSink.publish`), and its resource
-also reads RabbitMQ dead-letter queues (`DeadLetters("rabbitmq", queue)`)."""
+also reads RabbitMQ dead-letter queues (`DeadLettersSpec("rabbitmq", queue)`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The Redis sink: BullMQ jobs, list or stream entries, one atomic step per batch. Its resource
-also reads BullMQ queues' failed jobs as dead letters (`DeadLetters("bullmq", queue)`)."""
+also reads BullMQ queues' failed jobs as dead letters (`DeadLettersSpec("bullmq", queue)`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The SQS sink: SendMessageBatch, retrying the entries a batch reports as failed, with
-queue-depth backpressure. Its resource also reads SQS dead-letter queues (`DeadLetters("sqs", queue)`)."""
+queue-depth backpressure. Its resource also reads SQS dead-letter queues (`DeadLettersSpec("sqs", queue)`)."""
 
 from __future__ import annotations
 
