@@ -40,11 +40,6 @@ class RedriveConfig(DeliveryConfig):
     type: str | None = Field(default=None, description="Only source refs of events of this type (modes day, parquet).")
 
 
-def make_sink(resources, spec: PipelineSpec):
-    """The sender for the spec's sink, opened from its resource (the registry says which)."""
-    return open_sink(resources, spec.redrive.sink)
-
-
 def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinition:
     """`source_figures`: (lake, spec, day, counts) -> more metadata, from the spec's source kind."""
 
@@ -63,7 +58,7 @@ def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinitio
     )
     def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        sink = make_sink(context.resources, spec)
+        sink = open_sink(context.resources, spec.redrive.sink)
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
         try:
             for day in context.partition_keys:

@@ -18,12 +18,13 @@ from pydantic import Field
 from assets.checks import build_deliveries_check
 from assets.common import DayVerdict, asset_key, check_each_day, pipeline_asset, pipeline_pool, sink_pool
 from assets.factory import PipelineDefs
-from assets.redrive import DeliveryConfig, deliver_day, make_sink
+from assets.redrive import DeliveryConfig, deliver_day
 from partitions import daily_partitions
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_slot, owner, quarantine_slot
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
 from replay_defs.ingestion_refill.spec import RefillSpec
+from replay_defs.sinks import open_sink
 from resources import LakeResource
 
 
@@ -158,7 +159,7 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
     )
     def redrive(context: dg.AssetExecutionContext, config: DeliveryConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        sink = make_sink(context.resources, spec)
+        sink = open_sink(context.resources, spec.redrive.sink)
         try:
             for day in context.partition_keys:
                 files = committed_keys(the_lake, spec, day)
