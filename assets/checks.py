@@ -13,23 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import dagster as dg
-import duckdb
 
 from assets.common import DayVerdict, asset_key, check_each_day
 from partitions import daily_partitions
 from replay_defs.core.lake import Lake
-from replay_defs.core.naming import (
-    PARSED,
-    PROJECTIONS,
-    RAW,
-    REDRIVE,
-    manifest_name,
-    owner,
-    parsed_slot_patterns,
-    whole_day_marker,
-)
+from replay_defs.core.naming import PARSED, PROJECTIONS, RAW, REDRIVE, manifest_name, owner, whole_day_marker
 from replay_defs.pipeline import delivery as rd
-from replay_defs.pipeline.committed import committed_parquet
+from replay_defs.pipeline.committed import (
+    committed_parquet,
+    committed_quarantine,
+    parsed_state,
+    parsed_tables,
+)
 from replay_defs.pipeline.shrink import shrunk_types
 from replay_defs.pipeline.spec import PipelineSpec
 from replay_defs.sinks import sink_type
@@ -37,17 +32,13 @@ from replay_defs.sinks import sink_type
 SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 
 
-def parquet_on_disk(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
-    """Every Parquet file a reader globbing `type=*/day=<day>/` would see, committed or not."""
-    return sorted(
-        str(p)
-        for slot in lake.matching_slots([f"{spec.parsed_prefix}/type=*/day={day}"])
-        for p in lake.path(slot).glob("*.parquet")
-    )
+def count_rows(lake: Lake, files: list[str], sql: str = "SELECT count(*) FROM files") -> int:
+    return lake.sql(files, sql)[0][0] if files else 0
 
 
-def count_rows(files: list[str], sql: str = "SELECT count(*) FROM read_parquet($f)") -> int:
-    return duckdb.execute(sql, {"f": files}).fetchone()[0] if files else 0
+def local(lake: Lake, files: list[str]) -> list[str]:
+    """Local paths of lake files, for the projection store (a local lake only, for now)."""
+    return [lake.storage.path(f) for f in files]
 
 
 def not_built(what: str) -> DayVerdict:
@@ -58,21 +49,15 @@ def not_built(what: str) -> DayVerdict:
 
 
 def duplicate_ids(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
-    files = parquet_on_disk(lake, spec, day)
+    # What a reader of the Delta table sees for the day now, whatever the recorded state says.
+    files = sorted(lake.live_files(parsed_tables(spec)[0], day))
     if not files:
         return DayVerdict(True, "no parsed files for this day", {"rows": 0, "duplicate_rows": 0})
     idc = f'"{spec.schema.id_field}"'
-    rows, distinct = duckdb.execute(
-        f"SELECT count(*), count(DISTINCT {idc}) FROM read_parquet($f)", {"f": files}
-    ).fetchone()
+    [(rows, distinct)] = lake.sql(files, f"SELECT count(*), count(DISTINCT {idc}) FROM files")
     sample = []
     if rows != distinct:
-        sample = [
-            r[0]
-            for r in duckdb.execute(
-                f"SELECT {idc} FROM read_parquet($f) GROUP BY 1 HAVING count(*) > 1 LIMIT 5", {"f": files}
-            ).fetchall()
-        ]
+        sample = [r[0] for r in lake.sql(files, f"SELECT {idc} FROM files GROUP BY 1 HAVING count(*) > 1 LIMIT 5")]
     return DayVerdict(
         rows == distinct,
         f"{rows - distinct} duplicate rows" + (f", e.g. {sample}" if sample else ""),
@@ -82,14 +67,15 @@ def duplicate_ids(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
 
 def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     """raw lines + routed in = parsed + duplicates + quarantined + routed out, from independent counts."""
-    state = lake.state(owner(spec, PARSED), day)
+    state = parsed_state(lake, spec, day)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if state is None or manifest is None:
         return not_built("parsed_events or raw_events")
     s = state.stats
-    parsed = count_rows([str(lake.path(f)) for f in committed_parquet(lake, spec, day)])
-    qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
-    quarantined = count_rows(qfiles, "SELECT coalesce(sum(lines), 0)::BIGINT FROM read_parquet($f)")
+    parsed = count_rows(lake, committed_parquet(lake, spec, day, state))
+    quarantined = count_rows(
+        lake, committed_quarantine(state, spec), "SELECT coalesce(sum(lines), 0)::BIGINT FROM files"
+    )
     raw_lines = manifest["totals"]["lines"]
     left = raw_lines + s["routed_in"]
     right = parsed + s["duplicates"] + quarantined + s["routed_out"]
@@ -118,29 +104,26 @@ def accounting(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
 
 
 def stale_files(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
-    problems = lake.stale_files(owner(spec, PARSED), day, parsed_slot_patterns(spec, day))
+    problems = lake.stale_files(owner(spec, PARSED), day, parsed_tables(spec))
     return DayVerdict(
         not problems,
-        "; ".join(problems[:10]) or "only the committed files are present, with their committed content",
+        "; ".join(problems[:10])
+        or "the tables hold exactly the committed files of the day, with their committed content",
         {"problems": len(problems)},
     )
 
 
 def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     """Events per type in the committed Parquet, against the replaced version's recorded counts."""
-    state = lake.state(owner(spec, PARSED), day)
+    state = parsed_state(lake, spec, day)
     if state is None:
         return not_built("parsed_events")
     previous, allowed = state.stats.get("previous"), state.stats.get("allow_shrink", False)
     if not previous:
         return DayVerdict(True, "the first version of the day: nothing to compare with", {"baseline_version": 0})
-    files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
+    files = committed_parquet(lake, spec, day, state)
     tcol = f'"{spec.schema.type_field}"'
-    now = (
-        dict(duckdb.execute(f"SELECT {tcol}, count(*) FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall())
-        if files
-        else {}
-    )
+    now = dict(lake.sql(files, f"SELECT {tcol}, count(*) FROM files GROUP BY 1"))
     lost = shrunk_types(previous["rows_by_type"], now, spec.shrink_tolerance)
     md = {
         "baseline_version": previous["version"],
@@ -170,7 +153,7 @@ def shrink(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
 
 def projection_totals(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
     """Each increment projection's count for the day, against the parsed count parsed_events recorded."""
-    state = lake.state(owner(spec, PARSED), day)
+    state = parsed_state(lake, spec, day)
     if state is None:
         return not_built("parsed_events")
     parsed = state.stats["parsed"]
@@ -187,21 +170,22 @@ def projection_totals(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVer
 
 
 def committed_days(lake: Lake, spec: PipelineSpec) -> list[str]:
-    states = lake.path(f"_replay/{owner(spec, PARSED)}/state")
-    return sorted(p.stem for p in states.glob("*.json")) if states.is_dir() else []
+    return lake.committed_days(owner(spec, PARSED), spec.parsed_prefix)
 
 
 def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
     """Each projection against a from-scratch fold of the committed Parquet (`fold_mismatches`)."""
-    if lake.state(owner(spec, PARSED), day) is None:
+    if parsed_state(lake, spec, day) is None:
         return not_built("parsed_events")
     days = committed_days(lake, spec)
-    day_files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
+    day_files = committed_parquet(lake, spec, day)
     needs_all = any(p.kind == "replace" for p in spec.projections)
-    all_files = [str(lake.path(f)) for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
+    all_files = [f for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
     md, problems = {"committed_days": len(days)}, []
     for p in spec.projections:
-        found, wrong = store.fold_mismatches(spec.name, p, spec.schema, day, day_files, days, all_files)
+        found, wrong = store.fold_mismatches(
+            spec.name, p, spec.schema, day, local(lake, day_files), days, local(lake, all_files)
+        )
         md.update(found)
         problems += wrong
     return DayVerdict(

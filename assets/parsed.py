@@ -7,7 +7,8 @@ from pathlib import Path
 from pydantic import Field
 
 from replay_defs.core.lake import Lake
-from replay_defs.core.naming import PARSED, owner, parsed_slot_patterns
+from replay_defs.core.naming import PARSED, owner
+from replay_defs.pipeline.committed import parsed_state, parsed_tables, quarantine_table
 from replay_defs.pipeline.shrink import unconsented_shrink
 from replay_defs.pipeline.spec import PipelineSpec
 
@@ -34,19 +35,19 @@ def publish_parsed_day(
     own = owner(spec, PARSED)
     with lake.lock(own, day):
         if lake.recover(own, day):
-            log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
-        previous = shrink_baseline(spec, lake.state(own, day))
+            log.warning(f"{day}: cleaned up the staging an interrupted earlier run left")
+        previous = shrink_baseline(spec, parsed_state(lake, spec, day))
         staged = lake.new_staging(own, day)
         stats = build(staged)
         stats.update(previous=previous, allow_shrink=allow_shrink)
-        state = lake.publish(own, day, staged, parsed_slot_patterns(spec, day), stats, run_id=run_id)
+        state = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id)
         stats["version"] = state.version
         return stats
 
 
 def staged_quarantine(staged: Path, spec: PipelineSpec, day: str) -> Path:
     """Where a staged version holds the day's one quarantine file."""
-    return staged / "quarantine" / spec.name / f"day={day}" / "quarantine.parquet"
+    return staged / quarantine_table(spec) / f"day={day}" / "quarantine.parquet"
 
 
 def shrink_baseline(spec: PipelineSpec, state) -> dict | None:

@@ -28,7 +28,7 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
-            files = [str(the_lake.path(f)) for f in verified_day(the_lake, spec, day)]
+            files = [the_lake.storage.path(f) for f in verified_day(the_lake, spec, day)]
             md = {}
             for p in spec.projections:
                 rows = the_store.fold(spec.name, p, spec.schema, day, files)

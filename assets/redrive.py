@@ -162,7 +162,7 @@ def deliver_day(
         md.update(more_metadata(counts))
     context.add_asset_metadata(md, partition_key=day)
     if counts.failed:
-        path = the_lake.root / "_replay" / owner(spec, REDRIVE) / dead_letters
+        path = the_lake.uri(f"_replay/{owner(spec, REDRIVE)}/{dead_letters}")
         context.log.error(
             f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}"
         )

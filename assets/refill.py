@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-import duckdb
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
@@ -21,18 +20,21 @@ from assets.factory import PipelineDefs
 from assets.redrive import DeliveryConfig, deliver_day
 from partitions import daily_partitions
 from replay_defs.core.lake import Lake
-from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_slot, owner, quarantine_slot
+from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_table, owner, refill_quarantine_table
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
-from replay_defs.ingestion_refill.spec import RefillSpec
+from replay_defs.ingestion_refill.spec import RefillSpec, refill_tables
 from replay_defs.sinks import open_sink
 from resources import LakeResource
 
 
+def keys_state(lake: Lake, spec: RefillSpec, day: str):
+    return lake.state(owner(spec, EVENT_KEYS), day, keys_table(spec))
+
+
 def committed_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:
-    state = lake.state(owner(spec, EVENT_KEYS), day)
-    if state is None:
-        return []
-    return [str(lake.path(f)) for f in state.files if f.startswith(keys_slot(spec, day) + "/")]
+    """The day's committed key files (lake-relative)."""
+    state = keys_state(lake, spec, day)
+    return state.files_of(keys_table(spec)) if state else []
 
 
 class KeySourceConfig(dg.Config):
@@ -60,8 +62,8 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         description=(
             "Keys of the objects PUT on the day (`projectId/type/eventBodyId/eventId.json`), from an access-log CSV, "
             "raw S3 access logs or a listing; validated (shape, no path traversal, known type "
-            f"{', '.join(spec.known_types)}), de-duplicated, as Parquet under `{keys_slot(spec, '<d>')}/`. "
-            f"Bad rows go to `{quarantine_slot(spec, '<d>')}/` with a reason."
+            f"{', '.join(spec.known_types)}), de-duplicated, in the Delta table `{keys_table(spec)}` (by day). "
+            f"Bad rows go to `{refill_quarantine_table(spec)}` with a reason."
         ),
     )
     def event_keys(
@@ -83,7 +85,7 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
                 owner(spec, EVENT_KEYS),
                 day,
                 staged[day],
-                [keys_slot(spec, day), quarantine_slot(spec, day)],
+                refill_tables(spec),
                 stats,
                 run_id=context.run.run_id,
             )
@@ -100,7 +102,7 @@ def stage_days(lake: Lake, spec: RefillSpec, days: list[str], log) -> dict[str, 
     staged = {}
     for day in days:
         if lake.recover(own, day):
-            log.warning(f"{day}: finished or cleaned up an interrupted earlier run before starting")
+            log.warning(f"{day}: cleaned up the staging an interrupted earlier run left")
         staged[day] = lake.new_staging(own, day)
     return staged
 
@@ -115,12 +117,12 @@ def collect_day_keys(lake: Lake, spec: RefillSpec, config: KeySourceConfig, days
             config.location,
             days,
             spec.known_types,
-            keys_dir=lambda d: staged[d] / keys_slot(spec, d),
-            quarantine_dir=lambda d: staged[d] / quarantine_slot(spec, d),
+            keys_dir=lambda d: staged[d] / keys_table(spec) / f"day={d}",
+            quarantine_dir=lambda d: staged[d] / refill_quarantine_table(spec) / f"day={d}",
             work_dir=staged[days[0]] / "_work",
             s3=s3.get_client() if needs_s3 else None,
             log=log.info,
-            roots=refill_roots(lake.root),
+            roots=refill_roots(lake.root if lake.is_local else None),
         )
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
@@ -172,7 +174,7 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
                         sink,
                         ledger,
                         day,
-                        lambda: job_batches(files, config.batch_size),
+                        lambda: job_batches([the_lake.storage.open(f) for f in files], config.batch_size),
                         None,
                         {"key_files": len(files)},
                         whole_day=config.limit is None,
@@ -185,13 +187,11 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
 
 
 def no_duplicate_keys(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
-    # Every Parquet file in the day's slot, committed or not: what a reader would see.
-    files = [str(p) for p in lake.path(keys_slot(spec, day)).glob("*.parquet")]
+    # What a reader of the Delta table sees for the day now, whatever the recorded state says.
+    files = sorted(lake.live_files(refill_tables(spec)[0], day))
     if not files:
         return DayVerdict(True, "no keys for this day", {"keys": 0})
-    rows, distinct = duckdb.execute(
-        "SELECT count(*), count(DISTINCT key) FROM read_parquet($f)", {"f": files}
-    ).fetchone()
+    [(rows, distinct)] = lake.sql(files, "SELECT count(*), count(DISTINCT key) FROM files")
     return DayVerdict(
         rows == distinct, f"{rows - distinct} keys listed twice", {"keys": rows, "duplicate_keys": rows - distinct}
     )
@@ -199,20 +199,14 @@ def no_duplicate_keys(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
 
 def keys_accounted_for(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
     """PUT rows + malformed rows read = keys + their repeats + quarantined rows, counted on disk."""
-    state = lake.state(owner(spec, EVENT_KEYS), day)
+    state = keys_state(lake, spec, day)
     if state is None:
         return DayVerdict(False, "event_keys not materialized for this day", {})
     s = state.stats
-    keys = committed_keys(lake, spec, day)
-    quarantine = [str(lake.path(f)) for f in state.files if f.startswith(quarantine_slot(spec, day) + "/")]
-    n_keys, puts = (
-        duckdb.execute("SELECT count(*), coalesce(sum(puts), 0)::BIGINT FROM read_parquet($f)", {"f": keys}).fetchone()
-        if keys
-        else (0, 0)
-    )
-    quarantined = (
-        duckdb.execute("SELECT count(*) FROM read_parquet($f)", {"f": quarantine}).fetchone()[0] if quarantine else 0
-    )
+    keys = state.files_of(keys_table(spec))
+    quarantine = state.files_of(refill_quarantine_table(spec))
+    n_keys, puts = lake.sql(keys, "SELECT count(*), coalesce(sum(puts), 0)::BIGINT FROM files")[0] if keys else (0, 0)
+    quarantined = lake.sql(quarantine, "SELECT count(*) FROM files")[0][0] if quarantine else 0
     read = s["put_rows"] + s["malformed_rows"]
     ok = read == puts + quarantined and n_keys == s["keys"]
     return DayVerdict(
@@ -264,7 +258,7 @@ def build_refill_checks(spec: RefillSpec) -> list[dg.AssetChecksDefinition]:
 def day_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:
     """The day's whole message set: one job per committed key (the key is the job id)."""
     files = committed_keys(lake, spec, day)
-    return [r[0] for r in duckdb.execute("SELECT key FROM read_parquet($f)", {"f": files}).fetchall()] if files else []
+    return [r[0] for r in lake.sql(files, "SELECT key FROM files")]
 
 
 def build_refill(spec: RefillSpec):

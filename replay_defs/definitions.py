@@ -72,7 +72,12 @@ def _system_resources() -> dict:
     """The resources of every code location: the lake, the stores, S3, ClickHouse, Postgres."""
     duckdb_path = deployed(DUCKDB)
     return {
-        "lake": LakeResource(root=deployed(LAKE)),
+        "lake": LakeResource(
+            root=deployed(LAKE),
+            s3_endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None),
+            region=_setting("AWS_REGION", "us-east-1"),
+            retention_hours=deployed(("EVENT_REPLAY_LAKE_RETENTION_HOURS", 168)),
+        ),
         "store": StoreResource(path=duckdb_path),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.

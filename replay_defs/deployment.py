@@ -28,9 +28,14 @@ def deployed_path(value: str, setting: tuple[str, str]) -> str:
     elsewhere is refused."""
     env, default = setting
     expected = os.environ.get(env, default)
-    if Path(value).resolve() != Path(expected).resolve():
+    if _where(value) != _where(expected):
         raise dg.Failure(
             f"{env} is {expected!r} for this deployment, but the run's config points it at {value!r}: where data is "
             "written is the deployment's setting (set the environment variable), not a run's"
         )
     return value
+
+
+def _where(location: str) -> str:
+    """A location compared as the place it names: an s3:// URI as written, a path resolved."""
+    return location.rstrip("/") if location.startswith("s3://") else str(Path(location).resolve())

@@ -142,6 +142,51 @@ class Moto:
             )
 
 
+class MotoProcess(Moto):
+    """moto's server in its own process. Needed wherever deltalake talks to it: deltalake holds
+    the GIL while it waits on S3, so an in-process (threaded) moto could never answer."""
+
+    def start(self) -> "MotoProcess":
+        import sys
+        import urllib.request
+
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.server.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on port {self.port}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(10)
+            self.server = None
+
+    def lake_env(self, monkeypatch, bucket: str, prefix: str = "lake") -> str:
+        """Point the project at an S3 lake in a new bucket here; returns the lake URI."""
+        self.client("s3").create_bucket(Bucket=bucket)
+        uri = f"s3://{bucket}/{prefix}"
+        for k, v in {
+            "EVENT_REPLAY_LAKE": uri,
+            "EVENT_REPLAY_S3_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(k, v)
+        return uri
+
+
 class TcpProxy:
     """A loopback TCP proxy in front of a real server, to cut the connection without stopping a
     server other work may share: `stop()` closes the listener and every open connection."""

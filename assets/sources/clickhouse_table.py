@@ -19,6 +19,7 @@ from assets.parsed import ALLOW_SHRINK, publish_parsed_day, shrink_metadata, sta
 from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection, parse_table_day
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner
+from replay_defs.pipeline.committed import parsed_state
 from replay_defs.pipeline.delivery import RedriveCounts
 from replay_defs.pipeline.spec import PipelineSpec
 from resources import ClickHouseResource, LakeResource
@@ -212,7 +213,7 @@ def parsed_metadata(stats: dict) -> dict:
 def redrive_figures(the_lake, spec: PipelineSpec, day: str, counts: RedriveCounts) -> dict:
     """Billing's figures for a table source's day: rows found, published, dropped by validation
     rule, transformation errors, publish failures, and the share of found rows the sink has."""
-    stats = the_lake.state(owner(spec, PARSED), day).stats
+    stats = parsed_state(the_lake, spec, day).stats
     found = stats["found"]
     delivered = counts.published + counts.skipped_already_delivered
     return {
@@ -246,7 +247,7 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     """Table sources (billing): found = published + already delivered + dropped + transformation
     errors + publish failures, with no publish failure."""
     last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
-    state = lake.state(owner(spec, PARSED), day)
+    state = parsed_state(lake, spec, day)
     if last is None or state is None:
         return not_built("parsed_events or redrive")
     s = state.stats

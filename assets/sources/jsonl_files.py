@@ -19,7 +19,7 @@ from assets.checks import DayCheck, count_rows, not_built
 from assets.common import DayVerdict, asset_key, pipeline_asset, pipeline_pool
 from assets.parsed import ALLOW_SHRINK, publish_parsed_day, shrink_metadata, staged_quarantine
 from partitions import event_time_mapping
-from replay_defs.core.lake import Lake, file_sha256
+from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, manifest_name, owner
 from replay_defs.jsonl_files.demo import PacificClockDecoder
 from replay_defs.jsonl_files.parsing import (
@@ -32,6 +32,7 @@ from replay_defs.jsonl_files.parsing import (
     parse_day,
     worker_pool,
 )
+from replay_defs.pipeline.committed import committed_quarantine, parsed_state
 from replay_defs.pipeline.spec import PipelineSpec
 from resources import LakeResource
 
@@ -70,14 +71,14 @@ def build_manifest(lake, spec: PipelineSpec, day: str, workers: int = 2) -> dict
     refs = lake.list_raw(spec.source.prefix, start, start + timedelta(days=1), spec.source.suffixes)
 
     def entry(ref):
-        lines, size, error = count_lines(str(lake.path(ref.rel_path)))
+        lines, size, error = count_lines(lake.storage.reader_path(ref.rel_path))
         return {
             "rel_path": ref.rel_path,
             "uri": ref.uri,
             "arrival": ref.arrival.isoformat(),
             "bytes": ref.size,
             "mtime_ns": ref.mtime_ns,
-            "sha256": file_sha256(lake.path(ref.rel_path)),
+            "sha256": lake.storage.sha256(ref.rel_path),
             "bytes_uncompressed": size,
             "lines": lines,
             "error": None if error is None else {"reason": error.reason, "detail": error.detail},
@@ -165,13 +166,13 @@ def file_tasks(lake: Lake, spec: PipelineSpec, day: str, manifest: dict) -> tupl
     """The day's own files (from its raw manifest) plus neighbours' files in the lateness window,
     and the listing of all of them ({lake path: [bytes, mtime_ns]}, recorded as the build's sources)."""
     tasks = [
-        FileTask(str(lake.path(f["rel_path"])), f["uri"], datetime.fromisoformat(f["arrival"]), True, i)
+        FileTask(lake.storage.reader_path(f["rel_path"]), f["uri"], datetime.fromisoformat(f["arrival"]), True, i)
         for i, f in enumerate(manifest["files"])
     ]
     sources = manifest_listing(manifest)
     for lo, hi in lateness_windows(spec, day):
         for ref in lake.list_raw(spec.source.prefix, lo, hi, spec.source.suffixes):
-            tasks.append(FileTask(str(lake.path(ref.rel_path)), ref.uri, ref.arrival, False, len(tasks)))
+            tasks.append(FileTask(lake.storage.reader_path(ref.rel_path), ref.uri, ref.arrival, False, len(tasks)))
             sources[ref.rel_path] = [ref.size, ref.mtime_ns]
     return tasks, sources
 
@@ -350,7 +351,7 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = 
     the day and its lateness window now: a late arrival or a rewrite makes the day out of date.
     `content`: also compare the day's own files with the SHA-256 raw_events recorded (a rewrite
     that kept size and mtime); a full read of the day's raw bytes."""
-    state = lake.state(owner(spec, PARSED), day)
+    state = parsed_state(lake, spec, day)
     manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
     if state is None or manifest is None:
         return not_built("parsed_events or raw_events")
@@ -368,7 +369,7 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = 
         changes += [
             f"raw_events: rewritten since the build (same size and mtime, other bytes): {f['rel_path']}"
             for f in manifest["files"]
-            if f.get("sha256") and file_sha256(lake.path(f["rel_path"])) != f["sha256"]
+            if f.get("sha256") and lake.storage.sha256(f["rel_path"]) != f["sha256"]
         ]
     return DayVerdict(
         not changes,
@@ -381,12 +382,13 @@ def raw_files_current(lake: Lake, spec: PipelineSpec, day: str, content: bool = 
 
 def late_quarantine(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     """Lines quarantined as outside the lateness window, counted in the quarantine files."""
-    state = lake.state(owner(spec, PARSED), day)
+    state = parsed_state(lake, spec, day)
     if state is None:
         return not_built("parsed_events")
-    qfiles = [str(lake.path(f)) for f in state.files if f.startswith(f"quarantine/{spec.name}/")]
     late = count_rows(
-        qfiles, f"SELECT coalesce(sum(lines) FILTER (WHERE reason = '{LATE}'), 0)::BIGINT FROM read_parquet($f)"
+        lake,
+        committed_quarantine(state, spec),
+        f"SELECT coalesce(sum(lines) FILTER (WHERE reason = '{LATE}'), 0)::BIGINT FROM files",
     )
     lat = spec.lateness
     return DayVerdict(

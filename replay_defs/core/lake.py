@@ -1,45 +1,53 @@
-"""The lake: raw file listing, and atomic, versioned replacement of a partition's outputs.
+"""The lake: raw file listing, bookkeeping, and each day's outputs as Delta Lake tables.
 
-A partition's outputs are a set of *slots*: lake directories it owns, such as
-`telemetry_flat/type=lock/day=2025-11-24`. Publishing a new version:
+The lake root is a local directory or `s3://bucket/prefix` (`storage.py`). A day pipeline's
+outputs are Delta tables partitioned by `day` (the parsed events also by type, the quarantine by
+day only). Publishing a day's new version:
 
-1. the new slots are fully written under `_replay/<owner>/staging/<partition>/<token>/`;
-2. a journal records the old and new state (write-temp-then-rename, so it is all or nothing);
-3. every old slot is moved to `_replay/<owner>/versions/<partition>/v<N>/`; anything in the
-   partition's slot patterns that the old version did not commit (stale output of an older tool,
-   a file copied in by hand) is swept to `_replay/<owner>/stray/<partition>/v<N>/` instead, so a
-   rollback never brings it back; then each new slot is renamed into place;
-4. the state file `_replay/<owner>/state/<partition>.json` (version, files with their size and
-   SHA-256, stats) is replaced and the journal removed. Old versions beyond `keep_versions` are
-   pruned.
+1. the new files are written to a local staging directory by the pipeline (`new_staging`);
+2. each is hashed (SHA-256) and copied into its table under a name no other version uses (a local
+   lake moves it), so every earlier version's files stay readable for a rollback;
+3. each table gets one commit that replaces the day's files (`overwrite` with a `day = D`
+   partition filter; other days are untouched). The secondary tables (quarantine) commit first,
+   the primary table (the parsed events) last: its commit's metadata records the day's whole
+   state — every file of every table with its size, rows and hash, the versions of the other
+   tables, the counts, the run. That commit is the moment the day changes.
 
-Integrity is by content: a file's hash is taken from the staged file, before it is published,
-and every later reader that must trust the files (the stale-files check, the projection fold, the
-archiving of an old version, a rollback) compares hashes, not sizes.
+A reader takes the day's state from the newest such commit and reads exactly its files: one
+snapshot across types and tables, and verifiable by hash. A crash before the last commit leaves
+the previous state in force (the secondary table may be ahead; the check that compares the live
+tables with the state reports it until the day is rebuilt), and the uncommitted files are
+orphans that `vacuum(full=True)` removes. Concurrent writers of the same day: Delta's conflict
+check lets one commit win, the other fails and can be re-run; writers of different days both commit.
 
-Every step is a rename, and each is decidable from what is on disk, so `recover` can finish an
-interrupted publish after a crash at any point: a re-run then sees exactly a clean run's outputs.
-`rollback` publishes an older kept version again through the same path.
+A rollback re-commits the files of an earlier state (still in the table until vacuumed), after
+checking their hashes, in one commit per table: no bytes are copied.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import quote, unquote
 
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from filelock import FileLock
 
+from replay_defs.core.storage import S3Settings, Storage, check_rel
+
+DAY = "day"  # the partition column every day table has
 _PARTITION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _OWNER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/[A-Za-z][A-Za-z0-9_]*$")
-_SLOT_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]*$")
+META_KEY = "event_replay"
 
 
 def check_partition(partition: str) -> str:
@@ -51,10 +59,7 @@ def check_partition(partition: str) -> str:
 
 
 def check_slot(slot: str) -> str:
-    parts = slot.split("/")
-    if not parts or any(not _SLOT_PART.fullmatch(p) or p in (".", "..") for p in parts):
-        raise ValueError(f"slot {slot!r} is not a safe relative lake path")
-    return slot
+    return check_rel(slot)
 
 
 @dataclass(frozen=True)
@@ -70,404 +75,456 @@ class DamagedVersion(Exception):
     """A kept version whose files no longer match its recorded list and hashes."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+@dataclass(frozen=True)
+class DayTable:
+    """One Delta table of day outputs: `rel` in the lake, partitioned by `partition_by` (ending
+    in `day`), with `schema` (without the partition columns that are not in the files)."""
 
+    rel: str
+    schema: pa.Schema
+    partition_by: tuple[str, ...] = (DAY,)
 
-def _size_and_hash(entry) -> tuple[int, str | None]:
-    """A state's file entry: {"size", "sha256"}, or a bare size (states written before hashes)."""
-    if isinstance(entry, dict):
-        return entry["size"], entry.get("sha256")
-    return entry, None
-
-
-def file_problem(path: Path, entry) -> str | None:
-    """Why the file at `path` is not the one a state recorded (None when it is)."""
-    if not path.is_file():
-        return "missing"
-    size, digest = _size_and_hash(entry)
-    if path.stat().st_size != size:
-        return "changed size"
-    if digest is not None and file_sha256(path) != digest:
-        return "changed content"
-    return None
+    def full_schema(self) -> pa.Schema:
+        s = self.schema
+        for col in self.partition_by:
+            if s.get_field_index(col) < 0:
+                s = s.append(pa.field(col, pa.date32() if col == DAY else pa.string()))
+        return s
 
 
 @dataclass
-class PartitionState:
+class DayState:
+    """A day's committed version: the primary table's version that published it, and every file
+    of it (lake-relative) with {"size", "sha256", "rows", "table"}."""
+
     version: int
-    slots: dict[str, dict[str, dict]]  # slot -> {file name: {"size": bytes, "sha256": hex digest}}
+    entries: dict[str, dict]
     stats: dict
     run_id: str | None = None
     published_at: str | None = None
-
-    def to_json(self) -> dict:
-        return {
-            "version": self.version,
-            "slots": self.slots,
-            "stats": self.stats,
-            "run_id": self.run_id,
-            "published_at": self.published_at,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> PartitionState:
-        return cls(d["version"], d["slots"], d.get("stats", {}), d.get("run_id"), d.get("published_at"))
+    tables: dict[str, int] = field(default_factory=dict)  # table -> its version holding the files
 
     @property
     def files(self) -> list[str]:
-        return sorted(f"{slot}/{name}" for slot, names in self.slots.items() for name in names)
+        return sorted(self.entries)
 
-    def problems(self, root: Path, only: list[str] | None = None) -> list[str]:
-        """Files of this state under `root` that are missing or differ from their recorded size
-        and hash (`only`: just these lake-relative files), as "<problem>: <file>"."""
-        wanted = None if only is None else set(only)
-        out = []
-        for slot, names in self.slots.items():
-            for name, entry in names.items():
-                rel = f"{slot}/{name}"
-                if wanted is None or rel in wanted:
-                    problem = file_problem(root / rel, entry)
-                    if problem:
-                        out.append(f"{problem}: {rel}")
-        return sorted(out)
+    @property
+    def built_version(self) -> int:
+        """The version whose build these files are: itself, or the one a rollback restored."""
+        return self.stats.get("rolled_back_to", self.version)
 
+    def files_of(self, table: str) -> list[str]:
+        return sorted(f for f, e in self.entries.items() if e["table"] == table)
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _move(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(src, dst)
-
-
-def _replace_move(src: Path, dst: Path) -> None:
-    """Move, replacing whatever an earlier sweep left at dst."""
-    if dst.is_dir():
-        shutil.rmtree(dst)
-    _move(src, dst)
-
-
-def _scan_slot(path: Path) -> dict[str, dict]:
-    return {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(path.iterdir()) if p.is_file()}
+    def to_meta(self) -> dict:
+        return {
+            "entries": self.entries,
+            "stats": self.stats,
+            "run_id": self.run_id,
+            "published_at": self.published_at,
+            "tables": self.tables,
+        }
 
 
 class Lake:
-    """A lake on a local directory (the embedded default)."""
+    """The lake at `root` (a local directory or `s3://bucket/prefix`)."""
 
-    def __init__(self, root: str | os.PathLike, keep_versions: int = 2):
-        if keep_versions < 1:
-            raise ValueError("keep_versions must be at least 1, or rollback has nothing to restore")
-        self.root = Path(root).resolve()
-        self.keep_versions = keep_versions
+    def __init__(self, root: str | os.PathLike, s3: S3Settings | None = None, retention_hours: int = 168):
+        if retention_hours < 0:
+            raise ValueError("retention_hours must be 0 or more")
+        self.storage = Storage(root, s3)
+        self.retention_hours = retention_hours
 
-    # ---- paths -----------------------------------------------------------------------------
-    def path(self, rel: str) -> Path:
-        """A lake-relative path as a local path, for reading; refuses `..`, absolute paths and
-        anything else that leaves the lake by its name. Symlinks inside the lake are followed (a
-        raw folder on another volume can be linked in); writing through one never is (`_writable`)."""
-        p = Path(os.path.normpath(self.root / rel))
-        if p != self.root and not p.is_relative_to(self.root):
-            raise ValueError(f"{rel!r} is outside the lake at {self.root}")
-        return p
+    @property
+    def root(self) -> str:
+        return self.storage.root
 
-    def _writable(self, path: Path) -> Path:
-        """`path`, if writing there stays inside the lake once symlinks are followed."""
-        if not path.resolve().is_relative_to(self.root):
-            raise ValueError(
-                f"{path} leads outside the lake at {self.root} (through a symlink): refusing to write there"
-            )
-        return path
+    @property
+    def is_local(self) -> bool:
+        return self.storage.is_local
 
     def uri(self, rel: str) -> str:
-        # Like Path.as_uri, but keeps `=` of hive-style paths readable.
-        return "file://" + quote((self.root / rel).as_posix(), safe="/=-_.~")
+        return self.storage.uri(rel)
 
     def rel_from_uri(self, uri: str) -> str:
-        """Inverse of `uri`; refuses anything outside the lake."""
-        prefix = self.uri("") + "/"
-        if not uri.startswith(prefix):
-            raise ValueError(f"{uri!r} is not inside the lake at {self.root}")
-        rel = unquote(uri[len(prefix) :])
-        if any(part in ("", ".", "..") for part in rel.split("/")):
-            raise ValueError(f"{uri!r} escapes the lake or is not a plain path")
-        return rel
+        return self.storage.rel_from_uri(uri)
 
-    def _internal(self, owner: str, *parts: str) -> Path:
+    def exists(self, rel: str) -> bool:
+        return self.storage.info(rel) is not None
+
+    def _internal(self, owner: str, *parts: str) -> str:
         if not _OWNER.fullmatch(owner):
             raise ValueError(f"owner {owner!r} must look like pipeline/asset")
-        return self._writable(self.root.joinpath("_replay", owner, *parts))
+        return "/".join(["_replay", owner, *parts])
 
     # ---- raw files -------------------------------------------------------------------------
     def list_raw(self, prefix: str, start: datetime, end: datetime, suffixes: tuple[str, ...]) -> list[RawRef]:
         """Files under `<prefix>/year=/month=/day=/hour=/` whose arrival hour is in [start, end)."""
-        check_slot(prefix)
+        check_rel(prefix)
         refs: list[RawRef] = []
-        hour = start.replace(minute=0, second=0, microsecond=0)
-        while hour < end:
-            for d in self._hour_dirs(prefix, hour):
-                for p in sorted(d.iterdir()):
-                    if p.is_file() and p.name.endswith(suffixes) and not p.name.startswith((".", "_")):
-                        rel = p.relative_to(self.root).as_posix()
-                        st = p.stat()
-                        refs.append(RawRef(rel, self.uri(rel), hour, st.st_size, st.st_mtime_ns))
-            hour += timedelta(hours=1)
-        return refs
+        first = start.replace(minute=0, second=0, microsecond=0)
+        day = first.replace(hour=0)
+        while day < end:
+            for day_dir in self._day_dirs(prefix, day):
+                for hour_name in self.storage.list_dirs(day_dir):
+                    h = hour_name.removeprefix("hour=")
+                    if hour_name == h or not h.isdigit() or not (len(h) <= 2 and int(h) < 24):
+                        continue
+                    hour = day.replace(hour=int(h))
+                    if not first <= hour < end:
+                        continue
+                    for f in self.storage.list_files(f"{day_dir}/{hour_name}"):
+                        name = f.rel.rsplit("/", 1)[1]
+                        if name.endswith(suffixes) and not name.startswith((".", "_")):
+                            refs.append(RawRef(f.rel, self.uri(f.rel), hour, f.size, f.mtime_ns))
+            day += timedelta(days=1)
+        return sorted(refs, key=lambda r: (r.arrival, r.rel_path))
 
-    def _hour_dirs(self, prefix: str, hour: datetime) -> list[Path]:
+    def _day_dirs(self, prefix: str, day: datetime) -> list[str]:
         # Accept zero-padded and plain numbers (`month=11/day=4` or `day=04`).
         out = []
-        for m in {f"{hour.month:02d}", str(hour.month)}:
-            for d in {f"{hour.day:02d}", str(hour.day)}:
-                for h in {f"{hour.hour:02d}", str(hour.hour)}:
-                    p = self.root / prefix / f"year={hour.year}" / f"month={m}" / f"day={d}" / f"hour={h}"
-                    if p.is_dir():
-                        out.append(p)
+        for m in sorted({f"{day.month:02d}", str(day.month)}):
+            month_dir = f"{prefix}/year={day.year}/month={m}"
+            names = set(self.storage.list_dirs(month_dir))
+            out += [f"{month_dir}/{n}" for n in sorted({f"day={day.day:02d}", f"day={day.day}"} & names)]
         return out
 
-    def write_json(self, owner: str, name: str, data: dict) -> Path:
-        path = self._internal(owner, name)
-        _write_json_atomic(path, data)
-        return path
-
-    def append_jsonl(self, owner: str, name: str, rows: list[dict]) -> Path:
-        """Append rows to a JSON-lines file (e.g. dead letters, written batch by batch)."""
-        path = self._internal(owner, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        return path
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def write_json(self, owner: str, name: str, data: dict) -> str:
+        rel = self._internal(owner, name)
+        self.storage.write_bytes(rel, json.dumps(data, indent=1, sort_keys=True).encode())
+        return rel
 
     def read_json(self, owner: str, name: str) -> dict | None:
-        path = self._internal(owner, name)
-        return json.loads(path.read_text()) if path.exists() else None
+        data = self.storage.read_bytes(self._internal(owner, name))
+        return None if data is None else json.loads(data)
 
-    # ---- versioned partition outputs -------------------------------------------------------
-    def lock(self, owner: str, partition: str) -> FileLock:
-        path = self._internal(owner, "locks", f"{check_partition(partition)}.lock")
+    def append_jsonl(self, owner: str, name: str, rows: list[dict]) -> str:
+        """Append rows to a JSON-lines file (dead letters, written batch by batch)."""
+        rel = self._internal(owner, name)
+        old = self.storage.read_bytes(rel) or b""
+        self.storage.write_bytes(rel, old + b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows))
+        return rel
+
+    def read_jsonl(self, owner: str, name: str) -> list[dict]:
+        data = self.storage.read_bytes(self._internal(owner, name)) or b""
+        return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+    # ---- staging and locking -----------------------------------------------------------------
+    def lock(self, owner: str, partition: str):
+        """Serialises a local lake's writers of one day (one machine). On S3 Delta's commit
+        protocol decides: of two writers of the same day one commit fails."""
+        if not self.is_local:
+            return nullcontext()
+        rel = self._internal(owner, "locks", f"{check_partition(partition)}.lock")
+        path = Path(self.storage.path(rel))
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Singleton: re-acquiring in the same process (an asset holding the lock while it
-        # publishes) is reentrant instead of a self-deadlock.
-        return FileLock(str(path), is_singleton=True)
+        return FileLock(str(path), is_singleton=True)  # reentrant within a process
+
+    def _staging_root(self, owner: str, partition: str) -> Path:
+        if self.is_local:  # beside the tables, so publishing is a rename
+            return Path(self.storage.path(self._internal(owner, "staging", check_partition(partition))))
+        base = os.environ.get("EVENT_REPLAY_STAGING_DIR") or tempfile.gettempdir()
+        return Path(base, "event-replay-staging", owner.replace("/", "__"), check_partition(partition))
 
     def new_staging(self, owner: str, partition: str) -> Path:
-        path = self._internal(owner, "staging", check_partition(partition), uuid.uuid4().hex)
+        path = self._staging_root(owner, partition) / uuid.uuid4().hex
         path.mkdir(parents=True)
         return path
 
-    def state(self, owner: str, partition: str) -> PartitionState | None:
-        path = self._internal(owner, "state", f"{check_partition(partition)}.json")
-        return PartitionState.from_json(json.loads(path.read_text())) if path.exists() else None
+    def recover(self, owner: str, partition: str) -> bool:
+        """Drop the local staging of runs that died before publishing. True if there was any.
+        (A Delta commit is atomic: there is never a half-published day to finish.)"""
+        staging = self._staging_root(owner, partition)
+        if staging.is_dir() and any(staging.iterdir()):
+            shutil.rmtree(staging)
+            return True
+        return False
 
-    def kept_versions(self, owner: str, partition: str) -> list[int]:
-        d = self._internal(owner, "versions", check_partition(partition))
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name[1:]) for p in d.iterdir() if p.name.startswith("v") and (p / "state.json").exists())
-
-    def matching_slots(self, patterns: list[str]) -> list[str]:
-        """Existing lake directories matching slot patterns such as `flat/type=*/day=2025-11-24`."""
-        found = set()
-        for pattern in patterns:
-            for p in self.root.glob(pattern):
-                if p.is_dir():
-                    found.add(p.relative_to(self.root).as_posix())
-        return sorted(found)
-
+    # ---- publishing --------------------------------------------------------------------------
     def publish(
         self,
         owner: str,
         partition: str,
         staged: Path,
-        slot_patterns: list[str],
+        tables: list[DayTable],
         stats: dict,
         run_id: str | None = None,
-        version: int | None = None,
-    ) -> PartitionState:
-        """Replace the partition's outputs with the slots under `staged` (see module docstring)."""
+        only: dict[str, str] | None = None,
+    ) -> DayState:
+        """Publish the files under `staged/<table.rel>/<k=v>/…/*.parquet` as the day's new version
+        of each table (see module docstring); `tables[0]` is the primary table. `only`: further
+        partition values ({"type": "lock"}) the new files replace; the day's other files stay."""
         check_partition(partition)
-        new_slots = {}
-        for pattern in slot_patterns:
-            for p in staged.glob(pattern):
-                if p.is_dir():
-                    new_slots[check_slot(p.relative_to(staged).as_posix())] = _scan_slot(p)
-        with self.lock(owner, partition):
-            self._recover_locked(owner, partition)
-            current = self.state(owner, partition)
-            old_version = current.version if current else 0
-            if version is None:
-                version = max([old_version, *self.kept_versions(owner, partition)]) + 1
-            new = PartitionState(
-                version, new_slots, stats, run_id, datetime.now(timezone.utc).isoformat(timespec="seconds")
-            )
-            old_slots = sorted(set(current.slots if current else ()) | set(self.matching_slots(slot_patterns)))
-            journal = {
-                "old": current.to_json() if current else None,
-                "old_version": old_version,
-                "old_slots": old_slots,
-                "new": new.to_json(),
-                "staged": str(staged),
-            }
-            _write_json_atomic(self._internal(owner, "journal", f"{partition}.json"), journal)
-            self._apply(owner, partition, journal)
-            return new
-
-    def recover(self, owner: str, partition: str) -> bool:
-        """Finish a publish interrupted by a crash and drop staging of runs that died before
-        publishing. Call it holding `lock()`, before staging new outputs. True if it did work."""
-        with self.lock(owner, partition):
-            did = self._recover_locked(owner, partition)
-            staging = self._internal(owner, "staging", check_partition(partition))
-            if staging.is_dir():
-                did = did or any(staging.iterdir())
-                shutil.rmtree(staging)
-            # Temp files of JSON writes a crash interrupted (the write itself never landed).
-            dirs = [self._internal(owner, "journal"), self._internal(owner, "state")]
-            dirs += self._internal(owner, "versions", partition).glob("v*")
-            for d in dirs:
-                for tmp in d.glob(".*.tmp"):
-                    if tmp.name.startswith((f".{partition}.json.", ".state.json.")):
-                        tmp.unlink()
-                        did = True
-            return did
-
-    def _recover_locked(self, owner: str, partition: str) -> bool:
-        journal_path = self._internal(owner, "journal", f"{partition}.json")
-        if journal_path.exists():
-            self._apply(owner, partition, json.loads(journal_path.read_text()))
-            return True
-        return False
-
-    def _apply(self, owner: str, partition: str, journal: dict) -> None:
-        staged = Path(journal["staged"])
-        # A journal only ever names staging or a kept version of this owner: never act elsewhere.
-        if not staged.resolve().is_relative_to(self._internal(owner).resolve()):
-            raise ValueError(
-                f"{owner} {partition}: the journal names {staged}, outside {self._internal(owner)}; refusing to apply it"
-            )
-        new = PartitionState.from_json(journal["new"])
-        old_version = journal["old_version"]
-        archive = self._internal(owner, "versions", partition, f"v{old_version}")
-        # Files the old version did not commit (left by another tool, copied in by hand) are
-        # swept aside, not archived: a rollback must never bring them back.
-        stray = self._internal(owner, "stray", partition, f"v{old_version}")
-        committed = (journal["old"] or {}).get("slots", {})
-        for slot in journal["old_slots"]:
-            src, dst = self._writable(self.root / slot), archive / slot
-            # A slot that is also new and no longer staged has already been swapped in.
-            if not (src.exists() and not dst.exists() and (slot not in new.slots or (staged / slot).exists())):
-                continue
-            keep = committed.get(slot)
-            if keep is None:
-                _replace_move(src, stray / slot)
-                continue
-            # Only files still holding the committed bytes are archived: a damaged one is swept
-            # aside, and the archived state keeps listing it, so a rollback to it is refused.
-            for p in list(src.iterdir()):
-                if p.name not in keep or file_problem(p, keep[p.name]):
-                    _replace_move(p, stray / slot / p.name)
-            _move(src, dst)
-        if journal["old"] is not None:
-            _write_json_atomic(archive / "state.json", journal["old"])
-        for slot in new.slots:
-            if (staged / slot).exists():
-                _move(staged / slot, self._writable(self.root / slot))
-        _write_json_atomic(self._internal(owner, "state", f"{partition}.json"), new.to_json())
-        os.remove(self._internal(owner, "journal", f"{partition}.json"))
+        entries: dict[str, dict] = {}
+        token = uuid.uuid4().hex[:12]
+        for table in tables:
+            base = Path(staged, table.rel)
+            for local in sorted(base.rglob("*.parquet")) if base.is_dir() else []:
+                inner = local.relative_to(base).as_posix()
+                dirs, name = inner.rsplit("/", 1) if "/" in inner else ("", inner)
+                rel = f"{table.rel}/{dirs + '/' if dirs else ''}{name.removesuffix('.parquet')}-{token}.parquet"
+                entries[rel] = {
+                    "table": table.rel,
+                    "size": local.stat().st_size,
+                    "sha256": _local_sha256(local),
+                    "rows": pq.ParquetFile(local).metadata.num_rows,
+                }
+                self.storage.put_file(local, rel, move=True)
+        state = self._commit_day(owner, partition, tables, entries, stats, run_id, only)
         shutil.rmtree(staged, ignore_errors=True)
-        try:  # the per-partition staging folder, when this was its last run
-            staged.parent.rmdir()
-        except OSError:
-            pass
-        self._prune(owner, partition, keep_current=new.version)
+        return state
 
-    def _prune(self, owner: str, partition: str, keep_current: int) -> None:
-        kept = [v for v in self.kept_versions(owner, partition) if v != keep_current]
-        for v in kept[: max(0, len(kept) - self.keep_versions)]:
-            shutil.rmtree(self._internal(owner, "versions", partition, f"v{v}"))
-        # The current version is live; an archived copy of it is redundant.
-        same = self._internal(owner, "versions", partition, f"v{keep_current}")
-        if same.exists():
-            shutil.rmtree(same)
-        # Swept-aside strays: the newest `keep_versions` sweeps are kept, like versions.
-        strays = self._internal(owner, "stray", partition)
-        if strays.is_dir():
-            sweeps = sorted((d for d in strays.iterdir() if d.name[1:].isdigit()), key=lambda d: int(d.name[1:]))
-            for d in sweeps[: max(0, len(sweeps) - self.keep_versions)]:
-                shutil.rmtree(d)
+    def _commit_day(self, owner, day, tables, entries, stats, run_id, only=None, extra=None) -> DayState:
+        from deltalake.transaction import CommitProperties
 
-    def rollback(
-        self, owner: str, partition: str, slot_patterns: list[str], run_id: str | None = None, to: int | None = None
-    ) -> PartitionState:
-        """Make the newest kept version older than the current one live again (or version `to`).
-        The replaced version is kept in turn, so `to` can bring it back."""
-        check_partition(partition)
-        with self.lock(owner, partition):
-            self.recover(owner, partition)
-            versions = self.kept_versions(owner, partition)
-            current = self.state(owner, partition)
-            if to is not None:
-                if current is not None and to == current.version:
-                    raise LookupError(f"{owner} {partition}: version {to} is already the live version")
-                if to not in versions:
-                    raise LookupError(f"{owner} {partition}: version {to} is not kept (kept: {versions or 'none'})")
-                v = to
-            else:
-                older = [v for v in versions if current is None or v < current.version]
-                if not older:
-                    raise LookupError(f"{owner} {partition}: no earlier version is kept to roll back to")
-                v = older[-1]
-            src = self._internal(owner, "versions", partition, f"v{v}")
-            prior = PartitionState.from_json(json.loads((src / "state.json").read_text()))
-            damage = prior.problems(src) + self._unlisted(src, prior)
-            if damage:
-                raise DamagedVersion(
-                    f"{owner} {partition}: kept version {v} is damaged, refusing to publish it "
-                    f"({len(damage)} problem(s): {'; '.join(damage[:5])})"
+        with self.lock(owner, day):
+            current = self.state(owner, day, tables[0])
+            partial = {t.rel for t in tables if only and set(only) <= set(t.partition_by)}
+            for rel, e in (current.entries if current else {}).items():
+                # A partial rebuild keeps the day's files outside `only` in the tables split by it.
+                if e["table"] in partial and not _matches(rel, e["table"], only):
+                    entries.setdefault(rel, e)
+            state = DayState(0, entries, stats, run_id, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            for table in [*tables[1:], tables[0]]:  # the primary table commits last
+                dt = self._table(table)
+                adds = [
+                    _add_action(rel, e, table)
+                    for rel, e in entries.items()
+                    if e["table"] == table.rel and (table.rel not in partial or _matches(rel, table.rel, only))
+                ]
+                filters = [(DAY, "=", day)]
+                if table.rel in partial:
+                    filters += [(k, "=", v) for k, v in only.items()]
+                meta = {"owner": owner, "day": day, "commit": uuid.uuid4().hex}
+                if table is tables[0]:
+                    meta.update(state.to_meta(), **(extra or {}))
+                dt.create_write_transaction(
+                    adds,
+                    "overwrite",
+                    table.full_schema(),
+                    partition_by=list(table.partition_by),
+                    partition_filters=filters,
+                    commit_properties=CommitProperties(custom_metadata={META_KEY: json.dumps(meta)}),
                 )
-            # The archived version is published in place, as its own staging: until the journal
-            # exists nothing has moved, so a crash at any point loses no version.
-            return self.publish(owner, partition, src, slot_patterns, prior.stats, run_id=run_id, version=v)
+                dt.update_incremental()
+                state.tables[table.rel] = dt.version()
+            state.version = state.tables[tables[0].rel]
+            return state
 
-    @staticmethod
-    def _unlisted(root: Path, state: PartitionState) -> list[str]:
-        """Files under a kept version's `root` that its state does not list (anywhere, not only in
-        its slots: a version is published whole, so nothing may ride along)."""
-        listed = set(state.files) | {"state.json"}
+    def _table(self, table: DayTable):
+        """The Delta table, created empty (schema, partitions) the first time."""
+        from deltalake import DeltaTable, write_deltalake
+
+        uri, opts = self.storage.table_uri(table.rel), self.storage.delta_options()
+        if not DeltaTable.is_deltatable(uri, storage_options=opts):
+            write_deltalake(
+                uri,
+                table.full_schema().empty_table(),
+                partition_by=list(table.partition_by),
+                storage_options=opts,
+                mode="ignore",
+            )
+        return DeltaTable(uri, storage_options=opts)
+
+    # ---- reading states ----------------------------------------------------------------------
+    def _commits(self, table: str) -> list[dict]:
+        """Every commit of `table` written by this project, newest first (empty when it has none)."""
+        from deltalake import DeltaTable
+
+        uri, opts = self.storage.table_uri(table), self.storage.delta_options()
+        if not DeltaTable.is_deltatable(uri, storage_options=opts):
+            return []
+        out = []
+        for c in DeltaTable(uri, storage_options=opts).history():
+            if META_KEY in c:
+                meta = json.loads(c[META_KEY])
+                meta["version"] = c["version"]
+                out.append(meta)
+        return out
+
+    def day_states(self, owner: str, day: str, table: DayTable | str) -> list[DayState]:
+        """Every recorded state of the day in the primary `table`, newest first."""
+        rel = table if isinstance(table, str) else table.rel
+        return [
+            DayState(
+                c["version"],
+                c["entries"],
+                c["stats"],
+                c.get("run_id"),
+                c.get("published_at"),
+                {**c.get("tables", {}), rel: c["version"]},
+            )
+            for c in self._commits(rel)
+            if c.get("owner") == owner and c.get("day") == day and "entries" in c
+        ]
+
+    def state(self, owner: str, day: str, table: DayTable | str) -> DayState | None:
+        states = self.day_states(owner, check_partition(day), table)
+        return states[0] if states else None
+
+    def committed_days(self, owner: str, table: DayTable | str) -> list[str]:
+        rel = table if isinstance(table, str) else table.rel
+        return sorted({c["day"] for c in self._commits(rel) if c.get("owner") == owner and "entries" in c})
+
+    def kept_versions(self, owner: str, day: str, table: DayTable | str) -> list[int]:
+        """Versions the day was built as (rollbacks re-commit one of them) whose files are all
+        still in the lake (not vacuumed), oldest first."""
         return sorted(
-            f"unexpected: {rel}"
-            for p in root.rglob("*")
-            if p.is_file()
-            for rel in [p.relative_to(root).as_posix()]
-            if rel not in listed
+            s.version
+            for s in self.day_states(owner, day, table)
+            if s.built_version == s.version and all(self.exists(f) for f in s.entries)
         )
 
-    def kept_state(self, owner: str, partition: str, version: int) -> PartitionState:
-        """The recorded state of a kept (archived) version."""
-        path = self._internal(owner, "versions", check_partition(partition), f"v{version}", "state.json")
-        return PartitionState.from_json(json.loads(path.read_text()))
+    def kept_state(self, owner: str, day: str, table: DayTable | str, version: int) -> DayState:
+        for s in self.day_states(owner, day, table):
+            if s.version == version:
+                return s
+        raise LookupError(f"{owner} {day}: version {version} is not recorded")
 
-    def damaged_files(self, owner: str, partition: str, files: list[str]) -> list[str]:
+    # ---- integrity ----------------------------------------------------------------------------
+    def damaged_files(self, state: DayState | None, files: list[str]) -> list[str]:
         """Of the committed `files`, those whose bytes are no longer the committed ones."""
-        state = self.state(owner, partition)
-        return state.problems(self.root, only=files) if state else [f"missing: {f}" for f in files]
+        if state is None:
+            return [f"missing: {f}" for f in files]
+        return sorted(p for f in files if (p := self._file_problem(f, state.entries[f])))
 
-    def stale_files(self, owner: str, partition: str, slot_patterns: list[str]) -> list[str]:
-        """Files in the partition's slots that the committed state does not list, files it lists
-        that are missing, and files whose size or content hash differs from the recorded one."""
-        state = self.state(owner, partition)
-        listed = set(state.files) if state else set()
-        problems = state.problems(self.root) if state else []
-        for slot in self.matching_slots(slot_patterns):
-            for p in (self.root / slot).rglob("*"):
-                if p.is_file() and p.relative_to(self.root).as_posix() not in listed:
-                    problems.append(f"unexpected: {p.relative_to(self.root).as_posix()}")
+    def _file_problem(self, rel: str, entry: dict) -> str | None:
+        info = self.storage.info(rel)
+        if info is None:
+            return f"missing: {rel}"
+        if info.size != entry["size"]:
+            return f"changed size: {rel}"
+        if self.storage.sha256(rel) != entry["sha256"]:
+            return f"changed content: {rel}"
+        return None
+
+    def live_files(self, table: DayTable, day: str) -> dict[str, int]:
+        """The day's files in the table's current snapshot: {lake path: bytes}."""
+        from deltalake import DeltaTable
+
+        uri, opts = self.storage.table_uri(table.rel), self.storage.delta_options()
+        if not DeltaTable.is_deltatable(uri, storage_options=opts):
+            return {}
+        adds = pa.table(DeltaTable(uri, storage_options=opts).get_add_actions(flatten=True))
+        out = {}
+        for path, size, d in zip(
+            adds["path"].to_pylist(), adds["size_bytes"].to_pylist(), adds[f"partition.{DAY}"].to_pylist()
+        ):
+            if str(d) == day:
+                out[f"{table.rel}/{path}"] = size
+        return out
+
+    def stale_files(self, owner: str, day: str, tables: list[DayTable]) -> list[str]:
+        """How the lake differs from the day's committed state: files the tables hold for the day
+        that the state does not list (committed behind its back), files it lists that are gone from
+        the table or the store, and files whose size or content hash differs from the recorded one."""
+        state = self.state(owner, day, tables[0])
+        entries = state.entries if state else {}
+        problems = []
+        for table in tables:
+            live = self.live_files(table, day)
+            listed = {f for f, e in entries.items() if e["table"] == table.rel}
+            problems += [f"unexpected: {f}" for f in sorted(set(live) - listed)]
+            problems += [f"not in the table: {f}" for f in sorted(listed - set(live))]
+        problems += [p for f, e in entries.items() if (p := self._file_problem(f, e))]
         return sorted(problems)
+
+    # ---- reading files -----------------------------------------------------------------------
+    def dataset(self, files: list[str], schema: pa.Schema | None = None) -> ds.Dataset:
+        """The lake files as one pyarrow dataset (DuckDB scans it), local or on S3."""
+        return ds.dataset(
+            [self.storage.path(f) for f in files], schema=schema, format="parquet", filesystem=self.storage.fs
+        )
+
+    def sql(self, files: list[str], query: str, params: dict | None = None) -> list[tuple]:
+        """`query` over the lake files as the relation `files` (DuckDB, in memory); [] for no files."""
+        import duckdb
+
+        if not files:
+            return []
+        with duckdb.connect() as con:
+            con.register("files", self.dataset(files))
+            return con.execute(query, params or {}).fetchall()
+
+    # ---- rollback and retention ----------------------------------------------------------------
+    def rollback(
+        self, owner: str, day: str, tables: list[DayTable], run_id: str | None = None, to: int | None = None
+    ) -> DayState:
+        """Make the newest kept version older than the current one live again (or version `to`),
+        in one commit per table with that version's own files (checked by hash first)."""
+        check_partition(day)
+        with self.lock(owner, day):
+            states = self.day_states(owner, day, tables[0])
+            current = states[0] if states else None
+            kept = self.kept_versions(owner, day, tables[0])
+            if to is not None:
+                if current is not None and to == current.built_version:
+                    raise LookupError(f"{owner} {day}: version {to} is already the live version")
+                if to not in kept:
+                    raise LookupError(f"{owner} {day}: version {to} is not kept (kept: {kept or 'none'})")
+                v = to
+            else:
+                older = [v for v in kept if current is None or v < current.built_version]
+                if not older:
+                    raise LookupError(f"{owner} {day}: no earlier version is kept to roll back to")
+                v = older[-1]
+            prior = next(s for s in states if s.version == v)
+            damage = self.damaged_files(prior, prior.files)
+            if damage:
+                raise DamagedVersion(
+                    f"{owner} {day}: kept version {v} is damaged, refusing to publish it "
+                    f"({len(damage)} problem(s): {'; '.join(damage[:5])})"
+                )
+            stats = {**prior.stats, "rolled_back_to": v}
+            return self._commit_day(owner, day, tables, dict(prior.entries), stats, run_id)
+
+    def vacuum(self, tables: list[str], retention_hours: int | None = None, dry_run: bool = True) -> dict[str, int]:
+        """Delete files no version within the retention still uses (and orphans of killed writers).
+        Versions older than the retention can no longer be rolled back to."""
+        from deltalake import DeltaTable
+
+        hours = self.retention_hours if retention_hours is None else retention_hours
+        out = {}
+        for rel in tables:
+            uri, opts = self.storage.table_uri(rel), self.storage.delta_options()
+            if DeltaTable.is_deltatable(uri, storage_options=opts):
+                removed = DeltaTable(uri, storage_options=opts).vacuum(
+                    retention_hours=hours, enforce_retention_duration=False, dry_run=dry_run, full=True
+                )
+                out[rel] = len(removed)
+        return out
+
+
+def _matches(rel: str, table: str, only: dict[str, str]) -> bool:
+    parts = dict(p.split("=", 1) for p in rel[len(table) + 1 :].split("/")[:-1] if "=" in p)
+    return all(parts.get(k, v) == v for k, v in only.items())
+
+
+def _add_action(rel: str, entry: dict, table: DayTable):
+    from deltalake.transaction import AddAction
+
+    inner = rel[len(table.rel) + 1 :]
+    parts = dict(p.split("=", 1) for p in inner.split("/")[:-1] if "=" in p)
+    missing = [c for c in table.partition_by if c not in parts]
+    if missing:
+        raise ValueError(f"{rel}: no {missing} in its path; a {table.rel} file must sit under {table.partition_by}")
+    return AddAction(
+        inner,
+        entry["size"],
+        {c: parts[c] for c in table.partition_by},
+        int(datetime.now(timezone.utc).timestamp() * 1000),
+        True,
+        json.dumps({"numRecords": entry["rows"]}),
+    )
+
+
+def _local_sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_sha256(storage: Storage, rel: str) -> str:
+    return storage.sha256(rel)

@@ -18,11 +18,6 @@ def owner(spec: PipelineSpec, name: str) -> str:
     return f"{spec.name}/{name}"
 
 
-def parsed_slot_patterns(spec: PipelineSpec, day: str) -> list[str]:
-    """Every lake directory that parsed_events[day] owns: Parquet per type, and its quarantine."""
-    return [f"{spec.parsed_prefix}/type=*/day={day}", f"quarantine/{spec.name}/day={day}"]
-
-
 def manifest_name(day: str) -> str:
     return f"manifest/day={day}.json"
 
@@ -36,10 +31,10 @@ def whole_day_marker(day: str) -> str:
 EVENT_KEYS = "event_keys"  # a refill's first asset: the day's validated, de-duplicated object keys
 
 
-def keys_slot(spec: RefillSpec, day: str) -> str:
-    """Where a refill's keys of a day live in the lake."""
-    return f"refill/{spec.name}/day={day}"
+def keys_table(spec: RefillSpec) -> str:
+    """The Delta table of a refill's keys (partitioned by day)."""
+    return f"refill/{spec.name}"
 
 
-def quarantine_slot(spec: RefillSpec, day: str) -> str:
-    return f"quarantine/{spec.name}/day={day}"
+def refill_quarantine_table(spec: RefillSpec) -> str:
+    return f"quarantine/{spec.name}"

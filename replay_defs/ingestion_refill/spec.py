@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+
+from replay_defs.core.lake import DayTable
+from replay_defs.core.naming import keys_table, refill_quarantine_table
 from replay_defs.pipeline.spec import SAFE_NAME, SAFE_TYPE_VALUE, RedriveSpec
 
 
@@ -30,3 +34,15 @@ class RefillSpec:
                 raise ValueError(f"known type {value!r} is not a safe value")
         if self.redrive.unit != "event":
             raise ValueError("a refill delivers one message per key: use RedriveSpec(unit='event')")
+
+
+# What `access_logs` writes: a day's keys, and its quarantined rows.
+KEYS_SCHEMA = pa.schema([("key", pa.string()), ("first_put", pa.timestamp("us", tz="UTC")), ("puts", pa.int64())])
+QUARANTINE_SCHEMA = pa.schema(
+    [("reason", pa.string()), ("raw", pa.string()), ("request_time", pa.timestamp("us", tz="UTC"))]
+)
+
+
+def refill_tables(spec: RefillSpec) -> list[DayTable]:
+    """The Delta tables a refill day publishes: its keys (primary) and its quarantine."""
+    return [DayTable(keys_table(spec), KEYS_SCHEMA), DayTable(refill_quarantine_table(spec), QUARANTINE_SCHEMA)]

@@ -23,6 +23,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from multiprocessing import get_context
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 from isal import igzip, isal_zlib
 from isal.isal_zlib import IsalError
 
+from replay_defs.core.storage import open_binary
 from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, EventSchema
 
 BATCH_LINES = 20_000
@@ -88,8 +90,14 @@ class RawFileError(Exception):
 _READ_ERRORS = (EOFError, OSError, zlib.error, IsalError)
 
 
+@contextmanager
 def _open_raw(path: str):
-    return igzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    with open_binary(path) as f:
+        if path.endswith(".gz"):
+            with igzip.open(f, "rb") as g:
+                yield g
+        else:
+            yield f
 
 
 def _read_error(exc: Exception) -> RawFileError:
@@ -119,7 +127,7 @@ def count_lines(path: str) -> tuple[int, int, RawFileError | None]:
 def _readable_chunks(path: str, read_size: int = 1 << 20) -> Iterator[bytes]:
     """The file's bytes, decompressed when gzipped, yielding all that decompresses before a
     truncation or corruption is raised (a file reader drops the chunk it was filling)."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         if not path.endswith(".gz"):
             while chunk := f.read(read_size):
                 yield chunk

@@ -72,10 +72,7 @@ def _add_day_commands(sub) -> None:
 
 
 def _lake(defs):
-    from replay_defs.core.lake import Lake
-
-    lake_res = defs.resources["lake"]
-    return Lake(resolve(lake_res.root), keep_versions=lake_res.keep_versions)
+    return defs.resources["lake"].process_config_and_initialize().get()
 
 
 # ---- per-day counts and check verdicts ----------------------------------------------------------
@@ -83,8 +80,9 @@ def _lake(defs):
 
 def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
     """Per-partition counts, read back from the lake state and the stores."""
-    from replay_defs.core.naming import PARSED, REDRIVE, owner
+    from replay_defs.core.naming import REDRIVE, owner
     from replay_defs.definitions import defs
+    from replay_defs.pipeline.committed import parsed_state
     from replay_defs.pipeline.store import DuckDBStore
 
     spec = find_spec(spec_name)
@@ -93,7 +91,7 @@ def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
     count_proj = next((p for p in spec.projections if p.kind == "increment"), None)
     rows = []
     for day in days:
-        state = lake.state(owner(spec, PARSED), day)
+        state = parsed_state(lake, spec, day)
         s = state.stats if state else {}
         last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json") or {}
         rows.append(
@@ -387,7 +385,8 @@ def cmd_rollback(args) -> None:
         raise SystemExit(str(exc)) from None
     before, state = _restore(spec, day, args.to)
     print(
-        f"{spec.name} {day}: parsed_events now version {state.version} (was {before.version if before else '-'}); re-folding projections ..."
+        f"{spec.name} {day}: parsed_events now holds version {state.built_version} (was {before.built_version if before else '-'}; "
+        f"table version {state.version}); re-folding projections ..."
     )
     ok = _refold(spec, day) if spec.projections else True
     print("running every check of the day ...")
@@ -405,23 +404,25 @@ def _restore(spec, day: str, to: int | None):
 
     from assets.common import asset_key
     from replay_defs.core.lake import DamagedVersion
-    from replay_defs.core.naming import PARSED, owner, parsed_slot_patterns
+    from replay_defs.core.naming import PARSED, owner
     from replay_defs.definitions import defs
+    from replay_defs.pipeline.committed import parsed_state, parsed_tables
 
     lake = _lake(defs)
-    before = lake.state(owner(spec, PARSED), day)
+    before = parsed_state(lake, spec, day)
     to = to if to is not None else rollback_target(lake, spec, day, before)
     try:
-        state = lake.rollback(owner(spec, PARSED), day, parsed_slot_patterns(spec, day), to=to)
+        state = lake.rollback(owner(spec, PARSED), day, parsed_tables(spec), to=to)
     except (LookupError, DamagedVersion) as exc:
         raise SystemExit(f"rollback refused: {exc}") from exc
     dg.DagsterInstance.get().report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key=asset_key(spec, PARSED),
             partition=day,
-            description=f"rolled back from version {before.version if before else '-'} to {state.version}",
+            description=f"rolled back from version {before.built_version if before else '-'} to {state.built_version}",
             metadata={
                 "version": state.version,
+                "restored_version": state.built_version,
                 "rolled_back_from": before.version if before else 0,
                 "parsed": state.stats.get("parsed", 0),
             },
@@ -446,9 +447,10 @@ def rollback_target(lake, spec, day: str, current) -> int:
     from replay_defs.core.naming import PARSED, owner
     from replay_defs.pipeline.shrink import unconsented_shrink
 
-    older = [v for v in lake.kept_versions(owner(spec, PARSED), day) if current is None or v < current.version]
+    own, table = owner(spec, PARSED), spec.parsed_prefix
+    older = [v for v in lake.kept_versions(own, day, table) if current is None or v < current.built_version]
     for v in reversed(older):
-        if not unconsented_shrink(lake.kept_state(owner(spec, PARSED), day, v).stats, spec.shrink_tolerance):
+        if not unconsented_shrink(lake.kept_state(own, day, table, v).stats, spec.shrink_tolerance):
             return v
         print(
             f"skipping version {v}: it lost events without consent when it was built (its shrink check failed); --to {v} restores it anyway"

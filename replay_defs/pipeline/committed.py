@@ -1,29 +1,57 @@
-"""A parsed day's committed Parquet: the snapshot every later step (projections, redrive, checks) reads."""
+"""A parsed day's committed version: its Delta tables, its state, and the Parquet every later step
+(projections, redrive, checks) reads."""
 
 from __future__ import annotations
 
-from replay_defs.core.lake import Lake
+from replay_defs.core.lake import DAY, DayState, DayTable, Lake
 from replay_defs.core.naming import PARSED, owner
 from replay_defs.pipeline.spec import PipelineSpec
+
+TYPE = "type"  # the parsed table's second partition column: the event's type (`spec.schema.type_field`)
 
 
 class DayNotReady(Exception):
     """The parsed day is not materialized, or its committed files no longer hold the committed bytes."""
 
 
-def committed_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
+def parsed_tables(spec: PipelineSpec) -> list[DayTable]:
+    """The Delta tables a parsed day publishes: the events by type and day (primary), and the
+    day's quarantine."""
+    from replay_defs.jsonl_files.parsing import QUARANTINE_SCHEMA, event_arrow_schema
+
+    return [
+        DayTable(spec.parsed_prefix, event_arrow_schema(spec.schema), (TYPE, DAY)),
+        DayTable(quarantine_table(spec), QUARANTINE_SCHEMA),
+    ]
+
+
+def quarantine_table(spec: PipelineSpec) -> str:
+    return f"quarantine/{spec.name}"
+
+
+def parsed_state(lake: Lake, spec: PipelineSpec, day: str) -> DayState | None:
+    """The parsed day's committed state (None before its first build)."""
+    return lake.state(owner(spec, PARSED), day, spec.parsed_prefix)
+
+
+def committed_parquet(lake: Lake, spec: PipelineSpec, day: str, state: DayState | None = None) -> list[str]:
     """The parsed day's Parquet files (lake-relative) as committed: a snapshot, never a glob."""
-    state = lake.state(owner(spec, PARSED), day)
+    state = state or parsed_state(lake, spec, day)
     if state is None:
         raise DayNotReady(f"parsed_events[{day}] is not materialized: materialize {spec.name}/parsed_events first")
-    return [f for f in state.files if f.startswith(spec.parsed_prefix + "/")]
+    return state.files_of(spec.parsed_prefix)
+
+
+def committed_quarantine(state: DayState, spec: PipelineSpec) -> list[str]:
+    return state.files_of(quarantine_table(spec))
 
 
 def verified_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
     """`committed_parquet`, after checking each file still holds the committed bytes (its hash):
     what a step that builds on the day (projections, redrive) may read."""
-    committed = committed_parquet(lake, spec, day)
-    damaged = lake.damaged_files(owner(spec, PARSED), day, committed)
+    state = parsed_state(lake, spec, day)
+    committed = committed_parquet(lake, spec, day, state)
+    damaged = lake.damaged_files(state, committed)
     if damaged:
         raise DayNotReady(
             f"parsed_events[{day}]: {len(damaged)} committed file(s) no longer hold the committed bytes, refusing to read "

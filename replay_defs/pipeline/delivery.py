@@ -60,10 +60,7 @@ def expected_messages(lake: Lake, spec: PipelineSpec, day: str, parsed_files: li
     if not parsed_files:
         return [], []
     if spec.redrive.unit == "event":
-        rows = duckdb.execute(
-            f"SELECT DISTINCT {ident(spec.schema.id_field)} FROM read_parquet($files)",
-            {"files": [str(lake.path(f)) for f in parsed_files]},
-        ).fetchall()
+        rows = lake.sql(parsed_files, f"SELECT DISTINCT {ident(spec.schema.id_field)} FROM files")
         return [r[0] for r in rows], []
     batch = raw_file_batch(lake, select_source_refs(lake, spec, day, parsed_files, None, "day"))
     ids = [m for m, why in zip(batch.ids, batch.drop) if why is None]
@@ -72,8 +69,8 @@ def expected_messages(lake: Lake, spec: PipelineSpec, day: str, parsed_files: li
 
 def raw_file_message(lake: Lake, source_ref: str) -> tuple[str, dict, None]:
     """The telemetry redrive's SQS payload: {"kind": "redrive_raw_file", "bucket": ..., "key": ...}."""
-    rel = lake.rel_from_uri(source_ref)
-    body = {"kind": "redrive_raw_file", "bucket": lake.root.name, "key": rel, "source_ref": source_ref}
+    bucket, key = lake.storage.bucket_key(lake.rel_from_uri(source_ref))
+    body = {"kind": "redrive_raw_file", "bucket": bucket, "key": key, "source_ref": source_ref}
     return message_id(source_ref), body, None
 
 
@@ -116,10 +113,9 @@ def select_source_refs(
         files = _parquet_selection(lake, spec, parsed_files, mode, uri, event_type)
         if not files:
             return {}
-        rows = duckdb.execute(
-            f'SELECT "{spec.schema.type_field}", source_ref FROM read_parquet($files) GROUP BY ALL ORDER BY ALL',
-            {"files": [str(lake.path(f)) for f in files]},
-        ).fetchall()
+        rows = lake.sql(
+            files, f"SELECT {ident(spec.schema.type_field)}, source_ref FROM files GROUP BY ALL ORDER BY ALL"
+        )
         out: dict[str, list[str]] = {}
         for t, ref in rows:
             out.setdefault(t, []).append(ref)
@@ -154,7 +150,7 @@ def raw_file_batch(lake: Lake, refs_by_type: dict[str | None, list[str]]) -> Bat
     refs = sorted(seen)
     batch = Batch.of([raw_file_message(lake, ref) for ref in refs])
     batch.types = [seen[r] for r in refs]
-    batch.drop = [None if lake.path(lake.rel_from_uri(r)).exists() else "source_missing" for r in refs]
+    batch.drop = [None if lake.exists(lake.rel_from_uri(r)) else "source_missing" for r in refs]
     return batch
 
 
@@ -179,7 +175,7 @@ def event_batches(
     if not files:
         return
     schema = spec.schema
-    where, params = "TRUE", {"files": [str(lake.path(f)) for f in files]}
+    where, params = "TRUE", {}
     if mode == "file":
         if not uri:
             raise ValueError("mode 'file' needs `uri`: a raw file whose events to send")
@@ -203,7 +199,7 @@ def event_batches(
     sql = (
         f"SELECT {ident(schema.id_field)} AS id, {ident(schema.type_field)} AS type, "
         f"encode(coalesce(CAST({key} AS VARCHAR), '')) AS key, encode(to_json(struct_pack({', '.join(fields)}))) AS body "
-        f"FROM read_parquet($files) WHERE {where} ORDER BY {ident(schema.time_field)}, id"
+        f"FROM files WHERE {where} ORDER BY {ident(schema.time_field)}, id"
     )
     con = duckdb.connect()
     try:
@@ -212,6 +208,7 @@ def event_batches(
         # so a redrive's memory stays bounded by the batch, not the partition.
         con.execute(f"SET memory_limit = '{SORT_MEMORY}'")
         con.execute("SET temp_directory = $dir", {"dir": tempfile.gettempdir() + "/event-replay-duckdb-spill"})
+        con.register("files", lake.dataset(files))
         for rb in con.sql(sql, params=params).to_arrow_reader(batch_rows):
             yield Batch(
                 rb.column("id").to_pylist(),
