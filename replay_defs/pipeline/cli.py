@@ -70,6 +70,17 @@ def _add_day_commands(sub) -> None:
     r.add_argument("--to", type=int, help="restore this kept version instead (also a newer one: undoes a rollback)")
     r.set_defaults(fn=cmd_rollback)
 
+    va = sub.add_parser(
+        "vacuum",
+        help="delete lake files no version within the retention uses (dry run unless --yes)",
+        description="Deletes the Delta tables' files that no version newer than the retention "
+        "(EVENT_REPLAY_LAKE_RETENTION_HOURS, default 168) uses, and files killed writers left behind. "
+        "Versions older than the retention can no longer be rolled back to. Without --yes it only lists what it would delete.",
+    )
+    va.add_argument("--hours", type=int, help="retention in hours (default: the deployment's)")
+    va.add_argument("--yes", action="store_true", help="delete (default: only count)")
+    va.set_defaults(fn=cmd_vacuum)
+
 
 def _lake(defs):
     return defs.resources["lake"].process_config_and_initialize().get()
@@ -367,6 +378,25 @@ def cmd_verify(args) -> None:
     )
     if bad:
         sys.exit(1)
+
+
+# ---- retention ----------------------------------------------------------------------------------
+
+
+def cmd_vacuum(args) -> None:
+    from replay_defs.definitions import defs
+    from replay_defs.ingestion_refill.spec import refill_tables
+    from replay_defs.pipeline.committed import parsed_tables
+    from replay_defs.pipelines import PIPELINES, REFILLS
+
+    lake = _lake(defs)
+    tables = [t.rel for spec in PIPELINES for t in parsed_tables(spec)]
+    tables += [t.rel for spec in REFILLS for t in refill_tables(spec)]
+    hours = lake.retention_hours if args.hours is None else args.hours
+    removed = lake.vacuum(tables, hours, dry_run=not args.yes)
+    for table, n in removed.items():
+        print(f"{table}: {n} file(s) {'deleted' if args.yes else 'would be deleted'}")
+    print(f"retention {hours} h; {'done' if args.yes else 'dry run: add --yes to delete'}")
 
 
 # ---- rollback -----------------------------------------------------------------------------------
