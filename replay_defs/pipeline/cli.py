@@ -309,7 +309,7 @@ def cmd_demo(args) -> None:
     if args.days >= 2 and not args.no_bug_story:
         _demo_bug_story(days[1], lake_root)
     print(
-        "\nColumns: ver = lake version of the day; in/out = events that crossed midnight (event time vs. arrival);\n"
+        "\nColumns: ver = the Delta table version that committed the day; in/out = events that crossed midnight (event time vs. arrival);\n"
         "proj. = daily_counts total; sent/skip = redrive messages sent / already delivered.\n"
         "Open the UI with `./dev ui` (http://127.0.0.1:3000) to see runs, per-day metadata and checks."
     )
