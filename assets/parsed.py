@@ -8,10 +8,15 @@ from pydantic import Field
 
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, owner
-from replay_defs.pipeline.committed import parsed_state, parsed_tables, quarantine_table
+from replay_defs.pipeline.committed import TYPE, parsed_state, parsed_tables, quarantine_table
 from replay_defs.pipeline.shrink import unconsented_shrink
 from replay_defs.pipeline.spec import PipelineSpec
 
+ONLY_TYPE = Field(
+    default=None,
+    description="Rebuild only this event type of the day: its events are replaced, the other types' stay as committed "
+    "(the day's quarantine is replaced whole, as the parse reads every line again).",
+)
 ALLOW_SHRINK = Field(
     default=False,
     description="Consent to a new version holding fewer events of a type than the one it replaces (beyond the "
@@ -27,11 +32,13 @@ def publish_parsed_day(
     log,
     allow_shrink: bool,
     build: Callable[[Path], dict],
+    only_type: str | None = None,
 ) -> dict:
     """A parsed day's new version, the same steps for every source kind: under the day's lock,
-    finish or drop what an interrupted earlier run left (`recover`), stage the new version
+    drop the staging an interrupted earlier run left (`recover`), stage the new version
     (`build(staging dir)` writes it there and returns its counts), and publish it with the shrink
-    baseline its check compares with. Returns the counts, with the published version."""
+    baseline its check compares with (`only_type`: replace only that type's events of the day).
+    Returns the counts, with the published version."""
     own = owner(spec, PARSED)
     with lake.lock(own, day):
         if lake.recover(own, day):
@@ -40,7 +47,8 @@ def publish_parsed_day(
         staged = lake.new_staging(own, day)
         stats = build(staged)
         stats.update(previous=previous, allow_shrink=allow_shrink)
-        state = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id)
+        only = {TYPE: only_type} if only_type else None
+        state = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id, only=only)
         stats["version"] = state.version
         return stats
 

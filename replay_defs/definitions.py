@@ -71,19 +71,17 @@ def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
 def _system_resources() -> dict:
     """The resources of every code location: the lake, the stores, S3, ClickHouse, Postgres."""
     duckdb_path = deployed(DUCKDB)
+    # S3 (moto or MinIO via the endpoint): the lake when it is on S3, and refill sources there.
+    s3 = S3Resource(
+        endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
+    )
     return {
         "lake": LakeResource(
-            root=deployed(LAKE),
-            s3_endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None),
-            region=_setting("AWS_REGION", "us-east-1"),
-            retention_hours=deployed(("EVENT_REPLAY_LAKE_RETENTION_HOURS", 168)),
+            root=deployed(LAKE), s3=s3, retention_hours=deployed(("EVENT_REPLAY_LAKE_RETENTION_HOURS", 168))
         ),
         "store": StoreResource(path=duckdb_path),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
-        # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
-        "s3": S3Resource(
-            endpoint_url=_setting("EVENT_REPLAY_S3_ENDPOINT", None), region_name=_setting("AWS_REGION", "us-east-1")
-        ),
+        "s3": s3,
         "projection_replay": ProjectionReplayResource(
             redis_url=_setting("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
             postgres_url=_setting("EVENT_REPLAY_POSTGRES_URL", ""),

@@ -105,7 +105,9 @@ def test_a_changed_committed_file_on_s3_fails_the_blocking_check(s3_lake, env, d
 
     day = DEMO_DAYS[0]
     assert run_range(defs, instance, day, day).success
-    lake = defs.resources["lake"].process_config_and_initialize().get()
+    from replay_defs.pipeline.cli import _lake
+
+    lake = _lake(defs)
     assert stale_files(lake, TELEMETRY, day).passed
     victim = committed_parquet(lake, TELEMETRY, day)[0]
     s3, key = moto.client("s3"), f"{BUCKET_PREFIX}/{victim}"
@@ -162,3 +164,32 @@ def test_two_workers_on_different_days_produce_what_one_does(env, moto, s3_lake,
         rows = outsider_rows(moto, s3_lake["uri"], "telemetry_flat", day)
         ids = rows.column("event_id").to_pylist()
         assert len(ids) == len(set(ids)) == sum(read_truth(s3_lake["truth"], day).values()), day
+
+
+def test_a_type_rebuild_replaces_only_that_types_files(s3_lake, env, defs, instance, moto):
+    from replay_defs.pipeline.cli import _lake
+    from replay_defs.pipeline.committed import parsed_state
+    from replay_defs.pipelines import TELEMETRY
+
+    day = DEMO_DAYS[1]
+    assert run_range(defs, instance, day, day).success
+    lake = _lake(defs)
+    before = parsed_state(lake, TELEMETRY, day)
+    config = {"ops": {"telemetry__parsed_events": {"config": {"type": "lock"}}}}
+    result = run_range(defs, instance, day, day, run_config=config)
+    assert result.success
+    after = parsed_state(lake, TELEMETRY, day)
+    assert after.version > before.version
+
+    def files(state, t):
+        return {f for f in state.files_of(TELEMETRY.parsed_prefix) if f"/type={t}/" in f}
+
+    assert files(after, "lock") and files(after, "lock").isdisjoint(files(before, "lock"))
+    for t in ("bridge", "video_doorbell"):
+        assert files(after, t) == files(before, t), t  # untouched: the same committed files
+    rows = outsider_rows(moto, s3_lake["uri"], "telemetry_flat", day)
+    by_type = {}
+    for t in rows.column("type").to_pylist():
+        by_type[t] = by_type.get(t, 0) + 1
+    assert by_type == read_truth(s3_lake["truth"], day)
+    assert all(check_verdicts(result).values())

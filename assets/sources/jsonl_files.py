@@ -5,6 +5,7 @@ of the parser; parsed_events[D] parses them and the neighbours' files of the lat
 worker processes; two checks only files have (a raw file arrived or changed since the build; events
 outside the lateness window); and a sensor re-checks days whose raw files changed."""
 
+import builtins
 import math
 import os
 import time
@@ -17,7 +18,7 @@ from pydantic import Field
 
 from assets.checks import DayCheck, count_rows, not_built
 from assets.common import DayVerdict, asset_key, pipeline_asset, pipeline_pool
-from assets.parsed import ALLOW_SHRINK, publish_parsed_day, shrink_metadata, staged_quarantine
+from assets.parsed import ALLOW_SHRINK, ONLY_TYPE, publish_parsed_day, shrink_metadata, staged_quarantine
 from partitions import event_time_mapping
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, manifest_name, owner
@@ -155,9 +156,10 @@ class ParseConfig(dg.Config):
         description="Demo only: parse timestamps as if UTC were US/Pacific (+8h), producing a wrong partition.",
     )
     allow_shrink: bool = ALLOW_SHRINK
+    type: str | None = ONLY_TYPE
 
     @property
-    def decoder(self) -> type[EventDecoder]:
+    def decoder(self) -> builtins.type[EventDecoder]:  # `type` here is the field
         """The parser the run deploys: the demo's buggy one when asked for, else the real one."""
         return PacificClockDecoder if self.simulate_parser_bug else EventDecoder
 
@@ -273,7 +275,11 @@ def materialize_day(lake: Lake, spec: PipelineSpec, day: str, config: ParseConfi
         stats["sources"] = sources
         return stats
 
-    return publish_parsed_day(lake, spec, day, run_id, log, config.allow_shrink, parse)
+    if config.type is not None and config.type not in spec.schema.known_types:
+        raise dg.Failure(
+            f"type {config.type!r} is not a known type of {spec.name}: {', '.join(spec.schema.known_types)}"
+        )
+    return publish_parsed_day(lake, spec, day, run_id, log, config.allow_shrink, parse, only_type=config.type)
 
 
 def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:

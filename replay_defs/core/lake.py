@@ -260,8 +260,11 @@ class Lake:
         token = uuid.uuid4().hex[:12]
         for table in tables:
             base = Path(staged, table.rel)
+            partial = only and set(only) <= set(table.partition_by)
             for local in sorted(base.rglob("*.parquet")) if base.is_dir() else []:
                 inner = local.relative_to(base).as_posix()
+                if partial and not _matches(f"{table.rel}/{inner}", table.rel, only):
+                    continue  # a partial rebuild publishes only the part it rebuilds
                 dirs, name = inner.rsplit("/", 1) if "/" in inner else ("", inner)
                 rel = f"{table.rel}/{dirs + '/' if dirs else ''}{name.removesuffix('.parquet')}-{token}.parquet"
                 entries[rel] = {

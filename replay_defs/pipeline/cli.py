@@ -83,7 +83,9 @@ def _add_day_commands(sub) -> None:
 
 
 def _lake(defs):
-    return defs.resources["lake"].process_config_and_initialize().get()
+    """The code location's lake, its settings resolved as a run would."""
+    with defs.resources["lake"].process_config_and_initialize_cm() as lake:
+        return lake.get()
 
 
 # ---- per-day counts and check verdicts ----------------------------------------------------------
