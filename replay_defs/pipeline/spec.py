@@ -121,6 +121,7 @@ class JsonlSourceSpec:
 
     prefix: str
     suffixes: tuple[str, ...] = (".gz", ".jsonl", ".json")
+    kind: Literal["jsonl"] = "jsonl"
 
 
 @dataclass(frozen=True)
