@@ -62,23 +62,14 @@ def days_between(start: str, end: str) -> list[str]:
 def find_spec(name: str, refills: bool = False):
     """The served pipeline spec (or, with `refills`, also the refill spec) called `name`: shipped
     or declared in EVENT_REPLAY_PIPELINES (`replay_defs.pipelines.served`)."""
-    pipelines, refill_specs = served_specs()
+    from replay_defs.pipelines import served
+
+    pipelines, refill_specs = served()
     specs = (*pipelines, *refill_specs) if refills else pipelines
     for spec in specs:
         if spec.name == name:
             return spec
     raise SystemExit(f"no pipeline {name!r}; known: {', '.join(p.name for p in specs)}")
-
-
-def served_specs() -> tuple[tuple, tuple]:
-    """(pipelines, refills) the code location serves; a bad declaration ends the command with its message."""
-    from replay_defs.pipeline.declared import DeclarationError
-    from replay_defs.pipelines import served
-
-    try:
-        return served()
-    except DeclarationError as exc:
-        raise SystemExit(str(exc)) from None
 
 
 def resolve(value) -> str:

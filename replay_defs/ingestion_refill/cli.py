@@ -13,7 +13,6 @@ from replay_defs.cli_common import (
     failed_steps,
     run_in_process,
     run_status,
-    served_specs,
 )
 from replay_defs.core.redact import redact
 
@@ -58,7 +57,9 @@ def register(sub) -> None:
 def cmd_refill(args) -> None:
     """Collect the keys of the days from the access logs and enqueue one ingestion job per key."""
     ensure_dagster_home()
-    refills = served_specs()[1]
+    from replay_defs.pipelines import served
+
+    refills = served()[1]
     spec = next((r for r in refills if r.name == args.refill), None)
     if spec is None:
         raise SystemExit(f"no refill {args.refill!r}; known: {', '.join(r.name for r in refills)}")

@@ -180,7 +180,9 @@ def _load_python(ref: str) -> tuple[tuple, tuple]:
     except ValueError as exc:  # a spec's own check, raised while the module builds it
         raise DeclarationError(f"{ref}: {exc}") from None
     except ImportError as exc:
-        raise DeclarationError(f"{PIPELINES_ENV}: cannot import {ref}: {exc}") from None
+        raise DeclarationError(
+            f"{PIPELINES_ENV}: cannot import {ref} ({exc}): name a .yaml/.yml file, a .py file or an importable module"
+        ) from None
     if not hasattr(module, "PIPELINES"):
         raise DeclarationError(f"{ref} defines no PIPELINES (a tuple of PipelineSpec)")
     from replay_defs.ingestion_refill.spec import RefillSpec
@@ -210,7 +212,7 @@ class _StrictLoader(yaml.SafeLoader):
 # ---- values -> spec classes --------------------------------------------------------------------------
 
 
-def _build(hint, value, at: str):  # long: one branch per kind of annotation the spec classes use
+def _build(hint, value, at: str):
     """`value` (from YAML) as an instance of the annotation `hint`, checked on the way."""
     origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
