@@ -279,6 +279,15 @@ def test_the_example_file_runs_a_day_with_nested_fields(env, instance, monkeypat
     assert row[2:6] == [str(raw_lines), str(GOOD), "1", str(len(BAD_LINES))], status
 
 
+def test_the_readme_shows_the_example_file(tmp_path):
+    """The README's walk-through declares what examples/pipelines.yaml declares."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme.split("\n## Your own data\n", 1)[1]
+    shown = tmp_path / "pipelines.yaml"
+    shown.write_text(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert load_yaml(shown) == load_yaml(EXAMPLE)
+
+
 # ---- a Python declaration -------------------------------------------------------------------------------
 
 MODULE = """
