@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", module="dagster")
     warnings.filterwarnings("ignore", message=".*(beta|preview).*")
     args = build_parser().parse_args(argv)
+    from replay_defs.pipeline.declared import DeclarationError
+
     with secrets_masked():  # an error that escapes prints without the passwords it may quote
-        args.fn(args)
+        try:
+            args.fn(args)
+        except DeclarationError as exc:  # the user's pipelines or sink settings: their message says where
+            raise SystemExit(f"event-replay: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -60,10 +60,12 @@ def days_between(start: str, end: str) -> list[str]:
 
 
 def find_spec(name: str, refills: bool = False):
-    """The pipeline spec (or, with `refills`, also the refill spec) called `name`."""
-    from replay_defs.pipelines import PIPELINES, REFILLS
+    """The served pipeline spec (or, with `refills`, also the refill spec) called `name`: shipped
+    or declared in EVENT_REPLAY_PIPELINES (`replay_defs.pipelines.served`)."""
+    from replay_defs.pipelines import served
 
-    specs = (*PIPELINES, *REFILLS) if refills else PIPELINES
+    pipelines, refill_specs = served()
+    specs = (*pipelines, *refill_specs) if refills else pipelines
     for spec in specs:
         if spec.name == name:
             return spec

@@ -1,4 +1,6 @@
-"""The code location: Definitions built from the pipeline specs in `replay_defs/pipelines.py`.
+"""The code location: Definitions built from the pipeline specs `replay_defs.pipelines.served()`
+returns: the shipped ones and the user's own (EVENT_REPLAY_PIPELINES, EVENT_REPLAY_SHIPPED_PIPELINES,
+EVENT_REPLAY_SINK__<PIPELINE>: `replay_defs/pipeline/declared.py`).
 
 Storage locations come from env vars, with an embedded default under ./data (a sink's variables
 are declared by its module in `replay_defs/sinks/`, `SINK.settings`):
@@ -25,7 +27,7 @@ from assets.projection_replay import build_projection_replay
 from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
 from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, deployed
-from replay_defs.pipelines import PIPELINES, REFILLS
+from replay_defs.pipelines import served
 from replay_defs.sinks import sink_type, sink_types
 from resources import (
     ClickHouseResource,
@@ -43,7 +45,12 @@ def _setting(env: str, default: str):
     return deployed((env, default))
 
 
-def build_definitions(pipelines=PIPELINES, refills=REFILLS) -> dg.Definitions:
+def build_definitions(pipelines=None, refills=None) -> dg.Definitions:
+    """The code location of `pipelines` and `refills` (each, when None: what `served()` gives)."""
+    if pipelines is None or refills is None:
+        in_force = served()
+        pipelines = in_force[0] if pipelines is None else pipelines
+        refills = in_force[1] if refills is None else refills
     assets, checks, jobs, sensors = [], [], [], []
     for built in [*map(build_pipeline, pipelines), *map(build_refill, refills)]:
         assets += built.assets

@@ -1,4 +1,8 @@
-"""The pipelines this code location serves, each declared as a spec."""
+"""The pipelines shipped with the project, each declared as a spec, and `served()`: what the code
+location serves (these, as the environment keeps them, plus the user's own declared in
+EVENT_REPLAY_PIPELINES, with sinks from EVENT_REPLAY_SINK__<NAME>: `replay_defs/pipeline/declared.py`)."""
+
+import os
 
 from replay_defs.ingestion_refill.spec import RefillSpec
 from replay_defs.pipeline.spec import (
@@ -155,3 +159,12 @@ INGESTION_REFILL = RefillSpec(
 )
 
 REFILLS = (INGESTION_REFILL,)
+
+
+def served() -> tuple[tuple[PipelineSpec, ...], tuple[RefillSpec, ...]]:
+    """(pipelines, refills) this code location serves, read from the environment each call: the
+    shipped ones that EVENT_REPLAY_SHIPPED_PIPELINES keeps (default all), then those declared in
+    EVENT_REPLAY_PIPELINES, each with its EVENT_REPLAY_SINK__<NAME> sink. Raises DeclarationError."""
+    from replay_defs.pipeline.declared import serve
+
+    return serve(PIPELINES, REFILLS, os.environ)

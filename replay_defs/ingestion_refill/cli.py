@@ -57,11 +57,12 @@ def register(sub) -> None:
 def cmd_refill(args) -> None:
     """Collect the keys of the days from the access logs and enqueue one ingestion job per key."""
     ensure_dagster_home()
-    from replay_defs.pipelines import REFILLS
+    from replay_defs.pipelines import served
 
-    spec = next((r for r in REFILLS if r.name == args.refill), None)
+    refills = served()[1]
+    spec = next((r for r in refills if r.name == args.refill), None)
     if spec is None:
-        raise SystemExit(f"no refill {args.refill!r}; known: {', '.join(r.name for r in REFILLS)}")
+        raise SystemExit(f"no refill {args.refill!r}; known: {', '.join(r.name for r in refills)}")
     days = days_between(args.start, args.end or args.start)
     t0 = time.time()
     result = run_in_process(f"{spec.name}_replay", refill_config(spec, args), days=days)

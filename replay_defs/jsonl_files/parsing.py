@@ -275,7 +275,8 @@ def _classify(exc: Exception, line: bytes) -> str:
         if "missing required field" in msg:
             return "missing_field"
         if msg.startswith("Expected `object`"):
-            return "not_an_object"
+            # The line itself, or (`... - at `$.envelope``) a value on a field's path.
+            return "wrong_type" if " - at `$" in msg else "not_an_object"
         if re.match(r"Expected `\w+` (of length|[<>]=?)", msg):
             return "invalid_value"  # right type, value out of range (e.g. an empty id)
         if msg.startswith("Expected `"):
@@ -284,27 +285,81 @@ def _classify(exc: Exception, line: bytes) -> str:
     return "malformed_json"
 
 
+def _event_struct(schema: EventSchema) -> tuple[type, dict[str, Any]]:
+    """The msgspec Struct a line decodes into, and per field name the getter of its value.
+
+    A field's path becomes nested Structs (an object holding a required field is required itself;
+    msgspec skips every key no field asks for, at any depth). A leaf's attribute is its field name;
+    the JSON keys come in through `rename`, so a flat schema whose paths are its names is the same
+    single Struct read by C-level attrgetters as before paths existed.
+    """
+    names = {f.name for f in schema.fields}
+    held = {f.keys[:depth] for f in schema.fields if f.required for depth in range(1, len(f.keys))}
+    tree: dict = {}
+    for f in schema.fields:
+        node = tree
+        for key in f.keys[:-1]:
+            node = node.setdefault(key, {})
+        node[f.keys[-1]] = f
+    objects = (f"obj{i}" for i in range(1 << 16) if f"obj{i}" not in names)
+    chains: dict[str, tuple[str, ...]] = {}
+
+    def build(node: dict, struct_name: str, keys: tuple[str, ...], attrs: tuple[str, ...]) -> type:
+        members, rename = [], {}
+        for key, child in node.items():
+            if isinstance(child, dict):
+                attr = next(objects)
+                typ = build(child, f"{struct_name}_{attr}", (*keys, key), (*attrs, attr))
+                required = (*keys, key) in held
+            else:
+                attr, typ, required = child.name, _MSGSPEC_TYPES[child.type], child.required
+                if child.name == schema.id_field:
+                    typ = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+                chains[child.name] = (*attrs, attr)
+            rename[attr] = key
+            if required:
+                members.append((attr, typ))
+            else:  # Raw cannot be in a union; a missing json field still defaults to None
+                members.append((attr, typ if typ is msgspec.Raw else typ | None, None))
+        # Required fields must come before optional ones in a Struct.
+        members.sort(key=lambda m: len(m) == 3)
+        renamed = {a: k for a, k in rename.items() if a != k} or None
+        return msgspec.defstruct(struct_name, members, rename=renamed and rename)
+
+    event = build(tree, "Event", (), ())
+    getters = {}
+    for f in schema.fields:
+        through_optional = any(f.keys[:depth] not in held for depth in range(1, len(f.keys)))
+        getters[f.name] = (
+            _none_safe_getter(chains[f.name]) if through_optional else operator.attrgetter(".".join(chains[f.name]))
+        )
+    return event, getters
+
+
+def _none_safe_getter(attrs: tuple[str, ...]):
+    """A getter through objects that may be absent (None): their fields read as None."""
+
+    def get(event):
+        for attr in attrs:
+            event = getattr(event, attr)
+            if event is None:
+                return None
+        return event
+
+    return get
+
+
 class EventDecoder:
     """Validates lines against an `EventSchema` and converts good ones to an Arrow table."""
 
     def __init__(self, schema: EventSchema):
         self.schema = schema
-        fields = []
-        for f in schema.fields:
-            typ = _MSGSPEC_TYPES[f.type]
-            if f.name == schema.id_field:
-                typ = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-            if f.required:
-                fields.append((f.name, typ))
-            else:  # Raw cannot be in a union; a missing json field still defaults to None
-                fields.append((f.name, typ if f.type == "json" else typ | None, None))
-        # Required fields must come before optional ones in a Struct.
-        fields.sort(key=lambda x: len(x) == 3)
-        self.decoder = msgspec.json.Decoder(msgspec.defstruct("Event", fields))
+        event, getters = _event_struct(schema)
+        self.decoder = msgspec.json.Decoder(event)
         self.arrow_schema = event_arrow_schema(schema)
-        self._getters = [(f, operator.attrgetter(f.name)) for f in schema.fields]
+        self._getters = [(f, getters[f.name]) for f in schema.fields]
         self._timestamps = [get for f, get in self._getters if f.type == "timestamp"]
-        self._time_getter = operator.attrgetter(schema.time_field)
+        self._time_getter = getters[schema.time_field]
         self._known = pa.array(list(schema.known_types), pa.string()) if schema.known_types else None
 
     def to_table(self, events: list, line_nos: pa.Array, source_ref: str) -> pa.Table:

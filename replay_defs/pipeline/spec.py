@@ -1,7 +1,8 @@
 """Pipeline specs: what a pipeline is, declared as data.
 
 The asset factory (`assets/factory.py`) turns one `PipelineSpec` into that pipeline's assets,
-checks and job. Adding a pipeline means writing a spec in `replay_defs/pipelines.py`, not code.
+checks and job. Adding a pipeline means writing a spec, not code: in the user's own YAML file or
+module (`replay_defs/pipeline/declared.py`), or among the shipped ones in `replay_defs/pipelines.py`.
 This module imports nothing heavy so parse workers can load it quickly.
 """
 
@@ -21,15 +22,36 @@ FieldType = Literal["string", "int", "float", "bool", "timestamp", "json"]
 SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 # Event type values become `type=<value>` directories, so they are restricted too.
 SAFE_TYPE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A field's path has at most this many keys (`a.b.c` has 3).
+MAX_PATH_DEPTH = 8
 
 
 @dataclass(frozen=True)
 class Field:
-    """One top-level field of a JSON event. `json` keeps the value as raw JSON text."""
+    """One field of a JSON event: column `name` (a safe identifier), read from the dotted `path`
+    of keys into the JSON object (default: the top-level key `name`), e.g.
+    `Field("event_time", "timestamp", path="envelope.event_time")`. `json` keeps the value as raw
+    JSON text. A required field whose path goes through an absent object is missing; through a
+    value that is not an object, of the wrong type."""
 
     name: str
     type: FieldType
     required: bool = True
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            object.__setattr__(self, "path", self.name)
+        keys = self.path.split(".")
+        if not all(keys):
+            raise ValueError(f"field {self.name!r}: path {self.path!r} has an empty key (keys are separated by '.')")
+        if len(keys) > MAX_PATH_DEPTH:
+            raise ValueError(f"field {self.name!r}: path {self.path!r} is more than {MAX_PATH_DEPTH} keys deep")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The path's keys, outermost first."""
+        return tuple(self.path.split("."))
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,9 @@ class EventSchema:
         for name in names:
             if not SAFE_NAME.fullmatch(name):
                 raise ValueError(f"field name {name!r} is not a safe identifier")
+        if len(set(names)) != len(names):
+            raise ValueError(f"field names must be unique: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        _check_paths(self.fields)
         by_name = {f.name: f for f in self.fields}
         for role, name, want in (
             ("id_field", self.id_field, "string"),
@@ -72,12 +97,31 @@ class EventSchema:
                 raise ValueError(f"known type {value!r} is not safe in a path")
 
 
+def _check_paths(fields: tuple[Field, ...]) -> None:
+    """Each value has one place: no two fields read the same path, and no field reads an object
+    that another field's path goes through (`a` and `a.b`)."""
+    by_path = {}
+    for f in fields:
+        if f.path in by_path:
+            raise ValueError(f"fields {by_path[f.path].name!r} and {f.name!r} both read path {f.path!r}")
+        by_path[f.path] = f
+    for f in fields:
+        for depth in range(1, len(f.keys)):
+            outer = by_path.get(".".join(f.keys[:depth]))
+            if outer is not None:
+                raise ValueError(
+                    f"field {outer.name!r} reads {outer.path!r}, which field {f.name!r} (path {f.path!r}) "
+                    "needs to be an object"
+                )
+
+
 @dataclass(frozen=True)
 class JsonlSourceSpec:
     """Gzipped (or plain) JSONL files under `<prefix>/year=YYYY/month=MM/day=DD/hour=HH/`."""
 
     prefix: str
     suffixes: tuple[str, ...] = (".gz", ".jsonl", ".json")
+    kind: Literal["jsonl"] = "jsonl"
 
 
 @dataclass(frozen=True)
@@ -321,6 +365,9 @@ class PipelineSpec:
         if self.redrive.key_field is not None and self.redrive.key_field not in fields:
             raise ValueError(f"redrive key_field {self.redrive.key_field!r} is not a field of the schema")
         if isinstance(self.source, ClickHouseSourceSpec):
+            nested = [f.name for f in self.schema.fields if f.path != f.name]
+            if nested:
+                raise ValueError(f"fields {nested} have a path: a ClickHouse source maps its columns with `mapping`")
             if self.mapping is None:
                 raise ValueError("a ClickHouse source needs a mapping")
             targets = set(self.mapping.fields) | set(self.mapping.objects) | set(self.mapping.constants)
