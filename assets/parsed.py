@@ -1,6 +1,7 @@
 """What every source kind's parsed_events shares: how a day's new version is staged and published,
 and the shrink consent it is checked against."""
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from replay_defs.pipeline.spec import PipelineSpec
 
 ONLY_TYPE = Field(
     default=None,
-    description="Rebuild only this event type of the day: its events are replaced, the other types' stay as committed "
-    "(the day's quarantine is replaced whole, as the parse reads every line again).",
+    description="Rebuild only this event type of the day: its events are replaced; the other types' events and the "
+    "day's quarantine stay as committed.",
 )
 ALLOW_SHRINK = Field(
     default=False,
@@ -48,9 +49,22 @@ def publish_parsed_day(
         stats = build(staged)
         stats.update(previous=previous, allow_shrink=allow_shrink)
         only = {TYPE: only_type} if only_type else None
+        if only:
+            keep_only(staged, spec, only_type)
         state = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id, only=only)
         stats["version"] = state.version
         return stats
+
+
+def keep_only(staged: Path, spec: PipelineSpec, event_type: str) -> None:
+    """A one-type rebuild publishes that type's events only: the parse staged every type and the
+    day's quarantine, which stay as committed."""
+    for path in staged.iterdir():
+        if path.name != spec.parsed_prefix.split("/")[0]:
+            shutil.rmtree(path)
+    for path in Path(staged, spec.parsed_prefix).iterdir():
+        if path.name != f"{TYPE}={event_type}":
+            shutil.rmtree(path)
 
 
 def staged_quarantine(staged: Path, spec: PipelineSpec, day: str) -> Path:

@@ -17,8 +17,9 @@ A reader takes the day's state from the newest such commit and reads exactly its
 snapshot across types and tables, and verifiable by hash. A crash before the last commit leaves
 the previous state in force (the secondary table may be ahead; the check that compares the live
 tables with the state reports it until the day is rebuilt), and the uncommitted files are
-orphans that `vacuum(full=True)` removes. Concurrent writers of the same day: Delta's conflict
-check lets one commit win, the other fails and can be re-run; writers of different days both commit.
+orphans that `vacuum(full=True)` removes. Concurrent writers of the same day: one commit wins,
+the other fails (`DayConflict`) and can be re-run; writers of different days both commit
+(`_commit_table` retries a commit that lost only to other days).
 
 A rollback re-commits the files of an earlier state (still in the table until vacuumed), after
 checking their hashes, in one commit per table: no bytes are copied.
@@ -48,6 +49,7 @@ DAY = "day"  # the partition column every day table has
 _PARTITION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _OWNER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/[A-Za-z][A-Za-z0-9_]*$")
 META_KEY = "event_replay"
+COMMIT_ATTEMPTS = 20  # commits of other days this one may lose to before giving up
 
 
 def check_partition(partition: str) -> str:
@@ -73,6 +75,10 @@ class RawRef:
 
 class DamagedVersion(Exception):
     """A kept version whose files no longer match its recorded list and hashes."""
+
+
+class DayConflict(Exception):
+    """Another writer changed the day's files while this one was publishing (re-run it)."""
 
 
 @dataclass(frozen=True)
@@ -254,66 +260,97 @@ class Lake:
     ) -> DayState:
         """Publish the files under `staged/<table.rel>/<k=v>/…/*.parquet` as the day's new version
         of each table (see module docstring); `tables[0]` is the primary table. `only`: further
-        partition values ({"type": "lock"}) the new files replace; the day's other files stay."""
+        partition values ({"type": "lock"}) the new files replace; the day's other files stay,
+        and so do the tables not partitioned by them (a partial build stages none for those).
+        Every file is checked to sit in the partitions it replaces before any is moved."""
         check_partition(partition)
-        entries: dict[str, dict] = {}
+        if only and not set(only) <= set(tables[0].partition_by):
+            raise ValueError(f"{tables[0].rel} is not partitioned by {sorted(only)}: nothing to rebuild partially")
         token = uuid.uuid4().hex[:12]
+        placed = []  # (staged file, its lake path, its table)
         for table in tables:
             base = Path(staged, table.rel)
-            partial = only and set(only) <= set(table.partition_by)
             for local in sorted(base.rglob("*.parquet")) if base.is_dir() else []:
                 inner = local.relative_to(base).as_posix()
-                if partial and not _matches(f"{table.rel}/{inner}", table.rel, only):
-                    continue  # a partial rebuild publishes only the part it rebuilds
+                _check_placement(inner, table, partition, only)
                 dirs, name = inner.rsplit("/", 1) if "/" in inner else ("", inner)
-                rel = f"{table.rel}/{dirs + '/' if dirs else ''}{name.removesuffix('.parquet')}-{token}.parquet"
-                entries[rel] = {
-                    "table": table.rel,
-                    "size": local.stat().st_size,
-                    "sha256": _local_sha256(local),
-                    "rows": pq.ParquetFile(local).metadata.num_rows,
-                }
-                self.storage.put_file(local, rel, move=True)
+                placed.append((local, f"{table.rel}/{dirs}/{name.removesuffix('.parquet')}-{token}.parquet", table))
+        entries: dict[str, dict] = {}
+        for local, rel, table in placed:
+            entries[rel] = {
+                "table": table.rel,
+                "size": local.stat().st_size,
+                "sha256": _local_sha256(local),
+                "rows": pq.ParquetFile(local).metadata.num_rows,
+            }
+            self.storage.put_file(local, rel, move=True)
         state = self._commit_day(owner, partition, tables, entries, stats, run_id, only)
         shutil.rmtree(staged, ignore_errors=True)
         return state
 
     def _commit_day(self, owner, day, tables, entries, stats, run_id, only=None, extra=None) -> DayState:
-        from deltalake.transaction import CommitProperties
-
         with self.lock(owner, day):
-            current = self.state(owner, day, tables[0])
             partial = {t.rel for t in tables if only and set(only) <= set(t.partition_by)}
+            untouched = {t.rel for t in tables if only and t.rel not in partial}
+            # Each table's snapshot and the files this build replaces in it, taken before the state
+            # is read: a commit by anyone after this point is seen by `_commit_table`.
+            dts = {t.rel: self._table(t) for t in tables}
+            replaced = {t.rel: _selected(dts[t.rel], day, only if t.rel in partial else None) for t in tables}
+            current = self.state(owner, day, tables[0])
             for rel, e in (current.entries if current else {}).items():
-                # A partial rebuild keeps the day's files outside `only` in the tables split by it.
-                if e["table"] in partial and not _matches(rel, e["table"], only):
+                # A partial rebuild keeps the day's files outside `only`, and the tables it does not split.
+                if e["table"] in untouched or (e["table"] in partial and not _matches(rel, e["table"], only)):
                     entries.setdefault(rel, e)
             state = DayState(0, entries, stats, run_id, datetime.now(timezone.utc).isoformat(timespec="seconds"))
             for table in [*tables[1:], tables[0]]:  # the primary table commits last
-                dt = self._table(table)
+                if table.rel in untouched:
+                    state.tables[table.rel] = dts[table.rel].version()
+                    continue
                 adds = [
                     _add_action(rel, e, table)
                     for rel, e in entries.items()
                     if e["table"] == table.rel and (table.rel not in partial or _matches(rel, table.rel, only))
                 ]
-                filters = [(DAY, "=", day)]
-                if table.rel in partial:
-                    filters += [(k, "=", v) for k, v in only.items()]
                 meta = {"owner": owner, "day": day, "commit": uuid.uuid4().hex}
                 if table is tables[0]:
                     meta.update(state.to_meta(), **(extra or {}))
+                table_only = only if table.rel in partial else None
+                state.tables[table.rel] = self._commit_table(
+                    dts[table.rel], table, day, table_only, adds, replaced[table.rel], meta
+                )
+            state.version = state.tables[tables[0].rel]
+            return state
+
+    def _commit_table(self, dt, table: DayTable, day: str, only, adds, replaced: set[str], meta: dict) -> int:
+        """Replace the day's files (those `only` selects) with `adds` in one commit; its version.
+        Delta's own retry would count this overwrite as a read of the whole table (a concurrent
+        commit of another day fails it) and would let two first builds of a day both add their
+        files. So the commit is tried without it, and retried here only while the files it
+        replaces are still the ones this build saw: another writer of the day makes it fail."""
+        from deltalake.exceptions import CommitFailedError
+        from deltalake.transaction import CommitProperties
+
+        filters = [(DAY, "=", day)] + [(k, "=", v) for k, v in (only or {}).items()]
+        props = CommitProperties(custom_metadata={META_KEY: json.dumps(meta)}, max_commit_retries=0)
+        for _ in range(COMMIT_ATTEMPTS):
+            version = dt.version() + 1  # without retries the commit lands exactly there or fails
+            try:
                 dt.create_write_transaction(
                     adds,
                     "overwrite",
                     table.full_schema(),
                     partition_by=list(table.partition_by),
                     partition_filters=filters,
-                    commit_properties=CommitProperties(custom_metadata={META_KEY: json.dumps(meta)}),
+                    commit_properties=props,
                 )
+                return version
+            except CommitFailedError:
                 dt.update_incremental()
-                state.tables[table.rel] = dt.version()
-            state.version = state.tables[tables[0].rel]
-            return state
+                if _selected(dt, day, only) != replaced:
+                    raise DayConflict(
+                        f"{table.rel} {day}: another writer changed the day while this build was publishing; re-run it"
+                    ) from None
+        raise DayConflict(f"{table.rel} {day}: {COMMIT_ATTEMPTS} commits lost to other writers; re-run it")
 
     def _table(self, table: DayTable):
         """The Delta table, created empty (schema, partitions) the first time."""
@@ -497,6 +534,36 @@ class Lake:
                 )
                 out[rel] = len(removed)
         return out
+
+
+def _check_placement(inner: str, table: DayTable, day: str, only: dict[str, str] | None) -> None:
+    """A staged file (`inner`: its path in the table) must sit under the table's partitions, in
+    the day published and, in a partial rebuild, in the partitions `only` names."""
+    where = f"{table.rel}/{inner}"
+    if only and not set(only) <= set(table.partition_by):
+        raise ValueError(
+            f"{where}: {table.rel} is not partitioned by {sorted(only)}; a partial build cannot replace it"
+        )
+    parts = dict(p.split("=", 1) for p in inner.split("/")[:-1] if "=" in p)
+    missing = [c for c in table.partition_by if c not in parts]
+    if missing:
+        raise ValueError(f"{where}: no {missing} in its path; a {table.rel} file must sit under {table.partition_by}")
+    want = {DAY: day, **(only or {})}
+    wrong = {k: parts[k] for k, v in want.items() if parts[k] != v}
+    if wrong:
+        raise ValueError(f"{where}: staged under {wrong}, but this build replaces {want}")
+
+
+def _selected(dt, day: str, only: dict[str, str] | None) -> set[str]:
+    """The files of `dt`'s snapshot in the day (and the `only` partitions), table-relative."""
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    if not adds.num_rows:
+        return set()
+    cols = {c: adds[f"partition.{c}"].to_pylist() for c in (DAY, *(only or {}))}
+    want = {DAY: day, **(only or {})}
+    return {
+        path for i, path in enumerate(adds["path"].to_pylist()) if all(str(cols[c][i]) == v for c, v in want.items())
+    }
 
 
 def _matches(rel: str, table: str, only: dict[str, str]) -> bool:

@@ -183,7 +183,8 @@ class Storage:
         """All or nothing: a local file is written to a temp name and renamed; an S3 PUT is atomic."""
         path = self.path(rel)
         if not self.is_local:
-            with self.fs.open_output_stream(path) as f:
+            # compression=None: pyarrow would otherwise gzip a `.gz` name's bytes once more.
+            with self.fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         target = Path(path)

@@ -175,7 +175,7 @@ def event_batches(
     if not files:
         return
     schema = spec.schema
-    where, params = "TRUE", {}
+    where, params = "TRUE", {}  # the files are registered as the relation `files`
     if mode == "file":
         if not uri:
             raise ValueError("mode 'file' needs `uri`: a raw file whose events to send")
@@ -208,8 +208,7 @@ def event_batches(
         # so a redrive's memory stays bounded by the batch, not the partition.
         con.execute(f"SET memory_limit = '{SORT_MEMORY}'")
         con.execute("SET temp_directory = $dir", {"dir": tempfile.gettempdir() + "/event-replay-duckdb-spill"})
-        con.register("files", lake.dataset(files))
-        for rb in con.sql(sql, params=params).to_arrow_reader(batch_rows):
+        for rb in con.register("files", lake.dataset(files)).sql(sql, params=params).to_arrow_reader(batch_rows):
             yield Batch(
                 rb.column("id").to_pylist(),
                 rb.column("body").to_pylist(),
