@@ -288,7 +288,7 @@ CHECKS = (
     DayCheck(
         "no_duplicate_event_ids",
         PARSED,
-        "Rows against distinct event ids over every Parquet file of the day on disk (committed or not).",
+        "Rows against distinct event ids over the day's files in the Delta table now (committed by this project or not).",
         lambda r, spec, d: duplicate_ids(r.lake.get(), spec, d),
     ),
     DayCheck(
@@ -301,8 +301,8 @@ CHECKS = (
     DayCheck(
         "no_stale_files",
         PARSED,
-        "The files in the day's directories against the committed version's list, sizes and SHA-256 "
-        "hashes (recorded from the staged files before publishing).",
+        "The day's files in the Delta tables and in the store against the committed version's list, sizes "
+        "and SHA-256 hashes (recorded from the staged files before publishing).",
         lambda r, spec, d: stale_files(r.lake.get(), spec, d),
     ),
     DayCheck(

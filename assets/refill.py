@@ -233,7 +233,7 @@ def build_refill_checks(spec: RefillSpec) -> list[dg.AssetChecksDefinition]:
         name="no_duplicate_keys",
         partitions_def=parts,
         blocking=True,
-        description="No key appears twice in the day's key files (all files present, committed or not).",
+        description="No key appears twice among the day's files in the keys' Delta table now (committed by this project or not).",
     )
     def no_duplicate_keys_check(context: dg.AssetCheckExecutionContext, lake: LakeResource):
         return check_each_day(context, keys, "no_duplicate_keys", lambda d: no_duplicate_keys(lake.get(), spec, d))

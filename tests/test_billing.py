@@ -9,6 +9,7 @@ import json
 import os
 import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
@@ -19,6 +20,8 @@ from services import Tansu
 
 from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection
 from replay_defs.core.clickhouse import ClickHouse
+from replay_defs.core.lake import Lake
+from replay_defs.pipeline.committed import committed_parquet, committed_quarantine, parsed_state
 from replay_defs.pipelines import BILLING, BILLING_RAW_EVENTS_DDL
 from replay_defs.sinks.kafka import KafkaSinkSpec
 
@@ -173,7 +176,7 @@ def _metadata(result, asset: str) -> dict[str, dict]:
 
 
 def test_two_days_end_to_end_on_chdb(billing, broker):
-    spec, topic = billing["spec"], billing["topic"]
+    spec, topic, lake = billing["spec"], billing["topic"], Lake(billing["lake"])
     with dg.instance_for_test(temp_dir=str(billing["home"])) as instance:
         result = _run(spec, instance, DAY1, DAY2, raw={"tenant": "acme", "environment": "prod"}, batch_size=4)
         assert result.success
@@ -232,7 +235,8 @@ def test_two_days_end_to_end_on_chdb(billing, broker):
         assert all(dict(m.headers())["replay_run_id"].decode() == result.run_id for m in messages)
 
         # Nothing lost silently: each dropped or failed row is in the quarantine with its reason.
-        q = pq.read_table(next((billing["lake"] / "quarantine" / NAME / f"day={DAY1}").glob("*.parquet"))).to_pylist()
+        (qfile,) = committed_quarantine(parsed_state(lake, spec, DAY1), spec)
+        q = pq.read_table(lake.storage.path(qfile)).to_pylist()
         reasons = {json.loads(r["sample"])["id"]: r["reason"] for r in q}
         assert reasons == {
             "e10": "missing_orgId",
@@ -384,7 +388,6 @@ def _verify(spec, instance, day) -> dict[str, tuple[bool, str]]:
 
 def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_lost_ledger_row(billing):
     """The faults that apply to a table source, each injected into a clean materialized day."""
-    from replay_defs.core.lake import Lake
     from replay_defs.pipeline.store import DuckDBStore
 
     spec, lake = billing["spec"], Lake(billing["lake"])
@@ -410,10 +413,8 @@ def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_los
         assert not passed and "holds 17 rows now, 15 when raw_events counted it" in description
 
         # 2. A committed Parquet file changed at the same size.
-        rel = next(
-            f for f in lake.state(f"{NAME}/parsed_events", DAY1).files if f.endswith(".parquet") and "type=" in f
-        )
-        path = lake.path(rel)
+        rel = committed_parquet(lake, spec, DAY1)[0]
+        path = Path(lake.storage.path(rel))
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x5A
         path.write_bytes(bytes(data))

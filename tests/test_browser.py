@@ -2,11 +2,15 @@
 asset graph, a partitioned asset's checks and a check's per-day verdicts after a ranged run and a
 ranged `verify` that found one day tampered with. Screenshots are kept in test-artifacts/browser/."""
 
+from pathlib import Path
+
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, run_range
 from playwright.sync_api import expect, sync_playwright
 from services import dagster_dev
 
 from replay_defs.core.lake import Lake
+from replay_defs.pipeline.committed import committed_parquet
+from replay_defs.pipelines import TELEMETRY
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts/browser"
 DAY = "2025-11-25"
@@ -28,9 +32,7 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
     # $DAGSTER_HOME; then a byte of the middle day changes and `verify` (checks only) runs the range.
     assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
     lake = Lake(env["lake"])
-    damaged = lake.path(
-        next(f for f in lake.state("telemetry/parsed_events", DAY).files if f.startswith("telemetry_flat/"))
-    )
+    damaged = Path(lake.storage.path(committed_parquet(lake, TELEMETRY, DAY)[0]))
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x5A
     damaged.write_bytes(bytes(data))

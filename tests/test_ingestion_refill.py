@@ -5,14 +5,20 @@ import dataclasses
 import os
 import subprocess
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import PROJECT_ROOT, check_verdicts
 from services import Moto, RedisServer, bullmq_consume
 
+from assets.refill import keys_accounted_for, keys_state, no_duplicate_keys
+from replay_defs.core.lake import Lake
+from replay_defs.core.naming import refill_quarantine_table
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys
+from replay_defs.ingestion_refill.spec import refill_tables
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import INGESTION_REFILL
 from replay_defs.sinks.redis import RedisSinkSpec
@@ -84,6 +90,13 @@ def day_verdicts(result) -> dict:
     return {k: v for k, v in check_verdicts(result).items() if k[1] is not None}
 
 
+def committed_quarantine(env, spec, day=DAY) -> str:
+    """The path of the day's one committed quarantine file."""
+    lake = Lake(env["lake"])
+    (rel,) = keys_state(lake, spec, day).files_of(refill_quarantine_table(spec))
+    return lake.storage.path(rel)
+
+
 def metadata(result, spec, asset, day=DAY) -> dict:
     mats = [m for m in result.asset_materializations_for_node(f"{spec.name}__{asset}") if m.partition == day]
     assert len(mats) == 1, mats
@@ -115,10 +128,7 @@ def test_csv_refill_gives_a_bullmq_worker_one_job_per_distinct_key(env, instance
     assert all(day_verdicts(plan).values()) and len(day_verdicts(plan)) == 3
 
     quarantine = dict(
-        duckdb.execute(
-            "SELECT raw, reason FROM read_parquet($f)",
-            {"f": str(env["lake"] / f"quarantine/ingestion_refill/day={DAY}/quarantine.parquet")},
-        ).fetchall()
+        duckdb.execute("SELECT raw, reason FROM read_parquet($f)", {"f": committed_quarantine(env, spec)}).fetchall()
     )
     for raw, reason in BAD_ROWS.items():
         assert quarantine[raw or None] == reason
@@ -145,6 +155,30 @@ def test_csv_refill_gives_a_bullmq_worker_one_job_per_distinct_key(env, instance
     again = run_refill(spec, instance, DAY, DAY, "csv", str(csv_path))
     assert again.success and metadata(again, spec, "redrive")["published"] == 0
     assert bullmq_consume(redis_url, spec.redrive.sink.key, idle_s=0.5) == [], "a second refill enqueues nothing"
+
+
+def test_keys_another_writer_commits_to_the_day_fail_no_duplicate_keys(env, instance, tmp_path):
+    """The check reads the day's keys as the Delta table holds them now: a file another writer
+    appended with keys the day already has is seen; the accounting reads the committed state."""
+    from deltalake import write_deltalake
+
+    spec = refill_spec("unused")
+    csv_path = tmp_path / "events.csv"
+    write_csv(csv_path, good_keys(5))
+    assert run_refill(spec, instance, DAY, DAY, "csv", str(csv_path), {"dry_run": True}).success
+    lake = Lake(env["lake"])
+    assert no_duplicate_keys(lake, spec, DAY).passed
+
+    table = refill_tables(spec)[0]
+    (committed,) = keys_state(lake, spec, DAY).files_of(table.rel)
+    again = pq.read_table(lake.storage.path(committed)).slice(0, 3)
+    again = again.append_column("day", pa.array([date.fromisoformat(DAY)] * 3, pa.date32()))
+    write_deltalake(lake.storage.table_uri(table.rel), again.cast(table.full_schema()), mode="append")
+    assert len(lake.live_files(table, DAY)) == 2
+
+    verdict = no_duplicate_keys(lake, spec, DAY)
+    assert not verdict.passed and verdict.description == "3 keys listed twice"
+    assert keys_accounted_for(lake, spec, DAY).passed
 
 
 def access_log_line(when: datetime, operation: str, key: str) -> str:
@@ -383,7 +417,7 @@ def test_an_unterminated_quote_keeps_the_next_row_and_an_oversize_row_has_its_ow
         "the row after each bad line is kept"
     )
 
-    got = quarantined(env["lake"] / f"quarantine/{spec.name}/day={DAY}/quarantine.parquet")
+    got = quarantined(committed_quarantine(env, spec))
     assert [r for r, _ in got] == ["malformed_csv_row: line size over maximum"] * 2 + [
         "malformed_csv_row: unterminated quote"
     ] * 2

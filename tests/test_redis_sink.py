@@ -13,6 +13,8 @@ import redis
 from conftest import check_verdicts
 from services import RedisServer, bullmq_consume
 
+from replay_defs.core.lake import Lake
+from replay_defs.pipeline.committed import committed_parquet
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.base import Batch
@@ -43,11 +45,11 @@ def _md(result):
     return {k: v.value for k, v in mat.metadata.items()}
 
 
-def _parsed_events(env, day=DAY) -> dict[str, dict]:
-    rows = duckdb.execute(
-        "SELECT event_id, type, device_id, seq FROM read_parquet($glob)",
-        {"glob": str(env["lake"] / f"telemetry_redis_flat/type=*/day={day}/*.parquet")},
-    ).fetchall()
+def _parsed_events(env, spec, day=DAY) -> dict[str, dict]:
+    """The day's events as committed (the day's directories also hold earlier versions' files)."""
+    lake = Lake(env["lake"])
+    files = [lake.storage.path(f) for f in committed_parquet(lake, spec, day)]
+    rows = duckdb.execute("SELECT event_id, type, device_id, seq FROM read_parquet($f)", {"f": files}).fetchall()
     return {r[0]: {"type": r[1], "device_id": r[2], "seq": r[3]} for r in rows}
 
 
@@ -62,7 +64,7 @@ def test_bullmq_worker_gets_one_job_per_event(env, instance, redis_url, queue, m
     first = _run(spec, instance)
     assert first.success
     md = _md(first)
-    events = _parsed_events(env)
+    events = _parsed_events(env, spec)
     assert md["published"] == md["selected"] == len(events) > 1000 and md["unit"] == "event"
     assert check_verdicts(first)[("deliveries_reconcile", DAY)] is True
 
@@ -162,7 +164,7 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
         t.join(120)
         down = result["run"]
         md = _md(down)
-        events = _parsed_events(env)
+        events = _parsed_events(env, spec)
         assert not down.success and 0 < md["published"] < len(events) and md["failed"] > 0
         assert md["published"] + md["failed"] == md["selected"] == len(events)
         logs = "\n".join(str(e) for e in instance.all_logs(down.run_id))

@@ -3,7 +3,8 @@ test restores it, tampers with the data behind the checks' back (bytes changed a
 rows doubled, a raw file arriving late, a projection row edited, a delivered message removed, a
 day shrunk) and watches the check fail, `event-replay verify` exit 1 and, where a rebuild meets the
 fault, the materialization fail too. Nothing of the project is mocked: real files, DuckDB, the
-outbox and a real (SQLite) Dagster instance."""
+outbox and a real (SQLite) Dagster instance. The day's versions are the Delta table versions of
+its commits, so the tests name them by what each build published, never by number."""
 
 import contextlib
 import gzip
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from datetime import date
 from pathlib import Path
 
 import dagster as dg
@@ -22,10 +24,11 @@ import pytest
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS
 
 from replay_defs.core.lake import Lake
+from replay_defs.pipeline.committed import committed_parquet, committed_quarantine, parsed_state, parsed_tables
 from replay_defs.pipeline.store import DuckDBStore
+from replay_defs.pipelines import TELEMETRY
 
 DAY = "2025-11-25"
-PARSED_OWNER = "telemetry/parsed_events"
 LATE_WARNING = ("late_events_within_window", "2025-11-26")  # the demo data's very late events
 PARSED, PROJECTIONS, REDRIVE = (dg.AssetKey(["telemetry", a]) for a in ("parsed_events", "projections", "redrive"))
 BAD_DEPLOY = {"simulate_parser_bug": True, "allow_shrink": True}
@@ -118,8 +121,19 @@ class Workspace:
                 verdicts[(parts[2], parts[0])] = (parts[1].lower(), parts[3] if len(parts) > 3 else "")
         return code, verdicts
 
-    def committed(self, day: str, prefix: str = "telemetry_flat/") -> list[str]:
-        return [f for f in self.lake.state(PARSED_OWNER, day).files if f.startswith(prefix)]
+    def state(self, day: str):
+        return parsed_state(self.lake, TELEMETRY, day)
+
+    def version(self, day: str = DAY) -> int:
+        """The Delta version the day's live files were built as (a rollback restores an older one)."""
+        return self.state(day).built_version
+
+    def committed(self, day: str) -> list[str]:
+        return committed_parquet(self.lake, TELEMETRY, day)
+
+    def file(self, rel: str) -> Path:
+        """A lake file on disk (the lake is a local directory here)."""
+        return Path(self.lake.storage.path(rel))
 
 
 def failing(verdicts: dict) -> set[tuple[str, str]]:
@@ -158,7 +172,7 @@ def event(event_id: str, ts: str, device: str = "dev-late-1", type_: str = "lock
 
 def from_scratch_device_latest(ws: Workspace) -> list[tuple]:
     """device_latest as a fold of every committed day's Parquet, computed here independently."""
-    files = [str(ws.lake.path(f)) for d in DEMO_DAYS if ws.lake.state(PARSED_OWNER, d) for f in ws.committed(d)]
+    files = [str(ws.file(f)) for d in DEMO_DAYS if ws.state(d) for f in ws.committed(d)]
     return duckdb.execute(
         "SELECT device_id, type, seq, event_id FROM (SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY ts DESC, event_id DESC) AS n "
         "FROM read_parquet($f)) WHERE n = 1 ORDER BY device_id",
@@ -191,7 +205,7 @@ def test_a_clean_range_raises_no_false_alarm(ws):
 
 
 def test_a_same_size_change_in_a_committed_file_fails_stale_files_and_the_fold_refuses_it(ws):
-    target = ws.lake.path(ws.committed(DAY)[0])
+    target = ws.file(ws.committed(DAY)[0])
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x5A  # one byte changed, same size
     target.write_bytes(bytes(data))
@@ -210,36 +224,42 @@ def test_a_same_size_change_in_a_committed_file_fails_stale_files_and_the_fold_r
     assert "no longer hold the committed bytes" in proc.stdout + proc.stderr
 
 
-def test_rollback_refuses_a_version_whose_archive_lost_a_damaged_file(ws):
+def test_rollback_refuses_a_kept_version_with_a_damaged_file(ws):
+    first = ws.version()
     damaged = ws.committed(DAY)[0]
-    path = ws.lake.path(damaged)
+    path = ws.file(damaged)
     path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))  # same size, other bytes
-    assert ws.run(DAY).success  # version 2; version 1 is archived without the damaged file
+    assert ws.run(DAY).success  # a new version with new files; the first one's stay in the table, one damaged
+    rebuilt = ws.state(DAY).version
 
     code, out = ws.cli("rollback", "telemetry", DAY)
     assert code == 1
-    assert "rollback refused" in out and "kept version 1 is damaged" in out and f"missing: {damaged}" in out
-    assert ws.lake.state(PARSED_OWNER, DAY).version == 2
+    assert "rollback refused" in out and f"kept version {first} is damaged" in out
+    assert f"changed content: {damaged}" in out
+    assert ws.state(DAY).version == rebuilt, "nothing was committed"
     assert ws.verify(DAY, DAY)[0] == 0
 
 
 def test_a_plain_rollback_skips_a_version_that_failed_its_shrink_check(ws):
-    bad = ws.run(DAY, parse={"simulate_parser_bug": True})  # version 2, rejected: it lost events without consent
+    first = ws.version()
+    bad = ws.run(DAY, parse={"simulate_parser_bug": True})  # rejected: it lost events without consent
     assert not bad.success
-    assert ws.run(DAY).success  # version 3, fixed
+    rejected = ws.version()
+    assert ws.run(DAY).success  # fixed
+    assert first < rejected < ws.version()
     code, out = ws.cli("rollback", "telemetry", DAY)
     assert code == 0, out
-    assert "skipping version 2: it lost events without consent" in out
-    assert ws.lake.state(PARSED_OWNER, DAY).version == 1
+    assert f"skipping version {rejected}: it lost events without consent" in out
+    assert ws.version() == first
     assert device_latest(ws) == from_scratch_device_latest(ws)
-    code, out = ws.cli("rollback", "telemetry", DAY, "--to", "1")
-    assert code == 1 and "version 1 is already the live version" in out
+    code, out = ws.cli("rollback", "telemetry", DAY, "--to", str(first))
+    assert code == 1 and f"version {first} is already the live version" in out
 
 
 def test_doubled_rows_are_refused_by_the_projection_step_and_fail_the_checks(ws):
     rel = ws.committed(DAY)[0]
-    table = pq.read_table(ws.lake.path(rel))
-    pq.write_table(pa.concat_tables([table, table]), ws.lake.path(rel))
+    table = pq.read_table(ws.file(rel))
+    pq.write_table(pa.concat_tables([table, table]), ws.file(rel))
     totals_before = ws.store.query(
         'SELECT sum(events) FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": DAY}
     )
@@ -262,6 +282,44 @@ def test_doubled_rows_are_refused_by_the_projection_step_and_fail_the_checks(ws)
     assert f"{table.num_rows} duplicate rows" in verdicts[("no_duplicate_event_ids", DAY)][1]
 
 
+def test_a_file_another_writer_commits_or_a_committed_file_deleted_fails_the_checks_naming_it(ws):
+    # Another writer appends rows the day already holds to the Delta table: a reader of the table
+    # sees them twice. The day's recorded state does not list the file.
+    from deltalake import DeltaTable, write_deltalake
+
+    table = parsed_tables(TELEMETRY)[0]
+    uri = ws.lake.storage.table_uri(table.rel)
+    rows = pq.read_table(ws.file(ws.committed(DAY)[0])).slice(0, 5)
+    rows = rows.append_column("day", pa.array([date.fromisoformat(DAY)] * rows.num_rows, pa.date32()))
+    before = set(ws.lake.live_files(table, DAY))
+    write_deltalake(uri, rows.select(table.full_schema().names).cast(table.full_schema()), mode="append")
+    (extra,) = set(ws.lake.live_files(table, DAY)) - before
+    assert DeltaTable(uri).version() > ws.state(DAY).version and extra not in ws.state(DAY).entries
+
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 1
+    # Only the checks that look at the table itself see it: the others read the committed state.
+    assert failing(verdicts) == {("no_duplicate_event_ids", DAY), ("no_stale_files", DAY)}
+    assert "5 duplicate rows" in verdicts[("no_duplicate_event_ids", DAY)][1]
+    assert f"unexpected: {extra}" in verdicts[("no_stale_files", DAY)][1]
+
+    # A committed file deleted from the store (the table's log still lists it).
+    deleted = ws.committed(DAY)[-1]
+    ws.file(deleted).unlink()
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 1 and f"missing: {deleted}" in verdicts[("no_stale_files", DAY)][1]
+    refold = ws.run(DAY, selection=[PROJECTIONS])
+    assert not refold.success
+    failure = next(e for e in refold.all_events if e.is_step_failure).event_specific_data.error.to_string()
+    assert "refusing to read" in failure and f"missing: {deleted}" in failure
+
+    # Rebuilding the day replaces all its files in the table, the stray one too: clean again.
+    assert ws.run(DAY).success
+    assert extra not in ws.lake.live_files(table, DAY)
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 0, verdicts
+
+
 # ---- projections --------------------------------------------------------------------------------
 
 
@@ -273,7 +331,7 @@ def test_an_edited_increment_row_fails_totals_against_the_recorded_parsed_count(
     )
     code, verdicts = ws.verify()
     assert code == 1 and failing(verdicts) == {("totals_match_parsed", DAY), ("projections_match_fold", DAY)}
-    parsed = ws.lake.state(PARSED_OWNER, DAY).stats["parsed"]
+    parsed = ws.state(DAY).stats["parsed"]
     assert f"sums to {parsed + 3}, parsed_events recorded {parsed}" in verdicts[("totals_match_parsed", DAY)][1]
 
 
@@ -320,17 +378,19 @@ def test_replace_projection_equals_a_fold_of_the_committed_days_through_replays_
     # A bad deploy (consented to, so it is folded) shifts events +8 h: they would win as "latest".
     bad = ws.run(DAY, parse=BAD_DEPLOY)
     assert bad.success
+    bad_version = ws.version()
     bad_fold = from_scratch_device_latest(ws)
     assert device_latest(ws) == bad_fold
     fixed = ws.run(DAY)
     assert fixed.success
+    fixed_version = ws.version()
     assert device_latest(ws) == from_scratch_device_latest(ws) != bad_fold, "the bad version's rows survived the replay"
     # Roll back to the bad version, then forward again to the fixed one: exact each time.
-    for to in ("2", "3"):
-        code, out = ws.cli("rollback", "telemetry", DAY, "--to", to)
+    for to in (bad_version, fixed_version):
+        code, out = ws.cli("rollback", "telemetry", DAY, "--to", str(to))
         assert code == 0, out
         assert "running every check" in out and "FAILED" not in out
-        assert ws.lake.state(PARSED_OWNER, DAY).version == int(to)
+        assert ws.version() == to
         assert device_latest(ws) == from_scratch_device_latest(ws)
     assert device_latest(ws) != bad_fold
 
@@ -339,7 +399,7 @@ def test_replace_projection_equals_a_fold_of_the_committed_days_through_replays_
 
 
 def test_a_raw_file_arriving_after_the_build_makes_the_day_out_of_date(ws):
-    late = ws.lake.path("raw/json_telemetry/year=2025/month=11/day=25/hour=05/arrived-later.gz")
+    late = ws.file("raw/json_telemetry/year=2025/month=11/day=25/hour=05/arrived-later.gz")
     late.write_bytes(gz_events(*(event(f"late-{i}", "2025-11-25T05:10:00Z", device=f"dev-late-{i}") for i in range(3))))
 
     code, verdicts = ws.verify()
@@ -350,12 +410,12 @@ def test_a_raw_file_arriving_after_the_build_makes_the_day_out_of_date(ws):
     )
 
     # Re-materializing parsed_events alone lists the raw files again and takes the events in.
-    parsed_before = ws.lake.state(PARSED_OWNER, DAY).stats["parsed"]
+    parsed_before = ws.state(DAY).stats["parsed"]
     assert ws.run(DAY, selection=[PARSED]).success
     # The projections' and redrive's verdicts predate that build: `status` calls them stale.
     code, out = ws.cli("status", "telemetry", DAY)
     assert code == 0 and "stale: deliveries_reconcile, projections_match_fold, totals_match_parsed" in out, out
-    state = ws.lake.state(PARSED_OWNER, DAY)
+    state = ws.state(DAY)
     assert state.stats["parsed"] == parsed_before + 3
     assert "raw/json_telemetry/year=2025/month=11/day=25/hour=05/arrived-later.gz" in state.stats["sources"]
     assert ws.run(DAY, selection=[PROJECTIONS, REDRIVE]).success  # the new file is redriven too
@@ -376,7 +436,7 @@ def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
 
     quiet = tick()
     assert not quiet.run_requests and quiet.skip_reason.skip_message == "every built day is current"
-    ws.lake.path("raw/json_telemetry/year=2025/month=11/day=25/hour=09/arrived-later.gz").write_bytes(
+    ws.file("raw/json_telemetry/year=2025/month=11/day=25/hour=09/arrived-later.gz").write_bytes(
         gz_events(event("late-9", "2025-11-25T09:00:00Z"))
     )
     fired = tick(quiet.cursor)
@@ -398,7 +458,7 @@ def test_the_raw_files_sensor_rechecks_a_day_whose_raw_files_changed_once(ws):
 def test_a_raw_file_rewritten_at_the_same_size_and_mtime_is_caught_by_its_hash(ws):
     manifest = ws.lake.read_json("telemetry/raw_events", f"manifest/day={DAY}.json")
     rel = next(f["rel_path"] for f in manifest["files"] if not f["error"])
-    path = ws.lake.path(rel)
+    path = ws.file(rel)
     stat = path.stat()
     data = bytearray(path.read_bytes())
     data[4] ^= 0xFF  # other bytes (the gzip header's timestamp), same size
@@ -414,7 +474,7 @@ def test_a_raw_file_rewritten_at_the_same_size_and_mtime_is_caught_by_its_hash(w
 
 def test_a_raw_file_arriving_in_the_lateness_window_makes_the_day_out_of_date(ws):
     # Arrived on the 26th at 01:xx (in the 25th's late window) with an event of the 25th.
-    neighbour = ws.lake.path("raw/json_telemetry/year=2025/month=11/day=26/hour=01/straggler.gz")
+    neighbour = ws.file("raw/json_telemetry/year=2025/month=11/day=26/hour=01/straggler.gz")
     neighbour.write_bytes(gz_events(event("straggler-1", "2025-11-25T23:30:00Z")))
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("raw_files_current", DAY)}
@@ -474,37 +534,39 @@ def test_a_ledger_row_deleted_after_a_run_that_sent_nothing_fails_deliveries(ws)
 
 
 def test_a_day_that_shrinks_needs_consent(ws):
+    first = ws.version()
     manifest = ws.lake.read_json("telemetry/raw_events", f"manifest/day={DAY}.json")
     biggest = max((f for f in manifest["files"] if not f["error"]), key=lambda f: f["lines"])
-    ws.lake.path(biggest["rel_path"]).unlink()  # the upstream lost an hour of the day
+    ws.file(biggest["rel_path"]).unlink()  # the upstream lost an hour of the day
 
     proc = dagster_materialize("telemetry/parsed_events", DAY)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "no_unconsented_shrink" in proc.stdout + proc.stderr
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and ("no_unconsented_shrink", DAY) in failing(verdicts)
-    assert "holds fewer events than version 1" in verdicts[("no_unconsented_shrink", DAY)][1]
+    assert f"holds fewer events than version {first}" in verdicts[("no_unconsented_shrink", DAY)][1]
 
-    # Retrying the same rejected build compares it with version 1 again, not with itself.
+    # Retrying the same rejected build compares it with the first version again, not with itself.
+    rejected = ws.state(DAY).version
     assert dagster_materialize("telemetry/parsed_events", DAY).returncode == 1
-    assert ws.lake.state(PARSED_OWNER, DAY).stats["previous"]["version"] == 1
+    assert ws.state(DAY).version > rejected and ws.state(DAY).stats["previous"]["version"] == first
 
     # Another hour lost, and this time the operator consents: the shrink passes, on the record.
     manifest = ws.lake.read_json("telemetry/raw_events", f"manifest/day={DAY}.json")
-    ws.lake.path(max((f for f in manifest["files"] if not f["error"]), key=lambda f: f["lines"])["rel_path"]).unlink()
+    ws.file(max((f for f in manifest["files"] if not f["error"]), key=lambda f: f["lines"])["rel_path"]).unlink()
     consented = ws.run(DAY, selection=[PARSED], parse={"allow_shrink": True})
     assert consented.success
     md = next(m for m in consented.asset_materializations_for_node("telemetry__parsed_events"))
-    # Compared with version 1: version 2 was rejected for shrinking, so it is no baseline.
-    assert md.metadata["allow_shrink"].value is True and md.metadata["shrink_baseline_version"].value == 1
-    assert ws.lake.state(PARSED_OWNER, DAY).stats["allow_shrink"] is True
+    # Compared with the first version: the rejected ones shrank without consent, so they are no baseline.
+    assert md.metadata["allow_shrink"].value is True and md.metadata["shrink_baseline_version"].value == first
+    assert ws.state(DAY).stats["allow_shrink"] is True
     evaluation = next(e for e in consented.get_asset_check_evaluations() if e.check_name == "no_unconsented_shrink")
     assert evaluation.passed and "shrink allowed by the run" in evaluation.description
 
 
 def test_events_beyond_the_lateness_window_warn_without_blocking(ws):
     # A file of the 25th holding an event stamped three days earlier: outside every window.
-    ws.lake.path("raw/json_telemetry/year=2025/month=11/day=25/hour=07/very-late.gz").write_bytes(
+    ws.file("raw/json_telemetry/year=2025/month=11/day=25/hour=07/very-late.gz").write_bytes(
         gz_events(event("very-late-1", "2025-11-22T07:00:00Z"), event("very-late-2", "2025-11-22T07:01:00Z"))
     )
     result = ws.run(DAY, parse={"allow_shrink": False})
@@ -519,7 +581,7 @@ def test_events_beyond_the_lateness_window_warn_without_blocking(ws):
 
 
 def test_a_check_that_raises_is_shown_as_errored_by_verify_and_status(ws):
-    quarantine = ws.lake.path(f"quarantine/telemetry/day={DAY}/quarantine.parquet")
+    (quarantine,) = (ws.file(f) for f in committed_quarantine(ws.state(DAY), TELEMETRY))
     quarantine.write_bytes(b"\0" * quarantine.stat().st_size)  # unreadable, same size
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1
