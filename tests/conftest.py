@@ -9,6 +9,8 @@ from datetime import date
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import services
 
@@ -147,6 +149,54 @@ def run_day(defs, instance, day, run_config=None, selection=None):
         asset_selection=selection,
         raise_on_error=False,
     )
+
+
+# ---- the lake's Delta tables, read the way any Delta reader reads them (deltalake itself) -------------
+
+
+def delta_table(lake_root, table: str, version: int | None = None):
+    """The lake's Delta table `table` (lake-relative, e.g. "telemetry_flat"), at a table version."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(f"{lake_root}/{table}", version=version)
+
+
+def _day_filters(day: str, partitions: dict[str, str]) -> list[tuple]:
+    return [("day", "=", date.fromisoformat(day)), *((k, "=", v) for k, v in partitions.items())]
+
+
+def delta_rows(lake_root, table: str, day: str, version: int | None = None, **partitions) -> pa.Table:
+    """The day's rows as a reader of the table sees them (at `version`); `partitions`: e.g. type="lock"."""
+    return delta_table(lake_root, table, version).to_pyarrow_table(filters=_day_filters(day, partitions))
+
+
+def delta_files(lake_root, table: str, day: str, version: int | None = None) -> list[str]:
+    """The day's files in the table's snapshot (at `version`), lake-relative, as its log lists them."""
+    adds = pa.table(delta_table(lake_root, table, version).get_add_actions(flatten=True))
+    return sorted(
+        f"{table}/{p}"
+        for p, d in zip(adds["path"].to_pylist(), adds["partition.day"].to_pylist())
+        if d == date.fromisoformat(day)
+    )
+
+
+def event_counts(rows: pa.Table) -> tuple[int, int, dict[str, int]]:
+    """(rows, distinct event ids, rows per type) of parsed events."""
+    by_type = {v["values"]: v["counts"] for v in pc.value_counts(rows["type"]).to_pylist()}
+    return rows.num_rows, len(pc.unique(rows["event_id"])), by_type
+
+
+def commit_stray_file(lake_root, day: str, table: str = "telemetry_flat", event_type: str = "lock") -> str:
+    """Another writer (deltalake, not the lake's code) appends a copy of the day's `event_type`
+    rows to the table: a file the day's recorded state does not list. Returns its lake path."""
+    from deltalake import write_deltalake
+
+    before = set(delta_files(lake_root, table, day))
+    rows = delta_rows(lake_root, table, day, type=event_type)
+    assert rows.num_rows > 0
+    write_deltalake(f"{lake_root}/{table}", rows, mode="append", partition_by=["type", "day"])
+    [stray] = set(delta_files(lake_root, table, day)) - before
+    return stray
 
 
 def check_verdicts(result) -> dict[tuple[str, str | None], bool]:

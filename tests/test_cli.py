@@ -5,7 +5,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zlib
@@ -13,12 +12,23 @@ from datetime import date
 from pathlib import Path
 
 import dagster as dg
-import duckdb
-from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, run_day, run_range
+from conftest import (
+    DEMO_DAYS,
+    PROJECT_ROOT,
+    RANGE_TAGS,
+    commit_stray_file,
+    delta_files,
+    delta_rows,
+    event_counts,
+    run_day,
+    run_range,
+)
 
 from replay_defs.core.lake import Lake
 from replay_defs.jsonl_files.demo import TYPES, DemoConfig, generate, read_truth
+from replay_defs.pipeline.committed import parsed_state
 from replay_defs.pipeline.store import DuckDBStore
+from replay_defs.pipelines import TELEMETRY
 
 BIN = Path(sys.executable).parent
 PARSED_OWNER = "telemetry/parsed_events"
@@ -87,30 +97,24 @@ def run_evaluations(instance, run_id: str) -> list:
     ]
 
 
-def live_parquet(lake: Lake, day: str) -> list[str]:
-    return sorted(str(p) for p in lake.root.glob(f"telemetry_flat/type=*/day={day}/*.parquet"))
+def day_state(lake: Lake, day: str):
+    return parsed_state(lake, TELEMETRY, day)
 
 
-def parquet_counts(files: list[str]) -> tuple[int, int, dict[str, int]]:
-    rows, distinct = duckdb.execute(
-        "SELECT count(*), count(DISTINCT event_id) FROM read_parquet($f)", {"f": files}
-    ).fetchone()
-    by_type = dict(duckdb.execute('SELECT "type", count(*) FROM read_parquet($f) GROUP BY 1', {"f": files}).fetchall())
-    return rows, distinct, by_type
+def day_states(lake: Lake, day: str) -> list:
+    """Every recorded state of the parsed day, newest first."""
+    return lake.day_states(PARSED_OWNER, day, TELEMETRY.parsed_prefix)
+
+
+def live_counts(lake: Lake, day: str) -> tuple[int, int, dict[str, int]]:
+    """(rows, distinct event ids, rows per type) of the day as a reader of the Delta table sees it."""
+    return event_counts(delta_rows(lake.root, "telemetry_flat", day))
 
 
 def daily_counts_total(env, day: str) -> int:
     return DuckDBStore(env["duckdb"]).query(
         'SELECT coalesce(sum(events), 0)::BIGINT FROM "telemetry"."daily_counts" WHERE day = $d::DATE', {"d": day}
     )[0][0]
-
-
-def copy_stale_parquet(lake: Lake, day: str) -> Path:
-    """What an older tool leaves behind: a copy of one of the day's files under another name."""
-    own = next(f for f in lake.state(PARSED_OWNER, day).files if f.startswith(f"telemetry_flat/type=lock/day={day}/"))
-    stale = lake.path(own).with_name("part-legacy-tool-00000.parquet")
-    shutil.copy(lake.path(own), stale)
-    return stale
 
 
 # ---- 1. validate --------------------------------------------------------------------------------
@@ -165,8 +169,8 @@ def test_asset_materialize_partition_range_records_per_day_checks(env):
         instance.dispose()
     lake = Lake(env["lake"])
     for day in DEMO_DAYS:
-        state = lake.state(PARSED_OWNER, day)
-        assert state.version == 1
+        state = day_state(lake, day)
+        assert [s.version for s in day_states(lake, day)] == [state.version]  # the day's first and only build
         assert state.stats["rows_by_type"] == read_truth(env["lake"], day)
         assert daily_counts_total(env, day) == state.stats["parsed"]
 
@@ -175,14 +179,16 @@ def test_asset_materialize_partition_range_records_per_day_checks(env):
 
 
 def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
-    """`dagster asset materialize` always runs the selected assets, and re-materializing a day sweeps
-    the stale file away before its checks run (see test_pipeline's stale test), so that command
+    """Another writer commits a copy of a day's lock events to the parsed table. `dagster asset
+    materialize` always runs the selected assets, and re-materializing a day replaces all of its
+    files, the stray one too, before its checks run (see test_pipeline's stale test), so that command
     passes. The CLI way to run only the checks against the lake as it is: `dagster job execute`
     of the project's replay job with an op selection of its check ops and the range tags."""
     assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
     lake = Lake(env["lake"])
     day = "2025-11-25"
-    stale = copy_stale_parquet(lake, day)
+    built = day_state(lake, day)
+    stale = commit_stray_file(lake.root, day)
 
     ops = ",".join(
         f"telemetry__parsed_events_{c}" for c in ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for")
@@ -204,8 +210,9 @@ def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
     assert proc.returncode != 0, show(proc)
     assert "blocking asset check failed" in proc.stdout + proc.stderr, show(proc)
 
-    # Nothing was re-materialized: the stale file is still there, the day still version 1.
-    assert stale.exists() and lake.state(PARSED_OWNER, day).version == 1
+    # Nothing was re-materialized: the stray file is still live, the day's state the same build.
+    assert stale in delta_files(lake.root, "telemetry_flat", day)
+    assert day_state(lake, day).version == built.version
     latest = instance.get_runs(limit=1)[0]
     assert latest.status == dg.DagsterRunStatus.FAILURE
     assert list(instance.all_logs(latest.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)) == []
@@ -235,10 +242,10 @@ def test_status_prints_a_row_per_day_with_counts(defs, instance, env):
     lake = Lake(env["lake"])
     num = lambda s: int(s.replace(",", ""))  # noqa: E731
     for day, cols in rows.items():
-        s = lake.state(PARSED_OWNER, day).stats
+        s = day_state(lake, day).stats
         version, raw, parsed, dupes, quarantined, routed_in, routed_out, proj, sent, skipped = map(num, cols[1:11])
         assert (version, raw, parsed, dupes, quarantined, routed_in, routed_out) == (
-            1,
+            day_state(lake, day).version,
             s["raw_lines"],
             s["parsed"],
             s["duplicates"],
@@ -259,92 +266,101 @@ def test_rollback_restores_the_previous_version(defs, instance, env):
     lake = Lake(env["lake"])
     truth = read_truth(env["lake"], day)
     assert run_day(defs, instance, day, run_config=SERIAL).success
-    v1 = lake.state(PARSED_OWNER, day)
+    v1 = day_state(lake, day)
     assert v1.stats["rows_by_type"] == truth
-    # A bad deploy writes version 2.
+    # A bad deploy writes a newer version.
     run_day(defs, instance, day, run_config=BAD_DEPLOY)
-    v2 = lake.state(PARSED_OWNER, day)
-    assert v2.version == 2 and v2.stats["rows_by_type"] != truth
+    v2 = day_state(lake, day)
+    assert v2.version > v1.version and v2.stats["rows_by_type"] != truth
     assert daily_counts_total(env, day) == v2.stats["parsed"]
 
     proc = cli("event-replay", "rollback", "telemetry", day)
     assert proc.returncode == 0, show(proc)
-    assert "now version 1 (was 2)" in proc.stdout, show(proc)
+    state = day_state(lake, day)
+    assert f"now holds version {v1.version} (was {v2.version}; table version {state.version})" in proc.stdout, show(
+        proc
+    )
 
-    state = lake.state(PARSED_OWNER, day)
-    assert state.version == 1
-    assert state.slots == v1.slots, "the restored files are not version 1's files"
-    assert state.stats == v1.stats
-    assert {os.path.relpath(p, lake.root) for p in live_parquet(lake, day)} == {
-        f for f in v1.files if f.startswith("telemetry_flat/")
-    }
-    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    # A new commit that restores the first build: its very files, its stats.
+    assert state.version > v2.version
+    assert state.built_version == v1.version
+    assert state.entries == v1.entries, "the restored files are not the first version's files"
+    assert state.stats == {**v1.stats, "rolled_back_to": v1.version}
+    assert delta_files(lake.root, "telemetry_flat", day) == v1.files_of("telemetry_flat")
+    assert delta_rows(lake.root, "telemetry_flat", day).sort_by("event_id") == delta_rows(
+        lake.root, "telemetry_flat", day, version=v1.version
+    ).sort_by("event_id")
+    rows, distinct, by_type = live_counts(lake, day)
     assert by_type == truth and rows == distinct
-    # The replaced (bad) version is kept in turn, and projections were re-folded from version 1.
-    assert lake.kept_versions(PARSED_OWNER, day) == [2]
+    # The replaced (bad) version is kept in turn, and projections were re-folded from the first.
+    assert lake.kept_versions(PARSED_OWNER, day, TELEMETRY.parsed_prefix) == [v1.version, v2.version]
     assert daily_counts_total(env, day) == v1.stats["parsed"]
     # The rollback is on the asset's record in the instance.
     event = instance.get_latest_materialization_event(dg.AssetKey(["telemetry", "parsed_events"]))
     assert event.asset_materialization.partition == day
-    assert event.asset_materialization.metadata["version"].value == 1
-    assert event.asset_materialization.metadata["rolled_back_from"].value == 2
+    md = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert (md["version"], md["restored_version"], md["rolled_back_from"]) == (state.version, v1.version, v2.version)
 
 
 def test_rolling_back_twice_goes_back_two_versions(defs, instance, env):
-    """Versions 1, 2, 3 (two prior versions kept): rollback -> 2, rollback again -> 1, never
-    forward to the version that was just rolled back from."""
+    """Three builds (two earlier ones kept): rollback -> the second, rollback again -> the first,
+    never forward to the version that was just rolled back from."""
     day = "2025-11-25"
     lake = Lake(env["lake"])
+    built = []
     for config in (SERIAL, BAD_DEPLOY, SERIAL):
         run_day(defs, instance, day, run_config=config)
-    assert lake.state(PARSED_OWNER, day).version == 3
-    assert lake.kept_versions(PARSED_OWNER, day) == [1, 2]
+        built.append(day_state(lake, day).version)
+    assert built == sorted(set(built)), built
+    assert lake.kept_versions(PARSED_OWNER, day, TELEMETRY.parsed_prefix) == built
 
     first = cli("event-replay", "rollback", "telemetry", day)
     assert first.returncode == 0, show(first)
-    assert lake.state(PARSED_OWNER, day).version == 2
+    assert day_state(lake, day).built_version == built[1]
     second = cli("event-replay", "rollback", "telemetry", day)
     assert second.returncode == 0, show(second)
-    assert lake.state(PARSED_OWNER, day).version == 1, (
-        f"the second rollback went to version {lake.state(PARSED_OWNER, day).version}: {second.stdout}"
-    )
+    now = day_state(lake, day)
+    assert now.built_version == built[0], f"the second rollback went to version {now.built_version}: {second.stdout}"
+    assert live_counts(lake, day) == event_counts(delta_rows(lake.root, "telemetry_flat", day, version=built[0]))
 
 
 def test_rollback_without_an_earlier_version_fails_clearly(defs, instance, env):
     day = DEMO_DAYS[0]
     assert run_day(defs, instance, day, run_config=SERIAL).success
     lake = Lake(env["lake"])
-    before = lake.state(PARSED_OWNER, day)
+    before = day_state(lake, day)
     proc = cli("event-replay", "rollback", "telemetry", day)
     assert proc.returncode != 0, show(proc)
     assert f"{day}: no earlier version is kept to roll back to" in proc.stderr, show(proc)
     assert "Traceback" not in proc.stderr, show(proc)
-    after = lake.state(PARSED_OWNER, day)
-    assert after.version == before.version == 1 and after.slots == before.slots
+    after = day_state(lake, day)
+    assert after.version == before.version and after.entries == before.entries
+    assert [s.version for s in day_states(lake, day)] == [before.version], "the refused rollback committed"
 
 
 def test_rollback_after_a_stale_file_was_swept_does_not_bring_it_back(defs, instance, env):
-    """A stale file found in a day's directory is swept out by the next materialization and
-    archived with the version it was found next to. Rolling back to that version must restore the
-    version's own files, not publish the stale copy as part of it."""
+    """Another writer commits a stray file to the day's table; the next materialization replaces
+    the day's files, the stray one too. Rolling back to the version the stray file was committed
+    beside must restore that version's own files, not the stray copy with them."""
     day = "2025-11-25"
     lake = Lake(env["lake"])
     assert run_day(defs, instance, day, run_config=SERIAL).success
-    v1 = lake.state(PARSED_OWNER, day)
-    stale = copy_stale_parquet(lake, day)
+    v1 = day_state(lake, day)
+    stale = commit_stray_file(lake.root, day)
     assert run_day(defs, instance, day, run_config=SERIAL).success
-    assert not stale.exists()
+    assert stale not in delta_files(lake.root, "telemetry_flat", day)
 
     proc = cli("event-replay", "rollback", "telemetry", day)
     assert proc.returncode == 0, show(proc)
-    state = lake.state(PARSED_OWNER, day)
-    assert state.version == 1
-    rows, distinct, _ = parquet_counts(live_parquet(lake, day))
-    assert not stale.exists() and os.path.relpath(stale, lake.root) not in state.files, (
-        f"rollback published the stale copy as part of version 1: {rows - distinct} duplicate rows are live"
+    state = day_state(lake, day)
+    assert state.built_version == v1.version
+    rows, distinct, _ = live_counts(lake, day)
+    live = delta_files(lake.root, "telemetry_flat", day)
+    assert stale not in live and stale not in state.files, (
+        f"rollback published the stray copy with the first version: {rows - distinct} duplicate rows are live"
     )
     assert rows == distinct == v1.stats["parsed"]
-    assert state.slots == v1.slots
+    assert state.entries == v1.entries and live == v1.files_of("telemetry_flat")
 
 
 def valid_event(ev, line: bytes) -> bool:

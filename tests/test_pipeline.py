@@ -2,16 +2,28 @@
 Dagster instance, the real DuckDB store and outbox. Nothing of the project is mocked."""
 
 import dataclasses
-import os
+import hashlib
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO_DAYS, check_verdicts, run_day, run_range
+from conftest import (
+    DEMO_DAYS,
+    check_verdicts,
+    commit_stray_file,
+    delta_files,
+    delta_rows,
+    event_counts,
+    run_day,
+    run_range,
+)
 
 from replay_defs.core.lake import Lake
 from replay_defs.jsonl_files.demo import TYPES, read_truth
+from replay_defs.pipeline.committed import parsed_state
 from replay_defs.pipeline.store import DuckDBStore
 from replay_defs.pipelines import TELEMETRY
 from replay_defs.sinks.outbox import OutboxSink
@@ -76,27 +88,28 @@ def step_failure_messages(result) -> list[str]:
     return [e.step_failure_data.error.to_string() for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
 
 
-def live_parquet(lake: Lake, day: str, prefix: str = "telemetry_flat") -> list[str]:
-    """Every Parquet file a reader globbing the day's type directories would see."""
-    return sorted(str(p) for p in lake.root.glob(f"{prefix}/type=*/day={day}/*.parquet"))
+def day_state(lake: Lake, day: str, spec=TELEMETRY):
+    """The parsed day's committed state."""
+    return parsed_state(lake, spec, day)
 
 
-def parquet_counts(files: list[str]) -> tuple[int, int, dict[str, int]]:
-    """(rows, distinct event ids, rows per type) over the given Parquet files."""
-    rows, distinct = duckdb.execute(
-        "SELECT count(*), count(DISTINCT event_id) FROM read_parquet($f)", {"f": files}
-    ).fetchone()
-    by_type = dict(duckdb.execute('SELECT "type", count(*) FROM read_parquet($f) GROUP BY 1', {"f": files}).fetchall())
-    return rows, distinct, by_type
+def live_counts(lake: Lake, day: str, prefix: str = "telemetry_flat", version: int | None = None):
+    """(rows, distinct event ids, rows per type) of the day as a reader of the Delta table sees it
+    (at a table version)."""
+    return event_counts(delta_rows(lake.root, prefix, day, version))
 
 
 def quarantine_by_reason(lake: Lake, day: str, pipeline: str = "telemetry") -> dict[str, int]:
-    files = sorted(str(p) for p in lake.root.glob(f"quarantine/{pipeline}/day={day}/*.parquet"))
-    if not files:
-        return {}
-    return dict(
-        duckdb.execute("SELECT reason, sum(lines)::BIGINT FROM read_parquet($f) GROUP BY 1", {"f": files}).fetchall()
-    )
+    rows = delta_rows(lake.root, f"quarantine/{pipeline}", day)
+    return {r["reason"]: r["lines_sum"] for r in rows.group_by("reason").aggregate([("lines", "sum")]).to_pylist()}
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def inode(path) -> int:
+    return Path(path).stat().st_ino
 
 
 def daily_counts(env, day: str) -> tuple[int, int]:
@@ -139,10 +152,6 @@ def redrive_only(defs, instance, day, **config):
 
 def redrive_md(result, day) -> dict:
     return values(materializations(result, "redrive")[day])
-
-
-def inode(path) -> int:
-    return os.stat(path).st_ino
 
 
 def manifest(lake: Lake, day: str) -> dict:
@@ -206,9 +215,9 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
             assert key in md, (day, key)
             assert isinstance(md[key], (dg.IntMetadataValue, dg.FloatMetadataValue)), (day, key, type(md[key]))
         v = values(md)
-        stats = lake.state(PARSED_OWNER, day).stats
+        stats = day_state(lake, day).stats
         q = quarantine_by_reason(lake, day)
-        rows, distinct, _ = parquet_counts(live_parquet(lake, day))
+        rows, distinct, _ = live_counts(lake, day)
         assert v["parsed"] == v["dagster/row_count"] == stats["parsed"] == rows == distinct
         assert v["raw_lines"] == stats["raw_lines"] == manifest(lake, day)["totals"]["lines"]
         assert v["duplicates"] == stats["duplicates"] > 0
@@ -216,7 +225,8 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
         assert v["quarantined_truncated_gzip"] == q["truncated_gzip"] > 0
         assert v["duration_s"] == stats["duration_s"] > 0
         assert v["events_per_s"] == stats["events_per_s"] > 0
-        assert v["version"] == 1
+        # The day's first and only build: its version is the table version that committed it.
+        assert [s.version for s in lake.day_states(PARSED_OWNER, day, TELEMETRY.parsed_prefix)] == [v["version"]]
     # The demo days differ in these counts, so must their metadata. (Timings are per day too, as
     # checked against each day's state above, but two days may take the same milliseconds.)
     for key in ("parsed", "raw_lines", "duplicates", "dagster/row_count"):
@@ -241,9 +251,9 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
     # Parsed rows per type equal the generator's ground truth, every day.
     for day in DEMO_DAYS:
         truth = read_truth(env["lake"], day)
-        _, _, by_type = parquet_counts(live_parquet(lake, day))
+        _, _, by_type = live_counts(lake, day)
         assert by_type == truth, day
-        assert lake.state(PARSED_OWNER, day).stats["rows_by_type"] == truth
+        assert day_state(lake, day).stats["rows_by_type"] == truth
         assert {k: values(parsed_md[day])[f"rows_type_{k}"] for k in TYPES} == truth
 
     # Quarantine holds at least every reason the generator injects (each day), and the very late
@@ -263,7 +273,7 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
     for day in DEMO_DAYS:
         rows, total = daily_counts(env, day)
         assert rows > 0
-        assert total == lake.state(PARSED_OWNER, day).stats["parsed"]
+        assert total == day_state(lake, day).stats["parsed"]
         assert values(mats["projections"][day])["daily_counts_events"] == total
 
 
@@ -280,8 +290,8 @@ def test_single_partition_run_reports_checks_for_that_day(defs, instance, env):
     for a in ASSETS:
         assert set(materializations(result, a)) == {day}, a
     lake = Lake(env["lake"])
-    assert [d for d in DEMO_DAYS if lake.state(PARSED_OWNER, d)] == [day]
-    _, _, by_type = parquet_counts(live_parquet(lake, day))
+    assert [d for d in DEMO_DAYS if day_state(lake, d)] == [day]
+    _, _, by_type = live_counts(lake, day)
     assert by_type == read_truth(env["lake"], day)
     # Per-partition check status is visible in the instance, too.
     graph = defs.resolve_asset_graph()
@@ -300,9 +310,9 @@ def test_rematerializing_a_day_replaces_outputs_without_double_counting(defs, in
     lake = Lake(env["lake"])
     first = day_run(defs, instance, day)
     assert first.success
-    v1 = lake.state(PARSED_OWNER, day)
-    assert v1.version == 1
-    v1_inodes = {f: inode(lake.path(f)) for f in v1.files}
+    v1 = day_state(lake, day)
+    root = Path(lake.root)
+    v1_inodes = {f: inode(root / f) for f in v1.files}
     counts_before = daily_counts(env, day)
     latest_before = DuckDBStore(env["duckdb"]).query('SELECT count(*) FROM "telemetry"."device_latest"')[0][0]
     sent_first = redrive_md(first, day)["published"]
@@ -313,25 +323,27 @@ def test_rematerializing_a_day_replaces_outputs_without_double_counting(defs, in
     second = day_run(defs, instance, day)
     assert second.success
     assert check_verdicts(second) == {(c, day): True for c in CHECKS}
-    v2 = lake.state(PARSED_OWNER, day)
-    assert v2.version == 2
-    assert values(materializations(second, "parsed_events")[day])["version"] == 2
+    v2 = day_state(lake, day)
+    assert v2.version > v1.version
+    assert v2.built_version == v2.version
+    assert values(materializations(second, "parsed_events")[day])["version"] == v2.version
 
-    # The old files are no longer live: every live file is a new file (a new inode), and the prior
-    # version's files are kept, the same files, under the lake's versions directory.
-    archive = lake.root / "_replay" / PARSED_OWNER / "versions" / day / "v1"
-    assert lake.kept_versions(PARSED_OWNER, day) == [1]
+    # The old files are no longer live: the table's files for the day are the new version's, each
+    # a new file (a new inode). The prior version's files are kept, the same files with the same
+    # bytes, still readable at the table version that committed them (for a rollback).
+    assert lake.kept_versions(PARSED_OWNER, day, TELEMETRY.parsed_prefix) == [v1.version, v2.version]
     for f in v2.files:
-        assert lake.path(f).exists()
-        assert inode(lake.path(f)) not in v1_inodes.values(), f"{f} is still the version-1 file"
+        assert (root / f).is_file(), f
+        assert inode(root / f) not in v1_inodes.values(), f"{f} is still a file of the first version"
     for f, ino in v1_inodes.items():
-        assert (archive / f).is_file(), f
-        assert inode(archive / f) == ino
-    live = {os.path.relpath(p, lake.root) for p in live_parquet(lake, day)}
-    assert live == {f for f in v2.files if f.startswith("telemetry_flat/")}
+        assert inode(root / f) == ino, f
+        assert sha256(root / f) == v1.entries[f]["sha256"], f
+    assert delta_files(root, "telemetry_flat", day) == v2.files_of("telemetry_flat")
+    assert delta_files(root, "telemetry_flat", day, version=v1.version) == v1.files_of("telemetry_flat")
+    assert live_counts(lake, day, version=v1.version) == live_counts(lake, day)
 
-    # No duplicate rows anywhere in the day's live Parquet; still equal to truth.
-    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    # No duplicate rows anywhere in the day as a reader sees it; still equal to truth.
+    rows, distinct, by_type = live_counts(lake, day)
     assert rows == distinct == v2.stats["parsed"] == v1.stats["parsed"]
     assert by_type == read_truth(env["lake"], day)
 
@@ -351,16 +363,17 @@ def test_rematerializing_a_day_replaces_outputs_without_double_counting(defs, in
 
 
 def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs, instance, env):
-    """Runs only the parsed asset's checks against the current lake, by op-selecting the check ops
-    of the real replay job (the asset ops are not in that run, so nothing is re-written).
-    (tests/test_cli.py does the same for a ranged run through the `dagster` CLI.)"""
+    """Another writer commits a copy of the day's lock events to the parsed table behind the
+    pipeline's back: every Delta reader now sees them twice. Runs only the parsed asset's checks
+    against the current lake, by op-selecting the check ops of the real replay job (the asset ops
+    are not in that run, so nothing is re-written). (tests/test_cli.py does the same for a ranged
+    run through the `dagster` CLI.)"""
     day = "2025-11-25"
     assert day_run(defs, instance, day).success
     lake = Lake(env["lake"])
-    state = lake.state(PARSED_OWNER, day)
-    own = next(f for f in state.files if f.startswith(f"telemetry_flat/type=lock/day={day}/"))
-    stale = lake.path(own).with_name("part-legacy-tool-00000.parquet")
-    shutil.copy(lake.path(own), stale)
+    built = day_state(lake, day)
+    stale = commit_stray_file(lake.root, day)
+    stale_rows = pq.read_metadata(Path(lake.root, stale)).num_rows
 
     job = defs.resolve_job_def("telemetry_replay")
     check_names = ["no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for"]
@@ -368,7 +381,8 @@ def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs,
     checks_only = job.execute_in_process(instance=instance, partition_key=day, op_selection=ops, raise_on_error=False)
     # Only the checks ran: no asset was materialized, the lake state is untouched.
     assert checks_only.get_asset_materialization_events() == []
-    assert lake.state(PARSED_OWNER, day).version == 1 and stale.exists()
+    assert day_state(lake, day).version == built.version
+    assert stale in delta_files(lake.root, "telemetry_flat", day)
     assert not checks_only.success
     assert check_verdicts(checks_only) == {
         ("no_stale_files", day): False,
@@ -377,24 +391,21 @@ def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs,
         ("raw_lines_accounted_for", day): True,
     }
     by_key = {e.check_name: e for e in evaluations(checks_only)}
-    assert by_key["no_stale_files"].description == f"unexpected: {os.path.relpath(stale, lake.root)}"
+    assert by_key["no_stale_files"].description == f"unexpected: {stale}"
     dupes = by_key["no_duplicate_event_ids"].metadata["duplicate_rows"].value
-    assert dupes == parquet_counts([str(stale)])[0] > 0
+    assert dupes == stale_rows > 0
     # Blocking: the two check steps failed, which failed the run.
     failures = step_failure_messages(checks_only)
     assert len(failures) == 2 and all("DagsterAssetCheckFailedError" in f for f in failures)
 
-    # Re-materializing the day sweeps the stale file out (kept with the prior version) and passes.
+    # Re-materializing the day replaces all of the day's files, the stray one too, and passes.
     healed = day_run(defs, instance, day)
     assert healed.success
     assert check_verdicts(healed) == {(c, day): True for c in CHECKS}
-    assert not stale.exists()
-    # Swept aside next to version 1, not into it: a rollback must not bring it back.
-    assert (lake.root / "_replay" / PARSED_OWNER / "stray" / day / "v1" / os.path.relpath(stale, lake.root)).is_file()
-    assert not (
-        lake.root / "_replay" / PARSED_OWNER / "versions" / day / "v1" / os.path.relpath(stale, lake.root)
-    ).exists()
-    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    assert stale not in delta_files(lake.root, "telemetry_flat", day)
+    # It is in no recorded version: a rollback must not bring it back.
+    assert not [s.version for s in lake.day_states(PARSED_OWNER, day, TELEMETRY.parsed_prefix) if stale in s.entries]
+    rows, distinct, by_type = live_counts(lake, day)
     assert rows == distinct and by_type == read_truth(env["lake"], day)
 
     # And the checks-only run now passes.
@@ -411,13 +422,15 @@ def test_parser_bug_day_is_replayed_back_to_truth(defs, instance, env):
     lake = Lake(env["lake"])
     truth = read_truth(env["lake"], day)
     assert day_run(defs, instance, day).success
-    assert lake.state(PARSED_OWNER, day).stats["rows_by_type"] == truth
+    v1 = day_state(lake, day)
+    assert v1.stats["rows_by_type"] == truth
 
     bad = day_run(defs, instance, day, parse={"simulate_parser_bug": True})
-    assert materializations(bad, "parsed_events")[day]["version"].value == 2
-    _, _, bad_rows = parquet_counts(live_parquet(lake, day))
+    v2 = day_state(lake, day)
+    assert materializations(bad, "parsed_events")[day]["version"].value == v2.version > v1.version
+    _, _, bad_rows = live_counts(lake, day)
     assert bad_rows != truth
-    assert lake.state(PARSED_OWNER, day).stats["rows_by_type"] == bad_rows
+    assert day_state(lake, day).stats["rows_by_type"] == bad_rows
     # The bad deploy lost events of every type against version 1: the blocking shrink check caught
     # it, so the bad version was never folded into the projections nor redriven.
     assert not bad.success
@@ -427,19 +440,17 @@ def test_parser_bug_day_is_replayed_back_to_truth(defs, instance, env):
     fixed = day_run(defs, instance, day)
     assert fixed.success
     assert check_verdicts(fixed) == {(c, day): True for c in CHECKS}
-    state = lake.state(PARSED_OWNER, day)
-    assert state.version == 3
-    rows, distinct, by_type = parquet_counts(live_parquet(lake, day))
+    state = day_state(lake, day)
+    assert state.version > v2.version and state.built_version == state.version
+    rows, distinct, by_type = live_counts(lake, day)
     assert by_type == truth and rows == distinct
     assert state.stats["rows_by_type"] == truth
     assert daily_counts(env, day)[1] == rows
-    # Both earlier versions are kept (keep_versions=2), the wrong one with its wrong stats.
-    assert lake.kept_versions(PARSED_OWNER, day) == [1, 2]
-    versions = lake.root / "_replay" / PARSED_OWNER / "versions" / day
-    kept_v2 = sorted(str(p) for p in (versions / "v2").glob("telemetry_flat/type=*/day=*/*.parquet"))
-    assert parquet_counts(kept_v2)[2] == bad_rows
-    kept_v1 = sorted(str(p) for p in (versions / "v1").glob("telemetry_flat/type=*/day=*/*.parquet"))
-    assert parquet_counts(kept_v1)[2] == truth
+    # Both earlier versions are kept (within the retention), the wrong one with its wrong rows and stats.
+    assert lake.kept_versions(PARSED_OWNER, day, TELEMETRY.parsed_prefix) == [v1.version, v2.version, state.version]
+    assert lake.kept_state(PARSED_OWNER, day, TELEMETRY.parsed_prefix, v2.version).stats["rows_by_type"] == bad_rows
+    assert live_counts(lake, day, version=v2.version)[2] == bad_rows
+    assert live_counts(lake, day, version=v1.version)[2] == truth
 
 
 # ---- 6. redrive modes ---------------------------------------------------------------------------
@@ -468,10 +479,7 @@ def test_redrive_dry_run_limit_type_rerun_and_force(defs, instance, env):
     assert len(limited_ids) == 3
 
     # type=lock: only refs of lock events.
-    lock_files = [str(p) for p in lake.root.glob(f"telemetry_flat/type=lock/day={day}/*.parquet")]
-    lock_refs = {
-        r[0] for r in duckdb.execute("SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": lock_files}).fetchall()
-    }
+    lock_refs = set(delta_rows(lake.root, "telemetry_flat", day, type="lock")["source_ref"].to_pylist())
     typed = redrive_only(defs, instance, day, type="lock")
     assert typed.success
     md = redrive_md(typed, day)
@@ -522,13 +530,13 @@ def test_redrive_file_prefix_and_parquet_modes(defs, instance, env):
     assert (md["mode"], md["selected"], md["published"]) == ("file", 1, 1)
     [msg] = outbox_messages(env)
     assert msg["kind"] == "redrive_raw_file"
-    assert msg["bucket"] == lake.root.name
+    assert msg["bucket"] == env["lake"].name
     assert msg["key"] == target["rel_path"]
-    assert lake.path(msg["key"]).is_file()
+    assert (env["lake"] / msg["key"]).is_file()
 
     # file of another day: the run fails with a clear message and sends nothing.
-    other = next(p for p in sorted(lake.root.glob("raw/json_telemetry/year=2025/month=11/day=24/hour=*/*.gz")))
-    wrong = redrive_only(defs, instance, day, mode="file", uri=lake.uri(other.relative_to(lake.root).as_posix()))
+    other = next(p for p in sorted(env["lake"].glob("raw/json_telemetry/year=2025/month=11/day=24/hour=*/*.gz")))
+    wrong = redrive_only(defs, instance, day, mode="file", uri=lake.uri(other.relative_to(env["lake"]).as_posix()))
     assert not wrong.success
     failures = step_failure_messages(wrong)
     assert failures and any(f"is not a raw file of partition {day}" in f for f in failures), failures
@@ -545,13 +553,11 @@ def test_redrive_file_prefix_and_parquet_modes(defs, instance, env):
     assert {m["key"] for m in outbox_messages(env)} == {target["rel_path"], *(f["rel_path"] for f in under)}
 
     # parquet: the source refs of one committed Parquet file, with a dry run to count them.
-    pq_file = next(
-        f for f in lake.state(PARSED_OWNER, day).files if f.startswith("telemetry_flat/type=video_doorbell/")
-    )
+    pq_file = next(f for f in day_state(lake, day).files if f.startswith("telemetry_flat/type=video_doorbell/"))
     refs = {
         r[0]
         for r in duckdb.execute(
-            "SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": [str(lake.path(pq_file))]}
+            "SELECT DISTINCT source_ref FROM read_parquet($f)", {"f": [str(env["lake"] / pq_file)]}
         ).fetchall()
     }
     planned = redrive_only(defs, instance, day, mode="parquet", uri=pq_file, dry_run=True)
@@ -632,14 +638,16 @@ def test_second_pipeline_is_one_spec_away(two_defs, instance, env):
         dg.AssetKey(["telemetry_eu", a]) for a in ASSETS
     }
     lake = Lake(env["lake"])
-    state = lake.state("telemetry_eu/parsed_events", day)
-    assert state.version == 1
+    state = day_state(lake, day, EU)
+    # The day's first and only build, in the second pipeline's own tables.
+    assert [s.version for s in lake.day_states("telemetry_eu/parsed_events", day, EU.parsed_prefix)] == [state.version]
     assert all(f.startswith(("telemetry_eu_flat/", "quarantine/telemetry_eu/")) for f in state.files)
-    _, _, by_type = parquet_counts(live_parquet(lake, day, prefix="telemetry_eu_flat"))
+    _, _, by_type = live_counts(lake, day, prefix="telemetry_eu_flat")
     assert by_type == read_truth(env["lake"], day)
     # The first pipeline's outputs are untouched.
-    assert lake.state(PARSED_OWNER, day) is None
-    assert not (lake.root / "telemetry_flat").exists()
+    assert day_state(lake, day) is None
+    assert not (env["lake"] / "telemetry_flat").exists()
+    assert not (env["lake"] / "quarantine" / "telemetry").exists()
     assert (
         len(outbox_messages(env, "telemetry_eu"))
         == values(materializations(result, "redrive", "telemetry_eu")[day])["published"]
@@ -736,7 +744,7 @@ def test_a_lake_path_holding_quotes_is_data_not_sql(defs, instance, env, monkeyp
     result = day_run(defs, instance, day)
     assert result.success
     lake = Lake(hostile)
-    _, _, by_type = parquet_counts(live_parquet(lake, day))
+    _, _, by_type = live_counts(lake, day)
     assert by_type == read_truth(hostile, day)
     assert not list(env["lake"].parent.glob("*.csv")) and not list(hostile.rglob("*.csv"))
 
@@ -756,7 +764,7 @@ def test_a_raw_folder_linked_in_from_another_volume_is_read_and_outputs_never_es
     result = day_run(defs, instance, day)
     assert result.success
     lake = Lake(env["lake"])
-    assert parquet_counts(live_parquet(lake, day))[2] == read_truth(env["lake"], day)
+    assert live_counts(lake, day)[2] == read_truth(env["lake"], day)
 
     outside = tmp_path / "outside-parsed"
     outside.mkdir()

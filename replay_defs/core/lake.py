@@ -356,6 +356,7 @@ class Lake:
         """The Delta table, created empty (schema, partitions) the first time."""
         from deltalake import DeltaTable, write_deltalake
 
+        self.storage.writable(table.rel)  # its log is written there too
         uri, opts = self.storage.table_uri(table.rel), self.storage.delta_options()
         if not DeltaTable.is_deltatable(uri, storage_options=opts):
             write_deltalake(

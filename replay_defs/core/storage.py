@@ -179,17 +179,25 @@ class Storage:
         return h.hexdigest()
 
     # ---- writing ---------------------------------------------------------------------------------
+    def writable(self, rel: str) -> str:
+        """The local path of `rel`, if writing there stays inside the lake once symlinks are
+        followed: they are followed for reading (raw data linked in), never for writing."""
+        path = self.path(rel)
+        if self.is_local and not Path(path).resolve().is_relative_to(self.root):
+            raise ValueError(
+                f"{path} leads outside the lake at {self.root} (through a symlink): refusing to write there"
+            )
+        return path
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         """All or nothing: a local file is written to a temp name and renamed; an S3 PUT is atomic."""
-        path = self.path(rel)
+        path = self.writable(rel)
         if not self.is_local:
             # compression=None: pyarrow would otherwise gzip a `.gz` name's bytes once more.
             with self.fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         target = Path(path)
-        if not target.parent.resolve().is_relative_to(self.root):
-            raise ValueError(f"{target} leads outside the lake at {self.root} (through a symlink): refusing to write")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:
@@ -200,7 +208,7 @@ class Storage:
 
     def put_file(self, local: str | os.PathLike, rel: str, move: bool = False) -> None:
         """Copy a local file into the lake (`move`: rename it there when the lake is local)."""
-        dest = self.path(rel)
+        dest = self.writable(rel)
         if self.is_local:
             Path(dest).parent.mkdir(parents=True, exist_ok=True)
             if move:
