@@ -455,7 +455,7 @@ def _restore(spec, day: str, to: int | None):
             metadata={
                 "version": state.version,
                 "restored_version": state.built_version,
-                "rolled_back_from": before.version if before else 0,
+                "rolled_back_from": before.built_version if before else 0,
                 "parsed": state.stats.get("parsed", 0),
             },
         )
