@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 import duckdb
+import pyarrow.dataset as ds
 
 from assets.common import DayVerdict, asset_key, check_each_day
 from partitions import daily_partitions
@@ -196,12 +197,13 @@ def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerd
     if lake.state(owner(spec, PARSED), day) is None:
         return not_built("parsed_events")
     days = committed_days(lake, spec)
-    day_files = [str(lake.path(f)) for f in committed_parquet(lake, spec, day)]
+    day_events = ds.dataset([str(lake.path(f)) for f in committed_parquet(lake, spec, day)], format="parquet")
     needs_all = any(p.kind == "replace" for p in spec.projections)
     all_files = [str(lake.path(f)) for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
+    all_events = ds.dataset(all_files, format="parquet")
     md, problems = {"committed_days": len(days)}, []
     for p in spec.projections:
-        found, wrong = store.fold_mismatches(spec.name, p, spec.schema, day, day_files, days, all_files)
+        found, wrong = store.fold_mismatches(spec.name, p, spec.schema, day, day_events, days, all_events)
         md.update(found)
         problems += wrong
     return DayVerdict(

@@ -1,6 +1,7 @@
 """projections: folds of a day's parsed events into the projection store (DuckDB by default)."""
 
 import dagster as dg
+import pyarrow.dataset as ds
 
 from assets.common import asset_key, pipeline_asset, verified_day
 from replay_defs.core.naming import PARSED, PROJECTIONS
@@ -28,10 +29,10 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
-            files = [str(the_lake.path(f)) for f in verified_day(the_lake, spec, day)]
+            events = ds.dataset([str(the_lake.path(f)) for f in verified_day(the_lake, spec, day)], format="parquet")
             md = {}
             for p in spec.projections:
-                rows = the_store.fold(spec.name, p, spec.schema, day, files)
+                rows = the_store.fold(spec.name, p, spec.schema, day, events)
                 md[f"{p.name}_rows"] = rows
                 if p.kind == "increment":
                     md[f"{p.name}_{p.count_column}"] = the_store.increment_total(spec.name, p, day)
