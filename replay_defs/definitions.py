@@ -3,6 +3,7 @@
 Storage locations come from env vars, with an embedded default under ./data (a sink's variables
 are declared by its module in `replay_defs/sinks/`, `SINK.settings`):
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
+EVENT_REPLAY_STORE_URL (a Postgres projection store instead of the DuckDB one),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
 (RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
@@ -24,7 +25,7 @@ from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
 from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
-from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, deployed
+from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, STORE_URL, deployed
 from replay_defs.pipelines import PIPELINES, REFILLS
 from replay_defs.sinks import sink_type, sink_types
 from resources import (
@@ -73,7 +74,7 @@ def _system_resources() -> dict:
     duckdb_path = deployed(DUCKDB)
     return {
         "lake": LakeResource(root=deployed(LAKE)),
-        "store": StoreResource(path=duckdb_path),
+        "store": StoreResource(path=duckdb_path, postgres_url=deployed(STORE_URL)),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         # Refill sources in S3 (access-log CSVs and files, listings); moto or MinIO via the endpoint.
         "s3": S3Resource(
