@@ -22,6 +22,7 @@ from replay_defs.pipeline import delivery as rd
 from replay_defs.pipeline.committed import (
     committed_parquet,
     committed_quarantine,
+    events_dataset,
     parsed_state,
     parsed_tables,
 )
@@ -34,11 +35,6 @@ SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 
 def count_rows(lake: Lake, files: list[str], sql: str = "SELECT count(*) FROM files") -> int:
     return lake.sql(files, sql)[0][0] if files else 0
-
-
-def local(lake: Lake, files: list[str]) -> list[str]:
-    """Local paths of lake files, for the projection store (a local lake only, for now)."""
-    return [lake.storage.path(f) for f in files]
 
 
 def not_built(what: str) -> DayVerdict:
@@ -178,14 +174,14 @@ def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerd
     if parsed_state(lake, spec, day) is None:
         return not_built("parsed_events")
     days = committed_days(lake, spec)
-    day_files = committed_parquet(lake, spec, day)
+    day_events = events_dataset(lake, spec, committed_parquet(lake, spec, day))
     needs_all = any(p.kind == "replace" for p in spec.projections)
-    all_files = [f for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
+    all_events = events_dataset(
+        lake, spec, [f for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
+    )
     md, problems = {"committed_days": len(days)}, []
     for p in spec.projections:
-        found, wrong = store.fold_mismatches(
-            spec.name, p, spec.schema, day, local(lake, day_files), days, local(lake, all_files)
-        )
+        found, wrong = store.fold_mismatches(spec.name, p, spec.schema, day, day_events, days, all_events)
         md.update(found)
         problems += wrong
     return DayVerdict(

@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets.common import asset_key, pipeline_asset, verified_day
 from replay_defs.core.naming import PARSED, PROJECTIONS
+from replay_defs.pipeline.committed import events_dataset
 from replay_defs.pipeline.spec import PipelineSpec
 from resources import LakeResource, StoreResource
 
@@ -28,10 +29,10 @@ def build_projections(spec: PipelineSpec) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         the_lake, the_store = lake.get(), store.get()
         for day in context.partition_keys:
-            files = [the_lake.storage.path(f) for f in verified_day(the_lake, spec, day)]
+            events = events_dataset(the_lake, spec, verified_day(the_lake, spec, day))
             md = {}
             for p in spec.projections:
-                rows = the_store.fold(spec.name, p, spec.schema, day, files)
+                rows = the_store.fold(spec.name, p, spec.schema, day, events)
                 md[f"{p.name}_rows"] = rows
                 if p.kind == "increment":
                     md[f"{p.name}_{p.count_column}"] = the_store.increment_total(spec.name, p, day)

@@ -5,6 +5,7 @@ EVENT_REPLAY_SINK__<PIPELINE>: `replay_defs/pipeline/declared.py`).
 Storage locations come from env vars, with an embedded default under ./data (a sink's variables
 are declared by its module in `replay_defs/sinks/`, `SINK.settings`):
 EVENT_REPLAY_LAKE (lake root), EVENT_REPLAY_DUCKDB (projections and ledger),
+EVENT_REPLAY_STORE_URL (a Postgres projection store instead of the DuckDB one),
 EVENT_REPLAY_OUTBOX (outbox sink), EVENT_REPLAY_KAFKA_BOOTSTRAP (Kafka sinks),
 EVENT_REPLAY_SQS_ENDPOINT and the usual AWS_* variables (SQS sinks), EVENT_REPLAY_RABBITMQ_URL
 (RabbitMQ sinks), EVENT_REPLAY_REDIS_URL (Redis sinks and BullMQ dead letters),
@@ -26,7 +27,7 @@ from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
 from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
-from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, deployed
+from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, STORE_URL, deployed
 from replay_defs.pipelines import served
 from replay_defs.sinks import sink_type, sink_types
 from resources import (
@@ -86,7 +87,7 @@ def _system_resources() -> dict:
         "lake": LakeResource(
             root=deployed(LAKE), s3=s3, retention_hours=deployed(("EVENT_REPLAY_LAKE_RETENTION_HOURS", 168))
         ),
-        "store": StoreResource(path=duckdb_path),
+        "store": StoreResource(path=duckdb_path, postgres_url=deployed(STORE_URL)),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),
         "s3": s3,
         "projection_replay": ProjectionReplayResource(

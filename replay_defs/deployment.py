@@ -10,6 +10,7 @@ import dagster as dg
 
 LAKE = ("EVENT_REPLAY_LAKE", "data/lake")
 DUCKDB = ("EVENT_REPLAY_DUCKDB", "data/event_replay.duckdb")
+STORE_URL = ("EVENT_REPLAY_STORE_URL", None)  # a Postgres projection store instead of the DuckDB file
 CHDB = ("EVENT_REPLAY_CHDB", "data/chdb")
 PROJECTION_LOGS = ("EVENT_REPLAY_PROJECTION_LOG_DIR", "data/projection_replay")
 

@@ -13,6 +13,7 @@ DAGSTER_FREE = [
     "replay_defs.pipeline.spec",
     "replay_defs.pipeline.committed",
     "replay_defs.pipeline.store",
+    "replay_defs.pipeline.postgres_store",
     "replay_defs.pipeline.shrink",
     "replay_defs.pipeline.delivery",
     "replay_defs.sinks.base",  # and the registry (replay_defs/sinks/__init__.py), which loads sink modules lazily

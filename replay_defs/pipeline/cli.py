@@ -96,11 +96,12 @@ def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
     from replay_defs.core.naming import REDRIVE, owner
     from replay_defs.definitions import defs
     from replay_defs.pipeline.committed import parsed_state
-    from replay_defs.pipeline.store import DuckDBStore
+    from replay_defs.pipeline.store import open_store
 
     spec = find_spec(spec_name)
     lake = _lake(defs)
-    store = DuckDBStore(resolve(defs.resources["store"].path))
+    configured = defs.resources["store"]
+    store = open_store(resolve(configured.path), resolve(configured.postgres_url))
     count_proj = next((p for p in spec.projections if p.kind == "increment"), None)
     rows = []
     for day in days:

@@ -58,3 +58,10 @@ def verified_parquet(lake: Lake, spec: PipelineSpec, day: str) -> list[str]:
             f"them ({'; '.join(damaged[:5])}). Re-materialize {spec.name}/parsed_events for the day, or roll it back."
         )
     return committed
+
+
+def events_dataset(lake: Lake, spec: PipelineSpec, files: list[str]):
+    """Committed parsed files as one dataset of the spec's event schema (an empty one for no files)."""
+    from replay_defs.jsonl_files.parsing import event_arrow_schema
+
+    return lake.dataset(files, schema=event_arrow_schema(spec.schema))
