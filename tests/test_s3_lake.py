@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import date
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DAYS, PROJECT_ROOT, check_verdicts, run_range
+from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, check_verdicts, run_range
 from services import MotoProcess, scratch_database
 
 from replay_defs.jsonl_files.demo import read_truth
@@ -54,7 +55,9 @@ def outsider_rows(moto, uri: str, table: str, day: str):
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
     }
-    return DeltaTable(f"{uri}/{table}", storage_options=opts).to_pyarrow_table(filters=[("day", "=", day)])
+    return DeltaTable(f"{uri}/{table}", storage_options=opts).to_pyarrow_table(
+        filters=[("day", "=", date.fromisoformat(day))]
+    )
 
 
 def test_a_backfill_on_an_s3_lake_reads_raw_from_the_bucket_and_commits_delta_tables_there(
@@ -63,7 +66,9 @@ def test_a_backfill_on_an_s3_lake_reads_raw_from_the_bucket_and_commits_delta_ta
     result = run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1])
     assert result.success
     verdicts = check_verdicts(result)
-    assert verdicts and all(verdicts.values()), {k: v for k, v in verdicts.items() if not v}
+    # The demo's last day has events past its lateness window: that check only warns.
+    failed = {k for k, v in verdicts.items() if not v and k[0] != "late_events_within_window"}
+    assert verdicts and not failed, failed
     for day in DEMO_DAYS:
         rows = outsider_rows(moto, s3_lake["uri"], "telemetry_flat", day)
         by_type = {}
@@ -85,10 +90,7 @@ def test_redrive_messages_name_the_real_bucket_and_key(s3_lake, env, defs, insta
     from replay_defs.sinks.outbox import OutboxSink
 
     assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[0]).success
-    bodies = [
-        json.loads(m["body"]) if isinstance(m["body"], str) else m["body"]
-        for m in OutboxSink(env["outbox"]).read("telemetry")
-    ]
+    bodies = list(OutboxSink(env["outbox"]).read("telemetry"))
     assert bodies
     s3 = moto.client("s3")
     for body in bodies:
@@ -122,7 +124,7 @@ def test_a_changed_committed_file_on_s3_fails_the_blocking_check(s3_lake, env, d
 
 RUNNER = textwrap.dedent(
     """
-    import sys, dagster as dg
+    import json, sys, dagster as dg
     from replay_defs.definitions import build_definitions
     start, end, home = sys.argv[1:4]
     defs = build_definitions()
@@ -132,17 +134,24 @@ RUNNER = textwrap.dedent(
             tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end},
             raise_on_error=False,
         )
-        bad = [e.check_name + "@" + str(e.partition) for e in r.get_asset_check_evaluations() if not e.passed]
-        print("OK" if r.success and not bad else f"FAILED {bad}")
+        materialized = sorted({str(m.partition) for m in r.get_asset_materialization_events()})
+        failed = sorted(e.check_name for e in r.get_asset_check_evaluations() if not e.passed)
+        print(json.dumps({"materialized": materialized, "failed_checks": failed}))
     """
 )
 
 
 def test_two_workers_on_different_days_produce_what_one_does(env, moto, s3_lake, postgres_dsn, tmp_path, monkeypatch):
-    """Two backfill processes (as two run workers on two machines would) share the S3 lake and
-    the Postgres ledger; each day ends as a single run leaves it."""
-    with scratch_database(postgres_dsn) as ledger_url:
-        child_env = {**os.environ, "EVENT_REPLAY_LEDGER_URL": ledger_url, "PYTHONPATH": str(PROJECT_ROOT)}
+    """Two backfill processes (as two run workers on two machines would) share the S3 lake, the
+    Postgres ledger and the Postgres projections; each day ends as a single run leaves it, every
+    check of every day passing in the process that built it."""
+    with scratch_database(postgres_dsn) as ledger_url, scratch_database(postgres_dsn) as store_url:
+        child_env = {
+            **os.environ,
+            "EVENT_REPLAY_LEDGER_URL": ledger_url,
+            "EVENT_REPLAY_STORE_URL": store_url,
+            "PYTHONPATH": str(PROJECT_ROOT),
+        }
         procs = []
         for i, (start, end) in enumerate([(DEMO_DAYS[0], DEMO_DAYS[1]), (DEMO_DAYS[2], DEMO_DAYS[2])]):
             home = tmp_path / f"worker{i}"
@@ -158,8 +167,37 @@ def test_two_workers_on_different_days_produce_what_one_does(env, moto, s3_lake,
                 )
             )
         outs = [p.communicate(timeout=600) for p in procs]
+        reports = []
         for out, err in outs:
-            assert out.strip().endswith("OK"), err[-3000:]
+            assert out.strip(), err[-3000:]
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        assert reports[0]["materialized"] == DEMO_DAYS[:2] and reports[1]["materialized"] == DEMO_DAYS[2:]
+        # A worker's replace-projection fold check may read the store while the other worker has
+        # committed a day it has not folded yet (docs/architecture.md, Scale-out); the demo's last day
+        # warns of late events; nothing else may fail.
+        assert {c for r in reports for c in r["failed_checks"]} <= {
+            "projections_match_fold",
+            "late_events_within_window",
+        }, reports
+        # Once both are done, every check of every day passes, run here against the shared state.
+        monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", ledger_url)
+        monkeypatch.setenv("EVENT_REPLAY_STORE_URL", store_url)
+        from replay_defs.definitions import build_definitions
+
+        verify = build_definitions().resolve_job_def("telemetry_verify")
+        home = tmp_path / "verifier"
+        home.mkdir()
+        import dagster as dg
+
+        with dg.instance_for_test(temp_dir=str(home)) as inst:
+            result = verify.execute_in_process(
+                instance=inst,
+                tags={RANGE_TAGS[0]: DEMO_DAYS[0], RANGE_TAGS[1]: DEMO_DAYS[-1]},
+                raise_on_error=False,
+            )
+        verdicts = check_verdicts(result)
+        failed = {k: v for k, v in verdicts.items() if not v and k[0] != "late_events_within_window"}
+        assert verdicts and not failed, failed
     for day in DEMO_DAYS:
         rows = outsider_rows(moto, s3_lake["uri"], "telemetry_flat", day)
         ids = rows.column("event_id").to_pylist()
