@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -307,6 +307,18 @@ def test_a_day_and_its_bookkeeping_names_are_checked(lake):
 # the recorded state against the lake: stale_files and damaged_files
 
 
+def append_as_another_writer(backend, event_id: str) -> None:
+    """One lock row of DAY_ appended to the events table with deltalake itself, not the lake."""
+    row = pa.table({"id": [event_id], "type": ["lock"], DAY: pa.array([date.fromisoformat(DAY_)])})
+    write_deltalake(
+        f"{backend.root}/{FLAT.rel}",
+        row,
+        mode="append",
+        partition_by=["type", DAY],
+        storage_options=backend.delta_options(),
+    )
+
+
 def test_the_recorded_hashes_catch_every_change_behind_the_lakes_back(backend, lake):
     state = publish(lake, "A")
     publish(lake, "A", OTHER_DAY)
@@ -315,14 +327,7 @@ def test_the_recorded_hashes_catch_every_change_behind_the_lakes_back(backend, l
     quarantine = state.files_of(QUARANTINE.rel)[0]
 
     # A file another writer commits to the day; other bytes at the same size; a deleted file.
-    extra = pa.table({"id": ["intruder"], "type": ["lock"], DAY: pa.array([datetime(2025, 11, 24).date()])})
-    write_deltalake(
-        f"{backend.root}/{FLAT.rel}",
-        extra,
-        mode="append",
-        partition_by=["type", DAY],
-        storage_options=backend.delta_options(),
-    )
+    append_as_another_writer(backend, "intruder")
     intruder = next(f for f in lake.live_files(FLAT, DAY_) if f not in state.entries)
     assert "intruder" in outsider_rows(backend, FLAT)
     data = backend.read(lock0)
@@ -349,14 +354,7 @@ def test_stale_files_names_a_file_another_writer_removed_from_the_table(backend,
 def test_stale_files_of_a_day_without_a_state(backend, lake):
     assert lake.stale_files(OWNER, DAY_, TABLES) == []
     publish(lake, "A", OTHER_DAY)  # creates the tables
-    extra = pa.table({"id": ["x"], "type": ["lock"], DAY: pa.array([datetime(2025, 11, 24).date()])})
-    write_deltalake(
-        f"{backend.root}/{FLAT.rel}",
-        extra,
-        mode="append",
-        partition_by=["type", DAY],
-        storage_options=backend.delta_options(),
-    )
+    append_as_another_writer(backend, "x")
     (only,) = lake.live_files(FLAT, DAY_)
     assert lake.stale_files(OWNER, DAY_, TABLES) == [f"unexpected: {only}"]
     assert lake.damaged_files(None, ["flat/x.parquet"]) == ["missing: flat/x.parquet"]
