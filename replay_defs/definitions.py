@@ -85,7 +85,10 @@ def _system_resources() -> dict:
     )
     return {
         "lake": LakeResource(
-            root=deployed(LAKE), s3=s3, retention_hours=deployed(("EVENT_REPLAY_LAKE_RETENTION_HOURS", 168))
+            root=deployed(LAKE),
+            s3_endpoint_url=s3.endpoint_url,
+            region=s3.region_name,
+            retention_hours=deployed(("EVENT_REPLAY_LAKE_RETENTION_HOURS", 168)),
         ),
         "store": StoreResource(path=duckdb_path, postgres_url=deployed(STORE_URL)),
         "ledger": LedgerResource(duckdb_path=duckdb_path, postgres_url=_setting("EVENT_REPLAY_LEDGER_URL", None)),

@@ -1,5 +1,4 @@
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from replay_defs.core.lake import Lake
@@ -9,11 +8,15 @@ from replay_defs.deployment import LAKE, deployed_path
 
 class LakeResource(dg.ConfigurableResource):
     """The lake: a local directory (the embedded default) or s3://bucket/prefix, its day outputs
-    as Delta Lake tables. How S3 is reached is dagster-aws's `S3Resource` (the code location's
-    `s3`): endpoint, region, and credentials when set there, else the AWS chain; never the URL."""
+    as Delta Lake tables. S3 is reached with the settings of the code location's dagster-aws
+    `S3Resource` (endpoint and region; the same variables), credentials from the AWS chain, never
+    the URL."""
 
     root: str = Field(description="Lake root: a directory or s3://bucket/prefix (env EVENT_REPLAY_LAKE).")
-    s3: S3Resource  # how to reach S3 when the lake is there
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint, e.g. MinIO (env EVENT_REPLAY_S3_ENDPOINT)."
+    )
+    region: str = Field(default="us-east-1", description="S3 region (env AWS_REGION).")
     retention_hours: int = Field(
         default=168,
         ge=0,
@@ -22,12 +25,5 @@ class LakeResource(dg.ConfigurableResource):
     )
 
     def get(self) -> Lake:
-        s3 = self.s3
-        settings = S3Settings(
-            endpoint_url=s3.endpoint_url,
-            region=s3.region_name or "us-east-1",
-            access_key_id=s3.aws_access_key_id,
-            secret_access_key=s3.aws_secret_access_key,
-            session_token=s3.aws_session_token,
-        )
+        settings = S3Settings(endpoint_url=self.s3_endpoint_url, region=self.region)
         return Lake(deployed_path(self.root, LAKE), settings, retention_hours=self.retention_hours)

@@ -17,6 +17,7 @@ import pytest
 from conftest import RANGE_TAGS, check_verdicts, run_day
 
 from replay_defs.core.lake import Lake
+from replay_defs.pipeline.committed import parsed_state
 from replay_defs.pipeline.postgres_store import PostgresStore
 from replay_defs.pipeline.spec import ProjectionSpec
 from replay_defs.pipeline.store import DuckDBStore
@@ -309,7 +310,7 @@ def test_a_telemetry_day_lands_in_postgres_and_its_checks_catch_an_edited_row(en
         assert result.success
         verdicts = check_verdicts(result)
         assert verdicts[("totals_match_parsed", DAY)] and verdicts[("projections_match_fold", DAY)]
-        parsed = Lake(env["lake"]).state("telemetry/parsed_events", DAY).stats["parsed"]
+        parsed = parsed_state(Lake(env["lake"]), TELEMETRY, DAY).stats["parsed"]
         with psycopg.connect(url, autocommit=True) as con:
             total = con.execute("SELECT sum(events) FROM telemetry.daily_counts WHERE day = %s", (DAY,)).fetchone()[0]
             devices = con.execute("SELECT count(*) FROM telemetry.device_latest").fetchone()[0]

@@ -84,8 +84,7 @@ def _add_day_commands(sub) -> None:
 
 def _lake(defs):
     """The code location's lake, its settings resolved as a run would."""
-    with defs.resources["lake"].process_config_and_initialize_cm() as lake:
-        return lake.get()
+    return defs.resources["lake"].process_config_and_initialize().get()
 
 
 # ---- per-day counts and check verdicts ----------------------------------------------------------
