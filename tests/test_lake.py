@@ -921,3 +921,24 @@ def test_uri_round_trips(lake, tmp_path, rel):
         assert " " not in uri and "#" not in uri and "?" not in uri
         assert lk.rel_from_uri(uri) == rel
     assert "year=2025" in lake.uri("raw/year=2025/x.gz")  # hive-style `=` stays readable
+
+
+def test_recover_keeps_the_staging_of_another_live_run_and_drops_a_dead_ones(tmp_path):
+    """An S3 lake has no day lock on the machine: a run's recover must not delete the staging of
+    another run of the same day still working here (nor of another lake)."""
+    import subprocess
+
+    lake = Lake(tmp_path / "lake")
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root = lake.new_staging(OWNER, DAY_).parent
+        theirs, gone = root / f"{live.pid}-a", root / f"{dead.pid}-b"
+        theirs.mkdir()
+        gone.mkdir()
+        assert lake.recover(OWNER, DAY_)
+        assert theirs.is_dir() and not gone.exists()
+        assert [p.name for p in root.iterdir()] == [theirs.name]  # our own earlier staging went too
+    finally:
+        live.kill()

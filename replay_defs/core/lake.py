@@ -27,6 +27,7 @@ checking their hashes, in one commit per table: no bytes are copied.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -231,10 +232,11 @@ class Lake:
         if self.is_local:  # beside the tables, so publishing is a rename
             return Path(self.storage.path(self._internal(owner, "staging", check_partition(partition))))
         base = os.environ.get("EVENT_REPLAY_STAGING_DIR") or tempfile.gettempdir()
-        return Path(base, "event-replay-staging", owner.replace("/", "__"), check_partition(partition))
+        lake_id = hashlib.sha256(self.root.encode()).hexdigest()[:12]  # two lakes never share staging
+        return Path(base, "event-replay-staging", lake_id, owner.replace("/", "__"), check_partition(partition))
 
     def new_staging(self, owner: str, partition: str) -> Path:
-        path = self._staging_root(owner, partition) / uuid.uuid4().hex
+        path = self._staging_root(owner, partition) / f"{os.getpid()}-{uuid.uuid4().hex}"
         path.mkdir(parents=True)
         return path
 
@@ -242,10 +244,13 @@ class Lake:
         """Drop the local staging of runs that died before publishing. True if there was any.
         (A Delta commit is atomic: there is never a half-published day to finish.)"""
         staging = self._staging_root(owner, partition)
-        if staging.is_dir() and any(staging.iterdir()):
-            shutil.rmtree(staging)
-            return True
-        return False
+        dropped = False
+        for run_dir in list(staging.iterdir()) if staging.is_dir() else []:
+            if _staged_by_another_live_process(run_dir):
+                continue  # another run of this day on this machine is still staging (an S3 lake has no day lock)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            dropped = True
+        return dropped
 
     # ---- publishing --------------------------------------------------------------------------
     def publish(
@@ -567,6 +572,19 @@ def _selected(dt, day: str, only: dict[str, str] | None) -> set[str]:
     }
 
 
+def _staged_by_another_live_process(run_dir: Path) -> bool:
+    pid = run_dir.name.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _matches(rel: str, table: str, only: dict[str, str]) -> bool:
     parts = dict(p.split("=", 1) for p in rel[len(table) + 1 :].split("/")[:-1] if "=" in p)
     return all(parts.get(k, v) == v for k, v in only.items())
@@ -591,8 +609,6 @@ def _add_action(rel: str, entry: dict, table: DayTable):
 
 
 def _local_sha256(path: Path) -> str:
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
