@@ -392,9 +392,25 @@ def diff(got: dict, want: dict) -> str:
     return "; ".join(lines)
 
 
+def stored_and_live(ws: Workspace, table: str) -> tuple[set[str], set[str]]:
+    """The table's data files in storage, and those its current snapshot uses (table-relative)."""
+    import pyarrow.fs as pafs
+
+    storage = ws.lake().storage
+    base = storage.path(table)
+    sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    stored = {
+        i.path[len(base) + 1 :]
+        for i in storage.fs.get_file_info(sel)
+        if i.type == pafs.FileType.File and not i.path[len(base) + 1 :].startswith("_delta_log/")
+    }
+    return stored, set(ws.delta(table).get_add_actions(flatten=True).column("path").to_pylist())
+
+
 def assert_like_clean_run(ws: Workspace, reference: dict, context: str, dagster_run: bool = True) -> int:
-    """The re-run left the clean run's outputs; so does a vacuum with no retention afterwards.
-    Returns how many files that vacuum deleted (orphans and replaced files)."""
+    """The re-run left the clean run's outputs; so does a vacuum with no retention afterwards,
+    which leaves in storage exactly the files the tables use. Returns how many other files
+    (orphans of the killed run, files the re-run replaced) there were before it."""
     got = outputs(ws)
     assert got == reference["outputs"], (
         f"[{context}] outputs differ from a clean run: {diff(got, reference['outputs'])}"
@@ -406,13 +422,22 @@ def assert_like_clean_run(ws: Workspace, reference: dict, context: str, dagster_
             assert verdicts.get(check) is True, f"[{context}] check {check} in the re-run: {verdicts}"
     for check, (passed, description) in recheck(ws).items():
         assert passed, f"[{context}] {check} on disk: {description}"
-    assert ws.staging_files() == [], f"[{context}] staging leftovers after the re-run: {ws.staging_files()}"
+    leftovers = ws.staging_files()
+    assert leftovers == [], f"[{context}] {len(leftovers)} staging leftovers after the re-run: {leftovers[:3]}"
+    unused = 0
+    for table in TABLES:
+        stored, live = stored_and_live(ws, table)
+        assert live <= stored, f"[{context}] {table}: files in use but not stored: {sorted(live - stored)}"
+        unused += len(stored - live)
     vacuumed = ws.lake().vacuum(list(TABLES), retention_hours=0, dry_run=False)
     got = outputs(ws)
     assert got == reference["outputs"], f"[{context}] after vacuum {vacuumed}: {diff(got, reference['outputs'])}"
     passed, description = recheck(ws)["no_stale_files"]
     assert passed, f"[{context}] after vacuum {vacuumed}: {description}"
-    return sum(vacuumed.values())
+    for table in TABLES:
+        stored, live = stored_and_live(ws, table)
+        assert stored == live, f"[{context}] {table} after vacuum {vacuumed}: unused files {sorted(stored - live)}"
+    return unused
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,9 +590,9 @@ def sigkill_publish_trial(ws: Workspace, reference: dict, point: str) -> None:
     expected_after_kill(ws, point)
     where = ws.where()
     ws.run_to_completion()
-    vacuumed = assert_like_clean_run(ws, reference, f"{point} ({where})")
-    if point != "before-the-first-file-move":  # the killed run's files (orphans or replaced) go
-        assert vacuumed > 0, point
+    unused = assert_like_clean_run(ws, reference, f"{point} ({where})")
+    # the killed run's files (orphans, or replaced by the re-run) were there until the vacuum
+    assert (unused > 0) == (point != "before-the-first-file-move"), (point, unused)
 
 
 @pytest.mark.parametrize("point", PUBLISH_POINTS)
@@ -645,4 +670,5 @@ def test_raise_at_a_publish_call_in_run_day_then_rerun_equals_clean_run(ws, refe
         assert rerun.success
         verdicts = {e.check_name: e.passed for e in rerun.get_asset_check_evaluations()}
         assert all(verdicts[c] for c in CHECKS), verdicts
-    assert_like_clean_run(ws, reference, f"raise at {point} ({where})", dagster_run=False)
+    unused = assert_like_clean_run(ws, reference, f"raise at {point} ({where})", dagster_run=False)
+    assert (unused > 0) == (point != "before-the-first-file-move"), (point, unused)
