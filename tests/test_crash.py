@@ -8,7 +8,7 @@ the day's rows of each Delta table (parsed events, quarantine) as deltalake itse
 day's live files per table (names without their per-build token: no extra or missing file), the
 projection rows, the checks (in the re-run and re-run on disk), and no staging leftovers. Files a
 killed run copied but never committed may remain (orphans readers ignore); `Lake.vacuum` with no
-retention afterwards removes them and leaves the day readable and equal.
+retention afterwards leaves in storage exactly the files the tables use, and the day equal.
 
 Kill points:
 - by polling: while parse workers write staging files; as soon as the events table has a new
@@ -18,7 +18,8 @@ Kill points:
   counts calls to `Storage.put_file` (each file moved or copied into a table) and to deltalake's
   `DeltaTable.create_write_transaction` (each commit) and SIGKILLs its own process group before
   (or right after) the k-th one: before the first file move, midway through the moves, before the
-  quarantine commit, between the quarantine and the events commit, right after the events commit.
+  quarantine commit, between the quarantine and the events commit, right after the events commit
+  (the clean reference run goes through the wrapper too, killing nothing, to record the calls).
 In-process, an exception raised from those calls at the same points inside a real `run_day`
 materialization is followed by a re-run. A subset (one polled point, the kill between the two
 commits) runs again with the lake on S3 (moto in its own process).
