@@ -470,25 +470,6 @@ def scratch_database(server_dsn: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-class MutationProxy:
-    """Stands in for a module (os, shutil) as seen by `replay_defs.core.lake`: the named functions
-    call `on_call(name, args)` first (which may log, raise or kill: fault injection), then run."""
-
-    def __init__(self, module, names, on_call):
-        self._module = module
-        for name in names:
-            real = getattr(module, name)
-
-            def wrapped(*a, _real=real, _name=name, **kw):
-                on_call(_name, a)
-                return _real(*a, **kw)
-
-            setattr(self, name, wrapped)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bull") -> list[tuple[str, str, dict]]:
     """Run a real BullMQ `Worker` on the queue until it has been idle `idle_s`; returns the
     (job id, job name, job data) of every job it processed (and completed)."""
