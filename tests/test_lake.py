@@ -493,6 +493,27 @@ def test_vacuum_removes_old_builds_but_never_the_live_files(backend, lake):
         lake.rollback(OWNER, DAY_, TABLES, to=bb.version)
 
 
+def test_vacuum_refuses_to_delete_a_file_the_live_state_still_reads(backend, lake):
+    """A crash between a build's quarantine commit and its events commit leaves the quarantine
+    table ahead of the day's state: the state's quarantine file is no longer in the table, and a
+    vacuum past the retention would delete what the live state reads."""
+    a = publish(lake, "A")
+    (read_by_a,) = a.files_of(QUARANTINE.rel)
+    newer = pa.table({"line": ["from a build that never committed its events"], DAY: [date.fromisoformat(DAY_)]})
+    write_deltalake(
+        f"{backend.root}/{QUARANTINE.rel}",
+        newer,
+        mode="overwrite",
+        predicate=f"{DAY} = '{DAY_}'",
+        storage_options=backend.delta_options(),
+    )
+    with pytest.raises(ValueError, match=f"still reads .*{read_by_a}"):
+        lake.vacuum([t.rel for t in TABLES], retention_hours=0, dry_run=False)
+    assert lake.damaged_files(lake.state(OWNER, DAY_, FLAT), [read_by_a]) == []  # nothing was deleted
+    publish(lake, "B")  # rebuilding the day makes the vacuum safe again
+    assert lake.vacuum([t.rel for t in TABLES], retention_hours=0, dry_run=False)
+
+
 def test_retention_hours_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="retention_hours"):
         Lake(tmp_path / "lake", retention_hours=-1)

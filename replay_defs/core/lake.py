@@ -527,19 +527,39 @@ class Lake:
 
     def vacuum(self, tables: list[str], retention_hours: int | None = None, dry_run: bool = True) -> dict[str, int]:
         """Delete files no version within the retention still uses (and orphans of killed writers).
-        Versions older than the retention can no longer be rolled back to."""
+        Versions older than the retention can no longer be rolled back to. Refuses a table where
+        it would delete a file some day's live state still reads (a secondary table that a crash
+        left ahead of its day's state): rebuild that day first."""
         from deltalake import DeltaTable
 
         hours = self.retention_hours if retention_hours is None else retention_hours
+        read_by_states = self._files_of_live_states(tables)
         out = {}
         for rel in tables:
             uri, opts = self.storage.table_uri(rel), self.storage.delta_options()
-            if DeltaTable.is_deltatable(uri, storage_options=opts):
-                removed = DeltaTable(uri, storage_options=opts).vacuum(
-                    retention_hours=hours, enforce_retention_duration=False, dry_run=dry_run, full=True
+            if not DeltaTable.is_deltatable(uri, storage_options=opts):
+                continue
+            table = DeltaTable(uri, storage_options=opts)
+            doomed = table.vacuum(retention_hours=hours, enforce_retention_duration=False, dry_run=True, full=True)
+            still_read = sorted({f"{rel}/{p}" for p in doomed} & read_by_states)
+            if still_read:
+                raise ValueError(
+                    f"{rel}: vacuum would delete {len(still_read)} file(s) a day's committed state still reads "
+                    f"(e.g. {still_read[0]}); re-materialize those days, then vacuum"
                 )
-                out[rel] = len(removed)
+            if not dry_run:
+                doomed = table.vacuum(retention_hours=hours, enforce_retention_duration=False, dry_run=False, full=True)
+            out[rel] = len(doomed)
         return out
+
+    def _files_of_live_states(self, tables: list[str]) -> set[str]:
+        """Every file the newest state of each (owner, day) recorded in these tables lists."""
+        newest: dict[tuple[str, str], dict] = {}
+        for rel in tables:
+            for c in self._commits(rel):  # newest first
+                if "entries" in c:
+                    newest.setdefault((c["owner"], c["day"]), c["entries"])
+        return {f for entries in newest.values() for f in entries}
 
 
 def _check_placement(inner: str, table: DayTable, day: str, only: dict[str, str] | None) -> None:
