@@ -187,6 +187,16 @@ class MotoProcess(Moto):
         return uri
 
 
+def upload_raw(moto, local_lake: Path, bucket: str, prefix: str = "lake") -> int:
+    """The demo's raw files, copied into the bucket under the lake prefix, byte for byte."""
+    s3, n = moto.client("s3"), 0
+    for p in sorted((local_lake / "raw").rglob("*")):
+        if p.is_file():
+            s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local_lake).as_posix()}")
+            n += 1
+    return n
+
+
 class TcpProxy:
     """A loopback TCP proxy in front of a real server, to cut the connection without stopping a
     server other work may share: `stop()` closes the listener and every open connection."""

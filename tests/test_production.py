@@ -2,8 +2,9 @@
 `dagster-daemon` on a PostgreSQL instance (deploy/dagster.yaml, deploy/workspace.yaml). A
 partition-range backfill is launched through the webserver's GraphQL API exactly as the UI's
 "Materialize" dialog does (`launchPartitionBackfill`); the daemon runs it; the per-day check results
-are read back through the API. (`dagster dev`, the embedded way to run the same, is exercised by
-the browser and sensor-daemon tests.)"""
+are read back through the API. It runs on the embedded lake directory and on the production
+settings for several machines (the lake on S3, the ledger and projections in Postgres).
+(`dagster dev`, the embedded way to run the same, is exercised by the browser and sensor-daemon tests.)"""
 
 import os
 import shutil
@@ -13,8 +14,9 @@ import time
 import urllib.request
 
 import psycopg
+import pytest
 from conftest import PROJECT_ROOT
-from services import free_port, graphql
+from services import MotoProcess, free_port, graphql, scratch_database, upload_raw
 
 BIN = PROJECT_ROOT / ".venv/bin"
 LAUNCH = """
@@ -36,7 +38,26 @@ DAYS = ["2025-11-24", "2025-11-25"]
 ASSETS = ["raw_events", "parsed_events", "projections", "redrive"]
 
 
-def test_backfill_through_the_webserver_on_postgres(env, tmp_path, postgres_dsn, monkeypatch):
+@pytest.fixture(params=["local-lake", "s3-lake"])
+def lake_kind(request, env, monkeypatch, postgres_dsn):
+    """The embedded lake directory, or the production settings for several machines: the lake on
+    S3 (moto, in its own process) with the ledger and the projections in Postgres."""
+    if request.param == "local-lake":
+        yield request.param
+        return
+    moto = MotoProcess().start()
+    try:
+        moto.lake_env(monkeypatch, "prod-lake")
+        upload_raw(moto, env["lake"], "prod-lake")
+        with scratch_database(postgres_dsn) as ledger, scratch_database(postgres_dsn) as store:
+            monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", ledger)
+            monkeypatch.setenv("EVENT_REPLAY_STORE_URL", store)
+            yield request.param
+    finally:
+        moto.stop()
+
+
+def test_backfill_through_the_webserver_on_postgres(lake_kind, env, tmp_path, postgres_dsn, monkeypatch):
     home = tmp_path / "prod_home"
     home.mkdir()
     shutil.copy(PROJECT_ROOT / "deploy/dagster.yaml", home / "dagster.yaml")

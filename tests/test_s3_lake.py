@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, check_verdicts, run_range
-from services import MotoProcess, scratch_database
+from services import MotoProcess, scratch_database, upload_raw
 
 from replay_defs.jsonl_files.demo import read_truth
 
@@ -24,16 +24,6 @@ def moto():
     server = MotoProcess().start()
     yield server
     server.stop()
-
-
-def upload_raw(moto, local_lake: Path, bucket: str) -> int:
-    """The demo's raw files, copied into the bucket under the lake prefix, byte for byte."""
-    s3, n = moto.client("s3"), 0
-    for p in sorted((local_lake / "raw").rglob("*")):
-        if p.is_file():
-            s3.upload_file(str(p), bucket, f"{BUCKET_PREFIX}/{p.relative_to(local_lake).as_posix()}")
-            n += 1
-    return n
 
 
 @pytest.fixture
