@@ -631,7 +631,3 @@ def _add_action(rel: str, entry: dict, table: DayTable):
 def _local_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def file_sha256(storage: Storage, rel: str) -> str:
-    return storage.sha256(rel)
