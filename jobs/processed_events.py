@@ -20,18 +20,21 @@ REQUESTED_BY_TAG = "event_replay/requested_by"
 REASON_TAG = "event_replay/reason"
 
 
-class _Common(dg.Config):
-    table: str = Field(default="processed_events", description="The events table (optionally schema.table).")
-    dry_run: bool = Field(
-        default=False,
-        description="Report what would be replayed (counts per status and type); change and publish nothing.",
-    )
+class _Audited(dg.Config):
     reason: str = Field(
         default="",
         description=f"Why (kept in the audit; required unless dry_run). Falls back to the run tag {REASON_TAG}.",
     )
     requested_by: str = Field(
         default="", description=f"Who (kept in the audit). Falls back to the run tags {REQUESTED_BY_TAG}, dagster/user."
+    )
+
+
+class _Common(_Audited):
+    table: str = Field(default="processed_events", description="The events table (optionally schema.table).")
+    dry_run: bool = Field(
+        default=False,
+        description="Report what would be replayed (counts per status and type); change and publish nothing.",
     )
 
 
@@ -51,6 +54,18 @@ class _Publishing(_Common):
         "0: no limit). Like a routing key, message id or header key over AMQP's 255 bytes, that row alone fails: counted "
         f"as refused, recorded in {pe.DEAD_LETTER_TABLE}, left unchanged; the replay goes on.",
     )
+    watch_queues: list[str] = Field(
+        default=[],
+        description="The consumers' queue(s) to watch: their ready-message count before and after the replay (and in "
+        "the progress lines) goes to the run's metadata, log and audit row. A missing queue fails the run before "
+        "anything is published.",
+    )
+
+
+_PAYLOAD_HELP = (
+    "Only events whose payload has these top-level values, compared as text (payload->>field = value), AND-ed; "
+    "e.g. {contribution_id: 123e4567-...}."
+)
 
 
 class ReplayOneConfig(_Publishing):
@@ -68,12 +83,21 @@ class ReplayFailedConfig(_Publishing):
     until: Optional[str] = Field(
         default=None, description="Window end (exclusive; a date means the end of that day). Default: now."
     )
+    payload: dict[str, str] = Field(default={}, description=_PAYLOAD_HELP)
 
 
 class ReplayRangeConfig(_Publishing):
     event_type: str = Field(description="e.g. contribution.submitted")
     start: str = Field(description="First day (or timestamp) of processed_at.")
     end: str = Field(description="Last day, inclusive (or an exclusive timestamp).")
+    payload: dict[str, str] = Field(default={}, description=_PAYLOAD_HELP)
+
+
+class ReplayPayloadConfig(_Publishing):
+    payload: dict[str, str] = Field(
+        description="Every event whose payload has these top-level values (any time, any status; processed or pending "
+        "ones only with force), compared as text (payload->>field = value), AND-ed; e.g. {contribution_id: 123e4567-...}."
+    )
 
 
 class ResetStuckConfig(_Publishing):
@@ -91,11 +115,21 @@ class UndoConfig(_Common):
     replay_run_id: str = Field(description="The run id of the replay to undo (its audit row and snapshot).")
 
 
-def _who_why(context: dg.OpExecutionContext, config: _Common) -> tuple[str, str]:
+class PurgeConfig(_Audited):
+    replay_run_id: str = Field(description="The run id of the replay whose messages to take off the queue.")
+    queue: str = Field(description="The consumers' queue to take them from.")
+    confirm: str = Field(
+        default="",
+        description="The replay's run id again: purged messages are gone for good (the other messages are put back, "
+        "marked redelivered).",
+    )
+
+
+def _who_why(context: dg.OpExecutionContext, config: _Audited) -> tuple[str, str]:
     tags = context.run.tags
     who = config.requested_by or tags.get(REQUESTED_BY_TAG) or tags.get("dagster/user") or "unknown"
     why = config.reason or tags.get(REASON_TAG) or ""
-    if not why and not config.dry_run:
+    if not why and not getattr(config, "dry_run", False):
         raise dg.Failure(f"a replay needs a reason: set config `reason` or the run tag {REASON_TAG}")
     return who, why
 
@@ -114,6 +148,12 @@ def _metadata(report: pe.Report) -> dict:
             "duration_s": dg.MetadataValue.float(round(report.seconds, 3)),
         }
     )
+    if report.queue_depth_before is not None:
+        md["queue_depth_before"] = dg.MetadataValue.json(report.queue_depth_before)
+    if report.queue_depth_after is not None:
+        md["queue_depth_after"] = dg.MetadataValue.json(report.queue_depth_after)
+    if report.action == "purge":
+        md.update(purged=dg.MetadataValue.int(report.purged), kept=dg.MetadataValue.int(report.kept))
     if report.snapshot:
         md["snapshot"] = report.snapshot
         md["audit"] = f"{pe.AUDIT_TABLE} WHERE run_id = '{report.run_id}'"
@@ -131,7 +171,12 @@ def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg
     except BaseException as exc:
         if not isinstance(exc, Exception):  # the run was cancelled: say what the audit recorded
             row = pe.audit_row(postgres.url, context.run_id)
-            if row:
+            if row and row["action"] == "purge":
+                context.log.warning(
+                    f"STOPPED: {row['purged']} messages purged before the stop; the others are back in the queue. "
+                    f"Audit: {pe.AUDIT_TABLE} run_id={context.run_id}"
+                )
+            elif row:
                 context.log.warning(
                     f"STOPPED: {row['published']} published (and moved to pending) before the stop; "
                     f"{row['not_reached']} not reached and left as they were. Audit: {pe.AUDIT_TABLE} run_id={context.run_id}"
@@ -139,6 +184,10 @@ def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg
         raise
     summary = ", ".join(f"{k}={v}" for k, v in report.counts().items())
     context.log.info(f"{report.action} {report.status}: {summary}")
+    if report.action == "purge":
+        context.log.info(f"purged {report.purged} messages, put {report.kept} others back (redelivered)")
+    if report.queue_depth_before is not None:
+        context.log.info(f"queue depth before: {report.queue_depth_before}, after: {report.queue_depth_after}")
     skipped = report.skipped_processed + report.skipped_pending
     if skipped and not report.changed and report.action != "undo":
         context.log.warning(
@@ -177,11 +226,21 @@ def _replay(
         f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})"
     )
 
+    def depths() -> dict[str, int]:
+        measured = pe.queue_depths(rabbitmq.url, config.watch_queues)
+        context.log.info(f"queue depth: {measured}")
+        return measured
+
     def progress(r: pe.Report) -> None:
         context.log.info(
             f"progress: {r.published}/{r.selected} published, {r.failed} failed ({r.refused} refused), "
             f"{r.skipped_processed + r.skipped_pending + r.skipped_processing} skipped"
         )
+        if config.watch_queues:
+            try:
+                depths()
+            except Exception as exc:  # noqa: BLE001 - watching must not stop the replay
+                context.log.warning(f"queue depth unavailable: {type(exc).__name__}: {exc}")
 
     publish = kw.pop("publish", True)
 
@@ -208,6 +267,7 @@ def _replay(
                 reason=why,
                 publish=publish,
                 progress=progress,
+                queue_depths=depths if config.watch_queues else None,
                 **kw,
             )
         finally:
@@ -228,7 +288,7 @@ def replay_one_event(
 def replay_failed_events(
     context: dg.OpExecutionContext, config: ReplayFailedConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
-    selection = pe.EventSelection.failed(config.since, config.until, config.hours)
+    selection = pe.EventSelection.failed(config.since, config.until, config.hours).with_payload(config.payload)
     return _replay(context, config, postgres, rabbitmq, selection, "replay_failed")
 
 
@@ -236,8 +296,15 @@ def replay_failed_events(
 def replay_event_range(
     context: dg.OpExecutionContext, config: ReplayRangeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
-    selection = pe.EventSelection.range(config.event_type, config.start, config.end)
+    selection = pe.EventSelection.range(config.event_type, config.start, config.end).with_payload(config.payload)
     return _replay(context, config, postgres, rabbitmq, selection, "replay_range")
+
+
+@dg.op(description="Replay the events whose payload has the given values (e.g. all events of one contribution).")
+def replay_payload_events(
+    context: dg.OpExecutionContext, config: ReplayPayloadConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
+):
+    return _replay(context, config, postgres, rabbitmq, pe.EventSelection.by_payload(config.payload), "replay_payload")
 
 
 @dg.op(description="Reset events stuck in 'processing' (a crashed worker) to pending (re-published) or error.")
@@ -272,6 +339,35 @@ def undo_replay(context: dg.OpExecutionContext, config: UndoConfig, postgres: Po
     )
 
 
+@dg.op(description="Take a replay's messages off a queue before consumers drain them; every other message goes back.")
+def purge_replay_messages(
+    context: dg.OpExecutionContext, config: PurgeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
+):
+    who, why = _who_why(context, config)
+    if config.confirm != config.replay_run_id:
+        raise dg.Failure(
+            f"refused: purging takes the messages of replay {config.replay_run_id} off queue {config.queue!r} for good. "
+            f"Confirm with `confirm: {config.replay_run_id}` (CLI: --yes)."
+        )
+    context.log.info(
+        f"purge of replay {config.replay_run_id}'s messages from queue {config.queue!r} (requested by {who}: {why!r})"
+    )
+    return _run(
+        context,
+        postgres,
+        lambda: pe.purge(
+            postgres.url,
+            rabbitmq.url,
+            config.queue,
+            config.replay_run_id,
+            context.run_id,
+            confirm=config.confirm,
+            requested_by=who,
+            reason=why,
+        ),
+    )
+
+
 def _job(name: str, op, description: str) -> dg.JobDefinition:
     # One op: the in-process executor saves the step subprocess (seconds at launch) and takes
     # the run's termination signal directly in the op.
@@ -300,9 +396,19 @@ JOBS = [
         "Replay processed_events of a type in a date range to RabbitMQ.",
     ),
     _job(
+        "processed_events_replay_payload",
+        replay_payload_events,
+        "Replay processed_events whose payload has given values (e.g. one contribution's) to RabbitMQ.",
+    ),
+    _job(
         "processed_events_reset_stuck",
         reset_stuck_events,
         "Reset processed_events stuck in 'processing' for more than N minutes.",
     ),
     _job("processed_events_undo", undo_replay, "Undo a processed-events replay from its snapshot."),
+    _job(
+        "processed_events_purge",
+        purge_replay_messages,
+        "Take a processed-events replay's messages off a RabbitMQ queue (needs confirm: <replay run id>).",
+    ),
 ]

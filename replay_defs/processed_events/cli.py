@@ -3,6 +3,7 @@ Dagster job (processed_events_*) on the instance in $DAGSTER_HOME."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -16,14 +17,17 @@ from replay_defs.cli_common import (
     run_status,
 )
 from replay_defs.core.redact import redact
+from replay_defs.processed_events import engine as pe
 
 # subcommand -> (job, its op)
 PROCESSED_EVENTS_JOBS = {
     "replay-one": ("processed_events_replay_one", "replay_one_event"),
     "replay-failed": ("processed_events_replay_failed", "replay_failed_events"),
     "replay-range": ("processed_events_replay_range", "replay_event_range"),
+    "replay-payload": ("processed_events_replay_payload", "replay_payload_events"),
     "reset-stuck": ("processed_events_reset_stuck", "reset_stuck_events"),
     "undo": ("processed_events_undo", "undo_replay"),
+    "purge": ("processed_events_purge", "purge_replay_messages"),
 }
 
 
@@ -62,6 +66,7 @@ def _add_replay_commands(pe_sub) -> None:
     )
     p.add_argument("--since", help="window start, ISO date or timestamp (UTC unless an offset is given)")
     p.add_argument("--until", help="window end, exclusive (a date: the end of that day; default now)")
+    _add_payload_option(p)
     _add_common_options(p)
     p = pe_sub.add_parser(
         "replay-range",
@@ -72,7 +77,37 @@ def _add_replay_commands(pe_sub) -> None:
     p.add_argument("event_type", help="e.g. contribution.submitted")
     p.add_argument("start", help="first day (YYYY-MM-DD) or timestamp")
     p.add_argument("end", help="last day, inclusive (or an exclusive timestamp)")
+    _add_payload_option(p)
     _add_common_options(p)
+    p = pe_sub.add_parser(
+        "replay-payload",
+        help="replay the events whose payload has given values (e.g. all events of one contribution)",
+        description="Replay every event whose payload has the given top-level values, e.g. "
+        "--payload contribution_id=123e4567-... (the runbook's payload->>'contribution_id' query), any time. "
+        "Failed ones are replayed; processed or pending ones only with --force.",
+    )
+    _add_payload_option(p, required=True)
+    _add_common_options(p)
+
+
+def _payload_pair(text: str) -> tuple[str, str]:
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE, e.g. contribution_id=123e4567-...")
+    pe.payload_fields({field: value})  # a bad field name is refused here, with the reason
+    return field, value
+
+
+def _add_payload_option(p, required: bool = False) -> None:
+    p.add_argument(
+        "--payload",
+        action="append",
+        type=_payload_pair,
+        required=required,
+        metavar="FIELD=VALUE",
+        help="only events whose payload has this top-level value, compared as text (payload->>'FIELD' = 'VALUE'); "
+        "repeat to AND several",
+    )
 
 
 def _add_repair_commands(pe_sub) -> None:
@@ -97,6 +132,26 @@ def _add_repair_commands(pe_sub) -> None:
         "replay_run_id", help="the run id of the replay (printed by the replay, in its audit row and in the UI)"
     )
     _add_common_options(p, publishing=False)
+    p = pe_sub.add_parser(
+        "purge",
+        help="take a replay's messages off a queue before the consumers drain them (needs --yes)",
+        description="Take from QUEUE every ready message whose replay_run_id header is REPLAY_RUN_ID (acked: gone for "
+        "good) and put every other message back: they are held unacknowledged while the queue is walked once, then "
+        "requeued with one nack, so RabbitMQ puts them back at their original place (order kept) but marks them "
+        "redelivered. Messages a consumer already holds or took are not purged. Refused without --yes. Audited "
+        "(purged, kept). Runbook for a bad replay: terminate the run (UI Terminate / Ctrl-C), purge, then undo "
+        "REPLAY_RUN_ID to put the table back.",
+    )
+    p.add_argument("replay_run_id", help="the run id of the replay whose messages to purge")
+    p.add_argument("--queue", required=True, help="the consumers' queue to purge them from")
+    p.add_argument("--yes", action="store_true", help="confirm: the purged messages are gone for good")
+    _add_audit_options(p)
+
+
+def _add_audit_options(p) -> None:
+    p.add_argument("--reason", default="", help="why (kept in the audit; required unless --dry-run)")
+    p.add_argument("--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)")
+    p.set_defaults(fn=cmd_processed_events)
 
 
 def _add_common_options(p, publishing: bool = True) -> None:
@@ -111,11 +166,9 @@ def _add_common_options(p, publishing: bool = True) -> None:
         action="store_true",
         help="only report what would be replayed (counts per status and type); change nothing",
     )
-    p.add_argument("--reason", default="", help="why (kept in the audit; required unless --dry-run)")
-    p.add_argument("--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)")
+    _add_audit_options(p)
     if publishing:
         _add_publishing_options(p)
-    p.set_defaults(fn=cmd_processed_events)
 
 
 def _add_publishing_options(p) -> None:
@@ -144,10 +197,26 @@ def _add_publishing_options(p) -> None:
         "0: no limit). A refused row (also: event type, event id or header key over AMQP's 255 bytes) fails "
         "alone: counted as refused, dead-lettered in event_replay_dead_letter, left unchanged; the run goes on",
     )
+    p.add_argument(
+        "--watch-queue",
+        action="append",
+        default=[],
+        metavar="QUEUE",
+        help="a consumer queue to watch (repeatable): its ready-message count before and after the replay is printed "
+        "and kept in the run's metadata and the audit; a missing queue fails before anything is published",
+    )
 
 
 def processed_events_config(args) -> dict:
     """The op config of a `processed-events` subcommand, from its arguments."""
+    if args.pe_cmd == "purge":
+        return {
+            "replay_run_id": args.replay_run_id,
+            "queue": args.queue,
+            "confirm": args.replay_run_id if args.yes else "",
+            "reason": args.reason,
+            "requested_by": args.requested_by,
+        }
     config = {"table": args.table, "dry_run": args.dry_run, "reason": args.reason, "requested_by": args.requested_by}
     if args.pe_cmd != "undo":
         config.update(
@@ -156,13 +225,18 @@ def processed_events_config(args) -> dict:
             rate_limit=args.rate_limit,
             batch_size=args.batch_size,
             max_message_bytes=args.max_message_bytes,
+            watch_queues=args.watch_queue,
         )
+    if getattr(args, "payload", None):
+        config["payload"] = dict(args.payload)
     if args.pe_cmd == "replay-one":
         config["event_id"] = args.event_id
     elif args.pe_cmd == "replay-failed":
         config.update(hours=args.hours, since=args.since, until=args.until)
     elif args.pe_cmd == "replay-range":
         config.update(event_type=args.event_type, start=args.start, end=args.end)
+    elif args.pe_cmd == "replay-payload":
+        pass  # the payload alone
     elif args.pe_cmd == "reset-stuck":
         config.update(older_than_minutes=args.older_than_minutes, to_status=args.to_status)
     else:
@@ -173,6 +247,13 @@ def processed_events_config(args) -> dict:
 def cmd_processed_events(args) -> None:
     """Launch the job on the instance in $DAGSTER_HOME (it shows in the UI's runs) and print its
     counts. Ctrl-C is the emergency stop, as terminating the run in the UI is."""
+    if args.pe_cmd == "purge" and not args.yes:
+        print(
+            f"refused: purge takes the messages of replay {args.replay_run_id} off queue {args.queue!r} for good; "
+            "add --yes to confirm",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     ensure_dagster_home()
     job_name, op_name = PROCESSED_EVENTS_JOBS[args.pe_cmd]
     result = run_in_process(
@@ -181,7 +262,11 @@ def cmd_processed_events(args) -> None:
     outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     print(f"run_id {result.run_id}: {run_status(result)}")
     if outputs:
-        _print_counts({k: v.value for k, v in outputs[0].step_output_data.metadata.items()}, result.run_id, args.table)
+        _print_counts(
+            {k: v.value for k, v in outputs[0].step_output_data.metadata.items()},
+            result.run_id,
+            getattr(args, "table", ""),
+        )
     else:
         _print_failure(result)
     exit_if_failed(result)
@@ -189,13 +274,18 @@ def cmd_processed_events(args) -> None:
 
 def _print_counts(md: dict, run_id: str, table: str) -> None:
     """The op's counts and, when it changed rows, their snapshot and how to undo it."""
-    from replay_defs.processed_events import engine as pe
-
     print("  " + " ".join(f"{k}={md[k]}" for k in pe.COUNTS if k in md))
     print(
         f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}"
     )
-    if md.get("snapshot"):
+    print(f"  selection={json.dumps(md.get('selection'))}")
+    if "purged" in md:
+        print(f"  purged={md['purged']} kept={md['kept']} (kept messages are back in the queue, marked redelivered)")
+    if "queue_depth_before" in md:
+        print(
+            f"  queue depth before={json.dumps(md['queue_depth_before'])} after={json.dumps(md.get('queue_depth_after'))}"
+        )
+    if md.get("snapshot") and "purged" not in md:
         print(
             f"  snapshot: {md['snapshot']}\n  undo: event-replay processed-events undo {run_id} --table {table} --reason ..."
         )
@@ -204,7 +294,6 @@ def _print_counts(md: dict, run_id: str, table: str) -> None:
 def _print_failure(result) -> None:
     """A run without output: its audit row (if the database answers), its dead letters, its error."""
     from replay_defs.definitions import defs
-    from replay_defs.processed_events import engine as pe
 
     try:
         row = pe.audit_row(resolve(defs.resources["postgres"].url), result.run_id)

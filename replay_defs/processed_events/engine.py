@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
@@ -164,6 +164,10 @@ CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (
 AUDIT_COLUMNS_ADDED = (
     f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused integer NOT NULL DEFAULT 0",
     f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS refused_by_reason jsonb NOT NULL DEFAULT '{{}}'::jsonb",
+    f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS queue_depth_before jsonb",
+    f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS queue_depth_after jsonb",
+    f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS purged integer NOT NULL DEFAULT 0",
+    f"ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS kept integer NOT NULL DEFAULT 0",
 )
 
 
@@ -190,16 +194,47 @@ def _parse_time(value: str, end: bool = False) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
+_PAYLOAD_FIELD = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def payload_fields(fields: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """`{"contribution_id": "abc"}` as sorted (field, value) pairs, each field a top-level key of
+    the payload (compared as text, `payload->>field`; the name only ever goes to SQL as a parameter)."""
+    pairs = []
+    for name, value in sorted((fields or {}).items()):
+        if not _PAYLOAD_FIELD.fullmatch(str(name)):
+            raise ValueError(
+                f"{name!r} is not a payload field name (a top-level key of letters, digits, _ or -, at most 128)"
+            )
+        if value is None:
+            raise ValueError(f"payload field {name!r} needs a value")
+        pairs.append((name, str(value)))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class EventSelection:
-    """Which rows a replay covers. Build with the class methods."""
+    """Which rows a replay covers. Build with the class methods; `with_payload` narrows any of
+    them to rows whose payload has the given top-level values (the seed's `payload->>'contribution_id'`)."""
 
-    kind: str  # one | failed | range | stuck
+    kind: str  # one | failed | range | stuck | payload
     event_id: str | None = None
     event_type: str | None = None
     start: datetime | None = None
     end: datetime | None = None
     older_than_minutes: float | None = None
+    payload: tuple[tuple[str, str], ...] = ()  # (field, value) pairs, AND-ed
+
+    def with_payload(self, fields: dict[str, str] | None) -> "EventSelection":
+        return replace(self, payload=payload_fields(fields))
+
+    @classmethod
+    def by_payload(cls, fields: dict[str, str]) -> "EventSelection":
+        """Every row whose payload has these values (e.g. all events of one contribution), any time."""
+        pairs = payload_fields(fields)
+        if not pairs:
+            raise ValueError("select by payload needs at least one field=value")
+        return cls("payload", payload=pairs)
 
     @classmethod
     def one(cls, event_id: str) -> "EventSelection":
@@ -240,6 +275,17 @@ class EventSelection:
         """(SQL condition, parameters)."""
         from psycopg import sql
 
+        cond, params = self._kind_where()
+        for name, value in self.payload:
+            cond = sql.SQL("({}) AND payload->>%s = %s").format(cond)
+            params = [*params, name, value]
+        return cond, params
+
+    def _kind_where(self):
+        from psycopg import sql
+
+        if self.kind == "payload":
+            return sql.SQL("true"), []
         if self.kind == "one":
             return sql.SQL("event_id = %s"), [self.event_id]
         if self.kind == "failed":
@@ -260,7 +306,14 @@ class EventSelection:
         raise ValueError(f"unknown selection {self.kind!r}")
 
     def describe(self) -> dict:
-        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(self).items() if v is not None}
+        described = {
+            k: (v.isoformat() if isinstance(v, datetime) else v)
+            for k, v in asdict(self).items()
+            if v is not None and k != "payload"
+        }
+        if self.payload:
+            described["payload"] = dict(self.payload)
+        return described
 
 
 # ---- interrupts -------------------------------------------------------------------------------
@@ -337,6 +390,10 @@ class Report:
     errors: list = field(default_factory=list)
     snapshot: str | None = None
     seconds: float = 0.0
+    queue_depth_before: dict | None = None  # ready messages per watched queue, before publishing
+    queue_depth_after: dict | None = None  # ... and when the run ended (however it ended)
+    purged: int = 0  # purge: messages of the replay taken off the queue (acked)
+    kept: int = 0  # purge: other messages put back (nack, requeue)
 
     @property
     def forced(self) -> bool:
@@ -381,8 +438,8 @@ def _plan(conn, table: str, selection: EventSelection) -> tuple[int, dict, dict]
 
 def _audit_start(conn, report: Report, requested_by: str, reason: str, exchange: str | None) -> None:
     conn.execute(
-        f"INSERT INTO {AUDIT_TABLE} (run_id, action, table_name, selection, requested_by, reason, exchange, force, selected, snapshot, status)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'running')",
+        f"INSERT INTO {AUDIT_TABLE} (run_id, action, table_name, selection, requested_by, reason, exchange, force, selected, snapshot,"
+        " queue_depth_before, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'running')",
         (
             report.run_id,
             report.action,
@@ -394,8 +451,13 @@ def _audit_start(conn, report: Report, requested_by: str, reason: str, exchange:
             report.force,
             report.selected,
             report.snapshot,
+            _json_or_none(report.queue_depth_before),
         ),
     )
+
+
+def _json_or_none(value) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _audit_finish(conn, report: Report, error: str | None = None) -> None:
@@ -403,7 +465,7 @@ def _audit_finish(conn, report: Report, error: str | None = None) -> None:
     conn.execute(
         f"UPDATE {AUDIT_TABLE} SET published = %s, changed = %s, forced = %s, forced_count = %s, skipped_processed = %s,"
         " skipped_pending = %s, skipped_processing = %s, failed = %s, refused = %s, refused_by_reason = %s, not_reached = %s, status = %s,"
-        " error = %s, finished_at = now() WHERE run_id = %s",
+        " error = %s, queue_depth_after = %s, purged = %s, kept = %s, finished_at = now() WHERE run_id = %s",
         (
             c["published"],
             c["changed"],
@@ -418,6 +480,9 @@ def _audit_finish(conn, report: Report, error: str | None = None) -> None:
             c["not_reached"],
             report.status,
             redact(error) if error else None,
+            _json_or_none(report.queue_depth_after),
+            report.purged,
+            report.kept,
             report.run_id,
         ),
     )
@@ -645,8 +710,11 @@ class _RowReplay:
 
 
 @contextmanager
-def _audited(conn, report: Report, t0: float, handled: Callable[[], int]) -> Iterator[None]:
-    """Whatever ends the block (success, an error, a cancel), its outcome goes into the audit row."""
+def _audited(
+    conn, report: Report, t0: float, handled: Callable[[], int], queue_depths: QueueDepths | None = None
+) -> Iterator[None]:
+    """Whatever ends the block (success, an error, a cancel), its outcome goes into the audit row,
+    with the watched queues' depth at that moment."""
     exc_seen: BaseException | None = None
     try:
         yield
@@ -654,6 +722,11 @@ def _audited(conn, report: Report, t0: float, handled: Callable[[], int]) -> Ite
         exc_seen = exc
         raise
     finally:
+        if queue_depths is not None:
+            try:
+                report.queue_depth_after = queue_depths()
+            except Exception as exc:  # noqa: BLE001 - the broker went away: the audit says so, the run's outcome stands
+                report.errors.append(redact(f"queue depth after: {type(exc).__name__}: {exc}")[:300])
         report.not_reached = max(0, report.selected - handled())
         report.seconds = time.monotonic() - t0
         error = _finish_status(report, exc_seen)
@@ -665,6 +738,10 @@ def _audited(conn, report: Report, t0: float, handled: Callable[[], int]) -> Ite
             except Exception:  # the database went away: the run's error says why
                 if exc_seen is None:
                     raise
+
+
+# Ready messages per watched queue (`sinks.rabbitmq.queue_depths` bound to the broker and queues).
+QueueDepths = Callable[[], dict[str, int]]
 
 
 def replay(
@@ -687,10 +764,13 @@ def replay(
     new_error: str | None = None,
     progress: Callable[[Report], None] | None = None,
     progress_every_s: float = 5.0,
+    queue_depths: QueueDepths | None = None,
 ) -> Report:
     """Replay the selected rows (see the module docstring). `exchange`: an object with
     `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.rabbitmq.RabbitMQSink`);
-    `publish=False` only changes statuses (the stuck reset to `error`)."""
+    `publish=False` only changes statuses (the stuck reset to `error`). `queue_depths`: the
+    consumers' queues, measured before anything is published (a missing queue fails the run
+    then) and when it ends; both go into the report and the audit row."""
     _check_replay_arguments(batch_size, rate_limit, new_status, publish, exchange, dry_run)
     table_identifier(table)
     report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
@@ -699,6 +779,8 @@ def replay(
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
         if selection.kind == "one" and not report.selected:
             raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
+        if queue_depths is not None:
+            report.queue_depth_before = queue_depths()
         replayable = _replayable_statuses(selection, force)
         if dry_run:
             report.status = "dry_run"
@@ -722,7 +804,7 @@ def replay(
             new_status=new_status,
             new_error=new_error,
         )
-        with _audited(conn, report, t0, lambda: rows.handled):
+        with _audited(conn, report, t0, lambda: rows.handled, queue_depths):
             rows.run()
     return report
 
@@ -795,6 +877,112 @@ def undo(
         _audit_start(conn, report, requested_by, reason, None)
         with _audited(conn, report, t0, lambda: report.changed):
             report.changed = _restore_snapshot(conn, table, undo_run_id, run_id)
+    return report
+
+
+# ---- queues -----------------------------------------------------------------------------------
+
+
+def queue_depth(channel, queue: str) -> int:
+    """Ready messages in `queue` (a passive `queue_declare`: no management plugin needed). A
+    missing queue is a LookupError (the broker closes the channel: use a fresh one for the next)."""
+    import pika
+
+    try:
+        return channel.queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            raise LookupError(
+                f"RabbitMQ has no queue {queue!r} (in the vhost of EVENT_REPLAY_RABBITMQ_URL): "
+                "declare it, or name the consumers' queue"
+            ) from None
+        raise
+
+
+def queue_depths(rabbitmq_url: str, queues) -> dict[str, int]:
+    """Ready messages per queue, e.g. the consumers' queues a replay feeds (see `queue_depth`)."""
+    if not queues:
+        return {}
+    conn = connect.rabbitmq(rabbitmq_url, connection_attempts=1, socket_timeout=5)
+    try:
+        return {q: queue_depth(conn.channel(), q) for q in queues}
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+# ---- purge ------------------------------------------------------------------------------------
+
+
+def _header(props, name: str):
+    value = (props.headers or {}).get(name)
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _take_run_messages(channel, queue: str, replay_run_id: str, report: Report) -> None:
+    """Take the queue's ready messages one by one (`basic_get`, unacknowledged), as many as it held
+    at the start (`report.selected`): ack those whose `replay_run_id` header is `replay_run_id`
+    (gone for good), hold the others, then put them all back with one nack(requeue). RabbitMQ
+    puts a requeued message back at its original place in the queue, marked `redelivered`; a
+    message the purge holds is never lost (a crash or cancel closes the channel, which requeues it
+    the same way)."""
+    try:
+        for _ in range(report.selected):
+            with deferred_interrupts():  # a message taken is acked or held before a cancel lands
+                method, props, _body = channel.basic_get(queue, auto_ack=False)
+                if method is None:  # consumers took the rest
+                    return
+                if _header(props, "replay_run_id") == replay_run_id:
+                    channel.basic_ack(method.delivery_tag)
+                    report.purged += 1
+                else:
+                    report.kept += 1
+    finally:
+        if report.kept and channel.is_open:
+            channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)  # every held message
+
+
+def purge(
+    url: str,
+    rabbitmq_url: str,
+    queue: str,
+    purge_run_id: str,
+    run_id: str,
+    *,
+    confirm: str = "",
+    requested_by: str = "unknown",
+    reason: str = "",
+) -> Report:
+    """Take the messages replay `purge_run_id` published off `queue` before consumers drain them
+    (header `replay_run_id`); every other message goes back. `confirm` must be `purge_run_id`.
+    Audited as action `purge` (purged, kept; selected = ready messages at the start, not_reached =
+    those consumers took meanwhile). The table is untouched: `undo` the replay for that."""
+    if confirm != purge_run_id:
+        raise ValueError(
+            f"purging takes the messages of replay {purge_run_id} off queue {queue!r} for good: "
+            f"confirm with the replay's run id (config `confirm: {purge_run_id}`, CLI --yes)"
+        )
+    with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
+        ensure_replay_tables(conn)
+        found = conn.execute(f"SELECT table_name FROM {AUDIT_TABLE} WHERE run_id = %s", (purge_run_id,)).fetchone()
+        if found is None:
+            raise LookupError(f"no replay {purge_run_id!r} in {AUDIT_TABLE} (the run id the replay printed)")
+        report = Report(run_id, "purge", found[0], {"purge_of": purge_run_id, "queue": queue})
+        t0 = time.monotonic()
+        amqp = connect.rabbitmq(rabbitmq_url, connection_attempts=1, socket_timeout=10)
+        try:
+            channel = amqp.channel()
+            report.selected = queue_depth(channel, queue)  # a missing queue: LookupError, nothing audited
+            report.queue_depth_before = {queue: report.selected}
+            _audit_start(conn, report, requested_by, reason, None)
+            # after: on the same channel, so the broker has requeued the held messages first
+            with _audited(
+                conn, report, t0, lambda: report.purged + report.kept, lambda: {queue: queue_depth(channel, queue)}
+            ):
+                _take_run_messages(channel, queue, purge_run_id, report)
+        finally:
+            if amqp.is_open:
+                amqp.close()
     return report
 
 
