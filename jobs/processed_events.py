@@ -12,6 +12,7 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field
 
+from replay_defs.core.redact import redact
 from replay_defs.processed_events import engine as pe
 from replay_defs.sinks.rabbitmq import DEFAULT_MAX_MESSAGE_BYTES, RabbitMQResource
 from resources import PostgresResource
@@ -211,20 +212,9 @@ def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg
     return dg.Output(json.dumps(report.counts()), metadata=_metadata(report))
 
 
-def _replay(
-    context: dg.OpExecutionContext,
-    config: _Publishing,
-    postgres: PostgresResource,
-    rabbitmq: RabbitMQResource,
-    selection: pe.EventSelection,
-    action: str,
-    **kw,
-) -> dg.Output:
-    who, why = _who_why(context, config)
-    pe.check_exchange(config.exchange)
-    context.log.info(
-        f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})"
-    )
+def _watching(context: dg.OpExecutionContext, config: _Publishing, rabbitmq: RabbitMQResource):
+    """(queue depths or None, progress callback): progress lines in the run log, each with the
+    watched queues' depth when some are watched."""
 
     def depths() -> dict[str, int]:
         measured = pe.queue_depths(rabbitmq.url, config.watch_queues)
@@ -240,8 +230,26 @@ def _replay(
             try:
                 depths()
             except Exception as exc:  # noqa: BLE001 - watching must not stop the replay
-                context.log.warning(f"queue depth unavailable: {type(exc).__name__}: {exc}")
+                context.log.warning(redact(f"queue depth unavailable: {type(exc).__name__}: {exc}"))
 
+    return (depths if config.watch_queues else None), progress
+
+
+def _replay(
+    context: dg.OpExecutionContext,
+    config: _Publishing,
+    postgres: PostgresResource,
+    rabbitmq: RabbitMQResource,
+    selection: pe.EventSelection,
+    action: str,
+    **kw,
+) -> dg.Output:
+    who, why = _who_why(context, config)
+    pe.check_exchange(config.exchange)
+    context.log.info(
+        f"{action}: {selection.describe()} in {config.table} -> exchange {config.exchange!r} (requested by {who}: {why!r})"
+    )
+    depths, progress = _watching(context, config, rabbitmq)
     publish = kw.pop("publish", True)
 
     def work() -> pe.Report:
@@ -267,7 +275,7 @@ def _replay(
                 reason=why,
                 publish=publish,
                 progress=progress,
-                queue_depths=depths if config.watch_queues else None,
+                queue_depths=depths,
                 **kw,
             )
         finally:

@@ -740,7 +740,7 @@ def _audited(
                     raise
 
 
-# Ready messages per watched queue (`sinks.rabbitmq.queue_depths` bound to the broker and queues).
+# Ready messages per watched queue (`queue_depths` bound to the broker and the queues).
 QueueDepths = Callable[[], dict[str, int]]
 
 
@@ -766,11 +766,9 @@ def replay(
     progress_every_s: float = 5.0,
     queue_depths: QueueDepths | None = None,
 ) -> Report:
-    """Replay the selected rows (see the module docstring). `exchange`: an object with
-    `publish(routing_key, body, message_id, headers) -> None | error` (`sinks.rabbitmq.RabbitMQSink`);
-    `publish=False` only changes statuses (the stuck reset to `error`). `queue_depths`: the
-    consumers' queues, measured before anything is published (a missing queue fails the run
-    then) and when it ends; both go into the report and the audit row."""
+    """Replay the selected rows (see the module docstring). `exchange`: `publish(routing_key, body,
+    message_id, headers) -> None | error` (`sinks.rabbitmq.RabbitMQSink`); `publish=False` only changes
+    statuses. `queue_depths` is measured before publishing (a missing queue fails then) and at the end."""
     _check_replay_arguments(batch_size, rate_limit, new_status, publish, exchange, dry_run)
     table_identifier(table)
     report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
@@ -779,8 +777,7 @@ def replay(
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
         if selection.kind == "one" and not report.selected:
             raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
-        if queue_depths is not None:
-            report.queue_depth_before = queue_depths()
+        report.queue_depth_before = queue_depths() if queue_depths else None  # a missing queue fails here
         replayable = _replayable_statuses(selection, force)
         if dry_run:
             report.status = "dry_run"
@@ -942,6 +939,17 @@ def _take_run_messages(channel, queue: str, replay_run_id: str, report: Report) 
             channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)  # every held message
 
 
+def _depth_after_requeue(channel, queue: str, kept: int, timeout_s: float = 2.0) -> int:
+    """The queue's depth once the broker has applied our requeue (it does so asynchronously: a
+    depth read right after the nack can miss the requeued messages). Waits at most `timeout_s`
+    for at least `kept` messages; live consumers may take them first, then the depth read is what
+    it is."""
+    deadline = time.monotonic() + timeout_s
+    while (depth := queue_depth(channel, queue)) < kept and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return depth
+
+
 def purge(
     url: str,
     rabbitmq_url: str,
@@ -975,9 +983,12 @@ def purge(
             report.selected = queue_depth(channel, queue)  # a missing queue: LookupError, nothing audited
             report.queue_depth_before = {queue: report.selected}
             _audit_start(conn, report, requested_by, reason, None)
-            # after: on the same channel, so the broker has requeued the held messages first
             with _audited(
-                conn, report, t0, lambda: report.purged + report.kept, lambda: {queue: queue_depth(channel, queue)}
+                conn,
+                report,
+                t0,
+                lambda: report.purged + report.kept,
+                lambda: {queue: _depth_after_requeue(channel, queue, report.kept)},
             ):
                 _take_run_messages(channel, queue, purge_run_id, report)
         finally:
