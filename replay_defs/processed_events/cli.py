@@ -43,7 +43,8 @@ def register(sub) -> None:
         "(event_replay_audit). Events already processed are skipped unless --force. A message refused for its shape "
         "(event type, event id or header key over AMQP's 255 bytes, payload over --max-message-bytes) or not confirmed fails "
         "that row alone: counted, dead-lettered in event_replay_dead_letter, row left unchanged, and the run goes on; only a lost "
-        "connection stops it. Ctrl-C stops publishing at once; the rows published so far are committed and counted.",
+        "connection stops it. Ctrl-C stops publishing at once; the rows published so far are committed and counted. "
+        "A bad replay: terminate it, `purge RUN_ID --queue Q --yes` its messages still queued, then `undo RUN_ID`.",
     )
     pe_sub = pe.add_subparsers(dest="pe_cmd", required=True)
     _add_replay_commands(pe_sub)
@@ -145,11 +146,12 @@ def _add_repair_commands(pe_sub) -> None:
     p.add_argument("replay_run_id", help="the run id of the replay whose messages to purge")
     p.add_argument("--queue", required=True, help="the consumers' queue to purge them from")
     p.add_argument("--yes", action="store_true", help="confirm: the purged messages are gone for good")
-    _add_audit_options(p)
+    _add_audit_options(p, dry_run=False)
 
 
-def _add_audit_options(p) -> None:
-    p.add_argument("--reason", default="", help="why (kept in the audit; required unless --dry-run)")
+def _add_audit_options(p, dry_run: bool = True) -> None:
+    required = "required unless --dry-run" if dry_run else "required"
+    p.add_argument("--reason", default="", help=f"why (kept in the audit; {required})")
     p.add_argument("--requested-by", default=os.environ.get("USER", ""), help="who (kept in the audit; default $USER)")
     p.set_defaults(fn=cmd_processed_events)
 

@@ -6,8 +6,9 @@ The table is the seed's (see `create_processed_events_table`): an event per row 
 event `processed` (or `error`). A replay
 
 1. selects rows (`EventSelection`): one event by `event_id`; the failed (`error`) ones in a window of
-   `processed_at`; a type in a date range of `processed_at`; or those stuck in `processing` for
-   longer than N minutes;
+   `processed_at`; a type in a date range of `processed_at`; those stuck in `processing` for
+   longer than N minutes; or those whose payload has given top-level values (`payload->>field`,
+   which also narrows the failed and range selections);
 2. walks them in `batch_size` batches of `SELECT ... FOR UPDATE SKIP LOCKED` (a row another replay
    or worker holds is left to it), publishes each replayable row to the exchange (routing key = the
    event type, `message_id` = the event id, publisher confirms, paced by `rate_limit`), and in the
@@ -30,6 +31,13 @@ Emergency stop: a publish and its bookkeeping are one unit that SIGINT/SIGTERM (
 cancels a run) cannot split; the stop lands between two publishes. The batch in progress then
 commits exactly the rows the broker confirmed, the rest stay as they were, and the audit row
 says `stopped` with the count published.
+
+Queue depth: the consumers' queues named to watch are counted (passive `queue_declare`) before the
+first publish and when the run ends, into the report and the audit row.
+
+Purge: `purge(...)` takes a replay's messages (header `replay_run_id`) off a queue before the
+consumers drain them and puts every other message back (nack with requeue: same place, marked
+redelivered); audited as action `purge`.
 
 Undo: `undo(run_id)` puts the snapshot's status, retry_count, error_message and processed_at back
 (messages already consumed cannot be recalled; the undo itself is snapshotted and audited).
