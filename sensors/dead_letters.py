@@ -153,7 +153,7 @@ def build_dead_letter_sensor(system, source: DeadLettersSpec, options: dict | No
                 raise ValueError(f"{source.label}: {bad}") from None
         name = sensor_name(system.name, source)
         selection = dg.AssetSelection.groups(system.name)
-        act, target = _backfill(system, source, options, selection), {"asset_selection": selection}
+        act, target = _backfill(name, system, source, options, selection), {"asset_selection": selection}
         what = f"a backfill of {system.name} for the days of the dead letters in {source.label}"
     resource_key, probe = dead_letter_reader(source.kind)
 
@@ -204,7 +204,7 @@ def build_dead_letter_sensor(system, source: DeadLettersSpec, options: dict | No
 # ---- what a sensor launches -------------------------------------------------------------------
 
 
-def _backfill(spec, source: DeadLettersSpec, options: dict, selection: dg.AssetSelection):
+def _backfill(name: str, spec, source: DeadLettersSpec, options: dict, selection: dg.AssetSelection):
     """Backfills of `spec`'s assets for the peeked letters' days: (no run requests, what was added, notes)."""
     time_field = source.time_field or (spec.schema.time_field if isinstance(spec, PipelineSpec) else "timestamp")
     partitions = daily_partitions(spec)
@@ -229,7 +229,7 @@ def _backfill(spec, source: DeadLettersSpec, options: dict, selection: dg.AssetS
             if not days:
                 continue
             tags = {
-                "dagster/sensor_name": context.sensor_name or "",
+                "dagster/sensor_name": name,
                 "event_replay/trigger": source.label,
                 "event_replay/dead_letter_depth": str(depth),
                 **{f"event_replay/{k}": v for k, v in chosen},
@@ -276,6 +276,7 @@ def _split(letters: list, split: dict[str, str]) -> tuple[dict[tuple, list], lis
     on the letters that name none (a backfill of every tenant is never launched for them)."""
     if not split:
         return {(): letters}, []
+    first = next(iter(split))
     groups: dict[tuple, list] = {}
     unnamed = 0
     for letter in letters:
@@ -283,18 +284,12 @@ def _split(letters: list, split: dict[str, str]) -> tuple[dict[tuple, list], lis
             body = json.loads(letter)
         except (TypeError, ValueError):
             body = None
-        chosen = tuple(
-            (f, str(body[col]))
-            for f, col in split.items()
-            if isinstance(body, dict) and body.get(col) not in (None, "")
-        )
-        if not chosen or chosen[0][0] != next(iter(split)):
+        if not isinstance(body, dict) or body.get(split[first]) in (None, ""):
             unnamed += 1
             continue
+        chosen = tuple((f, str(body[col])) for f, col in split.items() if body.get(col) not in (None, ""))
         groups.setdefault(chosen, []).append(letter)
-    notes = (
-        [f"{unnamed} of {len(letters)} peeked dead letters name no {next(iter(split))}: left out"] if unnamed else []
-    )
+    notes = [f"{unnamed} of {len(letters)} peeked dead letters name no {first}: left out"] if unnamed else []
     return groups, notes
 
 
@@ -320,6 +315,7 @@ def _replay_failed(name: str, source: DeadLettersSpec, options: dict):
             "requested_by": f"sensor:{name}",
         }
         request = dg.RunRequest(
+            job_name=REPLAY_FAILED_JOB,
             # The same rise (window and depth) is launched once, even if a tick is evaluated again.
             run_key=f"{since}..{until}@{depth}",
             run_config={"ops": {"replay_failed_events": {"config": config}}},
