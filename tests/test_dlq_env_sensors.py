@@ -256,3 +256,25 @@ def test_a_bad_dead_letter_variable_is_an_error_at_load_naming_it(env, monkeypat
     with pytest.raises(DeclarationError) as err:
         build_definitions()
     assert var in str(err.value) and says in str(err.value), str(err.value)
+
+
+def test_env_sources_add_to_the_spec_declared_ones_and_replace_the_same_source(env, monkeypatch):
+    import dataclasses
+
+    from replay_defs.definitions import build_definitions
+    from replay_defs.pipeline.spec import DeadLettersSpec
+    from replay_defs.pipelines import TELEMETRY
+
+    spec = dataclasses.replace(
+        TELEMETRY, dead_letters=(DeadLettersSpec("sqs", "declared-dlq"), DeadLettersSpec("sqs", "both-dlq", growth=7))
+    )
+    monkeypatch.setenv("EVENT_REPLAY_DEAD_LETTERS__TELEMETRY", "sqs:both-dlq?growth=50,kafka:telemetry.dlq")
+    sensors = {s.name: s for s in build_definitions([spec], []).sensors if "__dlq_" in s.name}
+    assert set(sensors) == {
+        "telemetry__dlq_sqs_declared_dlq",
+        "telemetry__dlq_sqs_both_dlq",
+        "telemetry__dlq_kafka_telemetry_dlq",
+    }
+    assert sensors["telemetry__dlq_sqs_declared_dlq"].default_status == dg.DefaultSensorStatus.STOPPED
+    assert sensors["telemetry__dlq_sqs_both_dlq"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert "more than 50 " in sensors["telemetry__dlq_sqs_both_dlq"].description, "the environment's source wins"
