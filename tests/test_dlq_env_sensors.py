@@ -38,9 +38,9 @@ def location_with(monkeypatch, var: str, value: str, system: str, source: str):
 
     monkeypatch.setenv(var, value)
     defs = build_definitions()
-    names = {s.name for s in defs.sensors}
-    assert f"{system}__dlq_{source}" in names, names
-    sensor = defs.get_sensor_def(f"{system}__dlq_{source}")
+    by_name = {s.name: s for s in defs.sensors}
+    assert f"{system}__dlq_{source}" in by_name, set(by_name)
+    sensor = by_name[f"{system}__dlq_{source}"]
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, "set in the environment: on by default"
     return defs, sensor
 
