@@ -1,6 +1,7 @@
 """The code location: Definitions built from the pipeline specs `replay_defs.pipelines.served()`
 returns: the shipped ones and the user's own (EVENT_REPLAY_PIPELINES, EVENT_REPLAY_SHIPPED_PIPELINES,
-EVENT_REPLAY_SINK__<PIPELINE>: `replay_defs/pipeline/declared.py`).
+EVENT_REPLAY_SINK__<PIPELINE>: `replay_defs/pipeline/declared.py`), with a DLQ sensor for each
+dead-letter source a spec declares or EVENT_REPLAY_DEAD_LETTERS__<SYSTEM> sets.
 
 Storage locations come from env vars, with an embedded default under ./data (a sink's variables
 are declared by its module in `replay_defs/sinks/`, `SINK.settings`):
@@ -20,6 +21,8 @@ EVENT_REPLAY_PROJECTION_PREFIX, EVENT_REPLAY_PROJECTION_LOG_DIR and EVENT_REPLAY
 (first partition).
 """
 
+import os
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
@@ -28,6 +31,7 @@ from assets.projection_replay import build_projection_replay
 from assets.sources import source_kind
 from jobs import JOBS as OPERATION_JOBS
 from replay_defs.deployment import CHDB, DUCKDB, LAKE, PROJECTION_LOGS, STORE_URL, deployed
+from replay_defs.pipeline.declared import DeclarationError, dead_letters_from_env, dead_letters_var
 from replay_defs.pipelines import served
 from replay_defs.sinks import sink_type, sink_types
 from resources import (
@@ -39,7 +43,7 @@ from resources import (
     StoreResource,
 )
 from sensors import build_dead_letter_sensor, build_raw_files_sensor
-from sensors.dead_letters import dead_letter_reader
+from sensors.dead_letters import PROCESSED_EVENTS, dead_letter_reader, launch_options
 
 
 def _setting(env: str, default: str):
@@ -57,7 +61,8 @@ def build_definitions(pipelines=None, refills=None) -> dg.Definitions:
         assets += built.assets
         checks += built.checks
         jobs += [built.job, built.verify_job]
-    sensors += [build_dead_letter_sensor(spec, source) for spec in pipelines for source in spec.dead_letters]
+    dlq_sensors, watched = _dead_letter_sensors(pipelines, refills)
+    sensors += dlq_sensors
     sensors += [build_raw_files_sensor(spec) for spec in pipelines if source_kind(spec).raw_files_sensor]
     # Projection replays (assets/projection_replay.py) read ClickHouse event_log, so it is always there.
     projection_assets, projection_jobs = build_projection_replay()
@@ -71,7 +76,7 @@ def build_definitions(pipelines=None, refills=None) -> dg.Definitions:
         asset_checks=checks,
         jobs=jobs + OPERATION_JOBS,
         sensors=sensors,
-        resources={**_system_resources(), **_sink_resources(pipelines, refills)},
+        resources={**_system_resources(), **_sink_resources(pipelines, refills, watched)},
         executor=dg.in_process_executor,
     )
 
@@ -112,11 +117,34 @@ def _system_resources() -> dict:
     }
 
 
-def _sink_resources(pipelines, refills) -> dict:
+def _dead_letter_sensors(pipelines, refills) -> tuple[list, list]:
+    """A DLQ sensor for every dead-letter source a pipeline spec declares or
+    EVENT_REPLAY_DEAD_LETTERS__<SYSTEM> sets (one of the same kind and name replaces the spec's),
+    and those sources. Systems: the pipelines, the refills and the processed-events jobs."""
+    systems = {s.name: s for s in (*pipelines, *refills)} | {PROCESSED_EVENTS: PROCESSED_EVENTS}
+    from_env = dead_letters_from_env({name: launch_options(s) for name, s in systems.items()}, os.environ)
+    sensors, watched = [], []
+    for name, system in systems.items():
+        set_here = from_env.get(name, ())
+        labels = {source.label for source, _ in set_here}
+        for source in getattr(system, "dead_letters", ()):
+            if source.label not in labels:
+                sensors.append(build_dead_letter_sensor(system, source))
+                watched.append(source)
+        for source, options in set_here:
+            try:
+                sensors.append(build_dead_letter_sensor(system, source, options))
+            except ValueError as exc:
+                raise DeclarationError(f"{dead_letters_var(name)}: {exc}") from None
+            watched.append(source)
+    return sensors, watched
+
+
+def _sink_resources(pipelines, refills, watched=()) -> dict:
     """The resource of each sink a spec names, or a dead-letter source reads through, or that is
     always there (`SinkType.always`), built from its env settings (the registry's `settings`)."""
     needed = {sink_type(spec.redrive.sink).resource_key for spec in (*pipelines, *refills)}
-    needed |= {dead_letter_reader(s.kind)[0] for spec in pipelines for s in spec.dead_letters}
+    needed |= {dead_letter_reader(source.kind)[0] for source in watched}
     return {
         t.resource_key: t.resource(**{field: deployed(setting) for field, setting in t.settings.items()})
         for t in sink_types().values()

@@ -2,12 +2,13 @@
 latest check executions: the project's uses of Dagster's private APIs, here and only here.
 
 Dagster 1.13 has no public way for a sensor to launch a backfill: `RunRequest.for_asset_graph_subset`
-works but is private, and reading a backfill's target needs private types too; they can be swapped
-for `RunRequest.for_asset_partition_range` when it is released. Nor has it a public query for the
+is private and loses a run config on the wire, so the sensor adds the backfill to the instance as the
+daemon would; reading a backfill's target needs private types too. Nor has it a public query for the
 latest execution of a check per partition (`event-replay status`), planned ones included, nor a
 public name for the materialization a check evaluation logged per day refers to (`check_each_day`).
 """
 
+import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -16,26 +17,51 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetC
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.event_api import PartitionKeyFilter
-from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.utils import make_new_backfill_id
 
 
-def backfill_request(
-    asset_graph, asset_keys: Iterable[dg.AssetKey], days: Iterable[str], tags: dict[str, str]
-) -> dg.RunRequest:
-    """A RunRequest that makes the daemon launch one backfill of `asset_keys` x `days`."""
+def submit_backfill(
+    instance: dg.DagsterInstance,
+    asset_graph,
+    asset_keys: Iterable[dg.AssetKey],
+    days: Iterable[str],
+    tags: dict[str, str],
+    run_config: dict | None = None,
+) -> str:
+    """Add one backfill of `asset_keys` x `days`, every run of it with `run_config`; returns its id.
+    The sensor adds it itself, as the daemon does for a `RunRequest.for_asset_graph_subset`: such a
+    request loses its run config on its way from the code server to the daemon (its `__new__`
+    drops `run_config` when it is rebuilt from the wire), and a refill or a tenant's backfill needs it."""
     subset = AssetGraphSubset.from_asset_partition_set(
         {AssetKeyPartitionKey(key, day) for key in asset_keys for day in days}, asset_graph=asset_graph
     )
-    return dg.RunRequest.for_asset_graph_subset(subset, tags=tags)
+    backfill_id = make_new_backfill_id()
+    instance.add_backfill(
+        PartitionBackfill.from_asset_graph_subset(
+            backfill_id=backfill_id,
+            dynamic_partitions_store=instance,
+            backfill_timestamp=time.time(),
+            asset_graph_subset=subset,
+            tags=tags,
+            title=None,
+            description=None,
+            run_config=run_config or {},
+        )
+    )
+    return backfill_id
 
 
-def days_being_backfilled(instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey]) -> set[str]:
-    """Days of `asset_keys` targeted by a backfill that is still in progress."""
+def days_being_backfilled(
+    instance: dg.DagsterInstance, asset_graph, asset_keys: Iterable[dg.AssetKey], run_config: dict | None = None
+) -> set[str]:
+    """Days of `asset_keys` targeted by a backfill that is still in progress and covers what
+    `run_config` selects: one with the same run config, or with none (it selects everything)."""
     keys = set(asset_keys)
     days: set[str] = set()
     for backfill in instance.get_backfills(status=BulkActionStatus.REQUESTED):
-        if not backfill.is_asset_backfill:
+        if not backfill.is_asset_backfill or (backfill.run_config and backfill.run_config != (run_config or {})):
             continue
         try:
             target = backfill.get_asset_backfill_data(asset_graph).target_subset

@@ -41,10 +41,18 @@ def tick(defs, sensor, instance, cursor=None):
     return sensor(context)
 
 
-def requested_days(result) -> dict[dg.AssetKey, set[str]]:
-    (request,) = result.run_requests
-    subset = request.asset_graph_subset
-    return {key: set(subset.get_partitions_subset(key).get_partition_keys()) for key in subset.asset_keys}
+def backfill_days(defs, backfill) -> dict[dg.AssetKey, set[str]]:
+    """The days of each asset a backfill targets."""
+    target = backfill.get_asset_backfill_data(defs.get_repository_def().asset_graph).target_subset
+    return {key: set(target.get_partitions_subset(key).get_partition_keys()) for key in target.asset_keys}
+
+
+def added_backfill(instance, result):
+    """The one backfill a firing tick added to the instance (the sensor adds it itself: its tick's
+    reason names it, and it asks the daemon for no run)."""
+    (backfill,) = instance.get_backfills()
+    assert not result.run_requests and backfill.backfill_id in result.skip_reason.skip_message
+    return backfill
 
 
 def assert_fires_on_growth_only(defs, sensor, instance, add, depth):
@@ -54,15 +62,17 @@ def assert_fires_on_growth_only(defs, sensor, instance, add, depth):
     assert not first.run_requests and "not firing" in first.skip_reason.skip_message
     add(30)
     second = tick(defs, sensor, instance, first.cursor)
-    days = requested_days(second)
+    backfill = added_backfill(instance, second)
+    days = backfill_days(defs, backfill)
     assert set(days) == {
         dg.AssetKey(["telemetry", a]) for a in ("raw_events", "parsed_events", "projections", "redrive")
     }
     assert all(d == set(DAYS) for d in days.values())
-    assert second.run_requests[0].tags["event_replay/dead_letter_depth"] == "30"
+    assert backfill.tags["event_replay/dead_letter_depth"] == "30"
     assert depth() == 30, "peeking must not consume the dead letters"
     third = tick(defs, sensor, instance, second.cursor)
     assert not third.run_requests and "grew 0" in third.skip_reason.skip_message
+    assert len(instance.get_backfills()) == 1
 
 
 def test_sqs_dead_letter_queue(env, instance, monkeypatch):
@@ -108,13 +118,13 @@ def test_bullmq_failed_jobs(env, instance, redis_url, monkeypatch):
         r.close()
 
 
-def fail_jobs(url: str, queue: str, bodies: list[str]) -> None:
+def fail_jobs(url: str, queue: str, bodies: list[str], prefix: str = "bull") -> None:
     import asyncio
 
     from bullmq import Queue, Worker
 
     async def run():
-        q = Queue(queue, {"connection": url})
+        q = Queue(queue, {"connection": url, "prefix": prefix})
         await q.addBulk([{"name": "lock", "data": json.loads(b)} for b in bodies])
         failed = asyncio.Event()
         count = 0
@@ -128,7 +138,7 @@ def fail_jobs(url: str, queue: str, bodies: list[str]) -> None:
             if count == len(bodies):
                 failed.set()
 
-        worker = Worker(queue, process, {"connection": url, "drainDelay": 1, "concurrency": 10})
+        worker = Worker(queue, process, {"connection": url, "prefix": prefix, "drainDelay": 1, "concurrency": 10})
         worker.on("failed", on_failed)
         await asyncio.wait_for(failed.wait(), 30)
         await worker.close()
@@ -210,10 +220,8 @@ def test_postgres_rows_in_error(env, instance, postgres_dsn, monkeypatch):
 
 
 def test_no_second_backfill_for_days_already_being_backfilled(env, instance, redis_url, monkeypatch):
-    """The sensor's first backfill is submitted to the instance (as the daemon does); more growth
-    for the same days does not launch another, and the skip reason says why."""
-    from dagster._core.execution.backfill import PartitionBackfill
-
+    """While the sensor's first backfill is in progress, more growth for the same days does not
+    launch another, and the skip reason says why."""
     queue = f"dlq-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", redis_url)
     defs, sensor = build(DeadLettersSpec("bullmq", queue, growth=10))
@@ -222,23 +230,12 @@ def test_no_second_backfill_for_days_already_being_backfilled(env, instance, red
         first = tick(defs, sensor, instance)
         fail_jobs(redis_url, queue, letters(30))
         fired = tick(defs, sensor, instance, first.cursor)
-        (request,) = fired.run_requests
-        instance.add_backfill(
-            PartitionBackfill.from_asset_graph_subset(
-                backfill_id="dlq1",
-                asset_graph_subset=request.asset_graph_subset,
-                dynamic_partitions_store=instance,
-                backfill_timestamp=0.0,
-                tags=request.tags,
-                title=None,
-                description=None,
-                run_config=None,
-            )
-        )
+        added_backfill(instance, fired)
         fail_jobs(redis_url, queue, letters(30))
         again = tick(defs, sensor, instance, fired.cursor)
         assert not again.run_requests
         assert "already being backfilled: 2025-11-25, 2025-11-26" in again.skip_reason.skip_message
+        assert len(instance.get_backfills()) == 1
     finally:
         r.delete(*r.keys(f"bull:{queue}:*") or ["-"])
         r.close()

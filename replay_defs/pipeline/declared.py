@@ -11,6 +11,11 @@
   `kafka:orders-replayed`, `redis:orders?mode=list`, `rabbitmq:events?routing_key=replay.{type}`,
   `sqs:orders-redrive?max_visible=1000`, `outbox`. The destination is the first field of the
   sink's `<X>SinkSpec` (`replay_defs/sinks/`), the options its other fields.
+- `EVENT_REPLAY_DEAD_LETTERS__<SYSTEM>` (a pipeline's, a refill's name, or `PROCESSED_EVENTS`, in
+  upper case) adds dead-letter sources whose growth a sensor acts on (`sensors/dead_letters.py`):
+  `<kind>:<name>[?<option>=<value>&...]`, several comma-separated, e.g.
+  `sqs:telemetry-processing-redrive-queue-dlq?growth=50`. The options are the `DeadLettersSpec`
+  fields (`running` defaults to true here) and what the system's launch needs (its run config).
 
 Everything here only builds the frozen classes of `spec.py` (their own checks run as usual) and
 every error is a `DeclarationError` that names the file or variable, the pipeline and the key.
@@ -31,13 +36,15 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml  # a Dagster dependency
 
-from replay_defs.pipeline.spec import PipelineSpec
+from replay_defs.pipeline.spec import DeadLettersSpec, PipelineSpec
 from replay_defs.sinks import sink_types
 from replay_defs.sinks.base import SinkSpec
 
 PIPELINES_ENV = "EVENT_REPLAY_PIPELINES"
 SHIPPED_ENV = "EVENT_REPLAY_SHIPPED_PIPELINES"
 SINK_ENV_PREFIX = "EVENT_REPLAY_SINK__"
+DEAD_LETTERS_ENV_PREFIX = "EVENT_REPLAY_DEAD_LETTERS__"
+REQUIRED = ...  # a launch option with no default (`dead_letters_from_env`)
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
@@ -120,6 +127,69 @@ def with_sinks_from_env(pipelines: tuple, refills: tuple, env: Mapping[str, str]
             raise DeclarationError(f"{SINK_ENV_PREFIX}{spec.name.upper()}: {exc}") from None
 
     return tuple(map(resink, pipelines)), tuple(map(resink, refills))
+
+
+def dead_letters_var(system: str) -> str:
+    return DEAD_LETTERS_ENV_PREFIX + system.upper()
+
+
+def dead_letters_from_env(
+    systems: Mapping[str, Mapping[str, tuple[type, object]]], env: Mapping[str, str]
+) -> dict[str, tuple[tuple[DeadLettersSpec, dict], ...]]:
+    """Dead-letter sources of each system from its `EVENT_REPLAY_DEAD_LETTERS__<NAME>`, each with
+    its launch options. `systems`: name -> launch options (option -> (type, default or REQUIRED)).
+    A variable that names no system is an error: a typo would silently watch nothing."""
+    by_var = {dead_letters_var(name): name for name in systems}
+    found = {}
+    for var, text in env.items():
+        if not var.startswith(DEAD_LETTERS_ENV_PREFIX):
+            continue
+        if var not in by_var:
+            names = ", ".join(systems)
+            raise DeclarationError(f"{var} names no served system; the systems are {names}")
+        name = by_var[var]
+        try:
+            sources = tuple(dead_letters_from_text(part, systems[name]) for part in text.split(",") if part.strip())
+        except _Bad as exc:
+            raise DeclarationError(f"{var}={text!r}: {exc}") from None
+        if not sources:
+            raise DeclarationError(f"{var} is set but empty: give <kind>:<name>[?option=value&...] or unset it")
+        labels = [s.label for s, _ in sources]
+        if len(set(labels)) < len(labels):
+            raise DeclarationError(f"{var}={text!r}: a source is listed twice")
+        found[name] = sources
+    return found
+
+
+def dead_letters_from_text(text: str, launch: Mapping[str, tuple[type, object]]) -> tuple[DeadLettersSpec, dict]:
+    """A dead-letter source and its launch options from `<kind>:<name>[?<option>=<value>&...]`.
+    Raises `_Bad` (its callers say where the text came from)."""
+    head, _, query = text.strip().partition("?")
+    kind, _, name = head.partition(":")
+    if not kind or not name:
+        raise _Bad("", f"{text.strip()!r}: expected <kind>:<name>[?option=value&...], e.g. sqs:my-dlq?growth=50")
+    hints = get_type_hints(DeadLettersSpec)
+    own = [f.name for f in dataclasses.fields(DeadLettersSpec) if f.name not in ("kind", "name")]
+    values: dict = {"kind": kind, "name": name, "running": True}  # set in the environment: meant to run
+    options: dict = {}
+    given: set[str] = set()
+    for option in filter(None, query.split("&")):
+        key, eq, raw = option.partition("=")
+        if not eq or key in given or (key not in own and key not in launch):
+            raise _Bad(
+                "", f"{option!r} is not an option of this dead-letter source (options: {', '.join([*own, *launch])})"
+            )
+        given.add(key)
+        if key in own:
+            values[key] = _from_text(hints[key], raw, key)
+        else:
+            options[key] = _from_text(launch[key][0], raw, key)
+    for key, (_, default) in launch.items():
+        if key not in options:
+            if default is REQUIRED:
+                raise _Bad("", f"{head}: option {key!r} is required for this system (?{key}=...)")
+            options[key] = default
+    return _build_dataclass(DeadLettersSpec, values, ""), options
 
 
 # ---- loading a declaration -------------------------------------------------------------------------

@@ -286,7 +286,8 @@ class RedriveSpec:
 
 @dataclass(frozen=True)
 class DeadLettersSpec:
-    """A dead-letter source a sensor watches (`sensors/`). When its depth grows by more than
+    """A dead-letter source a sensor watches (`sensors/`), declared in a spec or set in the
+    environment (`EVENT_REPLAY_DEAD_LETTERS__<SYSTEM>`). When its depth grows by more than
     `growth` within `window_s`, the sensor peeks at up to `peek` dead letters (without consuming
     them), finds their days and launches one backfill of the pipeline for those days.
 
