@@ -471,12 +471,13 @@ class LogFiles:
         return counts
 
     def looked_for(self, day: str) -> str:
-        base = self.location.rstrip("/") + "/" if not self.location.startswith("s3://") else self.location
-        roots = ", ".join(self.partition_roots) or "none found"
-        return (
-            f"{base}{day}-HH-MM-SS-* (simple layout) and {base}<account>/<region>/<bucket>/{day.replace('-', '/')}/ "
-            f"(partitioned layout; partition roots: {roots})"
-        )
+        base = self.location if self.location.startswith("s3://") else self.location.rstrip("/") + "/"
+        folder = day.replace("-", "/")
+        if self.partition_roots:
+            partitioned = ", ".join(f"{r}{folder}/" for r in self.partition_roots) + " (partitioned layout)"
+        else:
+            partitioned = f"{base}<account>/<region>/<bucket>/{folder}/ (partitioned layout; no such folders found)"
+        return f"{base}{day}-HH-MM-SS-<id> (simple layout) and {partitioned}"
 
 
 def _dates(first: date, last: date) -> list[str]:
@@ -497,7 +498,7 @@ def find_log_files(location: str, days: list[str], s3, roots: list[Path]) -> Log
     root = confine(location, roots, "access-log directory")
     if not root.is_dir():
         raise ValueError(f"access-log directory {location!r} does not exist")
-    files = []
+    files, partition_roots = [], set()
     for path in sorted(root.rglob("*")):
         m = LOG_NAME.fullmatch(path.name)
         if not m or not path.is_file():
@@ -505,11 +506,12 @@ def find_log_files(location: str, days: list[str], s3, roots: list[Path]) -> Log
         folder = path.parent.parts[-3:]
         if len(folder) == 3 and [len(p) for p in folder] == [4, 2, 2] and "".join(folder).isdigit():
             day, wanted = "-".join(folder), partitioned  # partitioned layout: filed by its folder
+            partition_roots.add(f"{path.parents[3]}/")
         else:
             day, wanted = m.group(1), simple
         if day in wanted:
             files.append((str(confine(path, roots, "access-log file")), day))  # a symlink may point anywhere
-    return LogFiles(location, files, [])
+    return LogFiles(location, files, sorted(partition_roots))
 
 
 def _s3_log_files(location: str, simple: list[str], partitioned: list[str], s3) -> LogFiles:
