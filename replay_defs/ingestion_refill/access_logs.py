@@ -18,12 +18,11 @@ ingestion jobs. The keys come from one of three sources:
 Only successful `REST.PUT.OBJECT` rows are writes: a PUT whose HTTP status is known and not 2xx
 (403 AccessDenied, 503 SlowDown...) wrote nothing and is quarantined as `not_written:<status>`.
 Keys of the log and of its Athena export are URL-encoded (AWS's log format: "the key part of the
-request, URL encoded"; Athena's RegexSerDe table copies the field as is), so both are
-percent-decoded once, the same way (`+` stays `+`: S3 request paths encode a space as `%20`); a
-listing's keys are the objects' own. An optional time window [start, end) keeps only the records
-whose request time (LastModified for a listing) is inside it. Each key is validated (shape, no
-path traversal, known type); a bad one is quarantined with its reason. Keys are de-duplicated per day and written as Parquet
-sorted by key, which groups them by project and then type (a project's keys share the prefix
+request, URL encoded", for REST requests twice; Athena's RegexSerDe table copies the field as is),
+so both are decoded by the same SQL (`DECODE_KEY`); a listing's keys are the objects' own. An
+optional time window [start, end) keeps only the records whose request time (LastModified for a
+listing) is inside it. Each key is validated (shape, no path traversal, known type); a bad one is
+quarantined with its reason. Keys are de-duplicated per day and written as Parquet sorted by key, which groups them by project and then type (a project's keys share the prefix
 `projectId/`), so jobs go out grouped the same way.
 
 Local sources (a CSV, a log directory and every file in it) are read only under the refill roots
@@ -133,7 +132,8 @@ CASE
 END
 """
 # The object key of a logged PUT. S3 server access logs write the key URL-encoded twice for REST
-# operations (a key `"` is logged `%2522`; only BATCH.DELETE.OBJECT and S3.EXPIRE.OBJECT once), and an
+# operations (a key `"` is logged `%2522`, tests/fixtures/s3_access_log_records.log; Yelp Engineering,
+# "S3 server access logs at scale", 2025: only BATCH.DELETE.OBJECT and S3.EXPIRE.OBJECT once), and an
 # Athena export copies the field as is: so decode twice, each time RFC 3986 percent-decoding (`+` is
 # not a space in a URL path). NULL when a step is not valid UTF-8. A key that still holds `%` or a
 # `+` could be one of two objects (single- or double-encoded, form- or path-encoded): quarantined
@@ -190,7 +190,7 @@ def collect_keys(
 ) -> KeyCollection:
     """Read `location`, classify its rows and, per day, write `keys_dir(day)/keys.parquet` and
     `quarantine_dir(day)/quarantine.parquet` (each only when there is something to write).
-    With a `window` [start, end), only the records whose time is inside it count (see `check_window`).
+    With a `window` [start, end), only the records whose time is inside it count (`time_window`).
 
     A local `location` (and every file read under it) must resolve under `roots` (default
     `refill_roots()`), else OutsideRefillRoots. Memory is bounded by DuckDB's limit (it spills to

@@ -30,7 +30,9 @@ def register(sub) -> None:
         "fails before it is read. Bad rows (including a line with an unterminated quote or over 1 MiB, each alone) "
         "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content. "
         "Only successful PUTs (2xx) are writes: a failed one is quarantined as not_written:<status>. Keys of the logs "
-        "and of an Athena export are URL-decoded the same way, so both give the same job. With times in --start/--end "
+        "and of an Athena export are URL-decoded the same way (twice, as S3 logs them), so both give the same job; "
+        "one still holding % or + after that could be two objects and is quarantined as ambiguous_key_encoding. "
+        "A day without an access log file is reported (stderr, metadata); a location with none fails. With times in --start/--end "
         "(e.g. --start 2025-07-09T00:30:00 --end 2025-07-09T07:45:00, UTC), only the records in [start, end) count; "
         "the days are still whole partitions, the window clips the first and last.",
     )
