@@ -360,3 +360,40 @@ def test_cli_times_in_start_and_end_are_a_window(env, redis_url, tmp_path):
 
     jobs = sorted(j[0] for j in bullmq_consume(redis_url, queue))
     assert jobs == sorted(["p1/trace/in/a.json", 'p1/trace/in/b "q".json', "p1/trace/in/c.json"])
+
+
+def test_a_local_log_directory_in_the_partitioned_layout(tmp_path):
+    """A downloaded copy of partitioned logs (`aws s3 sync`): files are taken by their folder's date,
+    a day without a file is warned about with the folder looked for, and only AWS-named files count."""
+    root = tmp_path / "logs" / "123456789012" / "eu-west-1" / "langfuse-events"
+    keys = {DAY: [f"p1/trace/b{i}/e{i}.json" for i in range(3)], NEXT_DAY: ["p2/score/b/e.json"]}
+    for day, day_keys in keys.items():
+        folder = root / day.replace("-", "/")
+        folder.mkdir(parents=True)
+        (folder / f"{day}-08-00-00-AAAA").write_text("\n".join(record(at(day, 7), k) for k in day_keys))
+        (folder / "notes.txt").write_text(record(at(day, 7), "p9/trace/not/a-log.json"))  # not a log file's name
+    warnings: list[str] = []
+    found = collect_keys(
+        "access_logs",
+        str(tmp_path / "logs"),
+        [DAY, NEXT_DAY, THIRD_DAY],
+        TYPES,
+        lambda d: tmp_path / "k" / d,
+        lambda d: tmp_path / "q" / d,
+        tmp_path / "w",
+        warn=warnings.append,
+    )
+    assert [found.days[d].keys for d in (DAY, NEXT_DAY, THIRD_DAY)] == [3, 1, 0]
+    assert [found.days[d].log_files for d in (DAY, NEXT_DAY, THIRD_DAY)] == [1, 1, 0]
+    assert f"{root}/2025/03/04/" in found.days[THIRD_DAY].missing_logs
+    assert len(warnings) == 1 and warnings[0].startswith(f"{THIRD_DAY}: NO access log file"), warnings
+    with pytest.raises(ValueError, match="no S3 access log file for 2025-05-01"):
+        collect_keys(
+            "access_logs",
+            str(tmp_path / "logs"),
+            ["2025-05-01"],
+            TYPES,
+            lambda d: tmp_path / "k2",
+            lambda d: tmp_path / "q2",
+            tmp_path / "w",
+        )

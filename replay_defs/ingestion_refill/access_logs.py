@@ -208,7 +208,6 @@ def collect_keys(
         "ws": window[0] if window else None,
         "we": window[1] if window else None,
     }
-    found_logs = None
 
     work_dir.mkdir(parents=True, exist_ok=True)
     # In memory, spilling to work_dir past the limit: a disk database would write every row twice.
@@ -218,25 +217,7 @@ def collect_keys(
         con.execute("SET temp_directory = ?", [str(work_dir / "spill")])
         con.execute("SET preserve_insertion_order = false")
         con.execute("CREATE TABLE malformed (reason VARCHAR, raw VARCHAR)")
-        if source == "csv":
-            path = _local_file(location, work_dir, s3, roots)
-            rows_sql = _csv_rows(con, path, log)
-            _read_csv(con, path, rows_sql, rules, work_dir, log)
-        elif source in ("access_logs", "listing"):
-            con.execute(
-                "CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR,"
-                " http_status VARCHAR)"
-            )
-            if source == "access_logs":
-                found_logs = find_log_files(location, days, s3, roots)
-                _report_log_files(found_logs, days, log, warn)
-                rows = _access_log_rows(_fetch_log_files(found_logs, work_dir, s3), con)
-            else:
-                rows = _listing_rows(location, days, s3)
-            _load_rows(con, rows, log)
-            _classify(con, "SELECT * FROM rows", rules)
-        else:
-            raise ValueError(f"unknown key source {source!r}: use csv, access_logs or listing")
+        found_logs = _read_source(con, source, location, days, rules, work_dir, s3, roots, log, warn)
         result = _write_days(con, days, keys_dir, quarantine_dir, log, window)
         if found_logs is not None:
             per_day = found_logs.per_day
@@ -247,6 +228,30 @@ def collect_keys(
     finally:
         con.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _read_source(con, source, location, days, rules, work_dir, s3, roots, log, warn) -> LogFiles | None:
+    """Read and classify the source's rows into `classified`; for access logs, the files found."""
+    if source == "csv":
+        path = _local_file(location, work_dir, s3, roots)
+        _read_csv(con, path, _csv_rows(con, path, log), rules, work_dir, log)
+        return None
+    if source not in ("access_logs", "listing"):
+        raise ValueError(f"unknown key source {source!r}: use csv, access_logs or listing")
+    con.execute(
+        "CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR,"
+        " http_status VARCHAR)"
+    )
+    found_logs = None
+    if source == "access_logs":
+        found_logs = find_log_files(location, days, s3, roots)
+        _report_log_files(found_logs, days, log, warn)
+        rows = _access_log_rows(_fetch_log_files(found_logs, work_dir, s3), con)
+    else:
+        rows = _listing_rows(location, days, s3)
+    _load_rows(con, rows, log)
+    _classify(con, "SELECT * FROM rows", rules)
+    return found_logs
 
 
 def parse_time(text: str) -> datetime:
