@@ -397,3 +397,28 @@ def test_a_local_log_directory_in_the_partitioned_layout(tmp_path):
             lambda d: tmp_path / "q2",
             tmp_path / "w",
         )
+
+
+def test_window_bounds_are_read_in_utc_and_must_overlap_the_days():
+    from replay_defs.ingestion_refill.access_logs import time_window
+    from replay_defs.ingestion_refill.cli import run_days
+
+    seed = time_window("2025-07-09:00:30:00", "2025-07-09T09:45:00+02:00", ["2025-07-09"])  # Athena's; an offset
+    assert seed == (datetime(2025, 7, 9, 0, 30, tzinfo=timezone.utc), datetime(2025, 7, 9, 7, 45, tzinfo=timezone.utc))
+    assert time_window(None, None, [DAY]) is None
+    assert time_window(f"{DAY}T22:00:00", None, [DAY])[1] == at(NEXT_DAY, 0)
+    with pytest.raises(ValueError, match="does not overlap the days of the run"):
+        time_window(f"{NEXT_DAY}T01:00:00", f"{NEXT_DAY}T02:00:00", [DAY])
+    with pytest.raises(ValueError, match="is not after its start"):
+        time_window(f"{DAY}T02:00:00", f"{DAY}T01:00:00", [DAY])
+    with pytest.raises(ValueError, match="is not a time"):
+        time_window("9am", None, [DAY])
+    # The CLI: a bare --end day is included whole; a time --end is excluded (midnight ends the day before).
+    assert run_days(DAY, NEXT_DAY) == ([DAY, NEXT_DAY], None)
+    assert run_days(f"{DAY}T22:00:00", NEXT_DAY)[0] == [DAY, NEXT_DAY]
+    assert run_days(f"{DAY}T22:00:00", f"{NEXT_DAY}T00:00:00") == (
+        [DAY],
+        ("2025-03-02T22:00:00+00:00", "2025-03-03T00:00:00+00:00"),
+    )
+    with pytest.raises(SystemExit, match="is not after start"):
+        run_days(f"{DAY}T22:00:00", f"{DAY}T21:00:00")
