@@ -21,7 +21,7 @@ from assets.redrive import DeliveryConfig, deliver_day
 from partitions import daily_partitions
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_table, owner, refill_quarantine_table
-from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots
+from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots, time_window
 from replay_defs.ingestion_refill.spec import RefillSpec, refill_tables
 from replay_defs.sinks import open_sink
 from resources import LakeResource
@@ -41,15 +41,25 @@ class KeySourceConfig(dg.Config):
     source: Literal["csv", "access_logs", "listing"] = Field(
         default="csv",
         description=(
-            'csv: an access-log export with header "operation","key" (optional "requestdatetime"); '
-            "access_logs: S3 server access log files (a directory or s3://bucket/prefix); "
-            "listing: objects of s3://bucket/prefix last modified on the day."
+            'csv: an access-log export with header "operation","key" (optional "requestdatetime", "httpstatus"); '
+            "access_logs: S3 server access log files (a directory or s3://bucket/prefix, simple or date-partitioned "
+            "layout); listing: objects of s3://bucket/prefix last modified on the day."
         ),
     )
     location: str = Field(
         description="Local path or s3:// URI of the CSV, the log files, or the bucket/prefix to list. A local path (and every "
         f"file read under it) must resolve, symlinks followed, under {ROOTS_ENV} (colon-separated directories; default: the "
         "lake root and the code server's current directory), else the run fails before reading it."
+    )
+    window_start: str | None = Field(
+        default=None,
+        description="Only records at or after this time (request time; a listing's LastModified), e.g. "
+        "2025-07-09T00:30:00 (UTC unless an offset is given; Athena's 2025-07-09:00:30:00 also works). Unset: the "
+        "start of the first day. The days are still the partitions selected: the window clips the first and last.",
+    )
+    window_end: str | None = Field(
+        default=None,
+        description="Only records before this time (excluded), e.g. 2025-07-09T07:45:00. Unset: the end of the last day.",
     )
 
 
@@ -77,7 +87,8 @@ def build_event_keys(spec: RefillSpec) -> dg.AssetsDefinition:
         seconds = round(time.monotonic() - t0, 2)
         context.log.info(
             f"read {found.rows:,} rows in {seconds} s: {found.other_operations:,} not {'REST.PUT.OBJECT'}, "
-            f"{found.other_days:,} PUTs on days outside this run, {found.malformed:,} malformed"
+            f"{found.other_days:,} PUTs on days outside this run, {found.outside_window:,} outside the time window, "
+            f"{found.malformed:,} malformed"
         )
         for day, keys in found.days.items():
             stats = {**keys.__dict__, "quarantined": keys.quarantined, "source": config.source, "read_s": seconds}
@@ -112,6 +123,7 @@ def collect_day_keys(lake: Lake, spec: RefillSpec, config: KeySourceConfig, days
     quarantine into its staging directory."""
     needs_s3 = config.location.startswith("s3://") or config.source == "listing"
     try:
+        window = time_window(config.window_start, config.window_end, days)
         return collect_keys(
             config.source,
             config.location,
@@ -123,6 +135,8 @@ def collect_day_keys(lake: Lake, spec: RefillSpec, config: KeySourceConfig, days
             s3=s3.get_client() if needs_s3 else None,
             log=log.info,
             roots=refill_roots(lake.root if lake.is_local else None),
+            window=window,
+            warn=log.warning,
         )
     except ValueError as exc:
         raise dg.Failure(str(exc)) from exc
@@ -137,6 +151,10 @@ def keys_metadata(keys, version: int) -> dict:
         "duplicates": keys.duplicates,
         "quarantined": keys.quarantined,
         "malformed_rows": keys.malformed_rows,
+        "window": keys.window,
+        "outside_window": keys.outside_window,
+        **({"log_files": keys.log_files} if keys.log_files is not None else {}),
+        **({"missing_logs": keys.missing_logs} if keys.missing_logs else {}),
         "version": version,
         **{f"quarantined_{r}": n for r, n in keys.quarantined_by_reason.items()},
         "keys_by_project_and_type": dg.MetadataValue.md(

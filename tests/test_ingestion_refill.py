@@ -6,6 +6,7 @@ import os
 import subprocess
 import uuid
 from datetime import date, datetime, timezone
+from urllib.parse import quote
 
 import duckdb
 import pyarrow as pa
@@ -204,10 +205,10 @@ def test_raw_access_logs_in_s3_split_by_record_day(env, instance, redis_url, mon
             monkeypatch.setenv(var, value)
         s3 = moto.client("s3")
         s3.create_bucket(Bucket="access-logs")
-        day1 = [f"p1/trace/b{i}/e{i}.json" for i in range(5)] + ["p1/score/b with space/e+1.json"]
+        day1 = [f"p1/trace/b{i}/e{i}.json" for i in range(5)] + ['p1/score/b with space/e"1.json']
         day2 = [f"p2/observation/b{i}/e{i}.json" for i in range(4)]
         t1, t2 = datetime(2025, 3, 2, 23, 59, tzinfo=timezone.utc), datetime(2025, 3, 3, 0, 1, tzinfo=timezone.utc)
-        encode = lambda k: k.replace(" ", "%20").replace("+", "%2B")  # noqa: E731 (the log writes keys URL-encoded)
+        encode = lambda k: quote(quote(k))  # noqa: E731 (the log writes a REST key URL-encoded twice)
         # Logs are named by delivery time: the file of 2025-03-03 holds the last records of 03-02.
         s3.put_object(
             Bucket="access-logs",

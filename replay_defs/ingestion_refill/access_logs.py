@@ -6,15 +6,23 @@ ingestion jobs. The keys come from one of three sources:
 
 - `csv`: an export of the access logs (Athena: `select operation, key ... where operation =
   'REST.PUT.OBJECT'`), header `"operation","key"` (`keys` is accepted too), optionally with a
-  `requestdatetime` column (`dd/MMM/yyyy:HH:mm:ss Z`) to split the rows by day. DuckDB streams
-  the file, so its size does not matter; malformed rows are quarantined with DuckDB's reason.
+  `requestdatetime` column (`dd/MMM/yyyy:HH:mm:ss Z`) to split the rows by day and an
+  `httpstatus` column. DuckDB streams the file, so its size does not matter; malformed rows are
+  quarantined with DuckDB's reason.
 - `access_logs`: S3 server access log files in AWS's own format (a local directory, or an
-  `s3://bucket/prefix` whose objects are named `<prefix>YYYY-MM-DD-HH-MM-SS-<id>`).
+  `s3://bucket/prefix`), in either of AWS's log object key layouts: simple
+  `<prefix>YYYY-mm-DD-HH-MM-SS-<id>` or partitioned
+  `<prefix><account>/<region>/<bucket>/YYYY/MM/DD/YYYY-mm-DD-HH-MM-SS-<id>`.
 - `listing`: the objects of a bucket (under a prefix) last modified on the day.
 
-Only `REST.PUT.OBJECT` rows count. Each key is validated (shape, no path traversal, known type);
-a bad one is quarantined with its reason. Keys are de-duplicated per day and written as Parquet
-sorted by key, which groups them by project and then type (a project's keys share the prefix
+Only successful `REST.PUT.OBJECT` rows are writes: a PUT whose HTTP status is known and not 2xx
+(403 AccessDenied, 503 SlowDown...) wrote nothing and is quarantined as `not_written:<status>`.
+Keys of the log and of its Athena export are URL-encoded (AWS's log format: "the key part of the
+request, URL encoded", for REST requests twice; Athena's RegexSerDe table copies the field as is),
+so both are decoded by the same SQL (`DECODE_KEY`); a listing's keys are the objects' own. An
+optional time window [start, end) keeps only the records whose request time (LastModified for a
+listing) is inside it. Each key is validated (shape, no path traversal, known type); a bad one is
+quarantined with its reason. Keys are de-duplicated per day and written as Parquet sorted by key, which groups them by project and then type (a project's keys share the prefix
 `projectId/`), so jobs go out grouped the same way.
 
 Local sources (a CSV, a log directory and every file in it) are read only under the refill roots
@@ -37,7 +45,6 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote
 
 import msgspec
 
@@ -47,8 +54,14 @@ PUT = "REST.PUT.OBJECT"
 Source = Literal["csv", "access_logs", "listing"]
 # Athena's `requestdatetime` and the access log's own time field: 06/Feb/2019:00:00:38 +0000
 LOG_TIME_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
-# bucket_owner bucket [time] remote_ip requester request_id operation key ... (the rest is not needed)
-LOG_LINE = re.compile(r"^\S+ \S+ \[([^\]]+)\] \S+ \S+ \S+ (\S+) (\S+) ")
+# bucket_owner bucket [time] remote_ip requester request_id operation key "request_uri" http_status ...
+# (the rest is not needed). The Request-URI is quoted, or `-` where the operation has none
+# (BATCH.DELETE.OBJECT). S3 writes it unescaped, so a request for `/"` logs `"GET /" HTTP/1.1"`: it
+# ends at the quote followed by the status (3 digits or `-`), not at the first quote inside it.
+# tests/test_access_log_parser.py checks this on real records against AWS's Athena regex.
+LOG_LINE = re.compile(
+    r'^\S+ \S+ \[([^\]]+)\] \S+ \S+ \S+ (\S+) (\S+) (?:"(?:[^"]|"(?! (?:\d{3}|-) ))*"|-) (\d{3}|-)(?: |$)'
+)
 ROWS_PER_INSERT = 50_000
 # DuckDB's memory cap for key collection; past it, tables, grouping and sorting spill to disk.
 MEMORY_LIMIT = "512MB"
@@ -98,21 +111,36 @@ def _sample(text: str, n: int = LOG_SAMPLE_CHARS) -> str:
 
 # A key part: no slash, no control character, no backslash.
 PART = r"[^/\x00-\x1f\x7f\\]+"
-# Why a key is refused, first match wins (NULL: accepted). `$types` is the list of known types.
-# The first branch accepts the common, clean key with the cheapest tests; the rest say why not.
+# Why a PUT row is refused, first match wins (NULL: accepted). `$types` is the list of known types,
+# `$decode` whether the source's keys were URL-encoded (csv, access_logs), `http_status` NULL when
+# unknown. The first branch accepts the common, clean key with the cheapest tests; the rest say why not.
 CLASSIFY = rf"""
 CASE
   WHEN regexp_full_match(key, '{PART}/{PART}/{PART}/{PART}\.json') AND length(key) <= 1024
-       AND NOT contains(key, '%') AND NOT contains('/' || key, '/.')
+       AND NOT contains(key, '%') AND NOT contains(key, '+') AND NOT contains('/' || key, '/.')
+       AND (http_status IS NULL OR regexp_full_match(http_status, '2\d\d'))
        AND list_contains($types, split_part(key, '/', 2)) AND (time_text IS NULL OR request_time IS NOT NULL) THEN NULL
-  WHEN key IS NULL OR key = '' OR key = '-' THEN 'missing_key'
+  WHEN http_status IS NOT NULL AND NOT regexp_full_match(http_status, '2\d\d') THEN 'not_written:' || http_status
+  WHEN raw_key IS NULL OR raw_key = '' OR raw_key = '-' THEN 'missing_key'
+  WHEN key IS NULL THEN 'bad_key_encoding'
   WHEN key LIKE '/%' OR regexp_matches(key, '(^|/)\.\.?(/|$)') OR regexp_matches(key, '[\x00-\x1f\x7f\\]')
        OR regexp_matches(lower(key), '%2e|%2f|%5c') THEN 'path_traversal'
+  WHEN $decode AND (contains(key, '%') OR contains(key, '+')) THEN 'ambiguous_key_encoding'
   WHEN NOT regexp_full_match(key, '{PART}/{PART}/{PART}/{PART}\.json') OR length(key) > 1024 THEN 'bad_key_shape'
   WHEN NOT list_contains($types, split_part(key, '/', 2)) THEN 'unknown_type'
   WHEN time_text IS NOT NULL AND request_time IS NULL THEN 'bad_request_time'
 END
 """
+# The object key of a logged PUT. S3 server access logs write the key URL-encoded twice for REST
+# operations (a key `"` is logged `%2522`, tests/fixtures/s3_access_log_records.log; Yelp Engineering,
+# "S3 server access logs at scale", 2025: only BATCH.DELETE.OBJECT and S3.EXPIRE.OBJECT once), and an
+# Athena export copies the field as is: so decode twice, each time RFC 3986 percent-decoding (`+` is
+# not a space in a URL path). NULL when a step is not valid UTF-8. A key that still holds `%` or a
+# `+` could be one of two objects (single- or double-encoded, form- or path-encoded): quarantined
+# as ambiguous_key_encoding above, with its raw text, for an operator to check against a listing.
+DECODE_KEY = (
+    "CASE WHEN $decode AND contains(raw_key, '%') THEN try(url_decode(try(url_decode(raw_key)))) ELSE raw_key END"
+)
 
 
 @dataclass
@@ -126,6 +154,10 @@ class DayKeys:
     duplicates: int = 0
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
     by_project_type: dict[str, int] = field(default_factory=dict)  # "project/type" -> keys
+    window: str = "whole day"  # the part of the day collected: [start, end) in UTC
+    outside_window: int = 0  # PUT rows of the day whose time is outside the window (not counted in put_rows)
+    log_files: int | None = None  # access_logs: the log files dated this day (name, or partition folder)
+    missing_logs: str = ""  # access_logs: what was looked for, when no log file is dated this day
 
     @property
     def quarantined(self) -> int:
@@ -137,6 +169,7 @@ class KeyCollection:
     rows: int = 0  # every row read, of any operation
     other_operations: int = 0
     other_days: int = 0  # PUT rows whose time falls outside the days collected
+    outside_window: int = 0  # PUT rows on the days collected but outside the time window
     malformed: int = 0  # rows the reader could not split into fields (quarantined on the first day)
     days: dict[str, DayKeys] = field(default_factory=dict)
 
@@ -152,9 +185,12 @@ def collect_keys(
     s3=None,
     log: Callable[[str], None] = lambda _m: None,
     roots: list[Path] | None = None,
+    window: tuple[datetime, datetime] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> KeyCollection:
     """Read `location`, classify its rows and, per day, write `keys_dir(day)/keys.parquet` and
     `quarantine_dir(day)/quarantine.parquet` (each only when there is something to write).
+    With a `window` [start, end), only the records whose time is inside it count (`time_window`).
 
     A local `location` (and every file read under it) must resolve under `roots` (default
     `refill_roots()`), else OutsideRefillRoots. Memory is bounded by DuckDB's limit (it spills to
@@ -164,6 +200,14 @@ def collect_keys(
 
     if roots is None:
         roots = refill_roots()
+    warn = warn or log
+    rules = {
+        "types": list(known_types),
+        "first_day": days[0],
+        "decode": source != "listing",  # a listing's keys are the objects' own
+        "ws": window[0] if window else None,
+        "we": window[1] if window else None,
+    }
 
     work_dir.mkdir(parents=True, exist_ok=True)
     # In memory, spilling to work_dir past the limit: a disk database would write every row twice.
@@ -173,27 +217,75 @@ def collect_keys(
         con.execute("SET temp_directory = ?", [str(work_dir / "spill")])
         con.execute("SET preserve_insertion_order = false")
         con.execute("CREATE TABLE malformed (reason VARCHAR, raw VARCHAR)")
-        if source == "csv":
-            path = _local_file(location, work_dir, s3, roots)
-            rows_sql = _csv_rows(con, path)
-            _read_csv(con, path, rows_sql, days, known_types, work_dir, log)
-        elif source in ("access_logs", "listing"):
-            con.execute(
-                "CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR)"
-            )
-            rows = (
-                _access_log_rows(_log_files(location, days, work_dir, s3, roots), con)
-                if source == "access_logs"
-                else _listing_rows(location, days, s3)
-            )
-            _load_rows(con, rows, log)
-            _classify(con, "SELECT * FROM rows", days, known_types)
-        else:
-            raise ValueError(f"unknown key source {source!r}: use csv, access_logs or listing")
-        return _write_days(con, days, keys_dir, quarantine_dir, log)
+        found_logs = _read_source(con, source, location, days, rules, work_dir, s3, roots, log, warn)
+        result = _write_days(con, days, keys_dir, quarantine_dir, log, window)
+        if found_logs is not None:
+            per_day = found_logs.per_day
+            for day, stats in result.days.items():
+                stats.log_files = per_day.get(day, 0)
+                stats.missing_logs = "" if stats.log_files else found_logs.looked_for(day)
+        return result
     finally:
         con.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _read_source(con, source, location, days, rules, work_dir, s3, roots, log, warn) -> LogFiles | None:
+    """Read and classify the source's rows into `classified`; for access logs, the files found."""
+    if source == "csv":
+        path = _local_file(location, work_dir, s3, roots)
+        _read_csv(con, path, _csv_rows(con, path, log), rules, work_dir, log)
+        return None
+    if source not in ("access_logs", "listing"):
+        raise ValueError(f"unknown key source {source!r}: use csv, access_logs or listing")
+    con.execute(
+        "CREATE TABLE rows (operation VARCHAR, key VARCHAR, request_time TIMESTAMPTZ, time_text VARCHAR,"
+        " http_status VARCHAR)"
+    )
+    found_logs = None
+    if source == "access_logs":
+        found_logs = find_log_files(location, days, s3, roots)
+        _report_log_files(found_logs, days, log, warn)
+        rows = _access_log_rows(_fetch_log_files(found_logs, work_dir, s3), con)
+    else:
+        rows = _listing_rows(location, days, s3)
+    _load_rows(con, rows, log)
+    _classify(con, "SELECT * FROM rows", rules)
+    return found_logs
+
+
+def parse_time(text: str) -> datetime:
+    """A time given by an operator: ISO 8601 (`2025-07-09T00:30:00`, or a bare day for its midnight),
+    or Athena's `2025-07-09:00:30:00`; UTC unless it carries an offset."""
+    for parse in (datetime.fromisoformat, lambda t: datetime.strptime(t, "%Y-%m-%d:%H:%M:%S")):
+        try:
+            when = parse(text.strip())
+            break
+        except ValueError:
+            continue
+    else:
+        raise ValueError(f"{text!r} is not a time: use YYYY-MM-DDTHH:MM:SS (UTC unless an offset like +02:00 is given)")
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def time_window(start: str | None, end: str | None, days: list[str]) -> tuple[datetime, datetime] | None:
+    """The window [start, end) in UTC (None when neither is set: whole days). A missing bound is the
+    start of the first day or the end of the last; the window must overlap the days of the run."""
+    if not start and not end:
+        return None
+    first = datetime.fromisoformat(days[0]).replace(tzinfo=timezone.utc)
+    after = datetime.fromisoformat(days[-1]).replace(tzinfo=timezone.utc) + timedelta(days=1)
+    window = (parse_time(start) if start else first, parse_time(end) if end else after)
+    if window[0] >= window[1]:
+        raise ValueError(
+            f"the time window's end {window[1].isoformat()} is not after its start {window[0].isoformat()}"
+        )
+    if window[1] <= first or window[0] >= after:
+        raise ValueError(
+            f"the time window [{window[0].isoformat()}, {window[1].isoformat()}) does not overlap the days of the run "
+            f"({days[0]}..{days[-1]}): select the days the window is in"
+        )
+    return window
 
 
 def _local_file(location: str, work_dir: Path, s3, roots: list[Path]) -> Path:
@@ -216,8 +308,8 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _csv_rows(con, path: Path) -> str:
-    """The SQL that reads the CSV's rows as (operation, key, request_time, time_text)."""
+def _csv_rows(con, path: Path, log) -> str:
+    """The SQL that reads the CSV's rows as (operation, key, request_time, time_text, http_status)."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         first = f.readline(64 * 1024)  # bounded: a file with no newline is not read whole
     header = next(csv.reader([first]), [])
@@ -226,7 +318,7 @@ def _csv_rows(con, path: Path) -> str:
     if "operation" not in names or key_col is None or len(set(names)) != len(names):
         # Only a short, labelled sample of the offending line: never the file's content.
         raise ValueError(
-            f'{path.name}: expected a header "operation","key" (optionally "requestdatetime"); '
+            f'{path.name}: expected a header "operation","key" (optionally "requestdatetime", "httpstatus"); '
             f"first line (sample): {_sample(first.rstrip(chr(13) + chr(10)))}"
         )
     # Every column as text, named by position: the header's own spelling never reaches the SQL.
@@ -234,16 +326,20 @@ def _csv_rows(con, path: Path) -> str:
     con.execute("SET VARIABLE csv_columns = ?", [{f"c{i}": "VARCHAR" for i in range(len(names))}])
     col = {n: f"c{i}" for i, n in enumerate(names)}
     time_sql = col.get("requestdatetime", "NULL")
+    if "httpstatus" not in col:
+        log(
+            'the CSV has no "httpstatus" column: a PUT that failed (403, 503...) cannot be told from a write, so every '
+            "PUT row counts; export httpstatus with the keys to leave failed PUTs out"
+        )
     return f"""SELECT {col["operation"]} AS operation, {col[key_col]} AS key,
-                      try_strptime({time_sql}, '{LOG_TIME_FORMAT}') AS request_time, {time_sql} AS time_text
+                      try_strptime({time_sql}, '{LOG_TIME_FORMAT}') AS request_time, {time_sql} AS time_text,
+                      {col.get("httpstatus", "NULL")} AS http_status
         FROM read_csv(getvariable('csv_path'), header = true, auto_detect = false, delim = ',', quote = '"', escape = '"',
                       columns = getvariable('csv_columns'), ignore_errors = true, store_rejects = true, strict_mode = true,
                       max_line_size = {MAX_CSV_LINE})"""
 
 
-def _read_csv(
-    con, path: Path, rows_sql: str, days: list[str], known_types: tuple[str, ...], work_dir: Path, log
-) -> None:
+def _read_csv(con, path: Path, rows_sql: str, rules: dict, work_dir: Path, log) -> None:
     """Classify the CSV's rows. DuckDB reads it in one pass; when a quoted value ran over a line end
     (an unterminated quote: DuckDB then swallows the next line into the bad record) or a line was
     over the maximum (whose reported sample may not be that line's), those lines are set aside
@@ -251,7 +347,7 @@ def _read_csv(
     import duckdb
 
     try:
-        _classify(con, rows_sql, days, known_types)
+        _classify(con, rows_sql, rules)
         suspect = con.execute(
             "SELECT count(*) FROM reject_errors WHERE error_type IN ('UNQUOTED VALUE', 'LINE SIZE OVER MAXIMUM') OR contains(csv_line, chr(10))"
         ).fetchone()[0]
@@ -264,7 +360,7 @@ def _read_csv(
             )
             con.execute("DROP TABLE classified")
             con.execute("SET VARIABLE csv_path = ?", [str(clean)])
-            _classify(con, rows_sql, days, known_types)
+            _classify(con, rows_sql, rules)
         else:
             last_scan = -1
         _quarantine_rejected_csv_lines(con, last_scan)
@@ -332,6 +428,7 @@ def _load_rows(con, rows: Iterator[tuple[str, str, datetime | None, str | None]]
             ("key", pa.string()),
             ("request_time", pa.timestamp("us", tz="UTC")),
             ("time_text", pa.string()),
+            ("http_status", pa.string()),
         ]
     )
     chunk: list[tuple] = []
@@ -355,28 +452,150 @@ def _load_rows(con, rows: Iterator[tuple[str, str, datetime | None, str | None]]
     log(f"read {total:,} rows")
 
 
-def _log_files(location: str, days: list[str], work_dir: Path, s3, roots: list[Path]) -> Iterator[Path]:
-    """The access log files that can hold records of `days`: a log file is named by when it was
-    delivered, up to a few hours after its records, so the day after the last is listed too."""
-    wanted = [*days, (date.fromisoformat(days[-1]) + timedelta(days=1)).isoformat()]
+# AWS's log object names: `YYYY-mm-DD-HH-MM-SS-<UniqueString>`, the time of delivery. Simple layout:
+# `<prefix><name>`; partitioned (PartitionedPrefix): `<prefix><account>/<region>/<bucket>/YYYY/MM/DD/<name>`,
+# the folder's date being the delivery time's or the event time's (PartitionDateSource).
+LOG_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})-\d{2}-\d{2}-\d{2}-[^/]+")
+PARTITION_ROOT = re.compile(r"(?:^|.*/)\d{12}/[^/]+/[^/]+/")  # <account>/<region>/<bucket>/
+
+
+@dataclass
+class LogFiles:
+    """The access log files that can hold records of the run's days, each with the date it is filed
+    under (its name's date in the simple layout, its folder's in the partitioned one)."""
+
+    location: str
+    files: list[tuple[str, str]]  # (S3 key or local path, date)
+    partition_roots: list[str]
+
+    @property
+    def per_day(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, day in self.files:
+            counts[day] = counts.get(day, 0) + 1
+        return counts
+
+    def looked_for(self, day: str) -> str:
+        base = self.location if self.location.startswith("s3://") else self.location.rstrip("/") + "/"
+        folder = day.replace("-", "/")
+        if self.partition_roots:
+            partitioned = ", ".join(f"{r}{folder}/" for r in self.partition_roots) + " (partitioned layout)"
+        else:
+            partitioned = f"{base}<account>/<region>/<bucket>/{folder}/ (partitioned layout; no such folders found)"
+        return f"{base}{day}-HH-MM-SS-<id> (simple layout) and {partitioned}"
+
+
+def _dates(first: date, last: date) -> list[str]:
+    return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
+def find_log_files(location: str, days: list[str], s3, roots: list[Path]) -> LogFiles:
+    """The log files of `location` (a local directory or s3://bucket/prefix) filed under a date that
+    can hold records of `days`: a record is delivered up to hours after it happened, so the simple
+    layout (named by delivery time) is read up to the day after the last; a partitioned one may be
+    filed by event time (the file's first record), so it is read from the day before the first too.
+    Records outside the days are counted and left out by their own time."""
+    first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
+    simple = set(_dates(first, last + timedelta(days=1)))
+    partitioned = set(_dates(first - timedelta(days=1), last + timedelta(days=1)))
     if location.startswith("s3://"):
-        bucket, prefix = _split_s3(location)
-        paginator = s3.get_paginator("list_objects_v2")
-        target = work_dir / "logs"
-        target.mkdir(parents=True, exist_ok=True)
-        for day in wanted:
-            for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}{day}-"):
-                for obj in page.get("Contents", []):
-                    local = target / "current.log"
-                    s3.download_file(bucket, obj["Key"], str(local))
-                    yield local
-        return
+        return _s3_log_files(location, sorted(simple), sorted(partitioned), s3)
     root = confine(location, roots, "access-log directory")
     if not root.is_dir():
         raise ValueError(f"access-log directory {location!r} does not exist")
+    files, partition_roots = [], set()
     for path in sorted(root.rglob("*")):
-        if path.is_file() and any(path.name.startswith(d) or d in path.as_posix() for d in wanted):
-            yield confine(path, roots, "access-log file")  # a symlink in the directory may point anywhere
+        m = LOG_NAME.fullmatch(path.name)
+        if not m or not path.is_file():
+            continue
+        folder = path.parent.parts[-3:]
+        if len(folder) == 3 and [len(p) for p in folder] == [4, 2, 2] and "".join(folder).isdigit():
+            day, wanted = "-".join(folder), partitioned  # partitioned layout: filed by its folder
+            partition_roots.add(f"{path.parents[3]}/")
+        else:
+            day, wanted = m.group(1), simple
+        if day in wanted:
+            files.append((str(confine(path, roots, "access-log file")), day))  # a symlink may point anywhere
+    return LogFiles(location, files, sorted(partition_roots))
+
+
+def _s3_log_files(location: str, simple: list[str], partitioned: list[str], s3) -> LogFiles:
+    bucket, prefix = _split_s3(location)
+    pages = s3.get_paginator("list_objects_v2")
+
+    def listed(key_prefix: str):
+        for page in pages.paginate(Bucket=bucket, Prefix=key_prefix):
+            yield from (obj["Key"] for obj in page.get("Contents", []))
+
+    files = [(k, day) for day in simple for k in listed(f"{prefix}{day}-") if LOG_NAME.fullmatch(k[len(prefix) :])]
+    roots = _partition_roots(s3, bucket, prefix)
+    for root in roots:
+        for day in partitioned:
+            folder = f"{root}{day.replace('-', '/')}/"
+            files += [(k, day) for k in listed(folder) if LOG_NAME.fullmatch(k[len(folder) :])]
+    return LogFiles(location, files, [f"s3://{bucket}/{r}" for r in roots])
+
+
+def _partition_roots(s3, bucket: str, prefix: str) -> list[str]:
+    """The `<prefix><account>/<region>/<bucket>/` folders of the partitioned layout under `prefix`
+    (the prefix itself if it is one). Found by listing three folder levels with a delimiter; under a
+    prefix that also holds simple-layout logs, the first level pages through those names too."""
+    if PARTITION_ROOT.fullmatch(prefix):
+        return [prefix]
+    pages = s3.get_paginator("list_objects_v2")
+    level = [prefix]
+    for part in (r"\d{12}/", r"[^/]+/", r"[^/]+/"):  # account, region, source bucket
+        level = [
+            cp["Prefix"]
+            for p in level
+            for page in pages.paginate(Bucket=bucket, Prefix=p, Delimiter="/")
+            for cp in page.get("CommonPrefixes", [])
+            if re.fullmatch(part, cp["Prefix"][len(p) :])
+        ]
+    return level
+
+
+def _report_log_files(found: LogFiles, days: list[str], log, warn) -> None:
+    """How many log files each day has; no file at all is an error, a day without any a warning."""
+    per_day = found.per_day
+    if not found.files:
+        raise ValueError(
+            f"no S3 access log file for {days[0]}..{days[-1]} at {found.location}: looked for "
+            f"{found.looked_for(days[0])} (and the days around it). Check the location (the logging "
+            "configuration's TargetBucket and TargetPrefix) and that logging was on"
+        )
+    log(f"{len(found.files):,} access log files: " + ", ".join(f"{d} {n:,}" for d, n in sorted(per_day.items())))
+    for day in days:
+        if not per_day.get(day):
+            warn(
+                f"{day}: NO access log file is dated this day (looked for {found.looked_for(day)}): "
+                "its records may be missing; the day's keys come only from files dated around it"
+            )
+
+
+def _fetch_log_files(found: LogFiles, work_dir: Path, s3) -> Iterator[Path]:
+    if not found.location.startswith("s3://"):
+        yield from (Path(p) for p, _ in found.files)
+        return
+    bucket, _ = _split_s3(found.location)
+    target = work_dir / "logs"
+    target.mkdir(parents=True, exist_ok=True)
+    for key, _ in found.files:
+        local = target / "current.log"
+        s3.download_file(bucket, key, str(local))
+        yield local
+
+
+def parse_log_line(line: str) -> tuple[datetime, str, str, str | None] | None:
+    """A record's (time, operation, key as logged, HTTP status or None), or None if it is not one."""
+    m = LOG_LINE.match(line)
+    if not m:
+        return None
+    try:
+        when = datetime.strptime(m.group(1), LOG_TIME_FORMAT)
+    except ValueError:
+        return None
+    return when, m.group(2), m.group(3), None if m.group(4) == "-" else m.group(4)
 
 
 def _access_log_rows(files: Iterator[Path], con) -> Iterator[tuple]:
@@ -385,19 +604,13 @@ def _access_log_rows(files: Iterator[Path], con) -> Iterator[tuple]:
             for line in f:
                 if not line.strip():
                     continue
-                m = LOG_LINE.match(line)
-                when = None
-                if m:
-                    try:
-                        when = datetime.strptime(m.group(1), LOG_TIME_FORMAT)
-                    except ValueError:
-                        pass
-                if when is None:
-                    con.execute("INSERT INTO malformed VALUES ('malformed_log_line', ?)", [line[:2000]])
+                record = parse_log_line(line)
+                if record is None:
+                    con.execute("INSERT INTO malformed VALUES ('malformed_log_line', ?)", [line[:SAMPLE_CHARS]])
                     continue
-                key = m.group(3)
-                # The log writes keys URL-encoded; decode once, then the same checks as for the CSV apply.
-                yield m.group(2), None if key == "-" else unquote(key), when, m.group(1)
+                when, operation, key, status = record
+                # The key as logged (URL-encoded): decoded in SQL, like an Athena export's (DECODE_KEY).
+                yield operation, key, when, when.strftime(LOG_TIME_FORMAT), status
 
 
 def _listing_rows(location: str, days: list[str], s3) -> Iterator[tuple]:
@@ -408,27 +621,39 @@ def _listing_rows(location: str, days: list[str], s3) -> Iterator[tuple]:
     end = datetime.fromisoformat(days[-1]).replace(tzinfo=timezone.utc) + timedelta(days=1)
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            if start <= obj["LastModified"] < end:
-                yield PUT, obj["Key"], obj["LastModified"], obj["LastModified"].isoformat()
+            if start <= obj["LastModified"] < end:  # a listed object exists: it was written
+                yield PUT, obj["Key"], obj["LastModified"], obj["LastModified"].isoformat(), None
 
 
-def _classify(con, rows_sql: str, days: list[str], known_types: tuple[str, ...]) -> None:
-    """One pass over the input: every row once, with its day and, for a PUT, why it is refused."""
+def _classify(con, rows_sql: str, rules: dict) -> None:
+    """One pass over the input: every row once, with its day, whether its time is outside the
+    window and, for a PUT, why it is refused (with the raw key, for the quarantine)."""
     con.execute(
         f"""CREATE TABLE classified AS
-        SELECT operation IS NOT DISTINCT FROM '{PUT}' AS is_put,
-               CASE WHEN is_put THEN key END AS key, request_time, time_text IS NOT NULL AS timed,
-               coalesce(strftime(timezone('UTC', request_time), '%Y-%m-%d'), $first_day) AS day,
-               CASE WHEN is_put THEN {CLASSIFY} END AS reason
-        FROM ({rows_sql})""",
-        {"types": list(known_types), "first_day": days[0]},
+        SELECT is_put, CASE WHEN is_put THEN key END AS key, request_time, timed, day, outside, reason,
+               CASE WHEN reason IS NOT NULL THEN raw_key END AS raw
+        FROM (
+          SELECT *, CASE WHEN is_put THEN {CLASSIFY} END AS reason
+          FROM (
+            SELECT operation IS NOT DISTINCT FROM '{PUT}' AS is_put, key AS raw_key, {DECODE_KEY} AS key,
+                   nullif(trim(http_status), '') AS http_status, request_time, time_text,
+                   time_text IS NOT NULL AS timed,
+                   coalesce(strftime(timezone('UTC', request_time), '%Y-%m-%d'), $first_day) AS day,
+                   coalesce(request_time < CAST($ws AS TIMESTAMPTZ) OR request_time >= CAST($we AS TIMESTAMPTZ), false)
+                     AS outside
+            FROM ({rows_sql})))""",
+        rules,
     )
 
 
-def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyCollection:
-    result = _count_input(con, days, log)
+def _write_days(con, days: list[str], keys_dir, quarantine_dir, log, window=None) -> KeyCollection:
+    result = _count_input(con, days, log, window)
+    shown = f"[{window[0].isoformat()}, {window[1].isoformat()})" if window else "whole day"
+    outside = dict(con.execute("SELECT day, count(*) FROM classified WHERE is_put AND outside GROUP BY day").fetchall())
+    result.outside_window = sum(n for d, n in outside.items() if d in days)
+    con.execute("DELETE FROM classified WHERE outside")  # counted above; not rows of the window
     for day in days:
-        stats = DayKeys(day)
+        stats = DayKeys(day, window=shown, outside_window=outside.get(day, 0))
         first = day == days[0]  # the malformed lines have no day: they are counted on the first
         stats.put_rows = con.execute("SELECT count(*) FROM classified WHERE is_put AND day = ?", [day]).fetchone()[0]
         stats.quarantined_by_reason = _quarantined_by_reason(con, day)
@@ -443,7 +668,7 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
             quarantine_dir(day).mkdir(parents=True, exist_ok=True)
             con.execute(
                 """COPY (
-                  SELECT reason, key AS raw, request_time FROM classified WHERE day = $day AND reason IS NOT NULL
+                  SELECT reason, raw, request_time FROM classified WHERE day = $day AND reason IS NOT NULL
                   UNION ALL
                   SELECT reason, raw, NULL FROM malformed WHERE $first
                 ) TO $path (FORMAT parquet)""",
@@ -452,13 +677,14 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log) -> KeyColle
         log(
             f"{day}: {stats.put_rows:,} PUT rows -> {stats.keys:,} keys, {stats.duplicates:,} duplicates, "
             f"{stats.quarantined:,} quarantined {stats.quarantined_by_reason or ''}"
+            + (f"; window {shown}: {stats.outside_window:,} PUT rows of the day outside it" if window else "")
         )
         result.days[day] = stats
     return result
 
 
-def _count_input(con, days: list[str], log) -> KeyCollection:
-    """The input's totals; refuses a multi-day run when some PUT has no time (its day is unknown)."""
+def _count_input(con, days: list[str], log, window=None) -> KeyCollection:
+    """The input's totals; refuses a multi-day run, or a time window, when some PUT has no time."""
     result = KeyCollection()
     result.rows, puts, timed, result.other_days = con.execute(
         "SELECT count(*), count(*) FILTER (is_put), count(*) FILTER (is_put AND timed), "
@@ -468,6 +694,12 @@ def _count_input(con, days: list[str], log) -> KeyCollection:
     result.other_operations = result.rows - puts
     result.malformed = con.execute("SELECT count(*) FROM malformed").fetchone()[0]
     log(f"read {result.rows:,} rows, {puts:,} of them PUTs")
+    if window and timed < puts:
+        raise ValueError(
+            f"{puts - timed:,} PUT rows have no request time, so a time window cannot select them: export "
+            "`requestdatetime` with the keys (Athena: select operation, key, requestdatetime ...), or run whole days "
+            "without a window (the export's own WHERE then decides the window)"
+        )
     if len(days) > 1 and timed < puts:
         raise ValueError(
             "some rows have no request time, so their day is unknown: run one day at a time, "

@@ -28,15 +28,23 @@ def register(sub) -> None:
         "Local sources are read only under EVENT_REPLAY_REFILL_ROOTS (colon-separated directories; default: the "
         "lake root EVENT_REPLAY_LAKE and the current directory), checked after resolving symlinks; anything else "
         "fails before it is read. Bad rows (including a line with an unterminated quote or over 1 MiB, each alone) "
-        "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content.",
+        "go to the day's quarantine with their reason and a sample; logs and errors never show the file's content. "
+        "Only successful PUTs (2xx) are writes: a failed one is quarantined as not_written:<status>. Keys of the logs "
+        "and of an Athena export are URL-decoded the same way (twice, as S3 logs them), so both give the same job; "
+        "one still holding % or + after that could be two objects and is quarantined as ambiguous_key_encoding. "
+        "A day without an access log file is reported (stderr, metadata); a location with none fails. With times in --start/--end "
+        "(e.g. --start 2025-07-09T00:30:00 --end 2025-07-09T07:45:00, UTC), only the records in [start, end) count; "
+        "the days are still whole partitions, the window clips the first and last.",
     )
     f.add_argument("--refill", default="ingestion_refill", help="the RefillSpec's name (default ingestion_refill)")
     f.add_argument(
         "--source",
         choices=["csv", "access_logs", "listing"],
         default="csv",
-        help='csv: export with header "operation","key" (optional "requestdatetime"); access_logs: S3 server '
-        "access log files; listing: objects last modified on the day (default csv)",
+        help='csv: export with header "operation","key" (optional "requestdatetime", "httpstatus"); access_logs: '
+        "S3 server access log files, simple (<prefix>YYYY-mm-DD-HH-MM-SS-<id>) or date-partitioned "
+        "(<prefix><account>/<region>/<bucket>/YYYY/MM/DD/...) layout; listing: objects last modified on the day "
+        "(default csv)",
     )
     f.add_argument(
         "--location",
@@ -44,8 +52,17 @@ def register(sub) -> None:
         help="CSV path or s3:// URI; log directory or s3://bucket/prefix; s3://bucket/prefix to "
         "list. A local path must resolve under EVENT_REPLAY_REFILL_ROOTS (default: the lake root and the current directory)",
     )
-    f.add_argument("--start", required=True, help="first day (YYYY-MM-DD) of the access-log records")
-    f.add_argument("--end", help="last day (default: start); several days need a requestdatetime column")
+    f.add_argument(
+        "--start",
+        required=True,
+        help="first day (YYYY-MM-DD) of the access-log records, or a time (YYYY-MM-DDTHH:MM:SS, UTC unless an offset "
+        "is given) from which records count",
+    )
+    f.add_argument(
+        "--end",
+        help="last day, included (default: start's day); or a time, excluded, before which records count. Several "
+        "days, or a time in either, need request times (a CSV's requestdatetime column)",
+    )
     f.add_argument("--dry-run", action="store_true", help="collect and count, enqueue nothing")
     f.add_argument("--limit", type=int, help="enqueue at most N jobs")
     f.add_argument("--force", action="store_true", help="enqueue again keys an earlier refill enqueued (new job ids)")
@@ -63,9 +80,9 @@ def cmd_refill(args) -> None:
     spec = next((r for r in refills if r.name == args.refill), None)
     if spec is None:
         raise SystemExit(f"no refill {args.refill!r}; known: {', '.join(r.name for r in refills)}")
-    days = days_between(args.start, args.end or args.start)
+    days, window = run_days(args.start, args.end)
     t0 = time.time()
-    result = run_in_process(f"{spec.name}_replay", refill_config(spec, args), days=days)
+    result = run_in_process(f"{spec.name}_replay", refill_config(spec, args, window), days=days)
     print(f"run {result.run_id}: {run_status(result)} in {time.time() - t0:.1f}s")
     if not result.success:
         failure = next(iter(failed_steps(result)), None)
@@ -75,7 +92,34 @@ def cmd_refill(args) -> None:
     exit_if_failed(result)
 
 
-def refill_config(spec, args) -> dict:
+def run_days(start: str, end: str | None) -> tuple[list[str], tuple[str, str] | None]:
+    """The days of the run and, when --start or --end has a time of day, the window [start, end)."""
+    from datetime import datetime, timedelta
+
+    from replay_defs.ingestion_refill.access_logs import parse_time
+
+    def is_day(text: str | None) -> bool:
+        return text is None or len(text.strip()) == 10
+
+    if is_day(start) and is_day(end):
+        return days_between(start, end or start), None
+    try:
+        ws = parse_time(start)
+        if end is None:
+            we = datetime.combine(ws.date() + timedelta(days=1), datetime.min.time(), ws.tzinfo)
+        elif is_day(end):
+            we = parse_time(end) + timedelta(days=1)  # a day is included whole
+        else:
+            we = parse_time(end)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if we <= ws:
+        raise SystemExit(f"end {we.isoformat()} is not after start {ws.isoformat()}")
+    last = (we - timedelta(microseconds=1)).date()
+    return days_between(ws.date().isoformat(), last.isoformat()), (ws.isoformat(), we.isoformat())
+
+
+def refill_config(spec, args, window: tuple[str, str] | None = None) -> dict:
     """The run config: where the keys come from, and how the redrive delivers them."""
     from replay_defs.core.naming import EVENT_KEYS
 
@@ -94,14 +138,21 @@ def refill_config(spec, args) -> dict:
     location = args.location if args.location.startswith("s3://") else os.path.abspath(args.location)
     return {
         "ops": {
-            f"{spec.name}__{EVENT_KEYS}": {"config": {"source": args.source, "location": location}},
+            f"{spec.name}__{EVENT_KEYS}": {
+                "config": {
+                    "source": args.source,
+                    "location": location,
+                    **({"window_start": window[0], "window_end": window[1]} if window else {}),
+                }
+            },
             f"{spec.name}__redrive": {"config": delivery},
         }
     }
 
 
 def print_refill_table(spec, result, days: list[str], dry_run: bool) -> None:
-    """Per day: the PUT rows read, keys, repeats, quarantined, sent (or would send), skipped, checks."""
+    """Per day: the PUT rows read, keys, repeats, quarantined, sent (or would send), skipped, checks;
+    then the window and the rows outside it, and any day without an access log file."""
     from replay_defs.core.naming import EVENT_KEYS
 
     mats = {
@@ -122,3 +173,9 @@ def print_refill_table(spec, result, days: list[str], dry_run: bool) -> None:
             f"{fmt(k.get('quarantined'), 6)} {fmt(sent, 10)} {fmt(r.get('skipped_already_delivered'), 8)}  "
             f"{sum(verdicts)}/{len(verdicts)} passed"
         )
+    for day in days:
+        k = mats.get((EVENT_KEYS, day), {})
+        if k.get("window", "whole day") != "whole day":
+            print(f"{day}: window {k['window']}, {k.get('outside_window', 0):,} PUT rows of the day outside it")
+        if k.get("missing_logs"):
+            print(f"{day}: NO access log file for this day (looked for {k['missing_logs']})", file=sys.stderr)
