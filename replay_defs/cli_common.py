@@ -115,7 +115,7 @@ def run_in_process(
 
 
 def submit_run(job_name: str, run_config: dict, *, days: list[str], workspace: str | None = None) -> tuple[str, str]:
-    """Queue a run of a job for the daemon and return (run id, its status) without waiting: the
+    """Queue a run of a job for the daemon and return (run id, QUEUED) without waiting: the
     run is created on the instance in $DAGSTER_HOME and submitted to its run coordinator (queued:
     the daemon launches it in a process of its own, within the instance's concurrency limits).
     Done by `dagster job launch`, Dagster's public way to submit a run of a workspace's code
@@ -158,6 +158,10 @@ def submit_run(job_name: str, run_config: dict, *, days: list[str], workspace: s
         run = instance.get_run_by_id(run_id)
         if run is None:
             raise SystemExit(f"dagster job launch reported success but run {run_id} is not in the instance")
+        # What the submission did: queued it (the daemon may have dequeued it since), or, on an
+        # instance without a run queue, started it.
+        if instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED):
+            return run_id, "QUEUED"
         return run_id, run.status.value
 
 
