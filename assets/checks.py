@@ -226,27 +226,7 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
                     f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}"
                 )
         if whole:
-            ids, dropped = expected(lake, day)
-            delivered = ledger.delivered(spec.name, whole_sink, ids)
-            md.update(
-                whole_day_sink=whole_sink,
-                expected_messages=len(ids),
-                dropped_messages=len(dropped),
-                in_ledger=len(delivered),
-            )
-            if len(delivered) != len(ids):
-                missing = sorted(set(ids) - delivered)
-                problems.append(
-                    f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger ({whole_sink}), e.g. {missing[:3]}"
-                )
-            held = sink_ids(day, ids) if sink_ids is not None and whole_sink == spec.redrive.sink.name else None
-            if held is not None:
-                md["in_sink"] = len(held)
-                if len(held) != len(ids):
-                    missing = sorted(set(ids) - held)
-                    problems.append(
-                        f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}"
-                    )
+            problems += _whole_day(lake, ledger, spec, day, whole_sink, expected, sink_ids, md)
     if problems:
         return DayVerdict(False, "; ".join(problems), md)
     if whole:
@@ -258,6 +238,29 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
         else "deliveries reconcile, for the last run only (it sent part of the day: mode, type or limit)",
         md,
     )
+
+
+def _whole_day(lake: Lake, ledger, spec, day: str, sink: str, expected, sink_ids, md: dict) -> list[str]:
+    """The day's whole expected message set against the ledger of `sink` (every run) and, for the
+    spec's own sink when it can be read back, against the sink; adds its counts to `md`."""
+    ids, dropped = expected(lake, day)
+    delivered = ledger.delivered(spec.name, sink, ids)
+    md.update(whole_day_sink=sink, expected_messages=len(ids), dropped_messages=len(dropped), in_ledger=len(delivered))
+    problems = []
+    if len(delivered) != len(ids):
+        missing = sorted(set(ids) - delivered)
+        problems.append(
+            f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger ({sink}), e.g. {missing[:3]}"
+        )
+    held = sink_ids(day, ids) if sink_ids is not None and sink == spec.redrive.sink.name else None
+    if held is not None:
+        md["in_sink"] = len(held)
+        if len(held) != len(ids):
+            missing = sorted(set(ids) - held)
+            problems.append(
+                f"{len(missing)} of the day's {len(ids)} messages are not in the {sink} sink, e.g. {missing[:3]}"
+            )
+    return problems
 
 
 def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], list[str]]:
