@@ -5,8 +5,8 @@ produced separately, and its description names them. Every check is a `DayCheck`
 guards, which specs it applies to, the resources it reads and a per-day verdict. `CHECKS` holds
 those of every source kind; a kind's own (e.g. the raw files' listing for files) are in its module
 under `assets/sources/`. `build_checks` turns the ones that apply to a spec into partitioned Dagster
-asset checks; all but the late-window warning are blocking, so a failing day fails the run (and a
-CI job).
+asset checks; all but the late-window warning and the table sources' rate alerts are blocking, so a
+failing day fails the run (and a CI job).
 """
 
 from collections.abc import Callable

@@ -2,8 +2,9 @@
 `replay_defs/clickhouse_table/`).
 
 raw_events[D] records the run's selection (filters, time window) and the engine's count of its rows;
-parsed_events[D] reads the selection page by page and maps the rows to events; two checks only
-tables have (the selection's rows changed since; billing's found = delivered + dropped + errors);
+parsed_events[D] reads the selection page by page and maps the rows to events; the checks only
+tables have (the selection's rows changed since; billing's found = delivered + dropped + errors;
+seed 002's alert thresholds on the success, transformation error and publish failure rates);
 and the redrive's metadata gains billing's figures."""
 
 import time

@@ -29,7 +29,8 @@ def register(sub) -> None:
     b = sub.add_parser("billing", help="billing reprocessing").add_subparsers(dest="billing_cmd", required=True)
     rp = b.add_parser(
         "reprocess",
-        help="reprocess raw_events from ClickHouse to Kafka (POST /events/raw/reprocess); prints the run id and totals as JSON",
+        help="reprocess raw_events from ClickHouse to Kafka (POST /events/raw/reprocess); prints the run id, totals and "
+        "failed checks as JSON (exit 1: the run or a check failed, seed 002's rate alerts included)",
     )
     rp.add_argument("--start", required=True, help="RFC 3339 (2024-01-01T00:00:00Z) or a date")
     rp.add_argument("--end", help="RFC 3339, exclusive, or a date (inclusive); default now")
@@ -66,7 +67,7 @@ def register(sub) -> None:
         help="a reprocess run's status, and once it has finished its totals and failed checks, as JSON "
         "(exit 1: the run failed or a check failed)",
     )
-    st.add_argument("run_id")
+    st.add_argument("run_id", help="the run id `billing reprocess` printed")
     st.add_argument("--wait", action="store_true", help="wait until the run has finished")
     st.add_argument("--timeout", type=float, default=3600, help="with --wait: give up after this many seconds")
     st.set_defaults(fn=cmd_billing_status)
