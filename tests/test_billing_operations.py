@@ -247,7 +247,7 @@ def test_submit_returns_at_once_and_the_daemon_runs_it(tmp_path, broker, monkeyp
     assert done["run_id"] == out["run_id"] and done["status"] == "SUCCESS", done
     # cust-a: e01..e07 on DAY1, e20 and e21 on DAY2, all valid.
     assert done["found"] == 9 and done["published"] == 9 and done["failed_checks"] == []
-    assert done["partitions"] == [DAY1, DAY2]
+    assert done["partitions"] == [DAY1, DAY2] and done["sink"] == f"kafka:{topic}"
     assert _ids(broker, topic) == ["e01", "e02", "e03", "e04", "e05", "e06", "e07", "e20", "e21"]
     with dg.DagsterInstance.get() as instance:
         kinds = {e.dagster_event_type for e in instance.all_logs(out["run_id"]) if e.dagster_event_type}

@@ -194,6 +194,8 @@ def _print_outcome(spec, run_id: str, status: str, head: dict) -> None:
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
         mat = entry.asset_materialization
         if mat.asset_key == redrive:
+            if "sink" in mat.metadata:  # the topic the run sent to (status does not know it otherwise)
+                head.setdefault("sink", mat.metadata["sink"].value)
             for k in totals:
                 totals[k] += mat.metadata[k].value if k in mat.metadata else 0
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
