@@ -172,6 +172,20 @@ def test_output_topic_from_the_environment_and_per_launch(billing, broker, monke
         )
 
 
+def test_a_destination_keeps_the_sinks_options_and_is_refused_where_there_is_none():
+    from replay_defs.sinks.base import with_destination
+    from replay_defs.sinks.kafka import KafkaSinkSpec
+    from replay_defs.sinks.outbox import OutboxSinkSpec
+    from replay_defs.sinks.rabbitmq import RabbitMQSinkSpec
+
+    moved = with_destination(RabbitMQSinkSpec("events", routing_key="replay.{type}"), "events-2")
+    assert moved == RabbitMQSinkSpec("events-2", routing_key="replay.{type}") and moved.name == "rabbitmq:events-2"
+    with pytest.raises(ValueError, match="the outbox sink takes no destination"):
+        with_destination(OutboxSinkSpec(), "elsewhere")
+    with pytest.raises(ValueError, match="not a valid Kafka topic name"):
+        with_destination(KafkaSinkSpec("prod_events_v4"), "a b")
+
+
 # ---- a launch queued for the daemon ------------------------------------------------------------------
 
 INSERT_ROWS = """
