@@ -5,8 +5,8 @@ produced separately, and its description names them. Every check is a `DayCheck`
 guards, which specs it applies to, the resources it reads and a per-day verdict. `CHECKS` holds
 those of every source kind; a kind's own (e.g. the raw files' listing for files) are in its module
 under `assets/sources/`. `build_checks` turns the ones that apply to a spec into partitioned Dagster
-asset checks; all but the late-window warning are blocking, so a failing day fails the run (and a
-CI job).
+asset checks; all but the late-window warning and the table sources' rate alerts are blocking, so a
+failing day fails the run (and a CI job).
 """
 
 from collections.abc import Callable
@@ -33,8 +33,10 @@ from replay_defs.sinks import sink_type
 SINK = "<sink>"  # in `DayCheck.resources`: the resource of the spec's sink
 
 
-def count_rows(lake: Lake, files: list[str], sql: str = "SELECT count(*) FROM files") -> int:
-    return lake.sql(files, sql)[0][0] if files else 0
+def count_rows(
+    lake: Lake, files: list[str], sql: str = "SELECT count(*) FROM files", params: dict | None = None
+) -> int:
+    return lake.sql(files, sql, params)[0][0] if files else 0
 
 
 def not_built(what: str) -> DayVerdict:
@@ -204,10 +206,12 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
         return DayVerdict(False, "redrive has not run for this day", {})
     counts = rd.RedriveCounts(**{k: v for k, v in last.items() if k in rd.RedriveCounts.__dataclass_fields__})
     md = {k: last[k] for k in ("selected", "published", "skipped_already_delivered", "dropped", "failed")}
-    whole = expected is not None and (
-        lake.read_json(owner(spec, REDRIVE), whole_day_marker(day)) is not None
-        or (last.get("whole_day", True) and not last["dry_run"])
-    )
+    # The sink (ledger name) each record names: a launch's `destination` may differ from the spec's.
+    last_sink = last.get("sink", spec.redrive.sink.name)
+    marker = lake.read_json(owner(spec, REDRIVE), whole_day_marker(day))
+    whole_sink = marker.get("sink", spec.redrive.sink.name) if marker is not None else last_sink
+    whole = expected is not None and (marker is not None or (last.get("whole_day", True) and not last["dry_run"]))
+    md["sink"] = last_sink
     problems = []
     with ledger_resource.open() as ledger:
         if not last["dry_run"]:
@@ -215,29 +219,14 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
                 problems.append("selected != published + already delivered + dropped + failed")
             if counts.failed:
                 problems.append(f"{counts.failed} deliveries failed")
-            in_ledger = ledger.count(spec.name, spec.redrive.sink.name, day, run_id=last["run_id"])
+            in_ledger = ledger.count(spec.name, last_sink, day, run_id=last["run_id"])
             md["ledger_rows_for_run"] = in_ledger
             if in_ledger != counts.published:
                 problems.append(
                     f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}"
                 )
         if whole:
-            ids, dropped = expected(lake, day)
-            delivered = ledger.delivered(spec.name, spec.redrive.sink.name, ids)
-            md.update(expected_messages=len(ids), dropped_messages=len(dropped), in_ledger=len(delivered))
-            if len(delivered) != len(ids):
-                missing = sorted(set(ids) - delivered)
-                problems.append(
-                    f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger, e.g. {missing[:3]}"
-                )
-            held = sink_ids(day, ids) if sink_ids is not None else None
-            if held is not None:
-                md["in_sink"] = len(held)
-                if len(held) != len(ids):
-                    missing = sorted(set(ids) - held)
-                    problems.append(
-                        f"{len(missing)} of the day's {len(ids)} messages are not in the {spec.redrive.sink.name} sink, e.g. {missing[:3]}"
-                    )
+            problems += _whole_day(lake, ledger, spec, day, whole_sink, expected, sink_ids, md)
     if problems:
         return DayVerdict(False, "; ".join(problems), md)
     if whole:
@@ -249,6 +238,29 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
         else "deliveries reconcile, for the last run only (it sent part of the day: mode, type or limit)",
         md,
     )
+
+
+def _whole_day(lake: Lake, ledger, spec, day: str, sink: str, expected, sink_ids, md: dict) -> list[str]:
+    """The day's whole expected message set against the ledger of `sink` (every run) and, for the
+    spec's own sink when it can be read back, against the sink; adds its counts to `md`."""
+    ids, dropped = expected(lake, day)
+    delivered = ledger.delivered(spec.name, sink, ids)
+    md.update(whole_day_sink=sink, expected_messages=len(ids), dropped_messages=len(dropped), in_ledger=len(delivered))
+    problems = []
+    if len(delivered) != len(ids):
+        missing = sorted(set(ids) - delivered)
+        problems.append(
+            f"{len(missing)} of the day's {len(ids)} messages are not delivered according to the ledger ({sink}), e.g. {missing[:3]}"
+        )
+    held = sink_ids(day, ids) if sink_ids is not None and sink == spec.redrive.sink.name else None
+    if held is not None:
+        md["in_sink"] = len(held)
+        if len(held) != len(ids):
+            missing = sorted(set(ids) - held)
+            problems.append(
+                f"{len(missing)} of the day's {len(ids)} messages are not in the {sink} sink, e.g. {missing[:3]}"
+            )
+    return problems
 
 
 def day_messages(lake: Lake, spec: PipelineSpec, day: str) -> tuple[list[str], list[str]]:

@@ -10,6 +10,7 @@ from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner, 
 from replay_defs.pipeline import delivery as rd
 from replay_defs.pipeline.spec import PipelineSpec
 from replay_defs.sinks import open_sink
+from replay_defs.sinks.base import with_destination
 
 
 class DeliveryConfig(dg.Config):
@@ -38,6 +39,14 @@ class RedriveConfig(DeliveryConfig):
     )
     prefix: str | None = Field(default=None, description="Lake-relative prefix or URI (mode prefix).")
     type: str | None = Field(default=None, description="Only source refs of events of this type (modes day, parquet).")
+    destination: str | None = Field(
+        default=None,
+        description=(
+            "Deliver to this destination instead of the spec's, same sink kind: a Kafka topic, SQS queue, "
+            "RabbitMQ exchange or Redis key (e.g. another topic for this launch). The ledger keeps each "
+            "destination's deliveries apart, so nothing is skipped because it went to another one."
+        ),
+    )
 
 
 def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinition:
@@ -58,7 +67,7 @@ def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinitio
     )
     def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        sink = open_sink(context.resources, spec.redrive.sink)
+        sink = open_sink(context.resources, run_sink_spec(spec, config))
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
         try:
             for day in context.partition_keys:
@@ -69,6 +78,16 @@ def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinitio
         return dg.MaterializeResult()
 
     return redrive
+
+
+def run_sink_spec(spec: PipelineSpec, config: RedriveConfig):
+    """The sink this run delivers to: the spec's, or its kind at the run's `destination`."""
+    if config.destination is None:
+        return spec.redrive.sink
+    try:
+        return with_destination(spec.redrive.sink, config.destination)
+    except ValueError as exc:
+        raise dg.Failure(f"destination {config.destination!r}: {exc}") from exc
 
 
 def redrive_day(
@@ -166,7 +185,7 @@ def deliver_day(
         context.log.error(
             f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}"
         )
-    record_outcome(the_lake, spec, day, context.run.run_id, config.dry_run, whole_day, counts)
+    record_outcome(the_lake, spec, day, context.run.run_id, config.dry_run, whole_day, counts, sink.name)
 
 
 def delivery_metadata(config: DeliveryConfig, counts: rd.RedriveCounts) -> dict:
@@ -187,13 +206,16 @@ def delivery_metadata(config: DeliveryConfig, counts: rd.RedriveCounts) -> dict:
     return md
 
 
-def record_outcome(the_lake, spec, day: str, run_id: str, dry_run: bool, whole_day: bool, counts) -> None:
+def record_outcome(
+    the_lake, spec, day: str, run_id: str, dry_run: bool, whole_day: bool, counts, sink_name: str
+) -> None:
     """`last/day=D.json` (the counts the `deliveries_reconcile` check reads), and the whole-day
-    marker once the whole day went out without a failure."""
+    marker once the whole day went out without a failure; both name the sink (its ledger name),
+    which a run's `destination` may have changed."""
     the_lake.write_json(
         owner(spec, REDRIVE),
         f"last/day={day}.json",
-        {"run_id": run_id, "dry_run": dry_run, "whole_day": whole_day, **counts.__dict__},
+        {"run_id": run_id, "dry_run": dry_run, "whole_day": whole_day, "sink": sink_name, **counts.__dict__},
     )
     if whole_day and not dry_run and not counts.failed:
-        the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": run_id})
+        the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": run_id, "sink": sink_name})

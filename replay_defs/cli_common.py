@@ -1,6 +1,6 @@
 """What every system's `event-replay` commands share: the Dagster instance in $DAGSTER_HOME, running a
-job of the code location on it in this process, a run's outcome, ranges of days, and connection
-URLs read from files (never from the command line).
+job of the code location on it in this process or queueing one for the daemon, a run's outcome,
+ranges of days, and connection URLs read from files (never from the command line).
 
 Dagster is imported inside the functions, so `event-replay --help` starts fast.
 """
@@ -112,6 +112,57 @@ def run_in_process(
         raise_on_error=False,
         **execute_kwargs,
     )
+
+
+def submit_run(job_name: str, run_config: dict, *, days: list[str], workspace: str | None = None) -> tuple[str, str]:
+    """Queue a run of a job for the daemon and return (run id, QUEUED) without waiting: the
+    run is created on the instance in $DAGSTER_HOME and submitted to its run coordinator (queued:
+    the daemon launches it in a process of its own, within the instance's concurrency limits).
+    Done by `dagster job launch`, Dagster's public way to submit a run of a workspace's code
+    location; `workspace` is the workspace file naming the location the daemon serves (default:
+    the project's workspace.yaml)."""
+    import subprocess
+    import uuid
+
+    import dagster as dg
+
+    root = Path(__file__).resolve().parent.parent
+    workspace_file = Path(workspace).resolve() if workspace else root / "workspace.yaml"
+    if not workspace_file.is_file():
+        raise SystemExit(f"--workspace: no workspace file {workspace_file}")
+    run_id = str(uuid.uuid4())
+    tags = {RANGE_START: days[0], RANGE_END: days[-1]}
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "job",
+            "launch",
+            "-w",
+            str(workspace_file),
+            "-j",
+            job_name,
+            "--config-json",
+            json.dumps(run_config),
+            "--tags",
+            json.dumps(tags),
+            "--run-id",
+            run_id,
+        ],
+        cwd=workspace_file.parent,  # the workspace's relative paths and module imports start there
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise SystemExit(f"submitting the run failed (dagster job launch):\n{(done.stderr or done.stdout)[-3000:]}")
+    with dg.DagsterInstance.get() as instance:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            raise SystemExit(f"dagster job launch reported success but run {run_id} is not in the instance")
+        # What the submission did: queued it (the daemon may have dequeued it since), or, on an
+        # instance without a run queue, started it.
+        if instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED):
+            return run_id, "QUEUED"
+        return run_id, run.status.value
 
 
 def run_status(result) -> str:

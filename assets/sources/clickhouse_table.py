@@ -2,8 +2,9 @@
 `replay_defs/clickhouse_table/`).
 
 raw_events[D] records the run's selection (filters, time window) and the engine's count of its rows;
-parsed_events[D] reads the selection page by page and maps the rows to events; two checks only
-tables have (the selection's rows changed since; billing's found = delivered + dropped + errors);
+parsed_events[D] reads the selection page by page and maps the rows to events; the checks only
+tables have (the selection's rows changed since; billing's found = delivered + dropped + errors;
+seed 002's alert thresholds on the success, transformation error and publish failure rates);
 and the redrive's metadata gains billing's figures."""
 
 import time
@@ -13,13 +14,13 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
-from assets.checks import DayCheck, not_built
+from assets.checks import DayCheck, count_rows, day_messages, not_built
 from assets.common import DayVerdict, asset_key, pipeline_asset, pipeline_pool
 from assets.parsed import ALLOW_SHRINK, publish_parsed_day, shrink_metadata, staged_quarantine
 from replay_defs.clickhouse_table.parsing import KeysetReader, TableSelection, parse_table_day
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner
-from replay_defs.pipeline.committed import parsed_state
+from replay_defs.pipeline.committed import committed_quarantine, parsed_state
 from replay_defs.pipeline.delivery import RedriveCounts
 from replay_defs.pipeline.spec import PipelineSpec
 from resources import ClickHouseResource, LakeResource
@@ -284,6 +285,118 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     return DayVerdict(not problems, "; ".join(problems) or f"{s['found']} rows found, all accounted for", md)
 
 
+# ---- seed 002's alert thresholds, one non-blocking check each --------------------------------------
+# Each rate is a count taken from the day's files or the ledger over the rows raw_events counted
+# (the engine's count(), independent of the keyset reader), and the count is compared with the
+# figure the pipeline recorded: a disagreement fails the check too. They do not block: the quarantine
+# keeps every row not sent, and a re-run after a fix sends exactly the missing ones (the ledger), so
+# holding back the valid events of this and the range's other days would only delay billing; the
+# mechanics (every row accounted for, no publish failure) are blocked on by found_accounted_for.
+
+
+def _rate_verdict(
+    what: str, count: int, found: int, limit: float, at_most: bool, recorded: int, md: dict
+) -> DayVerdict:
+    """`count` over `found` in percent against `limit` (a maximum, else a minimum); `recorded`: the
+    pipeline's own figure for `count`."""
+    rate = round(100 * count / found, 4) if found else (0.0 if at_most else 100.0)
+    md = {**md, "found": found, "rate_percent": rate, "threshold_percent": limit}
+    problems = []
+    if count != recorded:
+        problems.append(f"the files/ledger hold {count}, the pipeline recorded {recorded}")
+    over = rate > limit if at_most else rate < limit
+    if over:
+        problems.append(f"{what} {rate:g}% is {'over' if at_most else 'under'} the threshold {limit:g}%")
+    if problems:
+        return DayVerdict(False, f"{what} ({count} of {found} rows): " + "; ".join(problems), md)
+    return DayVerdict(
+        True,
+        f"{what} {rate:g}% ({count} of {found} rows), threshold {'at most' if at_most else 'at least'} {limit:g}%",
+        md,
+    )
+
+
+def _found(lake: Lake, spec: PipelineSpec, day: str) -> int | None:
+    manifest = lake.read_json(owner(spec, RAW), manifest_name(day))
+    return None if manifest is None else manifest["totals"]["lines"]
+
+
+def transformation_error_rate(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Rows that could not be transformed (counted in the committed quarantine: every reason that
+    is not a validation rule) over the rows raw_events counted."""
+    state, found = parsed_state(lake, spec, day), _found(lake, spec, day)
+    if state is None or found is None:
+        return not_built("parsed_events or raw_events")
+    errors = count_rows(
+        lake,
+        committed_quarantine(state, spec),
+        "SELECT coalesce(sum(lines), 0)::BIGINT FROM files WHERE NOT list_contains($rules, reason)",
+        {"rules": [r.name for r in spec.mapping.rules]},
+    )
+    return _rate_verdict(
+        "transformation error rate",
+        errors,
+        found,
+        spec.rate_thresholds.max_transformation_error_rate,
+        True,
+        state.stats["transformation_errors"],
+        {"transformation_errors": errors},
+    )
+
+
+def _last_redrive(lake: Lake, spec: PipelineSpec, day: str) -> tuple[dict | None, DayVerdict | None]:
+    """The last redrive of the day, or the verdict when there is nothing to rate (not run, dry run)."""
+    last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
+    if last is None or _found(lake, spec, day) is None:
+        return None, not_built("raw_events or redrive")
+    if last["dry_run"]:
+        return None, DayVerdict(
+            True, "the last redrive was a dry run: nothing sent, nothing to rate", {"dry_run": True}
+        )
+    return last, None
+
+
+def success_rate(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Events of the committed day the sink has according to the ledger (every run) over the rows
+    raw_events counted; the run's published + already delivered must agree."""
+    last, verdict = _last_redrive(lake, spec, day)
+    if verdict is not None:
+        return verdict
+    if not last.get("whole_day", True):
+        return DayVerdict(True, "the last redrive sent part of the day (mode, type or limit): not applicable", {})
+    sink = last.get("sink", spec.redrive.sink.name)
+    ids, _ = day_messages(lake, spec, day)
+    with ledger_resource.open() as ledger:
+        delivered = len(ledger.delivered(spec.name, sink, ids))
+    return _rate_verdict(
+        "success rate",
+        delivered,
+        _found(lake, spec, day),
+        spec.rate_thresholds.min_success_rate,
+        False,
+        last["published"] + last["skipped_already_delivered"],
+        {"delivered_in_ledger": delivered, "sink": sink},
+    )
+
+
+def publish_failure_rate(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
+    """Messages the sink refused after retries in the last redrive (counted in its dead-letter
+    file) over the rows raw_events counted."""
+    last, verdict = _last_redrive(lake, spec, day)
+    if verdict is not None:
+        return verdict
+    failures = len(lake.read_jsonl(owner(spec, REDRIVE), f"dead_letter/day={day}/{last['run_id']}.jsonl"))
+    return _rate_verdict(
+        "publish failure rate",
+        failures,
+        _found(lake, spec, day),
+        spec.rate_thresholds.max_publish_failure_rate,
+        True,
+        last["failed"],
+        {"publish_failures": failures, "sink": last.get("sink", spec.redrive.sink.name)},
+    )
+
+
 def _table_rows_current(r, spec, day):
     with r.clickhouse.open() as ch:
         return table_rows_current(r.lake.get(), spec, day, ch)
@@ -303,5 +416,34 @@ CHECKS = (
         "Rows found (counted by the engine) = published + already delivered + dropped (by rule) + "
         "transformation errors + publish failures, with no publish failure.",
         lambda r, spec, d: found_accounted_for(r.lake.get(), spec, d),
+    ),
+    DayCheck(
+        "transformation_error_rate_within_threshold",
+        PARSED,
+        "Seed 002's alert: rows that could not be transformed (counted in the committed quarantine, reasons other "
+        "than a validation rule) over the rows raw_events counted, at most the spec's "
+        "rate_thresholds.max_transformation_error_rate (default 5%); the count must equal parsed_events' own. "
+        "Non-blocking: the rest of the day is still sent.",
+        lambda r, spec, d: transformation_error_rate(r.lake.get(), spec, d),
+        blocking=False,
+    ),
+    DayCheck(
+        "success_rate_within_threshold",
+        REDRIVE,
+        "Seed 002's alert: the day's events the sink has according to the ledger (every run) over the rows "
+        "raw_events counted, at least the spec's rate_thresholds.min_success_rate (default 90%); the count must "
+        "equal the last run's published + already delivered. Non-blocking.",
+        lambda r, spec, d: success_rate(r.lake.get(), r.ledger, spec, d),
+        resources=frozenset({"lake", "ledger"}),
+        blocking=False,
+    ),
+    DayCheck(
+        "publish_failure_rate_within_threshold",
+        REDRIVE,
+        "Seed 002's alert: the last redrive's messages the sink refused after retries (counted in its dead-letter "
+        "file) over the rows raw_events counted, at most the spec's rate_thresholds.max_publish_failure_rate "
+        "(default 1%); the count must equal the run's own. Non-blocking (found_accounted_for blocks on any failure).",
+        lambda r, spec, d: publish_failure_rate(r.lake.get(), spec, d),
+        blocking=False,
     ),
 )

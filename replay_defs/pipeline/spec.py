@@ -8,6 +8,7 @@ This module imports nothing heavy so parse workers can load it quickly.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -208,6 +209,23 @@ class Mapping:
 
 
 @dataclass(frozen=True)
+class RateThresholds:
+    """A table source's alert thresholds per day (seed 002's "Alerts to configure"), in percent of
+    the rows found: its `success_rate_within_threshold`, `transformation_error_rate_within_threshold`
+    and `publish_failure_rate_within_threshold` checks fail a day past them."""
+
+    min_success_rate: float = 90.0  # events the sink has / rows found
+    max_transformation_error_rate: float = 5.0  # rows that could not be transformed / rows found
+    max_publish_failure_rate: float = 1.0  # messages the sink refused after retries / rows found
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not 0.0 <= value <= 100.0:
+                raise ValueError(f"{f.name} {value!r} must be a percentage in [0, 100]")
+
+
+@dataclass(frozen=True)
 class Lateness:
     """How far an event's arrival may be from its event-time day.
 
@@ -342,6 +360,8 @@ class PipelineSpec:
     dead_letters: tuple[DeadLettersSpec, ...] = ()
     # How a table source's rows become events (ClickHouse sources only).
     mapping: Mapping | None = None
+    # A table source's per-day alert thresholds (ClickHouse sources only; defaults: seed 002's).
+    rate_thresholds: RateThresholds = RateThresholds()
     description: str = ""
     # Dagster owners of the assets (emails or "team:<name>"), shown in the UI and used by its filters.
     owners: tuple[str, ...] = ()

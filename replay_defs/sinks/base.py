@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,21 @@ class SinkSpec(Protocol):
 
     @property
     def name(self) -> str: ...
+
+
+def with_destination(spec, destination: str):
+    """`spec` delivering to another destination of its kind (its first required field: a Kafka
+    topic, an SQS queue, a RabbitMQ exchange, a Redis key), its other options kept: a launch's own
+    target. Its `name` changes with it, so the ledger keeps the two targets' deliveries apart.
+    Raises ValueError for a sink without a destination (the outbox) or a bad one (the spec's own checks)."""
+    required = [
+        f.name
+        for f in dataclasses.fields(spec)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if not required:
+        raise ValueError(f"the {spec.kind} sink takes no destination")
+    return dataclasses.replace(spec, **{required[0]: destination})
 
 
 # (source, resource, peek) -> (depth, the newest dead letters as JSON text or timestamps)
