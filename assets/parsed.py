@@ -60,16 +60,15 @@ def publish_parsed_day(
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: cleaned up the staging an interrupted earlier run left")
-        previous = shrink_baseline(spec, parsed_state(lake, spec, day))
+        current = parsed_state(lake, spec, day)
         staged = lake.new_staging(own, day)
         stats = build(staged)
-        stats.update(previous=previous, allow_shrink=allow_shrink)
+        stats.update(previous=shrink_baseline(spec, current), allow_shrink=allow_shrink)
         only = {TYPE: only_type} if only_type else None
         if only:
             keep_only(staged, spec, only_type)
-            current = parsed_state(lake, spec, day)
-            # The other types' files stay as committed: so do the files a redrive took out of them.
-            keep_out(stats, [o for o in out_for_redrive(current.stats if current else {}) if o["type"] != only_type])
+            if current is not None:
+                keep_other_types(stats, current.stats, only_type)
         state = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id, only=only)
         stats["version"] = state.version
         return stats
@@ -86,14 +85,15 @@ def keep_only(staged: Path, spec: PipelineSpec, event_type: str) -> None:
             shutil.rmtree(path)
 
 
-def keep_out(stats: dict, outs: list[dict]) -> None:
-    """Record in a new version's counts the files still out for redrive (see `take_out_file`)."""
-    if not outs:
-        return
-    stats[OUT] = outs
-    for t, n in out_rows_by_type(stats).items():
-        stats["rows_by_type"][t] = stats["rows_by_type"].get(t, 0) - n
-        stats["parsed"] -= n
+def keep_other_types(stats: dict, committed: dict, only_type: str) -> None:
+    """A one-type rebuild's counts of events: the rebuilt type's from the parse, the other types'
+    as committed (their files stay), with the files a redrive took out of them."""
+    rows = {t: n for t, n in committed.get("rows_by_type", {}).items() if t != only_type}
+    rows[only_type] = stats["rows_by_type"].get(only_type, 0)
+    stats.update(rows_by_type=dict(sorted(rows.items())), parsed=sum(rows.values()))
+    outs = [o for o in out_for_redrive(committed) if o["type"] != only_type]
+    if outs:
+        stats[OUT] = outs
 
 
 def replaced_files(state: DayState | None, spec: PipelineSpec, only_type: str | None) -> list[dict]:
@@ -167,14 +167,17 @@ def take_out_file(lake: Lake, spec: PipelineSpec, day: str, rel: str, run_id: st
                 with lake.storage.open(other) as src, open(local, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         record = {"file": rel, "type": event_type, "rows": state.entries[rel]["rows"], "source_refs": refs}
-        stats = {k: v for k, v in state.stats.items() if k not in (OUT, "rolled_back_to")}
+        # The day's counts as committed, less the file's rows, which are now out for redrive.
+        stats = {k: v for k, v in state.stats.items() if k != "rolled_back_to"}
+        rows = dict(stats["rows_by_type"])
+        rows[event_type] = rows.get(event_type, 0) - record["rows"]
         stats.update(
-            previous=shrink_baseline(spec, state), allow_shrink=False, rows_by_type=dict(stats["rows_by_type"])
+            rows_by_type=rows,
+            parsed=stats["parsed"] - record["rows"],
+            previous=shrink_baseline(spec, state),
+            allow_shrink=False,
         )
-        stats["parsed"] += sum(out_rows_by_type(state.stats).values())
-        for t, n in out_rows_by_type(state.stats).items():
-            stats["rows_by_type"][t] = stats["rows_by_type"].get(t, 0) + n
-        keep_out(stats, [*out_for_redrive(state.stats), {**record, "run_id": run_id}])
+        stats[OUT] = [*out_for_redrive(state.stats), {**record, "run_id": run_id}]
         new = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id, only={TYPE: event_type})
         log.info(
             f"{day}: took {rel} ({record['rows']} {event_type} rows of {len(refs)} source files) out of the day, "
