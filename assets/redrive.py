@@ -146,6 +146,16 @@ def parquet_sources(context, config: RedriveConfig, spec, the_lake, day: str, me
             return {plan[0]["type"]: refs}
         earlier = take_out_file(the_lake, spec, day, rel, context.run.run_id, context.log)
         metadata.update(deleted_file=rel, deleted_rows=earlier["rows"], parsed_version=earlier["version"])
+        # The parsed day changed: recorded in Dagster as its materialization (so the day's earlier
+        # check verdicts show as stale), as a rollback does.
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=asset_key(spec, PARSED),
+                partition=day,
+                description=f"parquet-mode redrive took {rel} out of the day until its sources are re-ingested",
+                metadata={"version": earlier["version"], "deleted_file": rel, "out_for_redrive": earlier["rows"]},
+            )
+        )
     else:
         context.log.info(f"{day}: {rel} was taken out by run {earlier['run_id']}; sending its source files")
     return {earlier["type"]: earlier["source_refs"]}

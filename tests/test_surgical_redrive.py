@@ -106,6 +106,8 @@ def test_parquet_mode_takes_the_file_out_then_re_ingest_brings_its_rows_back_onc
     assert done.success
     md = md_of(done, "redrive")
     assert (md["deleted_file"], md["deleted_rows"], md["published"]) == (target, rows, len(refs))
+    parsed_md = md_of(done, "parsed_events")  # the day's change, recorded in Dagster
+    assert (parsed_md["deleted_file"], parsed_md["out_for_redrive"]) == (target, rows)
     # What the run put in the outbox (its batch files), read as a consumer reads them.
     new_batches = set(Path(env["outbox"]).rglob("batch-*.jsonl")) - batches_before
     sent = [json.loads(line) for f in sorted(new_batches) for line in f.read_text().splitlines()]
