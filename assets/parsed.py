@@ -1,15 +1,26 @@
 """What every source kind's parsed_events shares: how a day's new version is staged and published,
 and the shrink consent it is checked against."""
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import dagster as dg
 from pydantic import Field
 
-from replay_defs.core.lake import Lake
+from replay_defs.core.lake import DayState, Lake
 from replay_defs.core.naming import PARSED, owner
-from replay_defs.pipeline.committed import TYPE, parsed_state, parsed_tables, quarantine_table
+from replay_defs.pipeline.committed import (
+    OUT,
+    TYPE,
+    file_type,
+    out_for_redrive,
+    out_rows_by_type,
+    parsed_state,
+    parsed_tables,
+    quarantine_table,
+)
 from replay_defs.pipeline.shrink import unconsented_shrink
 from replay_defs.pipeline.spec import PipelineSpec
 
@@ -17,6 +28,11 @@ ONLY_TYPE = Field(
     default=None,
     description="Rebuild only this event type of the day: its events are replaced; the other types' events and the "
     "day's quarantine stay as committed.",
+)
+DRY_RUN = Field(
+    default=False,
+    description="Plan only: list the committed files (and their rows, per type) the rebuild would replace; "
+    "parse and publish nothing.",
 )
 ALLOW_SHRINK = Field(
     default=False,
@@ -44,13 +60,15 @@ def publish_parsed_day(
     with lake.lock(own, day):
         if lake.recover(own, day):
             log.warning(f"{day}: cleaned up the staging an interrupted earlier run left")
-        previous = shrink_baseline(spec, parsed_state(lake, spec, day))
+        current = parsed_state(lake, spec, day)
         staged = lake.new_staging(own, day)
         stats = build(staged)
-        stats.update(previous=previous, allow_shrink=allow_shrink)
+        stats.update(previous=shrink_baseline(spec, current), allow_shrink=allow_shrink)
         only = {TYPE: only_type} if only_type else None
         if only:
             keep_only(staged, spec, only_type)
+            if current is not None:
+                keep_other_types(stats, current.stats, only_type)
         state = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id, only=only)
         stats["version"] = state.version
         return stats
@@ -67,6 +85,107 @@ def keep_only(staged: Path, spec: PipelineSpec, event_type: str) -> None:
             shutil.rmtree(path)
 
 
+def keep_other_types(stats: dict, committed: dict, only_type: str) -> None:
+    """A one-type rebuild's counts of events: the rebuilt type's from the parse, the other types'
+    as committed (their files stay), with the files a redrive took out of them."""
+    rows = {t: n for t, n in committed.get("rows_by_type", {}).items() if t != only_type}
+    rows[only_type] = stats["rows_by_type"].get(only_type, 0)
+    stats.update(rows_by_type=dict(sorted(rows.items())), parsed=sum(rows.values()))
+    outs = [o for o in out_for_redrive(committed) if o["type"] != only_type]
+    if outs:
+        stats[OUT] = outs
+
+
+def replaced_files(state: DayState | None, spec: PipelineSpec, only_type: str | None) -> list[dict]:
+    """The committed files a rebuild replaces (one type's events, or every file of the day), with
+    their table, type and rows: what a dry run lists."""
+    if state is None:
+        return []
+    out = []
+    for rel in state.files:
+        e = state.entries[rel]
+        t = file_type(spec, rel) if e["table"] == spec.parsed_prefix else None
+        if only_type is None or t == only_type:
+            out.append({"file": rel, "table": e["table"], "type": t or "", "rows": e["rows"]})
+    return out
+
+
+def files_table(files: list[dict]) -> dg.TableMetadataValue:
+    """Files (and their rows) as a metadata table."""
+    return dg.MetadataValue.table(
+        [dg.TableRecord({k: f[k] for k in ("file", "type", "rows")}) for f in files],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn("file", "string"),
+                dg.TableColumn("type", "string"),
+                dg.TableColumn("rows", "int"),
+            ]
+        ),
+    )
+
+
+def plan_metadata(prefix: str, files: list[dict]) -> dict:
+    """What a dry run would delete or replace: the files as a table, and counts (rows per type;
+    the quarantine's rows under its table's name)."""
+    md = {
+        f"{prefix}": files_table(files),
+        f"{prefix}_files": len(files),
+        f"{prefix}_rows": sum(f["rows"] for f in files),
+    }
+    for f in files:
+        key = f"{prefix}_rows_{f['type'] or f['table'].split('/')[0]}"
+        md[key] = md.get(key, 0) + f["rows"]
+    return md
+
+
+def log_plan(log, day: str, verb: str, files: list[dict]) -> None:
+    log.info(f"{day}: dry run, would {verb} {len(files)} file(s), {sum(f['rows'] for f in files)} rows")
+    for f in files:
+        log.info(f"{day}: would {verb} {f['file']} ({f['type'] or f['table']}, {f['rows']} rows)")
+
+
+def take_out_file(lake: Lake, spec: PipelineSpec, day: str, rel: str, run_id: str, log) -> dict:
+    """Seed 004's parquet mode deletes a parsed Parquet file before redriving its source files, so
+    their re-ingest does not duplicate its rows. Here the file leaves the day as a new version of it
+    (the other files of its type are re-committed as they are, copied under new names), and the
+    day's state records it as out for redrive — its type, rows and source files — so the checks
+    count those rows as out rather than lost until the day (or that type) is re-ingested.
+    Returns the record."""
+    own = owner(spec, PARSED)
+    with lake.lock(own, day):
+        state = parsed_state(lake, spec, day)
+        if state is None or rel not in state.files_of(spec.parsed_prefix):
+            raise ValueError(f"{rel!r} is not a committed Parquet file of {spec.name} {day}")
+        event_type = file_type(spec, rel)
+        refs = [r[0] for r in lake.sql([rel], "SELECT DISTINCT source_ref FROM files ORDER BY 1")]
+        staged = lake.new_staging(own, day)
+        for other in state.files_of(spec.parsed_prefix):
+            if other != rel and file_type(spec, other) == event_type:
+                # publish names it again: drop the name's earlier publish token (`-<12 hex>`)
+                local = staged / re.sub(r"-[0-9a-f]{12}(\.parquet)$", r"\1", other)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                with lake.storage.open(other) as src, open(local, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        record = {"file": rel, "type": event_type, "rows": state.entries[rel]["rows"], "source_refs": refs}
+        # The day's counts as committed, less the file's rows, which are now out for redrive.
+        stats = {k: v for k, v in state.stats.items() if k != "rolled_back_to"}
+        rows = dict(stats["rows_by_type"])
+        rows[event_type] = rows.get(event_type, 0) - record["rows"]
+        stats.update(
+            rows_by_type=rows,
+            parsed=stats["parsed"] - record["rows"],
+            previous=shrink_baseline(spec, state),
+            allow_shrink=False,
+        )
+        stats[OUT] = [*out_for_redrive(state.stats), {**record, "run_id": run_id}]
+        new = lake.publish(own, day, staged, parsed_tables(spec), stats, run_id=run_id, only={TYPE: event_type})
+        log.info(
+            f"{day}: took {rel} ({record['rows']} {event_type} rows of {len(refs)} source files) out of the day, "
+            f"now version {new.version}; re-ingest its sources (materialize parsed_events with type {event_type}) to bring them back"
+        )
+        return {**record, "version": new.version}
+
+
 def staged_quarantine(staged: Path, spec: PipelineSpec, day: str) -> Path:
     """Where a staged version holds the day's one quarantine file."""
     return staged / quarantine_table(spec) / f"day={day}" / "quarantine.parquet"
@@ -80,10 +199,13 @@ def shrink_baseline(spec: PipelineSpec, state) -> dict | None:
         return None
     if unconsented_shrink(state.stats, spec.shrink_tolerance):
         return state.stats["previous"]
+    # Rows a redrive took out (waiting for re-ingest) are not lost: the re-ingest must bring them back.
+    out = out_rows_by_type(state.stats)
+    rows = state.stats.get("rows_by_type", {})
     return {
         "version": state.version,
-        "rows_by_type": state.stats.get("rows_by_type", {}),
-        "parsed": state.stats.get("parsed", 0),
+        "rows_by_type": {t: rows.get(t, 0) + out.get(t, 0) for t in sorted({*rows, *out})},
+        "parsed": state.stats.get("parsed", 0) + sum(out.values()),
     }
 
 

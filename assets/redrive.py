@@ -6,8 +6,10 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common import asset_key, pipeline_asset, sink_pool, verified_day
+from assets.parsed import log_plan, plan_metadata, replaced_files, take_out_file
 from replay_defs.core.naming import PARSED, RAW, REDRIVE, manifest_name, owner, whole_day_marker
 from replay_defs.pipeline import delivery as rd
+from replay_defs.pipeline.committed import out_for_redrive, parsed_state
 from replay_defs.pipeline.spec import PipelineSpec
 from replay_defs.sinks import open_sink
 from replay_defs.sinks.base import with_destination
@@ -45,6 +47,13 @@ class RedriveConfig(DeliveryConfig):
             "Deliver to this destination instead of the spec's, same sink kind: a Kafka topic, SQS queue, "
             "RabbitMQ exchange or Redis key (e.g. another topic for this launch). The ledger keeps each "
             "destination's deliveries apart, so nothing is skipped because it went to another one."
+        ),
+    )
+    delete_parquet: bool = Field(
+        default=True,
+        description=(
+            "mode parquet, unit raw_file: take the Parquet file out of the day (a new version recording it as out for "
+            "redrive) before sending its source files, so their re-ingest does not duplicate its rows."
         ),
     )
 
@@ -101,12 +110,16 @@ def redrive_day(
     handled: set[str],
     source_figures=None,
 ) -> None:
+    metadata = {"mode": config.mode, "unit": spec.redrive.unit}
+
     def batches():
         parsed_files = verified_day(the_lake, spec, day)
         if spec.redrive.unit == "event":
             return rd.event_batches(
                 the_lake, spec, parsed_files, config.mode, config.uri, config.prefix, config.type, config.batch_size
             )
+        if config.mode == "parquet" and config.delete_parquet:
+            return [rd.raw_file_batch(the_lake, parquet_sources(context, config, spec, the_lake, day, metadata))]
         manifest = the_lake.read_json(owner(spec, RAW), manifest_name(day))
         refs = rd.select_source_refs(
             the_lake, spec, day, parsed_files, manifest, config.mode, config.uri, config.prefix, config.type
@@ -123,10 +136,48 @@ def redrive_day(
         day,
         batches,
         handled if spec.redrive.unit == "raw_file" else None,
-        {"mode": config.mode, "unit": spec.redrive.unit},
+        metadata,
         whole_day=config.mode == "day" and config.type is None and config.limit is None,
         more_metadata=None if source_figures is None else (lambda counts: source_figures(the_lake, spec, day, counts)),
     )
+
+
+def parquet_sources(context, config: RedriveConfig, spec, the_lake, day: str, metadata: dict) -> dict:
+    """Mode parquet: the Parquet file's source refs, by its type, after taking the file out of the
+    day (seed 004: delete the Parquet first, then redrive its sources). A dry run lists what it
+    would take out. A file an earlier run already took out (a retry after a failed send) is sent
+    from the refs the day's state recorded."""
+    if not config.uri:
+        raise ValueError("mode 'parquet' needs `uri`: a parsed Parquet file of this partition")
+    rel = the_lake.rel_from_uri(config.uri) if "://" in config.uri else config.uri
+    state = parsed_state(the_lake, spec, day)
+    earlier = next((o for o in out_for_redrive(state.stats) if o["file"] == rel), None) if state else None
+    if earlier is None:
+        plan = [f for f in replaced_files(state, spec, None) if f["file"] == rel]
+        if not plan:
+            raise ValueError(f"{config.uri!r} is not a committed Parquet file of this partition")
+        if config.type is not None and plan[0]["type"] != config.type:
+            raise ValueError(f"{config.uri!r} holds {plan[0]['type']} events, not {config.type}")
+        if config.dry_run:
+            log_plan(context.log, day, "take out", plan)
+            metadata.update(plan_metadata("would_delete", plan))
+            refs = [r[0] for r in the_lake.sql([rel], "SELECT DISTINCT source_ref FROM files ORDER BY 1")]
+            return {plan[0]["type"]: refs}
+        earlier = take_out_file(the_lake, spec, day, rel, context.run.run_id, context.log)
+        metadata.update(deleted_file=rel, deleted_rows=earlier["rows"], parsed_version=earlier["version"])
+        # The parsed day changed: recorded in Dagster as its materialization (so the day's earlier
+        # check verdicts show as stale), as a rollback does.
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=asset_key(spec, PARSED),
+                partition=day,
+                description=f"parquet-mode redrive took {rel} out of the day until its sources are re-ingested",
+                metadata={"version": earlier["version"], "deleted_file": rel, "out_for_redrive": earlier["rows"]},
+            )
+        )
+    else:
+        context.log.info(f"{day}: {rel} was taken out by run {earlier['run_id']}; sending its source files")
+    return {earlier["type"]: earlier["source_refs"]}
 
 
 def deliver_day(

@@ -18,7 +18,17 @@ from pydantic import Field
 
 from assets.checks import DayCheck, count_rows, not_built
 from assets.common import DayVerdict, asset_key, pipeline_asset, pipeline_pool
-from assets.parsed import ALLOW_SHRINK, ONLY_TYPE, publish_parsed_day, shrink_metadata, staged_quarantine
+from assets.parsed import (
+    ALLOW_SHRINK,
+    DRY_RUN,
+    ONLY_TYPE,
+    log_plan,
+    plan_metadata,
+    publish_parsed_day,
+    replaced_files,
+    shrink_metadata,
+    staged_quarantine,
+)
 from partitions import event_time_mapping
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, manifest_name, owner
@@ -157,6 +167,7 @@ class ParseConfig(dg.Config):
     )
     allow_shrink: bool = ALLOW_SHRINK
     type: str | None = ONLY_TYPE
+    dry_run: bool = DRY_RUN
 
     @property
     def decoder(self) -> builtins.type[EventDecoder]:  # `type` here is the field
@@ -275,10 +286,6 @@ def materialize_day(lake: Lake, spec: PipelineSpec, day: str, config: ParseConfi
         stats["sources"] = sources
         return stats
 
-    if config.type is not None and config.type not in spec.schema.known_types:
-        raise dg.Failure(
-            f"type {config.type!r} is not a known type of {spec.name}: {', '.join(spec.schema.known_types)}"
-        )
     return publish_parsed_day(lake, spec, day, run_id, log, config.allow_shrink, parse, only_type=config.type)
 
 
@@ -302,6 +309,16 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: ParseConfig, lake: LakeResource
     ) -> dg.MaterializeResult:
         the_lake = lake.get()
+        if config.type is not None and config.type not in spec.schema.known_types:
+            raise dg.Failure(
+                f"type {config.type!r} is not a known type of {spec.name}: {', '.join(spec.schema.known_types)}"
+            )
+        if config.dry_run:
+            for day in context.partition_keys:
+                plan = replaced_files(parsed_state(the_lake, spec, day), spec, config.type)
+                log_plan(context.log, day, "replace", plan)
+                context.add_asset_metadata({"dry_run": True, **plan_metadata("would_replace", plan)}, partition_key=day)
+            return dg.MaterializeResult()
         pool = worker_pool(config.workers or os.cpu_count() or 1)
         try:
             for day in context.partition_keys:

@@ -25,6 +25,28 @@ def parsed_tables(spec: PipelineSpec) -> list[DayTable]:
     ]
 
 
+OUT = "out_for_redrive"  # in a day's stats: files a parquet-mode redrive took out until their sources are re-ingested
+
+
+def out_for_redrive(stats: dict) -> list[dict]:
+    """The files a parquet-mode redrive took out of the day: [{"file", "type", "rows", "source_refs", "run_id"}]."""
+    return stats.get(OUT, [])
+
+
+def out_rows_by_type(stats: dict) -> dict[str, int]:
+    """Rows per type that are out of the day until their sources are re-ingested."""
+    out: dict[str, int] = {}
+    for o in out_for_redrive(stats):
+        out[o["type"]] = out.get(o["type"], 0) + o["rows"]
+    return out
+
+
+def file_type(spec: PipelineSpec, rel: str) -> str:
+    """The event type of a parsed file, from its `type=<t>/` directory."""
+    inner = rel[len(spec.parsed_prefix) + 1 :]
+    return dict(p.split("=", 1) for p in inner.split("/")[:-1] if "=" in p)[TYPE]
+
+
 def quarantine_table(spec: PipelineSpec) -> str:
     return f"quarantine/{spec.name}"
 
