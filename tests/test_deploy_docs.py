@@ -157,11 +157,11 @@ def test_the_comparison_names_the_variable_missing_on_either_side():
         "| `EVENT_REPLAY_OUTBOX` |", "| `EVENT_REPLAY_NOBODY` | nothing |\n| `EVENT_REPLAY_OUTBOX` |"
     )
     read = dict(variables_read())
-    read["EVENT_REPLAY_DEAD_LETTERS__<…>"] = "replay_defs/x.py:1"  # a family another branch adds
+    read["EVENT_REPLAY_FUTURE__<…>"] = "replay_defs/x.py:1"  # a family nobody documented yet
     found = problems(read, documented(tampered))
     assert len(found) == 3, found
-    assert found[0].startswith("EVENT_REPLAY_DEAD_LETTERS__<…> is read by the code (replay_defs/x.py:1)")
-    assert "add a row `EVENT_REPLAY_DEAD_LETTERS__<PIPELINE>`" in found[0]
+    assert found[0].startswith("EVENT_REPLAY_FUTURE__<…> is read by the code (replay_defs/x.py:1)")
+    assert "add a row `EVENT_REPLAY_FUTURE__<PIPELINE>`" in found[0]
     assert found[1].startswith("EVENT_REPLAY_STAGING_DIR is read by the code (replay_defs/core/lake.py:")
     assert found[2].startswith("EVENT_REPLAY_NOBODY is in the env table of deploy/README.md but nothing reads it")
 
