@@ -58,7 +58,7 @@ def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinitio
     )
     def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        sink = open_sink(context.resources, spec.redrive.sink)
+        sink = open_sink(context.resources, spec.redrive.sink, config.dry_run)
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
         try:
             for day in context.partition_keys:
