@@ -193,14 +193,16 @@ def _remove_unfinished(lake: Path) -> None:
 
 
 def _move_into_place(staging: Path, lake: Path) -> None:
-    """Each staged file to its place in the lake; an existing file is never replaced."""
-    for src in sorted(staging.rglob("*.gz")):
-        dst = lake / src.relative_to(staging)
+    """Each staged file to its place in the lake; an existing file is never replaced (checked for
+    all first, so a refused generation adds nothing either)."""
+    moves = [(src, lake / src.relative_to(staging)) for src in sorted(staging.rglob("*.gz"))]
+    clash = next((dst for _, dst in moves if dst.exists()), None)
+    if clash is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FileExistsError(f"{clash} exists already: the demo generator never replaces a raw file")
+    for src, dst in moves:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)  # fails when `dst` exists, unlike a rename
-        except FileExistsError:
-            raise FileExistsError(f"{dst} exists already: the demo generator never replaces a raw file") from None
+        os.link(src, dst)  # fails when `dst` exists, unlike a rename
         src.unlink()
     shutil.rmtree(staging, ignore_errors=True)
     try:
