@@ -25,7 +25,11 @@ def register(sub) -> None:
 
 
 def _add_demo_commands(sub) -> None:
-    g = sub.add_parser("generate", help="write demo telemetry files with realistic faults")
+    kept = (
+        "Days the lake holds already (their truth is in <lake>/_demo/truth/) are kept as they were generated: only the "
+        "missing days are generated, and no raw file of another day is ever replaced. Delete the lake to regenerate."
+    )
+    g = sub.add_parser("generate", help="write demo telemetry files with realistic faults", description=kept)
     g.add_argument("--lake", default="data/lake", help="lake root (default data/lake)")
     g.add_argument("--start", default="2025-11-24", help="first day, YYYY-MM-DD")
     g.add_argument("--days", type=int, default=3)
@@ -34,7 +38,9 @@ def _add_demo_commands(sub) -> None:
     g.add_argument("--seed", type=int, default=7)
     g.set_defaults(fn=cmd_generate)
 
-    d = sub.add_parser("demo", help="generate demo data, backfill it, print per-day counts and checks")
+    d = sub.add_parser(
+        "demo", help="generate demo data, backfill it, print per-day counts and checks", description=kept
+    )
     d.add_argument("--start", default="2025-11-24")
     d.add_argument("--days", type=int, default=3)
     d.add_argument("--events-per-day", type=int, default=100_000)
