@@ -76,7 +76,7 @@ def build_redrive(spec: PipelineSpec, source_figures=None) -> dg.AssetsDefinitio
     )
     def redrive(context: dg.AssetExecutionContext, config: RedriveConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        sink = open_sink(context.resources, run_sink_spec(spec, config))
+        sink = open_sink(context.resources, run_sink_spec(spec, config), config.dry_run)
         handled: set[str] = set()  # a raw file holding events of two days is sent once per run
         try:
             for day in context.partition_keys:

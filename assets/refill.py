@@ -179,7 +179,7 @@ def build_refill_redrive(spec: RefillSpec) -> dg.AssetsDefinition:
     )
     def redrive(context: dg.AssetExecutionContext, config: DeliveryConfig) -> dg.MaterializeResult:
         the_lake = context.resources.lake.get()
-        sink = open_sink(context.resources, spec.redrive.sink)
+        sink = open_sink(context.resources, spec.redrive.sink, config.dry_run)
         try:
             for day in context.partition_keys:
                 files = committed_keys(the_lake, spec, day)

@@ -169,6 +169,8 @@ def _run(context: dg.OpExecutionContext, postgres: PostgresResource, work) -> dg
     """Run `work()` (returns a Report); log and report its outcome, including an emergency stop."""
     try:
         report = work()
+    except LookupError as exc:  # a missing table, exchange or event: the message says what to create or set
+        raise dg.Failure(str(exc)) from None
     except BaseException as exc:
         if not isinstance(exc, Exception):  # the run was cancelled: say what the audit recorded
             row = pe.audit_row(postgres.url, context.run_id)

@@ -19,6 +19,20 @@ INITIALIZED = ".event-replay-initialized"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
+# The embedded default's instance config. The pools get a limit as in production (deploy/dagster.yaml),
+# so the UI shows it instead of warning that a pool has no slots; at run granularity it is applied
+# when the daemon dequeues a UI launch, and a CLI run in this process claims no slot, so a run killed
+# hard (which never frees its slots on SQLite without run monitoring) cannot block the next command.
+EMBEDDED_DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+    granularity: run
+"""
+
+
 def ensure_dagster_home() -> Path:
     """A project-local SQLite instance unless DAGSTER_HOME says otherwise, its storage created
     once, under a lock: two first commands at once on a fresh home would otherwise both create
@@ -33,7 +47,7 @@ def ensure_dagster_home() -> Path:
         if not (home / INITIALIZED).exists():
             cfg = home / "dagster.yaml"
             if not cfg.exists():
-                cfg.write_text("telemetry:\n  enabled: false\n")
+                cfg.write_text(EMBEDDED_DAGSTER_YAML)
             import dagster as dg
 
             instance = dg.DagsterInstance.get()  # creates the run, event log and schedule storage

@@ -385,9 +385,9 @@ def test_generate_writes_hourly_gzip_files_and_truth(tmp_path):
     day = "2025-11-24"
     base = lake / "raw" / "json_telemetry" / "year=2025" / "month=11" / "day=24"
     for h in range(24):
-        name = base / f"hour={h:02d}" / f"telemetry-firehose-{day}-{h:02d}-000.gz"
+        name = base / f"hour={h:02d}" / f"telemetry-firehose-{day}-{h:02d}-000-gen20251124.gz"
         assert name.is_file(), name
-    truncated = base / "hour=12" / f"telemetry-firehose-{day}-12-truncated.gz"
+    truncated = base / "hour=12" / f"telemetry-firehose-{day}-12-truncated-gen20251124.gz"
     assert truncated.is_file()
 
     truth = read_truth(lake, day)

@@ -496,7 +496,8 @@ def test_dry_run_changes_nothing(location, table, rabbit, postgres_dsn):
         result, md = launch(
             defs, instance, job, {**config, "dry_run": True, "table": table, "exchange": rabbit["exchange"]}
         )
-        assert result.success and md["status"] == "dry_run" and md["published"] == 0 and md["changed"] == 5
+        assert result.success and md["status"] == "dry_run" and md["published"] == 0 and md["would_change"] == 5
+        assert "changed" not in md  # a dry run changes nothing and does not say it did
         assert md["selected_by_status"] == {"error": 5}
         assert pe.audit_row(postgres_dsn, result.run_id) is None
     assert rows(postgres_dsn, table) == before and queue_depth(rabbit) == 0

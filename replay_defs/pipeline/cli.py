@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import time
 from datetime import date, timedelta
-from pathlib import Path
 
 from replay_defs.cli_common import (
     days_between,
@@ -26,7 +25,11 @@ def register(sub) -> None:
 
 
 def _add_demo_commands(sub) -> None:
-    g = sub.add_parser("generate", help="write demo telemetry files with realistic faults")
+    kept = (
+        "Days the lake holds already (their truth is in <lake>/_demo/truth/) are kept as they were generated: only the "
+        "missing days are generated, and no raw file of another day is ever replaced. Delete the lake to regenerate."
+    )
+    g = sub.add_parser("generate", help="write demo telemetry files with realistic faults", description=kept)
     g.add_argument("--lake", default="data/lake", help="lake root (default data/lake)")
     g.add_argument("--start", default="2025-11-24", help="first day, YYYY-MM-DD")
     g.add_argument("--days", type=int, default=3)
@@ -35,7 +38,9 @@ def _add_demo_commands(sub) -> None:
     g.add_argument("--seed", type=int, default=7)
     g.set_defaults(fn=cmd_generate)
 
-    d = sub.add_parser("demo", help="generate demo data, backfill it, print per-day counts and checks")
+    d = sub.add_parser(
+        "demo", help="generate demo data, backfill it, print per-day counts and checks", description=kept
+    )
     d.add_argument("--start", default="2025-11-24")
     d.add_argument("--days", type=int, default=3)
     d.add_argument("--events-per-day", type=int, default=100_000)
@@ -278,20 +283,49 @@ def print_verdicts(verdicts: dict) -> None:
 
 
 def cmd_generate(args) -> None:
-    from replay_defs.jsonl_files.demo import DemoConfig, generate
+    from replay_defs.jsonl_files.demo import DemoConfig
 
     t0 = time.time()
-    generate(
-        args.lake,
-        DemoConfig(
-            start=date.fromisoformat(args.start),
-            days=args.days,
-            events_per_day=args.events_per_day,
-            files_per_hour=args.files_per_hour,
-            seed=args.seed,
-        ),
+    cfg = DemoConfig(
+        start=date.fromisoformat(args.start),
+        days=args.days,
+        events_per_day=args.events_per_day,
+        files_per_hour=args.files_per_hour,
+        seed=args.seed,
     )
-    print(f"wrote {args.days} days x {args.events_per_day:,} events to {args.lake}/ in {time.time() - t0:.1f}s")
+    runs = _generate_missing(args.lake, cfg)
+    if runs:
+        print(
+            f"wrote {sum(map(len, runs))} days x {args.events_per_day:,} events to {args.lake}/ in {time.time() - t0:.1f}s"
+        )
+
+
+def _generate_missing(lake: str, cfg) -> list[list[str]]:
+    """The demo days of `cfg` that are not in the lake yet, generated; says which days it keeps."""
+    from replay_defs.jsonl_files.demo import generate_missing, generated_days
+
+    days = [(cfg.start + timedelta(days=i)).isoformat() for i in range(cfg.days)]
+    kept = generated_days(lake, days)
+    if kept:
+        print(
+            f"   demo data for {_ranges(kept)} already in {lake}/, kept as it was generated (other days' files are never "
+            "replaced; delete the lake to regenerate them with other options)"
+        )
+    missing = [d for d in days if d not in kept]
+    if missing:
+        print(f"   generating {_ranges(missing)} ({cfg.events_per_day:,} events/day) into {lake}/ ...")
+    return generate_missing(lake, cfg)
+
+
+def _ranges(days: list[str]) -> str:
+    """`2025-11-20..2025-11-23, 2025-11-27` for sorted days."""
+    runs: list[list[str]] = []
+    for d in days:
+        if runs and date.fromisoformat(runs[-1][-1]) + timedelta(days=1) == date.fromisoformat(d):
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return ", ".join(r[0] if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
 
 
 def cmd_demo(args) -> None:
@@ -320,19 +354,12 @@ def cmd_demo(args) -> None:
 
 
 def _demo_data(args, lake_root: str) -> None:
-    """Demo telemetry in the lake, unless its first day is there already."""
-    if Path(lake_root, "_demo", "truth", f"day={args.start}.json").exists():
-        print(f"1. demo data already in {lake_root}/ (delete it to regenerate)")
-        return
-    print(
-        f"1. generating {args.days} days of demo telemetry ({args.events_per_day:,} events/day) into {lake_root}/ ..."
-    )
-    from replay_defs.jsonl_files.demo import DemoConfig, generate
+    """Demo telemetry in the lake for the days it does not hold yet."""
+    from replay_defs.jsonl_files.demo import DemoConfig
 
-    generate(
-        lake_root,
-        DemoConfig(start=date.fromisoformat(args.start), days=args.days, events_per_day=args.events_per_day),
-    )
+    print("1. demo data")
+    cfg = DemoConfig(start=date.fromisoformat(args.start), days=args.days, events_per_day=args.events_per_day)
+    _generate_missing(lake_root, cfg)
 
 
 def _demo_bug_story(bad: str, lake_root: str) -> None:

@@ -148,6 +148,16 @@ def _add_repair_commands(pe_sub) -> None:
     p.add_argument("--yes", action="store_true", help="confirm: the purged messages are gone for good")
     _add_audit_options(p, dry_run=False)
 
+    p = pe_sub.add_parser(
+        "create-table",
+        help="create an empty events table with the seed's columns, to try the replays (production has its own)",
+        description="CREATE TABLE IF NOT EXISTS the seed's processed_events table in EVENT_REPLAY_POSTGRES_URL's database.",
+    )
+    p.add_argument(
+        "--table", default="processed_events", help="table, optionally schema.table (default processed_events)"
+    )
+    p.set_defaults(fn=cmd_create_table)
+
 
 def _add_audit_options(p, dry_run: bool = True) -> None:
     required = "required unless --dry-run" if dry_run else "required"
@@ -274,9 +284,20 @@ def cmd_processed_events(args) -> None:
     exit_if_failed(result)
 
 
+def cmd_create_table(args) -> None:
+    from replay_defs.core import connect
+    from replay_defs.definitions import defs
+    from replay_defs.processed_events import engine as pe
+
+    url = resolve(defs.resources["postgres"].url)
+    with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
+        pe.create_processed_events_table(conn, args.table)
+        print(redact(f"table {args.table} is in database {conn.info.dbname!r} ({url})"))
+
+
 def _print_counts(md: dict, run_id: str, table: str) -> None:
     """The op's counts and, when it changed rows, their snapshot and how to undo it."""
-    print("  " + " ".join(f"{k}={md[k]}" for k in pe.COUNTS if k in md))
+    print("  " + " ".join(f"{k}={md[k]}" for k in (*pe.COUNTS, "would_change") if k in md))
     print(
         f"  status={md.get('status')} forced={md.get('forced')} selected_by_status={json.dumps(md.get('selected_by_status'))}"
     )
@@ -312,4 +333,9 @@ def _print_failure(result) -> None:
             print(f"  dead letters: {pe.dead_letter_location(result.run_id)}")
     for event in failed_steps(result):  # the error, without Dagster's stack trace (that is in the run's log)
         error = event.step_failure_data.error
-        print(redact(f"  {error.message.strip() if error else event.message}"), file=sys.stderr)
+        while error is not None and error.cause is not None:  # the op's own exception, not Dagster's wrapper
+            error = error.cause
+        message = error.message.strip() if error else event.message
+        if error and error.cls_name == "Failure":  # the op's own words, without the class name
+            message = message.split(": ", 1)[-1]
+        print(redact(f"  {message}"), file=sys.stderr)

@@ -111,6 +111,20 @@ def create_processed_events_table(conn, table: str = "processed_events") -> None
     )
 
 
+def require_table(conn, table: str, url: str) -> None:
+    """Fail with what is missing, and where, when the events table does not exist."""
+    if conn.execute("SELECT to_regclass(%s)", [table_identifier(table).as_string(conn)]).fetchone()[0] is not None:
+        return
+    raise LookupError(
+        redact(
+            f"table {table!r} does not exist in database {conn.info.dbname!r} ({url}, EVENT_REPLAY_POSTGRES_URL): "
+            "point EVENT_REPLAY_POSTGRES_URL at the database that holds the events table, or name it (--table, "
+            "launchpad config `table`, schema.table allowed); to try the replay, "
+            f"`event-replay processed-events create-table --table {table}` creates an empty one with the seed's columns"
+        )
+    )
+
+
 # The bookkeeping tables next to the events, created on first use.
 AUDIT_DDL = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
@@ -383,6 +397,7 @@ class Report:
     selected: int = 0  # rows matching the selection when the replay started
     published: int = 0  # confirmed by the broker (and moved to the new status)
     changed: int = 0  # rows whose status this run changed (= published when publishing)
+    would_change: int = 0  # a dry run's plan: rows a replay would change (a dry run changes none)
     forced_count: int = 0  # processed/pending rows replayed because of force
     skipped_processed: int = 0
     skipped_pending: int = 0
@@ -408,7 +423,9 @@ class Report:
         return self.forced_count > 0
 
     def counts(self) -> dict:
-        return {k: getattr(self, k) for k in COUNTS}
+        """The counts in COUNTS' order; a dry run's plan says `would_change` where a replay says `changed`."""
+        names = ("would_change" if self.dry_run and k == "changed" else k for k in COUNTS)
+        return {k: getattr(self, k) for k in names}
 
 
 def _failure_reason(err: str) -> str:
@@ -774,14 +791,19 @@ def replay(
     progress_every_s: float = 5.0,
     queue_depths: QueueDepths | None = None,
 ) -> Report:
-    """Replay the selected rows (see the module docstring). `exchange`: `publish(routing_key, body,
-    message_id, headers) -> None | error` (`sinks.rabbitmq.RabbitMQSink`); `publish=False` only changes
-    statuses. `queue_depths` is measured before publishing (a missing queue fails then) and at the end."""
+    """Replay the selected rows (see the module docstring). `exchange`: an object with
+    `publish(routing_key, body, message_id, headers) -> None | error` and `require_exchange()`
+    (`sinks.rabbitmq.RabbitMQSink`); a missing table or exchange fails before any row is selected;
+    `publish=False` only changes statuses (the stuck reset to `error`). `queue_depths` is measured
+    before publishing (a missing queue fails then) and at the end."""
     _check_replay_arguments(batch_size, rate_limit, new_status, publish, exchange, dry_run)
     table_identifier(table)
     report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
     t0 = time.monotonic()
     with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
+        require_table(conn, table, url)
+        if publish and exchange is not None and not dry_run:
+            exchange.require_exchange()
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
         if selection.kind == "one" and not report.selected:
             raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
@@ -789,7 +811,7 @@ def replay(
         replayable = _replayable_statuses(selection, force)
         if dry_run:
             report.status = "dry_run"
-            report.changed = sum(n for s, n in report.by_status.items() if s in replayable)
+            report.would_change = sum(n for s, n in report.by_status.items() if s in replayable)
             report.seconds = time.monotonic() - t0
             return report
         ensure_replay_tables(conn)

@@ -3,6 +3,7 @@ generate). Connections come from the environment or from `--...-url-file`s, neve
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -106,6 +107,36 @@ def _definitions():
     return build_definitions()
 
 
+def _require_redis(defs, args, used: bool = True) -> None:
+    """Say on stderr which Redis holds the markers (password masked); when the command uses it,
+    fail at once if it does not answer, saying what to set."""
+    from replay_defs.core import connect
+
+    url = resolve(defs.resources["projection_replay"].redis_url)
+    if getattr(args, "redis_url_file", None):
+        source = f"from {args.redis_url_file}"
+    elif os.environ.get("EVENT_REPLAY_REDIS_URL"):
+        source = "EVENT_REPLAY_REDIS_URL"
+    else:
+        source = "the default: EVENT_REPLAY_REDIS_URL is unset"
+    print(
+        redact(f"Redis for the markers: {url} ({source}){'' if used else '; a dry run does not use it'}"),
+        file=sys.stderr,
+    )
+    if not used:
+        return
+    try:
+        with connect.redis(url, socket_connect_timeout=3, socket_timeout=3) as r:
+            r.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to answer: say which Redis and what to set
+        raise SystemExit(
+            redact(
+                f"Redis at {url} does not answer ({type(exc).__name__}: {exc}): set EVENT_REPLAY_REDIS_URL, or "
+                "--redis-url-file PATH (a file holding the URL), to the Redis your live consumers use for the markers"
+            )
+        ) from None
+
+
 def _projection(name: str):
     from replay_defs.projection_replay.engine import get_projection
 
@@ -141,6 +172,7 @@ def cmd_projections_replay(args) -> None:
 
     defs = _definitions()
     p = _projection(args.projection)
+    _require_redis(defs, args, used=not args.dry_run)
     until = args.until or datetime.now(timezone.utc).date().isoformat()
     days = days_between(args.since, until)
     config = {
@@ -206,6 +238,7 @@ def cmd_projections_cleanup(args) -> None:
     ensure_dagster_home()
     defs = _definitions()
     _projection(args.projection)
+    _require_redis(defs, args)
     config = {
         "projection": args.projection,
         "tenant": args.tenant_id or "",

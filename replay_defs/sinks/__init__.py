@@ -18,7 +18,7 @@ import importlib
 import pkgutil
 from functools import cache
 
-from replay_defs.sinks.base import DeadLetterProbe, Sink, SinkType
+from replay_defs.sinks.base import DeadLetterProbe, PlanOnlySink, Sink, SinkType
 
 
 @cache
@@ -44,9 +44,12 @@ def sink_type(spec) -> SinkType:
     return entry
 
 
-def open_sink(resources, spec) -> Sink:
-    """The sender for `spec`, from its resource among `resources` (a Dagster context's resources)."""
+def open_sink(resources, spec, dry_run: bool = False) -> Sink:
+    """The sender for `spec`, from its resource among `resources` (a Dagster context's resources).
+    A dry run gets a sender that connects to nothing: a plan needs no broker."""
     entry = sink_type(spec)
+    if dry_run:
+        return PlanOnlySink(spec.name)
     return entry.open(getattr(resources, entry.resource_key), spec)
 
 

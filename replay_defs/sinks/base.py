@@ -70,6 +70,19 @@ class Sink(Protocol):
         """Release connections."""
 
 
+class PlanOnlySink:
+    """A dry run's sink: the ledger's name of the target, no connection, nothing can be sent."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def deliver(self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False) -> list:
+        raise RuntimeError(f"a dry run sends nothing ({self.name})")
+
+    def close(self) -> None:
+        pass
+
+
 class SinkSpec(Protocol):
     """A sink as a pipeline declares it (`RedriveSpec(sink=...)`): a frozen dataclass whose `kind`
     names its registry entry and whose `name` is the ledger's name for the target."""

@@ -135,6 +135,38 @@ class RabbitMQSink:
             self._drop_connection()
             return redact(f"connection: {type(exc).__name__}: {exc}")
 
+    def require_exchange(self) -> None:
+        """Fail before anything is selected or sent when the broker is unreachable or the exchange
+        is missing, saying what to set or create (publishing to a missing exchange closes the
+        channel with NOT_FOUND only at the first message)."""
+        import pika
+
+        if not self.exchange:  # the default exchange always exists
+            return
+        where = redact(self.url)
+        try:
+            conn = connect.rabbitmq(self.url, connection_attempts=1, socket_timeout=5)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise ConnectionError(
+                redact(
+                    f"RabbitMQ at {where} is unreachable ({type(exc).__name__}: {exc}): set EVENT_REPLAY_RABBITMQ_URL"
+                )
+            ) from None
+        try:
+            conn.channel().exchange_declare(self.exchange, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            raise LookupError(
+                f"RabbitMQ exchange {self.exchange!r} does not exist on {where}: messages are published to it with the "
+                f"event type as routing key, so create it as a durable topic exchange, e.g. "
+                f"`rabbitmqadmin declare exchange name={self.exchange} type=topic durable=true`, "
+                "or name the existing one (--exchange, launchpad config `exchange`)"
+            ) from None
+        finally:
+            if conn.is_open:
+                conn.close()
+
     def _drop_connection(self) -> None:
         conn, self._connection = self._connection, None
         if conn is not None and conn.is_open:
