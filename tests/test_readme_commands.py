@@ -103,6 +103,18 @@ NOT_RUN = {
         PROCESSED_EVENTS
     ),
     './dev event-replay processed-events undo "$RUN_ID" --reason "wrong window"': PROCESSED_EVENTS,
+    "./dev event-replay processed-events replay-payload --payload "
+    "contribution_id=123e4567-e89b-12d3-a456-426614174000 --dry-run": PROCESSED_EVENTS,
+    "./dev event-replay processed-events replay-failed --payload contribution_id=123e4567-e89b-12d3-a456-426614174000 "
+    '--watch-queue habitat-worker --reason "INC-42"': PROCESSED_EVENTS,
+    './dev event-replay processed-events purge "$RUN_ID" --queue habitat-worker --yes --reason "INC-43: bad replay"': (
+        PROCESSED_EVENTS
+    ),
+    './dev event-replay billing status "$RUN_ID" --wait --timeout 3600': (
+        "follows a run `billing reprocess --submit` queued for a daemon (tests/test_billing_operations.py)"
+    ),
+    "./dev event-replay refill --source access_logs --location s3://my-logs/langfuse/ "
+    "--start 2025-07-09T00:30:00 --end 2025-07-09T07:45:00": "reads S3 and enqueues into Redis",
     "./dev event-replay projections replay --projection aggregate_state --tenant-id project_abc123 "
     "--since 2025-06-01 --until 2025-06-03 --batch-size 10000 --aggregate-batch 2000 --concurrency 4": (
         "needs Redis for the markers (tests/test_projection_replay.py)"
