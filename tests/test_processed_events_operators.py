@@ -114,7 +114,7 @@ def test_payload_fields_select_one_contributions_events_and_are_anded(location, 
     assert result.success and md["status"] == "dry_run"
     assert md["selection"] == {"kind": "payload", "payload": {"contribution_id": A}}
     assert md["selected"] == 3 and md["selected_by_status"] == {"error": 1, "pending": 1, "processed": 1}
-    assert md["changed"] == 1 and queue_depth(rabbit) == 0
+    assert md["would_change"] == 1 and "changed" not in md and queue_depth(rabbit) == 0
     result, md = launch(
         defs, instance, "processed_events_replay_payload", {**common, "payload": {"contribution_id": A}}
     )
