@@ -134,15 +134,14 @@ def test_backfill_through_the_webserver_on_postgres(lake_kind, env, tmp_path, po
                 } == set(), (asset, name, ranges)
                 covered = {r["startKey"] for r in ranges} | {r["endKey"] for r in ranges}
                 assert DAYS[0] >= min(covered) and DAYS[-1] <= max(covered), (asset, name, ranges)
-        # Dagster's asset backfill follows the event-time mapping downstream: raw days 24-25 feed
-        # parsed days 23-26 (early and late events), so those are rebuilt and verified too.
+        # Days map one to one (partitions/): the backfill built exactly the days picked, no neighbour.
         for day in ("2025-11-23", "2025-11-26"):
             got = graphql(
                 web,
                 CHECKS,
                 {"key": {"path": ["telemetry", "parsed_events"]}, "name": "raw_lines_accounted_for", "partition": day},
             )
-            assert [e["status"] for e in got["assetCheckExecutions"]][:1] == ["SUCCEEDED"], (day, got)
+            assert got["assetCheckExecutions"] == [], (day, got)
     finally:
         for proc in procs.values():
             try:

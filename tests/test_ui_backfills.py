@@ -210,3 +210,82 @@ def test_projection_replay_backfill_from_the_ui(ui):
     )
     assert set(counted) == set(PROJECTION_DAYS), counted
     assert stored == counted and sum(counted.values()) == 380, (stored, counted)  # 400 less every 20th (another tenant)
+
+
+STALE = """
+query($key: AssetKeyInput!, $p: [String!]!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+  staleStatusByPartition(partitions: $p)
+  staleCausesByPartition(partitions: $p) { key { path } partitionKey category reason dependency { path } dependencyPartitionKey } } } }"""
+PREVIEW = """
+query($p: [String!]!, $keys: [AssetKeyInput!]!) { assetBackfillPreview(params: {partitionNames: $p, assetSelection: $keys}) {
+  assetKey { path } partitions { partitionKeys ranges { start end } } } }"""
+
+
+TELEMETRY = [["telemetry", a] for a in ("raw_events", "parsed_events", "projections", "redrive")]
+JOB = {"repositoryLocationName": "event-replay", "repositoryName": "__repository__"}
+
+
+def preview(web: str, assets: list[list[str]], days: list[str]) -> dict[tuple, set]:
+    """What the dialog's *Preview* shows: per asset, the (first, last) day ranges it will build."""
+    got = graphql(web, PREVIEW, {"p": days, "keys": [{"path": k} for k in assets]})["assetBackfillPreview"]
+    return {tuple(p["assetKey"]["path"]): {(r["start"], r["end"]) for r in p["partitions"]["ranges"]} for p in got}
+
+
+def materialized(web: str, key: list[str]) -> set:
+    """The asset's materialized day ranges, as its Partitions tab shows them."""
+    got = graphql(
+        web,
+        """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode { assetPartitionStatuses {
+             ... on TimePartitionStatuses { ranges { startKey endKey status } } } } } }""",
+        {"key": {"path": key}},
+    )["assetNodeOrError"]["assetPartitionStatuses"]["ranges"]
+    return {(r["startKey"], r["endKey"]) for r in got if r["status"] == "MATERIALIZED"}
+
+
+def stale(web: str, key: list[str], days: list[str]) -> dict[str, tuple]:
+    """Per day: the UI's stale status ("Unsynced" when STALE) and the assets it names as the cause."""
+    got = graphql(web, STALE, {"key": {"path": key}, "p": days})["assetNodeOrError"]
+    return {
+        d: (status, {(tuple(c["key"]["path"]), c["partitionKey"]) for c in causes})
+        for d, status, causes in zip(days, got["staleStatusByPartition"], got["staleCausesByPartition"])
+    }
+
+
+def test_the_telemetry_job_backfill_builds_what_its_preview_shows(ui):
+    web, days = ui["web"], ["2025-11-24", "2025-11-25"]  # the 26th has the demo's WARN (late_events_within_window)
+    shown = preview(web, TELEMETRY, days)
+    assert shown == {tuple(k): {(days[0], days[-1])} for k in TELEMETRY}, shown
+    # The telemetry_replay job's *Materialize…* dialog launches a job backfill of its partition set.
+    backfill_id = launch(
+        web,
+        {
+            "selector": {"partitionSetName": "telemetry_replay_partition_set", "repositorySelector": JOB},
+            "assetSelection": [{"path": k} for k in TELEMETRY],
+            "partitionNames": days,
+            "fromFailure": False,
+        },
+    )
+    wait_backfill(web, backfill_id, lambda: None, lambda: Path(ui["log"]).read_text()[-4000:])
+    assert {tuple(k): materialized(web, k) for k in TELEMETRY} == shown
+    for key in TELEMETRY:
+        assert_checks_passed(web, key, days)
+
+
+def test_a_backfill_of_parsed_events_alone_shows_what_it_left_stale(ui):
+    web, day, other = ui["web"], "2025-11-25", "2025-11-24"
+    backfill(ui, TELEMETRY, [day], {})
+    assert {d: s[0] for d, s in stale(web, TELEMETRY[2], [day]).items()} == {day: "FRESH"}
+    # What the README's "open telemetry/parsed_events, Materialize…" launches, and its preview.
+    assert preview(web, [TELEMETRY[1]], [day]) == {tuple(TELEMETRY[1]): {(day, day)}}
+    backfill(ui, [TELEMETRY[1]], [day], {})
+    assert_checks_passed(web, TELEMETRY[1], [day])
+    cause = {(tuple(TELEMETRY[1]), day)}
+    for key in (TELEMETRY[2], TELEMETRY[3]):  # projections and redrive: "Unsynced", naming the new parsed day
+        assert stale(web, key, [day])[day] == ("STALE", cause), key
+        assert stale(web, key, [other])[other][0] != "STALE", key  # only the day rebuilt
+    assert stale(web, TELEMETRY[1], [day])[day][0] == "FRESH"
+    # The rest of the day's replay (what the README's selection does at once): in sync again.
+    backfill(ui, TELEMETRY[2:], [day], {})
+    for key in TELEMETRY[1:]:
+        assert stale(web, key, [day])[day] == ("FRESH", set()), key
+        assert_checks_passed(web, key, [day])
