@@ -284,3 +284,34 @@ def test_a_backfill_of_parsed_events_alone_shows_what_it_left_stale(ui):
     for key in TELEMETRY[1:]:
         assert stale(web, key, [day])[day] == ("FRESH", set()), key
         assert_checks_passed(web, key, [day])
+
+
+def test_the_materialize_dialog_of_a_job_takes_config_for_its_backfill(ui):
+    """In a real browser: a job page's *Materialize…* opens the days dialog with a *Config* section
+    (its *Add config* is where the runConfigData above comes from); on an asset whose config is
+    required, *Materialize…* opens the one-run launchpad instead (README, The Dagster UI)."""
+    from playwright.sync_api import expect, sync_playwright
+    from test_browser import ARTIFACTS, CHROMIUM_ARGS
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
+        page.goto(f"{ui['web']}/locations/event-replay/jobs/ingestion_refill_replay", wait_until="networkidle")
+        page.get_by_role("button", name="Materialize all").click()
+        dialog = page.get_by_role("dialog")
+        expect(dialog.get_by_text("Partition selection")).to_be_visible(timeout=60_000)
+        dialog.get_by_text("Config", exact=True).click()
+        expect(dialog.get_by_text("Config will be applied to all backfill runs")).to_be_visible()
+        dialog.get_by_role("button", name="Add config").click()  # a launchpad whose config the backfill keeps
+        expect(page.get_by_role("button", name="Save config")).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "refill-job-backfill-config.png"), full_page=True)
+        page.goto(f"{ui['web']}/assets/ingestion_refill/event_keys", wait_until="networkidle")
+        page.get_by_text("Materialize…", exact=True).first.click()
+        # One run, one partition: the launchpad with its single "Partition" field, no days dialog.
+        expect(page.get_by_text("Launchpad (configure assets)")).to_be_visible(timeout=60_000)
+        expect(page.get_by_placeholder("Partition")).to_be_visible()
+        expect(page.get_by_text("Partition selection")).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / "refill-asset-launchpad.png"), full_page=True)
+        browser.close()
