@@ -23,7 +23,7 @@ import pytest
 import redis
 from conftest import PROJECT_ROOT
 from services import Tansu, dagster_dev, graphql, scratch_database
-from ui_backfills import assert_checks_passed, launch, wait_backfill
+from ui_backfills import FINISHED, assert_checks_passed, launch, wait_backfill, wait_for
 
 BILLING_DAYS = ["2024-03-04", "2024-03-05"]
 BILLING_ROWS = 200  # per day
@@ -315,3 +315,32 @@ def test_the_materialize_dialog_of_a_job_takes_config_for_its_backfill(ui):
         expect(page.get_by_text("Partition selection")).to_have_count(0)
         page.screenshot(path=str(ARTIFACTS / "refill-asset-launchpad.png"), full_page=True)
         browser.close()
+
+
+def test_a_backfill_without_the_required_config_fails_naming_it(ui):
+    """The days dialog does not stop a job backfill whose config misses a required key: the backfill
+    fails at once, its error (shown on the backfill's page) naming the key and where it goes."""
+    params = {
+        "assetSelection": [{"path": ["projection_replay", "tenant_daily_event_counts"]}],
+        "partitionNames": PROJECTION_DAYS[:1],
+        "selector": {"partitionSetName": "projection_replay_partition_set", "repositorySelector": REPOSITORY},
+        "fromFailure": False,
+    }
+    backfill_id = launch(ui["web"], params)
+    got = {}
+
+    def done():
+        got.update(
+            graphql(
+                ui["web"],
+                """query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill {
+                     status error { message } } } }""",
+                {"id": backfill_id},
+            )["partitionBackfillOrError"]
+        )
+        return got["status"] in FINISHED
+
+    wait_for(done, lambda: None, "backfill", 300)
+    assert got["status"] in ("FAILING", "FAILED"), got
+    message = got["error"]["message"]
+    assert "DagsterInvalidConfigError" in message and "'tenant'" in message, message
