@@ -1,11 +1,15 @@
-"""Partition definitions: one daily (UTC) partitioning per pipeline, and the event-time mapping.
+"""Partition definitions: one daily (UTC) partitioning per pipeline.
 
-Raw files are partitioned by the day they *arrived*; parsed events by their *event time*. An
-event that arrived at 23:59 stamped with the next day belongs to the next day's partition, so
-parsed day D depends on raw days D-1, D and D+1 (as far as the pipeline's lateness allows).
+Raw files are partitioned by the day they *arrived*; parsed events by their *event time*. An event
+that arrived at 23:59 stamped with the next day belongs to the next day's partition, so parsed day D
+reads the raw files of D and those of D-1 and D+1 within the pipeline's lateness window. That reading
+is the parsed asset's own (it lists the neighbours' files when it builds, and records them for its
+`raw_files_current` check); in Dagster's graph, parsed_events[D] depends on raw_events[D] alone
+(identity mapping), so a backfill rebuilds exactly the days picked, for every asset, and the UI's
+backfill preview shows what a job backfill launches. A -1..+1 mapping made asset backfills of raw
+day D also rebuild parsed D-1 and D+1 (but not their redrive), and the preview promise days a job
+backfill never builds.
 """
-
-from datetime import timedelta
 
 import dagster as dg
 
@@ -14,12 +18,3 @@ from replay_defs.pipeline.spec import PipelineSpec
 
 def daily_partitions(spec: PipelineSpec) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(start_date=spec.start_date, timezone="UTC")
-
-
-def event_time_mapping(spec: PipelineSpec) -> dg.TimeWindowPartitionMapping:
-    """parsed_events[D] <- raw_events[D-1 .. D+1]: early arrivals come the day before, late ones after."""
-    return dg.TimeWindowPartitionMapping(
-        start_offset=-1 if spec.lateness.early > timedelta(0) else 0,
-        end_offset=1 if spec.lateness.late > timedelta(0) else 0,
-        allow_nonexistent_upstream_partitions=True,
-    )

@@ -29,7 +29,6 @@ from assets.parsed import (
     shrink_metadata,
     staged_quarantine,
 )
-from partitions import event_time_mapping
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, RAW, manifest_name, owner
 from replay_defs.jsonl_files.demo import PacificClockDecoder
@@ -294,9 +293,8 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
         spec,
         PARSED,
         pool=pipeline_pool(spec),
-        ins={
-            "raw": dg.AssetIn(asset_key(spec, RAW), partition_mapping=event_time_mapping(spec), dagster_type=dg.Nothing)
-        },
+        # parsed[D] <- raw[D]: the neighbours' files in the lateness window are read by file_tasks (partitions/).
+        deps=[asset_key(spec, RAW)],
         kinds={"parquet"},
         description=(
             f"Events by event-time day as Parquet under `{spec.parsed_prefix}/type=<t>/day=<d>/`, each row "
