@@ -126,6 +126,7 @@ def sensor_name(system_name: str, source: DeadLettersSpec) -> str:
     return f"{system_name}__dlq_{source.kind}_{re.sub(r'[^A-Za-z0-9_]', '_', source.name)}"
 
 
+# long: the tick is one closure over its source, system and launch options
 def build_dead_letter_sensor(system, source: DeadLettersSpec, options: dict | None = None) -> dg.SensorDefinition:
     """The DLQ sensor of `source` for `system`: a PipelineSpec, a RefillSpec or PROCESSED_EVENTS.
     `options`: its launch options (`launch_options`); raises ValueError for what cannot work."""

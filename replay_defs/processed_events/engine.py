@@ -765,6 +765,20 @@ def _audited(
                     raise
 
 
+def _require_targets(conn, table: str, url: str, exchange) -> None:
+    """The table, and the exchange when one will be published to, exist (else a clear error)."""
+    require_table(conn, table, url)
+    if exchange is not None:
+        exchange.require_exchange()
+
+
+def _dry_run_report(report: Report, replayable, t0: float) -> Report:
+    report.status = "dry_run"
+    report.would_change = sum(n for s, n in report.by_status.items() if s in replayable)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
 # Ready messages per watched queue (`queue_depths` bound to the broker and the queues).
 QueueDepths = Callable[[], dict[str, int]]
 
@@ -801,19 +815,14 @@ def replay(
     report = Report(run_id, action or selection.kind, table, selection.describe(), dry_run=dry_run, force=force)
     t0 = time.monotonic()
     with connect.postgres(url, autocommit=True, connect_timeout=10) as conn:
-        require_table(conn, table, url)
-        if publish and exchange is not None and not dry_run:
-            exchange.require_exchange()
+        _require_targets(conn, table, url, exchange if publish and not dry_run else None)
         report.selected, report.by_status, report.by_type = _plan(conn, table, selection)
         if selection.kind == "one" and not report.selected:
             raise LookupError(f"no event with event_id {selection.event_id!r} in {table}")
         report.queue_depth_before = queue_depths() if queue_depths else None  # a missing queue fails here
         replayable = _replayable_statuses(selection, force)
         if dry_run:
-            report.status = "dry_run"
-            report.would_change = sum(n for s, n in report.by_status.items() if s in replayable)
-            report.seconds = time.monotonic() - t0
-            return report
+            return _dry_run_report(report, replayable, t0)
         ensure_replay_tables(conn)
         report.snapshot = snapshot_location(run_id)
         _audit_start(conn, report, requested_by, reason, exchange_name if publish else None)
