@@ -63,7 +63,8 @@ def publish_parsed_day(
         current = parsed_state(lake, spec, day)
         staged = lake.new_staging(own, day)
         stats = build(staged)
-        stats.update(previous=shrink_baseline(spec, current), allow_shrink=allow_shrink)
+        baseline = same_selection_state(lake, spec, day, current, stats.get("selection"))
+        stats.update(previous=shrink_baseline(spec, baseline), allow_shrink=allow_shrink)
         only = {TYPE: only_type} if only_type else None
         if only:
             keep_only(staged, spec, only_type)
@@ -189,6 +190,18 @@ def take_out_file(lake: Lake, spec: PipelineSpec, day: str, rel: str, run_id: st
 def staged_quarantine(staged: Path, spec: PipelineSpec, day: str) -> Path:
     """Where a staged version holds the day's one quarantine file."""
     return staged / quarantine_table(spec) / f"day={day}" / "quarantine.parquet"
+
+
+def same_selection_state(lake: Lake, spec: PipelineSpec, day: str, current, selection) -> DayState | None:
+    """The day's latest version built from the same `selection` (a table source's filters and time
+    window; None for file sources): one customer's slice of a billing day is no shrink of the
+    tenant's whole day, nor the whole day a growth of the slice, so each compares with its own kind."""
+    if current is None or current.stats.get("selection") == selection:
+        return current
+    for state in lake.day_states(owner(spec, PARSED), day, spec.parsed_prefix):
+        if state.stats.get("selection") == selection:
+            return state
+    return None
 
 
 def shrink_baseline(spec: PipelineSpec, state) -> dict | None:

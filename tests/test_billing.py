@@ -444,6 +444,23 @@ def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_los
         assert not passed and "not delivered according to the ledger" in description and "e04" in description
 
 
+def test_a_narrower_selection_is_no_shrink_and_the_whole_day_compares_with_the_whole(billing):
+    """One customer's slice of a day the tenant's run built before is not a shrink of it (the
+    README's billing example); the tenant's next run compares with the tenant's last version, not
+    with the slice, so rows lost from the table are still caught."""
+    spec, tenant = billing["spec"], {"tenant": "acme", "environment": "prod"}
+    with dg.instance_for_test(temp_dir=str(billing["home"])) as instance:
+        assert _run(spec, instance, DAY1, DAY1, raw=tenant).success
+        narrowed = _run(spec, instance, DAY1, DAY1, raw={**tenant, "customer": "cust-a", "event_name": "llm_call"})
+        assert narrowed.success, check_verdicts(narrowed)
+        assert check_verdicts(narrowed)[("no_unconsented_shrink", DAY1)] is True
+        with ClickHouse(data_path=os.environ["EVENT_REPLAY_CHDB"], database=billing["database"]) as ch:
+            ch.command("ALTER TABLE raw_events DELETE WHERE id IN ('e01', 'e02', 'e03') SETTINGS mutations_sync = 2")
+        whole = _run(spec, instance, DAY1, DAY1, raw=tenant)
+        assert not whole.success
+        assert check_verdicts(whole)[("no_unconsented_shrink", DAY1)] is False
+
+
 def build_and_run_with_consent(spec, instance, raw):
     from replay_defs.definitions import build_definitions
 

@@ -145,8 +145,8 @@ def dead_letters_from_env(
         if not var.startswith(DEAD_LETTERS_ENV_PREFIX):
             continue
         if var not in by_var:
-            names = ", ".join(systems)
-            raise DeclarationError(f"{var} names no served system; the systems are {names}")
+            names = ", ".join(dead_letters_var(n) for n in systems)
+            raise DeclarationError(f"{var} names no served system (the name is upper case): set one of {names}")
         name = by_var[var]
         try:
             sources = tuple(dead_letters_from_text(part, systems[name]) for part in text.split(",") if part.strip())
@@ -175,7 +175,9 @@ def dead_letters_from_text(text: str, launch: Mapping[str, tuple[type, object]])
     given: set[str] = set()
     for option in filter(None, query.split("&")):
         key, eq, raw = option.partition("=")
-        if not eq or key in given or (key not in own and key not in launch):
+        if key in given:
+            raise _Bad("", f"option {key!r} is given twice")
+        if not eq or (key not in own and key not in launch):
             raise _Bad(
                 "", f"{option!r} is not an option of this dead-letter source (options: {', '.join([*own, *launch])})"
             )

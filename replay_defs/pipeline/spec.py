@@ -331,15 +331,16 @@ class DeadLettersSpec:
 
     def __post_init__(self) -> None:
         if self.kind != "postgres" and self.kind not in dead_letter_readers():
-            raise ValueError(f"unknown dead-letter kind {self.kind!r}")
+            kinds = ", ".join(sorted(["postgres", *dead_letter_readers()]))
+            raise ValueError(f"unknown dead-letter kind {self.kind!r} (kinds: {kinds})")
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", self.name):
             raise ValueError(f"{self.name!r} is not a valid dead-letter source name")
         if self.kind == "postgres":
             for ident_ in (self.name, self.status_column, self.time_field or "x"):
                 if not SAFE_NAME.fullmatch(ident_):
                     raise ValueError(f"{ident_!r} is not a safe SQL identifier")
-        if self.growth < 0 or self.window_s <= 0 or self.peek <= 0:
-            raise ValueError("growth must be >= 0, window_s and peek > 0")
+        if self.growth < 0 or self.window_s <= 0 or self.peek <= 0 or self.interval_s <= 0:
+            raise ValueError("growth must be >= 0, window_s, peek and interval_s > 0")
 
     @property
     def label(self) -> str:

@@ -95,7 +95,10 @@ def _payload_pair(text: str) -> tuple[str, str]:
     field, sep, value = text.partition("=")
     if not sep or not field:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE, e.g. contribution_id=123e4567-...")
-    pe.payload_fields({field: value})  # a bad field name is refused here, with the reason
+    try:
+        pe.payload_fields({field: value})  # a bad field name is refused here, with the reason
+    except ValueError as e:  # argparse shows only an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from e
     return field, value
 
 
