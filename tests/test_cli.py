@@ -12,6 +12,7 @@ from datetime import date
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from conftest import (
     DEMO_DAYS,
     PROJECT_ROOT,
@@ -417,6 +418,20 @@ def test_generate_writes_hourly_gzip_files_and_truth(tmp_path):
             if valid_event(ev, line) and ev["ts"].startswith(day) and arrival_day in ("23", "24", "25"):
                 ids_by_type[ev["type"]].add(ev["event_id"])
     assert {t: len(ids) for t, ids in ids_by_type.items()} == truth
+
+
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        (["--start", "2025-02-30"], "argument --start: '2025-02-30' is not a day (YYYY-MM-DD)"),
+        (["--events-per-day", "10"], "argument --events-per-day: 10 is below 24"),
+        (["--days", "0"], "argument --days: 0 is below 1"),
+    ],
+)
+def test_generate_refuses_options_that_would_write_nothing_or_crash(tmp_path, option, says):
+    proc = cli("event-replay", "generate", "--lake", str(tmp_path / "gen"), *option)
+    assert proc.returncode == 2 and says in proc.stderr, show(proc)
+    assert not (tmp_path / "gen").exists()
 
 
 def test_first_commands_at_once_on_a_fresh_home_leave_it_usable(tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from datetime import date, timedelta
@@ -24,6 +25,30 @@ def register(sub) -> None:
     _add_day_commands(sub)
 
 
+def _day(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+
+
+def _at_least(least: int):
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least:,}")
+        return value
+
+    return number
+
+
+# The generator spreads a day's events over its 24 hours: fewer than one per hour writes none.
+EVENTS_PER_DAY = _at_least(24)
+
+
 def _add_demo_commands(sub) -> None:
     kept = (
         "Days the lake holds already (their truth is in <lake>/_demo/truth/) are kept as they were generated: only the "
@@ -31,9 +56,9 @@ def _add_demo_commands(sub) -> None:
     )
     g = sub.add_parser("generate", help="write demo telemetry files with realistic faults", description=kept)
     g.add_argument("--lake", default="data/lake", help="lake root (default data/lake)")
-    g.add_argument("--start", default="2025-11-24", help="first day, YYYY-MM-DD")
-    g.add_argument("--days", type=int, default=3)
-    g.add_argument("--events-per-day", type=int, default=100_000)
+    g.add_argument("--start", type=_day, default="2025-11-24", help="first day, YYYY-MM-DD")
+    g.add_argument("--days", type=_at_least(1), default=3)
+    g.add_argument("--events-per-day", type=EVENTS_PER_DAY, default=100_000, help="at least 24 (one an hour)")
     g.add_argument("--files-per-hour", type=int, default=1)
     g.add_argument("--seed", type=int, default=7)
     g.set_defaults(fn=cmd_generate)
@@ -41,9 +66,9 @@ def _add_demo_commands(sub) -> None:
     d = sub.add_parser(
         "demo", help="generate demo data, backfill it, print per-day counts and checks", description=kept
     )
-    d.add_argument("--start", default="2025-11-24")
-    d.add_argument("--days", type=int, default=3)
-    d.add_argument("--events-per-day", type=int, default=100_000)
+    d.add_argument("--start", type=_day, default="2025-11-24", help="first day, YYYY-MM-DD")
+    d.add_argument("--days", type=_at_least(1), default=3)
+    d.add_argument("--events-per-day", type=EVENTS_PER_DAY, default=100_000, help="at least 24 (one an hour)")
     d.add_argument("--no-bug-story", action="store_true", help="skip the bad-parser-then-replay part")
     d.set_defaults(fn=cmd_demo)
 
