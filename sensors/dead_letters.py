@@ -69,18 +69,18 @@ def dead_letter_reader(kind: str) -> tuple[str, DeadLetterProbe]:
     return {"postgres": ("postgres", _postgres), **dead_letter_readers()}[kind]
 
 
+def _utc(t: datetime) -> datetime:
+    """A naive time (a Postgres `timestamp` column) is taken as UTC."""
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+
+
 # ---- from dead letters to days --------------------------------------------------------------
 
 
 def day_of(letter, time_field: str) -> str | None:
     """The UTC day a dead letter belongs to: its event time, or the `day=` of a raw file's key."""
     if isinstance(letter, datetime):
-        return (
-            (letter if letter.tzinfo else letter.replace(tzinfo=timezone.utc))
-            .astimezone(timezone.utc)
-            .date()
-            .isoformat()
-        )
+        return _utc(letter).date().isoformat()
     try:
         body = json.loads(letter)
     except (TypeError, ValueError):
@@ -331,10 +331,6 @@ def _replay_failed(name: str, source: DeadLettersSpec, options: dict):
         return [request], [], notes
 
     return act
-
-
-def _utc(t: datetime) -> datetime:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _days_to_backfill(instance, asset_graph, keys, partitions: set[str], letters: list, time_field: str, run_config):

@@ -344,22 +344,25 @@ def transformation_error_rate(lake: Lake, spec: PipelineSpec, day: str) -> DayVe
     )
 
 
-def _last_redrive(lake: Lake, spec: PipelineSpec, day: str) -> tuple[dict | None, DayVerdict | None]:
-    """The last redrive of the day, or the verdict when there is nothing to rate (not run, dry run)."""
-    last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json")
-    if last is None or _found(lake, spec, day) is None:
-        return None, not_built("raw_events or redrive")
+def _last_redrive(lake: Lake, spec: PipelineSpec, day: str) -> tuple[dict | None, int | None, DayVerdict | None]:
+    """The last redrive of the day and the rows raw_events counted, or the verdict when there is
+    nothing to rate (not run, dry run)."""
+    last, found = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json"), _found(lake, spec, day)
+    if last is None or found is None:
+        return None, None, not_built("raw_events or redrive")
     if last["dry_run"]:
-        return None, DayVerdict(
-            True, "the last redrive was a dry run: nothing sent, nothing to rate", {"dry_run": True}
+        return (
+            None,
+            None,
+            DayVerdict(True, "the last redrive was a dry run: nothing sent, nothing to rate", {"dry_run": True}),
         )
-    return last, None
+    return last, found, None
 
 
 def success_rate(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> DayVerdict:
     """Events of the committed day the sink has according to the ledger (every run) over the rows
     raw_events counted; the run's published + already delivered must agree."""
-    last, verdict = _last_redrive(lake, spec, day)
+    last, found, verdict = _last_redrive(lake, spec, day)
     if verdict is not None:
         return verdict
     if not last.get("whole_day", True):
@@ -371,7 +374,7 @@ def success_rate(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> D
     return _rate_verdict(
         "success rate",
         delivered,
-        _found(lake, spec, day),
+        found,
         spec.rate_thresholds.min_success_rate,
         False,
         last["published"] + last["skipped_already_delivered"],
@@ -382,14 +385,14 @@ def success_rate(lake: Lake, ledger_resource, spec: PipelineSpec, day: str) -> D
 def publish_failure_rate(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
     """Messages the sink refused after retries in the last redrive (counted in its dead-letter
     file) over the rows raw_events counted."""
-    last, verdict = _last_redrive(lake, spec, day)
+    last, found, verdict = _last_redrive(lake, spec, day)
     if verdict is not None:
         return verdict
     failures = len(lake.read_jsonl(owner(spec, REDRIVE), f"dead_letter/day={day}/{last['run_id']}.jsonl"))
     return _rate_verdict(
         "publish failure rate",
         failures,
-        _found(lake, spec, day),
+        found,
         spec.rate_thresholds.max_publish_failure_rate,
         True,
         last["failed"],
