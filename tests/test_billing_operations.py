@@ -12,6 +12,8 @@ import sys
 import time
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import test_billing
 from conftest import PROJECT_ROOT
@@ -20,6 +22,7 @@ from test_billing import DAY1, DAY2, NAME, ROWS, _run, _verify
 
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import REDRIVE, owner
+from replay_defs.pipeline.committed import committed_quarantine, parsed_state
 from replay_defs.pipeline.spec import RateThresholds
 from replay_defs.pipeline.store import DuckDBStore
 
@@ -76,6 +79,19 @@ def test_a_day_over_the_success_and_transformation_thresholds_fails_its_checks_w
         )
         verdicts = _verify(lenient, instance, DAY1)
         assert verdicts[SUCCESS][0] and verdicts[TRANSFORM][0], verdicts
+
+        # The quarantine behind the run's back: its transformation errors relabelled as a rule's
+        # drops. The count from the files no longer equals what the run recorded.
+        lake = Lake(billing["lake"])
+        for rel in committed_quarantine(parsed_state(lake, spec, DAY1), spec):
+            path = lake.storage.path(rel)
+            rows = pq.read_table(path)
+            rule = spec.mapping.rules[0].name
+            pq.write_table(
+                rows.set_column(rows.schema.get_field_index("reason"), "reason", pa.array([rule] * len(rows))), path
+            )
+        passed, description = _verify(lenient, instance, DAY1)[TRANSFORM]
+        assert not passed and "the files/ledger hold 0, the pipeline recorded 2" in description
 
         # The ledger behind the run's back: one delivered row of DAY2 lost. The count from the
         # ledger no longer equals what the run recorded, and the rate drops under the threshold.
