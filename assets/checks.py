@@ -229,7 +229,8 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
     if last is None:
         return DayVerdict(False, "redrive has not run for this day", {})
     counts = rd.RedriveCounts(**{k: v for k, v in last.items() if k in rd.RedriveCounts.__dataclass_fields__})
-    md = {k: last[k] for k in ("selected", "published", "skipped_already_delivered", "dropped", "failed")}
+    md = {k: getattr(counts, k) for k in ("selected", "published", "skipped_already_delivered", "dropped", "failed")}
+    md.update(unknown=counts.unknown, reconciled=counts.reconciled, possible_duplicates=counts.possible_duplicates)
     # The sink (ledger name) each record names: a launch's `destination` may differ from the spec's.
     last_sink = last.get("sink", spec.redrive.sink.name)
     marker = lake.read_json(owner(spec, REDRIVE), whole_day_marker(day))
@@ -240,14 +241,18 @@ def deliveries(lake: Lake, ledger_resource, spec, day: str, expected=None, sink_
     with ledger_resource.open() as ledger:
         if not last["dry_run"]:
             if not counts.balanced():
-                problems.append("selected != published + already delivered + dropped + failed")
+                problems.append("selected != published + already delivered + dropped + failed + in doubt")
             if counts.failed:
                 problems.append(f"{counts.failed} deliveries failed")
+            if counts.unknown:
+                problems.append(f"{counts.unknown} deliveries in doubt (re-run to reconcile them with the sink)")
+            # The run's rows: what it sent and confirmed, and what it found in the sink while in doubt.
             in_ledger = ledger.count(spec.name, last_sink, day, run_id=last["run_id"])
             md["ledger_rows_for_run"] = in_ledger
-            if in_ledger != counts.published:
+            if in_ledger != counts.published + counts.reconciled:
                 problems.append(
-                    f"ledger records {in_ledger} deliveries for the run, the run reported {counts.published}"
+                    f"ledger records {in_ledger} deliveries for the run, the run reported "
+                    f"{counts.published} sent and {counts.reconciled} found in the sink"
                 )
         if whole:
             problems += _whole_day(lake, ledger, spec, day, whole_sink, expected, sink_ids, md)

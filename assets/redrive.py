@@ -25,7 +25,15 @@ class DeliveryConfig(dg.Config):
     retries: int = Field(
         default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed."
     )
-    batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup and per sink delivery.")
+    batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup.")
+    chunk_size: int = Field(
+        default=500,
+        ge=1,
+        description=(
+            "Messages per sink call, each recorded in the ledger before it is sent and with its outcome after: "
+            "a crash leaves at most about two chunks in doubt, which the next run reconciles with the sink."
+        ),
+    )
 
 
 class RedriveConfig(DeliveryConfig):
@@ -211,6 +219,7 @@ def deliver_day(
             limit=config.limit,
             force=config.force,
             batch_size=config.batch_size,
+            chunk_size=config.chunk_size,
             retries=config.retries,
             rate_limit=config.rate_limit,
             log=context.log.info,
@@ -225,16 +234,18 @@ def deliver_day(
     context.log.info(
         f"{day}: selected {counts.selected}, {'would send' if config.dry_run else 'sent'} "
         f"{would_publish if config.dry_run else counts.published}, already delivered {counts.skipped_already_delivered}, "
-        f"dropped {counts.dropped} {counts.dropped_reasons or ''}, failed {counts.failed}"
+        f"dropped {counts.dropped} {counts.dropped_reasons or ''}, failed {counts.failed}, "
+        f"in doubt {counts.unknown}, reconciled {counts.reconciled}, possible duplicates {counts.possible_duplicates}"
     )
     md = {**metadata, "sink": sink.name, **delivery_metadata(config, counts)}
     if more_metadata is not None:
         md.update(more_metadata(counts))
     context.add_asset_metadata(md, partition_key=day)
-    if counts.failed:
+    if counts.failed or counts.unknown:
         path = the_lake.uri(f"_replay/{owner(spec, REDRIVE)}/{dead_letters}")
         context.log.error(
-            f"{day}: {counts.failed} deliveries failed (first: {counts.first_error}); dead letters in {path}"
+            f"{day}: {counts.failed} deliveries failed, {counts.unknown} in doubt (first: {counts.first_error}); "
+            f"dead letters in {path}; a re-run reconciles those in doubt with the sink and sends what it lacks"
         )
     record_outcome(the_lake, spec, day, context.run.run_id, config.dry_run, whole_day, counts, sink.name)
 
@@ -249,6 +260,9 @@ def delivery_metadata(config: DeliveryConfig, counts: rd.RedriveCounts) -> dict:
         "skipped_already_delivered": counts.skipped_already_delivered,
         "dropped": counts.dropped,
         "failed": counts.failed,
+        "unknown": counts.unknown,
+        "reconciled": counts.reconciled,
+        "possible_duplicates": counts.possible_duplicates,
         **{f"selected_type_{t}": n for t, n in counts.by_type.items()},
         **{f"dropped_{r}": n for r, n in counts.dropped_reasons.items()},
     }
@@ -268,5 +282,5 @@ def record_outcome(
         f"last/day={day}.json",
         {"run_id": run_id, "dry_run": dry_run, "whole_day": whole_day, "sink": sink_name, **counts.__dict__},
     )
-    if whole_day and not dry_run and not counts.failed:
+    if whole_day and not dry_run and not counts.failed and not counts.unknown:
         the_lake.write_json(owner(spec, REDRIVE), whole_day_marker(day), {"run_id": run_id, "sink": sink_name})

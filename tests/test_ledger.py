@@ -28,17 +28,28 @@ def ledger(request, tmp_path, postgres_dsn):
 
 def test_ledger_records_attempts_status_errors_and_runs(ledger):
     ids = [f"e{i}" for i in range(25_000)]
+    ledger.record("p", "kafka:t", DAY, ids, "sending", "run-1")
+    assert set(ledger.in_doubt("p", "kafka:t", ids)) == set(ids), "an intent leaves every id in doubt"
     ledger.record("p", "kafka:t", DAY, ids[:20_000], "delivered", "run-1")
-    ledger.record("p", "kafka:t", DAY, ids[20_000:], "failed", "run-1", error="broker down")
+    ledger.record("p", "kafka:t", DAY, ids[20_000:24_000], "failed", "run-1", error="broker down")
+    ledger.record("p", "kafka:t", DAY, ids[24_000:], "unknown", "run-1", error="unknown: timed out")
     assert ledger.delivered("p", "kafka:t", ids) == set(ids[:20_000])
     assert ledger.delivered("p", "sqs:q", ids) == set(), "each sink has its own ledger"
-    ledger.record("p", "kafka:t", DAY, ids[20_000:], "delivered", "run-2")
+    doubt = ledger.in_doubt("p", "kafka:t", ids)
+    assert set(doubt) == set(ids[24_000:]) and ledger.in_doubt("p", "sqs:q", ids) == {}
+    assert ledger.summary("p", DAY) == {
+        "kafka:t": {"delivered": 20_000, "failed": 4_000, "unknown": 1_000, "sending": 0, "possible_duplicates": 0}
+    }
+    ledger.record("p", "kafka:t", DAY, ids[20_000:], "sending", "run-2")
+    ledger.record("p", "kafka:t", DAY, ids[20_000:], "delivered", "run-2", possible_duplicate=True)
     assert ledger.count("p", "kafka:t", DAY) == 25_000
     assert ledger.count("p", "kafka:t", DAY, run_id="run-2") == 5_000
     rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
     assert rows["e0"]["attempts"] == 1 and rows["e0"]["run_id"] == "run-1" and rows["e0"]["status"] == "delivered"
     retried = rows["e24999"]
     assert retried["attempts"] == 2 and retried["run_id"] == "run-2" and retried["last_error"] is None
+    assert retried["sent_at"] > rows["e0"]["sent_at"], "an outcome keeps the time of the send it settles"
+    assert ledger.summary("p", DAY)["kafka:t"]["possible_duplicates"] == 5_000
 
 
 def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgres_dsn, monkeypatch):

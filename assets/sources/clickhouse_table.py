@@ -223,7 +223,7 @@ def redrive_figures(the_lake, spec: PipelineSpec, day: str, counts: RedriveCount
         **{f"dropped_{r}": n for r, n in stats["dropped_by_reason"].items()},
         "transformation_errors": stats["transformation_errors"],
         **{f"transformation_error_{r}": n for r, n in stats["transformation_errors_by_reason"].items()},
-        "publish_failures": counts.failed,
+        "publish_failures": counts.failed + counts.unknown,
         "success_rate_percent": round(100 * delivered / found, 2) if found else 100.0,
     }
 
@@ -258,7 +258,7 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
         "skipped_already_delivered": last["skipped_already_delivered"],
         "dropped": s["dropped"] + last["dropped"],
         "transformation_errors": s["transformation_errors"],
-        "publish_failures": last["failed"],
+        "publish_failures": last["failed"] + last.get("unknown", 0),
     }
     if last["dry_run"]:
         return DayVerdict(True, "dry run: nothing sent", md)
@@ -269,18 +269,18 @@ def found_accounted_for(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict:
         + last["skipped_already_delivered"]
         + md["dropped"]
         + s["transformation_errors"]
-        + last["failed"]
+        + md["publish_failures"]
     )
     problems = []
     if s["found"] != right:
         problems.append(
             f"found {s['found']} but published {last['published']} + already delivered {last['skipped_already_delivered']} + "
-            f"dropped {md['dropped']} + transformation errors {s['transformation_errors']} + publish failures {last['failed']} = {right}"
+            f"dropped {md['dropped']} + transformation errors {s['transformation_errors']} + publish failures {md['publish_failures']} = {right}"
         )
     if last["selected"] != s["parsed"]:
         problems.append(f"redrive selected {last['selected']} events, parsed_events holds {s['parsed']}")
-    if last["failed"]:
-        problems.append(f"{last['failed']} publish failures")
+    if md["publish_failures"]:
+        problems.append(f"{md['publish_failures']} publish failures (failed or in doubt)")
     md["difference"] = s["found"] - right
     return DayVerdict(not problems, "; ".join(problems) or f"{s['found']} rows found, all accounted for", md)
 
@@ -395,7 +395,7 @@ def publish_failure_rate(lake: Lake, spec: PipelineSpec, day: str) -> DayVerdict
         found,
         spec.rate_thresholds.max_publish_failure_rate,
         True,
-        last["failed"],
+        last["failed"] + last.get("unknown", 0),
         {"publish_failures": failures, "sink": last.get("sink", spec.redrive.sink.name)},
     )
 

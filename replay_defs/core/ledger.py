@@ -1,8 +1,15 @@
 """The redrive idempotency ledger: which messages each pipeline's sink already has.
 
-One row per (pipeline, sink, message id) with the partition (day), status (delivered or
-failed), attempts, last error and the replay run id. A redrive skips ids recorded as delivered
-unless forced. Two backends with the same table and behaviour:
+One row per (pipeline, sink, message id) with the partition (day), status, attempts, last error,
+the replay run id, when it was last sent and whether it may be a duplicate. Statuses:
+
+- `sending`: written before a chunk is handed to the sink (the intent), so a crash at any point
+  leaves the chunk in doubt rather than unrecorded;
+- `delivered`: the sink confirmed it; `failed`: the sink refused it (the target does not hold it);
+- `unknown`: sent, but neither confirmed nor refused (a timeout, a connection lost after sending).
+
+A redrive skips ids recorded as delivered unless forced, and reconciles `sending` and `unknown`
+ones with the sink before sending them again. Two backends with the same table and behaviour:
 
 - `DuckDBLedger`: the embedded default, in the store's DuckDB file;
 - `PostgresLedger`: for real backends (`EVENT_REPLAY_LEDGER_URL=postgresql://...`), so several
@@ -23,23 +30,61 @@ from replay_defs.core import connect
 from replay_defs.core.duckdb_file import DuckDBFile
 from replay_defs.core.redact import redact
 
-COLUMNS = "pipeline, sink, message_id, day, status, attempts, last_error, run_id, updated_at"
+COLUMNS = (
+    "pipeline, sink, message_id, day, status, attempts, last_error, run_id, updated_at, sent_at, possible_duplicate"
+)
+DELIVERED, FAILED, SENDING, UNKNOWN = "delivered", "failed", "sending", "unknown"
+IN_DOUBT = (SENDING, UNKNOWN)
+# Columns added after the first release: a ledger created before them gets them on open.
+ADDED_COLUMNS = ("sent_at TIMESTAMPTZ", "possible_duplicate BOOLEAN DEFAULT false")
 
 
 class Ledger(Protocol):
     def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
         """The subset of `ids` the sink already has."""
 
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, float]:
+        """The ids of `ids` whose last send is in doubt (`sending` or `unknown`), each with when it
+        was sent (epoch seconds)."""
+
     def record(
-        self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None
+        self,
+        pipeline: str,
+        sink: str,
+        day: str,
+        ids: list[str],
+        status: str,
+        run_id: str,
+        error: str | None = None,
+        possible_duplicate: bool = False,
     ) -> None:
-        """Record an attempt for each id: status 'delivered' or 'failed' (with the error)."""
+        """Record each id's status: `sending` (an attempt begins: counted, and its time kept),
+        `delivered`, `failed` or `unknown` (with the error). `possible_duplicate` sticks to the row."""
+
+    def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
+        """The day's rows per sink: how many in each status, and `possible_duplicates`."""
 
     def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
         """Ids of the day recorded as delivered (by one run, when given)."""
 
     def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
         """Every ledger row of the day, for inspection and tests."""
+
+
+# An attempt (`sending`) counts and stamps the row; an outcome keeps the attempt's count and time.
+UPSERT = """status = excluded.status,
+    attempts = redrive_ledger.attempts + CASE WHEN excluded.status = 'sending' THEN 1 ELSE 0 END,
+    last_error = excluded.last_error, run_id = excluded.run_id, day = excluded.day, updated_at = now(),
+    sent_at = coalesce(excluded.sent_at, redrive_ledger.sent_at),
+    possible_duplicate = redrive_ledger.possible_duplicate OR excluded.possible_duplicate"""
+STATUSES = (DELIVERED, FAILED, UNKNOWN, SENDING)
+SUMMARY = ", ".join(f"count(*) FILTER (WHERE status = '{s}')" for s in STATUSES) + (
+    ", count(*) FILTER (WHERE possible_duplicate)"
+)
+
+
+def _summary(rows) -> dict[str, dict[str, int]]:
+    return {r[0]: dict(zip((*STATUSES, "possible_duplicates"), map(int, r[1:]))) for r in rows}
 
 
 class DuckDBLedger:
@@ -52,6 +97,8 @@ class DuckDBLedger:
     def __init__(self, con):
         self.con = con
         con.execute(self.DDL)
+        for column in ADDED_COLUMNS:
+            con.execute(f"ALTER TABLE redrive_ledger ADD COLUMN IF NOT EXISTS {column}")
         # `record` may run on a writer thread while `delivered` runs on the caller's: a DuckDB
         # connection is not shared between threads, so writes get a cursor (a connection) of their own.
         self._write = con.cursor()
@@ -68,21 +115,56 @@ class DuckDBLedger:
         self.con.unregister("ledger_ids")
         return {r[0] for r in rows}
 
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, float]:
+        if not ids:
+            return {}
+        self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
+        rows = self.con.execute(
+            "SELECT message_id, epoch(coalesce(sent_at, updated_at)) FROM redrive_ledger JOIN ledger_ids USING (message_id) "
+            "WHERE pipeline = $pipeline AND sink = $sink AND status IN ('sending', 'unknown')",
+            {"pipeline": pipeline, "sink": sink},
+        ).fetchall()
+        self.con.unregister("ledger_ids")
+        return dict(rows)
+
     def record(
-        self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None
+        self,
+        pipeline: str,
+        sink: str,
+        day: str,
+        ids: list[str],
+        status: str,
+        run_id: str,
+        error: str | None = None,
+        possible_duplicate: bool = False,
     ) -> None:
         if not ids:
             return
         self._write.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
         self._write.execute(
-            """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
-               SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id FROM ledger_ids
-               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
-                 attempts = redrive_ledger.attempts + 1, last_error = excluded.last_error,
-                 run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
-            {"pipeline": pipeline, "sink": sink, "day": day, "status": status, "error": error, "run_id": run_id},
+            f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
+                 sent_at, possible_duplicate)
+               SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id,
+                 CASE WHEN $status = 'sending' THEN now() END, $dup FROM ledger_ids
+               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}""",
+            {
+                "pipeline": pipeline,
+                "sink": sink,
+                "day": day,
+                "status": status,
+                "error": error,
+                "run_id": run_id,
+                "dup": possible_duplicate,
+            },
         )
         self._write.unregister("ledger_ids")
+
+    def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
+        rows = self.con.execute(
+            f"SELECT sink, {SUMMARY} FROM redrive_ledger WHERE pipeline = $pipeline AND day = $day GROUP BY sink",
+            {"pipeline": pipeline, "day": day},
+        ).fetchall()
+        return _summary(rows)
 
     def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
         return self.con.execute(
@@ -115,6 +197,16 @@ class PostgresLedger:
             # Two runs creating the table at once would race on the catalog; the lock serializes them.
             con.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay.redrive_ledger'))")
             con.execute(self.DDL)
+            have = {
+                r[0]
+                for r in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'redrive_ledger' "
+                    "AND table_schema = current_schema()"
+                ).fetchall()
+            }
+            for column in ADDED_COLUMNS:  # ALTER takes an exclusive lock: only when a column is missing
+                if column.split()[0] not in have:
+                    con.execute(f"ALTER TABLE redrive_ledger ADD COLUMN IF NOT EXISTS {column}")
 
     def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
         if not ids:
@@ -130,19 +222,46 @@ class PostgresLedger:
         ).fetchall()
         return {r[0] for r in rows}
 
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, float]:
+        if not ids:
+            return {}
+        rows = self.con.execute(
+            "SELECT l.message_id, l.sent FROM unnest(%s::text[]) AS i(message_id), LATERAL ("
+            "  SELECT message_id, extract(epoch FROM coalesce(sent_at, updated_at))::float8 AS sent FROM redrive_ledger"
+            "  WHERE pipeline = %s AND sink = %s AND message_id = i.message_id"
+            "  AND status IN ('sending', 'unknown') LIMIT 1) AS l",
+            (ids, pipeline, sink),
+        ).fetchall()
+        return dict(rows)
+
     def record(
-        self, pipeline: str, sink: str, day: str, ids: list[str], status: str, run_id: str, error: str | None = None
+        self,
+        pipeline: str,
+        sink: str,
+        day: str,
+        ids: list[str],
+        status: str,
+        run_id: str,
+        error: str | None = None,
+        possible_duplicate: bool = False,
     ) -> None:
         if not ids:
             return
         self.con.execute(
-            """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id)
-               SELECT %s, %s, unnest(%s::text[]), %s, %s, 1, %s, %s
-               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET status = excluded.status,
-                 attempts = redrive_ledger.attempts + 1, last_error = excluded.last_error,
-                 run_id = excluded.run_id, day = excluded.day, updated_at = now()""",
-            (pipeline, sink, ids, day, status, error, run_id),
+            f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
+                 sent_at, possible_duplicate)
+               SELECT %s, %s, unnest(%s::text[]), %s, %s, 1, %s, %s,
+                 CASE WHEN %s = 'sending' THEN now() END, %s
+               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}""",
+            (pipeline, sink, ids, day, status, error, run_id, status, possible_duplicate),
         )
+
+    def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
+        rows = self.con.execute(
+            f"SELECT sink, {SUMMARY} FROM redrive_ledger WHERE pipeline = %s AND day = %s GROUP BY sink",
+            (pipeline, day),
+        ).fetchall()
+        return _summary(rows)
 
     def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
         return self.con.execute(

@@ -21,10 +21,10 @@ import duckdb
 
 from replay_defs.core.duckdb_file import ident
 from replay_defs.core.lake import Lake, check_partition
-from replay_defs.core.ledger import Ledger
+from replay_defs.core.ledger import DELIVERED, FAILED, SENDING, UNKNOWN, Ledger
 from replay_defs.core.pacing import Pacer, read_ahead
 from replay_defs.pipeline.spec import PipelineSpec
-from replay_defs.sinks.base import Batch, Sink
+from replay_defs.sinks.base import Batch, Sink, Unknown, held, resend_is_deduplicated, unknown
 
 
 @dataclass
@@ -33,14 +33,19 @@ class RedriveCounts:
     published: int = 0
     skipped_already_delivered: int = 0
     dropped: int = 0
-    failed: int = 0
+    failed: int = 0  # refused by the target, or not sent: it does not hold them
+    unknown: int = 0  # sent, never confirmed nor refused: a later run reconciles them before sending again
+    reconciled: int = 0  # in doubt from an earlier attempt and found in the target: recorded, not sent again
+    possible_duplicates: int = 0  # sent again after an attempt in doubt, to a target that cannot say
     dropped_reasons: dict[str, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
     first_error: str | None = None  # every failure goes to `on_failed` (the dead-letter file)
     paused_s: float = 0.0  # time the sink waited for its target to drain
 
     def balanced(self) -> bool:
-        return self.selected == self.published + self.skipped_already_delivered + self.dropped + self.failed
+        return (
+            self.selected == self.published + self.skipped_already_delivered + self.dropped + self.failed + self.unknown
+        )
 
 
 def message_id(source_ref: str) -> str:
@@ -230,6 +235,7 @@ def redrive(
     limit: int | None = None,
     force: bool = False,
     batch_size: int = 10_000,
+    chunk_size: int = 500,
     retries: int = 2,
     retry_backoff_s: float = 1.0,
     rate_limit: float | None = None,
@@ -239,11 +245,15 @@ def redrive(
 ) -> RedriveCounts:
     """Deliver the selected messages that the sink does not have yet, recording each outcome.
 
-    Failed messages are retried `retries` times with exponential backoff before they count as
-    failed; `on_failed` then gets them batch by batch as dead letters (id, error, message). A
-    message is recorded as delivered only after the sink confirmed it, so a crash re-sends at most
-    the unrecorded tail; the sinks make such a re-send harmless where the target allows it (Kafka
-    keys, BullMQ job ids, SQS FIFO ids). `rate_limit`: at most this many messages per second.
+    Batches of `batch_size` are looked up in the ledger; they go to the sink `chunk_size` at a
+    time, each chunk recorded as `sending` before it is sent and with its outcome after, so a
+    crash at any point leaves at most a chunk or two in doubt, never unrecorded. Messages in doubt
+    (from a crash, a timeout, a lost connection) are reconciled with the sink before anything is
+    sent again: those it holds are recorded as delivered; where it cannot say (RabbitMQ, standard
+    SQS) they are sent again and counted as possible duplicates. Refused messages are retried
+    `retries` times with exponential backoff before they count as failed; `on_failed` then gets
+    them as dead letters (id, error, message), like those still in doubt. `rate_limit`: at most
+    this many messages per second.
 
     `handled_in_run`: message ids an earlier day of the same run already handled (a raw file can
     hold events of two days); they count as already delivered, even when forced, and the ids this
@@ -252,7 +262,7 @@ def redrive(
     counts = RedriveCounts()
     paused_before = getattr(sink, "paused_s", 0.0)
     if rate_limit:  # pace in chunks of about a tenth of a second
-        batch_size = max(1, min(batch_size, int(rate_limit / 10)))
+        chunk_size = max(1, min(chunk_size, int(rate_limit / 10)))
     pacer, progress = Pacer(rate_limit), _ProgressLog(partition, counts, log)
     with LedgerWriter(ledger, pipeline, sink.name, partition, run_id) as writer:
         delivery = _Delivery(
@@ -260,23 +270,39 @@ def redrive(
         )
         lookup = partial(_lookup, ledger, pipeline, sink.name, force)
         # The next batch is read and looked up on a thread while this one is sent.
-        for batch, sendable, already in read_ahead(map(lookup, _first(batches, limit))):
+        for batch, sendable, already, in_doubt in read_ahead(map(lookup, _first(batches, limit))):
             pending = _tally(batch, sendable, already, counts, handled_in_run)
             if dry_run:
                 continue
-            for start in range(0, len(pending), batch_size):
-                chunk = pending.slice(start, start + batch_size)
+            pending = delivery.reconcile(pending, in_doubt)
+            chunks = [pending.slice(start, start + chunk_size) for start in range(0, len(pending), chunk_size)]
+            # Each chunk's intent is written while the chunk before it is being sent.
+            intent = writer.record(chunks[0].ids, SENDING) if chunks else None
+            for i, chunk in enumerate(chunks):
+                following = writer.record(chunks[i + 1].ids, SENDING) if i + 1 < len(chunks) else None
                 pacer.wait(len(chunk))
+                intent.result()
                 delivery.send(chunk)
+                intent = following
                 progress.maybe_log()
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
 
 
-def _lookup(ledger: Ledger, pipeline: str, sink_name: str, force: bool, batch: Batch) -> tuple[Batch, Batch, set[str]]:
-    """The batch, the part of it that can be sent, and the ids of that part the sink already has."""
+def _lookup(
+    ledger: Ledger, pipeline: str, sink_name: str, force: bool, batch: Batch
+) -> tuple[Batch, Batch, set[str], dict[str, float]]:
+    """The batch, the part of it that can be sent, the ids of that part the sink already has and
+    those whose last send is in doubt (with when they were sent)."""
     sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
-    return batch, sendable, set() if force else ledger.delivered(pipeline, sink_name, sendable.ids)
+    if force:
+        return batch, sendable, set(), {}
+    return (
+        batch,
+        sendable,
+        ledger.delivered(pipeline, sink_name, sendable.ids),
+        ledger.in_doubt(pipeline, sink_name, sendable.ids),
+    )
 
 
 def _tally(
@@ -309,9 +335,10 @@ class _ProgressLog:
             return
         self.last = time.monotonic()
         rate = self.counts.published / (self.last - self.started)
+        c = self.counts
         self.log(
-            f"redrive {self.partition}: {self.counts.published} delivered ({rate:,.0f}/s), "
-            f"{self.counts.failed} failed so far"
+            f"redrive {self.partition}: {c.published} delivered ({rate:,.0f}/s), {c.failed} failed, "
+            f"{c.unknown} in doubt so far"
         )
 
 
@@ -328,26 +355,31 @@ def _first(batches: Iterable[Batch], limit: int | None) -> Iterator[Batch]:
 
 
 class LedgerWriter:
-    """Records outcomes in the ledger on a background thread, so the next batch is being sent
-    while the last one is written (the ledger is as costly as the send). Records are written in
-    order, at most `max_pending` behind; leaving the block waits for all of them and re-raises a
-    failed write. A crash loses at most the unwritten records: those messages are sent again by
-    the next run, never lost."""
+    """Records in the ledger on a background thread, in order, so the next chunk is being sent
+    while the last one's outcome (or the next one's intent) is written. `record` returns the
+    write's future: an intent is waited for before its chunk is sent. Leaving the block waits for
+    every write and re-raises a failed one."""
 
-    def __init__(self, ledger: Ledger, pipeline: str, sink: str, day: str, run_id: str, max_pending: int = 2):
+    def __init__(self, ledger: Ledger, pipeline: str, sink: str, day: str, run_id: str):
         self.ledger, self.pipeline, self.sink, self.day, self.run_id = ledger, pipeline, sink, day, run_id
-        self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self._pending: list[Future] = []
 
-    def record(self, ids: list[str], status: str, error: str | None = None) -> None:
-        if not ids:
-            return
-        while len(self._pending) >= self.max_pending:
-            self._pending.pop(0).result()
-        self._pending.append(
-            self._pool.submit(self.ledger.record, self.pipeline, self.sink, self.day, ids, status, self.run_id, error)
+    def record(self, ids: list[str], status: str, error: str | None = None, possible_duplicate: bool = False) -> Future:
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        future = self._pool.submit(
+            self.ledger.record,
+            self.pipeline,
+            self.sink,
+            self.day,
+            ids,
+            status,
+            self.run_id,
+            error,
+            possible_duplicate,
         )
+        self._pending.append(future)
+        return future
 
     def __enter__(self) -> "LedgerWriter":
         return self
@@ -360,10 +392,16 @@ class LedgerWriter:
             self._pool.shutdown(wait=True)
 
 
+# After a chunk delivered nothing through all its retries, the target counts as down: later chunks
+# fail at once without being sent, except one probe every this many seconds, which (if it gets
+# through) puts the target back in use. So a dead endpoint fails a day in about one chunk's time.
+PROBE_EVERY_S = 10.0
+
+
 @dataclass
 class _Delivery:
-    """Sends chunks of one day to the sink with retries and records every outcome: delivered in
-    the ledger as the sink confirms, failed (with the error) in the ledger and as dead letters."""
+    """Sends chunks of one day to the sink with retries and records every outcome in the ledger:
+    delivered as the sink confirms; failed or in doubt (with the error) also as dead letters."""
 
     sink: Sink
     writer: LedgerWriter
@@ -376,36 +414,113 @@ class _Delivery:
     counts: RedriveCounts
     log: Callable[[str], None] | None = None
     on_failed: Callable[[list[dict]], None] | None = None
+    maybe_held: set[str] = field(default_factory=set)  # sent again while in doubt: possible duplicates
+    down_since: float | None = None  # monotonic time the target was found down
+    down_error: str = ""
+
+    def reconcile(self, pending: Batch, in_doubt: dict[str, float]) -> Batch:
+        """What is left to send of `pending` once its messages in doubt from an earlier attempt are
+        settled with the sink: those it holds are recorded as delivered and not sent."""
+        doubt = [m for m in pending.ids if m in in_doubt]
+        if not doubt:
+            return pending
+        since = min(in_doubt[m] for m in doubt) - 60  # a minute for clocks that disagree
+        try:
+            found = held(self.sink, self.pipeline, self.partition, doubt, since)
+        except Exception as exc:  # noqa: BLE001 - the target cannot be asked now: they stay in doubt
+            error = unknown(f"not sent: in doubt since an earlier attempt, and {self.sink.name} cannot be asked: {exc}")
+            keep = set(doubt)
+            self._give_up(pending.take([i for i, m in enumerate(pending.ids) if m in keep]), [error] * len(keep))
+            return pending.take([i for i, m in enumerate(pending.ids) if m not in keep])
+        if found is None:
+            if not resend_is_deduplicated(self.sink, since):
+                self.maybe_held.update(doubt)
+            return pending
+        if found:
+            self.writer.record(sorted(found), DELIVERED)
+            self.counts.reconciled += len(found)
+            self.counts.skipped_already_delivered += len(found)
+            if self.log:
+                self.log(f"redrive {self.partition}: {len(found)} messages in doubt were found in {self.sink.name}")
+        return pending.take([i for i, m in enumerate(pending.ids) if m not in found])
 
     def send(self, chunk: Batch) -> None:
-        for attempt in range(self.retries + 1):
+        """One chunk, whose intent is recorded: sent (with retries), each outcome recorded."""
+        if self.down_since is not None and time.monotonic() - self.down_since < PROBE_EVERY_S:
+            self._give_up(chunk, [f"not sent: {self.sink.name} is down ({self.down_error})"] * len(chunk))
+            return
+        attempts = 1 if self.down_since is not None else self.retries + 1
+        delivered_any = False
+        for attempt in range(attempts):
+            if attempt:  # a retry is a new attempt: its intent first
+                self.writer.record(chunk.ids, SENDING).result()
+            sent_at = time.time()
             errors = self.sink.deliver(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
-            ok = [m for m, e in zip(chunk.ids, errors) if e is None]
-            self.writer.record(ok, "delivered")
-            self.counts.published += len(ok)
-            failed = [i for i, e in enumerate(errors) if e is not None]
-            if not failed:
-                return
-            last_errors = [errors[i] for i in failed]
-            chunk = chunk.take(failed)
-            if attempt < self.retries:
+            delivered_any |= self._delivered([m for m, e in zip(chunk.ids, errors) if e is None]) > 0
+            left = [i for i, e in enumerate(errors) if e is not None]
+            if not left:
+                break
+            chunk, errors = chunk.take(left), [errors[i] for i in left]
+            chunk, errors, found = self._settle_unknown(chunk, errors, sent_at)
+            delivered_any |= found > 0
+            if not chunk:
+                break
+            if attempt + 1 < attempts:
                 if self.log:
                     self.log(
-                        f"redrive {self.partition}: {len(failed)} deliveries failed ({last_errors[0]}); "
+                        f"redrive {self.partition}: {len(chunk)} deliveries not confirmed ({errors[0]}); "
                         f"retry {attempt + 1}/{self.retries}"
                     )
                 time.sleep(self.backoff_s * 2**attempt)
-        self._failed(chunk, last_errors)
+        else:
+            self._give_up(chunk, errors)
+        if delivered_any or not chunk:
+            self.down_since = None
+        elif self.down_since is None or attempts == 1:
+            self.down_since, self.down_error = time.monotonic(), errors[0]
 
-    def _failed(self, chunk: Batch, errors: list[str]) -> None:
+    def _delivered(self, ids: list[str]) -> int:
+        dup = [m for m in ids if m in self.maybe_held] if self.maybe_held else []
+        if dup:
+            self.writer.record(dup, DELIVERED, possible_duplicate=True)
+            self.counts.possible_duplicates += len(dup)
+            ids = [m for m in ids if m not in self.maybe_held]
+        self.writer.record(ids, DELIVERED)
+        self.counts.published += len(ids) + len(dup)
+        return len(ids) + len(dup)
+
+    def _settle_unknown(self, chunk: Batch, errors: list[str], sent_at: float) -> tuple[Batch, list[str], int]:
+        """Of messages just sent whose outcome is unknown, those the sink says it holds are
+        delivered; the rest are left to retry (as possible duplicates where the sink cannot say)."""
+        doubt = [m for m, e in zip(chunk.ids, errors) if isinstance(e, Unknown)]
+        if not doubt:
+            return chunk, errors, 0
+        try:
+            found = held(self.sink, self.pipeline, self.partition, doubt, sent_at - 60)
+        except Exception:  # noqa: BLE001 - cannot be asked now: retried, or recorded in doubt
+            return chunk, errors, 0
+        if found is None:
+            if not resend_is_deduplicated(self.sink, sent_at):
+                self.maybe_held.update(doubt)
+            return chunk, errors, 0
+        self._delivered([m for m in doubt if m in found])
+        keep = [i for i, m in enumerate(chunk.ids) if m not in found]
+        return chunk.take(keep), [errors[i] for i in keep], len(found)
+
+    def _give_up(self, chunk: Batch, errors: list[str]) -> None:
+        """Records what is left of a chunk as failed or unknown, with its error, and as dead letters."""
         by_error: dict[str, list[int]] = {}
         for i, e in enumerate(errors):
             by_error.setdefault(e, []).append(i)
         for error, index in by_error.items():
-            self.writer.record([chunk.ids[i] for i in index], "failed", error)
+            in_doubt = isinstance(error, Unknown)
+            self.writer.record([chunk.ids[i] for i in index], UNKNOWN if in_doubt else FAILED, error)
+            if in_doubt:
+                self.counts.unknown += len(index)
+            else:
+                self.counts.failed += len(index)
             self.counts.first_error = self.counts.first_error or error
             if self.on_failed:
                 self.on_failed(
                     [{"id": chunk.ids[i], "error": error, "message": chunk.bodies[i].decode()} for i in index]
                 )
-        self.counts.failed += len(chunk)

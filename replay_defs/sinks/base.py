@@ -1,7 +1,9 @@
 """What every sink shares, Dagster-free: the engines import `Batch` and `Sink` from here.
 
 - `Batch`: messages to deliver, column by column.
-- `Sink`: a sender. It takes a `Batch` and answers per message: None when confirmed, else the error.
+- `Sink`: a sender. It takes a `Batch` and answers per message: None when confirmed, an `Unknown`
+  error when the target may hold it anyway (timed out, connection lost after sending), else the
+  error of a refusal (the target does not hold it). It may say which messages the target holds.
 - `SinkSpec`: what a sink's declaration (`<X>SinkSpec`, a frozen dataclass in its module) offers.
 - `SinkType`: a sink module's entry in the registry (`replay_defs.sinks`): its spec, its Dagster
   resource, the resource's env settings, how a sender is opened, the dead-letter sources it reads.
@@ -58,16 +60,44 @@ class Batch:
         )
 
 
+class Unknown(str):
+    """A delivery's error after which the target may hold the message anyway: a timeout, or a
+    connection lost after the message was sent. Any other error means the target refused it."""
+
+
+def unknown(error: str) -> Unknown:
+    return Unknown(error if error.startswith("unknown: ") else "unknown: " + error)
+
+
 class Sink(Protocol):
     name: str
 
     def deliver(
         self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
     ) -> list[str | None]:
-        """Deliver a batch; per message None when confirmed, else the error text."""
+        """Deliver a batch; per message None when confirmed, an `Unknown` when the outcome is in
+        doubt, else the error text of a refusal."""
 
     def close(self) -> None:
         """Release connections."""
+
+
+def held(sink, pipeline: str, day: str, ids: list[str], since: float) -> set[str] | None:
+    """Which of `ids` the sink's target holds, asked of a sink that can tell (a method `held` with
+    these arguments; `since`: epoch seconds before their first possible send), None for one that
+    cannot (RabbitMQ, a standard SQS queue). Raises when the target cannot be asked now."""
+    ask = getattr(sink, "held", None)
+    return None if ask is None else ask(pipeline, day, ids, since)
+
+
+def resend_is_deduplicated(sink, since: float) -> bool:
+    """Whether sending again what may have been sent at `since` (epoch seconds) leaves one copy
+    although the sink cannot say what it holds: an SQS FIFO queue within its deduplication window
+    (a sink's `dedup_window_s`)."""
+    import time
+
+    window = getattr(sink, "dedup_window_s", 0.0)
+    return window > 0 and time.time() - since < window
 
 
 class PlanOnlySink:
