@@ -74,7 +74,14 @@ def _add_demo_commands(sub) -> None:
 
 
 def _add_day_commands(sub) -> None:
-    s = sub.add_parser("status", help="per-day counts and latest check verdicts")
+    s = sub.add_parser(
+        "status",
+        help="per-day counts, deliveries and latest check verdicts",
+        description="A row per day: the parsed version and its counts, then the redrive's messages per sink across "
+        "every run (deliv.: confirmed; fail: refused or not sent; doubt: sent but never confirmed, which the next "
+        "run reconciles with the sink before sending again; dups: sent again while in doubt to a sink that cannot "
+        "say what it holds, so the consumer may see them twice), then the latest check verdicts.",
+    )
     s.add_argument("pipeline")
     s.add_argument("start", help="first day")
     s.add_argument("end", nargs="?", help="last day (default: start)")
@@ -122,7 +129,6 @@ def _lake(defs):
 
 def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
     """Per-partition counts, read back from the lake state and the stores."""
-    from replay_defs.core.naming import REDRIVE, owner
     from replay_defs.definitions import defs
     from replay_defs.pipeline.committed import parsed_state
     from replay_defs.pipeline.store import open_store
@@ -132,11 +138,12 @@ def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
     configured = defs.resources["store"]
     store = open_store(resolve(configured.path), resolve(configured.postgres_url))
     count_proj = next((p for p in spec.projections if p.kind == "increment"), None)
+    with defs.resources["ledger"].process_config_and_initialize().open() as ledger:
+        deliveries = {day: ledger.summary(spec.name, day) for day in days}
     rows = []
     for day in days:
         state = parsed_state(lake, spec, day)
         s = state.stats if state else {}
-        last = lake.read_json(owner(spec, REDRIVE), f"last/day={day}.json") or {}
         rows.append(
             {
                 "day": day,
@@ -148,8 +155,7 @@ def partition_rows(spec_name: str, days: list[str]) -> list[dict]:
                 "routed_in": s.get("routed_in"),
                 "routed_out": s.get("routed_out"),
                 "projection": store.increment_total(spec.name, count_proj, day) if (count_proj and state) else None,
-                "redrive_sent": last.get("published"),
-                "redrive_skipped": last.get("skipped_already_delivered"),
+                "deliveries": deliveries[day],  # per sink, across runs: the ledger's rows by status
                 "rows_by_type": s.get("rows_by_type", {}),
             }
         )
@@ -252,17 +258,22 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
     rows = partition_rows(spec_name, days)
     checks = check_results(spec_name, days)
     names = sorted({c for c, _ in checks})  # every check of the pipeline (`check_results` lists each per day)
-    head = f"{'day':10} {'ver':>3} {'raw lines':>10} {'parsed':>9} {'dupes':>6} {'quar.':>5} {'in':>5} {'out':>5} {'proj.':>9} {'sent':>5} {'skip':>5}  checks"
+    head = (
+        f"{'day':10} {'ver':>3} {'raw lines':>10} {'parsed':>9} {'dupes':>6} {'quar.':>5} {'in':>5} {'out':>5} "
+        f"{'proj.':>9} {'deliv.':>7} {'fail':>5} {'doubt':>5} {'dups':>4}  checks"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         status = verdict_summary([(c, checks.get((c, r["day"]))) for c in names])
-        fmt = lambda v, w: f"{v:>{w},}" if isinstance(v, int) else f"{'-':>{w}}"  # noqa: E731
+        sinks = list(r["deliveries"].items()) or [(None, {})]
         line = (
-            f"{r['day']:10} {fmt(r['version'], 3)} {fmt(r['raw_lines'], 10)} {fmt(r['parsed'], 9)} {fmt(r['duplicates'], 6)} "
-            f"{fmt(r['quarantined'], 5)} {fmt(r['routed_in'], 5)} {fmt(r['routed_out'], 5)} {fmt(r['projection'], 9)} "
-            f"{fmt(r['redrive_sent'], 5)} {fmt(r['redrive_skipped'], 5)}  {status}"
+            f"{r['day']:10} {_fmt(r['version'], 3)} {_fmt(r['raw_lines'], 10)} {_fmt(r['parsed'], 9)} "
+            f"{_fmt(r['duplicates'], 6)} {_fmt(r['quarantined'], 5)} {_fmt(r['routed_in'], 5)} {_fmt(r['routed_out'], 5)} "
+            f"{_fmt(r['projection'], 9)} {_delivery_columns(sinks[0][1])}  {status}"
         )
+        if len(sinks) > 1 or (sinks[0][0] is not None and sinks[0][0] != find_spec(spec_name).redrive.sink.name):
+            line += f"  | {sinks[0][0]}"
         if truth_lake:
             truth = read_truth(truth_lake, r["day"])
             if truth is not None:
@@ -270,6 +281,25 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
                     "match" if truth == r["rows_by_type"] else f"MISMATCH {r['rows_by_type']} != {truth}"
                 )
         print(line)
+        for sink, figures in sinks[1:]:  # the day's other sinks (a launch's `destination`)
+            print(
+                f"{'':10} {'':>3} {'':>10} {'':>9} {'':>6} {'':>5} {'':>5} {'':>5} {'':>9} {_delivery_columns(figures)}  | {sink}"
+            )
+
+
+def _fmt(value, width: int) -> str:
+    return f"{value:>{width},}" if isinstance(value, int) else f"{'-':>{width}}"
+
+
+def _delivery_columns(figures: dict) -> str:
+    """A sink's messages for the day, across runs: delivered, failed, in doubt (sent, never
+    confirmed: the next run reconciles them), and possible duplicates (sent again while in doubt
+    to a sink that cannot say what it holds)."""
+    doubt = figures.get("unknown", 0) + figures.get("sending", 0) if figures else None
+    return (
+        f"{_fmt(figures.get('delivered'), 7)} {_fmt(figures.get('failed'), 5)} {_fmt(doubt, 5)} "
+        f"{_fmt(figures.get('possible_duplicates'), 4)}"
+    )
 
 
 def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[str, str]]:
@@ -371,7 +401,8 @@ def cmd_demo(args) -> None:
         _demo_bug_story(days[1], lake_root)
     print(
         "\nColumns: ver = the Delta table version that committed the day; in/out = events that crossed midnight (event time vs. arrival);\n"
-        "proj. = daily_counts total; sent/skip = redrive messages sent / already delivered.\n"
+        "proj. = daily_counts total; deliv./fail/doubt/dups = the sink's redrive messages across runs: delivered, failed,\n"
+        "in doubt (the next run reconciles them), possible duplicates (see `event-replay status --help`).\n"
         "Open the UI with `./dev ui` (http://127.0.0.1:3000) to see runs, per-day metadata and checks."
     )
     if not result.success:
