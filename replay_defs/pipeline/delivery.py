@@ -415,6 +415,7 @@ class _Delivery:
     log: Callable[[str], None] | None = None
     on_failed: Callable[[list[dict]], None] | None = None
     maybe_held: set[str] = field(default_factory=set)  # sent again while in doubt: possible duplicates
+    in_doubt: set[str] = field(default_factory=set)  # an attempt may have reached the target, none settled it
     down_since: float | None = None  # monotonic time the target was found down
     down_error: str = ""
 
@@ -433,6 +434,7 @@ class _Delivery:
             self._give_up(pending.take([i for i, m in enumerate(pending.ids) if m in keep]), [error] * len(keep))
             return pending.take([i for i, m in enumerate(pending.ids) if m not in keep])
         if found is None:
+            self.in_doubt.update(doubt)
             if not resend_is_deduplicated(self.sink, since):
                 self.maybe_held.update(doubt)
             return pending
@@ -462,6 +464,7 @@ class _Delivery:
                 break
             chunk, errors = chunk.take(left), [errors[i] for i in left]
             chunk, errors, found = self._settle_unknown(chunk, errors, sent_at)
+            self.in_doubt.update(m for m, e in zip(chunk.ids, errors) if isinstance(e, Unknown))
             delivered_any |= found > 0
             if not chunk:
                 break
@@ -508,9 +511,12 @@ class _Delivery:
         return chunk.take(keep), [errors[i] for i in keep], len(found)
 
     def _give_up(self, chunk: Batch, errors: list[str]) -> None:
-        """Records what is left of a chunk as failed or unknown, with its error, and as dead letters."""
+        """Records what is left of a chunk as failed or unknown, with its error, and as dead letters.
+        A message an earlier attempt left in doubt stays in doubt when this one did not send it."""
         by_error: dict[str, list[int]] = {}
         for i, e in enumerate(errors):
+            if chunk.ids[i] in self.in_doubt and not isinstance(e, Unknown):
+                e = unknown(f"{e}; in doubt since an earlier attempt")
             by_error.setdefault(e, []).append(i)
         for error, index in by_error.items():
             in_doubt = isinstance(error, Unknown)
