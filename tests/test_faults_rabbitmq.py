@@ -143,7 +143,7 @@ def test_broker_frozen_30s_mid_run_is_found_in_time_then_a_rerun_delivers(rabbit
     found = [t for t, ln in lines if "not confirmed (unknown: connection lost" in ln]
     assert found and found[0] - frozen_at < HUNG_FOUND_WITHIN_S + 2, "".join(ln for _, ln in lines)[-3000:]
     print(f"hung broker found after {found[0] - frozen_at:.1f}s")
-    assert down["unknown"] >= 1 and down["failed"] > 0, down
+    assert down["unknown"] == 1, down  # the publish in flight; what was never written is failed
     up = faults.run_redrive(rabbit.command(3000), rabbit.env)
     assert up["published"] == down["failed"] + down["unknown"] and up["possible_duplicates"] == down["unknown"], up
     judge(rabbit, 3000, [down, up])
@@ -154,7 +154,7 @@ def test_connection_cut_mid_run_then_a_rerun_delivers(rabbit):
     flight is in doubt, the rest fails as not sent until the run's probe finds the broker back and
     uses it again; the re-run sends what is left, the one in doubt as a possible duplicate."""
     rabbit.proxy.start()
-    proc, lines = started(rabbit.command(3000, rate=150), rabbit.env)
+    proc, lines = started(rabbit.command(2400, rate=150), rabbit.env)
     wait_for_depth(rabbit, proc, 300)
     rabbit.proxy.stop()
     at_cut = depth(rabbit)
@@ -163,9 +163,9 @@ def test_connection_cut_mid_run_then_a_rerun_delivers(rabbit):
     down = finished(proc, lines)
     assert down["unknown"] <= 1 and down["failed"] > 0, down
     assert depth(rabbit) > at_cut + 100, "the broker back mid-run was not used again"
-    up = faults.run_redrive(rabbit.command(3000), rabbit.env)
+    up = faults.run_redrive(rabbit.command(2400), rabbit.env)
     assert up["published"] == down["failed"] + down["unknown"] and up["possible_duplicates"] == down["unknown"], up
-    judge(rabbit, 3000, [down, up])
+    judge(rabbit, 2400, [down, up])
 
 
 def kill_mid_delivery(rabbit, cmd: list[str], seed: int, kills: int, window_s: tuple[float, float]) -> list[float]:
