@@ -156,3 +156,22 @@ def test_a_message_refused_for_its_shape_fails_alone_in_a_batch(rabbit):
     finally:
         ex.close()
     assert sorted(mid for _, _, _, mid in drain(rabbit["channel"], rabbit["queue"])) == ["a", "b", "c", "d"]
+
+
+def test_the_sink_timeout_setting_reaches_the_sender(monkeypatch):
+    """EVENT_REPLAY_SINK_TIMEOUT_S (a float, which Dagster's config cannot take from the
+    environment) is read when the code location loads; a value that is no number names the variable."""
+    import dagster as dg
+
+    from replay_defs.definitions import build_definitions
+    from replay_defs.sinks import open_sink
+
+    spec = dataclasses.replace(TELEMETRY, redrive=RedriveSpec(sink=RabbitMQSinkSpec("x")))
+    monkeypatch.setenv("EVENT_REPLAY_SINK_TIMEOUT_S", "7.5")
+    with dg.build_resources({"rabbitmq": build_definitions([spec]).resources["rabbitmq"]}) as built:
+        sender = open_sink(built, spec.redrive.sink)
+        assert sender.timeout_s == 7.5
+        sender.close()
+    monkeypatch.setenv("EVENT_REPLAY_SINK_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="EVENT_REPLAY_SINK_TIMEOUT_S must be a number"):
+        build_definitions([spec])
