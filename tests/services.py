@@ -199,13 +199,19 @@ def upload_raw(moto, local_lake: Path, bucket: str, prefix: str = "lake") -> int
 
 class TcpProxy:
     """A loopback TCP proxy in front of a real server, to cut the connection without stopping a
-    server other work may share: `stop()` closes the listener and every open connection."""
+    server other work may share: `stop()` closes the listener and every open connection;
+    `freeze()` stops forwarding bytes with every socket kept open (a hung server: connections
+    are accepted and nothing answers) until `thaw()` forwards what was held."""
 
     def __init__(self, target_port: int, port: int | None = None):
+        import threading
+
         self.target_port = target_port
         self.port = port or free_port()
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def start(self) -> "TcpProxy":
         import threading
@@ -232,19 +238,26 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()  # frozen: held here, forwarded on thaw
                 dst.sendall(data)
         except OSError:
             pass
         finally:
+            self._flowing.wait()  # frozen: a close is held too (the client sees a hang, not a cut)
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def stop(self) -> None:
         if self._listener:
@@ -261,6 +274,7 @@ class TcpProxy:
             except OSError:
                 pass
         self._conns = []
+        self._flowing.set()  # a cut, not a hang: what a freeze held goes to the closed sockets, lost
 
 
 def rabbitmq_port() -> int:

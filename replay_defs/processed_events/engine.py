@@ -21,7 +21,8 @@ A row whose message fails on its own (refused for its shape: a routing key, mess
 key over AMQP's 255 bytes, a body over `max_message_bytes`; or not confirmed: unroutable, nacked)
 is left unchanged, counted (`failed`; `refused` by reason), recorded in `event_replay_dead_letter`
 (run id, row, event id, reason, error) in the batch's transaction, and the replay goes on with the
-next rows. Only a lost connection stops the run.
+next rows. Only a lost connection stops the run; a publish whose confirm it lost leaves its row
+unchanged too, so the next replay publishes it again (a consumer drops the copy by `message_id`).
 
 Idempotency: `error` rows are always replayed; `processed` and `pending` ones (already done, or
 already waiting for the worker) only with `force`, and a forced replay is flagged in the audit;
@@ -707,7 +708,7 @@ class _RowReplay:
         report.failed += 1
         if len(report.errors) < 20:
             report.errors.append(f"{event_id}: {err}")
-        if err.startswith("connection"):
+        if self.exchange.connection_lost(err):  # not sent, or in doubt: the row stays as it was, retried next time
             self.broken = err
             return False
         # This message alone failed (its shape refused, or not confirmed): the row stays
