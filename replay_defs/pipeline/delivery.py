@@ -274,19 +274,23 @@ def redrive(
             pending = _tally(batch, sendable, already, counts, handled_in_run)
             if dry_run:
                 continue
-            pending = delivery.reconcile(pending, in_doubt)
-            chunks = [pending.slice(start, start + chunk_size) for start in range(0, len(pending), chunk_size)]
-            # Each chunk's intent is written while the chunk before it is being sent.
-            intent = writer.record(chunks[0].ids, SENDING) if chunks else None
-            for i, chunk in enumerate(chunks):
-                following = writer.record(chunks[i + 1].ids, SENDING) if i + 1 < len(chunks) else None
-                pacer.wait(len(chunk))
-                intent.result()
-                delivery.send(chunk)
-                intent = following
-                progress.maybe_log()
+            _send_chunks(delivery, writer, delivery.reconcile(pending, in_doubt), chunk_size, pacer, progress)
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
+
+
+def _send_chunks(delivery, writer, pending: Batch, chunk_size: int, pacer: Pacer, progress) -> None:
+    """`pending` to the sink in chunks, each recorded as `sending` before it goes: its intent is
+    written while the chunk before it is being sent, and waited for."""
+    chunks = [pending.slice(start, start + chunk_size) for start in range(0, len(pending), chunk_size)]
+    intent = writer.record(chunks[0].ids, SENDING) if chunks else None
+    for i, chunk in enumerate(chunks):
+        following = writer.record(chunks[i + 1].ids, SENDING) if i + 1 < len(chunks) else None
+        pacer.wait(len(chunk))
+        intent.result()
+        delivery.send(chunk)
+        intent = following
+        progress.maybe_log()
 
 
 def _lookup(
