@@ -451,6 +451,7 @@ class _Delivery:
             return
         attempts = 1 if self.down_since is not None else self.retries + 1
         delivered_any = False
+        doubted: set[str] = set()  # left in doubt by an attempt: a later refusal does not undo that
         for attempt in range(attempts):
             if attempt:  # a retry is a new attempt: its intent first
                 self.writer.record(chunk.ids, SENDING).result()
@@ -463,6 +464,7 @@ class _Delivery:
             chunk, errors = chunk.take(left), [errors[i] for i in left]
             chunk, errors, found = self._settle_unknown(chunk, errors, sent_at)
             delivered_any |= found > 0
+            doubted.update(m for m, e in zip(chunk.ids, errors) if isinstance(e, Unknown))
             if not chunk:
                 break
             if attempt + 1 < attempts:
@@ -473,7 +475,7 @@ class _Delivery:
                     )
                 time.sleep(self.backoff_s * 2**attempt)
         else:
-            self._give_up(chunk, errors)
+            self._give_up(chunk, [unknown(e) if m in doubted else e for m, e in zip(chunk.ids, errors)])
         if delivered_any or not chunk:
             self.down_since = None
         elif self.down_since is None or attempts == 1:
