@@ -17,7 +17,7 @@ from replay_defs.core.lake import Lake
 from replay_defs.pipeline.committed import committed_parquet
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks.base import Batch
+from replay_defs.sinks.base import Batch, Unknown
 from replay_defs.sinks.redis import RedisSink, RedisSinkSpec
 
 DAY = "2025-11-25"
@@ -137,6 +137,35 @@ def test_wrong_key_type_fails_each_message_with_the_error(redis_url, queue):
         sink.close()
         r.delete(queue, *r.keys(f"{queue}:replay-seen:*"))
         r.close()
+
+
+def test_outcomes_refused_error_reply_and_what_redis_holds(queue):
+    """No server: failed at once, not in doubt. A WRONGTYPE reply: failed, and once the key is
+    fixed a retry appends (the script remembers only what it appended). `held` names what the
+    day's seen set and the BullMQ queue hold, nothing else."""
+    server = RedisServer()
+    batch = Batch.of([(f"m{i}", {"i": i}, "t") for i in range(5)])
+    sink, jobs = RedisSink(server.url, queue, mode="list", timeout_s=2), RedisSink(server.url, queue, timeout_s=2)
+    try:
+        started = time.monotonic()
+        for errors in (sink.deliver("p", DAY, batch), jobs.deliver("p", DAY, batch)):
+            assert all(e and "Error 111 connecting" in e and not isinstance(e, Unknown) for e in errors), errors
+        assert time.monotonic() - started < 2
+        server.start()
+        r = redis.Redis.from_url(server.url)
+        r.set(queue, "not a list")
+        assert all("WRONGTYPE" in e and not isinstance(e, Unknown) for e in sink.deliver("p", DAY, batch))
+        r.delete(queue)
+        assert sink.deliver("p", DAY, batch) == [None] * 5 and r.llen(queue) == 5
+        assert sink.held("p", DAY, ["m0", "m4", "x"], 0) == {"m0", "m4"}
+        assert sink.held("p", "2025-11-26", ["m0"], 0) == set(), "another day's seen set"
+        assert jobs.deliver("p", DAY, batch.slice(0, 3)) == [None] * 3
+        assert jobs.held("p", DAY, batch.ids, 0) == {"m0", "m1", "m2"}
+        r.close()
+    finally:
+        sink.close()
+        jobs.close()
+        server.stop()
 
 
 def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, instance, queue, monkeypatch):
