@@ -4,6 +4,7 @@ also reads BullMQ queues' failed jobs as dead letters (`DeadLettersSpec("bullmq"
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -102,7 +103,7 @@ class RedisSink:
         # redrive loop retries whole chunks. A broken connection is replaced on the next call.
         self._options = {"retry": None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         self._redis = connect.redis(url, **self._options)
-        self._append = self._redis.register_script(self.APPEND)
+        self._append_sha = hashlib.sha1(self.APPEND.encode()).hexdigest()
         self._loop = None
         self._queue = None
         self._async = None  # the BullMQ queue's client
@@ -151,13 +152,27 @@ class RedisSink:
         self._loop.run_until_complete(checkout())
 
     def _append_all(self, pipeline: str, day: str, batch: Batch, resend: bool) -> None:
+        import redis
+
         seen = f"{self.key}:replay-seen:{pipeline}:{day}"
-        pipe = self._redis.pipeline(transaction=False)
+        calls = []
         for start in range(0, len(batch), self.SCRIPT_CHUNK):
             args: list = [self.mode, self.seen_ttl_s, "1" if resend else "0"]
             for i in range(start, min(start + self.SCRIPT_CHUNK, len(batch))):
                 args += (batch.ids[i], batch.types[i] or "", batch.bodies[i])
-            self._append(keys=[self.key, seen], args=args, client=pipe)
+            calls.append(args)
+        # EVALSHA straight away: a redis-py Script in a pipeline first asks SCRIPT EXISTS, one
+        # more round trip per batch, during which a frozen server holds nothing of the batch yet.
+        try:
+            self._evalsha(seen, calls)
+        except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart): none ran
+            self._redis.script_load(self.APPEND)
+            self._evalsha(seen, calls)
+
+    def _evalsha(self, seen: str, calls: list[list]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for args in calls:
+            pipe.evalsha(self._append_sha, 2, self.key, seen, *args)
         pipe.execute()
 
     def _add_jobs(self, batch: Batch, resend_run_id: str | None) -> None:
