@@ -495,10 +495,12 @@ def scratch_database(server_dsn: str) -> Iterator[str]:
 
 
 def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bull") -> list[tuple[str, str, dict]]:
-    """Run a real BullMQ `Worker` on the queue until it has been idle `idle_s`; returns the
-    (job id, job name, job data) of every job it processed (and completed)."""
+    """Run a real BullMQ `Worker` on the queue until it has been idle `idle_s` with no job waiting
+    or active (a server that fsyncs every write completes jobs slowly and in bursts), or has made
+    no progress for a minute; returns the (job id, job name, job data) of every job it processed."""
     import asyncio
 
+    import redis.asyncio
     from bullmq import Worker
 
     async def run() -> list:
@@ -509,13 +511,20 @@ def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bul
             return "ok"
 
         worker = Worker(queue, process, {"connection": url, "prefix": prefix, "drainDelay": 1, "concurrency": 50})
+        client = redis.asyncio.Redis.from_url(url)
+
+        async def left() -> int:
+            return await client.llen(f"{prefix}:{queue}:wait") + await client.llen(f"{prefix}:{queue}:active")
+
         try:
-            count = -1
-            while count != len(seen):
-                count = len(seen)
+            count, progress = -1, time.monotonic()
+            while count != len(seen) or (await left() and time.monotonic() - progress < 60):
+                if count != len(seen):
+                    count, progress = len(seen), time.monotonic()
                 await asyncio.sleep(idle_s)
         finally:
             await worker.close()
+            await client.aclose()
         return seen
 
     return asyncio.run(run())

@@ -17,7 +17,7 @@ from replay_defs.core.lake import Lake
 from replay_defs.pipeline.committed import committed_parquet
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks.base import Batch
+from replay_defs.sinks.base import Batch, Unknown
 from replay_defs.sinks.redis import RedisSink, RedisSinkSpec
 
 DAY = "2025-11-25"
@@ -139,9 +139,39 @@ def test_wrong_key_type_fails_each_message_with_the_error(redis_url, queue):
         r.close()
 
 
+def test_outcomes_refused_error_reply_and_what_redis_holds(queue):
+    """No server: failed at once, not in doubt. A WRONGTYPE reply: failed, and once the key is
+    fixed a retry appends (the script remembers only what it appended). `held` names what the
+    day's seen set and the BullMQ queue hold, nothing else."""
+    server = RedisServer()
+    batch = Batch.of([(f"m{i}", {"i": i}, "t") for i in range(5)])
+    sink, jobs = RedisSink(server.url, queue, mode="list", timeout_s=2), RedisSink(server.url, queue, timeout_s=2)
+    try:
+        started = time.monotonic()
+        for errors in (sink.deliver("p", DAY, batch), jobs.deliver("p", DAY, batch)):
+            assert all(e and "Error 111 connecting" in e and not isinstance(e, Unknown) for e in errors), errors
+        assert time.monotonic() - started < 2
+        server.start()
+        r = redis.Redis.from_url(server.url)
+        r.set(queue, "not a list")
+        assert all("WRONGTYPE" in e and not isinstance(e, Unknown) for e in sink.deliver("p", DAY, batch))
+        r.delete(queue)
+        assert sink.deliver("p", DAY, batch) == [None] * 5 and r.llen(queue) == 5
+        assert sink.held("p", DAY, ["m0", "m4", "x"], 0) == {"m0", "m4"}
+        assert sink.held("p", "2025-11-26", ["m0"], 0) == set(), "another day's seen set"
+        assert jobs.deliver("p", DAY, batch.slice(0, 3)) == [None] * 3
+        assert jobs.held("p", DAY, batch.ids, 0) == {"m0", "m1", "m2"}
+        r.close()
+    finally:
+        sink.close()
+        jobs.close()
+        server.stop()
+
+
 def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, instance, queue, monkeypatch):
     """Stop the server while the redrive runs (it writes an append-only file, as a production
-    Redis does), start it again: the run fails with the rest counted as failed, the re-run sends
+    Redis does), start it again: the run fails with the rest counted as failed (or in doubt: the batch the stop cut off), the re-run
+    settles those in doubt, sends
     the rest, and the BullMQ worker sees each event exactly once. The password never shows."""
     server = RedisServer(password="s3cret-pw", durable=True).start()
     monkeypatch.setenv("EVENT_REPLAY_REDIS_URL", server.url)
@@ -166,7 +196,7 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
         md = _md(down)
         events = _parsed_events(env, spec)
         assert not down.success and 0 < md["published"] < len(events) and md["failed"] > 0
-        assert md["published"] + md["failed"] == md["selected"] == len(events)
+        assert md["published"] + md["failed"] + md["unknown"] == md["selected"] == len(events)
         logs = "\n".join(str(e) for e in instance.all_logs(down.run_id))
         assert "ConnectionError" in logs and "s3cret-pw" not in logs, "the error is shown, the password never"
         dead = (
@@ -175,11 +205,9 @@ def test_redis_restart_mid_redrive_ends_with_every_event_delivered_once(env, ins
         assert "s3cret-pw" not in dead
 
         up = _run(spec, instance)
-        assert (
-            up.success
-            and _md(up)["published"] == md["failed"]
-            and _md(up)["skipped_already_delivered"] == md["published"]
-        )
+        settled = _md(up)["reconciled"]  # in doubt, and found in Redis: recorded, not sent again
+        assert up.success and _md(up)["published"] + settled == md["failed"] + md["unknown"]
+        assert _md(up)["skipped_already_delivered"] == md["published"] + settled
         jobs = bullmq_consume(server.url, queue)
         assert sorted(j[0] for j in jobs) == sorted(events)
     finally:

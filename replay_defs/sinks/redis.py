@@ -3,6 +3,8 @@ also reads BullMQ queues' failed jobs as dead letters (`DeadLettersSpec("bullmq"
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -12,7 +14,7 @@ from pydantic import Field
 
 from replay_defs.core import connect
 from replay_defs.core.redact import redact, register_url
-from replay_defs.sinks.base import Batch, SinkType
+from replay_defs.sinks.base import Batch, SinkType, unknown
 
 
 @dataclass(frozen=True)
@@ -51,23 +53,33 @@ class RedisSink:
     """Redis as a sink, in one of three modes (see `RedisSinkSpec`). Every batch is one atomic
     server-side step: BullMQ's own add-job scripts in one MULTI (`Queue.addBulk`), or our script
     for lists and streams, which appends only ids it has not appended before. So a batch whose
-    reply was lost can be sent again safely, and the consumer sees each message once."""
+    reply was lost can be sent again safely, and the consumer sees each message once.
+
+    Outcomes: a server that refuses the connection (or does not answer it) and a server's error
+    reply fail the batch; a connection lost or timed out while the batch ran leaves it in doubt
+    (`unknown`), which `held` settles."""
 
     # KEYS[1] target list/stream, KEYS[2] set of ids already appended for this pipeline and day.
     # ARGV: mode, seen ttl, force (1: append even seen ids), then id, type, body triples.
+    # Appended first, remembered after: an append the server refuses (a key of another type)
+    # leaves its ids unseen, so a later attempt appends them.
     APPEND = """
-    local fresh = {}
+    local fresh, bodies = {}, {}
     for i = 4, #ARGV, 3 do
-      if redis.call('SADD', KEYS[2], ARGV[i]) == 1 or ARGV[3] == '1' then
+      if ARGV[3] == '1' or redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
+        fresh[#fresh + 1] = ARGV[i]
         if ARGV[1] == 'stream' then
           redis.call('XADD', KEYS[1], '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'body', ARGV[i + 2])
         else
-          fresh[#fresh + 1] = ARGV[i + 2]
+          bodies[#bodies + 1] = ARGV[i + 2]
         end
       end
     end
+    for i = 1, #bodies, 1000 do
+      redis.call('RPUSH', KEYS[1], unpack(bodies, i, math.min(i + 999, #bodies)))
+    end
     for i = 1, #fresh, 1000 do
-      redis.call('RPUSH', KEYS[1], unpack(fresh, i, math.min(i + 999, #fresh)))
+      redis.call('SADD', KEYS[2], unpack(fresh, i, math.min(i + 999, #fresh)))
     end
     redis.call('EXPIRE', KEYS[2], ARGV[2])
     return #fresh
@@ -82,52 +94,93 @@ class RedisSink:
         prefix: str = "bull",
         seen_ttl_s: int = 7 * 24 * 3600,
         job_name: str | None = None,
+        timeout_s: float = 30.0,
     ):
-        import redis
-
         self.url, self.key, self.mode, self.prefix, self.seen_ttl_s = url, key, mode, prefix, seen_ttl_s
         self.job_name = job_name
         self.name = f"redis:{mode}:{key}"
-        # A few quick retries; the redrive loop retries whole batches with longer backoff.
-        retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
-        self._redis = connect.redis(url, retry=retry, socket_timeout=30, socket_connect_timeout=5)
-        self._append = self._redis.register_script(self.APPEND)
+        # One attempt per call (retry=None), each wait for the server bounded by timeout_s: the
+        # redrive loop retries whole chunks. A broken connection is replaced on the next call.
+        self._options = {"retry": None, "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        self._redis = connect.redis(url, **self._options)
+        self._append_sha = hashlib.sha1(self.APPEND.encode()).hexdigest()
         self._loop = None
         self._queue = None
+        self._async = None  # the BullMQ queue's client
+        self._forced_run: str | None = None  # the run id of the last call, when it was a forced re-send
 
     def deliver(
         self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
     ) -> list[str | None]:
+        import redis
+
+        self._forced_run = run_id if resend else None
+        try:
+            self._connect()
+        except redis.RedisError as exc:  # refused, unanswered or unauthenticated: nothing was sent
+            return [self._error(exc)] * len(batch)
         try:
             if self.mode == "bullmq":
                 self._add_jobs(batch, run_id if resend else None)
             else:
                 self._append_all(pipeline, day, batch, resend)
-        except Exception as exc:  # the server is down, or refused the batch as a whole
-            self._queue = None  # reconnect on the next batch
-            return [redact(f"{type(exc).__name__} ({self.url}): {exc}")] * len(batch)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # lost while Redis ran the batch
+            return [unknown(self._error(exc))] * len(batch)
+        except Exception as exc:  # refused by the server (WRONGTYPE, OOM) or unsendable: none of it held
+            return [self._error(exc)] * len(batch)
         return [None] * len(batch)
 
+    def _error(self, exc: Exception) -> str:
+        return redact(f"{type(exc).__name__} ({self.url}): {exc}")
+
+    def _connect(self) -> None:
+        """Takes a connection from the pool, opened now if need be, before anything is sent: a
+        server that refuses or does not answer fails here, told apart from one lost mid-batch."""
+        if self.mode != "bullmq":
+            pool = self._redis.connection_pool
+            pool.release(pool.get_connection())
+            return
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        if self._async is None:
+            self._async = connect.redis_async(self.url, decode_responses=True, **self._options)
+
+        async def checkout():
+            pool = self._async.connection_pool
+            await pool.release(await pool.get_connection())
+
+        self._loop.run_until_complete(checkout())
+
     def _append_all(self, pipeline: str, day: str, batch: Batch, resend: bool) -> None:
+        import redis
+
         seen = f"{self.key}:replay-seen:{pipeline}:{day}"
-        pipe = self._redis.pipeline(transaction=False)
+        calls = []
         for start in range(0, len(batch), self.SCRIPT_CHUNK):
             args: list = [self.mode, self.seen_ttl_s, "1" if resend else "0"]
             for i in range(start, min(start + self.SCRIPT_CHUNK, len(batch))):
                 args += (batch.ids[i], batch.types[i] or "", batch.bodies[i])
-            self._append(keys=[self.key, seen], args=args, client=pipe)
+            calls.append(args)
+        # EVALSHA straight away: a redis-py Script in a pipeline first asks SCRIPT EXISTS, one
+        # more round trip per batch, during which a frozen server holds nothing of the batch yet.
+        try:
+            self._evalsha(seen, calls)
+        except redis.exceptions.NoScriptError:  # the server lost its scripts (a restart): none ran
+            self._redis.script_load(self.APPEND)
+            self._evalsha(seen, calls)
+
+    def _evalsha(self, seen: str, calls: list[list]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for args in calls:
+            pipe.evalsha(self._append_sha, 2, self.key, seen, *args)
         pipe.execute()
 
     def _add_jobs(self, batch: Batch, resend_run_id: str | None) -> None:
-        import asyncio
-
         import msgspec
         from bullmq import Queue
 
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
         if self._queue is None:
-            self._queue = Queue(self.key, {"connection": self._async_client(), "prefix": self.prefix})
+            self._queue = Queue(self.key, {"connection": self._async, "prefix": self.prefix})
         decode = msgspec.json.decode
         # BullMQ's addStandardJob returns the existing job for an id it already holds, so a batch
         # sent twice adds each job once. A forced re-send is a new job: the run id salts the id.
@@ -138,18 +191,34 @@ class RedisSink:
         ]
         self._loop.run_until_complete(self._queue.addBulk(jobs))
 
-    def _async_client(self):
-        import redis.asyncio
+    def held(self, pipeline: str, day: str, ids: list[str], since: float) -> set[str] | None:
+        """Which of `ids` Redis holds (`since` is not needed: an id names its copy). Lists and
+        streams: those in the day's "seen" set the append script keeps (SMISMEMBER). BullMQ:
+        those whose job hash `<prefix>:<queue>:<jobId>` exists (EXISTS, pipelined).
 
-        retry = redis.asyncio.retry.Retry(redis.backoff.ExponentialBackoff(cap=1, base=0.1), 2)
-        return connect.redis_async(
-            self.url, decode_responses=True, retry=retry, socket_timeout=30, socket_connect_timeout=5
-        )
+        What it cannot tell: a job a worker already removed (`removeOnComplete`) looks absent, as
+        does an id whose seen set expired (`seen_ttl_s`), so a re-send adds it again; after a forced
+        re-send of a list or stream (the seen set holds the first copies) it answers None: cannot tell."""
+        if self._forced_run is not None and self.mode != "bullmq":
+            return None
+        salt = f"-{self._forced_run}" if self._forced_run is not None else ""
+        pipe = self._redis.pipeline(transaction=False)
+        for start in range(0, len(ids), 1000):
+            part = ids[start : start + 1000]
+            if self.mode == "bullmq":
+                for m in part:
+                    pipe.exists(f"{self.prefix}:{self.key}:{m}{salt}")
+            else:
+                pipe.smismember(f"{self.key}:replay-seen:{pipeline}:{day}", part)
+        found = [f for reply in pipe.execute() for f in (reply if isinstance(reply, list) else [reply])]
+        return {m for m, f in zip(ids, found) if f}
 
     def close(self) -> None:
         if self._queue is not None:
-            self._loop.run_until_complete(self._queue.close())
-            self._queue = None
+            self._loop.run_until_complete(self._queue.close())  # closes its client too
+        elif self._async is not None:
+            self._loop.run_until_complete(self._async.aclose())
+        self._queue = self._async = None
         if self._loop is not None:
             self._loop.close()
             self._loop = None
@@ -164,12 +233,20 @@ class RedisResource(dg.ConfigurableResource):
         json_schema_extra={"dagster__is_secret": True},
     )
 
+    timeout_s: float = Field(
+        default=30.0,
+        description="How long a delivery waits for Redis: to connect, then for a batch's reply "
+        "(env EVENT_REPLAY_SINK_TIMEOUT_S). Past it a batch is failed (not connected) or in doubt.",
+    )
+
     def setup_for_execution(self, context) -> None:
         # resolved now (EnvVar): its password is masked by value in every message of this process
         register_url(self.url)
 
     def sink(self, target: RedisSinkSpec) -> RedisSink:
-        return RedisSink(self.url, target.key, target.mode, target.prefix, target.seen_ttl_s, target.job_name)
+        return RedisSink(
+            self.url, target.key, target.mode, target.prefix, target.seen_ttl_s, target.job_name, self.timeout_s
+        )
 
 
 def peek_bullmq_failed_jobs(source, redis_resource: RedisResource, peek: bool):
@@ -194,7 +271,10 @@ SINK = SinkType(
     kind="redis",
     spec=RedisSinkSpec,
     resource=RedisResource,
-    settings={"url": ("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0")},
+    settings={
+        "url": ("EVENT_REPLAY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "timeout_s": ("EVENT_REPLAY_SINK_TIMEOUT_S", 30.0),
+    },
     open=lambda resource, spec: resource.sink(spec),
     dead_letters={"bullmq": peek_bullmq_failed_jobs},
 )
