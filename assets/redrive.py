@@ -26,12 +26,14 @@ class DeliveryConfig(dg.Config):
         default=2, ge=0, description="Retries, with exponential backoff from 1 s, before a message counts as failed."
     )
     batch_size: int = Field(default=10_000, ge=1, description="Messages per ledger lookup.")
-    chunk_size: int = Field(
-        default=500,
+    chunk_size: int | None = Field(
+        default=None,
         ge=1,
         description=(
-            "Messages per sink call, each recorded in the ledger before it is sent and with its outcome after: "
-            "a crash leaves at most about two chunks in doubt, which the next run reconciles with the sink."
+            "Messages per sink call, each chunk recorded in the ledger before it is sent and with its outcome after: a "
+            "crash leaves at most two chunks in doubt, which the next run settles with the sink. Default: 500 for a "
+            "sink that cannot say what it holds (RabbitMQ, SQS, the outbox: a crash there can leave possible "
+            "duplicates), else the whole batch (Kafka, Redis)."
         ),
     )
 

@@ -90,6 +90,11 @@ def held(sink, pipeline: str, day: str, ids: list[str], since: float) -> set[str
     return None if ask is None else ask(pipeline, day, ids, since)
 
 
+def can_tell(sink) -> bool:
+    """Whether the sink can say which messages its target holds (see `held`)."""
+    return callable(getattr(sink, "held", None))
+
+
 def resend_is_deduplicated(sink, since: float) -> bool:
     """Whether sending again what may have been sent at `since` (epoch seconds) leaves one copy
     although the sink cannot say what it holds: an SQS FIFO queue within its deduplication window
