@@ -445,23 +445,25 @@ class _Delivery:
         return pending.take([i for i, m in enumerate(pending.ids) if m not in found])
 
     def send(self, chunk: Batch) -> None:
-        """One chunk, whose intent is recorded: sent (with retries), each outcome recorded."""
+        """One chunk, whose intent is recorded: sent (with retries), each outcome recorded. A message
+        in doubt is sent again only once the sink said it does not hold it (or cannot say)."""
         if self.down_since is not None and time.monotonic() - self.down_since < PROBE_EVERY_S:
             self._give_up(chunk, [f"not sent: {self.sink.name} is down ({self.down_error})"] * len(chunk))
             return
         attempts = 1 if self.down_since is not None else self.retries + 1
-        delivered_any = False
+        delivered_any, first_sent, last_error = False, time.time(), ""
         for attempt in range(attempts):
             if attempt:  # a retry is a new attempt: its intent first
                 self.writer.record(chunk.ids, SENDING).result()
-            sent_at = time.time()
             errors = self.sink.deliver(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
             delivered_any |= self._delivered([m for m, e in zip(chunk.ids, errors) if e is None]) > 0
             left = [i for i, e in enumerate(errors) if e is not None]
             if not left:
                 break
             chunk, errors = chunk.take(left), [errors[i] for i in left]
-            chunk, errors, found = self._settle_unknown(chunk, errors, sent_at)
+            last_error = errors[0]
+            # Since the first attempt: a copy an earlier attempt left in doubt may land late.
+            chunk, errors, found = self._settle_unknown(chunk, errors, first_sent)
             delivered_any |= found > 0
             if not chunk:
                 break
@@ -474,10 +476,10 @@ class _Delivery:
                 time.sleep(self.backoff_s * 2**attempt)
         else:
             self._give_up(chunk, errors)
-        if delivered_any or not chunk:
+        if delivered_any:
             self.down_since = None
         elif self.down_since is None or attempts == 1:
-            self.down_since, self.down_error = time.monotonic(), errors[0]
+            self.down_since, self.down_error = time.monotonic(), last_error
 
     def _delivered(self, ids: list[str]) -> int:
         dup = [m for m in ids if m in self.maybe_held] if self.maybe_held else []
@@ -491,14 +493,18 @@ class _Delivery:
 
     def _settle_unknown(self, chunk: Batch, errors: list[str], sent_at: float) -> tuple[Batch, list[str], int]:
         """Of messages just sent whose outcome is unknown, those the sink says it holds are
-        delivered; the rest are left to retry (as possible duplicates where the sink cannot say)."""
+        delivered; the rest are left to retry (as possible duplicates where the sink cannot say).
+        When the sink cannot be asked now, they are recorded in doubt at once, for a later run."""
         doubt = [m for m, e in zip(chunk.ids, errors) if isinstance(e, Unknown)]
         if not doubt:
             return chunk, errors, 0
         try:
             found = held(self.sink, self.pipeline, self.partition, doubt, sent_at - 60)
-        except Exception:  # noqa: BLE001 - cannot be asked now: retried, or recorded in doubt
-            return chunk, errors, 0
+        except Exception:  # noqa: BLE001 - cannot be asked now: recorded in doubt, not sent again blind
+            unsure = [i for i, e in enumerate(errors) if isinstance(e, Unknown)]
+            self._give_up(chunk.take(unsure), [errors[i] for i in unsure])
+            rest = [i for i, e in enumerate(errors) if not isinstance(e, Unknown)]
+            return chunk.take(rest), [errors[i] for i in rest], 0
         if found is None:
             if not resend_is_deduplicated(self.sink, sent_at):
                 self.maybe_held.update(doubt)
