@@ -145,7 +145,7 @@ def billing(tmp_path, monkeypatch, chdb_path, ch_database, broker, request):
         "EVENT_REPLAY_CHDB": chdb_path,
         "CLICKHOUSE_DATABASE": ch_database,
         "EVENT_REPLAY_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS": "4000",
+        "EVENT_REPLAY_SINK_TIMEOUT_S": "4",
     }.items():
         monkeypatch.setenv(k, str(v))
     spec = dataclasses.replace(BILLING, redrive=dataclasses.replace(BILLING.redrive, sink=KafkaSinkSpec(topic)))

@@ -26,7 +26,7 @@ def broker(monkeypatch):
     tansu = Tansu().start()
     tansu.create_topic(TOPIC)
     monkeypatch.setenv("EVENT_REPLAY_KAFKA_BOOTSTRAP", tansu.bootstrap)
-    monkeypatch.setenv("EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS", "4000")
+    monkeypatch.setenv("EVENT_REPLAY_SINK_TIMEOUT_S", "4")
     yield tansu
     tansu.stop()
 

@@ -55,7 +55,7 @@ def ui(tmp_path_factory, demo_lake_template, redis_url, postgres_dsn):
             "EVENT_REPLAY_CHDB": tmp / "chdb",
             "CLICKHOUSE_DATABASE": "default",
             "EVENT_REPLAY_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "EVENT_REPLAY_KAFKA_MESSAGE_TIMEOUT_MS": "4000",
+            "EVENT_REPLAY_SINK_TIMEOUT_S": "4",
             "EVENT_REPLAY_REDIS_URL": redis_url,
             # The machine's Redis is shared: this module's own queue, in the job shape the workers read.
             "EVENT_REPLAY_SINK__INGESTION_REFILL": f"redis:{queue}?job_name=ingestion-job",
