@@ -266,13 +266,14 @@ def print_table(spec_name: str, days: list[str], truth_lake: str | None = None) 
     print("-" * len(head))
     for r in rows:
         status = verdict_summary([(c, checks.get((c, r["day"]))) for c in names])
-        sinks = list(r["deliveries"].items()) or [(None, {})]
+        own = find_spec(spec_name).redrive.sink.name  # the spec's sink first, a launch's other destinations after
+        sinks = sorted(r["deliveries"].items(), key=lambda item: (item[0] != own, item[0])) or [(None, {})]
         line = (
             f"{r['day']:10} {_fmt(r['version'], 3)} {_fmt(r['raw_lines'], 10)} {_fmt(r['parsed'], 9)} "
             f"{_fmt(r['duplicates'], 6)} {_fmt(r['quarantined'], 5)} {_fmt(r['routed_in'], 5)} {_fmt(r['routed_out'], 5)} "
             f"{_fmt(r['projection'], 9)} {_delivery_columns(sinks[0][1])}  {status}"
         )
-        if len(sinks) > 1 or (sinks[0][0] is not None and sinks[0][0] != find_spec(spec_name).redrive.sink.name):
+        if len(sinks) > 1 or sinks[0][0] not in (None, own):
             line += f"  | {sinks[0][0]}"
         if truth_lake:
             truth = read_truth(truth_lake, r["day"])
