@@ -48,7 +48,8 @@ def test_ledger_records_attempts_status_errors_and_runs(ledger):
     assert rows["e0"]["attempts"] == 1 and rows["e0"]["run_id"] == "run-1" and rows["e0"]["status"] == "delivered"
     retried = rows["e24999"]
     assert retried["attempts"] == 2 and retried["run_id"] == "run-2" and retried["last_error"] is None
-    assert retried["sent_at"] > rows["e0"]["sent_at"], "an outcome keeps the time of the send it settles"
+    assert rows["e20000"]["sent_at"] > rows["e0"]["sent_at"], "an outcome keeps the time of the send it settles"
+    assert retried["sent_at"] == rows["e0"]["sent_at"], "sent again while in doubt: the first send's time stays"
     assert ledger.summary("p", DAY)["kafka:t"]["possible_duplicates"] == 5_000
 
 

@@ -72,10 +72,13 @@ class Ledger(Protocol):
 
 
 # An attempt (`sending`) counts and stamps the row; an outcome keeps the attempt's count and time.
+# A row still in doubt keeps its first attempt's time: the target may hold that first copy (and an
+# SQS FIFO queue's deduplication window runs from it).
 UPSERT = """status = excluded.status,
     attempts = redrive_ledger.attempts + CASE WHEN excluded.status = 'sending' THEN 1 ELSE 0 END,
     last_error = excluded.last_error, run_id = excluded.run_id, day = excluded.day, updated_at = now(),
-    sent_at = coalesce(excluded.sent_at, redrive_ledger.sent_at),
+    sent_at = CASE WHEN redrive_ledger.status IN ('sending', 'unknown')
+      THEN coalesce(redrive_ledger.sent_at, excluded.sent_at) ELSE coalesce(excluded.sent_at, redrive_ledger.sent_at) END,
     possible_duplicate = redrive_ledger.possible_duplicate OR excluded.possible_duplicate"""
 STATUSES = (DELIVERED, FAILED, UNKNOWN, SENDING)
 SUMMARY = ", ".join(f"count(*) FILTER (WHERE status = '{s}')" for s in STATUSES) + (
