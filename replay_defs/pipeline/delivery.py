@@ -415,6 +415,7 @@ class _Delivery:
     log: Callable[[str], None] | None = None
     on_failed: Callable[[list[dict]], None] | None = None
     maybe_held: set[str] = field(default_factory=set)  # sent again while in doubt: possible duplicates
+    doubted: set[str] = field(default_factory=set)  # the target may hold them: a later refusal leaves them in doubt
     down_since: float | None = None  # monotonic time the target was found down
     down_error: str = ""
 
@@ -433,6 +434,7 @@ class _Delivery:
             self._give_up(pending.take([i for i, m in enumerate(pending.ids) if m in keep]), [error] * len(keep))
             return pending.take([i for i, m in enumerate(pending.ids) if m not in keep])
         if found is None:
+            self.doubted.update(doubt)
             if not resend_is_deduplicated(self.sink, since):
                 self.maybe_held.update(doubt)
             return pending
@@ -498,8 +500,10 @@ class _Delivery:
         try:
             found = held(self.sink, self.pipeline, self.partition, doubt, sent_at - 60)
         except Exception:  # noqa: BLE001 - cannot be asked now: retried, or recorded in doubt
+            self.doubted.update(doubt)
             return chunk, errors, 0
         if found is None:
+            self.doubted.update(doubt)
             if not resend_is_deduplicated(self.sink, sent_at):
                 self.maybe_held.update(doubt)
             return chunk, errors, 0
@@ -508,7 +512,15 @@ class _Delivery:
         return chunk.take(keep), [errors[i] for i in keep], len(found)
 
     def _give_up(self, chunk: Batch, errors: list[str]) -> None:
-        """Records what is left of a chunk as failed or unknown, with its error, and as dead letters."""
+        """Records what is left of a chunk as failed or unknown, with its error, and as dead letters.
+        A refusal of a message the target may hold from an earlier attempt leaves it in doubt."""
+        if self.doubted:
+            errors = [
+                unknown(f"{e} (an earlier attempt is in doubt)")
+                if m in self.doubted and not isinstance(e, Unknown)
+                else e
+                for m, e in zip(chunk.ids, errors)
+            ]
         by_error: dict[str, list[int]] = {}
         for i, e in enumerate(errors):
             by_error.setdefault(e, []).append(i)
