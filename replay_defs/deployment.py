@@ -17,10 +17,16 @@ PROJECTION_LOGS = ("EVENT_REPLAY_PROJECTION_LOG_DIR", "data/projection_replay")
 
 def deployed(setting: tuple[str, object]):
     """The setting for a resource: an `EnvVar` when set (resolved at launch, kept out of the UI's
-    config; an integer when the default is one), else its default."""
+    config; an integer when the default is one), else its default. A float (a timeout) is read
+    now: Dagster has no float `EnvVar`."""
     env, default = setting
     if env not in os.environ:
         return default
+    if isinstance(default, float):
+        try:
+            return float(os.environ[env])
+        except ValueError:
+            raise ValueError(f"{env} must be a number of seconds, not {os.environ[env]!r}") from None
     return dg.EnvVar.int(env) if isinstance(default, int) else dg.EnvVar(env)
 
 
