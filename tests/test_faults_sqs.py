@@ -134,11 +134,11 @@ def test_moto_frozen_30s_mid_run_then_a_rerun(moto, postgres_dsn):
     """Frozen, moto answers nothing: calls time out after they were sent (in doubt), later chunks
     fail at once; thawed, it stores what it had received, and the run goes on. The re-run
     re-sends what is in doubt: deduplicated by the FIFO queue, possible duplicates on the other."""
-    n, queues, env = 750, _queues("frozen"), _env(moto)
+    n, queues, env = 500, _queues("frozen"), _env(moto)
     _create(moto, queues)
     procs = {
         kind: subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
-        for kind, cmd in _commands(queues, postgres_dsn, n, rate=15).items()
+        for kind, cmd in _commands(queues, postgres_dsn, n, rate=10).items()
     }
     deadline = time.monotonic() + 60
     while min(_depth(moto, q) for q in queues.values()) < 30:
@@ -174,9 +174,9 @@ def _delivered_in(dsn: str, queue: str, ids: list[str]) -> int:
 def test_five_seeded_sigkills_then_a_rerun(moto, postgres_dsn):
     """Killed at random points, a run leaves its chunk in flight recorded as sent (`sending`), never
     unrecorded: no message on the queue lacks a ledger row. The re-run re-sends what is in doubt."""
-    n, queues, env = 800, _queues("kill"), _env(moto)
+    n, queues, env = 600, _queues("kill"), _env(moto)
     _create(moto, queues)
-    commands = _commands(queues, postgres_dsn, n, rate=20)
+    commands = _commands(queues, postgres_dsn, n, rate=8)
     # Kill points after the process's start-up (about 7 s here), while it delivers; 5 kills stay
     # far inside the FIFO queue's 5-minute deduplication window.
     threads = [
