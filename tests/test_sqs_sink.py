@@ -10,7 +10,7 @@ from services import Moto
 
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import TELEMETRY
-from replay_defs.sinks.base import Batch
+from replay_defs.sinks.base import Batch, Unknown
 from replay_defs.sinks.sqs import SqsSink, SqsSinkSpec
 
 DAY = "2025-11-25"
@@ -76,14 +76,16 @@ def test_fifo_queue_gets_deduplication_ids_and_force_is_not_swallowed(env, insta
     assert len(moto.drain("redrive.fifo")) == n, "a forced re-send within 5 minutes must still arrive"
 
 
-def test_failed_entries_are_retried_then_counted(moto):
-    """SendMessageBatch answers 200 with per-entry failures: retried, and reported when they persist."""
+def test_an_entry_the_queue_refuses_fails_alone_as_refused(moto):
+    """A message too big for the queue refuses its whole SendMessageBatch (moto): the entries are
+    then sent one by one, and only the culprit fails, as a refusal (the queue does not hold it)."""
     sqs = moto.client("sqs")
     sqs.create_queue(QueueName="small", Attributes={"MaximumMessageSize": "1024"})
-    sink = SqsSink(sqs, "small", retries=1)
+    sink = SqsSink(sqs, "small")
     msgs = Batch.of([("ok", {"x": "a"}, None), ("big", {"x": "b" * 4000}, None), ("ok2", {"x": "c"}, None)])
     errors = sink.deliver("p", DAY, msgs, run_id="r")
-    assert errors[0] is None and errors[2] is None and errors[1] is not None
+    assert errors[0] is None and errors[2] is None
+    assert "1024 bytes" in errors[1] and not isinstance(errors[1], Unknown)
     assert sorted(json.loads(m["Body"])["id"] for m in moto.drain("small")) == ["ok", "ok2"]
 
 

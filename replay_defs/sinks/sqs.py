@@ -1,5 +1,5 @@
-"""The SQS sink: SendMessageBatch, retrying the entries a batch reports as failed, with
-queue-depth backpressure. Its resource also reads SQS dead-letter queues (`DeadLettersSpec("sqs", queue)`)."""
+"""The SQS sink: SendMessageBatch, each call bounded in time and its failures classified as
+refused or in doubt, with queue-depth backpressure. Its resource also reads SQS dead-letter queues (`DeadLettersSpec("sqs", queue)`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from typing import Literal
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field
 
 from replay_defs.core.redact import redact
-from replay_defs.sinks.base import Batch, SinkType
+from replay_defs.sinks.base import Batch, SinkType, Unknown, unknown
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,20 @@ class SqsSinkSpec:
 
 class SqsSink:
     """SQS via boto3. Batches hold at most 10 entries and `max_batch_bytes` (256 KiB: what moto
-    enforces; AWS now takes 1 MiB). SendMessageBatch succeeds as a call even when entries fail,
-    so failed entries are retried with backoff before they count as failed."""
+    enforces; AWS now takes 1 MiB). Each SendMessageBatch is sent once (the delivery loop retries);
+    SendMessageBatch succeeds as a call even when entries fail, and those entries fail alone.
+
+    One `deliver()` takes at most `timeout_s` (waiting for room on the queue aside): calls start
+    within its first half, and the client's timeouts (`client_config`) end each within a quarter.
+    The first call that cannot connect or gets no answer ends the batch: the rest is not sent.
+    Nothing sent (no connection, a refusal) is a plain error; a call sent without an answer (read
+    timeout, connection closed, a 5xx other than 503) is `unknown`. A `.fifo` queue drops a re-sent
+    deduplication id within 5 minutes of its first send (`dedup_window_s`); a standard queue cannot
+    tell what it holds, so messages in doubt go again and count as possible duplicates."""
 
     MAX_ENTRIES = 10
+    # Whole-call refusals an entry's content can cause: the entries are then sent one by one.
+    CONTENT_ERRORS = ("InvalidParameterValue", "InvalidMessageContents", "TooLong", "InvalidAttribute")
 
     def __init__(
         self,
@@ -51,17 +63,18 @@ class SqsSink:
         queue: str,
         max_visible: int | None = None,
         max_batch_bytes: int = 256 * 1024,
-        retries: int = 3,
         poll_s: float = 1.0,
+        timeout_s: float = 30.0,
     ):
         self.client = client
         self.queue = queue
         self.name = f"sqs:{queue}"
         self.fifo = queue.endswith(".fifo")
+        self.dedup_window_s = 300.0 if self.fifo else 0.0
         self.max_visible = max_visible
         self.max_batch_bytes = max_batch_bytes
-        self.retries = retries
         self.poll_s = poll_s
+        self.timeout_s = timeout_s
         self.paused_s = 0.0  # time spent waiting for the queue to drain (backpressure)
         self._url: str | None = None
 
@@ -94,10 +107,9 @@ class SqsSink:
         if chunk:
             yield chunk
 
-    def deliver(
-        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
-    ) -> list[str | None]:
-        errors: list[str | None] = [None] * len(batch)
+    def _entries(self, pipeline: str, day: str, batch: Batch, run_id: str, resend: bool) -> list[dict]:
+        """SendMessageBatch entries: the body as sent, with `replay_run_id`, `pipeline` and `day`
+        attributes; on a FIFO queue the day is the group and the message id the deduplication id."""
         attrs = {
             k: {"DataType": "String", "StringValue": v}
             for k, v in (("replay_run_id", run_id or "-"), ("pipeline", pipeline), ("day", day))
@@ -112,59 +124,98 @@ class SqsSink:
                     f"{mid}{run_id if resend else ''}".encode()
                 ).hexdigest()[:64]
             entries.append(entry)
-        for chunk in self._chunks(entries):
-            self._wait_for_room()
-            pending, attempt = chunk, 0
-            while pending:
-                failed = self._send(pending)
-                attempt += 1
-                for e, err, retryable in failed:
-                    if not retryable or attempt > self.retries:
-                        errors[int(e["Id"])] = err
-                pending = [e for e, _, retryable in failed if retryable and attempt <= self.retries]
-                if pending:
-                    time.sleep(0.2 * 2**attempt)
+        return entries
+
+    def deliver(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> list[str | None]:
+        errors: list[str | None] = [None] * len(batch)
+        started, paused = time.monotonic(), self.paused_s
+        stop: str | None = None  # why the rest of the batch is not sent
+        for chunk in self._chunks(self._entries(pipeline, day, batch, run_id, resend)):
+            if stop is None and time.monotonic() - started - (self.paused_s - paused) > self.timeout_s / 2:
+                stop = f"not sent: {self.name} took over {self.timeout_s / 2:g} s for the batch (EVENT_REPLAY_SINK_TIMEOUT_S / 2)"
+            if stop is None:
+                stop = self._ready()
+            if stop is not None:
+                for e in chunk:
+                    errors[int(e["Id"])] = stop
+                continue
+            failed, call_error = self._send(chunk)
+            for e, err in failed:
+                errors[int(e["Id"])] = err
+            if call_error is not None:
+                stop = f"not sent, after: {call_error}"
         return errors
 
     def close(self) -> None:
         pass
 
-    def _send(self, entries: list[dict]) -> list[tuple[dict, str, bool]]:
-        """One SendMessageBatch; returns (entry, error, retryable) for every entry that failed."""
-        from botocore.exceptions import ClientError
+    def _ready(self) -> str | None:
+        """None when the queue can take messages now (its URL known, room on it with
+        `max_visible`), else why not: nothing of the batch was sent."""
+        try:
+            self._queue_url()
+            self._wait_for_room()
+            return None
+        except Exception as exc:  # noqa: BLE001 - no message went out: every cause is a refusal
+            return "not sent: " + self._describe(exc)
 
+    def _send(self, entries: list[dict]) -> tuple[list[tuple[dict, str]], str | None]:
+        """One SendMessageBatch: (entry, error) for every entry that failed, and the error of the
+        call when it failed as a whole (the rest of the batch is then not sent)."""
         try:
             resp = self.client.send_message_batch(QueueUrl=self._queue_url(), Entries=entries)
-        except ClientError as exc:
-            if len(entries) > 1:  # refused as a whole (e.g. one entry too big): isolate the culprit
-                return [f for e in entries for f in self._send([e])]
-            code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-            return [
-                (
-                    entries[0],
-                    redact(f"{exc.response['Error'].get('Code')}: {exc.response['Error'].get('Message')}"),
-                    code >= 500,
-                )
-            ]
-        except Exception as exc:  # the endpoint is down or unreachable: retry later
-            return [(e, redact(f"{type(exc).__name__}: {exc}"), True) for e in entries]
+        except Exception as exc:  # noqa: BLE001 - classified: refused, or in doubt
+            error = self._describe(exc)
+            if isinstance(exc, ClientError) and not isinstance(error, Unknown) and len(entries) > 1:
+                if any(c in exc.response["Error"].get("Code", "") for c in self.CONTENT_ERRORS):
+                    return [f for e in entries for f in self._send([e])[0]], None  # find the culprit
+            return [(e, error) for e in entries], error
         by_id = {e["Id"]: e for e in entries}
-        return [
-            (by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}", not f.get("SenderFault", False))
-            for f in resp.get("Failed", [])
-        ]
+        # SQS did not store these (a sender fault, or its own): refused, the loop retries them.
+        return [(by_id[f["Id"]], f"{f.get('Code')}: {f.get('Message')}") for f in resp.get("Failed", [])], None
+
+    def _describe(self, exc: Exception) -> str:
+        """The error of a call: `unknown` when it was sent and may have taken effect (no answer, or
+        a 5xx other than 503), else a refusal (no connection, or SQS refused the call)."""
+        if isinstance(exc, ClientError):
+            err, status = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            text = redact(f"{self.name}: {err.get('Code')}: {err.get('Message')}")
+            return unknown(text) if (status or 0) >= 500 and status != 503 else text
+        text = redact(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, BotoConnectionError):  # never connected: nothing went out
+            return f"{text}; is SQS up, and EVENT_REPLAY_SQS_ENDPOINT (or AWS_REGION) right?"
+        if isinstance(exc, (NoCredentialsError, ParamValidationError)):  # refused before sending
+            return text
+        return unknown(text)  # read timeout, connection closed: the request may have been stored
+
+
+def client_config(timeout_s: float) -> Config:
+    """The sending client's settings: a call gets at most a quarter of `timeout_s` to connect (5 s
+    at most) and a quarter to be answered, and is sent once: a botocore retry after a timeout could
+    store a second copy that nothing records (the delivery loop retries, knowing the first is in doubt)."""
+    return Config(
+        connect_timeout=min(5.0, timeout_s / 4),
+        read_timeout=timeout_s / 4,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+    )
 
 
 class SqsResource(ResourceWithBoto3Configuration):
     """SQS for redrive sinks. dagster-aws has no SQS resource; this uses its boto3 settings
-    (region_name, endpoint_url, profile_name, credentials, max_attempts). Env: AWS_* as usual,
-    EVENT_REPLAY_SQS_ENDPOINT for a local endpoint."""
+    (region_name, endpoint_url, profile_name, credentials; max_attempts for reading dead-letter
+    queues: a redrive sends each batch once). Env: AWS_* as usual, EVENT_REPLAY_SQS_ENDPOINT for a
+    local endpoint, EVENT_REPLAY_SINK_TIMEOUT_S for `timeout_s`."""
 
     poll_seconds: float = Field(
         default=5.0, description="Backpressure: how often to re-check queue depth while paused."
     )
+    timeout_s: float = Field(
+        default=30.0, description="At most this long for one delivery call (a redrive chunk), waiting for room aside."
+    )
 
-    def client(self):
+    def client(self, config: Config | None = None):
         session = boto3.session.Session(profile_name=self.profile_name)
         return session.client(
             "sqs",
@@ -175,11 +226,17 @@ class SqsResource(ResourceWithBoto3Configuration):
             aws_access_key_id=self.aws_access_key_id,
             aws_secret_access_key=self.aws_secret_access_key,
             aws_session_token=self.aws_session_token,
-            config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
+            config=config or Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
         )
 
     def sink(self, queue: str, max_visible: int | None = None) -> SqsSink:
-        return SqsSink(self.client(), queue, max_visible=max_visible, poll_s=self.poll_seconds)
+        return SqsSink(
+            self.client(client_config(self.timeout_s)),
+            queue,
+            max_visible=max_visible,
+            poll_s=self.poll_seconds,
+            timeout_s=self.timeout_s,
+        )
 
 
 def peek_dead_letters(source, sqs: SqsResource, peek: bool):
@@ -208,7 +265,11 @@ SINK = SinkType(
     kind="sqs",
     spec=SqsSinkSpec,
     resource=SqsResource,
-    settings={"endpoint_url": ("EVENT_REPLAY_SQS_ENDPOINT", None), "region_name": ("AWS_REGION", "us-east-1")},
+    settings={
+        "endpoint_url": ("EVENT_REPLAY_SQS_ENDPOINT", None),
+        "region_name": ("AWS_REGION", "us-east-1"),
+        "timeout_s": ("EVENT_REPLAY_SINK_TIMEOUT_S", 30.0),
+    },
     open=lambda resource, spec: resource.sink(spec.queue, spec.max_visible),
     dead_letters={"sqs": peek_dead_letters},
 )
