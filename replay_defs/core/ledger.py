@@ -20,6 +20,7 @@ Ids travel as one Arrow column or array parameter per batch, never one statement
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -43,9 +44,9 @@ class Ledger(Protocol):
     def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
         """The subset of `ids` the sink already has."""
 
-    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, float]:
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, tuple[float, str]]:
         """The ids of `ids` whose last send is in doubt (`sending` or `unknown`), each with when it
-        was sent (epoch seconds)."""
+        was first sent (epoch seconds) and the day (partition) it was sent for."""
 
     def record(
         self,
@@ -71,7 +72,9 @@ class Ledger(Protocol):
         """Every ledger row of the day, for inspection and tests."""
 
 
-# An attempt (`sending`) counts and stamps the row; an outcome keeps the attempt's count and time.
+# An attempt (`sending`) counts and stamps the row with this process's clock (the one a Kafka
+# message's timestamp comes from, whatever the ledger server's clock says); an outcome keeps the
+# attempt's count and time.
 # A row still in doubt keeps its first attempt's time: the target may hold that first copy (and an
 # SQS FIFO queue's deduplication window runs from it).
 UPSERT = """status = excluded.status,
@@ -118,17 +121,17 @@ class DuckDBLedger:
         self.con.unregister("ledger_ids")
         return {r[0] for r in rows}
 
-    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, float]:
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, tuple[float, str]]:
         if not ids:
             return {}
         self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
         rows = self.con.execute(
-            "SELECT message_id, epoch(coalesce(sent_at, updated_at)) FROM redrive_ledger JOIN ledger_ids USING (message_id) "
+            "SELECT message_id, epoch(coalesce(sent_at, updated_at)), day FROM redrive_ledger JOIN ledger_ids USING (message_id) "
             "WHERE pipeline = $pipeline AND sink = $sink AND status IN ('sending', 'unknown')",
             {"pipeline": pipeline, "sink": sink},
         ).fetchall()
         self.con.unregister("ledger_ids")
-        return dict(rows)
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def record(
         self,
@@ -148,7 +151,7 @@ class DuckDBLedger:
             f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
                  sent_at, possible_duplicate)
                SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id,
-                 CASE WHEN $status = 'sending' THEN now() END, $dup FROM ledger_ids
+                 CASE WHEN $status = 'sending' THEN to_timestamp($now) END, $dup FROM ledger_ids
                ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}""",
             {
                 "pipeline": pipeline,
@@ -158,6 +161,7 @@ class DuckDBLedger:
                 "error": error,
                 "run_id": run_id,
                 "dup": possible_duplicate,
+                "now": time.time(),
             },
         )
         self._write.unregister("ledger_ids")
@@ -225,17 +229,17 @@ class PostgresLedger:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, float]:
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, tuple[float, str]]:
         if not ids:
             return {}
         rows = self.con.execute(
-            "SELECT l.message_id, l.sent FROM unnest(%s::text[]) AS i(message_id), LATERAL ("
-            "  SELECT message_id, extract(epoch FROM coalesce(sent_at, updated_at))::float8 AS sent FROM redrive_ledger"
+            "SELECT l.message_id, l.sent, l.day FROM unnest(%s::text[]) AS i(message_id), LATERAL ("
+            "  SELECT message_id, extract(epoch FROM coalesce(sent_at, updated_at))::float8 AS sent, day FROM redrive_ledger"
             "  WHERE pipeline = %s AND sink = %s AND message_id = i.message_id"
             "  AND status IN ('sending', 'unknown') LIMIT 1) AS l",
             (ids, pipeline, sink),
         ).fetchall()
-        return dict(rows)
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def record(
         self,
@@ -254,9 +258,9 @@ class PostgresLedger:
             f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
                  sent_at, possible_duplicate)
                SELECT %s, %s, unnest(%s::text[]), %s, %s, 1, %s, %s,
-                 CASE WHEN %s = 'sending' THEN now() END, %s
+                 CASE WHEN %s = 'sending' THEN to_timestamp(%s) END, %s
                ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}""",
-            (pipeline, sink, ids, day, status, error, run_id, status, possible_duplicate),
+            (pipeline, sink, ids, day, status, error, run_id, status, time.time(), possible_duplicate),
         )
 
     def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:

@@ -24,7 +24,16 @@ from replay_defs.core.lake import Lake, check_partition
 from replay_defs.core.ledger import DELIVERED, FAILED, SENDING, UNKNOWN, Ledger
 from replay_defs.core.pacing import Pacer, read_ahead
 from replay_defs.pipeline.spec import PipelineSpec
-from replay_defs.sinks.base import Batch, Sink, Unknown, can_tell, held, resend_is_deduplicated, unknown
+from replay_defs.sinks.base import (
+    Batch,
+    Sink,
+    Unknown,
+    can_tell,
+    held,
+    resend_is_deduplicated,
+    unknown,
+    unreachable,
+)
 
 
 @dataclass
@@ -406,7 +415,8 @@ class LedgerWriter:
             self._pool.shutdown(wait=True)
 
 
-# After a chunk delivered nothing through all its retries, the target counts as down: later chunks
+# After a chunk delivered nothing through all its retries, and the target answered none of it (every
+# error `Unreachable` or `Unknown`, not a refusal), the target counts as down: later chunks
 # fail at once without being sent, except one probe every this many seconds, which (if it gets
 # through) puts the target back in use. So a dead endpoint fails a day in about one chunk's time.
 PROBE_EVERY_S = 10.0
@@ -428,29 +438,33 @@ class _Delivery:
     counts: RedriveCounts
     log: Callable[[str], None] | None = None
     on_failed: Callable[[list[dict]], None] | None = None
-    maybe_held: set[str] = field(default_factory=set)  # sent again while in doubt: possible duplicates
-    doubted: set[str] = field(default_factory=set)  # the target may hold them: a later refusal leaves them in doubt
+    # The target may hold them, and cannot say: id -> when first sent. A later refusal leaves them in
+    # doubt; delivered again, they are possible duplicates unless the target deduplicates the re-send.
+    doubted: dict[str, float] = field(default_factory=dict)
     down_since: float | None = None  # monotonic time the target was found down
     down_error: str = ""
 
-    def reconcile(self, pending: Batch, in_doubt: dict[str, float]) -> Batch:
+    def reconcile(self, pending: Batch, in_doubt: dict[str, tuple[float, str]]) -> Batch:
         """What is left to send of `pending` once its messages in doubt from an earlier attempt are
-        settled with the sink: those it holds are recorded as delivered and not sent."""
+        settled with the sink: those it holds are recorded as delivered and not sent. Each is asked
+        for under the day it was sent for (a raw file's message may have gone out with another day)."""
         doubt = [m for m in pending.ids if m in in_doubt]
         if not doubt:
             return pending
-        since = min(in_doubt[m] for m in doubt) - 60  # a minute for clocks that disagree
+        since = min(in_doubt[m][0] for m in doubt) - 60  # a minute for clocks that disagree
+        by_day: dict[str, list[str]] = {}
+        for m in doubt:
+            by_day.setdefault(in_doubt[m][1], []).append(m)
         try:
-            found = held(self.sink, self.pipeline, self.partition, doubt, since)
+            answers = [held(self.sink, self.pipeline, day, ids, since) for day, ids in by_day.items()]
+            found = None if None in answers else set().union(*answers)
         except Exception as exc:  # noqa: BLE001 - the target cannot be asked now: they stay in doubt
             error = unknown(f"not sent: in doubt since an earlier attempt, and {self.sink.name} cannot be asked: {exc}")
             keep = set(doubt)
             self._give_up(pending.take([i for i, m in enumerate(pending.ids) if m in keep]), [error] * len(keep))
             return pending.take([i for i, m in enumerate(pending.ids) if m not in keep])
         if found is None:
-            self.doubted.update(doubt)
-            if not resend_is_deduplicated(self.sink, since):
-                self.maybe_held.update(doubt)
+            self.doubted.update({m: in_doubt[m][0] - 60 for m in doubt})  # a minute for clocks that disagree
             return pending
         if found:
             self.writer.record(sorted(found), DELIVERED)
@@ -461,74 +475,53 @@ class _Delivery:
         return pending.take([i for i, m in enumerate(pending.ids) if m not in found])
 
     def send(self, chunk: Batch) -> None:
-        """One chunk, whose intent is recorded: sent (with retries), each outcome recorded. A message
-        in doubt is sent again only once the sink said it does not hold it (or cannot say)."""
+        """One chunk, whose intent is recorded: sent (refusals retried), each outcome recorded. A
+        message in doubt is not sent again in this run — a copy may still be on its way (a socket
+        buffer, a slow replica) — but recorded in doubt for the next run to settle with the sink."""
         if self.down_since is not None and time.monotonic() - self.down_since < PROBE_EVERY_S:
-            self._give_up(chunk, [f"not sent: {self.sink.name} is down ({self.down_error})"] * len(chunk))
+            self._give_up(chunk, [unreachable(f"not sent: {self.sink.name} is down ({self.down_error})")] * len(chunk))
             return
         attempts = 1 if self.down_since is not None else self.retries + 1
-        delivered_any, first_sent, last_error = False, time.time(), ""
+        delivered_any, answered, last_error = False, False, ""
         for attempt in range(attempts):
             if attempt:  # a retry is a new attempt: its intent first
                 self.writer.record(chunk.ids, SENDING).result()
             errors = self.sink.deliver(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
             delivered_any |= self._delivered([m for m, e in zip(chunk.ids, errors) if e is None]) > 0
-            left = [i for i, e in enumerate(errors) if e is not None]
+            answered |= any(type(e) is str for e in errors)  # a refusal is an answer: the target is up
+            unsure = [i for i, e in enumerate(errors) if isinstance(e, Unknown)]
+            if unsure:
+                self._give_up(chunk.take(unsure), [errors[i] for i in unsure])
+            left = [i for i, e in enumerate(errors) if e is not None and not isinstance(e, Unknown)]
+            last_error = next((e for e in errors if e is not None), last_error)
             if not left:
                 break
             chunk, errors = chunk.take(left), [errors[i] for i in left]
-            last_error = errors[0]
-            # Since the first attempt: a copy an earlier attempt left in doubt may land late.
-            chunk, errors, found = self._settle_unknown(chunk, errors, first_sent)
-            delivered_any |= found > 0
-            if not chunk:
-                break
             if attempt + 1 < attempts:
                 if self.log:
                     self.log(
-                        f"redrive {self.partition}: {len(chunk)} deliveries not confirmed ({errors[0]}); "
+                        f"redrive {self.partition}: {len(chunk)} deliveries failed ({errors[0]}); "
                         f"retry {attempt + 1}/{self.retries}"
                     )
                 time.sleep(self.backoff_s * 2**attempt)
         else:
             self._give_up(chunk, errors)
-        if delivered_any:
+        if delivered_any or answered:
             self.down_since = None
-        elif self.down_since is None or attempts == 1:
+        elif self.down_since is None or attempts == 1:  # nothing got through, nothing answered
             self.down_since, self.down_error = time.monotonic(), last_error
 
     def _delivered(self, ids: list[str]) -> int:
-        dup = [m for m in ids if m in self.maybe_held] if self.maybe_held else []
+        # Decided now, not when it was sent again: an SQS FIFO window may have closed meanwhile.
+        dup = [m for m in ids if m in self.doubted and not resend_is_deduplicated(self.sink, self.doubted[m])]
         if dup:
             self.writer.record(dup, DELIVERED, possible_duplicate=True)
             self.counts.possible_duplicates += len(dup)
-            ids = [m for m in ids if m not in self.maybe_held]
+            dup_set = set(dup)
+            ids = [m for m in ids if m not in dup_set]
         self.writer.record(ids, DELIVERED)
         self.counts.published += len(ids) + len(dup)
         return len(ids) + len(dup)
-
-    def _settle_unknown(self, chunk: Batch, errors: list[str], sent_at: float) -> tuple[Batch, list[str], int]:
-        """Of messages just sent whose outcome is unknown, those the sink says it holds are
-        delivered; the rest are left to retry (as possible duplicates where the sink cannot say).
-        When the sink cannot be asked now, they are recorded in doubt at once, for a later run."""
-        doubt = [m for m, e in zip(chunk.ids, errors) if isinstance(e, Unknown)]
-        if not doubt:
-            return chunk, errors, 0
-        try:
-            found = held(self.sink, self.pipeline, self.partition, doubt, sent_at - 60)
-        except Exception:  # noqa: BLE001 - cannot be asked now: recorded in doubt, not sent again blind
-            unsure = [i for i, e in enumerate(errors) if isinstance(e, Unknown)]
-            self._give_up(chunk.take(unsure), [errors[i] for i in unsure])
-            rest = [i for i, e in enumerate(errors) if not isinstance(e, Unknown)]
-            return chunk.take(rest), [errors[i] for i in rest], 0
-        if found is None:
-            self.doubted.update(doubt)
-            if not resend_is_deduplicated(self.sink, sent_at):
-                self.maybe_held.update(doubt)
-            return chunk, errors, 0
-        self._delivered([m for m in doubt if m in found])
-        keep = [i for i, m in enumerate(chunk.ids) if m not in found]
-        return chunk.take(keep), [errors[i] for i in keep], len(found)
 
     def _give_up(self, chunk: Batch, errors: list[str]) -> None:
         """Records what is left of a chunk as failed or unknown, with its error, and as dead letters.

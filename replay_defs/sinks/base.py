@@ -65,6 +65,15 @@ class Unknown(str):
     connection lost after the message was sent. Any other error means the target refused it."""
 
 
+class Unreachable(str):
+    """A delivery's error when the target could not be reached, or stopped answering before the
+    message was sent: it does not hold it (a failure, like a refusal), and the target is down."""
+
+
+def unreachable(error: str) -> Unreachable:
+    return Unreachable(error)
+
+
 def unknown(error: str) -> Unknown:
     return Unknown(error if error.startswith("unknown: ") else "unknown: " + error)
 

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from replay_defs.core import connect
 from replay_defs.core.redact import redact, register_url
-from replay_defs.sinks.base import Batch, SinkType, Unknown, unknown
+from replay_defs.sinks.base import Batch, SinkType, unknown, unreachable
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class RabbitMQSink:
     def connection_lost(error: str | None) -> bool:
         """Whether a publish's error means the connection is gone (the rest of a batch is not sent):
         not there when publishing (`connection: ...`), or lost before the confirm (an `Unknown`)."""
-        return error is not None and (isinstance(error, Unknown) or error.startswith("connection"))
+        return error is not None and error.startswith(("connection", "unknown: connection"))
 
     def __init__(
         self,
@@ -172,15 +172,19 @@ class RabbitMQSink:
             channel = self._open()
         except (AMQPError, OSError) as exc:  # nothing of this message was written
             self._drop_connection()
-            return redact(
-                f"connection: RabbitMQ at {self.url} cannot be reached ({exc!r}): "
-                "start it, or set EVENT_REPLAY_RABBITMQ_URL"
+            return unreachable(
+                redact(
+                    f"connection: RabbitMQ at {self.url} cannot be reached ({exc!r}): "
+                    "start it, or set EVENT_REPLAY_RABBITMQ_URL"
+                )
             )
         try:
             channel.basic_publish(self.exchange, routing_key, body, properties=props, mandatory=True)
             return None
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            return f"not confirmed: {type(exc).__name__}"
+        except pika.exceptions.UnroutableError:  # no queue took it
+            return "not confirmed: UnroutableError"
+        except pika.exceptions.NackError:  # one queue refused it (e.g. full); others it routes to may hold it
+            return unknown("not confirmed: NackError (a queue refused it; others it is routed to may hold it)")
         except pika.exceptions.ShortStringTooLong:  # pika refuses to encode it; nothing was sent (never echo the value)
             return self.REFUSED + "short_string_too_long: a field over 255 bytes"
         except pika.exceptions.ChannelClosedByBroker as exc:  # the broker refused this message
@@ -247,7 +251,9 @@ class RabbitMQSink:
             error = self.publish(key, body, message_id, headers)  # a refused message fails alone
             errors.append(error)
             if self.connection_lost(error):  # the rest of the batch fails fast: never written, so not in doubt
-                lost = "connection: not sent: " + error.removeprefix("unknown: ").removeprefix("connection: ")
+                lost = unreachable(
+                    "connection: not sent: " + error.removeprefix("unknown: ").removeprefix("connection: ")
+                )
         return errors
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from replay_defs.core import connect
 from replay_defs.core.redact import redact, register_url
-from replay_defs.sinks.base import Batch, SinkType, unknown
+from replay_defs.sinks.base import Batch, SinkType, unknown, unreachable
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class RedisSink:
         try:
             self._connect()
         except redis.RedisError as exc:  # refused, unanswered or unauthenticated: nothing was sent
-            return [self._error(exc)] * len(batch)
+            return [unreachable(self._error(exc))] * len(batch)
         try:
             if self.mode == "bullmq":
                 self._add_jobs(batch, run_id if resend else None)

@@ -18,7 +18,7 @@ from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field
 
 from replay_defs.core.redact import redact
-from replay_defs.sinks.base import Batch, SinkType, Unknown, unknown
+from replay_defs.sinks.base import Batch, SinkType, unknown, unreachable
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,9 @@ class SqsSink:
         stop: str | None = None  # why the rest of the batch is not sent
         for chunk in self._chunks(self._entries(pipeline, day, batch, run_id, resend)):
             if stop is None and time.monotonic() - started - (self.paused_s - paused) > self.timeout_s / 2:
-                stop = f"not sent: {self.name} took over {self.timeout_s / 2:g} s for the batch (EVENT_REPLAY_SINK_TIMEOUT_S / 2)"
+                stop = unreachable(
+                    f"not sent: {self.name} took over {self.timeout_s / 2:g} s for the batch (EVENT_REPLAY_SINK_TIMEOUT_S / 2)"
+                )
             if stop is None:
                 stop = self._ready()
             if stop is not None:
@@ -145,7 +147,7 @@ class SqsSink:
             for e, err in failed:
                 errors[int(e["Id"])] = err
             if call_error is not None:
-                stop = f"not sent, after: {call_error}"
+                stop = unreachable(f"not sent, after: {call_error}")
         return errors
 
     def close(self) -> None:
@@ -159,7 +161,7 @@ class SqsSink:
             self._wait_for_room()
             return None
         except Exception as exc:  # noqa: BLE001 - no message went out: every cause is a refusal
-            return "not sent: " + self._describe(exc)
+            return unreachable("not sent: " + self._describe(exc))
 
     def _send(self, entries: list[dict]) -> tuple[list[tuple[dict, str]], str | None]:
         """One SendMessageBatch: (entry, error) for every entry that failed, and the error of the
@@ -168,7 +170,7 @@ class SqsSink:
             resp = self.client.send_message_batch(QueueUrl=self._queue_url(), Entries=entries)
         except Exception as exc:  # noqa: BLE001 - classified: refused, or in doubt
             error = self._describe(exc)
-            if isinstance(exc, ClientError) and not isinstance(error, Unknown) and len(entries) > 1:
+            if isinstance(exc, ClientError) and type(error) is str and len(entries) > 1:
                 if any(c in exc.response["Error"].get("Code", "") for c in self.CONTENT_ERRORS):
                     return [f for e in entries for f in self._send([e])[0]], None  # find the culprit
             return [(e, error) for e in entries], error
@@ -185,7 +187,7 @@ class SqsSink:
             return unknown(text) if (status or 0) >= 500 and status != 503 else text
         text = redact(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, BotoConnectionError):  # never connected: nothing went out
-            return f"{text}; is SQS up, and EVENT_REPLAY_SQS_ENDPOINT (or AWS_REGION) right?"
+            return unreachable(f"{text}; is SQS up, and EVENT_REPLAY_SQS_ENDPOINT (or AWS_REGION) right?")
         if isinstance(exc, (NoCredentialsError, ParamValidationError)):  # refused before sending
             return text
         return unknown(text)  # read timeout, connection closed: the request may have been stored
