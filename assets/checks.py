@@ -371,8 +371,8 @@ CHECKS = (
     DayCheck(
         "deliveries_reconcile",
         REDRIVE,
-        "The last run: selected = published + already delivered + dropped + failed, failed = 0, "
-        "and the ledger's rows for the run = published. The whole day: the message set of the committed version against the "
+        "The last run: selected = published + already delivered + dropped + failed + in doubt, failed = in doubt = 0, "
+        "and the ledger's delivered rows for the run = published + found in the sink while in doubt. The whole day: the message set of the committed version against the "
         "ledger (all runs) and, for a sink that can be read back (the outbox), against the messages it holds.",
         _deliveries,
         resources=frozenset({"lake", "ledger", SINK}),
