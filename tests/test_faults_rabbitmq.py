@@ -140,7 +140,7 @@ def test_broker_frozen_30s_mid_run_is_found_in_time_then_a_rerun_delivers(rabbit
     time.sleep(30)
     rabbit.proxy.thaw()
     down = finished(proc, lines)
-    found = [t for t, ln in lines if "not confirmed (unknown: connection lost" in ln]
+    found = [t for t, ln in lines if "in doubt (unknown: connection lost" in ln]
     assert found and found[0] - frozen_at < HUNG_FOUND_WITHIN_S + 2, "".join(ln for _, ln in lines)[-3000:]
     print(f"hung broker found after {found[0] - frozen_at:.1f}s")
     assert down["unknown"] == 1, down  # the publish in flight; what was never written is failed

@@ -492,6 +492,11 @@ class _Delivery:
             unsure = [i for i, e in enumerate(errors) if isinstance(e, Unknown)]
             if unsure:
                 self._give_up(chunk.take(unsure), [errors[i] for i in unsure])
+                if self.log:
+                    self.log(
+                        f"redrive {self.partition}: {len(unsure)} deliveries in doubt ({errors[unsure[0]]}); "
+                        "not sent again in this run: the next run settles them with the sink"
+                    )
             left = [i for i, e in enumerate(errors) if e is not None and not isinstance(e, Unknown)]
             last_error = next((e for e in errors if e is not None), last_error)
             if not left:
