@@ -28,11 +28,11 @@ from replay_defs.sinks.base import (
     Batch,
     Sink,
     Unknown,
+    Unreachable,
     can_tell,
     held,
     resend_is_deduplicated,
     unknown,
-    unreachable,
 )
 
 
@@ -479,7 +479,7 @@ class _Delivery:
         message in doubt is not sent again in this run — a copy may still be on its way (a socket
         buffer, a slow replica) — but recorded in doubt for the next run to settle with the sink."""
         if self.down_since is not None and time.monotonic() - self.down_since < PROBE_EVERY_S:
-            self._give_up(chunk, [unreachable(f"not sent: {self.sink.name} is down ({self.down_error})")] * len(chunk))
+            self._give_up(chunk, [Unreachable(f"not sent: {self.sink.name} is down ({self.down_error})")] * len(chunk))
             return
         attempts = 1 if self.down_since is not None else self.retries + 1
         delivered_any, answered, last_error = False, False, ""

@@ -70,10 +70,6 @@ class Unreachable(str):
     message was sent: it does not hold it (a failure, like a refusal), and the target is down."""
 
 
-def unreachable(error: str) -> Unreachable:
-    return Unreachable(error)
-
-
 def unknown(error: str) -> Unknown:
     return Unknown(error if error.startswith("unknown: ") else "unknown: " + error)
 

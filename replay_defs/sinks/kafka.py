@@ -15,7 +15,7 @@ from confluent_kafka import OFFSET_END, KafkaError, KafkaException
 from pydantic import Field
 
 from replay_defs.core.redact import redact
-from replay_defs.sinks.base import Batch, SinkType, Unknown, unknown, unreachable
+from replay_defs.sinks.base import Batch, SinkType, Unknown, Unreachable, unknown
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class KafkaSink:
             self._producer.poll(0)  # serves error_cb: are all brokers down?
             if self._down is not None or time.monotonic() > deadline:
                 why = self._down.str() if self._down is not None else f"no answer within {self.timeout_s:g} s ({why})"
-                return unreachable(
+                return Unreachable(
                     redact(
                         f"not sent: the Kafka broker at {self.bootstrap} cannot be reached: {why}; "
                         "start it, or set EVENT_REPLAY_KAFKA_BOOTSTRAP to its host:port"

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from replay_defs.core import connect
 from replay_defs.core.redact import redact, register_url
-from replay_defs.sinks.base import Batch, SinkType, unknown, unreachable
+from replay_defs.sinks.base import Batch, SinkType, Unreachable, unknown
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class RabbitMQSink:
             channel = self._open()
         except (AMQPError, OSError) as exc:  # nothing of this message was written
             self._drop_connection()
-            return unreachable(
+            return Unreachable(
                 redact(
                     f"connection: RabbitMQ at {self.url} cannot be reached ({exc!r}): "
                     "start it, or set EVENT_REPLAY_RABBITMQ_URL"
@@ -251,7 +251,7 @@ class RabbitMQSink:
             error = self.publish(key, body, message_id, headers)  # a refused message fails alone
             errors.append(error)
             if self.connection_lost(error):  # the rest of the batch fails fast: never written, so not in doubt
-                lost = unreachable(
+                lost = Unreachable(
                     "connection: not sent: " + error.removeprefix("unknown: ").removeprefix("connection: ")
                 )
         return errors

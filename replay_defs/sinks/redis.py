@@ -14,7 +14,7 @@ from pydantic import Field
 
 from replay_defs.core import connect
 from replay_defs.core.redact import redact, register_url
-from replay_defs.sinks.base import Batch, SinkType, unknown, unreachable
+from replay_defs.sinks.base import Batch, SinkType, Unreachable, unknown
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class RedisSink:
         try:
             self._connect()
         except redis.RedisError as exc:  # refused, unanswered or unauthenticated: nothing was sent
-            return [unreachable(self._error(exc))] * len(batch)
+            return [Unreachable(self._error(exc))] * len(batch)
         try:
             if self.mode == "bullmq":
                 self._add_jobs(batch, run_id if resend else None)
@@ -129,6 +129,10 @@ class RedisSink:
         except Exception as exc:  # refused by the server (WRONGTYPE, OOM) or unsendable: none of it held
             return [self._error(exc)] * len(batch)
         return [None] * len(batch)
+
+    def _seen_key(self, pipeline: str, day: str) -> str:
+        """The set of ids the append script appended for a pipeline's day (lists and streams)."""
+        return f"{self.key}:replay-seen:{pipeline}:{day}"
 
     def _error(self, exc: Exception) -> str:
         return redact(f"{type(exc).__name__} ({self.url}): {exc}")
@@ -154,7 +158,7 @@ class RedisSink:
     def _append_all(self, pipeline: str, day: str, batch: Batch, resend: bool) -> None:
         import redis
 
-        seen = f"{self.key}:replay-seen:{pipeline}:{day}"
+        seen = self._seen_key(pipeline, day)
         calls = []
         for start in range(0, len(batch), self.SCRIPT_CHUNK):
             args: list = [self.mode, self.seen_ttl_s, "1" if resend else "0"]
@@ -209,7 +213,7 @@ class RedisSink:
                 for m in part:
                     pipe.exists(f"{self.prefix}:{self.key}:{m}{salt}")
             else:
-                pipe.smismember(f"{self.key}:replay-seen:{pipeline}:{day}", part)
+                pipe.smismember(self._seen_key(pipeline, day), part)
         found = [f for reply in pipe.execute() for f in (reply if isinstance(reply, list) else [reply])]
         return {m for m, f in zip(ids, found) if f}
 

@@ -18,7 +18,7 @@ from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field
 
 from replay_defs.core.redact import redact
-from replay_defs.sinks.base import Batch, SinkType, unknown, unreachable
+from replay_defs.sinks.base import Batch, SinkType, Unreachable, unknown
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class SqsSink:
         stop: str | None = None  # why the rest of the batch is not sent
         for chunk in self._chunks(self._entries(pipeline, day, batch, run_id, resend)):
             if stop is None and time.monotonic() - started - (self.paused_s - paused) > self.timeout_s / 2:
-                stop = unreachable(
+                stop = Unreachable(
                     f"not sent: {self.name} took over {self.timeout_s / 2:g} s for the batch (EVENT_REPLAY_SINK_TIMEOUT_S / 2)"
                 )
             if stop is None:
@@ -147,7 +147,7 @@ class SqsSink:
             for e, err in failed:
                 errors[int(e["Id"])] = err
             if call_error is not None:
-                stop = unreachable(f"not sent, after: {call_error}")
+                stop = Unreachable(f"not sent, after: {call_error}")
         return errors
 
     def close(self) -> None:
@@ -161,7 +161,7 @@ class SqsSink:
             self._wait_for_room()
             return None
         except Exception as exc:  # noqa: BLE001 - no message went out: every cause is a refusal
-            return unreachable("not sent: " + self._describe(exc))
+            return Unreachable("not sent: " + self._describe(exc))
 
     def _send(self, entries: list[dict]) -> tuple[list[tuple[dict, str]], str | None]:
         """One SendMessageBatch: (entry, error) for every entry that failed, and the error of the
@@ -187,7 +187,7 @@ class SqsSink:
             return unknown(text) if (status or 0) >= 500 and status != 503 else text
         text = redact(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, BotoConnectionError):  # never connected: nothing went out
-            return unreachable(f"{text}; is SQS up, and EVENT_REPLAY_SQS_ENDPOINT (or AWS_REGION) right?")
+            return Unreachable(f"{text}; is SQS up, and EVENT_REPLAY_SQS_ENDPOINT (or AWS_REGION) right?")
         if isinstance(exc, (NoCredentialsError, ParamValidationError)):  # refused before sending
             return text
         return unknown(text)  # read timeout, connection closed: the request may have been stored
