@@ -530,6 +530,20 @@ def test_a_ledger_row_deleted_after_a_run_that_sent_nothing_fails_deliveries(ws)
     assert "not delivered according to the ledger" in verdicts[("deliveries_reconcile", DAY)][1]
 
 
+def test_a_delivered_message_turned_in_doubt_behind_the_checks_back_fails_deliveries(ws):
+    """A ledger row edited from delivered to `unknown` (what a crash mid-send leaves): the day is no
+    longer wholly delivered, and the check says so; set back, it passes again."""
+    assert ws.run(DAY, selection=[REDRIVE]).success
+    one = "(SELECT min(message_id) FROM redrive_ledger WHERE day = $d AND status = 'delivered')"
+    ws.store.query(f"UPDATE redrive_ledger SET status = 'unknown' WHERE message_id = {one}", {"d": DAY})
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 1 and failing(verdicts) == {("deliveries_reconcile", DAY)}
+    assert "not delivered according to the ledger" in verdicts[("deliveries_reconcile", DAY)][1]
+    ws.store.query("UPDATE redrive_ledger SET status = 'delivered' WHERE day = $d AND status = 'unknown'", {"d": DAY})
+    code, verdicts = ws.verify(DAY, DAY)
+    assert code == 0, verdicts
+
+
 # ---- shrinkage and late events ------------------------------------------------------------------
 
 
