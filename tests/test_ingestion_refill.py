@@ -9,6 +9,7 @@ from datetime import date, datetime, timezone
 from urllib.parse import quote
 
 import duckdb
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,7 @@ from services import Moto, RedisServer, bullmq_consume
 from assets.refill import keys_accounted_for, keys_state, no_duplicate_keys
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import refill_quarantine_table
-from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys
+from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys, job_batches
 from replay_defs.ingestion_refill.spec import refill_tables
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import INGESTION_REFILL
@@ -495,3 +496,61 @@ def test_cli_refill_refuses_a_location_outside_the_roots(env, tmp_path, monkeypa
         )
         if content:
             assert content not in run.stdout + run.stderr, "the file's content must not be echoed"
+
+
+def test_job_bodies_are_the_json_msgspec_writes(tmp_path):
+    """job_batches builds the bodies a column at a time; they are byte for byte what encoding each
+    job's dict gives, quotes and non-ASCII parts included, with the batch's timestamp."""
+    keys = ['p"1/trace/b o/e"1.json', "projé/score/bödy/ë.json", "p1/observation/b/e.json.json"]
+    path = tmp_path / "keys.parquet"
+    pq.write_table(pa.table({"key": sorted(keys)}), path)
+    when = datetime(2025, 3, 2, 10, 0, 1, 234567, tzinfo=timezone.utc)
+
+    (batch,) = job_batches([str(path)], 10, now=lambda: when)
+    assert batch.ids == sorted(keys) and batch.types == [k.split("/")[1] for k in sorted(keys)]
+    for key, body in zip(batch.ids, batch.bodies):
+        project, type_, body_id, file_name = key.split("/")
+        event_id = file_name.removesuffix(".json")
+        job = {
+            "id": event_id,
+            "timestamp": "2025-03-02T10:00:01.234Z",
+            "name": "ingestion-job",
+            "payload": {
+                "data": {"type": f"{type_}-create", "eventBodyId": body_id, "fileKey": event_id},
+                "authCheck": {"validKey": True, "scope": {"projectId": project, "accessLevel": "project"}},
+            },
+        }
+        assert body == msgspec.json.encode(job), key
+
+
+def test_each_refused_row_is_a_quarantine_row_and_keys_are_sorted(tmp_path):
+    """Rows are aggregated as they are read: a refused row listed three times at the same time is
+    still three quarantine rows, with its time; keys come out sorted, each with its PUT count."""
+    csv_path = tmp_path / "repeats.csv"
+    bad = '"REST.PUT.OBJECT","p1/span/b/e.json","02/Mar/2025:10:00:00 +0000"\n'
+    csv_path.write_text(
+        '"operation","key","requestdatetime"\n'
+        + bad * 3
+        + '"REST.PUT.OBJECT","p2/trace/b/e.json","02/Mar/2025:11:00:00 +0000"\n'
+        + '"REST.PUT.OBJECT","p1/trace/b/e.json","02/Mar/2025:12:00:00 +0000"\n'
+        + '"REST.PUT.OBJECT","p1/trace/b/e.json","02/Mar/2025:09:00:00 +0000"\n'
+        + '"REST.GET.OBJECT","p1/trace/b/e.json","02/Mar/2025:09:00:00 +0000"\n'
+    )
+    found = collect_keys(
+        "csv", str(csv_path), [DAY], TYPES, lambda d: tmp_path / "keys", lambda d: tmp_path / "q", tmp_path / "work"
+    )
+    day = found.days[DAY]
+    assert (found.rows, found.other_operations, day.put_rows, day.keys, day.duplicates) == (7, 1, 6, 2, 1)
+    assert day.quarantined_by_reason == {"unknown_type": 3}
+    assert day.by_project_type == {"p1/trace": 1, "p2/trace": 1}
+    quarantine = duckdb.execute(
+        "SELECT reason, raw, request_time FROM read_parquet($f)", {"f": str(tmp_path / "q/quarantine.parquet")}
+    ).fetchall()
+    assert quarantine == [("unknown_type", "p1/span/b/e.json", datetime(2025, 3, 2, 10, tzinfo=timezone.utc))] * 3
+    stored = duckdb.execute(
+        "SELECT key, first_put, puts FROM read_parquet($f)", {"f": str(tmp_path / "keys/keys.parquet")}
+    ).fetchall()
+    assert stored == [
+        ("p1/trace/b/e.json", datetime(2025, 3, 2, 9, tzinfo=timezone.utc), 2),
+        ("p2/trace/b/e.json", datetime(2025, 3, 2, 11, tzinfo=timezone.utc), 1),
+    ]

@@ -46,8 +46,6 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
-import msgspec
-
 from replay_defs.sinks.base import Batch
 
 PUT = "REST.PUT.OBJECT"
@@ -231,7 +229,7 @@ def collect_keys(
 
 
 def _read_source(con, source, location, days, rules, work_dir, s3, roots, log, warn) -> LogFiles | None:
-    """Read and classify the source's rows into `classified`; for access logs, the files found."""
+    """Read and classify the source's rows into `collected`; for access logs, the files found."""
     if source == "csv":
         path = _local_file(location, work_dir, s3, roots)
         _read_csv(con, path, _csv_rows(con, path, log), rules, work_dir, log)
@@ -358,7 +356,7 @@ def _read_csv(con, path: Path, rows_sql: str, rules: dict, work_dir: Path, log) 
             log(
                 f"{set_aside:,} CSV lines with an unterminated quote or over {MAX_CSV_LINE:,} bytes set aside; reading the rest again"
             )
-            con.execute("DROP TABLE classified")
+            con.execute("DROP TABLE collected")
             con.execute("SET VARIABLE csv_path = ?", [str(clean)])
             _classify(con, rows_sql, rules)
         else:
@@ -626,12 +624,18 @@ def _listing_rows(location: str, days: list[str], s3) -> Iterator[tuple]:
 
 
 def _classify(con, rows_sql: str, rules: dict) -> None:
-    """One pass over the input: every row once, with its day, whether its time is outside the
-    window and, for a PUT, why it is refused (with the raw key, for the quarantine)."""
+    """One streaming pass over the input into `collected`: the rows aggregated by what the outputs
+    need, so memory grows with the distinct keys, not with the rows. A group is a day's valid key
+    (`key`, with its PUT count and first PUT time), a refused PUT (`reason`, `raw`, its own time),
+    or the other rows of a day (neither); `n` counts its rows, each also counted by whether its time
+    is outside the window and whether it has a time at all."""
     con.execute(
-        f"""CREATE TABLE classified AS
-        SELECT is_put, CASE WHEN is_put THEN key END AS key, request_time, timed, day, outside, reason,
-               CASE WHEN reason IS NOT NULL THEN raw_key END AS raw
+        f"""CREATE TABLE collected AS
+        SELECT day, is_put, outside, timed, reason,
+               CASE WHEN is_put AND reason IS NULL THEN key END AS key,
+               CASE WHEN reason IS NOT NULL THEN raw_key END AS raw,
+               CASE WHEN reason IS NOT NULL THEN request_time END AS refused_at,
+               count(*) AS n, min(request_time) AS first_put
         FROM (
           SELECT *, CASE WHEN is_put THEN {CLASSIFY} END AS reason
           FROM (
@@ -641,7 +645,8 @@ def _classify(con, rows_sql: str, rules: dict) -> None:
                    coalesce(strftime(timezone('UTC', request_time), '%Y-%m-%d'), $first_day) AS day,
                    coalesce(request_time < CAST($ws AS TIMESTAMPTZ) OR request_time >= CAST($we AS TIMESTAMPTZ), false)
                      AS outside
-            FROM ({rows_sql})))""",
+            FROM ({rows_sql})))
+        GROUP BY ALL""",
         rules,
     )
 
@@ -649,13 +654,18 @@ def _classify(con, rows_sql: str, rules: dict) -> None:
 def _write_days(con, days: list[str], keys_dir, quarantine_dir, log, window=None) -> KeyCollection:
     result = _count_input(con, days, log, window)
     shown = f"[{window[0].isoformat()}, {window[1].isoformat()})" if window else "whole day"
-    outside = dict(con.execute("SELECT day, count(*) FROM classified WHERE is_put AND outside GROUP BY day").fetchall())
+    outside = dict(con.execute("SELECT day, sum(n) FROM collected WHERE is_put AND outside GROUP BY day").fetchall())
     result.outside_window = sum(n for d, n in outside.items() if d in days)
-    con.execute("DELETE FROM classified WHERE outside")  # counted above; not rows of the window
+    con.execute("DELETE FROM collected WHERE outside")  # counted above; not rows of the window
     for day in days:
         stats = DayKeys(day, window=shown, outside_window=outside.get(day, 0))
         first = day == days[0]  # the malformed lines have no day: they are counted on the first
-        stats.put_rows = con.execute("SELECT count(*) FROM classified WHERE is_put AND day = ?", [day]).fetchone()[0]
+        stats.put_rows, stats.keys, key_puts = con.execute(
+            "SELECT coalesce(sum(n) FILTER (is_put), 0), count(key), coalesce(sum(n) FILTER (key IS NOT NULL), 0) "
+            "FROM collected WHERE day = ?",
+            [day],
+        ).fetchone()
+        stats.duplicates = int(key_puts) - stats.keys
         stats.quarantined_by_reason = _quarantined_by_reason(con, day)
         if first and result.malformed:
             stats.malformed_rows = result.malformed
@@ -663,12 +673,15 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log, window=None
                 "SELECT split_part(reason, ':', 1), count(*) FROM malformed GROUP BY ALL"
             ).fetchall():
                 stats.quarantined_by_reason[reason] = stats.quarantined_by_reason.get(reason, 0) + n
-        _write_day_keys(con, day, keys_dir(day) / "keys.parquet", stats)
+        if stats.keys:
+            _write_day_keys(con, day, keys_dir(day) / "keys.parquet", stats)
         if stats.quarantined:
             quarantine_dir(day).mkdir(parents=True, exist_ok=True)
+            # One quarantine row per refused input row: a group of n identical refusals gives n rows.
             con.execute(
                 """COPY (
-                  SELECT reason, raw, request_time FROM classified WHERE day = $day AND reason IS NOT NULL
+                  SELECT reason, raw, refused_at AS request_time
+                  FROM (SELECT *, unnest(range(n)) FROM collected WHERE day = $day AND reason IS NOT NULL)
                   UNION ALL
                   SELECT reason, raw, NULL FROM malformed WHERE $first
                 ) TO $path (FORMAT parquet)""",
@@ -686,11 +699,14 @@ def _write_days(con, days: list[str], keys_dir, quarantine_dir, log, window=None
 def _count_input(con, days: list[str], log, window=None) -> KeyCollection:
     """The input's totals; refuses a multi-day run, or a time window, when some PUT has no time."""
     result = KeyCollection()
-    result.rows, puts, timed, result.other_days = con.execute(
-        "SELECT count(*), count(*) FILTER (is_put), count(*) FILTER (is_put AND timed), "
-        "count(*) FILTER (is_put AND NOT list_contains($days, day)) FROM classified",
-        {"days": days},
-    ).fetchone()
+    result.rows, puts, timed, result.other_days = (
+        int(n)
+        for n in con.execute(
+            "SELECT coalesce(sum(n), 0), coalesce(sum(n) FILTER (is_put), 0), coalesce(sum(n) FILTER (is_put AND timed), 0), "
+            "coalesce(sum(n) FILTER (is_put AND NOT list_contains($days, day)), 0) FROM collected",
+            {"days": days},
+        ).fetchone()
+    )
     result.other_operations = result.rows - puts
     result.malformed = con.execute("SELECT count(*) FROM malformed").fetchone()[0]
     log(f"read {result.rows:,} rows, {puts:,} of them PUTs")
@@ -709,74 +725,63 @@ def _count_input(con, days: list[str], log, window=None) -> KeyCollection:
 
 
 def _quarantined_by_reason(con, day: str) -> dict[str, int]:
-    return dict(
-        con.execute(
-            "SELECT reason, count(*) FROM classified WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason",
+    return {
+        reason: int(n)
+        for reason, n in con.execute(
+            "SELECT reason, sum(n) FROM collected WHERE day = ? AND reason IS NOT NULL GROUP BY reason ORDER BY reason",
             [day],
         ).fetchall()
-    )
+    }
 
 
 def _write_day_keys(con, day: str, keys_file: Path, stats: DayKeys) -> None:
-    """The day's keys, grouped, sorted and written in one statement; the counts are then read back
-    from the file. A day without keys leaves no file."""
+    """The day's keys, sorted (which groups them by project and type), and how many per project/type."""
     keys_file.parent.mkdir(parents=True, exist_ok=True)
     con.execute(
-        """COPY (SELECT key, min(request_time) AS first_put, count(*) AS puts
-                 FROM classified WHERE is_put AND day = $day AND reason IS NULL GROUP BY key ORDER BY key)
-        TO $path (FORMAT parquet)""",
+        "COPY (SELECT key, first_put, n AS puts FROM collected WHERE day = $day AND key IS NOT NULL ORDER BY key) "
+        "TO $path (FORMAT parquet)",
         {"day": day, "path": str(keys_file)},
     )
-    stats.keys, puts = con.execute(
-        "SELECT count(*), coalesce(sum(puts), 0) FROM read_parquet($f)", {"f": str(keys_file)}
-    ).fetchone()
-    stats.duplicates = int(puts) - stats.keys
     stats.by_project_type = {
         f"{p}/{t}": n
         for p, t, n in con.execute(
-            "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM read_parquet($f) GROUP BY ALL ORDER BY ALL",
-            {"f": str(keys_file)},
+            "SELECT split_part(key, '/', 1), split_part(key, '/', 2), count(*) FROM collected "
+            "WHERE day = $day AND key IS NOT NULL GROUP BY ALL ORDER BY ALL",
+            {"day": day},
         ).fetchall()
     }
-    if not stats.keys:
-        keys_file.unlink()
-        keys_file.parent.rmdir()  # nothing to publish for the day
 
 
 def job_batches(
-    keys_parquet: list[str], batch_size: int, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    keys_parquet: list, batch_size: int, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 ) -> Iterator[Batch]:
     """Langfuse ingestion jobs for the keys, in the shape its refill script enqueues them:
     `{id, timestamp, name: "ingestion-job", payload: {data: {type: "<type>-create", eventBodyId,
     fileKey}, authCheck: {validKey, scope: {projectId, accessLevel}}}}`. The message id (the BullMQ
-    job id and ledger id) is the object key itself, so a key listed twice is one job."""
+    job id and ledger id) is the object key itself, so a key listed twice is one job. The bodies are
+    built a column at a time (pyarrow), not key by key."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    encode = msgspec.json.encode
+    def json_text(part):
+        # A validated key holds no backslash or control character: `"` is all JSON escapes in it
+        # (msgspec writes the same bytes; tests/test_ingestion_refill.py).
+        return pc.replace_substring(part, '"', '\\"')
+
     for path in keys_parquet:
         # pre_buffer=False: with it, pyarrow keeps every row group it read cached (1 GB for 18M keys).
         for rb in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=["key"]):
+            keys = rb.column(0)
+            parts = pc.split_pattern(keys, "/")  # validated: four parts, the last ending in .json
+            project, type_, body_id = (json_text(pc.list_element(parts, i)) for i in range(3))
+            event_id = json_text(pc.utf8_slice_codeunits(pc.list_element(parts, 3), 0, -len(".json")))
             stamp = now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            keys = rb.column(0).to_pylist()
-            types, bodies = [], []
-            for key in keys:
-                project, type_, body_id, file_name = key.split("/")  # validated: four parts, ending in .json
-                event_id = file_name.removesuffix(".json")
-                types.append(type_)
-                bodies.append(
-                    encode(
-                        {
-                            "id": event_id,
-                            "timestamp": stamp,
-                            "name": "ingestion-job",
-                            "payload": {
-                                "data": {"type": f"{type_}-create", "eventBodyId": body_id, "fileKey": event_id},
-                                "authCheck": {
-                                    "validKey": True,
-                                    "scope": {"projectId": project, "accessLevel": "project"},
-                                },
-                            },
-                        }
-                    )
-                )
-            yield Batch(keys, bodies, types)
+            bodies = pc.binary_join_element_wise(
+                '{"id":"', event_id, '","timestamp":"', stamp, '","name":"ingestion-job","payload":{"data":{"type":"',
+                type_, '-create","eventBodyId":"', body_id, '","fileKey":"', event_id,
+                '"},"authCheck":{"validKey":true,"scope":{"projectId":"', project, '","accessLevel":"project"}}}}',
+                "",
+            )  # fmt: skip
+            types = pc.list_element(parts, 1)
+            yield Batch(keys.to_pylist(), bodies.cast(pa.binary()).to_pylist(), types.to_pylist())
