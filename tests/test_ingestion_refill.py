@@ -19,7 +19,14 @@ from services import Moto, RedisServer, bullmq_consume
 from assets.refill import keys_accounted_for, keys_state, no_duplicate_keys
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import refill_quarantine_table
-from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, OutsideRefillRoots, collect_keys, job_batches
+from replay_defs.ingestion_refill.access_logs import (
+    CLASSIFY,
+    ROOTS_ENV,
+    OutsideRefillRoots,
+    clean_key_pattern,
+    collect_keys,
+    job_batches,
+)
 from replay_defs.ingestion_refill.spec import refill_tables
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipelines import INGESTION_REFILL
@@ -554,3 +561,53 @@ def test_each_refused_row_is_a_quarantine_row_and_keys_are_sorted(tmp_path):
         ("p1/trace/b/e.json", datetime(2025, 3, 2, 9, tzinfo=timezone.utc), 2),
         ("p2/trace/b/e.json", datetime(2025, 3, 2, 11, tzinfo=timezone.utc), 1),
     ]
+
+
+def test_the_fast_path_accepts_exactly_what_the_rules_accept():
+    """CLASSIFY's first branch (one regex, clean_key_pattern) is only a shortcut: with it or without
+    it (the rules alone), every key gets the same verdict."""
+    types = ["trace", "observation", "a.b-c", "%x", ".hidden"]
+    keys = [
+        "p/trace/b/e.json",
+        "p/a.b-c/b/e.json",
+        "p/%x/b/e.json",
+        "p/.hidden/b/e.json",
+        "p/span/b/e.json",
+        'proj é/observation/bödy/e"1.json',
+        "p/trace/b/.json",
+        "p/trace/b/e.json.json",
+        "p/trace/.b/e.json",
+        "p/trace/b./e.json",
+        "p/trace/b/e.txt",
+        "p/trace//e.json",
+        "/p/trace/b/e.json",
+        "p/trace/b/c/e.json",
+        "p/trace/b%20c/e.json",
+        "p/trace/b+c/e.json",
+        "p/trace/b\\c/e.json",
+        "p/trace/b\x01/e.json",
+        "p/trace/b\x7f/e.json",
+        "p/../b/e.json",
+        "p/trace/" + "b" * 1020 + "/e.json",
+        "",
+        None,
+    ]
+    sql = f"""SELECT raw_key, http_status, {CLASSIFY} FROM (
+        SELECT k AS raw_key, k AS key, s AS http_status, NULL::VARCHAR AS time_text, NULL::TIMESTAMPTZ AS request_time
+        FROM unnest($keys) a(k), unnest([NULL, '200', '403']) b(s)) ORDER BY ALL"""
+
+    def verdicts(clean_key):
+        return duckdb.execute(sql, {"keys": keys, "types": types, "decode": True, "clean_key": clean_key}).fetchall()
+
+    fast, rules_only = verdicts(clean_key_pattern(tuple(types))), verdicts(None)
+    assert fast == rules_only
+    accepted = {k for k, s, reason in fast if reason is None and s is None}
+    assert accepted == {
+        "p/trace/b/e.json",
+        "p/a.b-c/b/e.json",
+        'proj é/observation/bödy/e"1.json',
+        "p/trace/b/e.json.json",
+        "p/trace/b./e.json",
+        "p/trace/.b/e.json",  # a part may start with a dot (not be `.` or `..`): the rules' path
+        "p/.hidden/b/e.json",
+    }
