@@ -197,13 +197,14 @@ def committed_days(lake: Lake, spec: PipelineSpec) -> list[str]:
 
 def projections_fold(lake: Lake, store, spec: PipelineSpec, day: str) -> DayVerdict:
     """Each projection against a from-scratch fold of the committed Parquet (`fold_mismatches`)."""
-    if parsed_state(lake, spec, day) is None:
+    states = lake.latest_states(owner(spec, PARSED), spec.parsed_prefix)  # every committed day, one history read
+    if day not in states:
         return not_built("parsed_events")
-    days = committed_days(lake, spec)
-    day_events = events_dataset(lake, spec, committed_parquet(lake, spec, day))
+    days = list(states)
+    day_events = events_dataset(lake, spec, committed_parquet(lake, spec, day, states[day]))
     needs_all = any(p.kind == "replace" for p in spec.projections)
     all_events = events_dataset(
-        lake, spec, [f for d in days for f in committed_parquet(lake, spec, d)] if needs_all else []
+        lake, spec, [f for d in days for f in committed_parquet(lake, spec, d, states[d])] if needs_all else []
     )
     md, problems = {"committed_days": len(days)}, []
     for p in spec.projections:

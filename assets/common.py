@@ -97,6 +97,7 @@ def check_each_day(
         v = verify(context.partition_key)
         return dg.AssetCheckResult(passed=v.passed, description=v.description, metadata=v.metadata, severity=v.severity)
     days = context.partition_keys
+    targets = _latest_materializations(context, asset, days)
     failed, warnings_only = [], True
     for day in days:
         try:
@@ -113,7 +114,7 @@ def check_each_day(
                 description=v.description,
                 metadata=v.metadata,
                 severity=v.severity,
-                target_materialization_data=_latest_materialization(context, asset, day),
+                target_materialization_data=targets.get(day),
             )
         )
         if not v.passed:
@@ -129,11 +130,11 @@ def check_each_day(
     )
 
 
-def _latest_materialization(context, asset: dg.AssetKey, day: str):
-    """The day's latest materialization, as the target of a logged check evaluation."""
-    from sensors.launch import latest_materialization_target  # lazily: sensors/ imports the checks
+def _latest_materializations(context, asset: dg.AssetKey, days: list[str]) -> dict:
+    """The days' latest materializations, as the targets of the evaluations logged per day."""
+    from sensors.launch import latest_materialization_targets  # lazily: sensors/ imports the checks
 
-    return latest_materialization_target(context.instance, asset, day)
+    return latest_materialization_targets(context.instance, asset, days)
 
 
 def verified_day(lake, spec: PipelineSpec, day: str) -> list[str]:

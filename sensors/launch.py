@@ -99,15 +99,21 @@ def latest_check_executions(
     return out
 
 
-def latest_materialization_target(instance, asset: dg.AssetKey, day: str):
-    """The day's latest materialization of `asset`, as the target a logged check evaluation names
-    (so the UI shows the verdict on that day); None if the day was never materialized."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=asset, asset_partitions=[day]), limit=1
-    ).records
-    if not records:
-        return None
-    r = records[0]
-    return AssetCheckEvaluationTargetMaterializationData(
-        storage_id=r.storage_id, run_id=r.run_id, timestamp=r.timestamp
+def latest_materialization_targets(instance, asset: dg.AssetKey, days: list[str]) -> dict[str, Any]:
+    """Each day's latest materialization of `asset`, as the target a logged check evaluation names
+    (so the UI shows the verdict on that day); a day never materialized is absent. Two queries,
+    whatever the number of days (a ranged run's check logs one evaluation per day)."""
+    latest = instance.event_log_storage.get_latest_storage_id_by_partition(
+        asset, dg.DagsterEventType.ASSET_MATERIALIZATION, set(days)
     )
+    if not latest:
+        return {}
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset, storage_ids=list(latest.values())), limit=len(latest)
+    ).records
+    by_id = {r.storage_id: r for r in records}
+    return {
+        day: AssetCheckEvaluationTargetMaterializationData(storage_id=i, run_id=r.run_id, timestamp=r.timestamp)
+        for day, i in latest.items()
+        if (r := by_id.get(i)) is not None
+    }

@@ -129,6 +129,8 @@ NOT_RUN = {
     "./dev bench clickhouse --rows 1000000 --batch 10000": BENCH,
     "./dev bench projection": BENCH,
     "./dev bench projection --rows 1000000 --skip-replay": BENCH,
+    "./dev bench dagster": BENCH,
+    "./dev bench dagster --days 10 --events 50000": BENCH,
 }
 
 # The refill's dry run reads `events.csv` in the working directory: a small one in the seed's format.

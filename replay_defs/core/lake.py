@@ -393,17 +393,20 @@ class Lake:
         """Every recorded state of the day in the primary `table`, newest first."""
         rel = table if isinstance(table, str) else table.rel
         return [
-            DayState(
-                c["version"],
-                c["entries"],
-                c["stats"],
-                c.get("run_id"),
-                c.get("published_at"),
-                {**c.get("tables", {}), rel: c["version"]},
-            )
+            _day_state(c, rel)
             for c in self._commits(rel)
             if c.get("owner") == owner and c.get("day") == day and "entries" in c
         ]
+
+    def latest_states(self, owner: str, table: DayTable | str) -> dict[str, DayState]:
+        """Every committed day's current state (what `state` gives for it), by day, from one read
+        of the table's history: for readers of many days, where `state` per day re-reads it each time."""
+        rel = table if isinstance(table, str) else table.rel
+        latest: dict[str, DayState] = {}
+        for c in self._commits(rel):  # newest first
+            if c.get("owner") == owner and "entries" in c and c["day"] not in latest:
+                latest[c["day"]] = _day_state(c, rel)
+        return dict(sorted(latest.items()))
 
     def state(self, owner: str, day: str, table: DayTable | str) -> DayState | None:
         states = self.day_states(owner, check_partition(day), table)
@@ -560,6 +563,18 @@ class Lake:
                 if "entries" in c:
                     newest.setdefault((c["owner"], c["day"]), c["entries"])
         return {f for entries in newest.values() for f in entries}
+
+
+def _day_state(commit: dict, rel: str) -> DayState:
+    """The day's state a commit of the primary table `rel` recorded."""
+    return DayState(
+        commit["version"],
+        commit["entries"],
+        commit["stats"],
+        commit.get("run_id"),
+        commit.get("published_at"),
+        {**commit.get("tables", {}), rel: commit["version"]},
+    )
 
 
 def _check_placement(inner: str, table: DayTable, day: str, only: dict[str, str] | None) -> None:
