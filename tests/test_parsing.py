@@ -112,7 +112,7 @@ def quarantine_rows(result: FileResult) -> list[dict]:
 def staged_rows(result: FileResult) -> list[dict]:
     rows = []
     for path, n in result.staged.values():
-        t = pq.read_table(path)
+        t = pa.ipc.open_file(path).read_all()
         assert t.num_rows == n
         rows.extend(t.to_pylist())
     return sorted(rows, key=lambda r: r["line_no"])
