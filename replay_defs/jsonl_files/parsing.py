@@ -731,7 +731,7 @@ class _FileParse:
         else:
             result.neighbour_skipped += len(bad)
         mine = pc.equal(pc.cast(table.column(self.time_field), pa.date32()), pa.scalar(self.job.day, pa.date32()))
-        kept = table.filter(mine)
+        kept = table if pc.all(mine).as_py() else table.filter(mine)  # most batches: no copy
         if kept.num_rows:
             ids = kept.column(self.job.schema.id_field).combine_chunks()
             self.stage.add(kept, _bucket_ids(ids, self.job.buckets) if self.job.buckets > 1 else None)
