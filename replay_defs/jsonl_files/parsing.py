@@ -472,6 +472,7 @@ class EventDecoder:
 
 
 _NO_JSON = msgspec.Raw(b"")
+_MAX_CHUNK_BYTES = 2**31 - 1  # the most a string array with 32-bit offsets holds
 
 
 def _json_column(vals: list) -> pa.Array | pa.ChunkedArray:
@@ -484,7 +485,7 @@ def _json_column(vals: list) -> pa.Array | pa.ChunkedArray:
         present = [_NO_JSON if v is None else v for v in vals]
     offsets = np.zeros(len(vals) + 1, np.int64)
     np.cumsum(np.fromiter(map(len, present), np.int64, len(vals)), out=offsets[1:])
-    if offsets[-1] >= 2**31 and len(vals) > 1:  # past 32-bit offsets: a column of two chunks
+    if offsets[-1] > _MAX_CHUNK_BYTES and len(vals) > 1:  # past 32-bit offsets: a column of two chunks
         half = len(vals) // 2
         return pa.chunked_array([_json_column(vals[:half]), _json_column(vals[half:])], pa.string())
     return pa.Array.from_buffers(
