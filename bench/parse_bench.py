@@ -3,6 +3,11 @@
     ./dev bench                    # 2M-event partition (1x) and 8M (4x)
     ./dev bench --events 500000    # a quicker run
 
+Targets, each printed with its figure and PASS/MISS (exit status 1 when any measured one misses;
+one left out by --no-naive or --no-4x is printed as SKIP): ours >= 0.5x DuckDB's bare rate and
+>= 7x the naive script's, measured in the same run; peak RSS of ours <= 1500 MB, growing < 20%
+from the 1x to the 4x partition.
+
 Each method runs in its own process; peak RSS is the largest sum of RSS over that process and
 its children, sampled every 20 ms. MB/s is over uncompressed JSON. The data is generated once
 into bench/out/ (clean lines with 1% duplicates, so DuckDB's bare reader does not stop on a bad
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -152,6 +158,26 @@ def run_naive(lake: Path, work: Path) -> dict:
     return {"lines": len(rows), "seconds": time.perf_counter() - t0}
 
 
+# (name, comparison, target): a figure passes when `figure <comparison> target`.
+TARGETS = (
+    ("ours / duckdb bare (rate)", ">=", 0.5),
+    ("ours / naive (rate)", ">=", 7.0),
+    ("ours peak RSS MB (1x, 4x)", "<=", 1500),
+    ("ours peak RSS growth 1x -> 4x", "<", 0.20),
+)
+COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+
+def verdicts(figures: dict[str, float | None]) -> list[tuple[str, float | None, str, float, str]]:
+    """(name, figure, comparison, target, PASS/MISS/SKIP) per target; None: not measured."""
+    out = []
+    for name, cmp, target in TARGETS:
+        fig = figures.get(name)
+        verdict = "SKIP" if fig is None else "PASS" if COMPARE[cmp](fig, target) else "MISS"
+        out.append((name, fig, cmp, target, verdict))
+    return out
+
+
 METHODS = {"ours": run_ours, "duckdb_bare": run_duckdb, "naive": run_naive}
 
 
@@ -215,25 +241,44 @@ def main() -> None:
             f"{name:38} {r['seconds']:8.2f} {eps:10,.0f} {bytes1 / 1e6 / r['seconds']:7.1f} {r['peak_rss_mb']:12,.0f}"
         )
     ours_eps = ours["lines"] / ours["seconds"]
-    print(f"\nours / duckdb bare = {ours_eps / (duck['lines'] / duck['seconds']):.2f}   (target >= 0.50)")
-    if naive:
-        print(f"ours / naive       = {ours_eps / (naive['lines'] / naive['seconds']):.1f}x  (target >= 7x)")
     print(
-        f"ours: stage 1 (validate, route, stage) {ours['stage1_seconds']:.2f}s, stage 2 (dedupe, write by type) {ours['stage2_seconds']:.2f}s, "
+        f"\nours: stage 1 (validate, route, stage) {ours['stage1_seconds']:.2f}s, stage 2 (dedupe, write by type) {ours['stage2_seconds']:.2f}s, "
         f"Delta commit {ours['publish_seconds']:.2f}s"
     )
     print(
         f"ours: scanned {ours['lines_scanned']:,} lines (own day + lateness window); raw_events manifest "
         f"(independent line count) took another {ours['manifest_seconds']:.2f}s"
     )
+    figures = {
+        "ours / duckdb bare (rate)": ours_eps / (duck["lines"] / duck["seconds"]),
+        "ours / naive (rate)": ours_eps / (naive["lines"] / naive["seconds"]) if naive else None,
+        "ours peak RSS MB (1x, 4x)": ours["peak_rss_mb"],
+    }
     if not args.no_4x:
         lake4 = ensure_data(args.events * 4)
         ours4 = measure("ours", lake4)
-        growth = ours4["peak_rss_mb"] / ours["peak_rss_mb"] - 1
+        figures["ours peak RSS MB (1x, 4x)"] = max(ours["peak_rss_mb"], ours4["peak_rss_mb"])
+        figures["ours peak RSS growth 1x -> 4x"] = ours4["peak_rss_mb"] / ours["peak_rss_mb"] - 1
         print(
-            f"\npeak RSS, ours: 1x {ours['peak_rss_mb']:,.0f} MB, 4x {ours4['peak_rss_mb']:,.0f} MB "
-            f"(growth {growth:+.0%}; targets <= 1500 MB and < +20%); 4x rate {ours4['lines'] / ours4['seconds']:,.0f} events/s"
+            f"\npeak RSS, ours: 1x {ours['peak_rss_mb']:,.0f} MB, 4x {ours4['peak_rss_mb']:,.0f} MB; "
+            f"4x rate {ours4['lines'] / ours4['seconds']:,.0f} events/s"
         )
+    sys.exit(report(verdicts(figures)))
+
+
+def report(rows: list[tuple[str, float | None, str, float, str]]) -> int:
+    """Print the targets; the exit status: 1 when any measured target misses."""
+    print(f"\n{'target':32} {'figure':>10}   {'target':>10}  result")
+    for name, fig, cmp, target, verdict in rows:
+        shown = "-" if fig is None else f"{fig:,.2f}"
+        print(f"{name:32} {shown:>10} {cmp:>2} {target:>9,.2f}  {verdict}")
+    missed = [row[0] for row in rows if row[-1] == "MISS"]
+    skipped = [row[0] for row in rows if row[-1] == "SKIP"]
+    print(
+        f"RESULT: {'MISS (' + '; '.join(missed) + ')' if missed else 'PASS'}"
+        + (f"; not measured: {'; '.join(skipped)}" if skipped else "")
+    )
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from isal import igzip
 
+from replay_defs.jsonl_files import parsing
 from replay_defs.jsonl_files.parsing import (
     READ_CHUNK,
     SAMPLE_BYTES,
@@ -112,7 +113,7 @@ def quarantine_rows(result: FileResult) -> list[dict]:
 def staged_rows(result: FileResult) -> list[dict]:
     rows = []
     for path, n in result.staged.values():
-        t = pq.read_table(path)
+        t = pa.ipc.open_file(path).read_all()
         assert t.num_rows == n
         rows.extend(t.to_pylist())
     return sorted(rows, key=lambda r: r["line_no"])
@@ -622,6 +623,18 @@ def test_missing_or_null_optional_payload_is_accepted(tmp_path, with_bad):
     assert rows[1]["payload"] in (None, "null")  # explicit null: NULL or the raw JSON text
     assert [r["payload"] for r in rows[2:]] == ['[1,{"a":"b"}]', '"s"']
     assert_accounted(result, path)
+
+
+def test_a_json_column_past_32_bit_offsets_is_split_into_chunks(monkeypatch):
+    values = [msgspec.Raw(b'{"a":1}'), None, msgspec.Raw(b'"\xc3\xa9"'), msgspec.Raw(b"null"), None]
+    whole = parsing._json_column(values)
+    assert whole.to_pylist() == ['{"a":1}', None, '"é"', "null", None]
+    monkeypatch.setattr(parsing, "_MAX_CHUNK_BYTES", 8)  # as if each chunk could hold 8 bytes
+    split = parsing._json_column(values)
+    assert isinstance(split, pa.ChunkedArray) and split.num_chunks > 1
+    assert split.to_pylist() == whole.to_pylist()
+    for chunk in split.chunks:
+        chunk.validate(full=True)
 
 
 def test_accepted_values_round_trip(tmp_path):
