@@ -39,19 +39,11 @@ from replay_defs.core.clickhouse import quote_ident
 from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, PipelineSpec
 
 MAX_BRACKETS = 256
+PYTHON = 255  # the verdict of a row the Python transformer maps
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # keys that can name a tuple element and be counted as `"key"`
 _AMBIGUOUS = r"^(-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?|true|false)$|^[\[{]"
 _INTEGER = r"^-?[0-9]+$"
 _NUMBER_DOUBT = r':\s*("-?[0-9]+"|-?[0-9]+[.eE])'  # a member that is a string of digits, or not an integer
-
-
-def _present(values: pa.Array) -> np.ndarray:
-    """Python's `v is not None and v != ""`, on the values' text."""
-    return pc.fill_null(pc.not_equal(values, ""), False).to_numpy(zero_copy_only=False)
-
-
-def _matches(values: pa.Array, pattern: str) -> np.ndarray:
-    return pc.fill_null(pc.match_substring_regex(values, pattern), False).to_numpy(zero_copy_only=False)
 
 
 class EngineMapping:
@@ -70,12 +62,13 @@ class EngineMapping:
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = None
+        # (reason, detail) of each verdict after 0, in the order they are tested
+        self.outcomes = [(r.name, f"validation rule {r.name} failed") for r in self.mapping.rules] + [
+            ("missing_field", f"no value for required field {name}")
+            for name in self.mapping.fields
+            if name in self.python.required
+        ]
         self.select, self.params = self._sql(payload_nullable)
-        self.rule_details = [(r.name, f"validation rule {r.name} failed") for r in self.mapping.rules]
-        self.member_prefixes = {
-            name: {k: msgspec.json.encode(k).decode() + ":" for k in members}
-            for name, members in self.mapping.objects.items()
-        }
 
     @staticmethod
     def of(spec: PipelineSpec, column_types: dict[str, str]) -> "EngineMapping | None":
@@ -106,20 +99,49 @@ class EngineMapping:
         return EngineMapping(spec, paths, payload_type.startswith("Nullable"))
 
     def _shape(self, node: dict) -> str:
-        return (
-            "Tuple("
-            + ", ".join(
-                f"{quote_ident(k)} " + ("Nullable(String)" if sub is None else self._shape(sub))
-                for k, sub in node.items()
-            )
-            + ")"
+        members = (
+            f"{quote_ident(k)} " + ("Nullable(String)" if v is None else self._shape(v)) for k, v in node.items()
         )
+        return "Tuple(" + ", ".join(members) + ")"
+
+    def _leaf(self, keys: tuple[str, ...]) -> str:
+        """A path's value as text (NULL: missing or null), from the payload parsed once per row."""
+        expr, node = self._doc, self.tree
+        for k in keys:
+            expr, node = f"tupleElement({expr}, {list(node).index(k) + 1})", node[k]
+        return expr
+
+    def _present(self, path: str) -> str:
+        """Python's `v is not None and v != ""`, on the value's text."""
+        return f"ifNull({self._leaf(self.paths[path])} != '', 0)"
+
+    def _member(self, paths: tuple[str, ...]) -> tuple[str, str]:
+        """(JSON of the first of `paths` with a value or NULL, whether it can be written here)."""
+        json_of, writable = [], []
+        for path in paths:
+            v = self._leaf(self.paths[path])
+            ambiguous = f"match(ifNull({v}, ''), {{em_ambiguous:String}})"
+            integer = f"(match(ifNull({v}, ''), {{em_integer:String}}) AND NOT {self._doubt})"
+            json_of += [self._present(path), f"if({ambiguous}, {v}, concat('\"', {v}, '\"'))"]
+            writable += [self._present(path), f"(NOT {ambiguous} OR {integer})"]
+        return f"multiIf({', '.join(json_of)}, NULL)", f"multiIf({', '.join(writable)}, 1)"
 
     def _sql(self, payload_nullable: bool) -> tuple[str, dict]:
+        """The page query's select items: `__em_verdict` (0: kept, i: outcome i, 255: Python maps
+        the row) and `__em_object_<i>`, the object fields' JSON."""
         payload = quote_ident(self.spec.source.payload_column)
+        self._doc = f"JSONExtract({payload}, {{em_shape:String}})"
+        self._doubt = f"ifNull(match({payload}, {{em_doubt:String}}), 1)"
+        params = {
+            "em_shape": self._shape(self.tree),
+            "em_backslash": "\\",
+            "em_doubt": _NUMBER_DOUBT,
+            "em_ambiguous": _AMBIGUOUS,
+            "em_integer": _INTEGER,
+            "em_safe_type": SAFE_TYPE_VALUE.pattern,
+        }
         keys = sorted({k for keys in self.paths.values() for k in keys})
         objects = sorted({keys[i] for keys in self.paths.values() for i in range(len(keys) - 1)})
-        params = {"em_shape": self._shape(self.tree), "em_backslash": "\\", "em_doubt": _NUMBER_DOUBT}
         plain = [
             f"position({payload}, {{em_backslash:String}}) = 0",
             f"startsWith({payload}, '{{')",
@@ -131,21 +153,40 @@ class EngineMapping:
         for i, k in enumerate(objects):
             params[f"em_array{i}"] = f'"{k}"' + r"\s*:\s*\["
             plain.append(f"NOT match({payload}, {{em_array{i}:String}})")
+        parsed = " OR ".join(f"isNotNull({self._leaf(keys)})" for keys in self.paths.values())
+        type_column = quote_ident(self.mapping.fields[self.spec.schema.type_field][0])
+        plain += [f"({parsed})", f"match(ifNull({type_column}, ''), {{em_safe_type:String}})"]
+        objects_sql = []
+        for i, (name, members) in enumerate(self.mapping.objects.items()):
+            parts = []
+            for j, (key, paths) in enumerate(members.items()):
+                json_of, writable = self._member(paths)
+                params[f"em_member{i}_{j}"] = "," + msgspec.json.encode(key).decode() + ":"
+                parts.append(f"ifNull(concat({{em_member{i}_{j}:String}}, {json_of}), '')")
+                plain.append(writable)
+            # `,"k":v` per member with a value; the first comma dropped
+            objects_sql.append(f"concat('{{', substring(concat({', '.join(parts)}), 2), '}}') AS __em_object_{i}")
+        failures = []
+        for rule in self.mapping.rules:
+            has = f" {'OR' if rule.need == 'any' else 'AND'} ".join(self._present(p) for p in rule.paths)
+            failures.append(f"NOT ({has})")
+        for name in self.mapping.fields:
+            if name in self.python.required:
+                column = quote_ident(self.mapping.fields[name][0])
+                missing = (
+                    f"isNull({column})" if self.python.types[name] == "timestamp" else f"ifNull({column}, '') = ''"
+                )
+                failures.append(missing)
+        verdicts = ", ".join(f"{f}, {i}" for i, f in enumerate(failures, 1))
         plain_sql = " AND ".join(plain)
         if payload_nullable:
             plain_sql = f"ifNull({plain_sql}, 0)"
-        select = (
-            f"JSONExtract({payload}, {{em_shape:String}}) AS __em_doc, ({plain_sql}) AS __em_plain, "
-            f"ifNull(match({payload}, {{em_doubt:String}}), 1) AS __em_number_doubt"
+        verdict = (
+            f"if({plain_sql}, multiIf({verdicts}, 0), {PYTHON}) AS __em_verdict"
+            if failures
+            else f"if({plain_sql}, 0, {PYTHON}) AS __em_verdict"
         )
-        return select, params
-
-    def _leaf(self, doc: pa.Array, keys: tuple[str, ...]) -> pa.Array:
-        node, index = self.tree, []
-        for k in keys:
-            index.append(list(node).index(k))
-            node = node[k]
-        return pc.struct_field(doc, index)
+        return ", ".join([verdict, *objects_sql]), params
 
     def run(self, page: pa.Table, first_no: int) -> tuple[pa.Table, list[tuple], Counter, Counter]:
         """`Transformer.run` on a page read with `select`: the plain rows here, the others by Python."""
@@ -153,118 +194,15 @@ class EngineMapping:
         direct = self._direct_columns(rows)
         if direct is None:  # a column of another type than its field's: Python converts it
             return self.python.run(rows, first_no)
-        _, present, objects, mapped_here = self._evaluate(page, direct)
-        verdicts = self._verdicts(present, direct)
-        return self._merge(rows, first_no, mapped_here, verdicts, direct, objects)
-
-    def mapped_here(self, page: pa.Table) -> np.ndarray:
-        """Which rows of the page `run` maps itself (the others go through Python)."""
-        direct = self._direct_columns(page.select(list(self.spec.source.columns)))
-        return np.zeros(page.num_rows, bool) if direct is None else self._evaluate(page, direct)[3]
-
-    def _evaluate(self, page: pa.Table, direct: dict[str, pa.Array]):
-        """(values and presence of the paths, object fields, rows mapped here) of a page."""
-        doc = page.column("__em_doc").combine_chunks()
-        values = {path: self._leaf(doc, keys) for path, keys in self.paths.items()}
-        present = {path: _present(v) for path, v in values.items()}
-        doubt = page.column("__em_number_doubt").to_numpy().astype(bool)
-        objects, writable = self._objects(values, present, doubt)
-        parsed = np.logical_or.reduce([pc.is_valid(v).to_numpy(zero_copy_only=False) for v in values.values()])
-        mapped_here = (
-            page.column("__em_plain").to_numpy().astype(bool)
-            & parsed
-            & writable
-            & _matches(direct[self.spec.schema.type_field], SAFE_TYPE_VALUE.pattern)
-        )
-        return values, present, objects, mapped_here
-
-    def _direct_columns(self, rows: pa.Table) -> dict[str, pa.Array] | None:
-        """The fields copied from a column, as their field's Arrow type (None: one needs converting)."""
-        out = {}
-        for name, (column,) in self.mapping.fields.items():
-            col, want = rows.column(column).combine_chunks(), self.arrow_schema.field(name).type
-            if not castable_as_is(col.type, want):
-                return None
-            out[name] = col.cast(want)
-        return out
-
-    def _verdicts(self, present: dict[str, np.ndarray], direct: dict[str, pa.Array]) -> np.ndarray:
-        """Per row, 0 (kept) or 1 + the index in `outcomes()` of the first reason that holds."""
-        n = len(next(iter(direct.values())))
-        verdict = np.zeros(n, np.int32)
-        failures = []
-        for rule in self.mapping.rules:
-            has = [present[p] for p in rule.paths]
-            failures.append(~(np.logical_or.reduce(has) if rule.need == "any" else np.logical_and.reduce(has)))
-        for name in self.mapping.fields:
-            if name in self.python.required:
-                failures.append(_missing(direct[name], self.python.types[name]))
-        for i, failed in enumerate(failures, 1):
-            verdict[(verdict == 0) & failed] = i
-        return verdict
-
-    def outcomes(self) -> list[tuple[str, str]]:
-        """(reason, detail) of each verdict after 0, in the order they are tested."""
-        return [
-            *self.rule_details,
-            *(
-                ("missing_field", f"no value for required field {name}")
-                for name in self.mapping.fields
-                if name in self.python.required
-            ),
-        ]
-
-    def _objects(
-        self, values: dict[str, pa.Array], present: dict[str, np.ndarray], doubt: np.ndarray
-    ) -> tuple[dict[str, pa.Array], np.ndarray]:
-        """The object fields' JSON per row, and whether every member's value could be written here."""
-        n, encodable = len(doubt), np.ones(len(doubt), bool)
-        json_text, writable = {}, {}
-        for path in {p for obj in self.mapping.objects.values() for ps in obj.values() for p in ps}:
-            v = values[path]
-            ambiguous = _matches(v, _AMBIGUOUS)
-            quoted = pc.binary_join_element_wise(pa.repeat('"', n), v, pa.repeat('"', n), pa.repeat("", n))
-            json_text[path] = pc.if_else(pa.array(ambiguous), v, quoted)
-            writable[path] = ~ambiguous | (_matches(v, _INTEGER) & ~doubt)
-        out = {}
-        for name, members in self.mapping.objects.items():
-            parts = []
-            for key, member_paths in members.items():
-                value, taken = pa.nulls(n, pa.string()), np.zeros(n, bool)
-                for path in member_paths:  # the first path with a value
-                    use = ~taken & present[path]
-                    value = pc.if_else(pa.array(use), json_text[path], value)
-                    encodable &= ~use | writable[path]
-                    taken |= use
-                # `,"key":value`, or "" without a value (joining with null_handling="skip" loses
-                # the rows where every member is null, in pyarrow 26)
-                prefix = pa.repeat("," + self.member_prefixes[name][key], n)
-                parts.append(pc.fill_null(pc.binary_join_element_wise(prefix, value, pa.repeat("", n)), ""))
-            members_json = pc.utf8_slice_codeunits(pc.binary_join_element_wise(*parts, pa.repeat("", n)), 1)
-            out[name] = pc.binary_join_element_wise(
-                pa.repeat("{", n), members_json, pa.repeat("}", n), pa.repeat("", n)
-            )
-        return out, encodable
-
-    def _merge(
-        self,
-        rows: pa.Table,
-        first_no: int,
-        mapped_here: np.ndarray,
-        verdicts: np.ndarray,
-        direct: dict[str, pa.Array],
-        objects: dict[str, pa.Array],
-    ) -> tuple[pa.Table, list[tuple], Counter, Counter]:
-        """The events and quarantine records of the rows mapped here, and of the others by Python, in row order."""
-        keep = np.flatnonzero(mapped_here & (verdicts == 0))
-        events = self._events(rows, keep, first_no, direct, objects)
-        bad = np.flatnonzero(mapped_here & (verdicts > 0))
-        outcomes = self.outcomes()
-        verdicts_of_bad = [outcomes[v - 1] for v in verdicts[bad]]
+        verdicts = page.column("__em_verdict").to_numpy()
+        keep = np.flatnonzero(verdicts == 0)
+        events = self._events(page, keep, first_no, direct)
+        bad = np.flatnonzero((verdicts > 0) & (verdicts < PYTHON))
+        verdicts_of_bad = [self.outcomes[v - 1] for v in verdicts[bad]]
         quarantine = quarantine_records(self.python, rows, bad.tolist(), (bad + first_no).tolist(), verdicts_of_bad)
         rule_names = {r.name for r in self.mapping.rules}
         dropped = Counter(reason for reason, _ in verdicts_of_bad if reason in rule_names)
-        others = np.flatnonzero(~mapped_here)
+        others = np.flatnonzero(verdicts == PYTHON)
         if len(others):
             py_events, py_quarantine, py_dropped, _ = self.python.run(
                 rows.take(others), first_no, (others + first_no).tolist()
@@ -276,26 +214,36 @@ class EngineMapping:
         errors = Counter(q[2] for q in quarantine if q[2] not in dropped)
         return events, quarantine, dropped, errors
 
-    def _events(
-        self, rows: pa.Table, keep: np.ndarray, first_no: int, direct: dict[str, pa.Array], objects: dict[str, pa.Array]
-    ) -> pa.Table:
+    def mapped_here(self, page: pa.Table) -> np.ndarray:
+        """Which rows of the page `run` maps itself (the others go through Python)."""
+        if self._direct_columns(page.select(list(self.spec.source.columns))) is None:
+            return np.zeros(page.num_rows, bool)
+        return page.column("__em_verdict").to_numpy() != PYTHON
+
+    def _direct_columns(self, rows: pa.Table) -> dict[str, pa.Array] | None:
+        """The fields copied from a column, as their field's Arrow type (None: one needs converting)."""
+        out = {}
+        for name, (column,) in self.mapping.fields.items():
+            col, want = rows.column(column), self.arrow_schema.field(name).type
+            if not castable_as_is(col.type, want):
+                return None
+            out[name] = col
+        return out
+
+    def _events(self, page: pa.Table, keep: np.ndarray, first_no: int, direct: dict[str, pa.Array]) -> pa.Table:
+        """The kept rows as events of the schema, with their source reference and row number."""
         schema, take = self.arrow_schema, pa.array(keep, pa.int64())
+        kept = page.take(take)
+        objects = {name: f"__em_object_{i}" for i, name in enumerate(self.mapping.objects)}
         arrays = []
         for f in self.spec.schema.fields:
+            want = schema.field(f.name).type
             if f.name in direct:
-                arrays.append(direct[f.name].take(take))
+                arrays.append(kept.column(self.mapping.fields[f.name][0]).cast(want))
             elif f.name in objects:
-                arrays.append(objects[f.name].take(take))
+                arrays.append(kept.column(objects[f.name]).cast(want))
             else:
-                arrays.append(pa.array([self.mapping.constants[f.name]] * len(keep), schema.field(f.name).type))
-        ids = rows.column(self.spec.source.id_column).take(take).cast(pa.string())
+                arrays.append(pa.array([self.mapping.constants[f.name]] * len(keep), want))
+        ids = kept.column(self.spec.source.id_column).cast(pa.string())
         arrays += [prefixed(self.python.ref_prefix, ids), pa.array(keep + first_no, pa.int64())]
         return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _missing(column: pa.Array, field_type: str) -> np.ndarray:
-    """Python's missing value of a field copied from a column: null, or an empty string."""
-    missing = (
-        pc.is_null(column) if field_type == "timestamp" else pc.or_kleene(pc.is_null(column), pc.equal(column, ""))
-    )
-    return pc.fill_null(missing, True).to_numpy(zero_copy_only=False)
