@@ -41,8 +41,6 @@ from replay_defs.pipeline.spec import SAFE_TYPE_VALUE, PipelineSpec
 MAX_BRACKETS = 256
 PYTHON = 255  # the verdict of a row the Python transformer maps
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # keys that can name a tuple element and be counted as `"key"`
-_AMBIGUOUS = r"^(-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?|true|false)$|^[\[{]"
-_INTEGER = r"^-?[0-9]+$"
 _NUMBER_DOUBT = r':\s*("-?[0-9]+"|-?[0-9]+[.eE])'  # a member that is a string of digits, or not an integer
 
 
@@ -119,11 +117,12 @@ class EngineMapping:
         """(JSON of the first of `paths` with a value or NULL, whether it can be written here)."""
         json_of, writable = [], []
         for path in paths:
-            v = self._leaf(self.paths[path])
-            ambiguous = f"match(ifNull({v}, ''), {{em_ambiguous:String}})"
-            integer = f"(match(ifNull({v}, ''), {{em_integer:String}}) AND NOT {self._doubt})"
+            v = f"ifNull({self._leaf(self.paths[path])}, '')"
+            # what a number, true/false, an array or an object reads as (casts: cheaper than a regex)
+            ambiguous = f"({v} IN ('true', 'false') OR startsWith({v}, '[') OR startsWith({v}, '{{') OR isNotNull(toFloat64OrNull({v})))"
+            integer = f"(toString(toInt64OrNull({v})) = {v} OR toString(toUInt64OrNull({v})) = {v})"
             json_of += [self._present(path), f"if({ambiguous}, {v}, concat('\"', {v}, '\"'))"]
-            writable += [self._present(path), f"(NOT {ambiguous} OR {integer})"]
+            writable += [self._present(path), f"(NOT {ambiguous} OR (ifNull({integer}, 0) AND NOT {self._doubt}))"]
         return f"multiIf({', '.join(json_of)}, NULL)", f"multiIf({', '.join(writable)}, 1)"
 
     def _sql(self, payload_nullable: bool) -> tuple[str, dict]:
@@ -136,8 +135,6 @@ class EngineMapping:
             "em_shape": self._shape(self.tree),
             "em_backslash": "\\",
             "em_doubt": _NUMBER_DOUBT,
-            "em_ambiguous": _AMBIGUOUS,
-            "em_integer": _INTEGER,
             "em_safe_type": SAFE_TYPE_VALUE.pattern,
         }
         keys = sorted({k for keys in self.paths.values() for k in keys})
