@@ -230,8 +230,9 @@ class EngineMapping:
     def _events(self, page: pa.Table, keep: np.ndarray, first_no: int, direct: dict[str, pa.Array]) -> pa.Table:
         """The kept rows as events of the schema, with their source reference and row number."""
         schema, take = self.arrow_schema, pa.array(keep, pa.int64())
-        kept = page.take(take)
         objects = {name: f"__em_object_{i}" for i, name in enumerate(self.mapping.objects)}
+        needed = {*(c for (c,) in self.mapping.fields.values()), *objects.values(), self.spec.source.id_column}
+        kept = page.select(sorted(needed)).take(take)  # not the payloads
         arrays = []
         for f in self.spec.schema.fields:
             want = schema.field(f.name).type
