@@ -2,9 +2,10 @@
 giving exactly what the Python `Transformer` gives: the same events, quarantine records and counts.
 
 The page query parses each payload once (`JSONExtract` into a tuple of the mapping's paths, each
-value as text) and flags the payloads on which the engine's reading and Python's (msgspec) are known
-to agree; pyarrow then evaluates the rules, the fields and the object fields column by column. Every
-other row goes through the Python `Transformer`, so no verdict depends on which path a row took.
+value as text), and for the payloads on which the engine's reading and Python's (msgspec) are known
+to agree it evaluates the rules and the required fields (`__em_verdict`: 0 kept, i the i-th outcome)
+and writes the object fields' JSON; Python only assembles the events. Every other row (verdict
+PYTHON) goes through the Python `Transformer`, so no result depends on which path a row took.
 
 A payload is *plain* when:
 - it has no backslash: nothing is escaped, so a string's text is its value and its JSON is the text
@@ -17,10 +18,10 @@ A payload is *plain* when:
 and the engine parsed it: some path has a value (from invalid JSON the engine reads nothing).
 
 A value arrives as text: a string as it is, anything else as JSON. So a value that reads like a
-number, `true`/`false`, an array or an object is ambiguous. In an object field an integer
-(`-?[0-9]+`) is the number it reads as unless the payload has a string of digits or a number with a
-fraction or exponent as a member value (the engine prints 1.0 as 1; Python keeps 1.0); any other
-ambiguous value sends the row to Python. Rules only ask whether a value is there (not null, not
+number, `true`/`false`, an array or an object is ambiguous. In an object field a 64-bit integer
+written canonically is the number it reads as unless the payload has a string of digits or a number
+with a fraction or exponent as a member value (the engine prints 1.0 as 1; Python keeps 1.0); any
+other ambiguous value sends the row to Python. Rules only ask whether a value is there (not null, not
 ""), which the text answers for every kind of value.
 """
 
@@ -218,7 +219,7 @@ class EngineMapping:
         return page.column("__em_verdict").to_numpy() != PYTHON
 
     def _direct_columns(self, rows: pa.Table) -> dict[str, pa.Array] | None:
-        """The fields copied from a column, as their field's Arrow type (None: one needs converting)."""
+        """The columns copied to fields (None: one is not of its field's Arrow type as it is)."""
         out = {}
         for name, (column,) in self.mapping.fields.items():
             col, want = rows.column(column), self.arrow_schema.field(name).type
