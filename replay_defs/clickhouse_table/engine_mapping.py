@@ -43,6 +43,9 @@ MAX_BRACKETS = 256
 PYTHON = 255  # the verdict of a row the Python transformer maps
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # keys that can name a tuple element and be counted as `"key"`
 _NUMBER_DOUBT = r':\s*("-?[0-9]+"|-?[0-9]+[.eE])'  # a member that is a string of digits, or not an integer
+# Among values separated by newlines (which no parsed JSON string holds raw): true/false, an array or
+# object, a number with a fraction or exponent, or a string that reads like one of them.
+_NOT_TEXT = r"\n(true\n|false\n|[\[{]|-?[0-9]+[.eE])"
 
 
 class EngineMapping:
@@ -114,17 +117,47 @@ class EngineMapping:
         """Python's `v is not None and v != ""`, on the value's text."""
         return f"ifNull({self._leaf(self.paths[path])} != '', 0)"
 
-    def _member(self, paths: tuple[str, ...]) -> tuple[str, str]:
-        """(JSON of the first of `paths` with a value or NULL, whether it can be written here)."""
-        json_of, writable = [], []
+    def _text(self, path: str) -> str:
+        return f"ifNull({self._leaf(self.paths[path])}, '')"
+
+    def _member(self, paths: tuple[str, ...]) -> str:
+        """The JSON of the first of `paths` with a value (NULL: none has one), on a row whose member
+        values are strings or integers (`_sql`'s `plain`): an integer as it is, a string quoted."""
+        json_of = []
         for path in paths:
-            v = f"ifNull({self._leaf(self.paths[path])}, '')"
-            # what a number, true/false, an array or an object reads as (casts: cheaper than a regex)
-            ambiguous = f"({v} IN ('true', 'false') OR startsWith({v}, '[') OR startsWith({v}, '{{') OR isNotNull(toFloat64OrNull({v})))"
-            integer = f"(toString(toInt64OrNull({v})) = {v} OR toString(toUInt64OrNull({v})) = {v})"
-            json_of += [self._present(path), f"if({ambiguous}, {v}, concat('\"', {v}, '\"'))"]
-            writable += [self._present(path), f"(NOT {ambiguous} OR (ifNull({integer}, 0) AND NOT {self._doubt}))"]
-        return f"multiIf({', '.join(json_of)}, NULL)", f"multiIf({', '.join(writable)}, 1)"
+            v = self._text(path)
+            json_of += [self._present(path), f"if(match({v}, {{em_integer:String}}), {v}, concat('\"', {v}, '\"'))"]
+        return f"multiIf({', '.join(json_of)}, NULL)"
+
+    def _text_guards(self, payload: str, params: dict) -> list[str]:
+        """The conditions on the payload's text that make it plain (see the module's docstring)."""
+        keys = sorted({k for keys in self.paths.values() for k in keys})
+        objects = sorted({keys[i] for keys in self.paths.values() for i in range(len(keys) - 1)})
+        guards = [
+            f"position({payload}, {{em_backslash:String}}) = 0",
+            f"startsWith({payload}, '{{')",
+            f"countSubstrings({payload}, '{{') + countSubstrings({payload}, '[') <= {MAX_BRACKETS}",
+        ]
+        for i, k in enumerate(keys):
+            params[f"em_key{i}"] = f'"{k}"'
+            guards.append(f"countSubstrings({payload}, {{em_key{i}:String}}) <= 1")
+        for i, k in enumerate(objects):
+            params[f"em_array{i}"] = f'"{k}"' + r"\s*:\s*\["
+            guards.append(f"NOT match({payload}, {{em_array{i}:String}})")
+        return guards
+
+    def _failures(self) -> list[str]:
+        """The condition of each outcome (`outcomes`), in order: the rules, then the required fields."""
+        failures = []
+        for rule in self.mapping.rules:
+            has = f" {'OR' if rule.need == 'any' else 'AND'} ".join(self._present(p) for p in rule.paths)
+            failures.append(f"NOT ({has})")
+        for name in self.mapping.fields:
+            if name in self.python.required:
+                column = quote_ident(self.mapping.fields[name][0])
+                timestamp = self.python.types[name] == "timestamp"
+                failures.append(f"isNull({column})" if timestamp else f"ifNull({column}, '') = ''")
+        return failures
 
     def _sql(self, payload_nullable: bool) -> tuple[str, dict]:
         """The page query's select items: `__em_verdict` (0: kept, i: outcome i, 255: Python maps
@@ -137,44 +170,29 @@ class EngineMapping:
             "em_backslash": "\\",
             "em_doubt": _NUMBER_DOUBT,
             "em_safe_type": SAFE_TYPE_VALUE.pattern,
+            "em_integer": r"^-?[0-9]+$",
+            "em_not_text": _NOT_TEXT,
         }
-        keys = sorted({k for keys in self.paths.values() for k in keys})
-        objects = sorted({keys[i] for keys in self.paths.values() for i in range(len(keys) - 1)})
-        plain = [
-            f"position({payload}, {{em_backslash:String}}) = 0",
-            f"startsWith({payload}, '{{')",
-            f"countSubstrings({payload}, '{{') + countSubstrings({payload}, '[') <= {MAX_BRACKETS}",
-        ]
-        for i, k in enumerate(keys):
-            params[f"em_key{i}"] = f'"{k}"'
-            plain.append(f"countSubstrings({payload}, {{em_key{i}:String}}) <= 1")
-        for i, k in enumerate(objects):
-            params[f"em_array{i}"] = f'"{k}"' + r"\s*:\s*\["
-            plain.append(f"NOT match({payload}, {{em_array{i}:String}})")
+        plain = self._text_guards(payload, params)
         parsed = " OR ".join(f"isNotNull({self._leaf(keys)})" for keys in self.paths.values())
         type_column = quote_ident(self.mapping.fields[self.spec.schema.type_field][0])
         plain += [f"({parsed})", f"match(ifNull({type_column}, ''), {{em_safe_type:String}})"]
+        # The object members' values are strings or integers: one regex over them all, one row at a time.
+        member_paths = list(
+            dict.fromkeys(p for obj in self.mapping.objects.values() for ps in obj.values() for p in ps)
+        )
+        if member_paths:
+            values = ", '\\n', ".join(self._text(p) for p in member_paths)
+            plain += [f"NOT match(concat('\\n', {values}, '\\n'), {{em_not_text:String}})", f"NOT {self._doubt}"]
         objects_sql = []
         for i, (name, members) in enumerate(self.mapping.objects.items()):
             parts = []
             for j, (key, paths) in enumerate(members.items()):
-                json_of, writable = self._member(paths)
                 params[f"em_member{i}_{j}"] = "," + msgspec.json.encode(key).decode() + ":"
-                parts.append(f"ifNull(concat({{em_member{i}_{j}:String}}, {json_of}), '')")
-                plain.append(writable)
+                parts.append(f"ifNull(concat({{em_member{i}_{j}:String}}, {self._member(paths)}), '')")
             # `,"k":v` per member with a value; the first comma dropped
             objects_sql.append(f"concat('{{', substring(concat({', '.join(parts)}), 2), '}}') AS __em_object_{i}")
-        failures = []
-        for rule in self.mapping.rules:
-            has = f" {'OR' if rule.need == 'any' else 'AND'} ".join(self._present(p) for p in rule.paths)
-            failures.append(f"NOT ({has})")
-        for name in self.mapping.fields:
-            if name in self.python.required:
-                column = quote_ident(self.mapping.fields[name][0])
-                missing = (
-                    f"isNull({column})" if self.python.types[name] == "timestamp" else f"ifNull({column}, '') = ''"
-                )
-                failures.append(missing)
+        failures = self._failures()
         verdicts = ", ".join(f"{f}, {i}" for i, f in enumerate(failures, 1))
         plain_sql = " AND ".join(plain)
         if payload_nullable:
