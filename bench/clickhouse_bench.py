@@ -13,8 +13,9 @@ duplicates to collapse. Rows:
 - baseline: `SELECT ... FROM raw_events FINAL WHERE <day> ORDER BY <key>` to Arrow in one query;
 - keyset read: `KeysetReader.batches()` (FINAL, `(key) > (last key)`, `LIMIT batch`) to Arrow;
 - transform: the spec's mapping and rules on those pages as the pipeline runs them (`EngineMapping`:
-  the page query also parses the payloads, pyarrow maps them, Python takes the rows the engine
-  might read differently), the transform's time only;
+  the page query also parses the payloads, evaluates the rules and writes the object fields; Python
+  assembles the events and maps the rows the engine might read differently), Python's time only
+  (the engine's share is in the page reads, excluded here);
 - pipeline day: `parse_table_day` as parsed_events runs it: keyset read + transform + Parquet by
   type + quarantine.
 
