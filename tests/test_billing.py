@@ -485,3 +485,114 @@ def test_a_payload_nested_too_deep_is_a_transformation_error_not_a_crash():
     )
     assert events.num_rows == 1 and errors == {"nesting_too_deep": 1} and not dropped
     assert [q for q in quarantined if "nesting_too_deep" in q]
+
+
+def _tricky(n: int, **changes) -> str:
+    """A valid payload with `changes` spliced in as raw JSON text (key -> member text, or None to drop)."""
+    members = {
+        "id": f'"req-{n}"',
+        "orgId": '"org-1"',
+        "methodName": '"chat.completions"',
+        "providerName": '"openai"',
+        "createdAt": '"2024-03-04T10:00:00Z"',
+        "data": '{"modelName": "gpt-4o", "usage": {"inputTokens": 5, "outputTokens": 2}}',
+    }
+    members.update(changes)
+    return "{" + ", ".join(f'"{k}": {v}' for k, v in members.items() if v is not None) + "}"
+
+
+# Payloads on which ClickHouse's JSON functions and Python's msgspec could read differently; each
+# must get Python's verdict and event, whichever path maps it.
+TRICKY = [
+    _tricky(1),  # ordinary: mapped by the engine
+    _tricky(2, orgId='"a", "orgId": ""'),  # duplicate key: Python keeps the last value (dropped)
+    _tricky(3, data='{"modelName": "m1", "modelName": null}'),  # duplicate nested key
+    '{"org\\u0049d": "x", ' + _tricky(4, orgId=None)[1:],  # an escaped key spelling orgId
+    _tricky(5, data='[{"modelName": "m"}, {"inputTokens": 1}]'),  # an object on a path is an array
+    _tricky(6, data='{"modelName": "m", "usage": {"inputTokens": 1.0, "outputTokens": 2}}'),  # 1.0 is no int
+    _tricky(7, data='{"modelName": "m", "usage": {"inputTokens": 1e2, "outputTokens": -0}}'),
+    _tricky(8, data='{"modelName": "m", "usage": {"inputTokens": 123456789012345678901234567890}}'),
+    _tricky(9, data='{"modelName": "m", "usage": {"inputTokens": "774", "outputTokens": true}}'),
+    _tricky(10, orgId="null"),
+    _tricky(11, orgId='""'),
+    _tricky(12, orgId="0", methodName="false"),
+    _tricky(13, orgId="{}", methodName="[]"),
+    _tricky(14, providerName=None, serviceName='"bedrock"'),
+    _tricky(15, providerName='""', serviceName='"bedrock"'),
+    _tricky(16, data='"gpt-4o"'),  # an object on a path is a string
+    _tricky(17, data="null"),
+    _tricky(18, createdAt="1709546400"),
+    _tricky(19, OrgId='"x"', orgId=None),  # keys are case-sensitive
+    _tricky(20, methodName='"é 😀 \x7f \u2028"'),  # raw unicode, DEL, line separator
+    _tricky(21, methodName='"\\u00e9\\ud83d\\ude00\\/"'),  # escapes
+    _tricky(22, methodName='"say \\"hi\\"\\n"'),
+    _tricky(23, providerName='"123"'),  # a string of digits
+    _tricky(24, providerName='"true"', serviceName='"1.5"'),
+    "\ufeff" + _tricky(25),  # a byte-order mark: Python refuses it
+    " " + _tricky(26) + "\n",
+    _tricky(27) + " x",  # trailing garbage
+    _tricky(28)[:-1] + ",}",  # trailing comma
+    _tricky(29, orgId="NaN"),
+    _tricky(30, methodName='"tab\there"'),  # a raw control character
+    _tricky(31, orgId='"\\ud800"'),  # a lone surrogate
+    _tricky(32, x="[" * 600 + "]" * 600),  # deep, within Python's limit
+    _tricky(33, x="[" * 1200 + "]" * 1200),  # deeper than Python's limit
+    "[1, 2]",
+    '"a string"',
+    "42",
+    "null",
+    "",
+    "{}",
+    '{"id": "req-40", "orgId": ',
+]
+
+
+@pytest.mark.parametrize("backend", ["chdb", "http"])
+def test_the_engine_mapping_gives_pythons_verdicts_and_events_on_tricky_json(
+    chdb_path, ch_database, clickhouse_http, backend
+):
+    """The page query's JSON parsing (EngineMapping) against the Python transformer on the same
+    rows: the same events, quarantine records (reason, detail, line) and counts, on both backends;
+    the ordinary rows are mapped by the engine, the ones it could read differently by Python."""
+    from replay_defs.clickhouse_table.engine_mapping import EngineMapping
+    from replay_defs.clickhouse_table.parsing import Transformer
+
+    with ClickHouse(data_path=chdb_path, database=ch_database) as ch:
+        ch.command(BILLING_RAW_EVENTS_DDL)
+        rows = [row(f"e{i:02}", "cust-a", ts(DAY1, 10, i), body=body) for i, body in enumerate(TRICKY)]
+        ch.insert("raw_events", arrow(rows))
+    url = clickhouse_http.url() if backend == "http" else ""
+    with ClickHouse(url=url, data_path=chdb_path, database=ch_database) as ch:
+        reader = KeysetReader(ch, BILLING.source, DAY1, TableSelection(), 16)
+        engine = EngineMapping.of(BILLING, reader.types)
+        assert engine is not None
+        first, here = 1, []
+        for page in reader.batches(engine.select, engine.params):
+            got = engine.run(page, first)
+            want = Transformer(BILLING).run(page.select(list(BILLING.source.columns)), first)
+            assert got[0].equals(want[0]), (got[0].to_pylist(), want[0].to_pylist())
+            assert got[1:] == want[1:]
+            here += engine.mapped_here(page).tolist()
+            first += page.num_rows
+    assert first - 1 == len(TRICKY)
+    by_id = dict(zip((f"e{i:02}" for i in range(len(TRICKY))), here))
+    # e07: a number past 64 bits (the engine reads its digits as text, Python as an int: the same
+    # JSON); e09/e10: orgId null or "" (dropped by the rule either way); e13-e19: serviceName,
+    # non-object `data`, an integer createdAt, case, raw unicode.
+    plain = {"e00", "e07", "e09", "e10", "e13", "e14", "e15", "e16", "e17", "e18", "e19"}
+    assert {i for i, h in by_id.items() if h} == plain, "ordinary payloads mapped by the engine, no others"
+
+
+def test_the_engine_mapping_declines_what_only_python_maps():
+    from replay_defs.clickhouse_table.engine_mapping import EngineMapping
+
+    types = {"id": "String", "payload": "String"}
+    assert EngineMapping.of(BILLING, types) is not None
+    assert EngineMapping.of(BILLING, {**types, "payload": "JSON"}) is None
+    odd_key = dataclasses.replace(
+        BILLING.mapping,
+        rules=(*BILLING.mapping.rules, dataclasses.replace(BILLING.mapping.rules[0], name="x", paths=("payload.a-b",))),
+    )
+    assert EngineMapping.of(dataclasses.replace(BILLING, mapping=odd_key), types) is None
+    from_payload = dataclasses.replace(BILLING.mapping, fields={**BILLING.mapping.fields, "event_id": ("payload.id",)})
+    assert EngineMapping.of(dataclasses.replace(BILLING, mapping=from_payload), types) is None
