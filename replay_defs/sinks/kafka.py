@@ -7,7 +7,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import dagster as dg
@@ -106,10 +105,16 @@ class KafkaSink:
     ) -> list[str | None]:
         if not self._reachable and (refused := self._reach()):
             return [refused] * len(batch)
-        errors: list[str | None] = [unknown(f"no delivery report within {self.timeout_s:g} s")] * len(batch)
+        # One callback for the call, not one per message (a closure per message costs as much as
+        # the produce): confirmations are counted, errors named by the message_id header.
+        confirmed, failed, unsent = 0, {}, {}
 
-        def on_delivery(i: int, err, _msg) -> None:
-            errors[i] = None if err is None else self._outcome(err)
+        def on_delivery(err, msg) -> None:
+            nonlocal confirmed
+            if err is None:
+                confirmed += 1
+            else:
+                failed[dict(msg.headers())["message_id"]] = self._outcome(err)
 
         common = [("replay_run_id", run_id.encode()), ("pipeline", pipeline.encode()), ("day", day.encode())]
         produce, poll = self._producer.produce, self._producer.poll
@@ -117,20 +122,33 @@ class KafkaSink:
             headers = [*common, ("message_id", mid.encode())]
             while True:
                 try:
-                    produce(self.topic, value, key, headers=headers, on_delivery=partial(on_delivery, i))
+                    produce(self.topic, value, key, headers=headers, on_delivery=on_delivery)
                     break
                 except BufferError:  # local queue full: let deliveries drain
                     poll(0.1)
                 except KafkaException as exc:  # refused before sending (too large), or a fatal state
-                    errors[i] = self._outcome(exc.args[0])
+                    unsent[i] = self._outcome(exc.args[0])
                     break
             if self._fatal is not None:
+                unsent.update(
+                    (j, unknown("no delivery report: the producer hit a fatal error first"))
+                    for j in range(i + 1, len(batch))
+                )
                 break
             if i % 1000 == 0:
                 poll(0)
         if self._producer.flush(self.timeout_s + 5):  # nothing of this call may be sent after it returns
-            self._producer.purge()
+            self._producer.purge()  # what is left is reported now, as purged: in doubt
             self._producer.poll(0)
+        # A report that never came leaves every message not reported as failed in doubt: which of
+        # them were confirmed cannot be told apart.
+        unreported = None
+        if confirmed + len(failed) < len(batch) - len(unsent):
+            unreported = unknown(f"no delivery report within {self.timeout_s:g} s")
+        if failed or unsent or unreported:
+            errors = [unsent.get(i) or failed.get(m.encode(), unreported) for i, m in enumerate(batch.ids)]
+        else:
+            errors = [None] * len(batch)
         if self._fatal is not None:
             self._replace(errors)
         return errors
