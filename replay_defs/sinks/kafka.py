@@ -106,15 +106,16 @@ class KafkaSink:
         if not self._reachable and (refused := self._reach()):
             return [refused] * len(batch)
         # One callback for the call, not one per message (a closure per message costs as much as
-        # the produce): confirmations are counted, errors named by the message_id header.
-        confirmed, failed, unsent = 0, {}, {}
+        # the produce): confirmations are counted, errors kept with the message's value (a report
+        # of a failed message carries no headers), which names it.
+        confirmed, failed, unsent = 0, [], {}
 
         def on_delivery(err, msg) -> None:
             nonlocal confirmed
             if err is None:
                 confirmed += 1
             else:
-                failed[dict(msg.headers())["message_id"]] = self._outcome(err)
+                failed.append((msg.value(), self._outcome(err)))
 
         common = [("replay_run_id", run_id.encode()), ("pipeline", pipeline.encode()), ("day", day.encode())]
         produce, poll = self._producer.produce, self._producer.poll
@@ -140,17 +141,29 @@ class KafkaSink:
         if self._producer.flush(self.timeout_s + 5):  # nothing of this call may be sent after it returns
             self._producer.purge()  # what is left is reported now, as purged: in doubt
             self._producer.poll(0)
-        # A report that never came leaves every message not reported as failed in doubt: which of
-        # them were confirmed cannot be told apart.
-        unreported = None
-        if confirmed + len(failed) < len(batch) - len(unsent):
-            unreported = unknown(f"no delivery report within {self.timeout_s:g} s")
-        if failed or unsent or unreported:
-            errors = [unsent.get(i) or failed.get(m.encode(), unreported) for i, m in enumerate(batch.ids)]
-        else:
-            errors = [None] * len(batch)
+        errors = self._errors(batch, confirmed, failed, unsent)
         if self._fatal is not None:
             self._replace(errors)
+        return errors
+
+    def _errors(self, batch: Batch, confirmed: int, failed: list, unsent: dict[int, str]) -> list[str | None]:
+        """Each message's outcome from one call's reports: the errors reported, by value (a value
+        two messages share leaves both in doubt); when a report is missing or names no message,
+        every message not reported as failed is in doubt: which of them were confirmed cannot be told."""
+        errors: list[str | None] = [unsent.get(i) for i in range(len(batch))] if unsent else [None] * len(batch)
+        told = confirmed + len(failed) == len(batch) - len(unsent)
+        if failed:
+            where: dict[bytes, list[int]] = {}
+            for i, value in enumerate(batch.bodies):
+                where.setdefault(value, []).append(i)
+            for value, error in failed:
+                index = where.get(value, [])
+                told &= len(index) > 0
+                for i in index:
+                    errors[i] = error if len(index) == 1 else unknown(error)
+        if not told:
+            missing = unknown(f"no delivery report within {self.timeout_s:g} s")
+            errors = [missing if e is None else e for e in errors]
         return errors
 
     def _reach(self) -> str | None:
