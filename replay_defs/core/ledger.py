@@ -20,7 +20,6 @@ Ids travel as one Arrow column or array parameter per batch, never one statement
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,11 +94,11 @@ SUMMARY = ", ".join(f"count(*) FILTER (WHERE status = '{s}')" for s in STATUSES)
 )
 
 
-# An outcome keeps the attempt's count and time (see UPSERT); it needs no insert when its intent's
-# row is there, which a plain UPDATE settles at a fraction of an upsert's cost.
+# An outcome keeps the attempt's count and time (see UPSERT); in DuckDB it needs no insert when its
+# intent's row is there, which a plain UPDATE settles at a fraction of an upsert's cost. (Postgres
+# keeps the upsert: its UPDATE of `message_id = ANY(ids)` may scan the table once per id.)
 OUTCOME = """status = $status, last_error = $error, run_id = $run_id, day = $day, updated_at = now(),
     possible_duplicate = possible_duplicate OR $dup"""
-PG_OUTCOME = re.sub(r"[$](\w+)", r"%(\1)s", OUTCOME)
 
 
 def _summary(rows) -> dict[str, dict[str, int]]:
@@ -286,14 +285,6 @@ class PostgresLedger(_Lookups):
             "dup": possible_duplicate,
             "ids": ids,
         }
-        if status != SENDING:
-            updated = self.con.execute(
-                f"UPDATE redrive_ledger SET {PG_OUTCOME} "
-                "WHERE pipeline = %(pipeline)s AND sink = %(sink)s AND message_id = ANY(%(ids)s::text[])",
-                params,
-            ).rowcount
-            if updated == len(ids):
-                return
         self.con.execute(
             f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
                  sent_at, possible_duplicate)
