@@ -177,11 +177,15 @@ def test_five_seeded_sigkills_then_a_rerun(moto, postgres_dsn):
     n, queues, env = 600, _queues("kill"), _env(moto)
     _create(moto, queues)
     commands = _commands(queues, postgres_dsn, n, rate=8)
-    # Kill points after the process's start-up (about 7 s here), while it delivers; 5 kills stay
-    # far inside the FIFO queue's 5-minute deduplication window.
+    # Kill points 1 to 4 s after the run's first delivery (start-up takes 2 to 10 s), while it
+    # delivers; 5 kills stay far inside the FIFO queue's 5-minute deduplication window.
     threads = [
-        threading.Thread(target=kill_at_random_points, args=(cmd, seed, 5, (9.0, 12.0), env))
-        for seed, cmd in enumerate(commands.values(), start=18)
+        threading.Thread(
+            target=kill_at_random_points,
+            args=(cmd, seed, 5, (1.0, 4.0), env),
+            kwargs={"held": lambda q=queue: _depth(moto, q)},
+        )
+        for seed, (cmd, queue) in enumerate(zip(commands.values(), queues.values()), start=18)
     ]
     for t in threads:
         t.start()
