@@ -197,7 +197,7 @@ def test_five_seeded_sigkills_then_a_rerun(moto, postgres_dsn):
         assert in_doubt > 0 and statuses.get("delivered", 0) > 0, statuses
         if kind == "fifo":  # no duplicates there: every message on it is delivered or in doubt
             assert _depth(moto, queue) <= statuses["delivered"] + in_doubt
-    again = _run_both(commands, env)
+    again = _run_both(_commands(queues, postgres_dsn, n), env)  # the re-run unpaced
     for kind, queue in queues.items():
         assert 0 < again[kind]["published"] < n and again[kind]["skipped_already_delivered"] > 0
         _judge(moto, postgres_dsn, kind, queue, n, None)
