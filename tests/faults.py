@@ -48,17 +48,22 @@ def run_redrive(cmd: list[str], env: dict | None = None, timeout: float = 300) -
 
 
 def kill_at_random_points(
-    cmd: list[str], seed: int, kills: int, window_s: tuple[float, float], env=None
+    cmd: list[str], seed: int, kills: int, window_s: tuple[float, float], env=None, held=None
 ) -> list[float]:
     """Starts the redrive process `kills` times, each SIGKILLed after a delay drawn (seeded) from
-    `window_s`; returns the delays. A process that ends before its delay is not a kill point: the
-    window must lie inside the run (pace it with `rate`)."""
+    `window_s`; returns the delays. The delay counts from the process's start, or, given `held` (how
+    many messages the target holds), from the run's first delivery (what it holds grew): start-up
+    takes 2 to 10 s on a loaded machine. A process that ends before its delay is not a kill point:
+    the window must lie inside the run (pace it with `rate`)."""
     rng = random.Random(seed)
     delays = sorted(round(rng.uniform(*window_s), 2) for _ in range(kills))
     for delay in delays:
+        before = held() if held is not None else 0
         proc = subprocess.Popen(
             cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
+        if held is not None:
+            _wait_until_delivering(proc, held, before)
         try:
             proc.wait(delay)
         except subprocess.TimeoutExpired:
@@ -67,6 +72,15 @@ def kill_at_random_points(
             continue
         raise AssertionError(f"the redrive process ended before its kill point {delay}s: {proc.stderr.read()[-2000:]}")
     return delays
+
+
+def _wait_until_delivering(proc: subprocess.Popen, held, before: int, timeout: float = 120) -> None:
+    """Polls `held()` until it exceeds `before`; the process must stay alive."""
+    deadline = time.monotonic() + timeout
+    while held() <= before:
+        assert proc.poll() is None, f"the redrive process ended before it delivered: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "the redrive process never started delivering"
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -548,10 +548,21 @@ def bullmq_consume(url: str, queue: str, idle_s: float = 1.5, prefix: str = "bul
     return asyncio.run(run())
 
 
+DAEMON_INTERVAL_S = 2  # the daemon's backfill iterations in the tests (Dagster's own: 30 s)
+
+
+def daemon_env() -> dict[str, str]:
+    """This process's environment for a Dagster daemon (or `dagster dev`) the tests start, with
+    its backfill iterations every DAEMON_INTERVAL_S seconds (tests/daemon_interval/sitecustomize.py)."""
+    hook = str(Path(__file__).resolve().parent / "daemon_interval")
+    path = os.pathsep.join(p for p in (hook, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "EVENT_REPLAY_TEST_DAEMON_INTERVAL_S": str(DAEMON_INTERVAL_S)}
+
+
 @contextmanager
 def dagster_dev(log_path, *args: str, graceful: bool = True) -> Iterator[str]:
     """`dagster dev` (webserver + daemon) from the project root on a free port, with this process's
-    environment (DAGSTER_HOME and the EVENT_REPLAY_* settings). Yields the base URL once the
+    environment (DAGSTER_HOME and the EVENT_REPLAY_* settings; `daemon_env`). Yields the base URL once the
     webserver answers; stops the whole process group after (not `graceful`: SIGKILL at once, for
     tests that have read everything they need and whose instance is thrown away)."""
     import signal
@@ -564,7 +575,7 @@ def dagster_dev(log_path, *args: str, graceful: bool = True) -> Iterator[str]:
         proc = subprocess.Popen(
             [str(root / ".venv/bin/dagster"), "dev", *args, "-h", "127.0.0.1", "-p", str(port)],
             cwd=root,
-            env=os.environ.copy(),
+            env=daemon_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -177,11 +177,15 @@ def test_five_seeded_sigkills_then_a_rerun(moto, postgres_dsn):
     n, queues, env = 600, _queues("kill"), _env(moto)
     _create(moto, queues)
     commands = _commands(queues, postgres_dsn, n, rate=8)
-    # Kill points after the process's start-up (about 7 s here), while it delivers; 5 kills stay
-    # far inside the FIFO queue's 5-minute deduplication window.
+    # Kill points 1 to 4 s after the run's first delivery (start-up takes 2 to 10 s), while it
+    # delivers; 5 kills stay far inside the FIFO queue's 5-minute deduplication window.
     threads = [
-        threading.Thread(target=kill_at_random_points, args=(cmd, seed, 5, (9.0, 12.0), env))
-        for seed, cmd in enumerate(commands.values(), start=18)
+        threading.Thread(
+            target=kill_at_random_points,
+            args=(cmd, seed, 5, (1.0, 4.0), env),
+            kwargs={"held": lambda q=queue: _depth(moto, q)},
+        )
+        for seed, (cmd, queue) in enumerate(zip(commands.values(), queues.values()), start=18)
     ]
     for t in threads:
         t.start()
@@ -193,7 +197,7 @@ def test_five_seeded_sigkills_then_a_rerun(moto, postgres_dsn):
         assert in_doubt > 0 and statuses.get("delivered", 0) > 0, statuses
         if kind == "fifo":  # no duplicates there: every message on it is delivered or in doubt
             assert _depth(moto, queue) <= statuses["delivered"] + in_doubt
-    again = _run_both(commands, env)
+    again = _run_both(_commands(queues, postgres_dsn, n), env)  # the re-run unpaced
     for kind, queue in queues.items():
         assert 0 < again[kind]["published"] < n and again[kind]["skipped_already_delivered"] > 0
         _judge(moto, postgres_dsn, kind, queue, n, None)

@@ -15,7 +15,7 @@ import urllib.request
 import psycopg
 import pytest
 from conftest import PROJECT_ROOT
-from services import MotoProcess, free_port, graphql, scratch_database, upload_raw
+from services import MotoProcess, daemon_env, free_port, graphql, scratch_database, upload_raw
 from ui_backfills import CHECKS, PARTITION_STATUSES, launch, wait_backfill, wait_for
 
 BIN = PROJECT_ROOT / ".venv/bin"
@@ -89,7 +89,7 @@ def test_backfill_through_the_webserver_on_postgres(lake_kind, env, tmp_path, po
             procs[name] = subprocess.Popen(
                 [str(c) for c in cmd],
                 cwd=PROJECT_ROOT,
-                env=os.environ.copy(),
+                env=daemon_env(),
                 start_new_session=True,
                 stdout=open(tmp_path / f"{name}.log", "w"),
                 stderr=subprocess.STDOUT,

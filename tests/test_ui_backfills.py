@@ -81,7 +81,7 @@ def ui(tmp_path_factory, demo_lake_template, redis_url, postgres_dsn):
         )
         log = tmp / "dagster-dev.log"
         try:
-            with dagster_dev(log) as web:
+            with dagster_dev(log, graceful=False) as web:  # its instance is thrown away after
                 yield {"web": web, "lake": lake, "broker": broker, "queue": queue, "store": store, "log": log}
         finally:
             broker.stop()
