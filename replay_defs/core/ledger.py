@@ -101,6 +101,13 @@ OUTCOME = """status = $status, last_error = $error, run_id = $run_id, day = $day
     possible_duplicate = possible_duplicate OR $dup"""
 
 
+def _record_params(pipeline, sink, day, status, run_id, error, possible_duplicate) -> dict:
+    """The query parameters of a `record` (both backends name them alike)."""
+    return dict(
+        pipeline=pipeline, sink=sink, day=day, status=status, error=error, run_id=run_id, dup=possible_duplicate
+    )
+
+
 def _summary(rows) -> dict[str, dict[str, int]]:
     return {r[0]: dict(zip((*STATUSES, "possible_duplicates"), map(int, r[1:]))) for r in rows}
 
@@ -165,15 +172,7 @@ class DuckDBLedger(_Lookups):
     ) -> None:
         if not ids:
             return
-        params = {
-            "pipeline": pipeline,
-            "sink": sink,
-            "day": day,
-            "status": status,
-            "error": error,
-            "run_id": run_id,
-            "dup": possible_duplicate,
-        }
+        params = _record_params(pipeline, sink, day, status, run_id, error, possible_duplicate)
         self._write.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
         insert = """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
                  sent_at, possible_duplicate)
@@ -275,16 +274,7 @@ class PostgresLedger(_Lookups):
     ) -> None:
         if not ids:
             return
-        params = {
-            "pipeline": pipeline,
-            "sink": sink,
-            "day": day,
-            "status": status,
-            "error": error,
-            "run_id": run_id,
-            "dup": possible_duplicate,
-            "ids": ids,
-        }
+        params = {**_record_params(pipeline, sink, day, status, run_id, error, possible_duplicate), "ids": ids}
         self.con.execute(
             f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
                  sent_at, possible_duplicate)
