@@ -20,7 +20,7 @@ import os
 import re
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -804,38 +804,48 @@ def dedupe_buckets(
 ) -> DedupeResult:
     """Write `<out_dir>/type=<t>/day=<day>/part-<bucket>.parquet`: the first copy of each id wins.
 
-    "First" is the lowest (source_ref, line_no), so re-runs pick the same row. One bucket at a
-    time, which bounds memory by the bucket size; its types' files are written by `threads`
-    threads (pyarrow encodes and compresses without the GIL).
+    "First" is the lowest (source_ref, line_no), so re-runs pick the same row. `threads` threads
+    write the files (pyarrow filters, encodes and compresses without the GIL) while the next
+    bucket's losing copies are found; at most two buckets are open, which bounds memory by the
+    bucket size, not the day's.
     """
     rows_in = rows_out = 0
     rows_by_type: Counter = Counter()
     files: list[str] = []
+
+    def write(bucket: int, table: pa.Table, keep: pa.Array, t: str) -> tuple[str, str, int]:
+        part = table.filter(pc.and_(pc.equal(table.column(schema.type_field), t), keep))
+        if not part.num_rows:  # every row of the type lost to a copy of another type
+            return t, "", 0
+        # Types were checked against SAFE_TYPE_VALUE while parsing, so they are safe in a path.
+        dest = Path(out_dir, f"type={t}", f"day={day.isoformat()}", f"part-{bucket:04d}.parquet")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, f"{dest}.tmp", **_PARQUET_OPTIONS)
+        os.replace(f"{dest}.tmp", dest)  # a file under its final name is complete
+        return t, str(dest), part.num_rows
+
+    def collect(writes: list) -> None:
+        nonlocal rows_out
+        for w in writes:
+            t, dest, n = w.result()
+            if n:
+                rows_by_type[t] += n
+                rows_out += n
+                files.append(dest)
+
+    open_buckets: deque[list] = deque()
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for bucket in sorted(staged):
+            if len(open_buckets) == 2:
+                collect(open_buckets.popleft())
             table = _staged_table([p for p, _ in staged[bucket]])
             rows_in += table.num_rows
             keep = np.ones(table.num_rows, bool)
             keep[_losers(table, schema.id_field)] = False
-            keep = pa.array(keep)
-            types = table.column(schema.type_field)
-
-            def write(t: str) -> tuple[str, str, int]:
-                part = table.filter(pc.and_(pc.equal(types, t), keep))
-                if not part.num_rows:  # every row of the type lost to a copy of another type
-                    return t, "", 0
-                # Types were checked against SAFE_TYPE_VALUE while parsing, so they are safe in a path.
-                dest = Path(out_dir, f"type={t}", f"day={day.isoformat()}", f"part-{bucket:04d}.parquet")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(part, f"{dest}.tmp", **_PARQUET_OPTIONS)
-                os.replace(f"{dest}.tmp", dest)  # a file under its final name is complete
-                return t, str(dest), part.num_rows
-
-            for t, dest, n in pool.map(write, sorted(pc.unique(types).to_pylist())):
-                if n:
-                    rows_by_type[t] += n
-                    rows_out += n
-                    files.append(dest)
+            types = sorted(pc.unique(table.column(schema.type_field)).to_pylist())
+            open_buckets.append([pool.submit(write, bucket, table, pa.array(keep), t) for t in types])
+        while open_buckets:
+            collect(open_buckets.popleft())
     return DedupeResult(rows_in, rows_out, dict(rows_by_type), sorted(files))
 
 
