@@ -1059,6 +1059,23 @@ def test_output_does_not_depend_on_file_split_or_buckets(tmp_path):
         assert r.dedupe.rows_by_type == r1.dedupe.rows_by_type
 
 
+def test_a_type_whose_only_rows_lose_gets_no_file(tmp_path):
+    """The losing copy is the bucket's only `lock` row: no empty lock file, no lock count."""
+    a = write_file(tmp_path / "a.jsonl", [line(1, event_id="same", type="bridge"), line(2, type="video_doorbell")])
+    b = write_file(tmp_path / "b.jsonl", [line(3, event_id="same", type="lock")])
+    tasks = [make_task(a, index=0), make_task(b, index=1)]
+    result, out = _run_day(tmp_path, tasks, buckets=1)
+    assert result.dedupe.rows_in == 3 and result.dedupe.rows_out == 2
+    assert result.dedupe.rows_by_type == {"bridge": 1, "video_doorbell": 1}
+    assert sorted(p.relative_to(out).parts[0] for p in out.rglob("*.parquet")) == ["type=bridge", "type=video_doorbell"]
+    rows = {r["event_id"]: r for f in result.dedupe.files for r in pq.read_table(f).to_pylist()}
+    assert (rows["same"]["type"], rows["same"]["source_ref"], rows["same"]["line_no"]) == (
+        "bridge",
+        "s3://lake/raw/a.jsonl",
+        1,
+    )
+
+
 def test_parse_day_twice_gives_identical_output(tmp_path):
     tasks = _split_fixture(tmp_path, 3, "files")
     ra, oa = _run_day(tmp_path, tasks, buckets=3)
