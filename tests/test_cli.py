@@ -208,7 +208,9 @@ def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
         tags,
     )
     assert proc.returncode != 0, show(proc)
-    assert "blocking asset check failed" in proc.stdout + proc.stderr, show(proc)
+    # The two failed checks fail their step (it runs all of the asset's checks), and so the run.
+    assert "2 blocking asset checks failed" in proc.stdout + proc.stderr, show(proc)
+    assert "telemetry/parsed_events: no_duplicate_event_ids,no_stale_files" in proc.stdout + proc.stderr, show(proc)
 
     # Nothing was re-materialized: the stray file is still live, the day's state the same build.
     assert stale in delta_files(lake.root, "telemetry_flat", day)
