@@ -102,15 +102,11 @@ def check_each_day(
             context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
             return DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
 
+    named = {"asset_key": asset, "check_name": check_name}  # the step reports several checks
     if not context.has_partition_key_range:
         v = verdict(context.partition_key)
         return dg.AssetCheckResult(
-            asset_key=asset,
-            check_name=check_name,
-            passed=v.passed,
-            description=v.description,
-            metadata=v.metadata,
-            severity=v.severity,
+            **named, passed=v.passed, description=v.description, metadata=v.metadata, severity=v.severity
         )
     days = context.partition_keys
     failed, warnings_only = [], True
@@ -132,8 +128,7 @@ def check_each_day(
             failed.append(day)
             warnings_only = warnings_only and v.severity == dg.AssetCheckSeverity.WARN
     return dg.AssetCheckResult(
-        asset_key=asset,
-        check_name=check_name,
+        **named,
         passed=not failed,
         # A day's ERROR failure blocks; days that only warn leave the run going.
         severity=dg.AssetCheckSeverity.WARN if failed and warnings_only else dg.AssetCheckSeverity.ERROR,
