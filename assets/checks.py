@@ -5,8 +5,8 @@ produced separately, and its description names them. Every check is a `DayCheck`
 guards, which specs it applies to, the resources it reads and a per-day verdict. `CHECKS` holds
 those of every source kind; a kind's own (e.g. the raw files' listing for files) are in its module
 under `assets/sources/`. `build_checks` turns the ones that apply to a spec into partitioned Dagster
-asset checks; all but the late-window warning and the table sources' rate alerts are blocking, so a
-failing day fails the run (and a CI job).
+asset checks, those of one asset in one step; all but the late-window warning and the table
+sources' rate alerts are blocking, so a failing day fails the run (and a CI job).
 """
 
 from collections.abc import Callable
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from assets.common import DayVerdict, asset_key, check_each_day
+from assets.common import DayVerdict, asset_key, check_each_day, latest_materializations
 from partitions import daily_partitions
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import PARSED, PROJECTIONS, RAW, REDRIVE, manifest_name, owner, whole_day_marker
@@ -381,41 +381,60 @@ CHECKS = (
 )
 
 
-def build_day_check(spec, check: DayCheck) -> dg.AssetChecksDefinition:
-    key = asset_key(spec, check.asset)
+def checks_op_name(asset: dg.AssetKey) -> str:
+    """The step that runs an asset's checks: one step for all of them, since each step has a fixed
+    cost in Dagster (its events and bookkeeping) that outweighs most checks' own work."""
+    return "__".join(asset.path) + "_checks"
 
-    resources = {spec.redrive.sink.kind if r == SINK else r for r in check.resources}
 
-    @dg.asset_check(
-        asset=key,
-        name=check.name,
-        partitions_def=daily_partitions(spec),
-        blocking=check.blocking,
-        description=check.description,
+def build_asset_checks(spec, asset: str, checks: list[DayCheck]) -> dg.AssetChecksDefinition:
+    """The checks of one asset of the spec, in one step. Each is still a check of its own (name,
+    description, blocking, verdict per day); a subset runs alone (`can_subset`)."""
+    key = asset_key(spec, asset)
+    specs = [
+        dg.AssetCheckSpec(
+            c.name, asset=key, description=c.description, blocking=c.blocking, partitions_def=daily_partitions(spec)
+        )
+        for c in checks
+    ]
+    resources = {spec.redrive.sink.kind if r == SINK else r for c in checks for r in c.resources}
+
+    @dg.multi_asset_check(
+        name=checks_op_name(key),
+        specs=specs,
+        can_subset=True,
         required_resource_keys=resources,
+        description=f"The checks of {key.to_user_string()}, each with its own verdict per day.",
     )
-    def _check(context: dg.AssetCheckExecutionContext):
-        return check_each_day(context, key, check.name, lambda d: check.verify(context.resources, spec, d))
+    def _checks(context: dg.AssetCheckExecutionContext):
+        targets = latest_materializations(context, key)
+        for check, check_spec in zip(checks, specs):
+            if check_spec.key in context.selected_asset_check_keys:
+                verify = check.verify
+                yield check_each_day(
+                    context, key, check.name, lambda d, verify=verify: verify(context.resources, spec, d), targets
+                )
 
-    return _check
+    return _checks
 
 
-def build_checks(spec: PipelineSpec, source_checks: tuple[DayCheck, ...] = ()) -> list[dg.AssetChecksDefinition]:
-    """The checks that apply to the spec: of `CHECKS`, and of its source kind (`source_checks`)."""
-    return [build_day_check(spec, c) for c in (*CHECKS, *source_checks) if c.applies(spec)]
+def build_checks(spec, checks: tuple[DayCheck, ...]) -> list[dg.AssetChecksDefinition]:
+    """`checks` that apply to the spec, one step per asset (`build_asset_checks`)."""
+    by_asset: dict[str, list[DayCheck]] = {}
+    for c in checks:
+        if c.applies(spec):
+            by_asset.setdefault(c.asset, []).append(c)
+    return [build_asset_checks(spec, asset, cs) for asset, cs in by_asset.items()]
 
 
-def build_deliveries_check(spec, expected=None) -> dg.AssetChecksDefinition:
+def deliveries_check(expected) -> DayCheck:
     """The redrive's check for specs that are not pipelines (refills): `expected(lake, day)` gives
     the day's whole message set."""
     check = next(c for c in CHECKS if c.name == "deliveries_reconcile")
-    return build_day_check(
-        spec,
-        DayCheck(
-            check.name,
-            REDRIVE,
-            check.description,
-            lambda r, s, d: deliveries(r.lake.get(), r.ledger, s, d, expected),
-            resources=frozenset({"lake", "ledger"}),
-        ),
+    return DayCheck(
+        check.name,
+        REDRIVE,
+        check.description,
+        lambda r, s, d: deliveries(r.lake.get(), r.ledger, s, d, expected),
+        resources=frozenset({"lake", "ledger"}),
     )

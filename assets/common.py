@@ -82,6 +82,7 @@ def check_each_day(
     asset: dg.AssetKey,
     check_name: str,
     verify: Callable[[str], DayVerdict],
+    targets: dict,
 ) -> dg.AssetCheckResult:
     """Run `verify` for every day of the run and keep each day's verdict visible per day.
 
@@ -89,22 +90,28 @@ def check_each_day(
     single-run UI backfill) logs one evaluation per day with its partition, plus the returned
     summary, which fails (and so blocks) if any day failed. Dagster shows a day's verdict in the
     check's Partitions tab only when the evaluation names the materialization it checked (as it
-    does itself for a returned result), so each logged evaluation carries the day's latest one.
-    A day whose check raises does not stop the other days: it gets a failed evaluation marked
-    `errored` with the exception (a logged event of a step that raises would be lost).
+    does itself for a returned result), so each logged evaluation carries the day's latest one
+    (`targets`: `latest_materializations`). A check that raises for a day gets a failed verdict
+    marked `errored` with the exception, and the other days and the step's other checks go on.
     """
+
+    def verdict(day: str) -> DayVerdict:
+        try:
+            return verify(day)
+        except Exception as exc:  # noqa: BLE001 - the day's verdict says so; the other days and checks go on
+            context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
+            return DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
+
+    named = {"asset_key": asset, "check_name": check_name}  # the step reports several checks
     if not context.has_partition_key_range:
-        v = verify(context.partition_key)
-        return dg.AssetCheckResult(passed=v.passed, description=v.description, metadata=v.metadata, severity=v.severity)
+        v = verdict(context.partition_key)
+        return dg.AssetCheckResult(
+            **named, passed=v.passed, description=v.description, metadata=v.metadata, severity=v.severity
+        )
     days = context.partition_keys
-    targets = _latest_materializations(context, asset, days)
     failed, warnings_only = [], True
     for day in days:
-        try:
-            v = verify(day)
-        except Exception as exc:  # noqa: BLE001 - the day's verdict says so; the other days go on
-            context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
-            v = DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
+        v = verdict(day)
         context.op_execution_context.log_event(
             dg.AssetCheckEvaluation(
                 asset_key=asset,
@@ -121,6 +128,7 @@ def check_each_day(
             failed.append(day)
             warnings_only = warnings_only and v.severity == dg.AssetCheckSeverity.WARN
     return dg.AssetCheckResult(
+        **named,
         passed=not failed,
         # A day's ERROR failure blocks; days that only warn leave the run going.
         severity=dg.AssetCheckSeverity.WARN if failed and warnings_only else dg.AssetCheckSeverity.ERROR,
@@ -130,11 +138,14 @@ def check_each_day(
     )
 
 
-def _latest_materializations(context, asset: dg.AssetKey, days: list[str]) -> dict:
-    """The days' latest materializations, as the targets of the evaluations logged per day."""
+def latest_materializations(context, asset: dg.AssetKey) -> dict:
+    """In a ranged run, the days' latest materializations of `asset`, as the targets of the
+    evaluations `check_each_day` logs per day (one query for all the checks of the asset)."""
+    if not context.has_partition_key_range:
+        return {}
     from sensors.launch import latest_materialization_targets  # lazily: sensors/ imports the checks
 
-    return latest_materialization_targets(context.instance, asset, days)
+    return latest_materialization_targets(context.instance, asset, context.partition_keys)
 
 
 def verified_day(lake, spec: PipelineSpec, day: str) -> list[str]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from assets.checks import build_checks
+from assets.checks import CHECKS, build_checks
 from assets.projections import build_projections
 from assets.redrive import build_redrive
 from assets.sources import source_kind
@@ -36,7 +36,7 @@ def build_pipeline(spec: PipelineSpec) -> PipelineDefs:
     if spec.projections:
         assets.append(build_projections(spec))
     assets.append(build_redrive(spec, source.redrive_figures))
-    checks = build_checks(spec, source.checks)
+    checks = build_checks(spec, (*CHECKS, *source.checks))
     job = dg.define_asset_job(
         name=f"{spec.name}_replay",
         selection=dg.AssetSelection.groups(spec.name),

@@ -14,11 +14,10 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from assets.checks import build_deliveries_check
-from assets.common import DayVerdict, asset_key, check_each_day, pipeline_asset, pipeline_pool, sink_pool
+from assets.checks import DayCheck, build_checks, deliveries_check
+from assets.common import DayVerdict, asset_key, pipeline_asset, pipeline_pool, sink_pool
 from assets.factory import PipelineDefs
 from assets.redrive import DeliveryConfig, deliver_day
-from partitions import daily_partitions
 from replay_defs.core.lake import Lake
 from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_table, owner, refill_quarantine_table
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots, time_window
@@ -243,34 +242,24 @@ def keys_accounted_for(lake: Lake, spec: RefillSpec, day: str) -> DayVerdict:
 
 
 def build_refill_checks(spec: RefillSpec) -> list[dg.AssetChecksDefinition]:
-    parts = daily_partitions(spec)
-    keys = asset_key(spec, EVENT_KEYS)
-
-    @dg.asset_check(
-        asset=keys,
-        name="no_duplicate_keys",
-        partitions_def=parts,
-        blocking=True,
-        description="No key appears twice among the day's files in the keys' Delta table now (committed by this project or not).",
+    return build_checks(
+        spec,
+        (
+            DayCheck(
+                "no_duplicate_keys",
+                EVENT_KEYS,
+                "No key appears twice among the day's files in the keys' Delta table now (committed by this project or not).",
+                lambda r, s, d: no_duplicate_keys(r.lake.get(), s, d),
+            ),
+            DayCheck(
+                "rows_accounted_for",
+                EVENT_KEYS,
+                "PUT rows + malformed rows read = distinct keys + repeated keys + quarantined rows on disk.",
+                lambda r, s, d: keys_accounted_for(r.lake.get(), s, d),
+            ),
+            deliveries_check(expected=lambda lake, day: (day_keys(lake, spec, day), [])),
+        ),
     )
-    def no_duplicate_keys_check(context: dg.AssetCheckExecutionContext, lake: LakeResource):
-        return check_each_day(context, keys, "no_duplicate_keys", lambda d: no_duplicate_keys(lake.get(), spec, d))
-
-    @dg.asset_check(
-        asset=keys,
-        name="rows_accounted_for",
-        partitions_def=parts,
-        blocking=True,
-        description="PUT rows + malformed rows read = distinct keys + repeated keys + quarantined rows on disk.",
-    )
-    def rows_accounted_for(context: dg.AssetCheckExecutionContext, lake: LakeResource):
-        return check_each_day(context, keys, "rows_accounted_for", lambda d: keys_accounted_for(lake.get(), spec, d))
-
-    return [
-        no_duplicate_keys_check,
-        rows_accounted_for,
-        build_deliveries_check(spec, expected=lambda lake, day: (day_keys(lake, spec, day), [])),
-    ]
 
 
 def day_keys(lake: Lake, spec: RefillSpec, day: str) -> list[str]:

@@ -19,7 +19,7 @@ has `BackfillPolicy.single_run()`; a UI backfill of the days launches the same s
    faults): the check steps' durations plus the content hashes the build computes only for
    verification (the SHA-256 of every raw and Parquet file of the day, recorded for the checks and
    for the verified reads), over the asset steps' durations; durations are STEP_START to
-   STEP_SUCCESS in the run's event log (every check is a step of its own). Target: at most 10%.
+   STEP_SUCCESS in the run's event log (the checks of an asset run in one step). Target: at most 10%.
 
 Exits 1 when a figure misses its target.
 """

@@ -184,16 +184,15 @@ def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
     materialize` always runs the selected assets, and re-materializing a day replaces all of its
     files, the stray one too, before its checks run (see test_pipeline's stale test), so that command
     passes. The CLI way to run only the checks against the lake as it is: `dagster job execute`
-    of the project's replay job with an op selection of its check ops and the range tags."""
+    of the project's replay job with an op selection of the parsed asset's check step (it runs all
+    the checks of parsed_events) and the range tags."""
     assert run_range(defs, instance, DEMO_DAYS[0], DEMO_DAYS[-1]).success
     lake = Lake(env["lake"])
     day = "2025-11-25"
     built = day_state(lake, day)
     stale = commit_stray_file(lake.root, day)
 
-    ops = ",".join(
-        f"telemetry__parsed_events_{c}" for c in ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for")
-    )
+    ops = "telemetry__parsed_events_checks"
     tags = json.dumps({RANGE_TAGS[0]: DEMO_DAYS[0], RANGE_TAGS[1]: DEMO_DAYS[-1]})
     proc = cli(
         "dagster",
@@ -209,7 +208,9 @@ def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
         tags,
     )
     assert proc.returncode != 0, show(proc)
-    assert "blocking asset check failed" in proc.stdout + proc.stderr, show(proc)
+    # The two failed checks fail their step (it runs all of the asset's checks), and so the run.
+    assert "2 blocking asset checks failed" in proc.stdout + proc.stderr, show(proc)
+    assert "telemetry/parsed_events: no_duplicate_event_ids,no_stale_files" in proc.stdout + proc.stderr, show(proc)
 
     # Nothing was re-materialized: the stray file is still live, the day's state the same build.
     assert stale in delta_files(lake.root, "telemetry_flat", day)
@@ -218,12 +219,21 @@ def test_checks_only_cli_run_fails_on_a_stale_parquet_file(defs, instance, env):
     assert latest.status == dg.DagsterRunStatus.FAILURE
     assert list(instance.all_logs(latest.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)) == []
     verdicts = {(e.check_name, e.partition): e.passed for e in run_evaluations(instance, latest.run_id)}
-    assert verdicts == {
+    parsed_checks = {k.name for k in check_keys() if k.asset_key.path[-1] == "parsed_events"}
+    assert {c for c, _ in verdicts} == parsed_checks, "the parsed asset's checks ran, and only they"
+    assert {(c, d) for c, d in verdicts} == {(c, d) for c in parsed_checks for d in [*DEMO_DAYS, None]}
+    assert {
+        k: v
+        for k, v in verdicts.items()
+        if k[0] in ("no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for")
+    } == {
         **{(c, d): d != day for c in ("no_stale_files", "no_duplicate_event_ids") for d in DEMO_DAYS},
         ("no_stale_files", None): False,
         ("no_duplicate_event_ids", None): False,
         **{("raw_lines_accounted_for", d): True for d in [*DEMO_DAYS, None]},
     }
+    # The stray file leaves the raw listing and the versions' counts alone.
+    assert all(verdicts[(c, d)] for c in ("raw_files_current", "no_unconsented_shrink") for d in [*DEMO_DAYS, None])
     status = partition_status(instance)
     assert status[("no_stale_files", day)] == status[("no_duplicate_event_ids", day)] == "FAILED"
     assert status[("no_stale_files", DEMO_DAYS[0])] == "SUCCEEDED"

@@ -158,11 +158,12 @@ def manifest(lake: Lake, day: str) -> dict:
     return lake.read_json("telemetry/raw_events", f"manifest/day={day}.json")
 
 
-def check_op_names(job, asset: str, checks: list[str]) -> list[str]:
-    names = [f"telemetry__{asset}_{c}" for c in checks]
-    nodes = {n.name for n in job.graph.nodes}
-    assert set(names) <= nodes, f"check ops {names} not among the job's nodes {sorted(nodes)}"
-    return names
+def checks_only_job(job, asset: str, checks: list[str]):
+    """The job cut down to some checks of an asset: no asset step, and of the checks' step
+    (it runs all the checks of the asset) only the named checks."""
+    keys = {dg.AssetCheckKey(dg.AssetKey(["telemetry", asset]), c) for c in checks}
+    assert keys <= set(job.asset_layer.asset_graph.asset_check_keys), f"{sorted(keys)} not among the job's checks"
+    return job.get_subset(asset_selection=set(), asset_check_selection=keys)
 
 
 # ---- 1. ranged run ------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def test_rematerializing_a_day_replaces_outputs_without_double_counting(defs, in
 def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs, instance, env):
     """Another writer commits a copy of the day's lock events to the parsed table behind the
     pipeline's back: every Delta reader now sees them twice. Runs only the parsed asset's checks
-    against the current lake, by op-selecting the check ops of the real replay job (the asset ops
+    against the current lake, by selecting three of them in the real replay job (the asset steps
     are not in that run, so nothing is re-written). (tests/test_cli.py does the same for a ranged
     run through the `dagster` CLI.)"""
     day = "2025-11-25"
@@ -377,8 +378,8 @@ def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs,
 
     job = defs.resolve_job_def("telemetry_replay")
     check_names = ["no_stale_files", "no_duplicate_event_ids", "raw_lines_accounted_for"]
-    ops = check_op_names(job, "parsed_events", check_names)
-    checks_only = job.execute_in_process(instance=instance, partition_key=day, op_selection=ops, raise_on_error=False)
+    verify = checks_only_job(job, "parsed_events", check_names)
+    checks_only = verify.execute_in_process(instance=instance, partition_key=day, raise_on_error=False)
     # Only the checks ran: no asset was materialized, the lake state is untouched.
     assert checks_only.get_asset_materialization_events() == []
     assert day_state(lake, day).version == built.version
@@ -394,9 +395,11 @@ def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs,
     assert by_key["no_stale_files"].description == f"unexpected: {stale}"
     dupes = by_key["no_duplicate_event_ids"].metadata["duplicate_rows"].value
     assert dupes == stale_rows > 0
-    # Blocking: the two check steps failed, which failed the run.
+    # Blocking: the two failed checks failed their step (the asset's checks run in one), which failed the run.
     failures = step_failure_messages(checks_only)
-    assert len(failures) == 2 and all("DagsterAssetCheckFailedError" in f for f in failures)
+    assert len(failures) == 1 and "DagsterAssetCheckFailedError" in failures[0], failures
+    assert "2 blocking asset checks failed" in failures[0]
+    assert "no_stale_files" in failures[0] and "no_duplicate_event_ids" in failures[0], failures[0]
 
     # Re-materializing the day replaces all of the day's files, the stray one too, and passes.
     healed = day_run(defs, instance, day)
@@ -409,7 +412,7 @@ def test_stale_parquet_fails_blocking_checks_and_rematerializing_sweeps_it(defs,
     assert rows == distinct and by_type == read_truth(env["lake"], day)
 
     # And the checks-only run now passes.
-    again = job.execute_in_process(instance=instance, partition_key=day, op_selection=ops, raise_on_error=False)
+    again = verify.execute_in_process(instance=instance, partition_key=day, raise_on_error=False)
     assert again.success
     assert check_verdicts(again) == {(c, day): True for c in check_names}
 

@@ -186,8 +186,10 @@ def evaluation_verdict(evaluation) -> str:
 
 
 def check_step_key(check_key) -> str:
-    """The step that runs a check, as run events name it."""
-    return "__".join(check_key.asset_key.path) + "_" + check_key.name
+    """The step that runs a check (with the other checks of its asset), as run events name it."""
+    from assets.checks import checks_op_name
+
+    return checks_op_name(check_key.asset_key)
 
 
 def check_results(spec_name: str, days: list[str]) -> dict[tuple[str, str], str]:
@@ -314,15 +316,18 @@ def run_checks(spec_name: str, days: list[str]) -> dict[tuple[str, str], tuple[s
     for e in sorted(result.get_asset_check_evaluations(), key=lambda e: e.partition is not None):
         for day in [e.partition] if e.partition else days:
             out[(e.check_name, day)] = (evaluation_verdict(e), e.description or "")
-    check_of_step = {check_step_key(k): k.name for k in defs.resolve_asset_graph().asset_check_keys}
+    checks_of_step: dict[str, list[str]] = {}  # a step runs the checks of one asset
+    for k in defs.resolve_asset_graph().asset_check_keys:
+        checks_of_step.setdefault(check_step_key(k), []).append(k.name)
     for event in failed_steps(result):
-        name = check_of_step.get(event.step_key, event.step_key)
         error = event.event_specific_data.error
         while error.cause is not None:  # the check's own exception, not Dagster's wrapper
             error = error.cause
-        for day in days:
-            if (name, day) not in out:
-                out[(name, day)] = (ERRORED, error.message.strip().splitlines()[0])
+        # Its checks without a verdict could not conclude (a blocking failure leaves verdicts).
+        for name in checks_of_step.get(event.step_key, [event.step_key]):
+            for day in days:
+                if (name, day) not in out:
+                    out[(name, day)] = (ERRORED, error.message.strip().splitlines()[0])
     return out
 
 
