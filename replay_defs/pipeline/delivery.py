@@ -233,7 +233,8 @@ def event_batches(
         con.close()
 
 
-# What a crash can leave in doubt is two chunks. A sink that can say what it holds settles them
+# What a crash can leave in doubt is two chunks (up to four batches where the sink can say what it
+# holds: two on their way, two read ahead with their intents). A sink that can say settles them
 # exactly, so its chunks are whole batches (every chunk costs two ledger writes, ~10 ms each in
 # DuckDB); one that cannot (RabbitMQ, SQS, the outbox) would re-send them as possible duplicates,
 # so its chunks are small.
@@ -263,7 +264,8 @@ def redrive(
 
     Batches of `batch_size` are looked up in the ledger; they go to the sink `chunk_size` at a
     time, each chunk recorded as `sending` before it is sent and with its outcome after, so a
-    crash at any point leaves at most a chunk or two in doubt, never unrecorded (`chunk_size`
+    crash at any point leaves at most a chunk or two in doubt (up to four batches for a sink that
+    can say what it holds: see `_Lookup`, `_Delivery.begin`), never unrecorded (`chunk_size`
     None: `SMALL_CHUNK` for a sink that cannot say what it holds, else the batch). Messages in doubt
     (from a crash, a timeout, a lost connection) are reconciled with the sink before anything is
     sent again: those it holds are recorded as delivered; where it cannot say (RabbitMQ, standard
@@ -287,8 +289,9 @@ def redrive(
         delivery = _Delivery(
             sink, writer, pipeline, partition, run_id, force, retries, retry_backoff_s, counts, log, on_failed
         )
-        # A batch sent as one chunk may have its intent recorded by its lookup (`_Lookup`).
-        claim_up_to = 0 if dry_run or force else chunk_size
+        # A batch sent as one chunk to a sink that can say what it holds may have its intent
+        # recorded by its lookup (`_Lookup`): a crash leaves it in doubt, and the next run asks.
+        claim_up_to = chunk_size if can_tell(sink) and not (dry_run or force) else 0
         lookup = _Lookup(ledger, pipeline, sink.name, partition, run_id, force, claim_up_to)
         # The next batch is read and looked up on a thread while this one is sent.
         looked_up = read_ahead(map(lookup, _first(batches, limit)))
