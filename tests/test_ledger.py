@@ -53,6 +53,20 @@ def test_ledger_records_attempts_status_errors_and_runs(ledger):
     assert ledger.summary("p", DAY)["kafka:t"]["possible_duplicates"] == 5_000
 
 
+def test_a_claim_records_intents_only_when_no_id_is_in_the_ledger(ledger):
+    fresh, more = [f"c{i}" for i in range(10_000)], [f"d{i}" for i in range(100)]
+    assert ledger.claim("p", "kafka:t", DAY, fresh, "run-1"), "none of them was there: claimed"
+    assert set(ledger.in_doubt("p", "kafka:t", fresh)) == set(fresh), "a claim is an intent: in doubt"
+    ledger.record("p", "kafka:t", DAY, fresh[:5], "delivered", "run-1")
+    assert not ledger.claim("p", "kafka:t", DAY, [*more, fresh[7]], "run-2"), "one id was there: refused"
+    assert ledger.in_doubt("p", "kafka:t", more) == {} and ledger.delivered("p", "kafka:t", more) == set()
+    rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
+    assert len(rows) == 10_000, "a refused claim writes nothing"
+    assert rows["c7"]["status"] == "sending" and rows["c7"]["attempts"] == 1 and rows["c7"]["run_id"] == "run-1"
+    assert rows["c0"]["status"] == "delivered" and rows["c0"]["sent_at"] is not None
+    assert ledger.claim("p", "sqs:q", DAY, fresh, "run-1"), "each sink has its own ledger"
+
+
 def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgres_dsn, monkeypatch):
     monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", postgres_dsn)
     from replay_defs.definitions import build_definitions

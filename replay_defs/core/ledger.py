@@ -67,6 +67,11 @@ class Ledger(Protocol):
         `delivered`, `failed` or `unknown` (with the error). `possible_duplicate` sticks to the row.
         An outcome updates the rows its attempt's intent wrote (inserted, should one be missing)."""
 
+    def claim(self, pipeline: str, sink: str, day: str, ids: list[str], run_id: str) -> bool:
+        """Records `ids` as `sending` (their intent) if none of them is in the ledger yet, and says
+        whether it did; else writes nothing. For a day's first delivery this one insert answers the
+        lookup (nothing delivered, nothing in doubt) and records the intent at once."""
+
     def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
         """The day's rows per sink: how many in each status, and `possible_duplicates`."""
 
@@ -139,6 +144,11 @@ class DuckDBLedger(_Lookups):
         updated_at TIMESTAMPTZ DEFAULT current_timestamp,
         PRIMARY KEY (pipeline, sink, message_id))"""
 
+    INSERT = """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
+                 sent_at, possible_duplicate)
+               SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id,
+                 CASE WHEN $status = 'sending' THEN to_timestamp($now) END, $dup FROM ledger_ids"""
+
     def __init__(self, con):
         self.con = con
         con.execute(self.DDL)
@@ -174,10 +184,7 @@ class DuckDBLedger(_Lookups):
             return
         params = _record_params(pipeline, sink, day, status, run_id, error, possible_duplicate)
         self._write.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
-        insert = """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
-                 sent_at, possible_duplicate)
-               SELECT $pipeline, $sink, message_id, $day, $status, 1, $error, $run_id,
-                 CASE WHEN $status = 'sending' THEN to_timestamp($now) END, $dup FROM ledger_ids"""
+        insert = self.INSERT
         try:
             if status != SENDING:
                 (updated,) = self._write.execute(
@@ -199,6 +206,19 @@ class DuckDBLedger(_Lookups):
             )
         finally:
             self._write.unregister("ledger_ids")
+
+    def claim(self, pipeline: str, sink: str, day: str, ids: list[str], run_id: str) -> bool:
+        # On the lookups' connection (the caller's thread); the primary key refuses the whole
+        # insert when any id is there.
+        params = _record_params(pipeline, sink, day, SENDING, run_id, None, False)
+        self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
+        try:
+            self.con.execute(self.INSERT, {**params, "now": time.time()})
+            return True
+        except duckdb.ConstraintException:
+            return False
+        finally:
+            self.con.unregister("ledger_ids")
 
     def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
         rows = self.con.execute(
@@ -231,6 +251,10 @@ class PostgresLedger(_Lookups):
         status TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT, run_id TEXT,
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (pipeline, sink, message_id))"""
+    INSERT = """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
+                 sent_at, possible_duplicate)
+               SELECT %(pipeline)s, %(sink)s, unnest(%(ids)s::text[]), %(day)s, %(status)s, 1, %(error)s, %(run_id)s,
+                 CASE WHEN %(status)s = 'sending' THEN to_timestamp(%(now)s) END, %(dup)s"""
 
     def __init__(self, con):
         self.con = con
@@ -276,13 +300,19 @@ class PostgresLedger(_Lookups):
             return
         params = {**_record_params(pipeline, sink, day, status, run_id, error, possible_duplicate), "ids": ids}
         self.con.execute(
-            f"""INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
-                 sent_at, possible_duplicate)
-               SELECT %(pipeline)s, %(sink)s, unnest(%(ids)s::text[]), %(day)s, %(status)s, 1, %(error)s, %(run_id)s,
-                 CASE WHEN %(status)s = 'sending' THEN to_timestamp(%(now)s) END, %(dup)s
-               ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}""",
+            f"{self.INSERT} ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}",
             {**params, "now": time.time()},
         )
+
+    def claim(self, pipeline: str, sink: str, day: str, ids: list[str], run_id: str) -> bool:
+        import psycopg
+
+        params = {**_record_params(pipeline, sink, day, SENDING, run_id, None, False), "ids": ids}
+        try:  # one statement (autocommit): the primary key refuses the whole insert when any id is there
+            self.con.execute(self.INSERT, {**params, "now": time.time()})
+            return True
+        except psycopg.errors.UniqueViolation:
+            return False
 
     def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
         rows = self.con.execute(

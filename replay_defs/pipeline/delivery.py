@@ -233,7 +233,8 @@ def event_batches(
         con.close()
 
 
-# What a crash can leave in doubt is two chunks. A sink that can say what it holds settles them
+# What a crash can leave in doubt is two chunks (up to four batches where the sink can say what it
+# holds: two on their way, two read ahead with their intents). A sink that can say settles them
 # exactly, so its chunks are whole batches (every chunk costs two ledger writes, ~10 ms each in
 # DuckDB); one that cannot (RabbitMQ, SQS, the outbox) would re-send them as possible duplicates,
 # so its chunks are small.
@@ -263,7 +264,8 @@ def redrive(
 
     Batches of `batch_size` are looked up in the ledger; they go to the sink `chunk_size` at a
     time, each chunk recorded as `sending` before it is sent and with its outcome after, so a
-    crash at any point leaves at most a chunk or two in doubt, never unrecorded (`chunk_size`
+    crash at any point leaves at most a chunk or two in doubt (up to four batches for a sink that
+    can say what it holds: see `_Lookup`, `_Delivery.begin`), never unrecorded (`chunk_size`
     None: `SMALL_CHUNK` for a sink that cannot say what it holds, else the batch). Messages in doubt
     (from a crash, a timeout, a lost connection) are reconciled with the sink before anything is
     sent again: those it holds are recorded as delivered; where it cannot say (RabbitMQ, standard
@@ -287,7 +289,10 @@ def redrive(
         delivery = _Delivery(
             sink, writer, pipeline, partition, run_id, force, retries, retry_backoff_s, counts, log, on_failed
         )
-        lookup = partial(_lookup, ledger, pipeline, sink.name, force)
+        # A batch sent as one chunk to a sink that can say what it holds may have its intent
+        # recorded by its lookup (`_Lookup`): a crash leaves it in doubt, and the next run asks.
+        claim_up_to = chunk_size if can_tell(sink) and not (dry_run or force) else 0
+        lookup = _Lookup(ledger, pipeline, sink.name, partition, run_id, force, claim_up_to)
         # The next batch is read and looked up on a thread while this one is sent.
         looked_up = read_ahead(map(lookup, _first(batches, limit)))
         chunks = _chunks(looked_up, delivery, counts, handled_in_run, chunk_size, dry_run)
@@ -296,41 +301,84 @@ def redrive(
     return counts
 
 
-def _chunks(looked_up, delivery, counts, handled_in_run, chunk_size: int, dry_run: bool) -> Iterator[Batch]:
-    """What is left to send of each looked-up batch once counted and reconciled, in chunks."""
-    for batch, sendable, already, in_doubt in looked_up:
+def _chunks(
+    looked_up, delivery, counts, handled_in_run, chunk_size: int, dry_run: bool
+) -> Iterator[tuple[Batch, bool]]:
+    """What is left to send of each looked-up batch once counted and reconciled, in chunks, each
+    with whether its intent is recorded already (a claimed batch: see `_Lookup`)."""
+    for batch, sendable, already, in_doubt, claimed in looked_up:
         pending = _tally(batch, sendable, already, counts, handled_in_run)
         if dry_run:
             continue
+        if claimed:  # nothing of it was in the ledger, so no earlier day of the run handled any of it
+            yield pending, True
+            continue
         pending = delivery.reconcile(pending, in_doubt)
         for start in range(0, len(pending), chunk_size):
-            yield pending.slice(start, start + chunk_size)
+            yield pending.slice(start, start + chunk_size), False
 
 
-def _send_chunks(delivery, writer, chunks: Iterator[Batch], pacer: Pacer, progress) -> None:
+def _send_chunks(delivery, writer, chunks: Iterator[tuple[Batch, bool]], pacer: Pacer, progress) -> None:
     """The chunks to the sink, each recorded as `sending` before it goes: its intent is written
-    while the chunk before it is being sent (the next batch's first chunk too), and waited for."""
-    chunk = next(chunks, None)
-    intent = writer.record(chunk.ids, SENDING) if chunk is not None else None
+    while the chunk before it is being sent (the next batch's first chunk too), and waited for.
+    A sink that sends without waiting has the next chunk on its way before this one's outcomes
+    are waited for (`_Delivery.begin`)."""
+
+    def intent_of(item):
+        if item is None:
+            return None, None
+        chunk, recorded = item
+        return chunk, _RECORDED if recorded else writer.record(chunk.ids, SENDING)
+
+    chunk, intent = intent_of(next(chunks, None))
+    finish = None
     while chunk is not None:
-        following = next(chunks, None)
-        following_intent = writer.record(following.ids, SENDING) if following is not None else None
+        following, following_intent = intent_of(next(chunks, None))
         pacer.wait(len(chunk))
         intent.result()
-        delivery.send(chunk)
-        chunk, intent = following, following_intent
+        started = delivery.begin(chunk)
+        if finish is not None:
+            finish()
+        finish, chunk, intent = started, following, following_intent
         progress.maybe_log()
+    if finish is not None:
+        finish()
 
 
-def _lookup(
-    ledger: Ledger, pipeline: str, sink_name: str, force: bool, batch: Batch
-) -> tuple[Batch, Batch, set[str], dict[str, float]]:
-    """The batch, the part of it that can be sent, the ids of that part the sink already has and
-    those whose last send is in doubt (with when they were sent)."""
-    sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
-    if force:
-        return batch, sendable, set(), {}
-    return (batch, sendable, *ledger.lookup(pipeline, sink_name, sendable.ids))
+_RECORDED = Future()  # the intent of a claimed chunk: written by its lookup
+_RECORDED.set_result(None)
+
+
+@dataclass
+class _Lookup:
+    """Looks a batch up in the ledger: the batch, the part of it that can be sent, the ids of that
+    part the sink already has, those whose last send is in doubt (with when and for which day they
+    were sent), and whether that part's intent is recorded already.
+
+    A day's first delivery finds none of its ids in the ledger, and then records each chunk's
+    intent: one insert (`Ledger.claim`) does both, when the part goes as one chunk (up to
+    `claim_up_to` messages). It is tried while the batches before found nothing in the ledger."""
+
+    ledger: Ledger
+    pipeline: str
+    sink: str
+    day: str
+    run_id: str
+    force: bool
+    claim_up_to: int
+    claiming: bool = True
+
+    def __call__(self, batch: Batch) -> tuple[Batch, Batch, set[str], dict[str, tuple[float, str]], bool]:
+        sendable = batch if batch.drop is None else batch.take([i for i, r in enumerate(batch.drop) if r is None])
+        if self.force:
+            return batch, sendable, set(), {}, False
+        ids = sendable.ids
+        if self.claiming and 0 < len(ids) <= self.claim_up_to:
+            if self.ledger.claim(self.pipeline, self.sink, self.day, ids, self.run_id):
+                return batch, sendable, set(), {}, True
+        delivered, in_doubt = self.ledger.lookup(self.pipeline, self.sink, ids)
+        self.claiming = not delivered and not in_doubt
+        return batch, sendable, delivered, in_doubt, False
 
 
 def _tally(
@@ -479,11 +527,25 @@ class _Delivery:
                 self.log(f"redrive {self.partition}: {len(found)} messages in doubt were found in {self.sink.name}")
         return pending.take([i for i, m in enumerate(pending.ids) if m not in found])
 
-    def send(self, chunk: Batch) -> None:
+    def begin(self, chunk: Batch) -> Callable[[], None]:
+        """Starts `send` of a chunk whose intent is recorded; what it returns finishes it. A sink
+        that can hand a chunk over without waiting for its outcomes (a method `send`: Kafka) has it
+        on its way now, so the caller can start the next chunk before this one's outcomes are
+        waited for; any other sink is sent the chunk when it is finished, as `send` does."""
+        if not callable(getattr(self.sink, "send", None)) or self._down():
+            return partial(self.send, chunk)
+        outcomes = self.sink.send(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
+        return partial(self.send, chunk, outcomes)
+
+    def _down(self) -> bool:
+        return self.down_since is not None and time.monotonic() - self.down_since < PROBE_EVERY_S
+
+    def send(self, chunk: Batch, first: Callable[[], list] | None = None) -> None:
         """One chunk, whose intent is recorded: sent (refusals retried), each outcome recorded. A
         message in doubt is not sent again in this run — a copy may still be on its way (a socket
-        buffer, a slow replica) — but recorded in doubt for the next run to settle with the sink."""
-        if self.down_since is not None and time.monotonic() - self.down_since < PROBE_EVERY_S:
+        buffer, a slow replica) — but recorded in doubt for the next run to settle with the sink.
+        `first`: the outcomes of a first attempt already on its way (`begin`)."""
+        if first is None and self._down():
             self._give_up(chunk, [Unreachable(f"not sent: {self.sink.name} is down ({self.down_error})")] * len(chunk))
             return
         attempts = 1 if self.down_since is not None else self.retries + 1
@@ -491,7 +553,10 @@ class _Delivery:
         for attempt in range(attempts):
             if attempt:  # a retry is a new attempt: its intent first
                 self.writer.record(chunk.ids, SENDING).result()
-            errors = self.sink.deliver(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
+            if attempt == 0 and first is not None:
+                errors = first()
+            else:
+                errors = self.sink.deliver(self.pipeline, self.partition, chunk, run_id=self.run_id, resend=self.force)
             delivered_any |= self._delivered([m for m, e in zip(chunk.ids, errors) if e is None]) > 0
             answered |= any(type(e) is str for e in errors)  # a refusal is an answer: the target is up
             unsure = [i for i, e in enumerate(errors) if isinstance(e, Unknown)]

@@ -86,6 +86,10 @@ class Sink(Protocol):
     def close(self) -> None:
         """Release connections."""
 
+    # Optional: `send(pipeline, day, batch, run_id, resend)` hands the batch over and returns at
+    # once a function that waits for its outcomes and returns them as `deliver` does (Kafka), so
+    # the redrive sends the next chunk while this one's are on their way.
+
 
 def held(sink, pipeline: str, day: str, ids: list[str], since: float) -> set[str] | None:
     """Which of `ids` the sink's target holds, asked of a sink that can tell (a method `held` with

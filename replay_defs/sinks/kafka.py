@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,8 +104,16 @@ class KafkaSink:
     def deliver(
         self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
     ) -> list[str | None]:
+        return self.send(pipeline, day, batch, run_id, resend)()
+
+    def send(
+        self, pipeline: str, day: str, batch: Batch, run_id: str = "", resend: bool = False
+    ) -> Callable[[], list[str | None]]:
+        """Hands the batch to the producer and returns at once what waits for its delivery reports
+        and answers as `deliver` does: the next batch can be produced while this one's acks come
+        back (its reports are served by the next batch's polls)."""
         if not self._reachable and (refused := self._reach()):
-            return [refused] * len(batch)
+            return lambda: [refused] * len(batch)
         # One callback for the call, not one per message (a closure per message costs as much as
         # the produce): confirmations are counted, errors kept with the message's value (a report
         # of a failed message carries no headers), which names it.
@@ -118,7 +127,8 @@ class KafkaSink:
                 failed.append((msg.value(), self._outcome(err)))
 
         common = [("replay_run_id", run_id.encode()), ("pipeline", pipeline.encode()), ("day", day.encode())]
-        produce, poll = self._producer.produce, self._producer.poll
+        producer = self._producer
+        produce, poll = producer.produce, producer.poll
         for i, (mid, key, value) in enumerate(zip(batch.ids, batch.key_list(), batch.bodies)):
             headers = [*common, ("message_id", mid.encode())]
             while True:
@@ -138,13 +148,20 @@ class KafkaSink:
                 break
             if i % 1000 == 0:
                 poll(0)
-        if self._producer.flush(self.timeout_s + 5):  # nothing of this call may be sent after it returns
-            self._producer.purge()  # what is left is reported now, as purged: in doubt
-            self._producer.poll(0)
-        errors = self._errors(batch, confirmed, failed, unsent)
-        if self._fatal is not None:
-            self._replace(errors)
-        return errors
+
+        def outcomes() -> list[str | None]:
+            expected, deadline = len(batch) - len(unsent), time.monotonic() + self.timeout_s + 5
+            while confirmed + len(failed) < expected and time.monotonic() < deadline:
+                poll(0.05)
+            if confirmed + len(failed) < expected:  # nothing of this call may be sent after it answers
+                producer.purge()  # what is left (a later call's too) is reported now, as purged: in doubt
+                producer.poll(0)
+            errors = self._errors(batch, confirmed, failed, unsent)
+            if self._fatal is not None and producer is self._producer:
+                self._replace(errors)
+            return errors
+
+        return outcomes
 
     def _errors(self, batch: Batch, confirmed: int, failed: list, unsent: dict[int, str]) -> list[str | None]:
         """Each message's outcome from one call's reports: the errors reported, by value (a value
