@@ -23,6 +23,37 @@ DEMO_DAYS = ["2025-11-24", "2025-11-25", "2025-11-26"]
 RANGE_TAGS = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
+# The suite runs a file per worker at a time (`./dev test`: --dist loadfile). The slowest files
+# (minutes each, mostly waiting on brokers, freezes and daemons) start first, so that no worker is
+# left with one at the end while the others idle; xdist's own order (most tests first) started
+# them last. The rest keep their order.
+SLOWEST_FIRST = (
+    "test_faults_sqs.py",
+    "test_redis_sink.py",
+    "test_s3_lake.py",
+    "test_crash.py",
+    "test_faults_rabbitmq.py",
+    "test_readme_commands.py",
+    "test_surgical_redrive.py",
+    "test_ui_backfills.py",
+    "test_verification.py",
+    "test_billing_operations.py",
+    "test_faults_redis.py",
+    "test_rabbitmq_sink.py",
+    "test_readme_fixes.py",
+    "test_faults_kafka.py",
+    "test_sqs_sink.py",
+    "test_sensor_daemon.py",
+    "test_production.py",
+    "test_browser.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def demo_lake_template(tmp_path_factory) -> Path:
     """Three small days of demo telemetry with every fault, generated once per session."""
