@@ -186,6 +186,9 @@ def measure(method: str, lake: Path) -> dict:
     work = OUT / "work" / method
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
+    # Each method starts with nothing left to write back: the data just generated, or the last
+    # method's output, would otherwise slow the writes of whichever method runs next.
+    os.sync()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--run", method, str(lake), str(work)], stdout=subprocess.PIPE, text=True
     )
