@@ -4,6 +4,7 @@ outputs, and per-day checks."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,11 +97,19 @@ def check_each_day(
     """
 
     def verdict(day: str) -> DayVerdict:
+        started = time.perf_counter()
         try:
-            return verify(day)
+            v = verify(day)
         except Exception as exc:  # noqa: BLE001 - the day's verdict says so; the other days and checks go on
             context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
-            return DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
+            v = DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
+        # What the check itself took for the day (its step also pays Dagster's own per-step costs).
+        return DayVerdict(
+            v.passed,
+            v.description,
+            {**v.metadata, "check_seconds": round(time.perf_counter() - started, 3)},
+            v.severity,
+        )
 
     named = {"asset_key": asset, "check_name": check_name}  # the step reports several checks
     if not context.has_partition_key_range:

@@ -20,6 +20,8 @@ has `BackfillPolicy.single_run()`; a UI backfill of the days launches the same s
    verification (the SHA-256 of every raw and Parquet file of the day, recorded for the checks and
    for the verified reads), over the asset steps' durations; durations are STEP_START to
    STEP_SUCCESS in the run's event log (the checks of an asset run in one step). Target: at most 10%.
+   Printed with it: each check's own work (the `check_seconds` of its evaluation's metadata) and
+   what is left of the check steps, Dagster's per-step costs.
 
 Exits 1 when a figure misses its target.
 """
@@ -70,13 +72,19 @@ class Timed:
         self.wall, self.cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if not result.success:
             raise SystemExit(f"the run over {days[0]}..{days[-1]} failed (run {result.run_id}): see its event log")
-        started, self.steps = {}, {}
+        started, self.steps, self.check_work = {}, {}, {}
         for entry in dg.DagsterInstance.get().all_logs(result.run_id):
             event = entry.dagster_event
             if event is not None and event.event_type == dg.DagsterEventType.STEP_START:
                 started[event.step_key] = entry.timestamp
             elif event is not None and event.event_type == dg.DagsterEventType.STEP_SUCCESS:
                 self.steps[event.step_key] = entry.timestamp - started[event.step_key]
+            elif event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+                evaluation = event.event_specific_data
+                seconds = evaluation.metadata.get("check_seconds")
+                if seconds is not None:  # a check's own time for a day (assets/common.py check_each_day)
+                    name = evaluation.check_name
+                    self.check_work[name] = self.check_work.get(name, 0.0) + seconds.value
 
     def total(self, checks: bool) -> float:
         """The check steps' (or the asset steps') summed durations."""
@@ -162,6 +170,13 @@ def check_share(events: int) -> bool:
         f"  run {run.wall:.2f} s wall; build (asset steps) {build:.2f} s, checks {checks:.2f} s, SHA-256 of the day's "
         f"{files} raw and Parquet files ({size / 1e6:,.0f} MB) {hashing:.2f} s"
     )
+    work = sum(run.check_work.values())
+    print(
+        f"  of the check steps' {checks:.2f} s, the checks' own work (their `check_seconds`) {work:.2f} s "
+        f"({work / build:.1%} of the build), Dagster's per-step costs the rest:"
+    )
+    for name, seconds in sorted(run.check_work.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:52} {seconds:7.3f} s")
     share = (checks + hashing) / build
     return report(
         "checks + verification hashes / build",
