@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import dagster as dg
 
@@ -78,6 +79,19 @@ class DayVerdict:
     severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR  # WARN: reported, never blocks
 
 
+def _day_verdict(context, check_name: str, verify: Callable[[str], DayVerdict], day: str) -> DayVerdict:
+    """`verify(day)` with what it took in its metadata (`check_seconds`: the check's own work; its
+    step also pays Dagster's per-step costs). One that raises gets a failed verdict marked `errored`."""
+    started = time.perf_counter()
+    try:
+        v = verify(day)
+    except Exception as exc:  # noqa: BLE001 - the day's verdict says so; the other days and checks go on
+        context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
+        v = DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
+    v.metadata = {**v.metadata, "check_seconds": round(time.perf_counter() - started, 3)}
+    return v
+
+
 def check_each_day(
     context: dg.AssetCheckExecutionContext,
     asset: dg.AssetKey,
@@ -96,21 +110,7 @@ def check_each_day(
     marked `errored` with the exception, and the other days and the step's other checks go on.
     """
 
-    def verdict(day: str) -> DayVerdict:
-        started = time.perf_counter()
-        try:
-            v = verify(day)
-        except Exception as exc:  # noqa: BLE001 - the day's verdict says so; the other days and checks go on
-            context.log.error(f"{check_name} {day}: the check raised {type(exc).__name__}: {exc}")
-            v = DayVerdict(False, f"{ERRORED_PREFIX}{type(exc).__name__}: {exc}", {"errored": True})
-        # What the check itself took for the day (its step also pays Dagster's own per-step costs).
-        return DayVerdict(
-            v.passed,
-            v.description,
-            {**v.metadata, "check_seconds": round(time.perf_counter() - started, 3)},
-            v.severity,
-        )
-
+    verdict = partial(_day_verdict, context, check_name, verify)
     named = {"asset_key": asset, "check_name": check_name}  # the step reports several checks
     if not context.has_partition_key_range:
         v = verdict(context.partition_key)
