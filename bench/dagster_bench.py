@@ -82,7 +82,7 @@ class Timed:
             elif event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
                 evaluation = event.event_specific_data
                 seconds = evaluation.metadata.get("check_seconds")
-                if seconds is not None:  # a check's own time for a day (assets/common.py check_each_day)
+                if seconds is not None:  # a check's own time for a day (assets/common.py `_day_verdict`)
                     name = evaluation.check_name
                     self.check_work[name] = self.check_work.get(name, 0.0) + seconds.value
 
