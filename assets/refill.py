@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from assets.checks import DayCheck, build_checks, deliveries_check
@@ -23,7 +22,7 @@ from replay_defs.core.naming import EVENT_KEYS, REDRIVE, keys_table, owner, refi
 from replay_defs.ingestion_refill.access_logs import ROOTS_ENV, collect_keys, job_batches, refill_roots, time_window
 from replay_defs.ingestion_refill.spec import RefillSpec, refill_tables
 from replay_defs.sinks import open_sink
-from resources import LakeResource
+from resources import LakeResource, S3Resource
 
 
 def keys_state(lake: Lake, spec: RefillSpec, day: str):

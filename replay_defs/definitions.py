@@ -24,7 +24,6 @@ EVENT_REPLAY_PROJECTION_PREFIX, EVENT_REPLAY_PROJECTION_LOG_DIR and EVENT_REPLAY
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from assets import build_pipeline, build_refill
 from assets.projection_replay import build_projection_replay
@@ -40,6 +39,7 @@ from resources import (
     LedgerResource,
     PostgresResource,
     ProjectionReplayResource,
+    S3Resource,
     StoreResource,
 )
 from sensors import build_dead_letter_sensor, build_raw_files_sensor

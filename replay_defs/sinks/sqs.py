@@ -10,15 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field
 
 from replay_defs.core.redact import redact
 from replay_defs.sinks.base import Batch, SinkType, Unreachable, unknown
+from resources.aws import Boto3Resource
 
 
 @dataclass(frozen=True)
@@ -204,8 +203,8 @@ def client_config(timeout_s: float) -> Config:
     )
 
 
-class SqsResource(ResourceWithBoto3Configuration):
-    """SQS for redrive sinks. dagster-aws has no SQS resource; this uses its boto3 settings
+class SqsResource(Boto3Resource):
+    """SQS for redrive sinks, with dagster-aws's boto3 settings
     (region_name, endpoint_url, profile_name, credentials; max_attempts for reading dead-letter
     queues: a redrive sends each batch once). Env: AWS_* as usual, EVENT_REPLAY_SQS_ENDPOINT for a
     local endpoint, EVENT_REPLAY_SINK_TIMEOUT_S for `timeout_s`."""
@@ -218,18 +217,7 @@ class SqsResource(ResourceWithBoto3Configuration):
     )
 
     def client(self, config: Config | None = None):
-        session = boto3.session.Session(profile_name=self.profile_name)
-        return session.client(
-            "sqs",
-            region_name=self.region_name,
-            endpoint_url=self.endpoint_url,
-            use_ssl=self.use_ssl,
-            verify=self.verify,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            aws_session_token=self.aws_session_token,
-            config=config or Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
-        )
+        return self.boto3_client("sqs", config)
 
     def sink(self, queue: str, max_visible: int | None = None) -> SqsSink:
         return SqsSink(
