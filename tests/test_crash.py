@@ -24,8 +24,9 @@ In-process, an exception raised from those calls at the same points inside a rea
 materialization is followed by a re-run. A subset (one polled point, the kill between the two
 commits) runs again with the lake on S3 (moto in its own process).
 
-Runs use the code location's in-process executor, so each takes a few seconds; the parse worker
-pool is a process pool of its own.
+Runs use the code location's in-process executor, so each takes a few seconds. A day this small
+parses in the run's own process; the clean reference and the kill while parse workers write run
+with two spawned parse processes (the process group's SIGKILL takes them down too).
 
 Reference and trials of a backend use the same lake root, so `source_ref` (a URI under the lake)
 is identical and rows compare exactly.
@@ -33,6 +34,7 @@ is identical and rows compare exactly.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -201,16 +203,20 @@ class Workspace:
     def step_log(self) -> Path:
         return self.base / "publish-steps.log"
 
-    def start(self, kill_before: int = 0, kill_after: int = 0, counted: bool = False) -> subprocess.Popen:
+    def start(
+        self, kill_before: int = 0, kill_after: int = 0, counted: bool = False, workers: int = 0
+    ) -> subprocess.Popen:
         """Start the CLI materialization in its own session (process group); `counted` (or a kill
-        step) runs it through the wrapper."""
+        step) runs it through the wrapper. `workers`: the parse's processes (0: its default, which
+        parses a day this small in the run's own process)."""
         self.n_runs += 1
         log = open(self.logs / f"run-{self.n_runs:03d}.log", "wb")
+        args = [*CLI_ARGS, "--config-json", json.dumps(parse_workers(workers))] if workers else CLI_ARGS
         if not (counted or kill_before or kill_after):
-            cmd, env = [str(DAGSTER), *CLI_ARGS], self.env()
+            cmd, env = [str(DAGSTER), *args], self.env()
         else:
             self.step_log.unlink(missing_ok=True)
-            cmd = [sys.executable, str(self.wrapper), *CLI_ARGS]
+            cmd = [sys.executable, str(self.wrapper), *args]
             env = self.env(
                 REPLAY_KILL_BEFORE_STEP=str(kill_before),
                 REPLAY_KILL_AFTER_STEP=str(kill_after),
@@ -229,8 +235,8 @@ class Workspace:
             return []
         return [step(*line.split("\t")[1:]) for line in self.step_log.read_text().splitlines()]
 
-    def run_to_completion(self, counted: bool = False) -> None:
-        proc = self.start(counted=counted)
+    def run_to_completion(self, counted: bool = False, workers: int = 0) -> None:
+        proc = self.start(counted=counted, workers=workers)
         try:
             rc = proc.wait(RUN_TIMEOUT)
         finally:
@@ -266,6 +272,10 @@ class Workspace:
         if self.duckdb.exists():
             parts.append("store exists")
         return ", ".join(parts) or "nothing written yet"
+
+
+def parse_workers(n: int) -> dict:
+    return {"ops": {"telemetry__parsed_events": {"config": {"workers": n}}}}
 
 
 def step(name: str, arg: str) -> tuple[str, str]:
@@ -447,10 +457,12 @@ def assert_like_clean_run(ws: Workspace, reference: dict, context: str, dagster_
 
 def clean_reference(ws: Workspace) -> dict:
     """A clean CLI run's outputs (same lake root as every trial) and its counted publish steps
-    (the run goes through the wrapper, which kills nothing)."""
+    (the run goes through the wrapper, which kills nothing). It parses with two worker processes;
+    the re-runs it is compared with parse in the run's own process, so equality also shows the
+    outputs do not depend on the worker count."""
     ws.reset()
     t0 = time.monotonic()
-    ws.run_to_completion(counted=True)
+    ws.run_to_completion(counted=True, workers=2)
     ws.clean_run_seconds = time.monotonic() - t0
     ref = {"outputs": outputs(ws), "steps": ws.steps()}
     events, quarantine = ref["outputs"][EVENTS], ref["outputs"][QUARANTINE]
@@ -500,7 +512,7 @@ def _staging_parse_files(ws):
 
 
 POLLED = {
-    # parse workers are writing per-bucket staging files
+    # parse workers (two processes, started for this point) are writing per-bucket staging files
     "while-parse-workers-write-staging": _staging_parse_files,
     # the events table has the day's commit (version 0 is the empty table): the day is
     # published, checks and projections are running
@@ -510,7 +522,7 @@ POLLED = {
 
 def polled_trial(ws: Workspace, reference: dict, point: str) -> None:
     ws.reset()
-    proc = ws.start()
+    proc = ws.start(workers=2 if point == "while-parse-workers-write-staging" else 0)
     killed = kill_when(proc, lambda: POLLED[point](ws))
     where = ws.where()
     assert killed, f"the run finished before the kill point {point!r}"
@@ -635,9 +647,7 @@ def test_raise_at_a_publish_call_in_run_day_then_rerun_equals_clean_run(ws, refe
             monkeypatch.setenv(var, value)
     defs = build_definitions()
     selection = [dg.AssetKey(["telemetry", n]) for n in ("raw_events", "parsed_events", "projections")]
-    # One parse process (no spawned pool) keeps these runs short; the reference used the default
-    # pool, so equality also shows the outputs do not depend on the worker count.
-    config = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1}}}}
+    config = parse_workers(1)
     seen: list[tuple[str, str]] = []
 
     def counted(name, real, describe):

@@ -119,8 +119,8 @@ def quarantine(lake: Path, pipeline: str = "orders") -> list[tuple[str, str, str
     ).fetchall()
 
 
-def run_day(defs, instance, pipeline: str = "orders", workers: int | None = 1):
-    config = {"ops": {f"{pipeline}__parsed_events": {"config": {"workers": workers}}}} if workers else {}
+def run_day(defs, instance, pipeline: str = "orders", workers: int = 1):
+    config = {"ops": {f"{pipeline}__parsed_events": {"config": {"workers": workers}}}}
     return defs.resolve_job_def(f"{pipeline}_replay").execute_in_process(
         instance=instance, partition_key=DAY, run_config=config, raise_on_error=False
     )
@@ -326,7 +326,7 @@ def test_a_python_file_declares_a_pipeline_that_runs_a_day(env, instance, tmp_pa
     from replay_defs.definitions import build_definitions
 
     assert find_spec("orders_py").schema.fields[0].path == "envelope.id"
-    result = run_day(build_definitions(), instance, "orders_py", workers=None)
+    result = run_day(build_definitions(), instance, "orders_py", workers=2)
     assert result.success
     verdicts = check_verdicts(result)
     assert verdicts and all(verdicts.values()), verdicts
