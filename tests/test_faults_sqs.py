@@ -6,7 +6,7 @@ independent consumer (boto3 receive_message + delete) counting by the body's id.
 
 moto deduplicates a FIFO re-send only against messages still on the queue (AWS: whether or not
 they were consumed), so the consumer reads once, after the re-run. moto's SQS calls slow
-as a queue grows (each looks at every message; tests/moto_clock.py makes that 5x cheaper), hence a
+as a queue grows (each looks at every message; tests/moto_speedups.py makes that 5x cheaper), hence a
 few hundred messages a queue."""
 
 import json
