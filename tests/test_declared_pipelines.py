@@ -8,6 +8,7 @@ import json
 import uuid
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 import redis
@@ -328,6 +329,12 @@ def test_a_python_file_declares_a_pipeline_that_runs_a_day(env, instance, tmp_pa
     assert find_spec("orders_py").schema.fields[0].path == "envelope.id"
     result = run_day(build_definitions(), instance, "orders_py", workers=2)
     assert result.success
+    (parsed,) = [
+        m.materialization
+        for m in result.get_asset_materialization_events()
+        if m.asset_key == dg.AssetKey(["orders_py", "parsed_events"])
+    ]
+    assert parsed.metadata["parse_processes"].value == 2
     verdicts = check_verdicts(result)
     assert verdicts and all(verdicts.values()), verdicts
     rows = duckdb.execute(

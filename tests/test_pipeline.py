@@ -226,6 +226,7 @@ def test_range_run_per_day_checks_metadata_truth_quarantine_and_projections(defs
         assert v["quarantined_truncated_gzip"] == q["truncated_gzip"] > 0
         assert v["duration_s"] == stats["duration_s"] > 0
         assert v["events_per_s"] == stats["events_per_s"] > 0
+        assert v["parse_processes"] == 1  # a demo day is small: parsed in the run's own process
         # The day's first and only build: its version is the table version that committed it.
         assert [s.version for s in lake.day_states(PARSED_OWNER, day, TELEMETRY.parsed_prefix)] == [v["version"]]
     # The demo days differ in these counts, so must their metadata. (Timings are per day too, as

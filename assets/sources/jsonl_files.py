@@ -297,6 +297,7 @@ def materialize_day(lake: Lake, spec: PipelineSpec, day: str, config: ParseConfi
         merge_quarantine(result.quarantine_files, str(staged_quarantine(staged, spec, day)))
         stats = day_stats(day, manifest, result, time.monotonic() - t0)
         stats["sources"] = sources
+        stats["parse_processes"] = workers  # 1: the run's own process
         return stats
 
     return publish_parsed_day(lake, spec, day, run_id, log, config.allow_shrink, parse, only_type=config.type)
@@ -338,7 +339,8 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
                 context.log.info(
                     f"{day}: {stats['parsed']:,} events, {stats['duplicates']:,} duplicates, "
                     f"{stats['quarantined']:,} quarantined {stats['quarantined_by_reason']}, "
-                    f"{stats['events_per_s']:,} lines/s; now version {stats['version']}"
+                    f"{stats['events_per_s']:,} lines/s in {stats['parse_processes']} process(es); "
+                    f"now version {stats['version']}"
                 )
                 context.add_asset_metadata(parsed_metadata(stats), partition_key=day)
         finally:
@@ -361,6 +363,7 @@ METADATA_COUNTS = (
     "duration_s",
     "events_per_s",
     "mb_per_s",
+    "parse_processes",
     "version",
 )
 
