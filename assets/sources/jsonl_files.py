@@ -158,6 +158,11 @@ def build_raw_events(spec: PipelineSpec) -> dg.AssetsDefinition:
 POOL_FROM_LINES = 500_000
 
 
+def pool_size(config: "ParseConfig") -> int:
+    """The parse's processes when it spawns them: `workers`, else one per core."""
+    return config.workers or os.cpu_count() or 1
+
+
 class ParseConfig(dg.Config):
     workers: int = Field(
         default=0,
@@ -289,7 +294,7 @@ def materialize_day(lake: Lake, spec: PipelineSpec, day: str, config: ParseConfi
             if len(done) % 10 == 0 or len(done) == len(tasks):
                 log.info(f"{day}: parsed {len(done)}/{len(tasks)} files")
 
-        workers = config.workers or ((os.cpu_count() or 1) if est_events >= POOL_FROM_LINES else 1)
+        workers = pool_size(config) if config.workers or est_events >= POOL_FROM_LINES else 1
         out = str(staged / spec.parsed_prefix)
         result = parse_day(
             job, tasks, out, workers, on_progress=progress, pool=pool if workers > 1 else None, decoder=config.decoder
@@ -332,7 +337,7 @@ def build_parsed_events(spec: PipelineSpec) -> dg.AssetsDefinition:
                 log_plan(context.log, day, "replace", plan)
                 context.add_asset_metadata({"dry_run": True, **plan_metadata("would_replace", plan)}, partition_key=day)
             return dg.MaterializeResult()
-        pool = worker_pool(config.workers or os.cpu_count() or 1)  # its processes start with its first task
+        pool = worker_pool(pool_size(config))  # its processes start with its first task
         try:
             for day in context.partition_keys:
                 stats = materialize_day(the_lake, spec, day, config, context.run.run_id, context.log, pool)
