@@ -25,6 +25,7 @@ from isal import igzip
 
 from replay_defs.jsonl_files import parsing
 from replay_defs.jsonl_files.parsing import (
+    ID_CRC32,
     READ_CHUNK,
     SAMPLE_BYTES,
     FileResult,
@@ -1074,6 +1075,24 @@ def test_a_type_whose_only_rows_lose_gets_no_file(tmp_path):
         "s3://lake/raw/a.jsonl",
         1,
     )
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_ids_whose_crc32s_collide_are_both_kept(tmp_path, buckets):
+    """Stage 2 compares by id only the rows whose id's crc32 repeats: two different ids with the
+    same crc32 are candidates, and both must stay; a real copy among them still loses."""
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")  # a known crc32 collision
+    a = write_file(tmp_path / "a.jsonl", [line(1, event_id="plumless"), line(2, event_id="other")])
+    b = write_file(tmp_path / "b.jsonl", [line(3, event_id="buckeroo"), line(4, event_id="plumless", type="bridge")])
+    result, _ = _run_day(tmp_path, [make_task(a, index=0), make_task(b, index=1)], buckets=buckets)
+    rows = sorted(
+        (r["event_id"], r["source_ref"][-7:], r["line_no"])
+        for f in result.dedupe.files
+        for r in pq.read_table(f).to_pylist()
+    )
+    assert rows == [("buckeroo", "b.jsonl", 1), ("other", "a.jsonl", 2), ("plumless", "a.jsonl", 1)]
+    assert (result.dedupe.rows_in, result.dedupe.rows_out) == (4, 3)
+    assert all(ID_CRC32 not in pq.read_schema(f).names for f in result.dedupe.files)
 
 
 def test_parse_day_twice_gives_identical_output(tmp_path):

@@ -668,9 +668,18 @@ def _decoder(variant: type[EventDecoder], schema: EventSchema) -> EventDecoder:
     return _decoders[variant, schema]
 
 
-def _bucket_ids(ids: pa.Array, buckets: int) -> pa.Array:
+# The crc32 of each staged row's id: it picks the row's bucket, and in stage 2 only rows whose
+# crc32 repeats are compared by id. Not a valid field name (those start with a letter).
+ID_CRC32 = "_id_crc32"
+
+
+def _id_crc32s(ids: pa.Array) -> np.ndarray:
     # crc32 is stable across processes and runs (Python's hash() is not).
-    return pa.array([zlib.crc32(x) % buckets for x in ids.cast(pa.binary()).to_pylist()], pa.uint16())
+    return np.fromiter(map(zlib.crc32, ids.cast(pa.binary()).to_pylist()), np.uint32, len(ids))
+
+
+def staging_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field(ID_CRC32, pa.uint32()))
 
 
 def parse_file(job: ParseJob, task: FileTask, decoder: type[EventDecoder] = EventDecoder) -> FileResult:
@@ -688,7 +697,7 @@ class _FileParse:
         self.job, self.task, self.decoder = job, task, decoder
         self.time_field = job.schema.time_field
         self.result = FileResult(source_ref=task.source_ref, home=task.home)
-        self.stage = _StageWriter(job.stage_dir, task.file_index, job.buckets, decoder.arrow_schema)
+        self.stage = _StageWriter(job.stage_dir, task.file_index, job.buckets, staging_schema(decoder.arrow_schema))
         self.quarantine = None
         if task.home:
             qpath = os.path.join(job.stage_dir, "quarantine", f"f{task.file_index:06d}.parquet")
@@ -734,8 +743,11 @@ class _FileParse:
         mine = pc.equal(pc.cast(table.column(self.time_field), pa.date32()), pa.scalar(self.job.day, pa.date32()))
         kept = table if pc.all(mine).as_py() else table.filter(mine)  # most batches: no copy
         if kept.num_rows:
-            ids = kept.column(self.job.schema.id_field).combine_chunks()
-            self.stage.add(kept, _bucket_ids(ids, self.job.buckets) if self.job.buckets > 1 else None)
+            crc32s = _id_crc32s(kept.column(self.job.schema.id_field).combine_chunks())
+            kept = kept.append_column(ID_CRC32, pa.array(crc32s))
+            self.stage.add(
+                kept, pa.array((crc32s % self.job.buckets).astype(np.uint16)) if self.job.buckets > 1 else None
+            )
             result.kept += kept.num_rows
         other = table.num_rows - kept.num_rows
         if other and task.home:
@@ -842,6 +854,7 @@ def dedupe_buckets(
             rows_in += table.num_rows
             keep = np.ones(table.num_rows, bool)
             keep[_losers(table, schema.id_field)] = False
+            table = table.drop_columns([ID_CRC32])
             types = sorted(pc.unique(table.column(schema.type_field)).to_pylist())
             open_buckets.append([pool.submit(write, bucket, table, pa.array(keep), t) for t in types])
         while open_buckets:
@@ -851,17 +864,18 @@ def dedupe_buckets(
 
 def _losers(table: pa.Table, id_field: str) -> np.ndarray:
     """Row positions of every copy of an id but the first by (source_ref, line_no). Duplicates
-    are rare: the ids are counted once, and only the rows of repeated ids are sorted."""
-    ids = table.column(id_field)
-    counts = pc.value_counts(ids)
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    are rare, so only the candidates are compared by id: the rows whose id's crc32 (staged with
+    the row) repeats. Sorting integers costs a fraction of hashing every id string."""
+    crc32s = table.column(ID_CRC32)
+    ordered = np.sort(crc32s.to_numpy())
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     if not len(repeated):
         return np.empty(0, np.int64)
-    rows = pc.indices_nonzero(pc.is_in(ids, value_set=repeated))
+    candidate = pc.is_in(crc32s, value_set=pa.array(repeated))
     copies = (
         table.select([id_field, "source_ref", "line_no"])
-        .take(rows)
-        .append_column("row", rows)
+        .filter(candidate)  # chunk by chunk; a take would first join the chunks
+        .append_column("row", pc.indices_nonzero(candidate))
         .sort_by([(id_field, "ascending"), ("source_ref", "ascending"), ("line_no", "ascending")])
     )
     sorted_ids = copies.column(id_field).to_numpy(zero_copy_only=False)
