@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 import os
 import re
+import sys
 import time
 import zlib
 from collections import Counter, deque
@@ -930,7 +931,30 @@ class ParseResult:
 
 def worker_pool(workers: int) -> ProcessPoolExecutor | None:
     """Processes for stage 1; spawned, because the caller may be a threaded Dagster process."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if workers > 1 else None
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_skip_pandas)
+
+
+class _NoPandas:
+    """A module finder that refuses pandas (see `_skip_pandas`)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("pandas is not imported by parse workers", name=name)
+        return None
+
+
+def _skip_pandas() -> None:
+    """pyarrow imports pandas on its first conversion of a Python list, only to ask whether the
+    list is a pandas object; that import is about 0.3 s of a worker's CPU. Lines never are: let
+    pyarrow find no pandas once, and stop asking. A later explicit `import pandas` still works."""
+    sys.meta_path.insert(0, _NoPandas)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(_NoPandas)
 
 
 def parse_day(
