@@ -112,11 +112,12 @@ def quarantine_rows(result: FileResult) -> list[dict]:
 
 
 def staged_rows(result: FileResult) -> list[dict]:
+    """The file's staged rows, each with the file's source_ref (stage 2 adds it: it is not staged)."""
     rows = []
     for path, n in result.staged.values():
         t = pa.ipc.open_file(path).read_all()
-        assert t.num_rows == n
-        rows.extend(t.to_pylist())
+        assert t.num_rows == n and "source_ref" not in t.schema.names
+        rows.extend({**r, "source_ref": result.source_ref} for r in t.to_pylist())
     return sorted(rows, key=lambda r: r["line_no"])
 
 
@@ -1135,3 +1136,15 @@ def test_process_pool_matches_single_process(tmp_path):
     assert r2.routed_in == 1
     for f in r2.files:
         assert_accounted(f, next(t.path for t in tasks if t.source_ref == f.source_ref))
+
+
+def test_repeated_source_ref_is_split_where_32_bit_offsets_end(monkeypatch):
+    """Stage 2 adds each staging file's source_ref back as a column; past 2 GB of copies it must
+    come in several chunks (shown here with the limit lowered to 10 bytes)."""
+    monkeypatch.setattr(parsing, "_MAX_CHUNK_BYTES", 10)
+    col = parsing._repeated("s3://é", 7)  # 7 bytes in UTF-8: one copy per chunk
+    assert col.num_chunks == 7 and col.to_pylist() == ["s3://é"] * 7
+    monkeypatch.setattr(parsing, "_MAX_CHUNK_BYTES", 2**31 - 1)
+    col = parsing._repeated("ref", 5)
+    assert col.num_chunks == 1 and col.to_pylist() == ["ref"] * 5
+    assert parsing._repeated("ref", 0).to_pylist() == []
