@@ -1136,15 +1136,3 @@ def test_process_pool_matches_single_process(tmp_path):
     assert r2.routed_in == 1
     for f in r2.files:
         assert_accounted(f, next(t.path for t in tasks if t.source_ref == f.source_ref))
-
-
-def test_repeated_source_ref_is_split_where_32_bit_offsets_end(monkeypatch):
-    """Stage 2 adds each staging file's source_ref back as a column; past 2 GB of copies it must
-    come in several chunks (shown here with the limit lowered to 10 bytes)."""
-    monkeypatch.setattr(parsing, "_MAX_CHUNK_BYTES", 10)
-    col = parsing._repeated("s3://é", 7)  # 7 bytes in UTF-8: one copy per chunk
-    assert col.num_chunks == 7 and col.to_pylist() == ["s3://é"] * 7
-    monkeypatch.setattr(parsing, "_MAX_CHUNK_BYTES", 2**31 - 1)
-    col = parsing._repeated("ref", 5)
-    assert col.num_chunks == 1 and col.to_pylist() == ["ref"] * 5
-    assert parsing._repeated("ref", 0).to_pylist() == []

@@ -608,7 +608,7 @@ class _StageWriter:
     """Per-bucket staging files of one raw file, written to temp names until done. Arrow IPC: the
     rows are read once, right away, on the same machine, and IPC is a plain copy of the columns
     both ways (uncompressed Parquet's encoding cost about a tenth of stage 1). The rows' source_ref
-    is the file's own, so stage 2 adds it back (`staging_schema`)."""
+    is the file's own, so stage 2 builds it from the file (`staging_schema`, `_with_source_ref`)."""
 
     def __init__(self, stage_dir: str, file_index: int, buckets: int, schema: pa.Schema):
         self.paths = [os.path.join(stage_dir, f"bucket{b:04d}", f"f{file_index:06d}.arrow") for b in range(buckets)]
@@ -831,10 +831,11 @@ def dedupe_buckets(
     rows_by_type: Counter = Counter()
     files: list[str] = []
 
-    def write(bucket: int, table: pa.Table, keep: pa.Array, t: str) -> tuple[str, str, int]:
+    def write(bucket: int, table: pa.Table, refs: pa.Array, keep: pa.Array, t: str) -> tuple[str, str, int]:
         part = table.filter(pc.and_(pc.equal(table.column(schema.type_field), t), keep))
         if not part.num_rows:  # every row of the type lost to a copy of another type
             return t, "", 0
+        part = _with_source_ref(part, refs)
         # Types were checked against SAFE_TYPE_VALUE while parsing, so they are safe in a path.
         dest = Path(out_dir, f"type={t}", f"day={day.isoformat()}", f"part-{bucket:04d}.parquet")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -856,19 +857,19 @@ def dedupe_buckets(
         for bucket in sorted(staged):
             if len(open_buckets) == 2:
                 collect(open_buckets.popleft())
-            table = _staged_table(staged[bucket])
+            table, refs = _staged_table(staged[bucket])
             rows_in += table.num_rows
             keep = np.ones(table.num_rows, bool)
-            keep[_losers(table, schema.id_field)] = False
+            keep[_losers(table, schema.id_field, refs)] = False
             table = table.drop_columns([ID_CRC32])
             types = sorted(pc.unique(table.column(schema.type_field)).to_pylist())
-            open_buckets.append([pool.submit(write, bucket, table, pa.array(keep), t) for t in types])
+            open_buckets.append([pool.submit(write, bucket, table, refs, pa.array(keep), t) for t in types])
         while open_buckets:
             collect(open_buckets.popleft())
     return DedupeResult(rows_in, rows_out, dict(rows_by_type), sorted(files))
 
 
-def _losers(table: pa.Table, id_field: str) -> np.ndarray:
+def _losers(table: pa.Table, id_field: str, refs: pa.Array) -> np.ndarray:
     """Row positions of every copy of an id but the first by (source_ref, line_no). Duplicates
     are rare, so only the candidates are compared by id: the rows whose id's crc32 (staged with
     the row) repeats. Sorting integers costs a fraction of hashing every id string."""
@@ -879,39 +880,36 @@ def _losers(table: pa.Table, id_field: str) -> np.ndarray:
         return np.empty(0, np.int64)
     candidate = pc.is_in(crc32s, value_set=pa.array(repeated))
     copies = (
-        table.select([id_field, "source_ref", "line_no"])
+        table.select([id_field, FILE_NO, "line_no"])
         .filter(candidate)  # chunk by chunk; a take would first join the chunks
         .append_column("row", pc.indices_nonzero(candidate))
-        .sort_by([(id_field, "ascending"), ("source_ref", "ascending"), ("line_no", "ascending")])
+    )
+    copies = _with_source_ref(copies, refs).sort_by(
+        [(id_field, "ascending"), ("source_ref", "ascending"), ("line_no", "ascending")]
     )
     sorted_ids = copies.column(id_field).to_numpy(zero_copy_only=False)
     later = np.concatenate([[False], sorted_ids[1:] == sorted_ids[:-1]])  # not the first of its id
     return copies.column("row").to_numpy()[later]
 
 
-def _staged_table(files: list[tuple[str, str]]) -> pa.Table:
-    """A bucket's staging files, (path, source_ref of its raw file), memory-mapped: the columns are
-    read in place, and each file's source_ref is added back before line_no."""
-    tables = []
-    for path, source_ref in files:
-        t = pa.ipc.open_file(pa.memory_map(path)).read_all()
-        tables.append(
-            t.add_column(t.schema.get_field_index("line_no"), "source_ref", _repeated(source_ref, t.num_rows))
-        )
-    return pa.concat_tables(tables)
+# Stage 2's own column: the number of the staging file a row came from, which names its source_ref.
+FILE_NO = "_file_no"
 
 
-def _repeated(value: str, n: int) -> pa.ChunkedArray:
-    """n copies of a string, built from buffers (`pa.array` of a list encodes each copy), in chunks
-    that 32-bit offsets can address."""
-    data = value.encode()
-    per_chunk = max(1, _MAX_CHUNK_BYTES // max(1, len(data)))
-    chunks = []
-    for start in range(0, n, per_chunk):
-        k = min(per_chunk, n - start)
-        offsets = (np.arange(k + 1, dtype=np.int64) * len(data)).astype(np.int32)
-        chunks.append(pa.Array.from_buffers(pa.string(), k, [None, pa.py_buffer(offsets), pa.py_buffer(data * k)]))
-    return pa.chunked_array(chunks, pa.string())
+def _staged_table(files: list[tuple[str, str]]) -> tuple[pa.Table, pa.Array]:
+    """A bucket's staging files, (path, source_ref of its raw file), memory-mapped (the columns
+    are read in place), each row with its file's number; and the files' source_refs by number."""
+    tables = [pa.ipc.open_file(pa.memory_map(path)).read_all() for path, _ in files]
+    numbers = pa.chunked_array([np.full(t.num_rows, i, np.int32) for i, t in enumerate(tables)], pa.int32())
+    return pa.concat_tables(tables).append_column(FILE_NO, numbers), pa.array([r for _, r in files], pa.string())
+
+
+def _with_source_ref(table: pa.Table, refs: pa.Array) -> pa.Table:
+    """The rows' source_ref, from their file's number, in its place before line_no: built for the
+    rows written (or compared) only, not for the whole bucket."""
+    source_refs = refs.take(table.column(FILE_NO))
+    table = table.drop_columns([FILE_NO])
+    return table.add_column(table.schema.get_field_index("line_no"), "source_ref", source_refs)
 
 
 # --------------------------------------------------------------------------------------------
