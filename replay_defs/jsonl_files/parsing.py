@@ -683,8 +683,8 @@ def _id_crc32s(ids: pa.Array) -> np.ndarray:
 
 def staging_schema(schema: pa.Schema) -> pa.Schema:
     """The events' schema as staged: without source_ref, the same for every row of a staging file
-    (a third of the bytes staged, written and faulted into the page cache for nothing), and with
-    each id's crc32."""
+    (with the bench's local paths, a third of the bytes staged, each written and faulted into the
+    page cache for nothing), and with each id's crc32."""
     return schema.remove(schema.get_field_index("source_ref")).append(pa.field(ID_CRC32, pa.uint32()))
 
 
