@@ -121,7 +121,7 @@ NOT_RUN = {
     ),
     "./dev event-replay projections cleanup-markers --projection aggregate_state": "needs Redis for the markers",
     "./dev bench": BENCH,
-    "./dev bench --events 500000 --no-naive": BENCH,
+    "./dev bench --events 500000 --no-naive --repeat 1": BENCH,
     "./dev bench redrive": BENCH,
     "./dev bench redrive --events 200000 --sinks kafka,redis-list --ledgers duckdb": BENCH,
     "./dev bench refill": BENCH,
