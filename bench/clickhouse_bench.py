@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import psutil
+from method_runs import CPU_NOTE, REPEAT_HELP, children_cpu, fastest
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
@@ -138,18 +139,15 @@ ROWS = [
 
 
 def run_child(method: str, path: str, arg: int) -> dict:
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", method, "--dir", path, "--batch", str(arg)],
-        capture_output=True,
-        text=True,
-    )
+    with children_cpu() as cpu:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", method, "--dir", path, "--batch", str(arg)],
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode != 0:
         raise SystemExit(f"{method} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child's process, start-up included
-    result["cpu"] = f"{cpu.ru_utime - cpu_before.ru_utime:.2f} + {cpu.ru_stime - cpu_before.ru_stime:.2f}"
-    return result
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), **cpu}
 
 
 def main() -> None:
@@ -157,7 +155,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=5_000_000, help="rows in the day (default 5,000,000)")
     ap.add_argument("--batch", type=int, default=50_000, help="keyset page size (default 50,000)")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed at the end)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each method, taking turns; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=2, help=REPEAT_HELP)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -179,10 +177,7 @@ def main() -> None:
                 runs[method].append(r)
                 print(f"  {method}: {r['rows']:,} rows in {r['seconds']:.2f}s", flush=True)
         for method, label in ROWS:
-            rs = runs[method]
-            best = min(rs, key=lambda r: r["seconds"])
-            best = {**best, **{k: max(r[k] for r in rs) for k in ("growth_mb", "peak_mb")}}
-            results.append((label.format(batch=args.batch), best))
+            results.append((label.format(batch=args.batch), fastest(runs[method], largest=("growth_mb", "peak_mb"))))
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -193,12 +188,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results:
         print(
-            f"| {name} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows'] / r['seconds']:,.0f} | {r['growth_mb']:,.0f} MB | {r['peak_mb']:,.0f} MB | {r['cpu']} | {r['note']} |"
+            f"| {name} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows'] / r['seconds']:,.0f} | {r['growth_mb']:,.0f} MB | {r['peak_mb']:,.0f} MB | {r['user_s']:.2f} + {r['kernel_s']:.2f} | {r['note']} |"
         )
-    print(
-        "\n(CPU: the whole child process, start-up included; kernel time is mostly page faults, which on a VM "
-        "that hands freed memory back to its host cost ~2 s per GB first touched)"
-    )
+    print("\n" + CPU_NOTE)
     base, keyset, _transform, pipeline = (r["rows"] / r["seconds"] for _, r in results)
     print(f"\nkeyset read is {keyset / base:.2f}x the single scan's rate")
     ratio = pipeline / base

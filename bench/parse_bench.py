@@ -12,8 +12,8 @@ Each method runs in its own process, `--repeat` times (default 2), the methods t
 method's fastest run counts. On a VM whose freed memory goes back to its host, a page touched for
 the first time costs ~2 s of kernel time per GB, and how much of that a single run pays depends on
 what ran just before it, so single runs of the same code differ by up to a third. Peak RSS is the
-largest sum of RSS over a method's process and its children, sampled every 20 ms, over its runs. MB/s is over uncompressed JSON. The data is generated once
-into bench/out/ (clean lines with 1% duplicates, so DuckDB's bare reader does not stop on a bad
+largest sum of RSS over a method's process and its children, sampled every 20 ms, over its runs.
+MB/s is over uncompressed JSON. The data is generated once into bench/out/ (clean lines with 1% duplicates, so DuckDB's bare reader does not stop on a bad
 line; the quarantine path is exercised by the tests).
 """
 
@@ -23,7 +23,6 @@ import argparse
 import json
 import operator
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import psutil
+from method_runs import CPU_NOTE, REPEAT_HELP, children_cpu, fastest
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -193,7 +193,14 @@ def measure(method: str, lake: Path) -> dict:
     # Each method starts with nothing left to write back: the data just generated, or the last
     # method's output, would otherwise slow the writes of whichever method runs next.
     os.sync()
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with children_cpu() as cpu:
+        out, peak = _run_sampling_rss(method, lake, work)
+    result = json.loads(out.strip().splitlines()[-1])
+    return {**result, **cpu, "peak_rss_mb": peak / 1e6}
+
+
+def _run_sampling_rss(method: str, lake: Path, work: Path) -> tuple[str, int]:
+    """Runs the method in a process of its own: (its output, the peak RSS of its process tree)."""
     proc = subprocess.Popen(
         [sys.executable, __file__, "--run", method, str(lake), str(work)], stdout=subprocess.PIPE, text=True
     )
@@ -219,18 +226,7 @@ def measure(method: str, lake: Path) -> dict:
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"{method} failed with exit code {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mb"] = peak / 1e6
-    # The method's whole process tree (its workers are reaped by it), as the kernel counted it.
-    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result["user_s"] = cpu.ru_utime - cpu_before.ru_utime
-    result["kernel_s"] = cpu.ru_stime - cpu_before.ru_stime
-    return result
-
-
-def fastest(results: list[dict]) -> dict:
-    """A method's fastest run, with the largest peak RSS of all its runs."""
-    return {**min(results, key=lambda r: r["seconds"]), "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+    return out, peak
 
 
 def main() -> None:
@@ -238,7 +234,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=2_000_000, help="events in the 1x partition (default 2M)")
     ap.add_argument("--no-naive", action="store_true", help="skip the slow naive baseline")
     ap.add_argument("--no-4x", action="store_true", help="skip the 4x partition (memory growth)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each method, taking turns; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=2, help=REPEAT_HELP)
     ap.add_argument("--run", nargs=3, metavar=("METHOD", "LAKE", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -256,7 +252,7 @@ def main() -> None:
     for _ in range(max(1, args.repeat)):
         for method in names:
             runs[method].append(measure(method, lake1))
-    best = {m: fastest(rs) for m, rs in runs.items()}
+    best = {m: fastest(rs, largest=("peak_rss_mb",)) for m, rs in runs.items()}
     ours, duck, naive = best["ours"], best["duckdb_bare"], best.get("naive")
     bytes1 = ours["bytes"]
     rows = [(names[m], best[m]) for m in names]
@@ -278,10 +274,7 @@ def main() -> None:
             f"{name:38} {r['seconds']:8.2f} {eps:10,.0f} {bytes1 / 1e6 / r['seconds']:7.1f} {r['peak_rss_mb']:12,.0f} "
             f"{r['user_s']:11.2f} {r['kernel_s']:9.2f}"
         )
-    print(
-        "(CPU: the method's processes, start-up included; kernel time is mostly page faults, which on a VM "
-        "that hands freed memory back to its host cost ~2 s per GB first touched)"
-    )
+    print(CPU_NOTE)
     ours_eps = ours["lines"] / ours["seconds"]
     print(
         f"\nours: stage 1 (validate, route, stage) {ours['stage1_seconds']:.2f}s, stage 2 (dedupe, write by type) {ours['stage2_seconds']:.2f}s, "
@@ -298,7 +291,7 @@ def main() -> None:
     }
     if not args.no_4x:
         lake4 = ensure_data(args.events * 4)
-        ours4 = fastest([measure("ours", lake4) for _ in range(max(1, args.repeat))])
+        ours4 = fastest([measure("ours", lake4) for _ in range(max(1, args.repeat))], largest=("peak_rss_mb",))
         figures["ours peak RSS MB (1x, 4x)"] = max(ours["peak_rss_mb"], ours4["peak_rss_mb"])
         figures["ours peak RSS growth 1x -> 4x"] = ours4["peak_rss_mb"] / ours["peak_rss_mb"] - 1
         print(
