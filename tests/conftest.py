@@ -75,7 +75,8 @@ def env(tmp_path, demo_lake_template, monkeypatch):
         "home": tmp_path / "dagster_home",
     }
     paths["home"].mkdir()
-    (paths["home"] / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # No first-visit newsletter prompt in the browser tests: it can cover the element a test clicks.
+    (paths["home"] / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     monkeypatch.setenv("EVENT_REPLAY_LAKE", str(lake))
     monkeypatch.setenv("EVENT_REPLAY_DUCKDB", str(paths["duckdb"]))
     monkeypatch.setenv("EVENT_REPLAY_OUTBOX", str(paths["outbox"]))
@@ -92,7 +93,8 @@ def defs(env):
 
 @pytest.fixture
 def instance(env):
-    with dg.instance_for_test(temp_dir=str(env["home"])) as inst:
+    # instance_for_test rewrites the home's dagster.yaml: keep the newsletter prompt off there too.
+    with dg.instance_for_test(temp_dir=str(env["home"]), overrides={"nux": {"enabled": False}}) as inst:
         yield inst
 
 

@@ -45,8 +45,6 @@ def test_asset_graph_and_partitioned_checks_render(env, defs, instance, tmp_path
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         # The telemetry group's lineage (the global one shows every group collapsed).
-        # The UI's first-visit newsletter prompt may open at any moment: dismiss it whenever it blocks an action.
-        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
         page.goto(f"{base}/locations/event-replay/asset-groups/telemetry", wait_until="networkidle", timeout=90_000)
         for name in ("raw_events", "parsed_events", "projections", "redrive"):
             expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)

@@ -42,7 +42,8 @@ def ui(tmp_path_factory, demo_lake_template, redis_url, postgres_dsn):
     tmp = tmp_path_factory.mktemp("ui_backfills")
     home, lake = tmp / "home", tmp / "lake"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # No first-visit newsletter prompt: it can cover the element the browser test clicks.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     shutil.copytree(demo_lake_template, lake)
     broker = Tansu().start()
     queue = f"ingestion-ui-{time.time_ns()}"
@@ -295,9 +296,11 @@ def test_the_materialize_dialog_of_a_job_takes_config_for_its_backfill(ui):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
         page.goto(f"{ui['web']}/locations/event-replay/jobs/ingestion_refill_replay", wait_until="networkidle")
-        page.get_by_role("button", name="Materialize all").click()
+        materialize_all = page.get_by_role("button", name="Materialize all")
+        # Clicked while it still loads the job's partitions, the button does nothing.
+        expect(materialize_all.get_by_role("progressbar")).to_have_count(0, timeout=60_000)
+        materialize_all.click()
         dialog = page.get_by_role("dialog")
         expect(dialog.get_by_text("Partition selection")).to_be_visible(timeout=60_000)
         dialog.get_by_text("Config", exact=True).click()
