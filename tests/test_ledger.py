@@ -67,6 +67,38 @@ def test_a_claim_records_intents_only_when_no_id_is_in_the_ledger(ledger):
     assert ledger.claim("p", "sqs:q", DAY, fresh, "run-1"), "each sink has its own ledger"
 
 
+def _updates(con) -> tuple[int, int]:
+    """The ledger table's row updates so far, and how many of them were HOT (no new index entry)."""
+    con.execute("SELECT pg_stat_force_next_flush()")  # this backend's counts, flushed now
+    con.execute("SELECT pg_stat_clear_snapshot()")
+    return con.execute(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'redrive_ledger'::regclass"
+    ).fetchone()
+
+
+def test_postgres_outcomes_update_the_intents_in_place(postgres_dsn):
+    """An outcome rewrites its intent's row: the table's pages keep room for it (`FILLFACTOR`), so
+    Postgres updates it in place (HOT), without a new index entry; a ledger created before gets
+    the setting when it is opened."""
+    from services import scratch_database
+
+    ids = [f"h{i}" for i in range(20_000)]
+    with scratch_database(postgres_dsn) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as con:  # a ledger as the first release created it
+            con.execute(PostgresLedger.DDL.replace(f" WITH ({PostgresLedger.FILLFACTOR})", ""))
+        with open_ledger(dsn, None) as ledger:
+            (options,) = ledger.con.execute(
+                "SELECT reloptions FROM pg_class WHERE oid = 'redrive_ledger'::regclass"
+            ).fetchone()
+            assert options == [PostgresLedger.FILLFACTOR]
+            before = _updates(ledger.con)
+            assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
+            ledger.record("p", "kafka:t", DAY, ids, "delivered", "run-1")
+            updated, hot = (a - b for a, b in zip(_updates(ledger.con), before))
+            assert updated == len(ids) and hot == updated, (updated, hot)
+            assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+
+
 def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgres_dsn, monkeypatch):
     monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", postgres_dsn)
     from replay_defs.definitions import build_definitions

@@ -246,11 +246,16 @@ class DuckDBLedger(_Lookups):
 class PostgresLedger(_Lookups):
     """psycopg serializes the use of one connection across threads, so one connection serves both."""
 
-    DDL = """CREATE TABLE IF NOT EXISTS redrive_ledger (
+    # Every row is written twice, its intent then its outcome. Pages filled to 45% leave room for the
+    # outcome's row version beside the intent's, so Postgres updates it in place (a HOT update: no
+    # new index entry), which halved an outcome's cost (1.1 s against 2.1 s per 200k ids). At 50%
+    # one outcome in twenty, a little longer than its intent, no longer fitted.
+    FILLFACTOR = "fillfactor=45"
+    DDL = f"""CREATE TABLE IF NOT EXISTS redrive_ledger (
         pipeline TEXT NOT NULL, sink TEXT NOT NULL, message_id TEXT NOT NULL, day TEXT NOT NULL,
         status TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT, run_id TEXT,
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-        PRIMARY KEY (pipeline, sink, message_id))"""
+        PRIMARY KEY (pipeline, sink, message_id)) WITH ({FILLFACTOR})"""
     INSERT = """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
                  sent_at, possible_duplicate)
                SELECT %(pipeline)s, %(sink)s, unnest(%(ids)s::text[]), %(day)s, %(status)s, 1, %(error)s, %(run_id)s,
@@ -272,6 +277,11 @@ class PostgresLedger(_Lookups):
             for column in ADDED_COLUMNS:  # ALTER takes an exclusive lock: only when a column is missing
                 if column.split()[0] not in have:
                     con.execute(f"ALTER TABLE redrive_ledger ADD COLUMN IF NOT EXISTS {column}")
+            (options,) = con.execute(
+                "SELECT reloptions FROM pg_class WHERE oid = 'redrive_ledger'::regclass"
+            ).fetchone()
+            if self.FILLFACTOR not in (options or []):  # a ledger created before: its new pages get the room
+                con.execute(f"ALTER TABLE redrive_ledger SET ({self.FILLFACTOR})")
 
     def _known(self, pipeline: str, sink: str, ids: list[str]) -> list[tuple]:
         # One primary-key probe per id, whatever the table's statistics say: a LATERAL ... LIMIT 1
