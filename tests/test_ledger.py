@@ -1,6 +1,7 @@
 """The redrive ledger on Postgres (real backends) and DuckDB (embedded default)."""
 
 import dataclasses
+import time
 
 import psycopg
 import pytest
@@ -91,12 +92,28 @@ def test_postgres_outcomes_update_the_intents_in_place(postgres_dsn):
                 "SELECT reloptions FROM pg_class WHERE oid = 'redrive_ledger'::regclass"
             ).fetchone()
             assert options == [PostgresLedger.FILLFACTOR]
-            before = _updates(ledger.con)
+            before = _updates(ledger._write)  # the connection outcomes are written on
             assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
             ledger.record("p", "kafka:t", DAY, ids, "delivered", "run-1")
-            updated, hot = (a - b for a, b in zip(_updates(ledger.con), before))
+            updated, hot = (a - b for a, b in zip(_updates(ledger._write), before))
             assert updated == len(ids) and hot == updated, (updated, hot)
             assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+
+
+def test_postgres_outcomes_are_written_while_a_lookup_runs(postgres_dsn):
+    """A redrive records outcomes on a thread while it looks the next batch up: on Postgres each has
+    its connection, so a write does not wait for the lookup (psycopg serializes a shared one)."""
+    import threading
+
+    ids = [f"w{i}" for i in range(1_000)]
+    with open_ledger(postgres_dsn, None) as ledger:
+        lookup = threading.Thread(target=lambda: ledger.con.execute("SELECT pg_sleep(5)"))
+        lookup.start()
+        time.sleep(0.5)  # the lookup's connection is busy
+        ledger.record("p", "kafka:w", DAY, ids, "delivered", "run-1")
+        assert lookup.is_alive(), "the write waited for the lookup's connection"
+        lookup.join()
+        assert ledger.delivered("p", "kafka:w", ids) == set(ids), "what one connection wrote, the other reads"
 
 
 def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgres_dsn, monkeypatch):
