@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import services
+import yaml
 
 from replay_defs.jsonl_files.demo import DemoConfig, generate
 
@@ -62,6 +63,11 @@ def demo_lake_template(tmp_path_factory) -> Path:
     return root
 
 
+# A test instance's dagster.yaml. No first-visit newsletter prompt: in the browser tests it can
+# cover the element a test clicks.
+INSTANCE_YAML = "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
+
+
 @pytest.fixture
 def env(tmp_path, demo_lake_template, monkeypatch):
     """A fresh copy of the demo lake plus store and outbox paths, exported as the env vars the
@@ -75,8 +81,7 @@ def env(tmp_path, demo_lake_template, monkeypatch):
         "home": tmp_path / "dagster_home",
     }
     paths["home"].mkdir()
-    # No first-visit newsletter prompt in the browser tests: it can cover the element a test clicks.
-    (paths["home"] / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    (paths["home"] / "dagster.yaml").write_text(INSTANCE_YAML)
     monkeypatch.setenv("EVENT_REPLAY_LAKE", str(lake))
     monkeypatch.setenv("EVENT_REPLAY_DUCKDB", str(paths["duckdb"]))
     monkeypatch.setenv("EVENT_REPLAY_OUTBOX", str(paths["outbox"]))
@@ -93,8 +98,8 @@ def defs(env):
 
 @pytest.fixture
 def instance(env):
-    # instance_for_test rewrites the home's dagster.yaml: keep the newsletter prompt off there too.
-    with dg.instance_for_test(temp_dir=str(env["home"]), overrides={"nux": {"enabled": False}}) as inst:
+    # instance_for_test rewrites the home's dagster.yaml: its settings go in as overrides.
+    with dg.instance_for_test(temp_dir=str(env["home"]), overrides=yaml.safe_load(INSTANCE_YAML)) as inst:
         yield inst
 
 

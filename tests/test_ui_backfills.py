@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from conftest import PROJECT_ROOT
+from conftest import INSTANCE_YAML, PROJECT_ROOT
 from services import Tansu, dagster_dev, graphql, scratch_database
 from ui_backfills import FINISHED, assert_checks_passed, launch, wait_backfill, wait_for
 
@@ -42,8 +42,7 @@ def ui(tmp_path_factory, demo_lake_template, redis_url, postgres_dsn):
     tmp = tmp_path_factory.mktemp("ui_backfills")
     home, lake = tmp / "home", tmp / "lake"
     home.mkdir()
-    # No first-visit newsletter prompt: it can cover the element the browser test clicks.
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
     shutil.copytree(demo_lake_template, lake)
     broker = Tansu().start()
     queue = f"ingestion-ui-{time.time_ns()}"

@@ -247,8 +247,7 @@ class PostgresLedger(_Lookups):
     """Lookups and claims on `con` (the caller's thread), `record` on `write`: a redrive records
     outcomes on a thread of its own (`LedgerWriter`) while it looks the next batch up, and psycopg
     serializes the use of one connection across threads, so with one connection each waited for
-    the other (a second one: Kafka redrive 83-91k -> 104-105k msg/s). Both are in autocommit, so
-    what one writes the other reads at once."""
+    the other. Both are in autocommit, so what one writes the other reads at once."""
 
     # Every row is written twice, its intent then its outcome. Pages filled to 45% leave room for the
     # outcome's row version beside the intent's, so Postgres updates it in place (a HOT update: no
@@ -265,8 +264,8 @@ class PostgresLedger(_Lookups):
                SELECT %(pipeline)s, %(sink)s, unnest(%(ids)s::text[]), %(day)s, %(status)s, 1, %(error)s, %(run_id)s,
                  CASE WHEN %(status)s = 'sending' THEN to_timestamp(%(now)s) END, %(dup)s"""
 
-    def __init__(self, con, write=None):
-        self.con, self._write = con, write or con
+    def __init__(self, con, write):
+        self.con, self._write = con, write
         with con.transaction():
             # Two runs creating the table at once would race on the catalog; the lock serializes them.
             con.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay.redrive_ledger'))")
