@@ -438,7 +438,9 @@ def test_billing_checks_catch_a_changed_table_a_tampered_file_a_shrink_and_a_los
         # 4. A ledger row of a delivered message lost after a re-run that sent nothing.
         assert _verify(spec, instance, DAY1)["deliveries_reconcile"][0]
         DuckDBStore(billing["lake"].parent / "state.duckdb").query(
-            "DELETE FROM redrive_ledger WHERE message_id = 'e04' AND pipeline = $p", {"p": NAME}
+            "DELETE FROM redrive_ids WHERE message_id = 'e04' "
+            "AND scope IN (SELECT scope FROM redrive_scopes WHERE pipeline = $p)",
+            {"p": NAME},
         )
         passed, description = _verify(spec, instance, DAY1)["deliveries_reconcile"]
         assert not passed and "not delivered according to the ledger" in description and "e04" in description

@@ -96,7 +96,9 @@ def test_a_day_over_the_success_and_transformation_thresholds_fails_its_checks_w
         # The ledger behind the run's back: one delivered row of DAY2 lost. The count from the
         # ledger no longer equals what the run recorded, and the rate drops under the threshold.
         DuckDBStore(billing["lake"].parent / "state.duckdb").query(
-            "DELETE FROM redrive_ledger WHERE message_id = 'e20' AND pipeline = $p", {"p": NAME}
+            "DELETE FROM redrive_ids WHERE message_id = 'e20' "
+            "AND scope IN (SELECT scope FROM redrive_scopes WHERE pipeline = $p)",
+            {"p": NAME},
         )
         passed, description = _verify(spec, instance, DAY2)[SUCCESS]
         assert not passed and "the files/ledger hold 2, the pipeline recorded 3" in description

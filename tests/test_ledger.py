@@ -7,7 +7,7 @@ import psycopg
 import pytest
 from conftest import check_verdicts, run_day
 
-from replay_defs.core.ledger import DuckDBLedger, PostgresLedger, open_ledger
+from replay_defs.core.ledger import COLUMNS, DuckDBLedger, PostgresLedger, open_ledger
 from replay_defs.pipeline.spec import RedriveSpec
 from replay_defs.pipeline.store import DuckDBStore
 from replay_defs.pipelines import TELEMETRY
@@ -66,6 +66,84 @@ def test_a_claim_records_intents_only_when_no_id_is_in_the_ledger(ledger):
     assert rows["c7"]["status"] == "sending" and rows["c7"]["attempts"] == 1 and rows["c7"]["run_id"] == "run-1"
     assert rows["c0"]["status"] == "delivered" and rows["c0"]["sent_at"] is not None
     assert ledger.claim("p", "sqs:q", DAY, fresh, "run-1"), "each sink has its own ledger"
+
+
+def test_an_outcome_that_settles_a_whole_intent_is_one_duckdb_row(tmp_path):
+    """DuckDB keeps a row per send: a chunk's intent and an outcome for all of it write one send
+    row, whatever the chunk's size; an outcome for part of it moves those ids to a send of their own."""
+    ids = [f"s{i}" for i in range(10_000)]
+    with open_ledger(None, DuckDBStore(tmp_path / "l.duckdb")) as ledger:
+        assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
+        ledger.record("p", "kafka:t", DAY, list(ids), "delivered", "run-1")  # an equal list, as the sinks give
+        sends = ledger.con.execute("SELECT status, attempts FROM redrive_sends").fetchall()
+        assert sends == [("delivered", 1)]
+        assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+
+        more = [f"m{i}" for i in range(100)]
+        ledger.record("p", "kafka:t", DAY, more, "sending", "run-1")
+        ledger.record("p", "kafka:t", DAY, more[:60], "delivered", "run-1")
+        ledger.record("p", "kafka:t", DAY, more[60:], "failed", "run-1", error="too large")
+        (n,) = ledger.con.execute("SELECT count(*) FROM redrive_sends").fetchone()
+        assert n == 4, "the intent of `more`, then a send for each part of its outcome"
+        rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
+        assert rows["m0"]["status"] == "delivered" and rows["m99"]["status"] == "failed"
+        assert rows["m99"]["last_error"] == "too large" and rows["m99"]["sent_at"] == rows["m0"]["sent_at"]
+
+
+def test_an_outcome_for_ids_of_an_intent_partly_settled_before_reaches_every_id(tmp_path):
+    """Once part of an intent's ids got an outcome of their own, a later outcome naming exactly the
+    intent's ids must reach all of them, not only those still under the intent's send row."""
+    ids = ["a", "b", "c"]
+    with open_ledger(None, DuckDBStore(tmp_path / "l.duckdb")) as ledger:
+        assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
+        ledger.record("p", "kafka:t", DAY, ["a"], "failed", "run-1", error="refused")
+        ledger.record("p", "kafka:t", DAY, list(ids), "delivered", "run-1")
+        assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+
+        retried = ["x", "y"]  # every message refused, then sent again: a second intent for the same ids
+        assert ledger.claim("p", "kafka:t", DAY, retried, "run-1")
+        ledger.record("p", "kafka:t", DAY, list(retried), "sending", "run-1")
+        ledger.record("p", "kafka:t", DAY, list(retried), "delivered", "run-1")
+        assert ledger.delivered("p", "kafka:t", retried) == set(retried)
+        assert {r["attempts"] for r in ledger.rows("p", "kafka:t", DAY) if r["message_id"] in retried} == {2}
+
+
+def test_a_duckdb_ledger_of_one_row_per_id_is_carried_over_when_opened(tmp_path):
+    """A store whose ledger was written before sends had rows of their own: opening it moves every
+    row over unchanged, and the ledger goes on from there."""
+    store = DuckDBStore(tmp_path / "l.duckdb")
+    old = [
+        ("p", "kafka:t", "o1", DAY, "delivered", 1, None, "run-0", 1_700_000_000.0),
+        ("p", "kafka:t", "o2", DAY, "unknown", 2, "timed out", "run-0", 1_700_000_001.0),
+        ("p", "sqs:q", "o1", "2025-11-24", "failed", 1, "refused", "run-9", None),
+    ]
+    with store.connect() as con:  # the table as releases before this one created it
+        con.execute(
+            "CREATE TABLE redrive_ledger (pipeline VARCHAR, sink VARCHAR, message_id VARCHAR, day VARCHAR, "
+            "status VARCHAR, attempts INTEGER, last_error VARCHAR, run_id VARCHAR, "
+            "updated_at TIMESTAMPTZ DEFAULT current_timestamp, PRIMARY KEY (pipeline, sink, message_id))"
+        )
+        con.execute("ALTER TABLE redrive_ledger ADD COLUMN sent_at TIMESTAMPTZ")
+        con.execute("ALTER TABLE redrive_ledger ADD COLUMN possible_duplicate BOOLEAN DEFAULT false")
+        for row in old:
+            con.execute(
+                "INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id, "
+                "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?))",
+                list(row),
+            )
+        before = con.execute("SELECT * FROM redrive_ledger ORDER BY sink, message_id").fetchall()
+    with open_ledger(None, store) as ledger:
+        after = ledger.con.execute(f"SELECT {COLUMNS} FROM redrive_ledger ORDER BY sink, message_id").fetchall()
+        assert after == before
+        assert ledger.delivered("p", "kafka:t", ["o1", "o2"]) == {"o1"}
+        assert set(ledger.in_doubt("p", "kafka:t", ["o1", "o2"])) == {"o2"}
+        ledger.record("p", "kafka:t", DAY, ["o2", "n1"], "sending", "run-1")
+        ledger.record("p", "kafka:t", DAY, ["o2", "n1"], "delivered", "run-1")
+        rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
+        assert rows["o2"]["attempts"] == 3 and rows["o2"]["status"] == "delivered" and rows["n1"]["attempts"] == 1
+        assert rows["o2"]["sent_at"].timestamp() == 1_700_000_001.0, "sent again while in doubt: the first time stays"
+    with open_ledger(None, store) as ledger:  # opened again: nothing to carry over, nothing lost
+        assert ledger.count("p", "kafka:t", DAY) == 3 and ledger.summary("p", "2025-11-24")["sqs:q"]["failed"] == 1
 
 
 def _updates(con) -> tuple[int, int]:

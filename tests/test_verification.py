@@ -522,7 +522,7 @@ def test_a_ledger_row_deleted_after_a_run_that_sent_nothing_fails_deliveries(ws)
     assert again.success
     assert ws.lake.read_json("telemetry/redrive", f"last/day={DAY}.json")["published"] == 0  # nothing new to send
     ws.store.query(
-        "DELETE FROM redrive_ledger WHERE message_id = (SELECT min(message_id) FROM redrive_ledger WHERE day = $d)",
+        "DELETE FROM redrive_ids WHERE message_id = (SELECT min(message_id) FROM redrive_ledger WHERE day = $d)",
         {"d": DAY},
     )
     code, verdicts = ws.verify(DAY, DAY)
@@ -534,12 +534,19 @@ def test_a_delivered_message_turned_in_doubt_behind_the_checks_back_fails_delive
     """A ledger row edited from delivered to `unknown` (what a crash mid-send leaves): the day is no
     longer wholly delivered, and the check says so; set back, it passes again."""
     assert ws.run(DAY, selection=[REDRIVE]).success
+    # One id moved to a copy of its send, in doubt (the ledger keeps a row per send and one per id).
     one = "(SELECT min(message_id) FROM redrive_ledger WHERE day = $d AND status = 'delivered')"
-    ws.store.query(f"UPDATE redrive_ledger SET status = 'unknown' WHERE message_id = {one}", {"d": DAY})
+    (moved,) = ws.store.query(
+        "INSERT INTO redrive_sends SELECT nextval('redrive_send_ids'), scope, day, 'unknown', attempts, last_error, "
+        f"run_id, updated_at, sent_at, possible_duplicate FROM redrive_sends WHERE send_id = "
+        f"(SELECT send_id FROM redrive_ids WHERE message_id = {one}) RETURNING send_id",
+        {"d": DAY},
+    )[0]
+    ws.store.query(f"UPDATE redrive_ids SET send_id = $s WHERE message_id = {one}", {"d": DAY, "s": moved})
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 1 and failing(verdicts) == {("deliveries_reconcile", DAY)}
     assert "not delivered according to the ledger" in verdicts[("deliveries_reconcile", DAY)][1]
-    ws.store.query("UPDATE redrive_ledger SET status = 'delivered' WHERE day = $d AND status = 'unknown'", {"d": DAY})
+    ws.store.query("UPDATE redrive_sends SET status = 'delivered' WHERE day = $d AND status = 'unknown'", {"d": DAY})
     code, verdicts = ws.verify(DAY, DAY)
     assert code == 0, verdicts
 
