@@ -1,6 +1,6 @@
 """The redrive idempotency ledger: which messages each pipeline's sink already has.
 
-One row per (pipeline, sink, message id) with the partition (day), status, attempts, last error,
+A row per (pipeline, sink, message id) with the partition (day), status, attempts, last error,
 the replay run id, when it was last sent and whether it may be a duplicate. Statuses:
 
 - `sending`: written before a chunk is handed to the sink (the intent), so a crash at any point
@@ -9,9 +9,11 @@ the replay run id, when it was last sent and whether it may be a duplicate. Stat
 - `unknown`: sent, but neither confirmed nor refused (a timeout, a connection lost after sending).
 
 A redrive skips ids recorded as delivered unless forced, and reconciles `sending` and `unknown`
-ones with the sink before sending them again. Two backends with the same table and behaviour:
+ones with the sink before sending them again. Two backends with the same rows (`redrive_ledger`)
+and behaviour:
 
-- `DuckDBLedger`: the embedded default, in the store's DuckDB file;
+- `DuckDBLedger`: the embedded default, in the store's DuckDB file, kept per send (`redrive_ledger`
+  is a view there);
 - `PostgresLedger`: for real backends (`EVENT_REPLAY_LEDGER_URL=postgresql://...`), so several
   run workers on several machines share it.
 
@@ -87,7 +89,7 @@ class Ledger(Protocol):
 # message's timestamp comes from, whatever the ledger server's clock says); an outcome keeps the
 # attempt's count and time.
 # A row still in doubt keeps its first attempt's time: the target may hold that first copy (and an
-# SQS FIFO queue's deduplication window runs from it).
+# SQS FIFO queue's deduplication window runs from it). Postgres's upsert; DuckDB's `MOVED` does the same.
 UPSERT = """status = excluded.status,
     attempts = redrive_ledger.attempts + CASE WHEN excluded.status = 'sending' THEN 1 ELSE 0 END,
     last_error = excluded.last_error, run_id = excluded.run_id, day = excluded.day, updated_at = now(),
@@ -98,13 +100,6 @@ STATUSES = (DELIVERED, FAILED, UNKNOWN, SENDING)
 SUMMARY = ", ".join(f"count(*) FILTER (WHERE status = '{s}')" for s in STATUSES) + (
     ", count(*) FILTER (WHERE possible_duplicate)"
 )
-
-
-# An outcome keeps the attempt's count and time (see UPSERT); in DuckDB it needs no insert when its
-# intent's row is there, which a plain UPDATE settles at a fraction of an upsert's cost. (Postgres
-# keeps the upsert: its UPDATE of `message_id = ANY(ids)` may scan the table once per id.)
-OUTCOME = """status = $status, last_error = $error, run_id = $run_id, day = $day, updated_at = now(),
-    possible_duplicate = possible_duplicate OR $dup"""
 
 
 def _record_params(pipeline, sink, day, status, run_id, error, possible_duplicate) -> dict:
@@ -167,22 +162,23 @@ class DuckDBLedger(_Lookups):
         "updated_at TIMESTAMPTZ DEFAULT current_timestamp, sent_at TIMESTAMPTZ, possible_duplicate BOOLEAN DEFAULT false)",
         "CREATE TABLE IF NOT EXISTS redrive_ids (scope INTEGER, message_id VARCHAR, send_id BIGINT NOT NULL, "
         "PRIMARY KEY (scope, message_id))",
-        f"""CREATE OR REPLACE VIEW redrive_ledger AS SELECT {
-            ", ".join(
-                "sc." + c if c in ("pipeline", "sink") else "i." + c if c == "message_id" else "s." + c
-                for c in COLUMNS.split(", ")
-            )
-        } FROM redrive_ids i JOIN redrive_sends s ON s.send_id = i.send_id JOIN redrive_scopes sc ON sc.scope = i.scope""",
     )
+    VIEW = """CREATE VIEW IF NOT EXISTS redrive_ledger AS SELECT sc.pipeline, sc.sink, i.message_id, s.day, s.status,
+        s.attempts, s.last_error, s.run_id, s.updated_at, s.sent_at, s.possible_duplicate
+        FROM redrive_ids i JOIN redrive_sends s ON s.send_id = i.send_id JOIN redrive_scopes sc ON sc.scope = i.scope"""
+    # The outcome of a whole intent, on its send row: it keeps the attempt's count and time (see UPSERT).
+    OUTCOME = """status = $status, last_error = $error, run_id = $run_id, day = $day, updated_at = now(),
+        possible_duplicate = possible_duplicate OR $dup"""
     SEND = """INSERT INTO redrive_sends (send_id, scope, day, status, attempts, last_error, run_id, sent_at,
                  possible_duplicate)
                VALUES (nextval('redrive_send_ids'), $scope, $day, $status, 1, $error, $run_id,
                  CASE WHEN $status = 'sending' THEN to_timestamp($now) END, $dup) RETURNING send_id"""
     # Each id's attempts, first send time and duplicate flag after this record (as UPSERT has them).
     MOVED = """CREATE OR REPLACE TEMP TABLE ledger_moved AS SELECT l.message_id,
-          CASE WHEN s.send_id IS NULL THEN 1 ELSE s.attempts + CASE WHEN $status = 'sending' THEN 1 ELSE 0 END END AS attempts,
-          CASE WHEN s.status IN ('sending', 'unknown') THEN coalesce(s.sent_at, to_timestamp($sent)) ELSE coalesce(to_timestamp($sent), s.sent_at) END
-            AS sent_at,
+          CASE WHEN s.send_id IS NULL THEN 1
+            ELSE s.attempts + CASE WHEN $status = 'sending' THEN 1 ELSE 0 END END AS attempts,
+          CASE WHEN s.status IN ('sending', 'unknown') THEN coalesce(s.sent_at, to_timestamp($sent))
+            ELSE coalesce(to_timestamp($sent), s.sent_at) END AS sent_at,
           coalesce(s.possible_duplicate, false) OR $dup AS possible_duplicate
         FROM (SELECT DISTINCT message_id FROM ledger_ids) l
         LEFT JOIN redrive_ids i ON i.scope = $scope AND i.message_id = l.message_id
@@ -196,10 +192,11 @@ class DuckDBLedger(_Lookups):
             "AND table_schema = current_schema() AND table_type = 'BASE TABLE'",
         )
         _run(con, "BEGIN TRANSACTION")
-        for ddl in self.SCHEMA if not old else self.SCHEMA[:-1]:
+        for ddl in self.SCHEMA:
             _run(con, ddl)
         if old:
             self._migrate()
+        _run(con, self.VIEW)
         _run(con, "CREATE SEQUENCE IF NOT EXISTS redrive_send_ids")
         _run(con, "COMMIT")
         # `record` may run on a writer thread while `delivered` runs on the caller's: a DuckDB
@@ -212,7 +209,7 @@ class DuckDBLedger(_Lookups):
 
     def _migrate(self) -> None:
         """A ledger written before with one row per id (the table `redrive_ledger`): its rows into
-        sends (one per set of equal attributes) and ids, then the table becomes the view."""
+        sends (one per set of equal attributes) and ids; the view takes the table's name."""
         con = self.con
         for column in ADDED_COLUMNS:
             _run(con, f"ALTER TABLE redrive_ledger ADD COLUMN IF NOT EXISTS {column}")
@@ -236,7 +233,6 @@ class DuckDBLedger(_Lookups):
         (last,) = con.execute("SELECT coalesce(max(send_id), 0) FROM ledger_old").fetchall()[0]
         _run(con, "DROP TABLE ledger_old")
         _run(con, "DROP TABLE redrive_ledger")
-        _run(con, self.SCHEMA[-1])
         _run(con, f"CREATE SEQUENCE redrive_send_ids START WITH {int(last) + 1}")
 
     def _scope(self, pipeline: str, sink: str, create: bool = True) -> int | None:
@@ -322,7 +318,7 @@ class DuckDBLedger(_Lookups):
                 return
         elif (send_id := self._whole_intent(scope, ids)) is not None:  # the outcome of a whole intent
             (updated,) = self._write.execute(
-                f"UPDATE redrive_sends SET {OUTCOME} WHERE send_id = $send", {**params, "send": send_id}
+                f"UPDATE redrive_sends SET {self.OUTCOME} WHERE send_id = $send", {**params, "send": send_id}
             ).fetchall()[0]
             if updated == 1:
                 return
