@@ -2,6 +2,7 @@
 
 import dataclasses
 import time
+from contextlib import ExitStack
 
 import psycopg
 import pytest
@@ -22,8 +23,8 @@ def ledger(request, tmp_path, postgres_dsn):
     url = postgres_dsn if request.param == "postgres" else None
     with open_ledger(url, DuckDBStore(tmp_path / "l.duckdb")) as led:
         assert isinstance(led, PostgresLedger if url else DuckDBLedger)
-        if url:
-            led.con.execute("DELETE FROM redrive_ledger")
+        if url:  # the machine's database: its ledger from earlier tests emptied
+            led.con.execute("TRUNCATE redrive_ids, redrive_sends, redrive_scopes")
         yield led
 
 
@@ -68,114 +69,99 @@ def test_a_claim_records_intents_only_when_no_id_is_in_the_ledger(ledger):
     assert ledger.claim("p", "sqs:q", DAY, fresh, "run-1"), "each sink has its own ledger"
 
 
-def test_an_outcome_that_settles_a_whole_intent_is_one_duckdb_row(tmp_path):
-    """DuckDB keeps a row per send: a chunk's intent and an outcome for all of it write one send
+def test_an_outcome_that_settles_a_whole_intent_is_one_row(ledger):
+    """The ledger keeps a row per send: a chunk's intent and an outcome for all of it write one send
     row, whatever the chunk's size; an outcome for part of it moves those ids to a send of their own."""
     ids = [f"s{i}" for i in range(10_000)]
-    with open_ledger(None, DuckDBStore(tmp_path / "l.duckdb")) as ledger:
-        assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
-        ledger.record("p", "kafka:t", DAY, list(ids), "delivered", "run-1")  # an equal list, as the sinks give
-        sends = ledger.con.execute("SELECT status, attempts FROM redrive_sends").fetchall()
-        assert sends == [("delivered", 1)]
-        assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+    assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
+    ledger.record("p", "kafka:t", DAY, list(ids), "delivered", "run-1")  # an equal list, as the sinks give
+    sends = ledger.con.execute("SELECT status, attempts FROM redrive_sends").fetchall()
+    assert sends == [("delivered", 1)]
+    assert ledger.delivered("p", "kafka:t", ids) == set(ids)
 
-        more = [f"m{i}" for i in range(100)]
-        ledger.record("p", "kafka:t", DAY, more, "sending", "run-1")
-        ledger.record("p", "kafka:t", DAY, more[:60], "delivered", "run-1")
-        ledger.record("p", "kafka:t", DAY, more[60:], "failed", "run-1", error="too large")
-        (n,) = ledger.con.execute("SELECT count(*) FROM redrive_sends").fetchone()
-        assert n == 4, "the intent of `more`, then a send for each part of its outcome"
-        rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
-        assert rows["m0"]["status"] == "delivered" and rows["m99"]["status"] == "failed"
-        assert rows["m99"]["last_error"] == "too large" and rows["m99"]["sent_at"] == rows["m0"]["sent_at"]
+    more = [f"m{i}" for i in range(100)]
+    ledger.record("p", "kafka:t", DAY, more, "sending", "run-1")
+    ledger.record("p", "kafka:t", DAY, more[:60], "delivered", "run-1")
+    ledger.record("p", "kafka:t", DAY, more[60:], "failed", "run-1", error="too large")
+    (n,) = ledger.con.execute("SELECT count(*) FROM redrive_sends").fetchone()
+    assert n == 4, "the intent of `more`, then a send for each part of its outcome"
+    rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
+    assert rows["m0"]["status"] == "delivered" and rows["m99"]["status"] == "failed"
+    assert rows["m99"]["last_error"] == "too large" and rows["m99"]["sent_at"] == rows["m0"]["sent_at"]
 
 
-def test_an_outcome_for_ids_of_an_intent_partly_settled_before_reaches_every_id(tmp_path):
+def test_an_outcome_for_ids_of_an_intent_partly_settled_before_reaches_every_id(ledger):
     """Once part of an intent's ids got an outcome of their own, a later outcome naming exactly the
     intent's ids must reach all of them, not only those still under the intent's send row."""
     ids = ["a", "b", "c"]
-    with open_ledger(None, DuckDBStore(tmp_path / "l.duckdb")) as ledger:
-        assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
-        ledger.record("p", "kafka:t", DAY, ["a"], "failed", "run-1", error="refused")
-        ledger.record("p", "kafka:t", DAY, list(ids), "delivered", "run-1")
-        assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+    assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
+    ledger.record("p", "kafka:t", DAY, ["a"], "failed", "run-1", error="refused")
+    ledger.record("p", "kafka:t", DAY, list(ids), "delivered", "run-1")
+    assert ledger.delivered("p", "kafka:t", ids) == set(ids)
 
-        retried = ["x", "y"]  # every message refused, then sent again: a second intent for the same ids
-        assert ledger.claim("p", "kafka:t", DAY, retried, "run-1")
-        ledger.record("p", "kafka:t", DAY, list(retried), "sending", "run-1")
-        ledger.record("p", "kafka:t", DAY, list(retried), "delivered", "run-1")
-        assert ledger.delivered("p", "kafka:t", retried) == set(retried)
-        assert {r["attempts"] for r in ledger.rows("p", "kafka:t", DAY) if r["message_id"] in retried} == {2}
+    retried = ["x", "y"]  # every message refused, then sent again: a second intent for the same ids
+    assert ledger.claim("p", "kafka:t", DAY, retried, "run-1")
+    ledger.record("p", "kafka:t", DAY, list(retried), "sending", "run-1")
+    ledger.record("p", "kafka:t", DAY, list(retried), "delivered", "run-1")
+    assert ledger.delivered("p", "kafka:t", retried) == set(retried)
+    assert {r["attempts"] for r in ledger.rows("p", "kafka:t", DAY) if r["message_id"] in retried} == {2}
 
 
-def test_a_duckdb_ledger_of_one_row_per_id_is_carried_over_when_opened(tmp_path):
-    """A store whose ledger was written before sends had rows of their own: opening it moves every
-    row over unchanged, and the ledger goes on from there."""
-    store = DuckDBStore(tmp_path / "l.duckdb")
-    old = [
-        ("p", "kafka:t", "o1", DAY, "delivered", 1, None, "run-0", 1_700_000_000.0),
-        ("p", "kafka:t", "o2", DAY, "unknown", 2, "timed out", "run-0", 1_700_000_001.0),
-        ("p", "sqs:q", "o1", "2025-11-24", "failed", 1, "refused", "run-9", None),
-    ]
-    with store.connect() as con:  # the table as releases before this one created it
+OLD_ROWS = [  # (pipeline, sink, message_id, day, status, attempts, last_error, run_id, sent_at)
+    ("p", "kafka:t", "o1", DAY, "delivered", 1, None, "run-0", 1_700_000_000.0),
+    ("p", "kafka:t", "o2", DAY, "unknown", 2, "timed out", "run-0", 1_700_000_001.0),
+    ("p", "sqs:q", "o1", "2025-11-24", "failed", 1, "refused", "run-9", None),
+]
+
+
+def _old_ledger(con, mark: str) -> list[tuple]:
+    """The table as releases before sends had rows created it, with OLD_ROWS; its rows."""
+    con.execute(
+        "CREATE TABLE redrive_ledger (pipeline TEXT NOT NULL, sink TEXT NOT NULL, message_id TEXT NOT NULL, "
+        "day TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT, run_id TEXT, "
+        "updated_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp, PRIMARY KEY (pipeline, sink, message_id))"
+    )
+    con.execute("ALTER TABLE redrive_ledger ADD COLUMN sent_at TIMESTAMPTZ")  # added by a later release
+    for row in OLD_ROWS:
         con.execute(
-            "CREATE TABLE redrive_ledger (pipeline VARCHAR, sink VARCHAR, message_id VARCHAR, day VARCHAR, "
-            "status VARCHAR, attempts INTEGER, last_error VARCHAR, run_id VARCHAR, "
-            "updated_at TIMESTAMPTZ DEFAULT current_timestamp, PRIMARY KEY (pipeline, sink, message_id))"
+            "INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id, "
+            f"sent_at) VALUES ({', '.join([mark] * 8)}, to_timestamp({mark}))",
+            list(row),
         )
-        con.execute("ALTER TABLE redrive_ledger ADD COLUMN sent_at TIMESTAMPTZ")
-        con.execute("ALTER TABLE redrive_ledger ADD COLUMN possible_duplicate BOOLEAN DEFAULT false")
-        for row in old:
-            con.execute(
-                "INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id, "
-                "sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?))",
-                list(row),
-            )
-        before = con.execute("SELECT * FROM redrive_ledger ORDER BY sink, message_id").fetchall()
-    with open_ledger(None, store) as ledger:
-        after = ledger.con.execute(f"SELECT {COLUMNS} FROM redrive_ledger ORDER BY sink, message_id").fetchall()
-        assert after == before
-        assert ledger.delivered("p", "kafka:t", ["o1", "o2"]) == {"o1"}
-        assert set(ledger.in_doubt("p", "kafka:t", ["o1", "o2"])) == {"o2"}
-        ledger.record("p", "kafka:t", DAY, ["o2", "n1"], "sending", "run-1")
-        ledger.record("p", "kafka:t", DAY, ["o2", "n1"], "delivered", "run-1")
-        rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
-        assert rows["o2"]["attempts"] == 3 and rows["o2"]["status"] == "delivered" and rows["n1"]["attempts"] == 1
-        assert rows["o2"]["sent_at"].timestamp() == 1_700_000_001.0, "sent again while in doubt: the first time stays"
-    with open_ledger(None, store) as ledger:  # opened again: nothing to carry over, nothing lost
-        assert ledger.count("p", "kafka:t", DAY) == 3 and ledger.summary("p", "2025-11-24")["sqs:q"]["failed"] == 1
+    return con.execute(f"SELECT {COLUMNS.replace(', possible_duplicate', '')} FROM redrive_ledger").fetchall()
 
 
-def _updates(con) -> tuple[int, int]:
-    """The ledger table's row updates so far, and how many of them were HOT (no new index entry)."""
-    con.execute("SELECT pg_stat_force_next_flush()")  # this backend's counts, flushed now
-    con.execute("SELECT pg_stat_clear_snapshot()")
-    return con.execute(
-        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'redrive_ledger'::regclass"
-    ).fetchone()
-
-
-def test_postgres_outcomes_update_the_intents_in_place(postgres_dsn):
-    """An outcome rewrites its intent's row: the table's pages keep room for it (`FILLFACTOR`), so
-    Postgres updates it in place (HOT), without a new index entry; a ledger created before gets
-    the setting when it is opened."""
+@pytest.mark.parametrize("backend", ["duckdb", "postgres"])
+def test_a_ledger_of_one_row_per_id_is_carried_over_when_opened(backend, tmp_path, postgres_dsn):
+    """A ledger written before sends had rows of their own: opening it moves every row over
+    unchanged (a column a later release added too), and the ledger goes on from there."""
     from services import scratch_database
 
-    ids = [f"h{i}" for i in range(20_000)]
-    with scratch_database(postgres_dsn) as dsn:
-        with psycopg.connect(dsn, autocommit=True) as con:  # a ledger as the first release created it
-            con.execute(PostgresLedger.DDL.replace(f" WITH ({PostgresLedger.FILLFACTOR})", ""))
-        with open_ledger(dsn, None) as ledger:
-            (options,) = ledger.con.execute(
-                "SELECT reloptions FROM pg_class WHERE oid = 'redrive_ledger'::regclass"
-            ).fetchone()
-            assert options == [PostgresLedger.FILLFACTOR]
-            before = _updates(ledger._write)  # the connection outcomes are written on
-            assert ledger.claim("p", "kafka:t", DAY, ids, "run-1")
-            ledger.record("p", "kafka:t", DAY, ids, "delivered", "run-1")
-            updated, hot = (a - b for a, b in zip(_updates(ledger._write), before))
-            assert updated == len(ids) and hot == updated, (updated, hot)
-            assert ledger.delivered("p", "kafka:t", ids) == set(ids)
+    with ExitStack() as stack:
+        if backend == "postgres":
+            url, store = stack.enter_context(scratch_database(postgres_dsn)), None
+            with psycopg.connect(url, autocommit=True) as con:
+                before = _old_ledger(con, "%s")
+        else:
+            url, store = None, DuckDBStore(tmp_path / "l.duckdb")
+            with store.connect() as con:
+                before = _old_ledger(con, "?")
+        with open_ledger(url, store) as ledger:
+            after = ledger.con.execute(f"SELECT {COLUMNS} FROM redrive_ledger").fetchall()
+            assert sorted(after) == sorted((*r, False) for r in before) and len(after) == 3
+            assert ledger.delivered("p", "kafka:t", ["o1", "o2"]) == {"o1"}
+            assert set(ledger.in_doubt("p", "kafka:t", ["o1", "o2"])) == {"o2"}
+            ledger.record("p", "kafka:t", DAY, ["o2", "n1"], "sending", "run-1")
+            ledger.record("p", "kafka:t", DAY, ["o2", "n1"], "delivered", "run-1")
+            ledger.record("p", "new:sink", DAY, ["n1"], "delivered", "run-1")  # a scope after the carried ones
+            rows = {r["message_id"]: r for r in ledger.rows("p", "kafka:t", DAY)}
+            assert rows["o2"]["attempts"] == 3 and rows["o2"]["status"] == "delivered" and rows["n1"]["attempts"] == 1
+            assert rows["o2"]["sent_at"].timestamp() == 1_700_000_001.0, (
+                "sent again while in doubt: the first time stays"
+            )
+        with open_ledger(url, store) as ledger:  # opened again: nothing to carry over, nothing lost
+            assert ledger.count("p", "kafka:t", DAY) == 3 and ledger.summary("p", "2025-11-24")["sqs:q"]["failed"] == 1
+            assert ledger.delivered("p", "new:sink", ["n1"]) == {"n1"}
 
 
 def test_postgres_outcomes_are_written_while_a_lookup_runs(postgres_dsn):

@@ -9,11 +9,25 @@ the replay run id, when it was last sent and whether it may be a duplicate. Stat
 - `unknown`: sent, but neither confirmed nor refused (a timeout, a connection lost after sending).
 
 A redrive skips ids recorded as delivered unless forced, and reconciles `sending` and `unknown`
-ones with the sink before sending them again. Two backends with the same rows (`redrive_ledger`)
-and behaviour:
+ones with the sink before sending them again.
 
-- `DuckDBLedger`: the embedded default, in the store's DuckDB file, kept per send (`redrive_ledger`
-  is a view there);
+The rows are kept per send: the ids of one chunk share all but their id (day, status, attempts,
+error, run, times), so a chunk's intent is one `redrive_sends` row holding all that and one narrow
+`redrive_ids` row per id (scope, message_id, send_id) under the primary key that refuses an id
+sent before; the outcome that settles the whole chunk updates the send's one row. Ids whose outcome
+differs from their chunk's (part refused, part in doubt), a second attempt, or ids this ledger holds
+no intent for move to sends of their own, keeping each id's attempts and first send time. A scope
+number (`redrive_scopes`) stands for each (pipeline, sink). `redrive_ledger` is a view with one row
+per id. A ledger written before with one table row per id is carried over when opened.
+
+Measured (200k ids in batches of 10k): DuckDB spends ~0.9 µs of CPU an id on an intent and next to
+nothing on its outcome, against 1.7 and 0.85 µs with one wide row per id (each column of a row costs
+it ~0.13 µs an id to write); Postgres 0.8 s for the intents and 0.01 s for the outcomes, against
+1.0 and 1.5 s.
+
+Two backends with the same tables and behaviour:
+
+- `DuckDBLedger`: the embedded default, in the store's DuckDB file;
 - `PostgresLedger`: for real backends (`EVENT_REPLAY_LEDGER_URL=postgresql://...`), so several
   run workers on several machines share it.
 
@@ -22,6 +36,7 @@ Ids travel as one Arrow column or array parameter per batch, never one statement
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -85,205 +100,162 @@ class Ledger(Protocol):
         """Every ledger row of the day, for inspection and tests."""
 
 
-# An attempt (`sending`) counts and stamps the row with this process's clock (the one a Kafka
-# message's timestamp comes from, whatever the ledger server's clock says); an outcome keeps the
-# attempt's count and time.
-# A row still in doubt keeps its first attempt's time: the target may hold that first copy (and an
-# SQS FIFO queue's deduplication window runs from it). Postgres's upsert; DuckDB's `MOVED` does the same.
-UPSERT = """status = excluded.status,
-    attempts = redrive_ledger.attempts + CASE WHEN excluded.status = 'sending' THEN 1 ELSE 0 END,
-    last_error = excluded.last_error, run_id = excluded.run_id, day = excluded.day, updated_at = now(),
-    sent_at = CASE WHEN redrive_ledger.status IN ('sending', 'unknown')
-      THEN coalesce(redrive_ledger.sent_at, excluded.sent_at) ELSE coalesce(excluded.sent_at, redrive_ledger.sent_at) END,
-    possible_duplicate = redrive_ledger.possible_duplicate OR excluded.possible_duplicate"""
 STATUSES = (DELIVERED, FAILED, UNKNOWN, SENDING)
 SUMMARY = ", ".join(f"count(*) FILTER (WHERE status = '{s}')" for s in STATUSES) + (
     ", count(*) FILTER (WHERE possible_duplicate)"
 )
 
-
-def _record_params(pipeline, sink, day, status, run_id, error, possible_duplicate) -> dict:
-    """The query parameters of a `record` (both backends name them alike)."""
-    return dict(
-        pipeline=pipeline, sink=sink, day=day, status=status, error=error, run_id=run_id, dup=possible_duplicate
-    )
+# The statements, in DuckDB's `$name` parameters (Postgres gets them as `%(name)s`); `{ids}` is
+# the batch's ids as a relation with one column, message_id.
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS redrive_scopes (scope INTEGER PRIMARY KEY, pipeline VARCHAR NOT NULL, "
+    "sink VARCHAR NOT NULL, UNIQUE (pipeline, sink))",
+    "CREATE TABLE IF NOT EXISTS redrive_sends (send_id BIGINT PRIMARY KEY, scope INTEGER NOT NULL, "
+    "day VARCHAR NOT NULL, status VARCHAR NOT NULL, attempts INTEGER NOT NULL, last_error VARCHAR, run_id VARCHAR, "
+    "updated_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp, sent_at TIMESTAMPTZ, "
+    "possible_duplicate BOOLEAN NOT NULL DEFAULT false)",
+    "CREATE TABLE IF NOT EXISTS redrive_ids (scope INTEGER NOT NULL, message_id VARCHAR NOT NULL, "
+    "send_id BIGINT NOT NULL, PRIMARY KEY (scope, message_id))",
+)
+VIEW = """CREATE VIEW redrive_ledger AS SELECT sc.pipeline, sc.sink, i.message_id, s.day, s.status, s.attempts,
+    s.last_error, s.run_id, s.updated_at, s.sent_at, s.possible_duplicate
+    FROM redrive_ids i JOIN redrive_sends s ON s.send_id = i.send_id JOIN redrive_scopes sc ON sc.scope = i.scope"""
+# A ledger of one table row per id (releases before sends had rows): a send per set of equal attributes.
+MIGRATION = (
+    "INSERT INTO redrive_scopes SELECT row_number() OVER (ORDER BY pipeline, sink), pipeline, sink "
+    "FROM (SELECT DISTINCT pipeline, sink FROM redrive_ledger) d",
+    "CREATE TEMP TABLE ledger_old AS SELECT l.*, sc.scope, dense_rank() OVER (ORDER BY sc.scope, l.day, l.status, "
+    "l.attempts, l.last_error, l.run_id, l.updated_at, l.sent_at, l.possible_duplicate) AS send_id "
+    "FROM redrive_ledger l JOIN redrive_scopes sc ON sc.pipeline = l.pipeline AND sc.sink = l.sink",
+    "INSERT INTO redrive_sends SELECT DISTINCT send_id, scope, day, status, attempts, last_error, run_id, "
+    "updated_at, sent_at, coalesce(possible_duplicate, false) FROM ledger_old",
+    "INSERT INTO redrive_ids SELECT scope, message_id, send_id FROM ledger_old",
+    "DROP TABLE ledger_old",
+    "DROP TABLE redrive_ledger",
+)
+SCOPE = "SELECT scope FROM redrive_scopes WHERE pipeline = $pipeline AND sink = $sink"
+NEW_SCOPE = """INSERT INTO redrive_scopes (scope, pipeline, sink) VALUES (nextval('redrive_scope_ids'), $pipeline, $sink)
+    ON CONFLICT (pipeline, sink) DO NOTHING"""
+# An attempt (`sending`) counts and stamps the send with this process's clock (the one a Kafka
+# message's timestamp comes from, whatever the ledger server's clock says).
+SEND = """INSERT INTO redrive_sends (send_id, scope, day, status, attempts, last_error, run_id, sent_at,
+      possible_duplicate)
+    VALUES (nextval('redrive_send_ids'), $scope, $day, $status, 1, $error, $run_id,
+      to_timestamp($sent), $dup) RETURNING send_id"""
+SEND_IDS = "INSERT INTO redrive_ids (scope, message_id, send_id) SELECT $scope, message_id, $send FROM {ids}"
+# An outcome keeps the attempt's count and time.
+OUTCOME = """UPDATE redrive_sends SET status = $status, last_error = $error, run_id = $run_id, day = $day,
+    updated_at = now(), possible_duplicate = possible_duplicate OR $dup WHERE send_id = $send"""
+# Ids moved to sends of their own: each one's attempts, first send time and duplicate flag after
+# this record. An attempt counts; an outcome keeps the count. A send still in doubt keeps its first
+# attempt's time: the target may hold that first copy (and an SQS FIFO queue's deduplication window
+# runs from it). Then one send per distinct (attempts, sent_at, possible_duplicate).
+MOVE = (
+    "CREATE TEMP TABLE ledger_moved (message_id VARCHAR, attempts INTEGER, sent_at TIMESTAMPTZ, "
+    "possible_duplicate BOOLEAN)",
+    """INSERT INTO ledger_moved SELECT l.message_id,
+      CASE WHEN s.send_id IS NULL THEN 1 ELSE s.attempts + CASE WHEN $attempt THEN 1 ELSE 0 END END,
+      CASE WHEN s.status IN ('sending', 'unknown') THEN coalesce(s.sent_at, to_timestamp($sent))
+        ELSE coalesce(to_timestamp($sent), s.sent_at) END,
+      coalesce(s.possible_duplicate, false) OR $dup
+    FROM (SELECT DISTINCT message_id FROM {ids}) l
+    LEFT JOIN redrive_ids i ON i.scope = $scope AND i.message_id = l.message_id
+    LEFT JOIN redrive_sends s ON s.send_id = i.send_id""",
+    "CREATE TEMP TABLE ledger_groups (send_id BIGINT, attempts INTEGER, sent_at TIMESTAMPTZ, possible_duplicate BOOLEAN)",
+    "INSERT INTO ledger_groups SELECT nextval('redrive_send_ids'), attempts, sent_at, possible_duplicate "
+    "FROM (SELECT DISTINCT attempts, sent_at, possible_duplicate FROM ledger_moved) d",
+    """INSERT INTO redrive_sends (send_id, scope, day, status, attempts, last_error, run_id, sent_at, possible_duplicate)
+    SELECT send_id, $scope, $day, $status, attempts, $error, $run_id, sent_at, possible_duplicate FROM ledger_groups""",
+    """INSERT INTO redrive_ids (scope, message_id, send_id) SELECT $scope, m.message_id, g.send_id
+    FROM ledger_moved m JOIN ledger_groups g ON m.attempts = g.attempts AND m.sent_at IS NOT DISTINCT FROM g.sent_at
+      AND m.possible_duplicate = g.possible_duplicate
+    ON CONFLICT (scope, message_id) DO UPDATE SET send_id = excluded.send_id""",
+    "DROP TABLE ledger_moved",
+    "DROP TABLE ledger_groups",
+)
 
 
 def _summary(rows) -> dict[str, dict[str, int]]:
     return {r[0]: dict(zip((*STATUSES, "possible_duplicates"), map(int, r[1:]))) for r in rows}
 
 
-class _Lookups:
-    """`delivered`, `in_doubt` and both at once, from a backend's `_known`: (id, status, first
-    sent, day) of each of `ids` that is delivered or in doubt."""
+class _SendLedger:
+    """What both backends share: the tables, `record` and `claim` on them, and the reads from the
+    view. A backend gives `_run` (a statement to its end), `_transaction`, `_ids` (a batch's ids
+    as the relation `{ids}` and its parameters) and `_known` (the lookup).
 
-    def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
-        return self.lookup(pipeline, sink, ids)[0]
+    Lookups and claims run on `con` (the caller's thread), `record` on `_write`: a redrive records
+    outcomes on a thread of its own (`LedgerWriter`) while it looks the next batch up."""
 
-    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, tuple[float, str]]:
-        return self.lookup(pipeline, sink, ids)[1]
+    UNIQUE_VIOLATION: type[Exception]
 
-    def lookup(self, pipeline: str, sink: str, ids: list[str]) -> tuple[set[str], dict[str, tuple[float, str]]]:
-        delivered, in_doubt = set(), {}
-        for message_id, status, sent, day in self._known(pipeline, sink, ids) if ids else ():
-            if status == DELIVERED:
-                delivered.add(message_id)
-            else:
-                in_doubt[message_id] = (sent, day)
-        return delivered, in_doubt
-
-
-def _run(con, sql: str, params: dict | None = None) -> list[tuple]:
-    """A DuckDB statement run to its end (a connection with an unfinished result refuses other work)."""
-    return con.execute(sql, params or {}).fetchall()
-
-
-class DuckDBLedger(_Lookups):
-    """The ledger in the store's DuckDB file, kept per send rather than per id.
-
-    The ids of one chunk share all but their id: day, status, attempts, error, run and times. So a
-    chunk's intent is one `redrive_sends` row holding all that, and one narrow `redrive_ids` row per
-    id (scope, message_id, send_id) under the primary key that refuses an id sent before; the
-    outcome that settles the whole chunk updates the send's one row. An outcome for part of a chunk
-    (some refused, some in doubt), a second attempt, or ids of no intent of this ledger's move their
-    ids to send rows of their own, keeping each id's attempts and first send time. A scope number
-    (`redrive_scopes`) stands for each (pipeline, sink). `redrive_ledger` is a view with one row per
-    id and the Postgres table's columns.
-
-    Measured (`bench/redrive_bench.py`'s day, batches of 10k): an intent costs ~0.9 µs of CPU an id
-    and its outcome next to nothing, against 1.7 and 0.85 µs with one wide row per id (each column
-    of a row costs DuckDB ~0.13 µs an id to write, the primary key's index ~0.6)."""
-
-    SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS redrive_scopes (scope INTEGER PRIMARY KEY, pipeline VARCHAR NOT NULL, "
-        "sink VARCHAR NOT NULL, UNIQUE (pipeline, sink))",
-        "CREATE TABLE IF NOT EXISTS redrive_sends (send_id BIGINT PRIMARY KEY, scope INTEGER NOT NULL, day VARCHAR, "
-        "status VARCHAR, attempts INTEGER, last_error VARCHAR, run_id VARCHAR, "
-        "updated_at TIMESTAMPTZ DEFAULT current_timestamp, sent_at TIMESTAMPTZ, possible_duplicate BOOLEAN DEFAULT false)",
-        "CREATE TABLE IF NOT EXISTS redrive_ids (scope INTEGER, message_id VARCHAR, send_id BIGINT NOT NULL, "
-        "PRIMARY KEY (scope, message_id))",
-    )
-    VIEW = """CREATE VIEW IF NOT EXISTS redrive_ledger AS SELECT sc.pipeline, sc.sink, i.message_id, s.day, s.status,
-        s.attempts, s.last_error, s.run_id, s.updated_at, s.sent_at, s.possible_duplicate
-        FROM redrive_ids i JOIN redrive_sends s ON s.send_id = i.send_id JOIN redrive_scopes sc ON sc.scope = i.scope"""
-    # The outcome of a whole intent, on its send row: it keeps the attempt's count and time (see UPSERT).
-    OUTCOME = """status = $status, last_error = $error, run_id = $run_id, day = $day, updated_at = now(),
-        possible_duplicate = possible_duplicate OR $dup"""
-    SEND = """INSERT INTO redrive_sends (send_id, scope, day, status, attempts, last_error, run_id, sent_at,
-                 possible_duplicate)
-               VALUES (nextval('redrive_send_ids'), $scope, $day, $status, 1, $error, $run_id,
-                 CASE WHEN $status = 'sending' THEN to_timestamp($now) END, $dup) RETURNING send_id"""
-    # Each id's attempts, first send time and duplicate flag after this record (as UPSERT has them).
-    MOVED = """CREATE OR REPLACE TEMP TABLE ledger_moved AS SELECT l.message_id,
-          CASE WHEN s.send_id IS NULL THEN 1
-            ELSE s.attempts + CASE WHEN $status = 'sending' THEN 1 ELSE 0 END END AS attempts,
-          CASE WHEN s.status IN ('sending', 'unknown') THEN coalesce(s.sent_at, to_timestamp($sent))
-            ELSE coalesce(to_timestamp($sent), s.sent_at) END AS sent_at,
-          coalesce(s.possible_duplicate, false) OR $dup AS possible_duplicate
-        FROM (SELECT DISTINCT message_id FROM ledger_ids) l
-        LEFT JOIN redrive_ids i ON i.scope = $scope AND i.message_id = l.message_id
-        LEFT JOIN redrive_sends s ON s.send_id = i.send_id"""
-
-    def __init__(self, con):
-        self.con = con
-        old = _run(
-            con,
-            "SELECT 1 FROM information_schema.tables WHERE table_name = 'redrive_ledger' "
-            "AND table_schema = current_schema() AND table_type = 'BASE TABLE'",
-        )
-        _run(con, "BEGIN TRANSACTION")
-        for ddl in self.SCHEMA:
-            _run(con, ddl)
-        if old:
-            self._migrate()
-        _run(con, self.VIEW)
-        _run(con, "CREATE SEQUENCE IF NOT EXISTS redrive_send_ids")
-        _run(con, "COMMIT")
-        # `record` may run on a writer thread while `delivered` runs on the caller's: a DuckDB
-        # connection is not shared between threads, so writes get a cursor (a connection) of their own.
-        self._write = con.cursor()
+    def __init__(self, con, write):
+        self.con, self._write = con, write
         self._scopes: dict[tuple[str, str], int] = {}
         # Intents written by this ledger and not yet settled: send_id -> (scope, ids).
         self._open: dict[int, tuple[int, list[str]]] = {}
         self._lock = threading.Lock()
 
-    def _migrate(self) -> None:
-        """A ledger written before with one row per id (the table `redrive_ledger`): its rows into
-        sends (one per set of equal attributes) and ids; the view takes the table's name."""
-        con = self.con
-        for column in ADDED_COLUMNS:
-            _run(con, f"ALTER TABLE redrive_ledger ADD COLUMN IF NOT EXISTS {column}")
-        _run(
+    def _create(self, con) -> None:
+        """The tables, and the view; a ledger of one row per id carried over (in the caller's transaction)."""
+        kind = self._run(
             con,
-            "INSERT INTO redrive_scopes SELECT row_number() OVER (ORDER BY pipeline, sink), pipeline, sink "
-            "FROM (SELECT DISTINCT pipeline, sink FROM redrive_ledger)",
+            "SELECT table_type FROM information_schema.tables WHERE table_name = 'redrive_ledger' "
+            "AND table_schema = current_schema()",
         )
-        _run(
-            con,
-            "CREATE TEMP TABLE ledger_old AS SELECT l.*, sc.scope, dense_rank() OVER (ORDER BY sc.scope, day, status, "
-            "attempts, last_error, run_id, updated_at, sent_at, possible_duplicate) AS send_id "
-            "FROM redrive_ledger l JOIN redrive_scopes sc USING (pipeline, sink)",
-        )
-        _run(
-            con,
-            "INSERT INTO redrive_sends SELECT DISTINCT send_id, scope, day, status, attempts, last_error, run_id, "
-            "updated_at, sent_at, possible_duplicate FROM ledger_old",
-        )
-        _run(con, "INSERT INTO redrive_ids SELECT scope, message_id, send_id FROM ledger_old")
-        (last,) = con.execute("SELECT coalesce(max(send_id), 0) FROM ledger_old").fetchall()[0]
-        _run(con, "DROP TABLE ledger_old")
-        _run(con, "DROP TABLE redrive_ledger")
-        _run(con, f"CREATE SEQUENCE redrive_send_ids START WITH {int(last) + 1}")
+        for ddl in TABLES:
+            self._run(con, ddl)
+        if kind and kind[0][0] == "BASE TABLE":
+            have = {
+                r[0]
+                for r in self._run(
+                    con,
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'redrive_ledger' "
+                    "AND table_schema = current_schema()",
+                )
+            }
+            for column in ADDED_COLUMNS:
+                if column.split()[0] not in have:
+                    self._run(con, f"ALTER TABLE redrive_ledger ADD COLUMN {column}")
+            for statement in MIGRATION:
+                self._run(con, statement)
+            for sequence, table, column in (
+                ("redrive_scope_ids", "redrive_scopes", "scope"),
+                ("redrive_send_ids", "redrive_sends", "send_id"),
+            ):
+                (last,) = self._run(con, f"SELECT coalesce(max({column}), 0) FROM {table}")[0]
+                self._run(con, f"CREATE SEQUENCE {sequence} START WITH {int(last) + 1}")
+        for sequence in ("redrive_scope_ids", "redrive_send_ids"):
+            self._run(con, f"CREATE SEQUENCE IF NOT EXISTS {sequence}")
+        if not kind or kind[0][0] != "VIEW":
+            self._run(con, VIEW)
 
-    def _scope(self, pipeline: str, sink: str, create: bool = True) -> int | None:
-        key = (pipeline, sink)
-        with self._lock:  # the two connections of this ledger may both ask first
+    def _scope(self, con, pipeline: str, sink: str, create: bool = True) -> int | None:
+        """The scope number of (pipeline, sink), made on first use when `create`."""
+        key, params = (pipeline, sink), {"pipeline": pipeline, "sink": sink}
+        with self._lock:  # the ledger's two connections may both ask first
             if key not in self._scopes:
-                con, params = self._write, {"pipeline": pipeline, "sink": sink}
-                find = "SELECT scope FROM redrive_scopes WHERE pipeline = $pipeline AND sink = $sink"
-                found = _run(con, find, params)
+                found = self._run(con, SCOPE, params)
                 if not found and not create:
                     return None
                 if not found:
-                    insert = "INSERT INTO redrive_scopes SELECT coalesce(max(scope), 0) + 1, $pipeline, $sink FROM redrive_scopes"
-                    _run(con, insert, params)
-                    found = _run(con, find, params)
+                    self._run(con, NEW_SCOPE, params)
+                    found = self._run(con, SCOPE, params)
                 self._scopes[key] = found[0][0]
             return self._scopes[key]
 
-    def _known(self, pipeline: str, sink: str, ids: list[str]) -> list[tuple]:
-        scope = self._scope(pipeline, sink, create=False)
-        if scope is None:
-            return []
-        self.con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
-        rows = self.con.execute(
-            "SELECT i.message_id, s.status, epoch(coalesce(s.sent_at, s.updated_at)), s.day FROM ledger_ids l "
-            "JOIN redrive_ids i ON i.scope = $scope AND i.message_id = l.message_id "
-            "JOIN redrive_sends s ON s.send_id = i.send_id WHERE s.status IN ('delivered', 'sending', 'unknown')",
-            {"scope": scope},
-        ).fetchall()
-        self.con.unregister("ledger_ids")
-        return rows
-
-    def _send(self, con, scope: int, ids: list[str], params: dict) -> bool:
-        """A new send row for `ids`, none of which is in the ledger, in one transaction; False
+    def _send(self, con, scope: int, day: str, ids: list[str], status: str, run_id: str, error, dup) -> bool:
+        """A new send for `ids`, none of which is in the ledger, in one transaction; False
         (nothing written) when one is."""
-        con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
-        _run(con, "BEGIN TRANSACTION")
+        sent = time.time() if status == SENDING else None
+        params = dict(scope=scope, day=day, status=status, error=error, run_id=run_id, dup=dup, sent=sent)
         try:
-            (send_id,) = con.execute(self.SEND, {**params, "scope": scope, "now": time.time()}).fetchall()[0]
-            _run(
-                con,
-                "INSERT INTO redrive_ids SELECT $scope, message_id, $send FROM ledger_ids",
-                {"scope": scope, "send": send_id},
-            )
-            _run(con, "COMMIT")
-        except duckdb.ConstraintException:  # some were sent before: nothing was inserted
-            _run(con, "ROLLBACK")
+            with self._ids(con, ids) as (relation, id_params), self._transaction(con):
+                (send_id,) = self._run(con, SEND, params)[0]
+                self._run(con, SEND_IDS.format(ids=relation), {**id_params, "scope": scope, "send": send_id})
+        except self.UNIQUE_VIOLATION:  # some were sent before: nothing was written
             return False
-        finally:
-            con.unregister("ledger_ids")
-        if params["status"] == SENDING:
+        if status == SENDING:
             with self._lock:
                 self._open[send_id] = (scope, ids)
         return True
@@ -310,197 +282,174 @@ class DuckDBLedger(_Lookups):
     ) -> None:
         if not ids:
             return
-        scope = self._scope(pipeline, sink)
-        params = _record_params(pipeline, sink, day, status, run_id, error, possible_duplicate)
-        del params["pipeline"], params["sink"]
+        con, scope = self._write, self._scope(self._write, pipeline, sink)
         if status == SENDING:  # ids never sent (the usual intent): a send of their own
-            if self._send(self._write, scope, ids, params):
+            if self._send(con, scope, day, ids, status, run_id, error, possible_duplicate):
                 return
         elif (send_id := self._whole_intent(scope, ids)) is not None:  # the outcome of a whole intent
-            (updated,) = self._write.execute(
-                f"UPDATE redrive_sends SET {self.OUTCOME} WHERE send_id = $send", {**params, "send": send_id}
-            ).fetchall()[0]
-            if updated == 1:
+            params = dict(status=status, error=error, run_id=run_id, day=day, dup=possible_duplicate, send=send_id)
+            if self._run(con, OUTCOME + " RETURNING send_id", params):
                 return
-        self._move(scope, ids, params)
+        self._move(scope, day, ids, status, run_id, error, possible_duplicate)
 
-    def _move(self, scope: int, ids: list[str], params: dict) -> None:
-        """Records `ids` (any of them in the ledger or not) under new sends, one per distinct
-        (attempts, first send time, duplicate flag) after this record. An open intent sharing an
-        id with them is forgotten: its send row no longer holds all its ids."""
+    def _move(self, scope: int, day: str, ids: list[str], status: str, run_id: str, error, dup) -> None:
+        """Records `ids` (in the ledger or not) under new sends (`MOVE`). An open intent sharing
+        an id with them is forgotten: its send no longer holds all its ids."""
         with self._lock:
             if self._open:
                 these = set(ids)
                 for send_id in [k for k, (_, sent) in self._open.items() if not these.isdisjoint(sent)]:
                     del self._open[send_id]
         con = self._write
-        con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
-        sent = time.time() if params["status"] == SENDING else None
-        _run(con, "BEGIN TRANSACTION")
-        try:
-            _run(con, self.MOVED, {"scope": scope, "status": params["status"], "sent": sent, "dup": params["dup"]})
-            _run(
-                con,
-                "CREATE OR REPLACE TEMP TABLE ledger_groups AS SELECT nextval('redrive_send_ids') AS send_id, * "
-                "FROM (SELECT DISTINCT attempts, sent_at, possible_duplicate FROM ledger_moved)",
-            )
-            _run(
-                con,
-                "INSERT INTO redrive_sends (send_id, scope, day, status, attempts, last_error, run_id, sent_at, "
-                "possible_duplicate) SELECT send_id, $scope, $day, $status, attempts, $error, $run_id, sent_at, "
-                "possible_duplicate FROM ledger_groups",
-                {k: params[k] for k in ("day", "status", "error", "run_id")} | {"scope": scope},
-            )
-            _run(
-                con,
-                "INSERT INTO redrive_ids SELECT $scope, m.message_id, g.send_id FROM ledger_moved m JOIN ledger_groups g "
-                "ON m.attempts = g.attempts AND m.sent_at IS NOT DISTINCT FROM g.sent_at "
-                "AND m.possible_duplicate = g.possible_duplicate "
-                "ON CONFLICT (scope, message_id) DO UPDATE SET send_id = excluded.send_id",
-                {"scope": scope},
-            )
-            _run(con, "COMMIT")
-        except BaseException:
-            _run(con, "ROLLBACK")
-            raise
-        finally:
-            con.unregister("ledger_ids")
+        params = dict(
+            scope=scope,
+            day=day,
+            status=status,
+            error=error,
+            run_id=run_id,
+            dup=dup,
+            sent=time.time() if status == SENDING else None,
+            attempt=status == SENDING,
+        )
+        with self._ids(con, ids) as (relation, id_params), self._transaction(con):
+            for statement in MOVE:
+                self._run(con, statement.format(ids=relation), {**params, **id_params})
 
     def claim(self, pipeline: str, sink: str, day: str, ids: list[str], run_id: str) -> bool:
         # On the lookups' connection (the caller's thread); the primary key refuses the whole
         # insert when any id is there.
-        params = _record_params(pipeline, sink, day, SENDING, run_id, None, False)
-        del params["pipeline"], params["sink"]
-        return self._send(self.con, self._scope(pipeline, sink), ids, params)
+        return self._send(self.con, self._scope(self.con, pipeline, sink), day, ids, SENDING, run_id, None, False)
+
+    def delivered(self, pipeline: str, sink: str, ids: list[str]) -> set[str]:
+        return self.lookup(pipeline, sink, ids)[0]
+
+    def in_doubt(self, pipeline: str, sink: str, ids: list[str]) -> dict[str, tuple[float, str]]:
+        return self.lookup(pipeline, sink, ids)[1]
+
+    def lookup(self, pipeline: str, sink: str, ids: list[str]) -> tuple[set[str], dict[str, tuple[float, str]]]:
+        delivered, in_doubt = set(), {}
+        scope = self._scope(self.con, pipeline, sink, create=False) if ids else None
+        for message_id, status, sent, day in self._known(scope, ids) if scope is not None else ():
+            if status == DELIVERED:
+                delivered.add(message_id)
+            else:
+                in_doubt[message_id] = (sent, day)
+        return delivered, in_doubt
 
     def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
-        rows = self.con.execute(
+        rows = self._run(
+            self.con,
             f"SELECT sink, {SUMMARY} FROM redrive_ledger WHERE pipeline = $pipeline AND day = $day GROUP BY sink",
             {"pipeline": pipeline, "day": day},
-        ).fetchall()
+        )
         return _summary(rows)
 
     def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
-        return self.con.execute(
+        return self._run(
+            self.con,
             "SELECT count(*) FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day "
-            "AND status = 'delivered' AND ($run_id IS NULL OR run_id = $run_id)",
+            "AND status = 'delivered' AND (CAST($run_id AS VARCHAR) IS NULL OR run_id = $run_id)",
             {"pipeline": pipeline, "sink": sink, "day": day, "run_id": run_id},
-        ).fetchall()[0][0]  # fetchall: DuckDB refuses the next statement while a result is unfinished
+        )[0][0]
 
     def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
-        cur = self.con.execute(
-            f"SELECT {COLUMNS} FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day ORDER BY message_id",
+        rows = self._run(
+            self.con,
+            f"SELECT {COLUMNS} FROM redrive_ledger WHERE pipeline = $pipeline AND sink = $sink AND day = $day "
+            "ORDER BY message_id",
             {"pipeline": pipeline, "sink": sink, "day": day},
         )
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        return [dict(zip(COLUMNS.split(", "), r)) for r in rows]
 
 
-class PostgresLedger(_Lookups):
-    """Lookups and claims on `con` (the caller's thread), `record` on `write`: a redrive records
-    outcomes on a thread of its own (`LedgerWriter`) while it looks the next batch up, and psycopg
-    serializes the use of one connection across threads, so with one connection each waited for
-    the other. Both are in autocommit, so what one writes the other reads at once."""
+class DuckDBLedger(_SendLedger):
+    """The ledger in the store's DuckDB file. A DuckDB connection is not shared between threads,
+    so writes get a cursor (a connection) of their own."""
 
-    # Every row is written twice, its intent then its outcome. Pages filled to 45% leave room for the
-    # outcome's row version beside the intent's, so Postgres updates it in place (a HOT update: no
-    # new index entry), which halved an outcome's cost (1.1 s against 2.1 s per 200k ids). At 50%
-    # one outcome in twenty, a little longer than its intent, no longer fitted.
-    FILLFACTOR = "fillfactor=45"
-    DDL = f"""CREATE TABLE IF NOT EXISTS redrive_ledger (
-        pipeline TEXT NOT NULL, sink TEXT NOT NULL, message_id TEXT NOT NULL, day TEXT NOT NULL,
-        status TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT, run_id TEXT,
-        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-        PRIMARY KEY (pipeline, sink, message_id)) WITH ({FILLFACTOR})"""
-    INSERT = """INSERT INTO redrive_ledger (pipeline, sink, message_id, day, status, attempts, last_error, run_id,
-                 sent_at, possible_duplicate)
-               SELECT %(pipeline)s, %(sink)s, unnest(%(ids)s::text[]), %(day)s, %(status)s, 1, %(error)s, %(run_id)s,
-                 CASE WHEN %(status)s = 'sending' THEN to_timestamp(%(now)s) END, %(dup)s"""
+    UNIQUE_VIOLATION = duckdb.ConstraintException
+
+    def __init__(self, con):
+        super().__init__(con, con.cursor())
+        with self._transaction(con):
+            self._create(con)
+
+    @staticmethod
+    def _run(con, sql: str, params: dict | None = None) -> list[tuple]:
+        # DuckDB refuses parameters a statement does not name; fetched to the end, as a connection
+        # with an unfinished result refuses other work.
+        names = set(re.findall(r"\$(\w+)", sql))
+        return con.execute(sql, {k: v for k, v in (params or {}).items() if k in names}).fetchall()
+
+    @contextmanager
+    def _transaction(self, con):
+        self._run(con, "BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self._run(con, "ROLLBACK")
+            raise
+        self._run(con, "COMMIT")
+
+    @contextmanager
+    def _ids(self, con, ids: list[str]):
+        con.register("ledger_ids", pa.table({"message_id": pa.array(ids, pa.string())}))
+        try:
+            yield "ledger_ids", {}
+        finally:
+            con.unregister("ledger_ids")
+
+    def _known(self, scope: int, ids: list[str]) -> list[tuple]:
+        with self._ids(self.con, ids):
+            return self._run(
+                self.con,
+                "SELECT i.message_id, s.status, epoch(coalesce(s.sent_at, s.updated_at)), s.day FROM ledger_ids l "
+                "JOIN redrive_ids i ON i.scope = $scope AND i.message_id = l.message_id "
+                "JOIN redrive_sends s ON s.send_id = i.send_id WHERE s.status IN ('delivered', 'sending', 'unknown')",
+                {"scope": scope},
+            )
+
+
+class PostgresLedger(_SendLedger):
+    """The ledger in PostgreSQL, shared by every run worker. Two connections, both in autocommit
+    (what one writes the other reads at once): psycopg serializes one connection's use across
+    threads, so with one the outcome writes and the next batch's lookup waited for each other."""
 
     def __init__(self, con, write):
-        self.con, self._write = con, write
-        with con.transaction():
-            # Two runs creating the table at once would race on the catalog; the lock serializes them.
-            con.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay.redrive_ledger'))")
-            con.execute(self.DDL)
-            have = {
-                r[0]
-                for r in con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'redrive_ledger' "
-                    "AND table_schema = current_schema()"
-                ).fetchall()
-            }
-            for column in ADDED_COLUMNS:  # ALTER takes an exclusive lock: only when a column is missing
-                if column.split()[0] not in have:
-                    con.execute(f"ALTER TABLE redrive_ledger ADD COLUMN IF NOT EXISTS {column}")
-            (options,) = con.execute(
-                "SELECT reloptions FROM pg_class WHERE oid = 'redrive_ledger'::regclass"
-            ).fetchone()
-            if self.FILLFACTOR not in (options or []):  # a ledger created before: its new pages get the room
-                con.execute(f"ALTER TABLE redrive_ledger SET ({self.FILLFACTOR})")
-
-    def _known(self, pipeline: str, sink: str, ids: list[str]) -> list[tuple]:
-        # One primary-key probe per id, whatever the table's statistics say: a LATERAL ... LIMIT 1
-        # cannot be turned into a hash join over every row of the sink (what a fresh, unanalyzed
-        # ledger otherwise gets, making each batch slower than the last).
-        return self.con.execute(
-            "SELECT l.message_id, l.status, l.sent, l.day FROM unnest(%s::text[]) AS i(message_id), LATERAL ("
-            "  SELECT message_id, status, extract(epoch FROM coalesce(sent_at, updated_at))::float8 AS sent, day"
-            "  FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND message_id = i.message_id"
-            "  AND status IN ('delivered', 'sending', 'unknown') LIMIT 1) AS l",
-            (ids, pipeline, sink),
-        ).fetchall()
-
-    def record(
-        self,
-        pipeline: str,
-        sink: str,
-        day: str,
-        ids: list[str],
-        status: str,
-        run_id: str,
-        error: str | None = None,
-        possible_duplicate: bool = False,
-    ) -> None:
-        if not ids:
-            return
-        params = {**_record_params(pipeline, sink, day, status, run_id, error, possible_duplicate), "ids": ids}
-        self._write.execute(
-            f"{self.INSERT} ON CONFLICT (pipeline, sink, message_id) DO UPDATE SET {UPSERT}",
-            {**params, "now": time.time()},
-        )
-
-    def claim(self, pipeline: str, sink: str, day: str, ids: list[str], run_id: str) -> bool:
         import psycopg
 
-        params = {**_record_params(pipeline, sink, day, SENDING, run_id, None, False), "ids": ids}
-        try:  # one statement (autocommit): the primary key refuses the whole insert when any id is there
-            self.con.execute(self.INSERT, {**params, "now": time.time()})
-            return True
-        except psycopg.errors.UniqueViolation:
-            return False
+        self.UNIQUE_VIOLATION = psycopg.errors.UniqueViolation
+        super().__init__(con, write)
+        with con.transaction():
+            # Two runs creating the tables at once would race on the catalog; the lock serializes them.
+            con.execute("SELECT pg_advisory_xact_lock(hashtext('event_replay.redrive_ledger'))")
+            self._create(con)
 
-    def summary(self, pipeline: str, day: str) -> dict[str, dict[str, int]]:
-        rows = self.con.execute(
-            f"SELECT sink, {SUMMARY} FROM redrive_ledger WHERE pipeline = %s AND day = %s GROUP BY sink",
-            (pipeline, day),
-        ).fetchall()
-        return _summary(rows)
+    @staticmethod
+    def _run(con, sql: str, params: dict | None = None) -> list[tuple]:
+        cur = con.execute(re.sub(r"\$(\w+)", r"%(\1)s", sql), params or None)
+        return cur.fetchall() if cur.description else []
 
-    def count(self, pipeline: str, sink: str, day: str, run_id: str | None = None) -> int:
-        return self.con.execute(
-            "SELECT count(*) FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND day = %s "
-            "AND status = 'delivered' AND (%s::text IS NULL OR run_id = %s)",
-            (pipeline, sink, day, run_id, run_id),
-        ).fetchone()[0]
+    @contextmanager
+    def _transaction(self, con):
+        with con.transaction():
+            yield
 
-    def rows(self, pipeline: str, sink: str, day: str) -> list[dict]:
-        cur = self.con.execute(
-            f"SELECT {COLUMNS} FROM redrive_ledger WHERE pipeline = %s AND sink = %s AND day = %s ORDER BY message_id",
-            (pipeline, sink, day),
+    @contextmanager
+    def _ids(self, con, ids: list[str]):
+        yield "unnest($ids::text[]) AS ledger_ids(message_id)", {"ids": ids}
+
+    def _known(self, scope: int, ids: list[str]) -> list[tuple]:
+        # One primary-key probe per id, whatever the tables' statistics say: a LATERAL ... LIMIT 1
+        # cannot be turned into a hash join over every id of the scope (what a fresh, unanalyzed
+        # ledger otherwise gets, making each batch slower than the last).
+        return self._run(
+            self.con,
+            "SELECT i.message_id, s.status, extract(epoch FROM coalesce(s.sent_at, s.updated_at))::float8, s.day "
+            "FROM unnest($ids::text[]) AS l(message_id) CROSS JOIN LATERAL ("
+            "  SELECT message_id, send_id FROM redrive_ids WHERE scope = $scope AND message_id = l.message_id LIMIT 1"
+            ") AS i JOIN redrive_sends s ON s.send_id = i.send_id WHERE s.status IN ('delivered', 'sending', 'unknown')",
+            {"ids": ids, "scope": scope},
         )
-        names = [d.name for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
 @contextmanager
