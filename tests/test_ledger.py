@@ -180,6 +180,37 @@ def test_postgres_outcomes_are_written_while_a_lookup_runs(postgres_dsn):
         assert ledger.delivered("p", "kafka:w", ids) == set(ids), "what one connection wrote, the other reads"
 
 
+def test_two_workers_claiming_the_same_ids_on_postgres_one_wins(postgres_dsn):
+    """Run workers on several machines share the Postgres ledger: two claiming the same ids of a
+    pipeline and sink neither of them has used yet (both creating its scope) at the same moment get
+    one scope, exactly one of them the claim, and every id once."""
+    import threading
+
+    from services import scratch_database
+
+    ids = [f"c{i}" for i in range(20_000)]
+    with scratch_database(postgres_dsn) as dsn, ExitStack() as stack:
+        workers = [stack.enter_context(open_ledger(dsn, None)) for _ in range(2)]
+        start, claimed = threading.Barrier(2), []
+
+        def work(ledger, run_id):
+            start.wait()
+            claimed.append((run_id, ledger.claim("p", "kafka:shared", DAY, ids, run_id)))
+
+        threads = [threading.Thread(target=work, args=(w, f"run-{i}")) for i, w in enumerate(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(ok for _, ok in claimed) == [False, True], claimed
+        (winner,) = [run for run, ok in claimed if ok]
+        rows = workers[0].rows("p", "kafka:shared", DAY)
+        assert len(rows) == len(ids) and {r["run_id"] for r in rows} == {winner}
+        assert workers[0]._scopes == workers[1]._scopes, "one scope for the pipeline and sink"
+        loser = workers[1 - int(winner[-1])]
+        assert set(loser.in_doubt("p", "kafka:shared", ids)) == set(ids), "the loser sees the winner's intents"
+
+
 def test_pipeline_uses_the_postgres_ledger_when_configured(env, instance, postgres_dsn, monkeypatch):
     monkeypatch.setenv("EVENT_REPLAY_LEDGER_URL", postgres_dsn)
     from replay_defs.definitions import build_definitions
