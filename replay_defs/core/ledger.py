@@ -54,8 +54,7 @@ COLUMNS = (
     "pipeline, sink, message_id, day, status, attempts, last_error, run_id, updated_at, sent_at, possible_duplicate"
 )
 DELIVERED, FAILED, SENDING, UNKNOWN = "delivered", "failed", "sending", "unknown"
-IN_DOUBT = (SENDING, UNKNOWN)
-# Columns added after the first release: a ledger created before them gets them on open.
+# Columns added to the old one-row-per-id table after the first release: added before it is carried over.
 ADDED_COLUMNS = ("sent_at TIMESTAMPTZ", "possible_duplicate BOOLEAN DEFAULT false")
 
 
@@ -145,7 +144,7 @@ SEND = """INSERT INTO redrive_sends (send_id, scope, day, status, attempts, last
 SEND_IDS = "INSERT INTO redrive_ids (scope, message_id, send_id) SELECT $scope, message_id, $send FROM {ids}"
 # An outcome keeps the attempt's count and time.
 OUTCOME = """UPDATE redrive_sends SET status = $status, last_error = $error, run_id = $run_id, day = $day,
-    updated_at = now(), possible_duplicate = possible_duplicate OR $dup WHERE send_id = $send"""
+    updated_at = now(), possible_duplicate = possible_duplicate OR $dup WHERE send_id = $send RETURNING send_id"""
 # Ids moved to sends of their own: each one's attempts, first send time and duplicate flag after
 # this record. An attempt counts; an outcome keeps the count. A send still in doubt keeps its first
 # attempt's time: the target may hold that first copy (and an SQS FIFO queue's deduplication window
@@ -288,7 +287,7 @@ class _SendLedger:
                 return
         elif (send_id := self._whole_intent(scope, ids)) is not None:  # the outcome of a whole intent
             params = dict(status=status, error=error, run_id=run_id, day=day, dup=possible_duplicate, send=send_id)
-            if self._run(con, OUTCOME + " RETURNING send_id", params):
+            if self._run(con, OUTCOME, params):
                 return
         self._move(scope, day, ids, status, run_id, error, possible_duplicate)
 
@@ -429,10 +428,9 @@ class PostgresLedger(_SendLedger):
         cur = con.execute(re.sub(r"\$(\w+)", r"%(\1)s", sql), params or None)
         return cur.fetchall() if cur.description else []
 
-    @contextmanager
-    def _transaction(self, con):
-        with con.transaction():
-            yield
+    @staticmethod
+    def _transaction(con):
+        return con.transaction()
 
     @contextmanager
     def _ids(self, con, ids: list[str]):
