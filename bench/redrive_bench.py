@@ -17,8 +17,9 @@ Rows:
 up in the ledger, delivers it and records it: with the DuckDB ledger (embedded default) and the
 Postgres one. The bare loop gets the payloads ready-made. "RSS growth" is how far this process's
 RSS rose during the measurement (sampled every 20 ms). Brokers share the machine's cores with the
-client. Each method runs `--repeat` times (default 2), the bare loop and ours taking turns on a fresh
-topic, list or queue each time, and its fastest run counts (its RSS growth: the largest of its runs).
+client. Each method runs `--repeat` times (default 2), the bare loop and ours taking turns, each run
+on a new Kafka topic or an emptied list or queue (and ours on an empty ledger), and its fastest run
+counts (its RSS growth: the largest of its runs).
 
 Targets (issue 17, `TARGETS`): ours with the DuckDB ledger reaches 70% of the bare loop for kafka
 and redis-list; each ratio is printed with its target and PASS or MISS, and a miss exits 1.
