@@ -779,18 +779,17 @@ def job_batches(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    def json_text(part):
-        # A validated key holds no backslash or control character: `"` is all JSON escapes in it
-        # (msgspec writes the same bytes; tests/test_ingestion_refill.py).
-        return pc.replace_substring(part, '"', '\\"')
-
     for path in keys_parquet:
         # pre_buffer=False: with it, pyarrow keeps every row group it read cached (1 GB for 18M keys).
         for rb in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=["key"]):
             keys = rb.column(0)
-            parts = pc.split_pattern(keys, "/")  # validated: four parts, the last ending in .json
-            project, type_, body_id = (json_text(pc.list_element(parts, i)) for i in range(3))
-            event_id = json_text(pc.utf8_slice_codeunits(pc.list_element(parts, 3), 0, -len(".json")))
+            # The keys as JSON text, escaped whole before they are split: a validated key holds no
+            # backslash or control character, so `"` is all JSON escapes in it (msgspec writes the
+            # same bytes; tests/test_ingestion_refill.py), and it has four parts, the last ending
+            # in .json. A known type is a safe value, which escaping leaves as it is.
+            parts = pc.split_pattern(pc.replace_substring(keys, '"', '\\"'), "/")
+            project, type_, body_id = (pc.list_element(parts, i) for i in range(3))
+            event_id = pc.utf8_slice_codeunits(pc.list_element(parts, 3), 0, -len(".json"))
             stamp = now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
             bodies = pc.binary_join_element_wise(
                 '{"id":"', event_id, '","timestamp":"', stamp, '","name":"ingestion-job","payload":{"data":{"type":"',
@@ -798,5 +797,4 @@ def job_batches(
                 '"},"authCheck":{"validKey":true,"scope":{"projectId":"', project, '","accessLevel":"project"}}}}',
                 "",
             )  # fmt: skip
-            types = pc.list_element(parts, 1)
-            yield Batch(keys.to_pylist(), bodies.cast(pa.binary()).to_pylist(), types.to_pylist())
+            yield Batch(keys.to_pylist(), bodies.cast(pa.binary()).to_pylist(), type_.to_pylist())
