@@ -263,7 +263,7 @@ class _SendLedger:
         """The open intent whose ids are exactly `ids`, taken (its outcome is being written), else None."""
         with self._lock:
             for send_id, (s, sent) in self._open.items():
-                if s == scope and len(sent) == len(ids) and sent == ids:
+                if s == scope and sent == ids:  # list equality compares the lengths first
                     del self._open[send_id]
                     return send_id
         return None
