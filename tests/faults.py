@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import warm_process
 
 PROCESS = Path(__file__).with_name("redrive_process.py")
 
@@ -41,7 +42,7 @@ def redrive_command(sink: dict, ledger_url: str, messages: int, **options) -> li
 
 def run_redrive(cmd: list[str], env: dict | None = None, timeout: float = 300) -> dict:
     """Runs the redrive process to its end; returns its counts (fails the test on a crash)."""
-    done = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    done = warm_process.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"redrive process failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -59,7 +60,7 @@ def kill_at_random_points(
     delays = sorted(round(rng.uniform(*window_s), 2) for _ in range(kills))
     for delay in delays:
         before = held() if held is not None else 0
-        proc = subprocess.Popen(
+        proc = warm_process.WarmPopen(
             cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         if held is not None:

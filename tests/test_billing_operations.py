@@ -7,7 +7,6 @@ Dagster instance, and for the queued launch a real `dagster dev` (webserver + da
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import test_billing
+import warm_process
 from conftest import PROJECT_ROOT
 from services import Tansu, dagster_dev
 from test_billing import DAY1, DAY2, NAME, ROWS, _run, _verify
@@ -229,7 +229,7 @@ def test_submit_returns_at_once_and_the_daemon_runs_it(tmp_path, broker, monkeyp
 
     chdb = tmp_path / "chdb"
     rows = [{**r, "timestamp": r["timestamp"].isoformat()} for r in ROWS]
-    subprocess.run(
+    warm_process.run(
         [sys.executable, "-c", INSERT_ROWS, str(chdb)], input=json.dumps(rows), text=True, cwd=PROJECT_ROOT, check=True
     )
     topic = "billing-submitted"

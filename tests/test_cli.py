@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import warm_process
 from conftest import (
     DEMO_DAYS,
     PROJECT_ROOT,
@@ -55,7 +56,7 @@ SERIAL = {"ops": {"telemetry__parsed_events": {"config": {"workers": 1}}}}
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return warm_process.run(
         [str(BIN / args[0]), *args[1:]],
         cwd=PROJECT_ROOT,
         env=os.environ.copy(),

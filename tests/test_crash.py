@@ -51,6 +51,7 @@ import pyarrow as pa
 import pytest
 from conftest import PROJECT_ROOT, run_day
 from services import MotoProcess
+from warm_process import WarmPopen
 
 DAY = "2025-11-25"
 OWNER = "telemetry/parsed_events"
@@ -222,9 +223,7 @@ class Workspace:
                 REPLAY_KILL_AFTER_STEP=str(kill_after),
                 REPLAY_STEP_LOG=str(self.step_log),
             )
-        proc = subprocess.Popen(
-            cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = WarmPopen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         proc.log_path = log.name  # type: ignore[attr-defined]
         log.close()
         return proc

@@ -4,12 +4,12 @@ sink holds (LRANGE), not with the ledger."""
 
 import json
 import re
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import redis
+import warm_process
 from conftest import run_day
 from services import RedisServer
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _status() -> dict[str, list[str]]:
     """`status telemetry DAY`: the day's line and the lines of its other sinks, split in columns."""
-    proc = subprocess.run(
+    proc = warm_process.run(
         [str(Path(sys.executable).with_name("event-replay")), "status", "telemetry", DAY],
         cwd=ROOT,
         capture_output=True,

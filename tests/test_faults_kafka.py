@@ -13,6 +13,7 @@ import pytest
 from faults import frozen, judge, kill_at_random_points, ledger_summary, redrive_command, run_redrive
 from redrive_process import message_ids
 from services import Tansu, TcpProxy, free_port
+from warm_process import WarmPopen
 
 SINK = "kafka:{topic}"
 
@@ -64,7 +65,7 @@ def test_a_broker_frozen_30s_mid_run_is_used_again_after_it_thaws_and_a_rerun_co
     broker.create_topic(topic)
     sink = {"kind": "kafka", "topic": topic}
     cmd = redrive_command(sink, postgres_dsn, n, pipeline="kafka-frozen", rate=60)
-    run = subprocess.Popen(cmd, env={**os.environ, **_env(broker)}, stdout=subprocess.PIPE, text=True)
+    run = WarmPopen(cmd, env={**os.environ, **_env(broker)}, stdout=subprocess.PIPE, text=True)
     while _delivered(postgres_dsn, "kafka-frozen", topic) < 100:
         assert run.poll() is None, "the run ended before the broker was frozen"
         time.sleep(0.2)
@@ -116,7 +117,7 @@ def test_five_seeded_kills_mid_delivery_then_a_rerun_leave_every_message_once(pr
     statuses = ledger_summary(postgres_dsn, "kafka-killed", SINK.format(topic=topic))["statuses"]
     in_doubt = sum(statuses.values()) - statuses.get("delivered", 0)
     one_batch = redrive_command(sink, postgres_dsn, n, pipeline="kafka-killed", rate=100, batch_size=n)
-    run = subprocess.Popen(one_batch, env={**os.environ, **_env(broker)}, stdout=subprocess.DEVNULL)
+    run = WarmPopen(one_batch, env={**os.environ, **_env(broker)}, stdout=subprocess.DEVNULL)
     while _delivered(postgres_dsn, "kafka-killed", topic) <= before + in_doubt:
         assert run.poll() is None, "the sixth run ended before it delivered"
         time.sleep(0.1)

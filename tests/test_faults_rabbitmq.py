@@ -22,6 +22,7 @@ import pika
 import pytest
 from redrive_process import message_ids
 from services import TcpProxy, rabbitmq_port
+from warm_process import WarmPopen
 
 TIMEOUT_S = 5  # EVENT_REPLAY_SINK_TIMEOUT_S: a connect gives up in 5 s, a hung broker is found within 12 s
 HUNG_FOUND_WITHIN_S = 12
@@ -92,7 +93,7 @@ def judge(rabbit, messages: int, runs: list[dict]) -> dict:
 
 def started(cmd: list[str], env: dict) -> tuple[subprocess.Popen, list[tuple[float, str]]]:
     """The redrive process, its log lines kept with the time each came."""
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = WarmPopen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[tuple[float, str]] = []
     threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in proc.stderr), daemon=True).start()
     return proc, lines

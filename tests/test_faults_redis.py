@@ -19,6 +19,7 @@ import redis
 from faults import frozen, judge, kill_at_random_points, ledger_summary, redrive_command, run_redrive
 from redrive_process import message_ids
 from services import RedisServer, bullmq_consume
+from warm_process import WarmPopen
 
 DAY = "2025-11-25"
 TIMEOUT_S = 3  # EVENT_REPLAY_SINK_TIMEOUT_S: how long a delivery waits for a frozen server
@@ -140,7 +141,7 @@ def test_server_frozen_mid_run_is_used_again_when_it_thaws_then_a_rerun_delivers
     thaw, within the same run."""
     ts, n = targets(), 3500
     procs = [
-        subprocess.Popen(
+        WarmPopen(
             t.command(postgres_dsn, n, rate=100, retries=1, backoff=0.5),
             env={**os.environ, **env(server)},
             stdout=subprocess.PIPE,

@@ -21,6 +21,7 @@ import pytest
 from faults import frozen, judge, kill_at_random_points, ledger_summary, redrive_command, run_redrive
 from redrive_process import message_ids
 from services import MotoProcess
+from warm_process import WarmPopen
 
 from replay_defs.core.ledger import SENDING, UNKNOWN, open_ledger
 from replay_defs.pipeline import delivery as rd
@@ -138,7 +139,7 @@ def test_moto_frozen_30s_mid_run_then_a_rerun(moto, postgres_dsn):
     n, queues, env = 500, _queues("frozen"), _env(moto)
     _create(moto, queues)
     procs = {
-        kind: subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+        kind: WarmPopen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
         for kind, cmd in _commands(queues, postgres_dsn, n, rate=10).items()
     }
     deadline = time.monotonic() + 60

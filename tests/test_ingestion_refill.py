@@ -3,7 +3,6 @@ BullMQ jobs that a real BullMQ Worker consumes exactly once per distinct key."""
 
 import dataclasses
 import os
-import subprocess
 import uuid
 from datetime import date, datetime, timezone
 from urllib.parse import quote
@@ -13,6 +12,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import warm_process
 from conftest import PROJECT_ROOT, check_verdicts
 from services import Moto, RedisServer, bullmq_consume
 
@@ -355,7 +355,7 @@ def test_cli_refill_prints_per_day_counts(env, tmp_path):
         write_csv(csv_path, keys)
 
         def refill(*extra):  # noqa: ANN202
-            return subprocess.run(
+            return warm_process.run(
                 [
                     str(PROJECT_ROOT / ".venv/bin/event-replay"),
                     "refill",
@@ -489,7 +489,7 @@ def test_cli_refill_refuses_a_location_outside_the_roots(env, tmp_path, monkeypa
     elsewhere.write_text("TOPSECRET-FIRST-LINE\n")
     hostname = open("/etc/hostname").read().strip()
     for location, content in [("/etc/hostname", hostname), (str(elsewhere), "TOPSECRET-FIRST-LINE")]:
-        run = subprocess.run(
+        run = warm_process.run(
             [str(PROJECT_ROOT / ".venv/bin/event-replay"), "refill", "--location", location, "--start", DAY],
             cwd=PROJECT_ROOT,
             capture_output=True,

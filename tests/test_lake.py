@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import warm_process
 from deltalake import DeltaTable, write_deltalake
 from services import MotoProcess
 
@@ -571,7 +572,7 @@ class Writer:
             "barrier": str(barrier) if barrier else None,
         }
         self.tag = tag
-        self.proc = subprocess.Popen(
+        self.proc = warm_process.WarmPopen(
             [sys.executable, "-c", WRITER, json.dumps(job)],
             cwd=REPO,
             stdin=subprocess.PIPE,

@@ -4,7 +4,6 @@ check catches rows edited behind its back, concurrent folds serialize, a pipelin
 import multiprocessing
 import random
 import secrets
-import subprocess
 import sys
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
@@ -14,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pyarrow as pa
 import pytest
+import warm_process
 from conftest import RANGE_TAGS, check_verdicts, run_day
 
 from replay_defs.core.lake import Lake
@@ -320,7 +320,7 @@ def test_a_telemetry_day_lands_in_postgres_and_its_checks_catch_an_edited_row(en
         )[0][0]
         assert in_duckdb == 0, "nothing of the projections went to the DuckDB file"
         # `event-replay status` reads the configured store
-        status = subprocess.run(
+        status = warm_process.run(
             [str(Path(sys.executable).parent / "event-replay"), "status", "telemetry", DAY, DAY],
             capture_output=True,
             text=True,

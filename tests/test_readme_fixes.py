@@ -15,6 +15,7 @@ from pathlib import Path
 import pika
 import psycopg
 import pytest
+import warm_process
 from conftest import PROJECT_ROOT
 from psycopg import sql
 from services import rabbitmq_port
@@ -25,7 +26,7 @@ BIN = PROJECT_ROOT / ".venv" / "bin"
 
 
 def cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return warm_process.run(
         [str(BIN / "event-replay"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
 

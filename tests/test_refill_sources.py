@@ -3,7 +3,6 @@ and the logs give the same key for an object, AWS's date-partitioned log layout,
 inside a day. Logs and objects live in moto's S3; jobs are counted by a real BullMQ Worker."""
 
 import os
-import subprocess
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -11,6 +10,7 @@ from urllib.parse import quote
 
 import duckdb
 import pytest
+import warm_process
 from conftest import PROJECT_ROOT, check_verdicts
 from services import Moto, bullmq_consume
 from test_ingestion_refill import TYPES, metadata, refill_spec, run_refill
@@ -332,7 +332,7 @@ def test_cli_times_in_start_and_end_are_a_window(env, redis_url, tmp_path):
             f'"REST.PUT.OBJECT","{logged(k)}","{t.strftime("%d/%b/%Y:%H:%M:%S +0000")}"\n' for k, t in times.items()
         )
     )
-    cli = subprocess.run(
+    cli = warm_process.run(
         [
             str(PROJECT_ROOT / ".venv/bin/event-replay"),
             "refill",

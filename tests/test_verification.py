@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import warm_process
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS
 
 from replay_defs.core.lake import Lake
@@ -142,7 +143,7 @@ def failing(verdicts: dict) -> set[tuple[str, str]]:
 
 def dagster_materialize(select: str, day: str) -> subprocess.CompletedProcess:
     """The CI way: `dagster asset materialize` in a subprocess, against $DAGSTER_HOME."""
-    return subprocess.run(
+    return warm_process.run(
         [
             str(PROJECT_ROOT / ".venv/bin/dagster"),
             "asset",
