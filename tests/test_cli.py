@@ -464,12 +464,14 @@ def test_first_commands_at_once_on_a_fresh_home_leave_it_usable(tmp_path):
     }
     command = [str(BIN / "event-replay"), "status", "telemetry", DEMO_DAYS[0]]
     procs = [
-        subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        warm_process.WarmPopen(
+            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(4)
     ]
     outcomes = [(p.wait(180), p.stderr.read()[-2000:]) for p in procs]
     assert all(code == 0 for code, _ in outcomes), outcomes
     with sqlite3.connect(tmp_path / "home" / "schedules" / "schedules.db") as db:
         assert len(db.execute("SELECT * FROM alembic_version").fetchall()) == 1
-    later = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    later = warm_process.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert later.returncode == 0 and "no check has run" in later.stdout, later.stderr[-2000:]

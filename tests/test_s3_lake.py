@@ -11,6 +11,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+import warm_process
 from conftest import DEMO_DAYS, PROJECT_ROOT, RANGE_TAGS, check_verdicts, run_range
 from services import MotoProcess, scratch_database, upload_raw
 
@@ -147,7 +148,7 @@ def test_two_workers_on_different_days_produce_what_one_does(env, moto, s3_lake,
             home = tmp_path / f"worker{i}"
             home.mkdir()
             procs.append(
-                subprocess.Popen(
+                warm_process.WarmPopen(
                     [sys.executable, "-c", RUNNER, start, end, str(home)],
                     env=child_env,
                     cwd=PROJECT_ROOT,
