@@ -82,7 +82,10 @@ def _serve(path: str) -> None:
                     break
                 conn = conns.pop(pid, None)
                 if conn is not None:
-                    conn.sendall(f"{status}\n".encode())
+                    try:
+                        conn.sendall(f"{status}\n".encode())
+                    except OSError:  # the client went away without waiting
+                        pass
                     conn.close()
         if listener in readable:
             conn, _ = listener.accept()
