@@ -1,5 +1,7 @@
 """The command lines, run as subprocesses from the project root against the `env` fixture's lake,
-stores and DAGSTER_HOME (the fixture exports them as env vars, which the subprocesses inherit)."""
+stores and DAGSTER_HOME (the fixture exports them as env vars, which the subprocesses inherit).
+The subprocesses are forked from a warm process (tests/warm_process.py); the README walk
+(test_readme_commands.py) starts the same commands from a cold interpreter."""
 
 import gzip
 import json

@@ -1,9 +1,10 @@
 """A crash at any point followed by a re-run leaves exactly the outputs of a clean run.
 
 Every trial materializes telemetry/raw_events, parsed_events and projections for one day with the
-real `dagster asset materialize` CLI in a child process (its own session, so SIGKILL to the
-process group also takes down the spawned parse workers, as a power cut would), kills it at a
-chosen point, re-runs the same command to completion and compares the outputs with a clean run's:
+real `dagster asset materialize` CLI in a child process (forked from a warm one, tests/warm_process.py;
+its own session, so SIGKILL to the process group also takes down the spawned parse workers, as a
+power cut would), kills it at a chosen point, re-runs the same command to completion and compares
+the outputs with a clean run's:
 the day's rows of each Delta table (parsed events, quarantine) as deltalake itself reads them, the
 day's live files per table (names without their per-build token: no extra or missing file), the
 projection rows, the checks (in the re-run and re-run on disk), and no staging leftovers. Files a
