@@ -4,8 +4,8 @@ Each command line of this project pays ~1.5 CPU-s importing dagster, pyarrow, du
 the clients before it does anything, and the suite starts a few hundred (the fault matrix's redrive
 processes, the crash tests' CLI runs, the CLI tests): on a 2-core machine, CPU is what the suite
 waits for. `WarmPopen` is a `subprocess.Popen` whose child is forked from a server process that
-has imported those libraries once (and nothing of this project, whose modules read the environment
-when imported). The child is a real separate process with its own pid, pipes, environment, working
+has imported those libraries once, and this project's modules that read no setting when imported
+(the definitions do: each child imports them itself). The child is a real separate process with its own pid, pipes, environment, working
 directory and (optionally) session: it can be waited for, read, signalled and SIGKILLed as any
 other. It then runs the command's Python script (`python script.py ...`, or a console script such
 as `.venv/bin/event-replay`) as `__main__`, as the interpreter would have.
@@ -28,7 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-# Imported once in the server: third-party only (what this project's command lines import).
+# Imported once in the server: what this project's command lines import, but for the modules that
+# read the environment when imported (replay_defs.definitions and what builds it).
 PRELOAD = (
     "dagster",
     "dagster._cli",
@@ -45,6 +46,15 @@ PRELOAD = (
     "psycopg",
     "redis",
     "pika",
+    # This project's modules that read no setting when imported (the definitions do: not these).
+    "replay_defs.core.lake",
+    "replay_defs.core.ledger",
+    "replay_defs.pipeline.delivery",
+    "replay_defs.sinks.kafka",
+    "replay_defs.sinks.outbox",
+    "replay_defs.sinks.rabbitmq",
+    "replay_defs.sinks.redis",
+    "replay_defs.sinks.sqs",
 )
 
 
