@@ -4,11 +4,11 @@ Each command line of this project pays ~1.5 CPU-s importing dagster, pyarrow, du
 the clients before it does anything, and the suite starts a few hundred (the fault matrix's redrive
 processes, the crash tests' CLI runs, the CLI tests): on a 2-core machine, CPU is what the suite
 waits for. `WarmPopen` is a `subprocess.Popen` whose child is forked from a server process that
-has imported those libraries once, and this project's modules that read no setting when imported
-(the definitions do: each child imports them itself). The child is a real separate process with its own pid, pipes, environment, working
-directory and (optionally) session: it can be waited for, read, signalled and SIGKILLed as any
-other. It then runs the command's Python script (`python script.py ...`, or a console script such
-as `.venv/bin/event-replay`) as `__main__`, as the interpreter would have.
+has imported those libraries once (`PRELOAD`). The child is a real separate process with its own
+pid, pipes, environment, working directory and (optionally) session: it can be waited for, read,
+signalled and SIGKILLed as any other. It then runs the command's Python script (`python script.py
+...`, `python -c ...` or a console script such as `.venv/bin/event-replay`) as `__main__`, as the
+interpreter would have.
 
 The server is started on first use, one per test process, and stopped when that process exits.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import runpy
 import select
 import shutil
 import signal
@@ -26,10 +27,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
+import types
 from pathlib import Path
 
 # Imported once in the server: what this project's command lines import, but for the modules that
-# read the environment when imported (replay_defs.definitions and what builds it).
+# read settings when imported (replay_defs.definitions and what it builds), which each child imports.
 PRELOAD = (
     "dagster",
     "dagster._cli",
@@ -46,7 +49,6 @@ PRELOAD = (
     "psycopg",
     "redis",
     "pika",
-    # This project's modules that read no setting when imported (the definitions do: not these).
     "replay_defs.core.lake",
     "replay_defs.core.ledger",
     "replay_defs.pipeline.delivery",
@@ -144,12 +146,8 @@ def _run_child(request: dict, fds: list[int], conn: socket.socket) -> None:
     conn.close()
     code = 1
     try:
-        import runpy
-
         try:
             if script is None:
-                import types
-
                 main = types.ModuleType("__main__")
                 sys.modules["__main__"] = main
                 exec(compile(code_text, "<string>", "exec"), main.__dict__)
@@ -163,13 +161,9 @@ def _run_child(request: dict, fds: list[int], conn: socket.socket) -> None:
                 print(exc.code, file=sys.stderr)
                 code = 1
         except BaseException:
-            import traceback
-
             traceback.print_exc()
             code = 1
-        import atexit as child_atexit
-
-        child_atexit._run_exitfuncs()
+        atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -266,15 +260,13 @@ class WarmPopen(subprocess.Popen):
                 pid, status = self._try_wait(os.WNOHANG)
                 if pid == self.pid:
                     self._handle_exitstatus(status)
-                    self._warm.close()
             finally:
                 self._waitpid_lock.release()
         return self.returncode
 
-    def _wait(self, timeout):
-        code = super()._wait(timeout)
-        self._warm.close()
-        return code
+    def _handle_exitstatus(self, sts, *args, **kwargs):
+        super()._handle_exitstatus(sts, *args, **kwargs)
+        self._warm.close()  # the server has said all it will about this child
 
 
 def run(args, *, input=None, timeout=None, check=False, **kwargs) -> subprocess.CompletedProcess:
