@@ -3,6 +3,7 @@ Redis and PostgreSQL (the machine's, or private ones started for the session).""
 
 import os
 import shutil
+import signal
 import sys
 import warnings
 from datetime import date
@@ -18,6 +19,14 @@ import yaml
 from replay_defs.jsonl_files.demo import DemoConfig, generate
 
 warnings.filterwarnings("ignore", module="dagster")
+
+# A job run in-process in the main thread leaves SIGTERM doing what SIGINT does (Dagster's
+# interrupt handling maps one to the other when it restores them). Started with SIGINT ignored
+# (from a script in the background, `cmd &`), a worker would then ignore SIGTERM too, and so would
+# every process it starts after: `terminate()` could not stop them, and a job run in a thread
+# waited 30 s for each compute-log `tail -F` it could not stop, then left it behind.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DEMO_START = date(2025, 11, 24)
 DEMO_DAYS = ["2025-11-24", "2025-11-25", "2025-11-26"]
