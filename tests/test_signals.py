@@ -4,9 +4,9 @@ stops on SIGTERM, however the suite itself was started (tests/conftest.py says w
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import dagster as dg
+from conftest import PROJECT_ROOT
 
 
 def test_a_process_started_after_an_in_process_run_stops_on_sigterm():
@@ -23,11 +23,10 @@ def test_a_process_started_after_an_in_process_run_stops_on_sigterm():
 def test_so_does_it_when_the_suite_is_started_with_sigint_ignored():
     """As a script's background command (`./dev test &`) starts it: the test above, in a pytest
     whose SIGINT is ignored from the start."""
-    here = Path(__file__)
-    test = f"{here}::test_a_process_started_after_an_in_process_run_stops_on_sigterm"
+    test = f"{__file__}::test_a_process_started_after_an_in_process_run_stops_on_sigterm"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", test],
-        cwd=here.parent.parent,
+        cwd=PROJECT_ROOT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         capture_output=True,
         text=True,
